@@ -1,0 +1,64 @@
+# session-authority: the two commands a new machine needs are `make run` and `make test`.
+# Each creates/refreshes .venv and installs what it needs (Python 3.11+ and the registries).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 50051
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help run test check lint fmt typecheck proto check-generated buf-lint unit integration e2e bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgres and Redis
+	$(BIN)/session-authority dev --port $(PORT)
+
+test: $(STAMP) check  ## install, run every check and every test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: lint typecheck check-generated buf-lint  ## static checks only
+
+lint: $(STAMP)  ## ruff (lint + format check)
+	$(BIN)/ruff check server clients tests
+	$(BIN)/ruff format --check server clients tests
+
+fmt: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix server clients tests
+	$(BIN)/ruff format server clients tests
+
+typecheck: $(STAMP)  ## mypy --strict on server and client code
+	$(BIN)/mypy server/session_authority clients/python
+
+proto: $(STAMP)  ## regenerate the Python stubs from proto/
+	PYTHON=$(abspath $(BIN)/python) proto/generate.sh
+
+check-generated: $(STAMP)  ## fail if regenerating the stubs would change them
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	PYTHON=$(abspath $(BIN)/python) proto/generate.sh $$tmp >/dev/null && \
+	diff -r -x __pycache__ -x '*.typed' $$tmp/session_authority/v1 clients/python/session_authority/v1 && \
+	echo "generated stubs are up to date"
+
+buf-lint: $(STAMP)  ## buf lint (STANDARD rules) on proto/
+	cd proto && $(abspath $(BIN)/buf) lint
+
+unit: $(STAMP)  ## unit tests only (no I/O)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)  ## integration tests (private Redis and Postgres)
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: $(STAMP)  ## end-to-end tests (real server process, grpcurl)
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

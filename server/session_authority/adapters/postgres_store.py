@@ -1,0 +1,230 @@
+"""``PostgresSessionStore``: the source of truth, on asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from session_authority.core.domain import Session, TokenHash
+from session_authority.core.errors import StoreUnavailable
+from session_authority.core.health import PoolStats, StoreHealth
+from session_authority.core.ports import StoreRevocation
+
+__all__ = ["STORE_ERRORS", "PostgresSessionStore"]
+
+#: Everything that means "the store failed", mapped to StoreUnavailable in
+#: one place (``_connection``). CancelledError is not among them.
+STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+# Revoke one session if live. Returns its hash when it is (now or already)
+# revoked, so the cache can be purged; no row for unknown or expired sessions.
+_REVOKE_BY_HASH = """
+WITH target AS (
+    SELECT session_id, token_hash, revoked_at FROM sessions WHERE token_hash = $1
+), upd AS (
+    UPDATE sessions s SET revoked_at = $2
+    FROM target t
+    WHERE s.session_id = t.session_id AND s.revoked_at IS NULL AND s.expires_at > $2
+    RETURNING s.session_id
+)
+SELECT t.token_hash, EXISTS (SELECT 1 FROM upd) AS revoked_now
+FROM target t
+WHERE t.revoked_at IS NOT NULL OR EXISTS (SELECT 1 FROM upd)
+"""
+_REVOKE_BY_ID = """
+WITH target AS (
+    SELECT session_id, token_hash, revoked_at FROM sessions WHERE session_id = $1::uuid
+), upd AS (
+    UPDATE sessions s SET revoked_at = $2
+    FROM target t
+    WHERE s.session_id = t.session_id AND s.revoked_at IS NULL AND s.expires_at > $2
+    RETURNING s.session_id
+)
+SELECT t.token_hash, EXISTS (SELECT 1 FROM upd) AS revoked_now
+FROM target t
+WHERE t.revoked_at IS NOT NULL OR EXISTS (SELECT 1 FROM upd)
+"""
+
+
+class PostgresSessionStore:
+    """Connects lazily: until Postgres first answers, every call raises
+    ``StoreUnavailable`` (so the server can start, and report NOT_SERVING,
+    before its database is up)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        command_timeout: float,
+        acquire_timeout: float,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._command_timeout = command_timeout
+        self._acquire_timeout = acquire_timeout
+        self._connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._connecting = asyncio.Lock()
+        self.pending = 0
+
+    async def connect(self) -> None:
+        """Create the pool if there is none. Raises StoreUnavailable."""
+        if self._pool is not None:
+            return
+        async with self._connecting:
+            if self._pool is not None:  # set while we awaited the lock
+                return  # type: ignore[unreachable]
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    command_timeout=self._command_timeout,
+                    timeout=self._connect_timeout,
+                    init=_init_connection,
+                )
+            except STORE_ERRORS as exc:
+                raise StoreUnavailable(_describe(exc)) from exc
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        self.pending += 1
+        acquired = False
+        try:
+            await self.connect()
+            assert self._pool is not None
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                self.pending -= 1
+                acquired = True
+                yield conn
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        finally:
+            if not acquired:
+                self.pending -= 1
+
+    # --- SessionStore ------------------------------------------------------------
+
+    async def create(self, session: Session) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                """INSERT INTO sessions (session_id, token_hash, user_id, created_at,
+                                        expires_at, revoked_at, metadata)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                session.session_id,
+                bytes.fromhex(session.token_hash.hex),
+                session.user_id,
+                session.created_at,
+                session.expires_at,
+                session.revoked_at,
+                dict(session.metadata),
+            )
+
+    async def find(self, token_hash: TokenHash) -> Session | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at,
+                          metadata
+                   FROM sessions WHERE token_hash = $1""",
+                bytes.fromhex(token_hash.hex),
+            )
+        return None if row is None else _session(row)
+
+    async def revoke(
+        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+    ) -> StoreRevocation | None:
+        if (token_hash is None) == (session_id is None):
+            raise ValueError("name exactly one of token_hash or session_id")
+        key: object
+        if token_hash is not None:
+            query, key = _REVOKE_BY_HASH, bytes.fromhex(token_hash.hex)
+        else:
+            query, key = _REVOKE_BY_ID, session_id
+        async with self._connection() as conn:
+            row = await conn.fetchrow(query, key, at)
+        if row is None:
+            return None
+        return StoreRevocation(TokenHash(bytes(row["token_hash"]).hex()), row["revoked_now"])
+
+    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """UPDATE sessions SET revoked_at = $2
+                   WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2
+                   RETURNING token_hash""",
+                user_id,
+                at,
+            )
+        return [TokenHash(bytes(r["token_hash"]).hex()) for r in rows]
+
+    async def revoked_since(self, since: datetime) -> list[TokenHash]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT token_hash FROM sessions
+                   WHERE revoked_at >= $1 AND expires_at > now()""",
+                since,
+            )
+        return [TokenHash(bytes(r["token_hash"]).hex()) for r in rows]
+
+    async def health(self) -> StoreHealth:
+        stats = self.pool_stats()
+        try:
+            async with self._connection() as conn:
+                started = time.perf_counter()
+                await conn.fetchval("SELECT 1")
+                ping = time.perf_counter() - started
+                version = await conn.fetchval("SHOW server_version")
+        except StoreUnavailable as exc:
+            return StoreHealth(connected=False, pool=stats, error=str(exc))
+        return StoreHealth(
+            connected=True, version=str(version), pool=stats, ping_ms=round(ping * 1000, 3)
+        )
+
+    def pool_stats(self) -> PoolStats:
+        pool = self._pool
+        if pool is None:
+            return PoolStats(pending=self.pending, min_size=self._min_size, max_size=self._max_size)
+        return PoolStats(
+            size=pool.get_size(),
+            available=pool.get_idle_size(),
+            pending=self.pending,
+            min_size=pool.get_min_size(),
+            max_size=pool.get_max_size(),
+        )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _session(row: Any) -> Session:
+    return Session(
+        session_id=str(row["session_id"]),
+        user_id=row["user_id"],
+        token_hash=TokenHash(bytes(row["token_hash"]).hex()),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        metadata=row["metadata"],
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    """Safe error text: asyncpg messages carry no DSN or password."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

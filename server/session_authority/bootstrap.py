@@ -1,0 +1,156 @@
+"""The composition root: settings in, a running server out. Nothing here runs
+at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.config import Settings, redact_url
+from session_authority.core.breaker import Breaker
+from session_authority.core.service import SessionAuthority
+from session_authority.transport.servicer import SessionAuthorityServicer
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+__all__ = ["App", "build_core"]
+
+_log = logging.getLogger("session_authority")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
+_HEALTH_INTERVAL = 2.0
+
+
+def build_core(
+    settings: Settings,
+) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache | None]:
+    if not settings.database_url:
+        raise ValueError("DATABASE_URL is required")
+    store = PostgresSessionStore(
+        settings.database_url,
+        min_size=settings.pg_pool_min,
+        max_size=settings.pg_pool_max,
+        command_timeout=settings.pg_command_timeout_ms / 1000,
+        acquire_timeout=settings.pg_pool_timeout_ms / 1000,
+    )
+    cache = None
+    if settings.redis_url:
+        cache = RedisSessionCache.from_url(
+            settings.redis_url,
+            ttl=settings.cache_ttl_seconds,
+            min_connections=settings.redis_pool_min,
+            max_connections=settings.redis_pool_max,
+            timeout=settings.breaker_timeout_ms / 1000,
+            pool_timeout=settings.redis_pool_timeout_ms / 1000,
+        )
+    core_ref: list[SessionAuthority] = []
+
+    async def probe() -> None:
+        await core_ref[0].replay_revocations()
+
+    breaker = Breaker(settings.breaker_policy(), name="redis", probe=probe)
+    core = SessionAuthority(store, cache, breaker, settings.core_policy())
+    core_ref.append(core)
+    return core, store, cache
+
+
+@dataclass
+class App:
+    settings: Settings
+    core: SessionAuthority
+    store: PostgresSessionStore
+    cache: RedisSessionCache | None
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int = 0
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> App:
+        """Build everything, bind, and start serving. Postgres may still be
+        down: the standard health service says NOT_SERVING until it answers."""
+        core, store, cache = build_core(settings)
+        server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.max_receive_message_length", 64 * 1024),
+            ],
+        )
+        pb_grpc.add_SessionAuthorityServicer_to_server(SessionAuthorityServicer(core), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        app = cls(settings, core, store, cache, server, health, port)
+        await app._set_serving(False)
+        if cache is not None:
+            await cache.warm()
+        await server.start()
+        app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
+        _log.info(
+            "session-authority listening on %s:%d (postgres %s, redis %s)",
+            settings.host,
+            port,
+            redact_url(settings.database_url),
+            redact_url(settings.redis_url) or "disabled",
+        )
+        return app
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        """SERVING while Postgres answers (Redis down is degraded, still SERVING)."""
+        serving: bool | None = None
+        while True:
+            store = await self.core.store_health()
+            if store.connected != serving:
+                serving = store.connected
+                await self._set_serving(serving)
+                if serving:
+                    _log.info("Postgres answers: SERVING")
+                else:
+                    _log.error("Postgres unavailable (%s): NOT_SERVING", store.error)
+            await asyncio.sleep(_HEALTH_INTERVAL)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING first, finish in-flight RPCs, close pools."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.core.breaker.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
+        await self.store.aclose()
+        _log.info("session-authority stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

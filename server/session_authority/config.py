@@ -1,0 +1,106 @@
+"""Settings, read once from the environment at start-up (twelve-factor).
+
+Every knob is documented in README.md ("Configuration"); keep the two in step.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from session_authority.core.breaker import BreakerPolicy
+from session_authority.core.service import CorePolicy
+
+__all__ = ["Settings", "redact_url"]
+
+
+class Settings(BaseSettings):
+    """Validated, frozen configuration. Environment names are the field names
+    upper-cased (``REDIS_URL``, ``CACHE_TTL_SECONDS``...)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    database_url: str | None = Field(default=None, repr=False)
+    redis_url: str | None = Field(default=None, repr=False)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+
+    cache_ttl_seconds: float = Field(default=300.0, gt=0)
+    negative_cache_ttl_seconds: float = Field(default=5.0, gt=0)
+    tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
+    session_ttl_default_seconds: int = Field(default=86_400, gt=0)
+    session_ttl_max_seconds: int = Field(default=30 * 86_400, gt=0)
+
+    redis_pool_min: int = Field(default=2, ge=0)
+    redis_pool_max: int = Field(default=10, ge=1)
+    redis_pool_timeout_ms: int = Field(default=1000, gt=0)
+    pg_pool_min: int = Field(default=2, ge=0)
+    pg_pool_max: int = Field(default=10, ge=1)
+    pg_pool_timeout_ms: int = Field(default=2000, gt=0)
+    pg_command_timeout_ms: int = Field(default=5000, gt=0)
+
+    breaker_timeout_ms: int = Field(default=1000, gt=0)
+    breaker_error_threshold_percentage: float = Field(default=70.0, gt=0, le=100)
+    breaker_volume_threshold: int = Field(default=10, ge=1)
+    breaker_reset_timeout_ms: int = Field(default=15_000, gt=0)
+    breaker_rolling_window_ms: int = Field(default=10_000, gt=0)
+
+    max_concurrent_rpcs: int = Field(default=1000, ge=1)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.redis_pool_min > self.redis_pool_max:
+            raise ValueError("REDIS_POOL_MIN must not exceed REDIS_POOL_MAX")
+        if self.pg_pool_min > self.pg_pool_max:
+            raise ValueError("PG_POOL_MIN must not exceed PG_POOL_MAX")
+        if self.session_ttl_default_seconds > self.session_ttl_max_seconds:
+            raise ValueError("SESSION_TTL_DEFAULT_SECONDS must not exceed SESSION_TTL_MAX_SECONDS")
+        self.core_policy()  # validates the TTL relations
+        return self
+
+    def core_policy(self) -> CorePolicy:
+        return CorePolicy(
+            cache_ttl=self.cache_ttl_seconds,
+            negative_ttl=self.negative_cache_ttl_seconds,
+            tombstone_ttl=self.tombstone_ttl_seconds,
+            default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
+            max_session_ttl=timedelta(seconds=self.session_ttl_max_seconds),
+        )
+
+    def breaker_policy(self) -> BreakerPolicy:
+        return BreakerPolicy(
+            timeout=self.breaker_timeout_ms / 1000,
+            error_threshold_percentage=self.breaker_error_threshold_percentage,
+            volume_threshold=self.breaker_volume_threshold,
+            reset_timeout=self.breaker_reset_timeout_ms / 1000,
+            rolling_window=self.breaker_rolling_window_ms / 1000,
+        )
+
+    def describe(self) -> dict[str, object]:
+        """The settings with credentials redacted, for start-up logs."""
+        shown = self.model_dump()
+        shown["database_url"] = redact_url(self.database_url)
+        shown["redis_url"] = redact_url(self.redis_url)
+        return shown
+
+
+def redact_url(url: str | None) -> str | None:
+    """``scheme://user:***@host/db``: never print a password."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return "<unparseable url>"

@@ -1,0 +1,193 @@
+"""Domain values: sessions, tokens, verdicts. Pure values, no I/O."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from session_authority.core.errors import InvalidArgument
+
+__all__ = [
+    "MAX_TOKEN_LENGTH",
+    "Reason",
+    "Revocation",
+    "Session",
+    "Source",
+    "TokenHash",
+    "Validation",
+    "check_metadata",
+    "check_session_id",
+    "check_ttl",
+    "check_user_id",
+    "new_token",
+    "parse_token",
+]
+
+#: Bytes of entropy in a token (256 bits); the token is their URL-safe base64.
+TOKEN_BYTES = 32
+#: Longest token accepted on input. Ours are 43 characters; the bound only
+#: keeps hostile input cheap.
+MAX_TOKEN_LENGTH = 512
+MAX_USER_ID_LENGTH = 256
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_VALUE_BYTES = 1024
+
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
+def new_token() -> str:
+    """A fresh opaque bearer token: 256 bits from ``secrets``, URL-safe."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenHash:
+    """SHA-256 of a token, hex encoded: the only form in which a token is kept."""
+
+    hex: str
+
+    @classmethod
+    def of(cls, token: str) -> TokenHash:
+        return cls(hashlib.sha256(token.encode("ascii")).hexdigest())
+
+    @property
+    def prefix(self) -> str:
+        """First 8 hex digits: enough to correlate logs, useless to an attacker."""
+        return self.hex[:8]
+
+    def __repr__(self) -> str:
+        return f"TokenHash({self.prefix}…)"
+
+    __str__ = __repr__
+
+
+class Reason(enum.Enum):
+    """Why a token does not name a live session."""
+
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class Source(enum.Enum):
+    """Which tier answered."""
+
+    CACHE = "cache"
+    DATABASE = "database"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: str
+    user_id: str
+    token_hash: TokenHash
+    created_at: datetime
+    expires_at: datetime
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    revoked_at: datetime | None = None
+
+    def verdict(self, now: datetime) -> Reason | None:
+        """None when the session is live at ``now``; otherwise why not."""
+        if self.revoked_at is not None:
+            return Reason.REVOKED
+        if self.expires_at <= now:
+            return Reason.EXPIRED
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The answer to "is this token valid?"."""
+
+    valid: bool
+    source: Source
+    session: Session | None = None
+    reason: Reason | None = None
+
+    @classmethod
+    def live(cls, session: Session, source: Source) -> Validation:
+        return cls(valid=True, source=source, session=session)
+
+    @classmethod
+    def invalid(cls, reason: Reason, source: Source) -> Validation:
+        return cls(valid=False, source=source, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """The outcome of a revocation: how many live sessions it ended, and
+    whether the cache purge was confirmed (False: Postgres holds the
+    revocation and it is re-applied to Redis when Redis is reachable)."""
+
+    revoked_count: int
+    cache_purged: bool
+
+
+# --- input checks: each raises InvalidArgument naming the field -------------
+
+
+def parse_token(token: str, field_name: str = "token") -> TokenHash:
+    """Check a presented token and return its hash. Never echoes the token."""
+    if not token:
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidArgument(field_name, f"must be at most {MAX_TOKEN_LENGTH} characters")
+    if not _PRINTABLE_ASCII.fullmatch(token):
+        raise InvalidArgument(field_name, "must be printable ASCII without spaces")
+    return TokenHash.of(token)
+
+
+def check_user_id(user_id: str, field_name: str = "user_id") -> str:
+    if not user_id or not user_id.strip():
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise InvalidArgument(field_name, f"must be at most {MAX_USER_ID_LENGTH} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user_id):
+        raise InvalidArgument(field_name, "must not contain control characters")
+    return user_id
+
+
+def check_session_id(session_id: str, field_name: str = "session_id") -> str:
+    if not session_id:
+        raise InvalidArgument(field_name, "must not be empty")
+    try:
+        return str(uuid.UUID(session_id))
+    except ValueError:
+        raise InvalidArgument(field_name, "must be a UUID") from None
+
+
+def check_ttl(ttl: timedelta | None, default: timedelta, maximum: timedelta) -> timedelta:
+    """The session lifetime to use: ``default`` when unset, else bounded."""
+    if ttl is None:
+        return default
+    if ttl <= timedelta(0):
+        raise InvalidArgument("ttl", "must be positive")
+    if ttl > maximum:
+        raise InvalidArgument("ttl", f"must be at most {int(maximum.total_seconds())}s")
+    return ttl
+
+
+def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument("metadata", f"must have at most {MAX_METADATA_ENTRIES} entries")
+    for key, value in metadata.items():
+        if not key:
+            raise InvalidArgument("metadata", "keys must not be empty")
+        if len(key.encode()) > MAX_METADATA_KEY_BYTES:
+            raise InvalidArgument(
+                "metadata", f"keys must be at most {MAX_METADATA_KEY_BYTES} bytes"
+            )
+        if len(value.encode()) > MAX_METADATA_VALUE_BYTES:
+            raise InvalidArgument(
+                "metadata", f"values must be at most {MAX_METADATA_VALUE_BYTES} bytes"
+            )
+        if "\x00" in key or "\x00" in value:
+            raise InvalidArgument("metadata", "must not contain NUL characters")
+    return dict(metadata)

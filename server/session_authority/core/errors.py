@@ -1,0 +1,62 @@
+"""Errors of the session authority core.
+
+Every failure the core expects is one of these; anything else is a bug and
+the transport reports it as INTERNAL (logged once). The tree::
+
+    SessionAuthorityError
+    ├── InvalidArgument      bad input; names the offending field (never echoes a token)
+    ├── Unavailable          the authority cannot answer now (fails closed: never "valid")
+    │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
+    ├── CacheUnavailable     Redis is unreachable, failing, slow or behind an open breaker;
+    │                        handled inside the core by falling back to the store
+    ├── Overloaded           too many requests in flight; retry later
+    └── DeadlineExceeded     the caller's deadline ran out before an answer
+
+Adapters translate driver exceptions into these in one place each, with
+``raise ... from exc``. ``asyncio.CancelledError`` is never caught by them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheUnavailable",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "Overloaded",
+    "SessionAuthorityError",
+    "StoreUnavailable",
+    "Unavailable",
+]
+
+
+class SessionAuthorityError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class InvalidArgument(SessionAuthorityError):
+    """A request field is missing or malformed."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class Unavailable(SessionAuthorityError):
+    """The authority cannot give a trustworthy answer right now."""
+
+
+class StoreUnavailable(Unavailable):
+    """The session store (Postgres) failed or could not be reached."""
+
+
+class CacheUnavailable(SessionAuthorityError):
+    """The session cache (Redis) failed, timed out, or its breaker is open."""
+
+
+class Overloaded(SessionAuthorityError):
+    """Too much work in flight; the request was shed."""
+
+
+class DeadlineExceeded(SessionAuthorityError):
+    """The caller's deadline expired before the work finished."""

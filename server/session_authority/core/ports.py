@@ -1,0 +1,88 @@
+"""Ports: what the core needs from the outside world, by role.
+
+Adapters implement these by technology (``RedisSessionCache``,
+``PostgresSessionStore``); tests use in-memory fakes (``InMemory…``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from session_authority.core.domain import Reason, Session, TokenHash
+from session_authority.core.health import CacheHealth, StoreHealth
+
+__all__ = ["CacheEntry", "CachedVerdict", "SessionCache", "SessionStore", "StoreRevocation"]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedVerdict:
+    """A cached negative answer. ``REVOKED`` is a tombstone: it refuses fills."""
+
+    reason: Reason
+
+
+#: What the cache holds for a token hash: a live session or a verdict.
+CacheEntry = Session | CachedVerdict
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRevocation:
+    """One session touched by a revocation in the store."""
+
+    token_hash: TokenHash
+    #: True when this call ended a live session; False when it was already revoked.
+    revoked_now: bool
+
+
+class SessionStore(Protocol):
+    """The source of truth (Postgres). Every method raises ``StoreUnavailable``
+    when the store cannot be reached or fails; none returns a guess."""
+
+    async def create(self, session: Session) -> None:
+        """Insert a new session. Session ids and token hashes are unique."""
+
+    async def find(self, token_hash: TokenHash) -> Session | None:
+        """The session with this token hash, revoked and expired ones included;
+        ``None`` when no session ever had it."""
+
+    async def revoke(
+        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+    ) -> StoreRevocation | None:
+        """Revoke the one session named by exactly one of ``token_hash`` or
+        ``session_id``, if it is live. ``None`` when no such session exists or
+        it has expired un-revoked (nothing to purge); a ``StoreRevocation``
+        with ``revoked_now=False`` when it was revoked before."""
+
+    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
+        """Revoke every live session of the user; the hashes of those revoked."""
+
+    async def revoked_since(self, since: datetime) -> list[TokenHash]:
+        """Hashes of sessions revoked at or after ``since`` and not yet expired
+        (used to re-apply revocations that Redis may have missed)."""
+
+    async def health(self) -> StoreHealth:
+        """Connection state, version, pool numbers and a live ping. Never raises."""
+
+
+class SessionCache(Protocol):
+    """The cache (Redis), keyed by token hash. Every method raises
+    ``CacheUnavailable`` on any failure; callers treat that as "no cache"."""
+
+    async def get(self, token_hash: TokenHash) -> CacheEntry | None:
+        """The cached entry, or ``None`` on a miss (including an entry that
+        fails its integrity check, which is reported and dropped)."""
+
+    async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
+        """Store ``entry`` for ``ttl`` seconds, atomically and conditionally:
+        never over a tombstone; a non-revoked verdict only where nothing is
+        cached; a tombstone always. False when the fill was refused."""
+
+    async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
+        """Replace each entry with a revocation tombstone, in one pipelined
+        round trip. Succeeds only when every tombstone was written."""
+
+    async def health(self) -> CacheHealth:
+        """Server facts, pool numbers and live PING/SET/GET timings. Never raises."""

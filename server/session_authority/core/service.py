@@ -1,0 +1,382 @@
+"""The session authority: cache-aside validation over the source of truth.
+
+Revocation invariant
+--------------------
+Once ``invalidate`` or ``invalidate_user`` has returned, no ``validate`` that
+starts afterwards answers valid for those sessions, on any replica sharing the
+Redis, whatever misses or fills were in flight:
+
+1. Revocation commits in Postgres *first*; every later read of Postgres sees it.
+2. It then replaces each cache entry with a *tombstone* (never a bare DEL), and
+   fills are conditional in Redis (a Lua script refuses to write over a
+   tombstone). A miss that read Postgres before the revocation and fills after
+   it is refused, and answers "revoked". Tombstones outlive any fill that could
+   race them: a fill whose Postgres read is older than ``max_fill_lag`` is
+   dropped, and tombstones live for ``tombstone_ttl`` > ``max_fill_lag``.
+3. If the tombstone cannot be written (Redis unreachable), this process trips
+   its breaker, so it stops reading Redis at once, and the breaker's half-open
+   probe re-applies every revocation of the last cache TTL from Postgres
+   before the breaker closes and Redis is read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+from uuid import uuid4
+
+from session_authority.core.breaker import Breaker, BreakerState
+from session_authority.core.domain import (
+    Reason,
+    Revocation,
+    Session,
+    Source,
+    TokenHash,
+    Validation,
+    check_metadata,
+    check_session_id,
+    check_ttl,
+    check_user_id,
+    new_token,
+    parse_token,
+)
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
+from session_authority.core.health import (
+    BreakerReport,
+    CacheHealth,
+    CacheStats,
+    HealthReport,
+    StoreHealth,
+)
+from session_authority.core.ports import CachedVerdict, CacheEntry, SessionCache, SessionStore
+from session_authority.core.singleflight import Flight, SingleFlight
+from session_authority.core.telemetry import (
+    ATTR_CACHE_RESULT,
+    ATTR_TOKEN_PREFIX,
+    CoreMetrics,
+    NoMetrics,
+    tracer,
+)
+
+__all__ = ["CorePolicy", "SessionAuthority"]
+
+_log = logging.getLogger("session_authority.cache")
+T = TypeVar("T")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CorePolicy:
+    cache_ttl: float = 300.0
+    """Seconds a live session stays cached (never beyond its own expiry)."""
+    negative_ttl: float = 5.0
+    """Seconds an unknown/expired verdict stays cached."""
+    tombstone_ttl: float = 600.0
+    """Seconds a revocation tombstone refuses fills."""
+    max_fill_lag: float = 5.0
+    """A fill whose Postgres read started longer ago than this is dropped."""
+    ttl_jitter: float = 0.1
+    """Fraction of ``cache_ttl`` randomly shaved off each fill, so entries
+    filled together do not expire together."""
+    default_session_ttl: timedelta = timedelta(hours=24)
+    max_session_ttl: timedelta = timedelta(days=30)
+
+    def __post_init__(self) -> None:
+        if min(self.cache_ttl, self.negative_ttl, self.max_fill_lag) <= 0:
+            raise ValueError("cache TTLs and max_fill_lag must be positive")
+        if self.tombstone_ttl <= max(self.cache_ttl, self.max_fill_lag):
+            raise ValueError("tombstone_ttl must exceed cache_ttl and max_fill_lag")
+        if not 0 <= self.ttl_jitter < 1:
+            raise ValueError("ttl_jitter must be in [0, 1)")
+        if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
+            raise ValueError("default_session_ttl must be positive and at most max_session_ttl")
+
+
+class SessionAuthority:
+    def __init__(
+        self,
+        store: SessionStore,
+        cache: SessionCache | None,
+        breaker: Breaker,
+        policy: CorePolicy | None = None,
+        *,
+        metrics: CoreMetrics | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+        token_factory: Callable[[], str] = new_token,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.breaker = breaker
+        self.policy = policy or CorePolicy()
+        self.stats = CacheStats()
+        self._metrics = metrics or NoMetrics()
+        self._now = clock
+        self._new_token = token_factory
+        self._loads: SingleFlight[TokenHash, tuple[Validation, bool]] = SingleFlight()
+        breaker.add_listener(
+            lambda old, new, _c: self._metrics.breaker_transition(old.value, new.value)
+        )
+
+    # --- create ---------------------------------------------------------------
+
+    async def create(
+        self, user_id: str, ttl: timedelta | None, metadata: Mapping[str, str]
+    ) -> tuple[str, Session]:
+        """Issue a token for ``user_id``. Returns the token (shown once) and the session."""
+        user_id = check_user_id(user_id)
+        lifetime = check_ttl(ttl, self.policy.default_session_ttl, self.policy.max_session_ttl)
+        meta = check_metadata(metadata)
+        token = self._new_token()
+        now = self._now()
+        session = Session(
+            session_id=str(uuid4()),
+            user_id=user_id,
+            token_hash=TokenHash.of(token),
+            created_at=now,
+            expires_at=now + lifetime,
+            metadata=meta,
+        )
+        await self._timed_store("create", self.store.create(session))
+        return token, session
+
+    # --- validate ---------------------------------------------------------------
+
+    async def validate(self, token: str) -> Validation:
+        """Whether ``token`` names a live session. Raises ``InvalidArgument`` for
+        malformed input and ``StoreUnavailable`` when the answer is not in the
+        cache and Postgres cannot be asked: never a guess."""
+        token_hash = parse_token(token)
+        with tracer.start_as_current_span("session_cache.lookup") as span:
+            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+            result, entry = await self._lookup(token_hash)
+            span.set_attribute(ATTR_CACHE_RESULT, result)
+        self._metrics.cache_lookup(result)
+        if entry is not None:
+            self.stats.hits += 1
+            _log.debug("Cache HIT %s (%s)", token_hash.prefix, result)
+            return self._judge(entry, Source.CACHE)
+        if result == "miss":
+            self.stats.misses += 1
+            _log.debug("Cache MISS %s", token_hash.prefix)
+        (answer, confirmed), late = await self._loads.do(
+            token_hash, lambda flight: self._load(token_hash, flight)
+        )
+        if late and not confirmed:
+            # We joined a load whose Postgres read began before we did, and no
+            # cache fill vouched for it (a tombstone would have refused it): a
+            # revocation that returned before we started may postdate that read.
+            answer, _ = await self._load(token_hash, Flight())
+        return answer
+
+    async def _lookup(self, token_hash: TokenHash) -> tuple[str, CacheEntry | None]:
+        cache = self.cache
+        if cache is None:
+            return "disabled", None
+        if not self.breaker.allows():
+            return "bypassed", None
+        try:
+            entry = await self.breaker.call(lambda: cache.get(token_hash))
+        except CacheUnavailable as exc:
+            self._cache_failed("get", exc)
+            return "error", None
+        if entry is None:
+            return "miss", None
+        if isinstance(entry, CachedVerdict):
+            return ("tombstone" if entry.reason is Reason.REVOKED else "negative"), entry
+        return "hit", entry
+
+    def _judge(self, entry: CacheEntry, source: Source) -> Validation:
+        if isinstance(entry, CachedVerdict):
+            return Validation.invalid(entry.reason, source)
+        reason = entry.verdict(self._now())
+        if reason is not None:
+            return Validation.invalid(reason, source)
+        return Validation.live(entry, source)
+
+    async def _load(self, token_hash: TokenHash, flight: Flight) -> tuple[Validation, bool]:
+        """Miss path: ask Postgres, then fill the cache conditionally. Returns
+        the answer and whether the cache confirmed it (filled, or refused)."""
+        flight.begin()
+        read_started = time.monotonic()
+        with tracer.start_as_current_span("session_store.find") as span:
+            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+            session = await self._timed_store("find", self.store.find(token_hash))
+        now = self._now()
+        if session is None:
+            entry: CacheEntry = CachedVerdict(Reason.UNKNOWN)
+            ttl = self.policy.negative_ttl
+        else:
+            reason = session.verdict(now)
+            if reason is None:
+                entry = session
+                remaining = (session.expires_at - now).total_seconds()
+                jitter = random.uniform(0, self.policy.ttl_jitter) * self.policy.cache_ttl
+                ttl = min(self.policy.cache_ttl - jitter, remaining)
+            elif reason is Reason.REVOKED:
+                entry, ttl = CachedVerdict(reason), self.policy.tombstone_ttl
+            else:
+                entry, ttl = CachedVerdict(reason), self.policy.negative_ttl
+        answer = self._judge(entry, Source.DATABASE)
+        if time.monotonic() - read_started > self.policy.max_fill_lag:
+            return answer, False  # too old to be trusted against an expired tombstone
+        filled = await self._fill(token_hash, entry, ttl)
+        if filled is False:
+            # A tombstone refused the fill: the session was revoked after our read.
+            return Validation.invalid(Reason.REVOKED, Source.CACHE), True
+        return answer, filled is True
+
+    async def _fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool | None:
+        """True when filled, False when a tombstone refused it, None when the
+        cache was not written (disabled, unavailable, or nothing to keep)."""
+        cache = self.cache
+        if cache is None or ttl <= 0 or not self.breaker.allows():
+            return None
+        with tracer.start_as_current_span("session_cache.fill") as span:
+            try:
+                filled = await self.breaker.call(lambda: cache.fill(token_hash, entry, ttl))
+            except CacheUnavailable as exc:
+                self._cache_failed("fill", exc)
+                return None
+            span.set_attribute("session_authority.cache.fill_refused", not filled)
+            return filled
+
+    # --- revoke -------------------------------------------------------------------
+
+    async def invalidate(
+        self, *, token: str | None = None, session_id: str | None = None
+    ) -> Revocation:
+        """Revoke one session by token or session id (exactly one). Idempotent."""
+        now = self._now()
+        if token is not None:
+            found = await self._timed_store(
+                "revoke", self.store.revoke(now, token_hash=parse_token(token))
+            )
+        else:
+            sid = check_session_id(session_id or "")
+            found = await self._timed_store("revoke", self.store.revoke(now, session_id=sid))
+        if found is None:
+            return self._revoked(0, True)
+        purged = await self._purge([found.token_hash])
+        return self._revoked(int(found.revoked_now), purged)
+
+    async def invalidate_user(self, user_id: str) -> Revocation:
+        """Revoke every live session of ``user_id``."""
+        user_id = check_user_id(user_id)
+        hashes = await self._timed_store(
+            "revoke_user", self.store.revoke_user(user_id, self._now())
+        )
+        purged = await self._purge(hashes)
+        return self._revoked(len(hashes), purged)
+
+    def _revoked(self, count: int, purged: bool) -> Revocation:
+        self._metrics.revoked(count, purged)
+        return Revocation(revoked_count=count, cache_purged=purged)
+
+    async def _purge(self, hashes: list[TokenHash]) -> bool:
+        """Tombstone ``hashes``; on failure stop trusting the cache (see module doc)."""
+        cache = self.cache
+        if cache is None or not hashes:
+            return True
+        if self.breaker.state is BreakerState.CLOSED:
+            try:
+                await self.breaker.call(lambda: cache.tombstone(hashes, self.policy.tombstone_ttl))
+                return True
+            except CacheUnavailable as exc:
+                self._cache_failed("tombstone", exc)
+        self.breaker.trip("revocation could not be written to the cache")
+        return False
+
+    async def replay_revocations(self) -> None:
+        """Re-apply recent revocations to the cache: the breaker's half-open probe.
+
+        Any entry written before a revocation lives at most ``cache_ttl``, so
+        tombstoning every session revoked in the last ``cache_ttl`` (plus the
+        fill lag) leaves no stale entry behind."""
+        cache = self.cache
+        if cache is None:
+            return
+        window = timedelta(seconds=self.policy.cache_ttl + self.policy.max_fill_lag)
+        try:
+            hashes = await self._timed_store(
+                "revoked_since", self.store.revoked_since(self._now() - window)
+            )
+        except StoreUnavailable as exc:
+            raise CacheUnavailable("cannot replay revocations: store unavailable") from exc
+        if hashes:
+            await cache.tombstone(hashes, self.policy.tombstone_ttl)
+        _log.info("SessionCache replayed %d revocations before closing the breaker", len(hashes))
+
+    # --- health -------------------------------------------------------------------
+
+    async def health(self) -> HealthReport:
+        """Healthy: both tiers answer and the breaker is closed. Degraded: Redis
+        is down or bypassed, Postgres answers. Unhealthy: Postgres is down."""
+        store, cache = await asyncio.gather(self.store.health(), self._cache_health())
+        breaker = self.breaker
+        errors = []
+        if not store.connected:
+            errors.append(f"postgres: {store.error or 'unreachable'}")
+        if self.cache is not None and not cache.connected:
+            errors.append(f"redis: {cache.error or 'unreachable'}")
+        if breaker.state is not BreakerState.CLOSED:
+            errors.append(f"circuit breaker {breaker.state.value}: cache bypassed")
+        cache_healthy = cache.connected and breaker.state is BreakerState.CLOSED
+        if not store.connected:
+            status = "unhealthy"
+        elif self.cache is not None and not cache_healthy:
+            status = "degraded"
+        else:
+            status = "healthy"
+        policy = breaker.policy
+        return HealthReport(
+            status=status,
+            cache_enabled=self.cache is not None,
+            cache_healthy=cache_healthy,
+            cache=cache,
+            stats=self.stats,
+            cache_ttl_seconds=int(self.policy.cache_ttl),
+            store=store,
+            breaker=BreakerReport(
+                state=breaker.state.value,
+                timeout_ms=int(policy.timeout * 1000),
+                error_threshold_percentage=policy.error_threshold_percentage,
+                reset_timeout_ms=int(policy.reset_timeout * 1000),
+                seconds_until_half_open=round(breaker.seconds_until_half_open(), 3),
+                opened_count=breaker.opened_count,
+            ),
+            errors=tuple(errors),
+        )
+
+    async def _cache_health(self) -> CacheHealth:
+        if self.cache is None:
+            return CacheHealth(connected=False, error="cache disabled (no REDIS_URL)")
+        return await self.cache.health()
+
+    async def store_health(self) -> StoreHealth:
+        return await self.store.health()
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _cache_failed(self, operation: str, exc: CacheUnavailable) -> None:
+        self.stats.errors += 1
+        self._metrics.cache_error(operation)
+        _log.warning("SessionCache %s Error: %s", operation, exc)
+
+    async def _timed_store(self, operation: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        ok = False
+        try:
+            result = await call
+            ok = True
+            return result
+        finally:
+            self._metrics.store_query(operation, time.perf_counter() - started, ok)

@@ -1,0 +1,108 @@
+"""Proto ↔ domain mapping. Generated ``*_pb2`` types stop here."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from session_authority.core.domain import Reason, Session, Source, Validation
+from session_authority.core.health import HealthReport, PoolStats
+from session_authority.v1 import session_authority_pb2 as pb
+
+__all__ = ["health_to_pb", "session_to_pb", "ttl_from_pb", "validation_to_pb"]
+
+_REASON = {
+    Reason.UNKNOWN: pb.REASON_UNKNOWN,
+    Reason.EXPIRED: pb.REASON_EXPIRED,
+    Reason.REVOKED: pb.REASON_REVOKED,
+}
+_SOURCE = {Source.CACHE: pb.SOURCE_CACHE, Source.DATABASE: pb.SOURCE_DATABASE}
+
+
+def ttl_from_pb(request: pb.CreateSessionRequest) -> timedelta | None:
+    if not request.HasField("ttl"):
+        return None
+    duration: Duration = request.ttl
+    return timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
+
+
+def _ts(value: object) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)  # type: ignore[arg-type]
+    return ts
+
+
+def session_to_pb(session: Session) -> pb.Session:
+    return pb.Session(
+        session_id=session.session_id,
+        user_id=session.user_id,
+        created_at=_ts(session.created_at),
+        expires_at=_ts(session.expires_at),
+        metadata=dict(session.metadata),
+    )
+
+
+def validation_to_pb(result: Validation) -> pb.ValidateSessionResponse:
+    reply = pb.ValidateSessionResponse(valid=result.valid, source=_SOURCE[result.source])
+    if result.session is not None and result.valid:
+        reply.session.CopyFrom(session_to_pb(result.session))
+    if result.reason is not None:
+        reply.reason = _REASON[result.reason]
+    return reply
+
+
+def _pool(stats: PoolStats) -> pb.PoolStats:
+    return pb.PoolStats(
+        size=stats.size,
+        available=stats.available,
+        pending=stats.pending,
+        min_size=stats.min_size,
+        max_size=stats.max_size,
+    )
+
+
+def health_to_pb(report: HealthReport) -> pb.HealthResponse:
+    cache, stats, store, breaker = report.cache, report.stats, report.store, report.breaker
+    reply = pb.HealthResponse(
+        status=report.status,
+        redis=pb.RedisHealth(
+            connected=cache.connected,
+            version=cache.version,
+            uptime=cache.uptime_seconds,
+            used_memory=cache.used_memory,
+            total_keys=cache.total_keys,
+        ),
+        session_cache=pb.SessionCacheHealth(
+            enabled=report.cache_enabled,
+            healthy=report.cache_healthy,
+            metrics=pb.CacheMetrics(
+                hits=stats.hits,
+                misses=stats.misses,
+                errors=stats.errors,
+                total=stats.total,
+                hit_rate=stats.hit_rate,
+                ttl=report.cache_ttl_seconds,
+            ),
+            pool=_pool(cache.pool),
+        ),
+        performance=pb.Performance(ping=cache.ping_ms, set=cache.set_ms, get=cache.get_ms),
+        errors=list(report.errors),
+        postgres=pb.PostgresHealth(
+            connected=store.connected,
+            version=store.version,
+            pool=_pool(store.pool),
+            ping=store.ping_ms,
+        ),
+        breaker=pb.BreakerHealth(
+            state=breaker.state,
+            timeout_ms=breaker.timeout_ms,
+            error_threshold_percentage=int(breaker.error_threshold_percentage),
+            reset_timeout_ms=breaker.reset_timeout_ms,
+            seconds_until_half_open=breaker.seconds_until_half_open,
+            opened_count=breaker.opened_count,
+        ),
+    )
+    reply.timestamp.GetCurrentTime()
+    return reply

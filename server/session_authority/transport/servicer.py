@@ -1,0 +1,109 @@
+"""The gRPC servicer: decode, call the core, encode, map errors. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from session_authority.core.errors import InvalidArgument, SessionAuthorityError
+from session_authority.core.service import SessionAuthority
+from session_authority.transport.mapping import (
+    health_to_pb,
+    session_to_pb,
+    ttl_from_pb,
+    validation_to_pb,
+)
+from session_authority.transport.status import status_for
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+__all__ = ["SessionAuthorityServicer"]
+
+_log = logging.getLogger("session_authority.rpc")
+T = TypeVar("T")
+
+
+class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
+    def __init__(self, core: SessionAuthority) -> None:
+        self._core = core
+
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateSessionResponse:
+        async def work() -> pb.CreateSessionResponse:
+            ttl = ttl_from_pb(request)
+            token, session = await self._core.create(request.user_id, ttl, request.metadata)
+            return pb.CreateSessionResponse(token=token, session=session_to_pb(session))
+
+        return await _run(context, work)
+
+    async def ValidateSession(
+        self, request: pb.ValidateSessionRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ValidateSessionResponse:
+        async def work() -> pb.ValidateSessionResponse:
+            return validation_to_pb(await self._core.validate(request.token))
+
+        return await _run(context, work)
+
+    async def Invalidate(
+        self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.InvalidateResponse:
+        async def work() -> pb.InvalidateResponse:
+            target = request.WhichOneof("target")
+            if target == "token":
+                result = await self._core.invalidate(token=request.token)
+            elif target == "session_id":
+                result = await self._core.invalidate(session_id=request.session_id)
+            else:
+                raise InvalidArgument("target", "set one of token or session_id")
+            return pb.InvalidateResponse(
+                revoked=result.revoked_count > 0, cache_purged=result.cache_purged
+            )
+
+        return await _run(context, work)
+
+    async def InvalidateUser(
+        self, request: pb.InvalidateUserRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.InvalidateUserResponse:
+        async def work() -> pb.InvalidateUserResponse:
+            result = await self._core.invalidate_user(request.user_id)
+            return pb.InvalidateUserResponse(
+                revoked_count=result.revoked_count, cache_purged=result.cache_purged
+            )
+
+        return await _run(context, work)
+
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.HealthResponse:
+        async def work() -> pb.HealthResponse:
+            return health_to_pb(await self._core.health())
+
+        return await _run(context, work)
+
+
+async def _run(
+    context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
+) -> T:
+    """Bound ``work`` by the caller's deadline and map core errors to statuses.
+
+    The deadline cancels the work, so no Redis or Postgres call outlives it
+    (a cancelled asyncpg query is cancelled on the server too)."""
+    remaining = context.time_remaining()
+    try:
+        async with asyncio.timeout(remaining):
+            return await work()
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    except SessionAuthorityError as exc:
+        await context.abort(status_for(exc), str(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        _log.exception("unexpected error")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    raise AssertionError("unreachable: context.abort raises")

@@ -1,0 +1,40 @@
+"""The one table from core errors to gRPC status codes.
+
+Messages are the core's own (they name the field and never carry a token).
+Anything not in the table is a bug: INTERNAL, logged once by the servicer.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from session_authority.core.errors import (
+    CacheUnavailable,
+    DeadlineExceeded,
+    InvalidArgument,
+    Overloaded,
+    SessionAuthorityError,
+    StoreUnavailable,
+    Unavailable,
+)
+
+__all__ = ["STATUS_FOR", "status_for"]
+
+#: Most specific first; ``status_for`` walks the MRO.
+STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    CacheUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    SessionAuthorityError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(exc: SessionAuthorityError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        code = STATUS_FOR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,78 @@
+"""Adapters and the core on real Redis and Postgres (started by tests/conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from session_authority.adapters.migrate import apply_migrations
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.core.breaker import Breaker, BreakerPolicy
+from session_authority.core.service import CorePolicy, SessionAuthority
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
+
+CACHE_TTL = 300.0
+
+
+@pytest_asyncio.fixture
+async def pg_dsn(postgres_server: EmbeddedPostgres) -> AsyncIterator[str]:
+    """A migrated database with an empty sessions table."""
+    conn = await asyncpg.connect(postgres_server.url)
+    try:
+        await apply_migrations(conn)
+        await conn.execute("TRUNCATE sessions")
+    finally:
+        await conn.close()
+    yield postgres_server.url
+
+
+@pytest_asyncio.fixture
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def store(pg_dsn: str) -> AsyncIterator[PostgresSessionStore]:
+    s = PostgresSessionStore(
+        pg_dsn, min_size=1, max_size=10, command_timeout=5.0, acquire_timeout=5.0
+    )
+    await s.connect()
+    yield s
+    await s.aclose()
+
+
+@pytest_asyncio.fixture
+async def cache(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis
+) -> AsyncIterator[RedisSessionCache]:
+    c = RedisSessionCache.from_url(
+        redis_server.url,
+        ttl=CACHE_TTL,
+        min_connections=2,
+        max_connections=10,
+        timeout=1.0,
+        pool_timeout=1.0,
+    )
+    yield c
+    await c.aclose()
+
+
+@pytest.fixture
+def core(store: PostgresSessionStore, cache: RedisSessionCache) -> SessionAuthority:
+    holder: list[SessionAuthority] = []
+
+    async def probe() -> None:
+        await holder[0].replay_revocations()
+
+    breaker = Breaker(BreakerPolicy(reset_timeout=0.5), probe=probe)
+    authority = SessionAuthority(store, cache, breaker, CorePolicy(cache_ttl=CACHE_TTL))
+    holder.append(authority)
+    return authority

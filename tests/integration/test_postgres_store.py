@@ -1,0 +1,126 @@
+"""PostgresSessionStore and migrations against a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from session_authority.adapters.migrate import apply_migrations, available_migrations
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.core.domain import Session, TokenHash, new_token
+from session_authority.core.errors import StoreUnavailable
+from session_authority.embedded import find_free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+def _session(
+    user_id: str | None = None, *, lifetime: timedelta = timedelta(hours=1)
+) -> tuple[str, Session]:
+    token = new_token()
+    now = datetime.now(UTC)
+    return token, Session(
+        session_id=str(uuid4()),
+        user_id=user_id or f"user-{uuid4().hex[:8]}",
+        token_hash=TokenHash.of(token),
+        created_at=now - timedelta(seconds=1),
+        expires_at=now + lifetime,
+        metadata={"k": "v"},
+    )
+
+
+async def test_migrations_are_idempotent_and_concurrent_safe(pg_dsn: str) -> None:
+    conns = [await asyncpg.connect(pg_dsn) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(apply_migrations(c) for c in conns))
+        assert all(r == [] for r in results)  # the fixture already migrated
+        versions = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY 1")
+        assert [r["version"] for r in versions] == [m.version for m in available_migrations()]
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_create_find_round_trip(store: PostgresSessionStore) -> None:
+    _, session = _session()
+    await store.create(session)
+    found = await store.find(session.token_hash)
+    assert found == session
+    assert await store.find(TokenHash.of(new_token())) is None
+
+
+async def test_only_the_hash_is_stored(store: PostgresSessionStore, pg_dsn: str) -> None:
+    token, session = _session()
+    await store.create(session)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        dump = await conn.fetchval("SELECT string_agg(t::text, '|') FROM sessions t")
+    finally:
+        await conn.close()
+    assert token not in dump
+
+
+async def test_revoke_by_hash_and_id_is_idempotent(store: PostgresSessionStore) -> None:
+    _, a = _session()
+    _, b = _session()
+    await store.create(a)
+    await store.create(b)
+    now = datetime.now(UTC)
+    first = await store.revoke(now, token_hash=a.token_hash)
+    assert first is not None and first.revoked_now and first.token_hash == a.token_hash
+    again = await store.revoke(now, token_hash=a.token_hash)
+    assert again is not None and not again.revoked_now
+    by_id = await store.revoke(now, session_id=b.session_id)
+    assert by_id is not None and by_id.revoked_now and by_id.token_hash == b.token_hash
+    assert await store.revoke(now, session_id=str(uuid4())) is None
+    assert await store.revoke(now, token_hash=TokenHash.of(new_token())) is None
+    found = await store.find(a.token_hash)
+    assert found is not None and found.revoked_at is not None
+
+
+async def test_expired_sessions_are_not_revoked(store: PostgresSessionStore) -> None:
+    _, session = _session(lifetime=timedelta(milliseconds=1))
+    await store.create(session)
+    await asyncio.sleep(0.01)
+    assert await store.revoke(datetime.now(UTC), token_hash=session.token_hash) is None
+
+
+async def test_revoke_user_and_revoked_since(store: PostgresSessionStore) -> None:
+    user = f"user-{uuid4().hex[:8]}"
+    mine = [_session(user)[1] for _ in range(5)]
+    _, other = _session()
+    for s in [*mine, other]:
+        await store.create(s)
+    before = datetime.now(UTC)
+    hashes = await store.revoke_user(user, datetime.now(UTC))
+    assert sorted(h.hex for h in hashes) == sorted(s.token_hash.hex for s in mine)
+    assert await store.revoke_user(user, datetime.now(UTC)) == []
+    since = await store.revoked_since(before - timedelta(seconds=1))
+    assert {h.hex for h in since} == {s.token_hash.hex for s in mine}
+    assert await store.revoked_since(datetime.now(UTC) + timedelta(seconds=1)) == []
+
+
+async def test_health_and_pool_stats(store: PostgresSessionStore) -> None:
+    health = await store.health()
+    assert health.connected and health.version.startswith("16")
+    assert health.pool.max_size == 10 and health.pool.size >= 1 and health.pool.pending == 0
+
+
+async def test_unreachable_database_raises_store_unavailable() -> None:
+    store = PostgresSessionStore(
+        f"postgresql://postgres@127.0.0.1:{find_free_port()}/nope",
+        min_size=1,
+        max_size=2,
+        command_timeout=1,
+        acquire_timeout=1,
+        connect_timeout=1,
+    )
+    with pytest.raises(StoreUnavailable):
+        await store.find(TokenHash.of(new_token()))
+    health = await store.health()
+    assert health.connected is False and health.error
+    await store.aclose()

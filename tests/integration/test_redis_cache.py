@@ -1,0 +1,152 @@
+"""RedisSessionCache against a real Redis: key layout, conditional fills, tombstones."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import pytest
+import redis.asyncio as aioredis
+
+from session_authority.adapters.redis_cache import RedisSessionCache, cache_key
+from session_authority.core.domain import Reason, Session, TokenHash, new_token
+from session_authority.core.errors import CacheUnavailable
+from session_authority.core.ports import CachedVerdict
+from session_authority.embedded import EmbeddedRedis
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+def _session(token: str, *, lifetime: timedelta = timedelta(hours=1)) -> Session:
+    now = datetime.now(UTC)
+    return Session(
+        session_id=str(uuid4()),
+        user_id=f"user-{uuid4().hex[:8]}",
+        token_hash=TokenHash.of(token),
+        created_at=now,
+        expires_at=now + lifetime,
+        metadata={"device": "laptop", "ünï": "cødé"},
+    )
+
+
+async def test_fill_then_get_round_trips_exactly(cache: RedisSessionCache) -> None:
+    token = new_token()
+    session = _session(token)
+    assert await cache.fill(session.token_hash, session, 60) is True
+    assert await cache.get(session.token_hash) == session
+
+
+async def test_key_is_the_hash_and_the_token_is_stored_nowhere(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    token = new_token()
+    session = _session(token)
+    await cache.fill(session.token_hash, session, 60)
+    keys = [k async for k in redis_client.scan_iter("*")]
+    assert keys == [f"session:{session.token_hash.hex}"]
+    dump = await redis_client.hgetall(keys[0])
+    assert token not in repr(dump)
+    assert dump["token_hash"] == session.token_hash.hex
+    assert dump["state"] == "live"
+
+
+async def test_ttl_is_bounded_by_the_session_expiry_given(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    session = _session(new_token())
+    await cache.fill(session.token_hash, session, 42.0)
+    ttl_ms = await redis_client.pttl(cache_key(session.token_hash))
+    assert 0 < ttl_ms <= 42_000
+
+
+async def test_tombstone_refuses_a_later_fill(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    session = _session(new_token())
+    await cache.fill(session.token_hash, session, 60)
+    await cache.tombstone([session.token_hash], 600)
+    assert await cache.fill(session.token_hash, session, 60) is False
+    assert await cache.get(session.token_hash) == CachedVerdict(Reason.REVOKED)
+    assert await redis_client.pttl(cache_key(session.token_hash)) > 60_000
+
+
+async def test_tombstone_written_for_an_absent_key_still_wins(cache: RedisSessionCache) -> None:
+    # rockscache's gap: an invalidation before the first fill must not lose to it.
+    session = _session(new_token())
+    await cache.tombstone([session.token_hash], 600)
+    assert await cache.fill(session.token_hash, session, 60) is False
+
+
+async def test_negative_verdict_never_overwrites_a_live_entry(cache: RedisSessionCache) -> None:
+    session = _session(new_token())
+    await cache.fill(session.token_hash, session, 60)
+    assert await cache.fill(session.token_hash, CachedVerdict(Reason.UNKNOWN), 5) is True
+    assert await cache.get(session.token_hash) == session
+
+
+async def test_live_entry_replaces_a_negative_verdict(cache: RedisSessionCache) -> None:
+    session = _session(new_token())
+    await cache.fill(session.token_hash, CachedVerdict(Reason.UNKNOWN), 5)
+    assert await cache.get(session.token_hash) == CachedVerdict(Reason.UNKNOWN)
+    assert await cache.fill(session.token_hash, session, 60) is True
+    assert await cache.get(session.token_hash) == session
+
+
+async def test_pipelined_tombstones_cover_every_key(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    sessions = [_session(new_token()) for _ in range(1000)]
+    for s in sessions[:500]:
+        await cache.fill(s.token_hash, s, 60)
+    await cache.tombstone([s.token_hash for s in sessions], 600)
+    states = set()
+    for s in sessions:
+        states.add(await redis_client.hget(cache_key(s.token_hash), "state"))
+    assert states == {"revoked"}
+
+
+async def test_token_mismatch_is_reported_and_treated_as_a_miss(
+    cache: RedisSessionCache, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim = TokenHash.of(new_token())
+    other = _session(new_token())
+    await cache.fill(other.token_hash, other, 60)
+    # Simulate a corrupted/poisoned entry: another session's data under the victim's key.
+    await redis_client.copy(cache_key(other.token_hash), cache_key(victim))
+    with caplog.at_level(logging.WARNING, logger="session_authority.cache"):
+        assert await cache.get(victim) is None
+    assert any("Token mismatch" in r.getMessage() for r in caplog.records)
+
+
+async def test_health_reports_server_facts(cache: RedisSessionCache) -> None:
+    health = await cache.health()
+    assert health.connected
+    assert health.version.count(".") == 2
+    assert health.uptime_seconds >= 0
+    assert health.used_memory
+    assert health.pool.max_size == 10
+    assert health.pool.size >= 1
+    assert health.ping_ms > 0 and health.set_ms > 0 and health.get_ms > 0
+
+
+async def test_errors_become_cache_unavailable(tmp_path: object) -> None:
+    from pathlib import Path
+
+    server = EmbeddedRedis(Path(str(tmp_path)))
+    server.start()
+    cache = RedisSessionCache.from_url(
+        server.url, ttl=60, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
+    )
+    try:
+        await cache.warm()
+        server.kill()
+        with pytest.raises(CacheUnavailable):
+            await cache.get(TokenHash.of(new_token()))
+        health = await cache.health()
+        assert health.connected is False and health.error
+        server.restart()
+        assert await cache.get(TokenHash.of(new_token())) is None
+    finally:
+        await cache.aclose()
+        server.stop()
