@@ -60,5 +60,8 @@ integration: $(STAMP)  ## integration tests (private Redis and Postgres)
 e2e: $(STAMP)  ## end-to-end tests (real server process, grpcurl)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
+bench: $(STAMP)  ## side-by-side benchmark (ratios: cache vs Postgres, pipelined vs sequential revocation)
+	$(BIN)/python tests/benchmarks/bench.py --json .bench.json
+
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

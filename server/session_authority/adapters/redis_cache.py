@@ -1,7 +1,7 @@
 """``RedisSessionCache``: the session cache on Redis (one hash per session).
 
 Key: ``session:<sha256-hex of the token>`` (never the token). Fields:
-``state`` (live | revoked | unknown | expired), ``token_hash`` (checked on
+``state`` (live | revoked | unknown | expired | created), ``token_hash`` (checked on
 every read), and for live entries ``session_id``, ``user_id``, ``created_at``,
 ``expires_at`` (epoch microseconds) and ``metadata`` (JSON). Every script touches one
 key only, so the layout is Redis Cluster safe.
@@ -163,6 +163,8 @@ class RedisSessionCache:
                 "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
             )
             return None
+        if fields.get("state") == "created":
+            return None  # a creation marker, not an answer
         try:
             return _decode(token_hash, fields)
         except (KeyError, ValueError) as exc:
@@ -181,6 +183,20 @@ class RedisSessionCache:
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(_describe(exc)) from exc
         return int(result) == 1
+
+    async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
+        args = [
+            "live",
+            str(max(1, int(ttl * 1000))),
+            "state",
+            "created",
+            "token_hash",
+            token_hash.hex,
+        ]
+        try:
+            await self._fill(keys=[cache_key(token_hash)], args=args)
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(_describe(exc)) from exc
 
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         ttl_ms = str(max(1, int(ttl * 1000)))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 import re
 import secrets
 import uuid
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,12 +28,19 @@ __all__ = [
     "check_session_id",
     "check_ttl",
     "check_user_id",
+    "is_well_formed",
     "new_token",
     "parse_token",
 ]
 
-#: Bytes of entropy in a token (256 bits); the token is their URL-safe base64.
+#: Bytes of entropy in a token (256 bits).
 TOKEN_BYTES = 32
+#: Tokens look like ``sat_<48 URL-safe base64 chars>``: 32 random bytes and a
+#: CRC-32 of them. The prefix lets secret scanners find leaked tokens; the
+#: checksum lets a random or mistyped token be answered "unknown" without
+#: asking Redis or Postgres (a flood of random tokens costs no queries). The
+#: checksum is not a secret and proves nothing about validity.
+TOKEN_PREFIX = "sat_"
 #: Longest token accepted on input. Ours are 43 characters; the bound only
 #: keeps hostile input cheap.
 MAX_TOKEN_LENGTH = 512
@@ -44,7 +54,21 @@ _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 def new_token() -> str:
     """A fresh opaque bearer token: 256 bits from ``secrets``, URL-safe."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    raw = secrets.token_bytes(TOKEN_BYTES)
+    body = raw + zlib.crc32(raw).to_bytes(4, "big")
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(body).decode("ascii")
+
+
+def is_well_formed(token: str) -> bool:
+    """Whether ``token`` has the shape and checksum of a token we issue."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) != len(TOKEN_PREFIX) + 48:
+        return False
+    try:
+        body = base64.urlsafe_b64decode(token[len(TOKEN_PREFIX) :])
+    except (binascii.Error, ValueError):
+        return False
+    raw, check = body[:TOKEN_BYTES], body[TOKEN_BYTES:]
+    return len(check) == 4 and zlib.crc32(raw).to_bytes(4, "big") == check
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +105,8 @@ class Source(enum.Enum):
 
     CACHE = "cache"
     DATABASE = "database"
+    #: The token's shape or checksum ruled it out; no tier was asked.
+    TOKEN_FORMAT = "token_format"
 
 
 @dataclass(frozen=True, slots=True)

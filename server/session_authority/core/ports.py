@@ -80,6 +80,12 @@ class SessionCache(Protocol):
         never over a tombstone; a non-revoked verdict only where nothing is
         cached; a tombstone always. False when the fill was refused."""
 
+    async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
+        """Record that a session was just created for this hash, replacing
+        anything but a tombstone. ``get`` treats the marker as a miss; it
+        exists so that a slow "unknown" fill from a read that predates the
+        creation is refused (verdicts are only written where nothing is)."""
+
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         """Replace each entry with a revocation tombstone, in one pipelined
         round trip. Succeeds only when every tombstone was written."""

@@ -43,6 +43,7 @@ from session_authority.core.domain import (
     check_session_id,
     check_ttl,
     check_user_id,
+    is_well_formed,
     new_token,
     parse_token,
 )
@@ -146,7 +147,20 @@ class SessionAuthority:
             metadata=meta,
         )
         await self._timed_store("create", self.store.create(session))
+        await self._mark_created(session.token_hash)
         return token, session
+
+    async def _mark_created(self, token_hash: TokenHash) -> None:
+        """Shield the new session from a racing "unknown" fill (see the port).
+        Best effort: with Redis unreachable there are no fills to race."""
+        cache = self.cache
+        if cache is None or not self.breaker.allows():
+            return
+        ttl = self.policy.max_fill_lag + self.policy.negative_ttl
+        try:
+            await self.breaker.call(lambda: cache.mark_created(token_hash, ttl))
+        except CacheUnavailable as exc:
+            self._cache_failed("mark_created", exc)
 
     # --- validate ---------------------------------------------------------------
 
@@ -155,6 +169,10 @@ class SessionAuthority:
         malformed input and ``StoreUnavailable`` when the answer is not in the
         cache and Postgres cannot be asked: never a guess."""
         token_hash = parse_token(token)
+        if not is_well_formed(token):
+            self._metrics.cache_lookup("malformed")
+            return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
+        looked_at = time.monotonic()
         with tracer.start_as_current_span("session_cache.lookup") as span:
             span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             result, entry = await self._lookup(token_hash)
@@ -167,8 +185,13 @@ class SessionAuthority:
         if result == "miss":
             self.stats.misses += 1
             _log.debug("Cache MISS %s", token_hash.prefix)
+        # A caller whose own lookup was a clean miss saw no tombstone, so no
+        # revocation had returned before it looked: it may share a load that
+        # settled after it looked. Callers that bypassed the cache may not.
         (answer, confirmed), late = await self._loads.do(
-            token_hash, lambda flight: self._load(token_hash, flight)
+            token_hash,
+            lambda flight: self._load(token_hash, flight),
+            since=looked_at if result == "miss" else None,
         )
         if late and not confirmed:
             # We joined a load whose Postgres read began before we did, and no

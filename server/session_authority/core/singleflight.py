@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -33,16 +35,31 @@ class SingleFlight(Generic[K, V]):
     waiter. Nothing is kept once the load settles.
 
     Returns ``(value, late)``: ``late`` is True for a caller that joined after
-    the loader's read had begun, whose view may predate the caller's start."""
+    the loader's read had begun, whose view may predate the caller's start.
 
-    def __init__(self) -> None:
+    A caller may pass ``since``: the (monotonic) time it began looking. A load
+    for the key that *finished* after that moment is also shared (as late):
+    the caller was concurrent with it even if its coroutine got round to
+    asking only after the load had settled. Results are kept for
+    ``retention`` seconds for this purpose only; failures are never kept."""
+
+    def __init__(self, retention: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._inflight: dict[K, tuple[asyncio.Task[V], Flight]] = {}
+        self._recent: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._retention = retention
+        self._clock = clock
 
     def __len__(self) -> int:
         return len(self._inflight)
 
-    async def do(self, key: K, load: Callable[[Flight], Awaitable[V]]) -> tuple[V, bool]:
+    async def do(
+        self, key: K, load: Callable[[Flight], Awaitable[V]], since: float | None = None
+    ) -> tuple[V, bool]:
         current = self._inflight.get(key)
+        if current is None and since is not None:
+            recent = self._recent_result(key, since)
+            if recent is not None:
+                return recent[1], True
         if current is None:
             flight = Flight()
             task: asyncio.Task[V] = asyncio.ensure_future(self._run(key, flight, load))
@@ -53,9 +70,22 @@ class SingleFlight(Generic[K, V]):
         late = flight.begun
         return await asyncio.shield(task), late
 
+    def _recent_result(self, key: K, since: float) -> tuple[float, V] | None:
+        horizon = self._clock() - self._retention
+        while self._recent:
+            oldest_key, (finished, _) = next(iter(self._recent.items()))
+            if finished >= horizon:
+                break
+            del self._recent[oldest_key]
+        found = self._recent.get(key)
+        return found if found is not None and found[0] >= since else None
+
     async def _run(self, key: K, flight: Flight, load: Callable[[Flight], Awaitable[V]]) -> V:
         try:
-            return await load(flight)
+            result = await load(flight)
+            self._recent.pop(key, None)
+            self._recent[key] = (self._clock(), result)
+            return result
         finally:
             # Leave the table before the result is published, so nobody can
             # join a load that has already settled.

@@ -18,7 +18,11 @@ _REASON = {
     Reason.EXPIRED: pb.REASON_EXPIRED,
     Reason.REVOKED: pb.REASON_REVOKED,
 }
-_SOURCE = {Source.CACHE: pb.SOURCE_CACHE, Source.DATABASE: pb.SOURCE_DATABASE}
+_SOURCE = {
+    Source.CACHE: pb.SOURCE_CACHE,
+    Source.DATABASE: pb.SOURCE_DATABASE,
+    Source.TOKEN_FORMAT: pb.SOURCE_TOKEN_FORMAT,
+}
 
 
 def ttl_from_pb(request: pb.CreateSessionRequest) -> timedelta | None:

@@ -61,6 +61,10 @@ class _SourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Source.ValueTy
     """The Redis cache answered."""
     SOURCE_DATABASE: _Source.ValueType  # 2
     """Postgres, the source of truth, answered."""
+    SOURCE_TOKEN_FORMAT: _Source.ValueType  # 3
+    """The token does not have the shape or checksum of a token this service
+    issues, so no tier was asked (reason is REASON_UNKNOWN).
+    """
 
 class Source(_Source, metaclass=_SourceEnumTypeWrapper):
     """Source says which tier answered a validation."""
@@ -70,6 +74,10 @@ SOURCE_CACHE: Source.ValueType  # 1
 """The Redis cache answered."""
 SOURCE_DATABASE: Source.ValueType  # 2
 """Postgres, the source of truth, answered."""
+SOURCE_TOKEN_FORMAT: Source.ValueType  # 3
+"""The token does not have the shape or checksum of a token this service
+issues, so no tier was asked (reason is REASON_UNKNOWN).
+"""
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
 @_typing.final
@@ -192,7 +200,9 @@ class CreateSessionResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """The opaque bearer token (URL-safe, 256 bits of entropy). Returned only here."""
+    """The opaque bearer token: "sat_" and 48 URL-safe characters (256 random
+    bits and a checksum). Returned only here; store it as a secret.
+    """
     @_builtins.property
     def session(self) -> Global___Session: ...
     def __init__(

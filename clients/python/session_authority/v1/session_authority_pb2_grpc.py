@@ -99,7 +99,7 @@ class SessionAuthorityServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """Health returns the operations health document (see docs/runbook.md). Its
+        """Health returns the operations health document (see deploy/runbook.md). Its
         proto3 JSON form is the runbook's /api/health/redis document.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

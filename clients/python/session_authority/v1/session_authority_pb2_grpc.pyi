@@ -52,7 +52,7 @@ class SessionAuthorityStub:
     InvalidateUser: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.InvalidateUserRequest, _session_authority_pb2.InvalidateUserResponse]
     """InvalidateUser revokes every live session of a user."""
     Health: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.HealthRequest, _session_authority_pb2.HealthResponse]
-    """Health returns the operations health document (see docs/runbook.md). Its
+    """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
     """
 
@@ -77,7 +77,7 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     InvalidateUser: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.InvalidateUserRequest, _session_authority_pb2.InvalidateUserResponse]  # type: ignore[assignment]
     """InvalidateUser revokes every live session of a user."""
     Health: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.HealthRequest, _session_authority_pb2.HealthResponse]  # type: ignore[assignment]
-    """Health returns the operations health document (see docs/runbook.md). Its
+    """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
     """
 
@@ -129,7 +129,7 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _session_authority_pb2.HealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_authority_pb2.HealthResponse, _abc.Awaitable[_session_authority_pb2.HealthResponse]]:
-        """Health returns the operations health document (see docs/runbook.md). Its
+        """Health returns the operations health document (see deploy/runbook.md). Its
         proto3 JSON form is the runbook's /api/health/redis document.
         """
 

@@ -1,0 +1,199 @@
+"""The revocation invariant on real Redis and Postgres: once Invalidate or
+InvalidateUser has returned, no validation that starts afterwards answers valid."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
+from session_authority.core.domain import Reason, Session, Source, TokenHash, new_token
+from session_authority.core.service import CorePolicy, SessionAuthority
+from session_authority.embedded import EmbeddedRedis
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+class PausableStore(PostgresSessionStore):
+    """The real store, with a gate between a lookup's read and its return: the
+    point where plain cache-aside loses a race against revocation."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn, min_size=1, max_size=10, command_timeout=5, acquire_timeout=5)
+        self.read_done = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def find(self, token_hash: TokenHash) -> Session | None:
+        found = await super().find(token_hash)
+        self.read_done.set()
+        await self.gate.wait()
+        return found
+
+
+class CountingMetrics:
+    def __init__(self) -> None:
+        self.queries: Counter[str] = Counter()
+
+    def cache_lookup(self, result: str) -> None:
+        pass
+
+    def cache_error(self, operation: str) -> None:
+        pass
+
+    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+        self.queries[operation] += 1
+
+    def revoked(self, count: int, cache_purged: bool) -> None:
+        pass
+
+    def breaker_transition(self, old: str, new: str) -> None:
+        pass
+
+
+def _core(
+    store: PostgresSessionStore, cache: RedisSessionCache | None, **breaker: float
+) -> tuple[SessionAuthority, CountingMetrics]:
+    holder: list[SessionAuthority] = []
+
+    async def probe() -> None:
+        await holder[0].replay_revocations()
+
+    metrics = CountingMetrics()
+    core = SessionAuthority(
+        store,
+        cache,
+        Breaker(BreakerPolicy(**breaker), probe=probe),
+        CorePolicy(),
+        metrics=metrics,
+    )
+    holder.append(core)
+    return core, metrics
+
+
+@pytest.mark.parametrize("revoke_all", [False, True], ids=["Invalidate", "InvalidateUser"])
+async def test_a_miss_paused_between_read_and_fill_loses_to_revocation(
+    pg_dsn: str, cache: RedisSessionCache, revoke_all: bool
+) -> None:
+    store = PausableStore(pg_dsn)
+    core, _ = _core(store, cache)
+    user = f"user-{uuid4().hex[:8]}"
+    token, _ = await core.create(user, None, {})
+    store.gate.clear()
+    miss = asyncio.create_task(core.validate(token))
+    await store.read_done.wait()  # Postgres said "valid"; the fill has not happened yet
+    if revoke_all:
+        assert (await core.invalidate_user(user)).revoked_count == 1
+    else:
+        assert (await core.invalidate(token=token)).revoked_count == 1
+    store.gate.set()
+    answer = await miss
+    assert answer.valid is False
+    assert answer.reason is Reason.REVOKED
+    # ...and nothing stale was left behind for the next caller.
+    again = await core.validate(token)
+    assert (again.valid, again.reason, again.source) == (False, Reason.REVOKED, Source.CACHE)
+    await store.aclose()
+
+
+async def test_concurrent_validations_of_one_uncached_token_make_one_query(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    core, metrics = _core(store, cache)
+    token, _ = await core.create(f"user-{uuid4().hex[:8]}", None, {})
+    answers = await asyncio.gather(*(core.validate(token) for _ in range(1000)))
+    assert all(a.valid for a in answers)
+    assert metrics.queries["find"] == 1
+
+
+async def test_a_flood_of_random_tokens_costs_bounded_queries(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    core, metrics = _core(store, cache)
+    # Random strings never pass the token checksum: no query at all.
+    garbage = [f"sat_{uuid4().hex}{uuid4().hex[:16]}" for _ in range(5000)]
+    # Well-formed but unknown tokens (a forger who knows the format): one
+    # query each, then the negative cache answers repeats.
+    forged = [new_token() for _ in range(50)]
+    for token in garbage:
+        assert (await core.validate(token)).reason is Reason.UNKNOWN
+    for _ in range(100):
+        for token in forged:
+            assert (await core.validate(token)).reason is Reason.UNKNOWN
+    assert metrics.queries["find"] == len(forged)
+
+
+async def test_a_new_session_is_never_hidden_by_a_negative_entry(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    token = new_token()
+    core, _ = _core(store, cache)
+    core._new_token = lambda: token  # the one token a negative entry exists for
+    assert (await core.validate(token)).reason is Reason.UNKNOWN
+    await core.create(f"user-{uuid4().hex[:8]}", None, {})
+    answer = await core.validate(token)
+    assert answer.valid, answer
+
+
+async def test_invalidate_user_of_many_sessions_is_one_pipeline(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    core, _ = _core(store, cache)
+    user = f"user-{uuid4().hex[:8]}"
+    tokens = [(await core.create(user, timedelta(hours=1), {}))[0] for _ in range(200)]
+    for token in tokens[::2]:
+        await core.validate(token)  # half of them cached
+    result = await core.invalidate_user(user)
+    assert (result.revoked_count, result.cache_purged) == (200, True)
+    answers = await asyncio.gather(*(core.validate(t) for t in tokens))
+    assert {(a.valid, a.reason) for a in answers} == {(False, Reason.REVOKED)}
+
+
+async def test_revocation_while_redis_is_down_is_replayed_before_redis_is_read(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    redis = EmbeddedRedis(tmp_path)
+    redis.start()
+    store = PostgresSessionStore(pg_dsn, min_size=1, max_size=5, command_timeout=5, acquire_timeout=5)
+    cache = RedisSessionCache.from_url(
+        redis.url, ttl=300, min_connections=1, max_connections=5, timeout=0.3, pool_timeout=0.3
+    )
+    core, _ = _core(store, cache, timeout=0.3, reset_timeout=0.2)
+    try:
+        token, _ = await core.create(f"user-{uuid4().hex[:8]}", None, {})
+        await core.validate(token)
+        assert (await core.validate(token)).source is Source.CACHE  # cached as live
+
+        redis.pause()  # frozen: calls time out rather than fail fast
+        result = await core.invalidate(token=token)
+        assert (result.revoked_count, result.cache_purged) == (1, False)
+        assert core.breaker.state is BreakerState.OPEN
+        answer = await core.validate(token)  # bypasses the (stale) cache
+        assert (answer.valid, answer.reason, answer.source) == (
+            False,
+            Reason.REVOKED,
+            Source.DATABASE,
+        )
+        redis.resume()
+
+        # Keep validating until the breaker has probed and closed: never valid.
+        for _ in range(200):
+            answer = await core.validate(token)
+            assert answer.valid is False
+            if core.breaker.state is BreakerState.CLOSED and answer.source is Source.CACHE:
+                break
+            await asyncio.sleep(0.02)
+        assert core.breaker.state is BreakerState.CLOSED
+        assert (answer.reason, answer.source) == (Reason.REVOKED, Source.CACHE)
+    finally:
+        redis.resume()
+        await cache.aclose()
+        await store.aclose()
+        redis.stop()
