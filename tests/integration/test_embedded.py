@@ -1,0 +1,175 @@
+"""The embedded Postgres/Redis servers: start, answer, survive kill/restart, pause/resume."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+import redis.exceptions
+
+from session_authority.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    embedded_available,
+    find_free_port,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not embedded_available(), reason="needs session-authority[embedded]"),
+]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres(tmp_path / "pg") as server:
+        yield server
+
+
+def fetch(url: str, sql: str, timeout: float = 5.0) -> list[Any]:
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(url, timeout=timeout)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def client(server: EmbeddedRedis, timeout: float = 2.0) -> redis.Redis:
+    return redis.Redis.from_url(server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_redis_starts_and_answers(redis_server: EmbeddedRedis) -> None:
+    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert redis_server.pid is not None
+    with client(redis_server) as r:
+        assert r.ping() is True
+        r.set("k", "v")
+        assert r.get("k") == b"v"
+    assert (redis_server.base_dir / "redis.log").exists()
+
+
+def test_postgres_starts_and_answers(pg: EmbeddedPostgres) -> None:
+    assert pg.url == f"postgresql://postgres@127.0.0.1:{pg.port}/session_authority"
+    assert pg.pid is not None
+    assert fetch(pg.url, "select 1, current_database()") == [(1, "session_authority")]
+    # a second start (e.g. the dev command reusing a data dir) is a no-op
+    pg.start()
+    assert fetch(pg.url, "select 1") == [(1,)]
+
+
+def test_postgres_data_survives_kill_and_restart_on_same_port(pg: EmbeddedPostgres) -> None:
+    fetch(pg.url, "create table t (v text)")
+    fetch(pg.url, "insert into t values ('kept')")
+    port, old_pid = pg.port, pg.pid
+    pg.kill()
+    assert (pg.pid, port_open(port)) == (None, False)
+    pg.restart()
+    assert pg.port == port
+    assert pg.pid not in (None, old_pid)
+    assert fetch(pg.url, "select v from t") == [("kept",)]
+
+
+def test_postgres_restart_after_postmaster_killed_behind_our_back(pg: EmbeddedPostgres) -> None:
+    # A live session means a backend that the SIGKILLed postmaster leaves orphaned.
+    psql = [str(pg.bin_dir / "psql"), pg.url, "-XAtc", "select pg_sleep(60)"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    with subprocess.Popen(psql, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as sess:
+        count = "select count(*) from pg_stat_activity where query like '%pg_sleep(60)%'"
+        for _ in range(100):
+            if fetch(pg.url, count)[0][0] >= 2:  # the psql session and this query itself
+                break
+        assert pg.pid is not None
+        os.kill(pg.pid, signal.SIGKILL)
+        pg.restart()
+        assert sess.wait(10) != 0  # the orphaned backend died with the group
+    assert fetch(pg.url, "select 1") == [(1,)]
+
+
+def test_redis_kill_and_restart_on_same_port(redis_server: EmbeddedRedis) -> None:
+    port = redis_server.port
+    redis_server.kill()
+    assert redis_server.pid is None
+    assert not port_open(port)
+    redis_server.restart()
+    assert redis_server.port == port
+    with client(redis_server) as r:
+        assert r.ping() is True
+        assert r.get("k") is None  # no persistence: a restart is a cold cache
+
+
+def test_redis_pause_times_out_calls_and_resume_recovers(redis_server: EmbeddedRedis) -> None:
+    with client(redis_server, timeout=0.5) as r:
+        assert r.ping() is True
+        redis_server.pause()
+        try:
+            with pytest.raises(redis.exceptions.TimeoutError):
+                r.ping()
+        finally:
+            redis_server.resume()
+        assert r.ping() is True
+
+
+def test_postgres_pause_and_resume(pg: EmbeddedPostgres) -> None:
+    pg.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            fetch(pg.url, "select 1", timeout=0.5)
+    finally:
+        pg.resume()
+    assert fetch(pg.url, "select 1") == [(1,)]
+
+
+def test_stop_is_idempotent(tmp_path: Path) -> None:
+    servers = [EmbeddedRedis(tmp_path / "r"), EmbeddedPostgres(tmp_path / "p")]
+    for server in servers:
+        server.stop()  # never started
+        server.start()
+        port = server.port
+        server.stop()
+        server.stop()
+        assert server.pid is None
+        assert not port_open(port)
+        server.start()
+        server.kill()
+        server.stop()  # after kill
+        assert server.pid is None
+
+
+def test_stop_while_paused(redis_server: EmbeddedRedis) -> None:
+    redis_server.pause()
+    redis_server.stop(timeout=5)
+    assert redis_server.pid is None
+
+
+def test_start_failure_raises_with_log_tail(tmp_path: Path) -> None:
+    port = find_free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        server = EmbeddedRedis(tmp_path / "r", port=port)
+        with pytest.raises(RuntimeError, match=r"(?s)exited with code.*Address already in use"):
+            server.start(timeout=5)
+    assert server.pid is None
