@@ -101,6 +101,7 @@ class Breaker:
         self._clock = clock
         self._probe = probe
         self._probe_task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Task[None] | None = None
         self._probing = False
         self._opened_at = 0.0
         self._cause = ""
@@ -122,6 +123,26 @@ class Breaker:
             return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout - self._clock())
 
+    def _schedule_wakeup(self) -> None:
+        """With a probe, recovery must not wait for traffic: after the reset
+        timeout, half-open and probe even if nobody calls."""
+        if self._probe is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (sync unit test): the next caller triggers it
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.cancel()
+        self._wakeup = asyncio.create_task(self._wake_after(self.policy.reset_timeout))
+
+    async def _wake_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        # allows() moves a due breaker to half-open and starts the probe. The
+        # injected clock may lag the loop's, so look again shortly if not due.
+        while self.state is BreakerState.OPEN and not self.allows():  # noqa: ASYNC110
+            await asyncio.sleep(min(0.1, self.policy.reset_timeout))
+
     def add_listener(self, listener: Listener) -> None:
         """``listener(old, new, cause)`` is called on every transition."""
         self._listeners.append(listener)
@@ -139,6 +160,7 @@ class Breaker:
             self._opened_at = self._clock()
             self.opened_count += 1
             self._state.open()
+            self._schedule_wakeup()
         elif new is BreakerState.HALF_OPEN:
             self._state.half_open()
         else:
@@ -242,10 +264,10 @@ class Breaker:
             )
 
     async def aclose(self) -> None:
-        task = self._probe_task
-        if task is not None and not task.done():
+        tasks = [t for t in (self._probe_task, self._wakeup) if t is not None and not t.done()]
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Relay(aiobreaker.CircuitBreakerListener):  # type: ignore[misc]

@@ -1,0 +1,81 @@
+"""Graceful drain: refuse new calls with UNAVAILABLE and let running ones finish.
+
+grpc.aio's ``server.stop(grace)`` answers calls that reach the server after
+shutdown began, but were not yet picked up by a handler, with CANCELLED
+(grpc/grpc#41785), which clients must not retry blindly. So shutdown drains
+first: while draining, this interceptor answers every new call UNAVAILABLE
+(retryable, "try another replica"), waits for the running ones, then waits
+until no call has arrived for ``quiet`` seconds (so calls already on the wire
+reach a handler and are refused cleanly), and only then is the server stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+__all__ = ["DrainInterceptor"]
+
+_DRAINING = "server is shutting down; retry on another replica"
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, quiet: float = 0.1) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self.refused = 0
+        self._quiet = quiet
+        self._last_arrival = 0.0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (reflection, health Watch): not counted
+        inner = handler.unary_unary
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._last_arrival = time.monotonic()
+            if self.draining:
+                self.refused += 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _DRAINING)
+            self.in_flight += 1
+            self._idle.clear()
+            try:
+                return await inner(request, context)  # type: ignore[arg-type]  # aio handler
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def drain(self, grace: float) -> bool:
+        """Start refusing new calls; True when the running ones finished and
+        the wire went quiet within ``grace`` seconds."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            return False
+        while (quiet_for := time.monotonic() - self._last_arrival) < self._quiet:
+            if time.monotonic() + self._quiet - quiet_for > deadline:
+                return self.in_flight == 0
+            await asyncio.sleep(self._quiet - quiet_for)
+        return self.in_flight == 0

@@ -1,0 +1,233 @@
+"""Fault injection on real processes: Redis killed or frozen, Postgres killed,
+while many concurrent callers validate through a real gRPC server. Every test
+asserts counts (failed calls, wrong answers), never timings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import uuid4
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from session_authority.adapters.migrate import apply_migrations
+from session_authority.bootstrap import App
+from session_authority.config import Settings
+from session_authority.core.breaker import BreakerState
+from session_authority.core.domain import new_token
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
+
+CALL_TIMEOUT = 5.0  # client deadline per call: generous, the point is counts
+
+
+@dataclass
+class World:
+    app: App
+    postgres: EmbeddedPostgres
+    redis: EmbeddedRedis
+    stub: pb_grpc.SessionAuthorityStub
+    channel: grpc.aio.Channel
+    live: list[str] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+@pytest_asyncio.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    postgres = EmbeddedPostgres(tmp_path / "pg")
+    redis = EmbeddedRedis(tmp_path / "redis")
+    postgres.start()
+    redis.start()
+    conn = await asyncpg.connect(postgres.url)
+    await apply_migrations(conn)
+    await conn.close()
+    settings = Settings(
+        database_url=postgres.url,
+        redis_url=redis.url,
+        host="127.0.0.1",
+        port=find_free_port(),
+        breaker_timeout_ms=200,
+        breaker_reset_timeout_ms=1000,
+        breaker_volume_threshold=5,
+        breaker_rolling_window_ms=2000,
+        pg_command_timeout_ms=2000,
+        pg_pool_timeout_ms=1000,
+        redis_pool_timeout_ms=200,
+    )
+    app = await App.start(settings)
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{app.port}", options=[("grpc.enable_http_proxy", 0)]
+    )
+    w = World(app, postgres, redis, pb_grpc.SessionAuthorityStub(channel), channel)
+    user = f"user-{uuid4().hex[:8]}"
+    for _ in range(20):
+        reply = await w.stub.CreateSession(pb.CreateSessionRequest(user_id=user))
+        w.live.append(reply.token)
+    for _ in range(5):
+        reply = await w.stub.CreateSession(pb.CreateSessionRequest(user_id=f"gone-{uuid4().hex}"))
+        await w.stub.Invalidate(pb.InvalidateRequest(token=reply.token))
+        w.revoked.append(reply.token)
+    w.unknown = [new_token() for _ in range(5)]
+    for token in w.live + w.revoked:  # warm the cache
+        await w.stub.ValidateSession(pb.ValidateSessionRequest(token=token))
+    try:
+        yield w
+    finally:
+        await channel.close()
+        redis.resume()
+        postgres.resume()
+        await app.stop(0)
+        redis.stop()
+        postgres.stop()
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+    wrong: list[str] = field(default_factory=list)
+    sources: Counter[str] = field(default_factory=Counter)
+
+
+async def drive(
+    w: World,
+    seconds: float,
+    during: Callable[[], object] | None = None,
+    *,
+    concurrency: int = 16,
+    tokens: list[tuple[str, bool]] | None = None,
+) -> Tally:
+    """Validate continuously from ``concurrency`` callers for ``seconds``;
+    ``during`` runs (in a thread) once the load is going."""
+    tally = Tally()
+    pool = tokens or ([(t, True) for t in w.live] + [(t, False) for t in w.revoked + w.unknown])
+    stop_at = time.monotonic() + seconds
+
+    async def caller(offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop_at:
+            token, should_be_valid = pool[i % len(pool)]
+            i += 1
+            tally.calls += 1
+            try:
+                reply = await w.stub.ValidateSession(
+                    pb.ValidateSessionRequest(token=token), timeout=CALL_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                tally.codes[exc.code().name] += 1
+                continue
+            tally.codes["OK"] += 1
+            tally.sources[pb.Source.Name(reply.source)] += 1
+            if reply.valid != should_be_valid:
+                tally.wrong.append(
+                    f"valid={reply.valid} for {'live' if should_be_valid else 'dead'}"
+                )
+
+    async def fault() -> None:
+        await asyncio.sleep(seconds / 4)
+        if during is not None:
+            await asyncio.to_thread(during)
+
+    await asyncio.gather(fault(), *(caller(n) for n in range(concurrency)))
+    return tally
+
+
+async def health(w: World) -> pb.HealthResponse:
+    return await w.stub.Health(pb.HealthRequest(), timeout=CALL_TIMEOUT)
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_redis_killed_under_load_fails_over_and_recovers(world: World) -> None:
+    w = world
+    tally = await drive(w, 3.0, w.redis.kill)
+    assert tally.codes["OK"] == tally.calls, tally.codes
+    assert tally.wrong == []
+    assert w.app.core.breaker.state is not BreakerState.CLOSED
+    report = await health(w)
+    assert report.status == "degraded"
+    assert report.redis.connected is False
+    assert report.session_cache.healthy is False
+
+    w.redis.restart()
+    await wait_for(lambda: w.app.core.breaker.state is BreakerState.CLOSED)
+    hits_before = w.app.core.stats.hits
+    after = await drive(w, 1.5)
+    assert after.codes["OK"] == after.calls
+    assert after.wrong == []
+    assert w.app.core.stats.hits > hits_before  # the cache rebuilt itself
+    assert after.sources["SOURCE_CACHE"] > after.sources["SOURCE_DATABASE"]
+    assert (await health(w)).status == "healthy"
+
+
+async def test_redis_frozen_under_load_times_out_into_postgres(world: World) -> None:
+    w = world
+    tally = await drive(w, 3.0, w.redis.pause)
+    assert tally.codes["OK"] == tally.calls, tally.codes
+    assert tally.wrong == []
+    assert w.app.core.breaker.state is BreakerState.OPEN
+    assert (await health(w)).status == "degraded"
+
+    w.redis.resume()
+    await wait_for(lambda: w.app.core.breaker.state is BreakerState.CLOSED)
+    after = await drive(w, 1.0)
+    assert after.codes["OK"] == after.calls
+    assert after.wrong == []
+
+
+async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> None:
+    w = world
+    fresh = [new_token() for _ in range(5)]  # well-formed, never cached
+    tokens = (
+        [(t, True) for t in w.live] + [(t, False) for t in w.revoked] + [(t, False) for t in fresh]
+    )
+    w.postgres.kill()
+    tally = await drive(w, 2.0, tokens=tokens)
+    assert tally.wrong == []  # never valid=true for a revoked or unknown token
+    assert set(tally.codes) <= {"OK", "UNAVAILABLE"}
+    # Cached live and revoked sessions were answered from Redis; uncached
+    # unknown tokens got UNAVAILABLE (the first call for each; never a guess).
+    assert tally.sources["SOURCE_DATABASE"] == 0
+    assert tally.codes["OK"] > 0
+    assert tally.codes["UNAVAILABLE"] > 0
+
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{w.app.port}", options=[("grpc.enable_http_proxy", 0)]
+    ) as channel:
+        checker = health_pb2_grpc.HealthStub(channel)
+
+        async def status() -> int:
+            reply = await checker.Check(health_pb2.HealthCheckRequest(service=""))
+            return int(reply.status)
+
+        deadline = time.monotonic() + 10
+        while await status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert (await health(w)).status == "unhealthy"
+
+        w.postgres.restart()
+        deadline = time.monotonic() + 15
+        while await status() != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    after = await drive(w, 1.0, tokens=tokens)
+    assert after.codes["OK"] == after.calls, after.codes
+    assert after.wrong == []
