@@ -161,7 +161,9 @@ async def test_revocation_while_redis_is_down_is_replayed_before_redis_is_read(
 ) -> None:
     redis = EmbeddedRedis(tmp_path)
     redis.start()
-    store = PostgresSessionStore(pg_dsn, min_size=1, max_size=5, command_timeout=5, acquire_timeout=5)
+    store = PostgresSessionStore(
+        pg_dsn, min_size=1, max_size=5, command_timeout=5, acquire_timeout=5
+    )
     cache = RedisSessionCache.from_url(
         redis.url, ttl=300, min_connections=1, max_connections=5, timeout=0.3, pool_timeout=0.3
     )
