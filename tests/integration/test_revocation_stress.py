@@ -1,0 +1,144 @@
+"""Randomized stress on real Redis and Postgres: two replicas (two cores sharing
+one Redis and one Postgres) validate and revoke a small set of sessions from
+many concurrent tasks for a bounded time. Invariant: no validation that
+started after a revocation returned answers valid for that session."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from uuid import uuid4
+
+import pytest
+
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.core.breaker import Breaker, BreakerPolicy
+from session_authority.core.domain import Session, TokenHash
+from session_authority.core.service import CorePolicy, SessionAuthority
+from session_authority.embedded import EmbeddedRedis
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+DURATION = 4.0  # seconds of load
+SESSIONS = 400
+VALIDATORS = 24
+REVOKERS = 4
+
+
+@dataclass
+class Ledger:
+    revoked_at: dict[str, float] = field(default_factory=dict)  # token -> when Invalidate returned
+    revoking_since: dict[str, float] = field(default_factory=dict)  # token -> when it was called
+    validations: int = 0
+    valid_after_revoke: list[str] = field(default_factory=list)
+    overlapping: int = 0  # validations in flight while their session was being revoked
+
+
+class JitteryStore(PostgresSessionStore):
+    """The real store, with a random pause between a lookup's read and its
+    return: it widens the window in which plain cache-aside would write a
+    stale "valid" back after a revocation, so the races really happen. It
+    counts them: reads that saw a live session which was revoked before the
+    read was handed back (the fill that follows is the dangerous one)."""
+
+    revoked: set[str]
+    stale_reads = 0
+
+    async def find(self, token_hash: TokenHash) -> Session | None:
+        found = await super().find(token_hash)
+        await asyncio.sleep(random.uniform(0, 0.02))
+        if found is not None and found.revoked_at is None and token_hash.hex in self.revoked:
+            JitteryStore.stale_reads += 1
+        return found
+
+
+async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAuthority:
+    store = JitteryStore(pg_dsn, min_size=2, max_size=10, command_timeout=5, acquire_timeout=5)
+    store.revoked = revoked
+    cache = RedisSessionCache.from_url(
+        redis_url, ttl=300, min_connections=2, max_connections=10, timeout=1, pool_timeout=1
+    )
+    # A short cache TTL keeps misses (and so fill races) frequent.
+    return SessionAuthority(
+        store, cache, Breaker(BreakerPolicy()), CorePolicy(cache_ttl=0.05, tombstone_ttl=30)
+    )
+
+
+async def test_no_validation_after_a_revocation_answers_valid(
+    pg_dsn: str, redis_server: EmbeddedRedis
+) -> None:
+    revoked: set[str] = set()
+    JitteryStore.stale_reads = 0
+    replicas = [await _replica(pg_dsn, redis_server.url, revoked) for _ in range(2)]
+    users = [f"user-{uuid4().hex[:8]}" for _ in range(40)]
+    tokens: list[tuple[str, str]] = []
+    for i in range(SESSIONS):
+        user = users[i % len(users)]
+        token, _ = await replicas[i % 2].create(user, None, {})
+        tokens.append((token, user))
+    by_user = {u: [t for t, owner in tokens if owner == u] for u in users}
+    ledger = Ledger()
+    stop_at = time.monotonic() + DURATION
+    rng = random.Random(1234)
+
+    async def validator(n: int) -> None:
+        core = replicas[n % 2]
+        while time.monotonic() < stop_at:
+            token, _ = rng.choice(tokens)
+            started = time.monotonic()
+            answer = await core.validate(token)
+            ended = time.monotonic()
+            ledger.validations += 1
+            returned = ledger.revoked_at.get(token)
+            if answer.valid and returned is not None and started > returned:
+                ledger.valid_after_revoke.append(token[:8])
+            since = ledger.revoking_since.get(token)
+            if since is not None and started <= (returned or ended) and ended >= since:
+                ledger.overlapping += 1
+
+    async def revoker(n: int) -> None:
+        core = replicas[n % 2]
+        await asyncio.sleep(DURATION * rng.uniform(0.1, 0.3))
+        while time.monotonic() < stop_at - 0.5:
+            if rng.random() < 0.2:
+                user = rng.choice(users)
+                victims = [t for t in by_user[user] if t not in ledger.revoking_since]
+                now = time.monotonic()
+                for t in victims:
+                    ledger.revoking_since[t] = now
+                await core.invalidate_user(user)
+                done = time.monotonic()
+                for t in victims:
+                    ledger.revoked_at.setdefault(t, done)
+                    revoked.add(TokenHash.of(t).hex)
+            else:
+                token, _ = rng.choice(tokens)
+                if token in ledger.revoking_since:
+                    continue
+                ledger.revoking_since[token] = time.monotonic()
+                await core.invalidate(token=token)
+                ledger.revoked_at[token] = time.monotonic()
+                revoked.add(TokenHash.of(token).hex)
+            await asyncio.sleep(rng.uniform(0.005, 0.02))
+
+    await asyncio.gather(
+        *(validator(n) for n in range(VALIDATORS)), *(revoker(n) for n in range(REVOKERS))
+    )
+    for core in replicas:
+        assert isinstance(core.cache, RedisSessionCache)
+        await core.cache.aclose()
+        assert isinstance(core.store, PostgresSessionStore)
+        await core.store.aclose()
+
+    print(
+        f"\nstress: {ledger.validations} validations, {len(ledger.revoked_at)} sessions revoked,"
+        f" {ledger.overlapping} validations overlapped a revocation,"
+        f" {JitteryStore.stale_reads} stale reads raced a revocation to the cache"
+    )
+    assert ledger.valid_after_revoke == []
+    assert len(ledger.revoked_at) >= SESSIONS // 4  # revocations really happened
+    assert ledger.overlapping > 0  # and really raced validations
+    assert JitteryStore.stale_reads > 0  # including the dangerous read-then-fill race
