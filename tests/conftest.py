@@ -5,6 +5,11 @@ machine's own servers), so fault tests may kill them."""
 from __future__ import annotations
 
 import os
+
+# The tests fork helper processes (initdb, postgres, redis-server) while gRPC
+# servers and channels run in this process; gRPC's fork handlers then run in
+# the child before exec and can crash it. Nothing here needs gRPC after a fork.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -82,6 +82,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _children(ppid: int) -> list[int]:
+    """Live child processes of ``ppid`` (from /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...
+            if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
+                found.append(int(stat_file.parent.name))
+    return found
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether any non-zombie process is left in process group `pgid`."""
     try:
@@ -248,9 +259,21 @@ class _ServerProcess:
 
     def pause(self) -> None:
         self._signal_group(signal.SIGSTOP, required=True)
+        self._signal_children(signal.SIGSTOP)
 
     def resume(self) -> None:
+        self._signal_children(signal.SIGCONT)
         self._signal_group(signal.SIGCONT, required=True)
+
+    def _signal_children(self, sig: signal.Signals) -> None:
+        """Postgres backends call setsid(), so they leave the postmaster's
+        process group: freezing the group alone would leave open connections
+        answering. Signal the postmaster's children one by one as well."""
+        if self._proc is None:
+            return
+        for pid in _children(self._proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def restart(self, timeout: float = 10.0) -> None:
         self.stop(timeout)

@@ -108,10 +108,20 @@ class PostgresSessionStore:
         try:
             await self.connect()
             assert self._pool is not None
-            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                self.pending -= 1
-                acquired = True
+            try:
+                conn = await self._pool.acquire(timeout=self._acquire_timeout)
+            except TimeoutError as exc:
+                raise StoreUnavailable(
+                    f"postgres pool exhausted: no connection within {self._acquire_timeout:g}s"
+                ) from exc
+            self.pending -= 1
+            acquired = True
+            try:
                 yield conn
+            finally:
+                await self._pool.release(conn)
+        except TimeoutError as exc:
+            raise StoreUnavailable("postgres query timed out") from exc
         except STORE_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         finally:

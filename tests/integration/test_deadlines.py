@@ -1,0 +1,110 @@
+"""The caller's deadline bounds all work done for it; bounded pools fail cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+
+from session_authority.adapters.migrate import apply_migrations
+from session_authority.bootstrap import App
+from session_authority.config import Settings
+from session_authority.core.domain import new_token
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture
+async def frozen_world(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> AsyncIterator[tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub]]:
+    postgres = EmbeddedPostgres(tmp_path / "pg")
+    postgres.start()
+    conn = await asyncpg.connect(postgres.url)
+    await apply_migrations(conn)
+    await conn.close()
+    app = await App.start(
+        Settings(
+            database_url=postgres.url,
+            redis_url=redis_server.url,
+            host="127.0.0.1",
+            port=find_free_port(),
+            pg_pool_min=1,
+            pg_pool_max=2,
+            pg_pool_timeout_ms=300,
+            pg_command_timeout_ms=60_000,  # only the caller's deadline may stop a query
+        )
+    )
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{app.port}", options=[("grpc.enable_http_proxy", 0)]
+    )
+    try:
+        yield app, postgres, pb_grpc.SessionAuthorityStub(channel)
+    finally:
+        postgres.resume()
+        await channel.close()
+        await app.stop(0)
+        postgres.stop()
+
+
+async def test_deadline_bounds_a_query_to_a_frozen_database(
+    frozen_world: tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub],
+) -> None:
+    app, postgres, stub = frozen_world
+    created = await stub.CreateSession(pb.CreateSessionRequest(user_id="deadline"))
+    await stub.ValidateSession(pb.ValidateSessionRequest(token=created.token))  # now cached
+    postgres.pause()
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5  # bounded by the deadline, not the 60 s query timeout
+    # Cached sessions still validate while the database is frozen.
+    cached = await stub.ValidateSession(pb.ValidateSessionRequest(token=created.token), timeout=2)
+    assert cached.valid
+    assert cached.source == pb.SOURCE_CACHE
+    postgres.resume()
+    # The cancelled call did not keep a connection: the pool serves again.
+    for _ in range(50):
+        stats = app.store.pool_stats()
+        if stats.pending == 0 and stats.available == stats.size:
+            break
+        await asyncio.sleep(0.1)
+    assert app.store.pool_stats().pending == 0
+    reply = await stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=5)
+    assert reply.valid is False
+
+
+async def test_exhausted_pool_fails_cleanly_with_unavailable(
+    frozen_world: tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub],
+) -> None:
+    _, postgres, stub = frozen_world
+    postgres.pause()
+
+    # Two callers hold both connections (frozen queries); the third waits at
+    # most PG_POOL_TIMEOUT_MS for one and is refused.
+    async def hold() -> pb.ValidateSessionResponse:
+        return await stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=3)
+
+    holders = [asyncio.create_task(hold()) for _ in range(2)]
+    await asyncio.sleep(0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=2.5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "pool exhausted" in (caught.value.details() or "")
+    postgres.resume()
+    results = await asyncio.gather(*holders, return_exceptions=True)
+    for result in results:
+        assert not isinstance(result, grpc.aio.AioRpcError) or result.code() in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNAVAILABLE,
+        )
