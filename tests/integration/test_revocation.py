@@ -199,3 +199,33 @@ async def test_revocation_while_redis_is_down_is_replayed_before_redis_is_read(
         await cache.aclose()
         await store.aclose()
         redis.stop()
+
+
+async def test_sweep_heals_a_partial_outage_seen_only_by_the_revoking_replica(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    from session_authority.embedded import find_free_port
+
+    reader, _ = _core(store, cache)
+    cut_off = RedisSessionCache.from_url(  # the revoking replica cannot reach Redis
+        f"redis://127.0.0.1:{find_free_port()}/0",
+        ttl=300,
+        min_connections=0,
+        max_connections=2,
+        timeout=0.2,
+        pool_timeout=0.2,
+    )
+    revoker, _ = _core(store, cut_off)
+    try:
+        token, _ = await reader.create(f"user-{uuid4().hex[:8]}", None, {})
+        await reader.validate(token)
+        assert (await reader.validate(token)).source is Source.CACHE
+        result = await revoker.invalidate(token=token)
+        assert (result.revoked_count, result.cache_purged) == (1, False)
+        # The documented gap: until a sweep, the other replica's cache is stale.
+        assert (await reader.validate(token)).valid is True
+        assert await reader.sweep_revocations(window=60) == 1
+        answer = await reader.validate(token)
+        assert (answer.valid, answer.reason, answer.source) == (False, Reason.REVOKED, Source.CACHE)
+    finally:
+        await cut_off.aclose()

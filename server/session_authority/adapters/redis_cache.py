@@ -184,6 +184,12 @@ class RedisSessionCache:
             raise CacheUnavailable(_describe(exc)) from exc
         return int(result) == 1
 
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(_describe(exc)) from exc
+
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         args = [
             "live",

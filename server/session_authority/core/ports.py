@@ -80,6 +80,9 @@ class SessionCache(Protocol):
         never over a tombstone; a non-revoked verdict only where nothing is
         cached; a tombstone always. False when the fill was refused."""
 
+    async def ping(self) -> None:
+        """One round trip to the cache server; raises ``CacheUnavailable``."""
+
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         """Record that a session was just created for this hash, replacing
         anything but a tombstone. ``get`` treats the marker as a miss; it

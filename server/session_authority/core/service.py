@@ -327,6 +327,7 @@ class SessionAuthority:
         cache = self.cache
         if cache is None:
             return
+        await cache.ping()  # the probe proves Redis answers, even with nothing to replay
         window = timedelta(seconds=self.policy.cache_ttl + self.policy.max_fill_lag)
         try:
             hashes = await self._timed_store(
@@ -337,6 +338,39 @@ class SessionAuthority:
         if hashes:
             await cache.tombstone(hashes, self.policy.tombstone_ttl)
         _log.info("SessionCache replayed %d revocations before closing the breaker", len(hashes))
+
+    async def sweep_revocations(self, window: float) -> int:
+        """Re-apply the revocations of the last ``window`` seconds to the cache.
+
+        Run periodically by every replica. It bounds what the invariant cannot
+        cover alone: a replica that could not reach Redis when it revoked (a
+        partial outage) leaves stale entries that *other* replicas can still
+        read; the next sweep of any replica that reaches Redis tombstones them.
+        Tombstones are idempotent, so overlapping windows cost only writes."""
+        cache = self.cache
+        if cache is None or self.breaker.state is not BreakerState.CLOSED:
+            return 0  # an open breaker replays everything in its probe
+        since = self._now() - timedelta(seconds=window)
+        hashes = await self._timed_store("revoked_since", self.store.revoked_since(since))
+        if hashes:
+            try:
+                await self.breaker.call(lambda: cache.tombstone(hashes, self.policy.tombstone_ttl))
+            except CacheUnavailable as exc:
+                self._cache_failed("sweep", exc)
+                self.breaker.trip("revocation sweep could not write to the cache")
+                return 0
+        return len(hashes)
+
+    async def run_sweeper(self, interval: float, margin: float = 10.0) -> None:
+        """Sweep every ``interval`` seconds until cancelled. Each sweep looks
+        back ``interval + margin`` seconds (margin covers clock skew between
+        replicas, whose clocks stamp ``revoked_at``)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_revocations(interval + margin)
+            except StoreUnavailable as exc:
+                _log.warning("SessionCache sweep Error: %s", exc)
 
     # --- health -------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ def health_to_pb(report: HealthReport) -> pb.HealthResponse:
         breaker=pb.BreakerHealth(
             state=breaker.state,
             timeout_ms=breaker.timeout_ms,
-            error_threshold_percentage=int(breaker.error_threshold_percentage),
+            error_threshold_percentage=breaker.error_threshold_percentage,
             reset_timeout_ms=breaker.reset_timeout_ms,
             seconds_until_half_open=breaker.seconds_until_half_open,
             opened_count=breaker.opened_count,

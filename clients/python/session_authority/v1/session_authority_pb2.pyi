@@ -738,7 +738,7 @@ class BreakerHealth(_message.Message):
     """"closed", "open" or "half_open"."""
     timeout_ms: _builtins.int
     """Configured knobs, as in the runbook."""
-    error_threshold_percentage: _builtins.int
+    error_threshold_percentage: _builtins.float
     reset_timeout_ms: _builtins.int
     seconds_until_half_open: _builtins.float
     """Seconds until an open breaker lets a probe through; 0 otherwise."""
@@ -749,7 +749,7 @@ class BreakerHealth(_message.Message):
         *,
         state: _builtins.str | None = ...,
         timeout_ms: _builtins.int | None = ...,
-        error_threshold_percentage: _builtins.int | None = ...,
+        error_threshold_percentage: _builtins.float | None = ...,
         reset_timeout_ms: _builtins.int | None = ...,
         seconds_until_half_open: _builtins.float | None = ...,
         opened_count: _builtins.int | None = ...,
