@@ -41,7 +41,7 @@ TOKEN_BYTES = 32
 #: asking Redis or Postgres (a flood of random tokens costs no queries). The
 #: checksum is not a secret and proves nothing about validity.
 TOKEN_PREFIX = "sat_"
-#: Longest token accepted on input. Ours are 43 characters; the bound only
+#: Longest token accepted on input. Ours are 52 characters; the bound only
 #: keeps hostile input cheap.
 MAX_TOKEN_LENGTH = 512
 MAX_USER_ID_LENGTH = 256

@@ -8,6 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from session_authority.core.domain import Reason, Session, Source, Validation
+from session_authority.core.errors import InvalidArgument
 from session_authority.core.health import HealthReport, PoolStats
 from session_authority.v1 import session_authority_pb2 as pb
 
@@ -25,10 +26,16 @@ _SOURCE = {
 }
 
 
+#: google.protobuf.Duration's own range (about 10,000 years).
+_DURATION_MAX_SECONDS = 315_576_000_000
+
+
 def ttl_from_pb(request: pb.CreateSessionRequest) -> timedelta | None:
     if not request.HasField("ttl"):
         return None
     duration: Duration = request.ttl
+    if abs(duration.seconds) > _DURATION_MAX_SECONDS or abs(duration.nanos) >= 1_000_000_000:
+        raise InvalidArgument("ttl", "is outside google.protobuf.Duration's range")
     return timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
 
 

@@ -1,0 +1,198 @@
+"""What an operator does with grpcurl: server reflection only, never a proto file."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from typing import Any
+
+import pytest
+from e2e_support import (
+    HEALTH_SERVICE,
+    SERVICE,
+    ServerProcess,
+    ToolResult,
+    ToolRunner,
+    check_health_document,
+    snake,
+    tool,
+)
+
+pytestmark = pytest.mark.e2e
+
+# grpcurl exits with 64 + the gRPC status code when a call fails.
+_EXIT_INVALID_ARGUMENT = 64 + 3
+
+
+class Grpcurl:
+    def __init__(self, run_tool: ToolRunner, server: ServerProcess) -> None:
+        self._run_tool = run_tool
+        self._binary = tool("grpcurl")
+        self.server = server
+
+    def run(self, *args: str) -> ToolResult:
+        return self._run_tool(self._binary, "-plaintext", "-max-time", "10", *args)
+
+    def call(self, method: str, data: dict[str, Any] | None = None, *flags: str) -> Any:
+        """Invoke ``SessionAuthority/<method>`` with ``-d <json>``; the parsed output."""
+        body = ["-d", json.dumps(data, ensure_ascii=False)] if data is not None else []
+        return self.run(*flags, *body, self.server.target, f"{SERVICE}/{method}").json()
+
+    def create(self, data: dict[str, Any]) -> Any:
+        reply = self.call("CreateSession", data)
+        self.server.record(reply["token"])
+        return reply
+
+
+@pytest.fixture(scope="module")
+def grpcurl(run_tool: ToolRunner, e2e_server: ServerProcess) -> Grpcurl:
+    return Grpcurl(run_tool, e2e_server)
+
+
+def test_list_shows_services(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    result = grpcurl.run(e2e_server.target, "list")
+    assert result.returncode == 0, result.stderr
+    services = result.stdout.split()
+    assert SERVICE in services
+    assert HEALTH_SERVICE in services
+
+
+def test_describe_service(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    result = grpcurl.run(e2e_server.target, "describe", SERVICE)
+    assert result.returncode == 0, result.stderr
+    assert f"{SERVICE} is a service" in result.stdout
+    for method in ("CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health"):
+        assert f"rpc {method} (" in result.stdout, method
+
+
+def test_describe_request_message(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    result = grpcurl.run(e2e_server.target, "describe", "session_authority.v1.InvalidateRequest")
+    assert result.returncode == 0, result.stderr
+    assert "oneof target" in result.stdout
+    assert "session_id" in result.stdout
+
+
+def test_readme_walk_through(grpcurl: Grpcurl) -> None:
+    """The README's grpcurl walk-through, step by step (JSON in, JSON out)."""
+    user = f"alice-{uuid.uuid4()}"
+    created = grpcurl.create({"user_id": user, "ttl": "3600s", "metadata": {"device": "laptop"}})
+    token = created["token"]
+    assert created["session"]["user_id"] == user
+    assert created["session"]["metadata"] == {"device": "laptop"}
+    uuid.UUID(created["session"]["session_id"])
+
+    # -emit-defaults so that false / zero answers are printed, not omitted.
+    def validate() -> Any:
+        return grpcurl.call("ValidateSession", {"token": token}, "-emit-defaults")
+
+    first = validate()
+    assert first["valid"] is True
+    assert first["source"] == "SOURCE_DATABASE"
+    assert first["session"]["session_id"] == created["session"]["session_id"]
+
+    second = validate()
+    assert second["valid"] is True
+    assert second["source"] == "SOURCE_CACHE"
+    assert second["session"] == first["session"]
+
+    revoked = grpcurl.call("Invalidate", {"token": token}, "-emit-defaults")
+    assert revoked == {"revoked": True, "cache_purged": True}
+
+    after = validate()
+    assert after["valid"] is False
+    assert after["reason"] == "REASON_REVOKED"
+
+    again = grpcurl.call("Invalidate", {"token": token}, "-emit-defaults")
+    assert again["revoked"] is False
+
+    # Without -emit-defaults (as in the README), false fields are simply absent.
+    plain = grpcurl.call("ValidateSession", {"token": token})
+    assert "valid" not in plain
+    assert plain["reason"] == "REASON_REVOKED"
+
+
+def test_invalidate_by_session_id_and_user(grpcurl: Grpcurl) -> None:
+    user = f"bob-{uuid.uuid4()}"
+    sessions = [grpcurl.create({"user_id": user}) for _ in range(3)]
+
+    by_id = grpcurl.call(
+        "Invalidate", {"session_id": sessions[0]["session"]["session_id"]}, "-emit-defaults"
+    )
+    assert by_id == {"revoked": True, "cache_purged": True}
+    gone = grpcurl.call("ValidateSession", {"token": sessions[0]["token"]}, "-emit-defaults")
+    assert gone["valid"] is False
+    assert gone["reason"] == "REASON_REVOKED"
+
+    by_user = grpcurl.call("InvalidateUser", {"user_id": user}, "-emit-defaults")
+    assert by_user == {"revoked_count": 2, "cache_purged": True}
+    for created in sessions:
+        answer = grpcurl.call("ValidateSession", {"token": created["token"]}, "-emit-defaults")
+        assert answer["valid"] is False
+        assert answer["reason"] == "REASON_REVOKED"
+
+
+def test_unknown_token(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    token = e2e_server.presented(secrets.token_urlsafe(32))
+    answer = grpcurl.call("ValidateSession", {"token": token}, "-emit-defaults")
+    assert answer["valid"] is False
+    assert answer["reason"] == "REASON_UNKNOWN"
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "field"),
+    [
+        ("ValidateSession", {"token": ""}, "token"),
+        ("ValidateSession", {"token": f"tökén-{secrets.token_hex(8)}…"}, "token"),
+        ("CreateSession", {"user_id": ""}, "user_id"),
+        ("CreateSession", {"user_id": "carol", "ttl": "0s"}, "ttl"),
+        ("Invalidate", {}, "session_id"),
+        ("Invalidate", {"session_id": "not-a-uuid"}, "session_id"),
+    ],
+    ids=["empty-token", "non-ascii-token", "empty-user", "zero-ttl", "no-target", "bad-uuid"],
+)
+def test_invalid_argument(
+    grpcurl: Grpcurl, e2e_server: ServerProcess, method: str, data: dict[str, str], field: str
+) -> None:
+    token = data.get("token", "")
+    if token:
+        e2e_server.presented(token)
+    body = json.dumps(data, ensure_ascii=False)
+    result = grpcurl.run("-format-error", "-d", body, e2e_server.target, f"{SERVICE}/{method}")
+    assert result.returncode == _EXIT_INVALID_ARGUMENT, (result.stdout, result.stderr)
+    error = json.loads(result.stderr)  # -format-error prints the status as JSON on stderr
+    assert error["code"] == 3  # INVALID_ARGUMENT
+    assert field in error["message"]
+    if token:
+        assert token not in result.stdout + result.stderr
+
+
+def test_health_document_runbook_paths(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    # Make sure the counters have moved, so that the document is not all zeros.
+    token = grpcurl.create({"user_id": f"dave-{uuid.uuid4()}"})["token"]
+    for _ in range(2):
+        grpcurl.call("ValidateSession", {"token": token})
+    doc = grpcurl.call("Health", None, "-emit-defaults")
+    check_health_document(doc, snake)
+    assert int(doc["session_cache"]["metrics"]["hits"]) >= 1
+    assert int(doc["session_cache"]["metrics"]["misses"]) >= 1
+    # grpcurl prints proto field names, never the camelCase JSON names.
+    assert "sessionCache" not in doc
+    assert "usedMemory" not in doc["redis"]
+
+
+def test_health_without_emit_defaults_keeps_scalars(grpcurl: Grpcurl) -> None:
+    """The scalars have explicit presence, so they print even when zero;
+    only the empty ``errors`` list needs -emit-defaults."""
+    doc = grpcurl.call("Health")
+    assert doc["session_cache"]["metrics"]["errors"] == "0"
+    assert doc["session_cache"]["pool"]["pending"] == 0
+    assert doc["breaker"]["state"] == "closed"
+
+
+def test_standard_health_check(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    result = grpcurl.run(e2e_server.target, f"{HEALTH_SERVICE}/Check")
+    assert result.json() == {"status": "SERVING"}
+    body = json.dumps({"service": SERVICE})
+    named = grpcurl.run("-d", body, e2e_server.target, f"{HEALTH_SERVICE}/Check")
+    assert named.json() == {"status": "SERVING"}
