@@ -8,11 +8,13 @@ short of the runbook (see DESIGN-NOTES):
   over a rolling window (10 s in 10 buckets) with a minimum request volume;
 * it has no per-call timeout; here a call slower than ``timeout`` is a failure;
 * it lets any number of trial calls through while half-open; here exactly one
-  probe runs, and every other caller is refused until it settles;
+  probe runs, every other caller is refused until it settles, and a probe from
+  an earlier half-open period (or one overtaken by ``trip()``) cannot close it;
 * it mixes ``utcnow()`` and ``now()`` when timing the reset; here all timing
   uses one injected monotonic clock;
-* its listeners are synchronous and cannot await; ours are too, by design,
-  and are only told about transitions.
+* it calls its listeners *before* storing the new state, so a listener that
+  reads the state sees the old one; ours are called after, and are told the
+  cause.
 
 So aiobreaker's ``call`` machinery is never used: we drive its state with
 ``open()`` / ``half_open()`` / ``close()``.
@@ -110,7 +112,8 @@ class Breaker:
         bucket = policy.rolling_window / policy.buckets
         self._bucket_len = bucket
         self._window: dict[int, list[int]] = {}  # bucket index -> [calls, failures]
-        self._state = aiobreaker.CircuitBreaker(name=name, listeners=[_Relay(self)])
+        self._generation = 0
+        self._state = aiobreaker.CircuitBreaker(name=name)
 
     # --- state ------------------------------------------------------------
 
@@ -155,7 +158,10 @@ class Breaker:
             listener(old, new, self._cause)
 
     def _transition(self, new: BreakerState, cause: str) -> None:
+        old = self.state
         self._cause = cause
+        self._generation += 1  # a probe of an earlier generation can no longer act
+        self._probing = False
         if new is BreakerState.OPEN:
             self._opened_at = self._clock()
             self.opened_count += 1
@@ -166,6 +172,9 @@ class Breaker:
         else:
             self._window.clear()
             self._state.close()
+        # Notify after aiobreaker has stored the new state, so listeners see it.
+        if old is not new:
+            self._notify(old, new)
 
     def trip(self, cause: str) -> None:
         """Open now, whatever the window says (e.g. a revocation could not be
@@ -199,7 +208,9 @@ class Breaker:
             self._transition(BreakerState.HALF_OPEN, "reset timeout elapsed")
             if self._probe is not None:
                 self._probing = True
-                self._probe_task = asyncio.create_task(self._run_probe(self._probe))
+                self._probe_task = asyncio.create_task(
+                    self._run_probe(self._probe, self._generation)
+                )
                 return False
             return not self._probing
         if state is BreakerState.HALF_OPEN:
@@ -211,49 +222,58 @@ class Breaker:
         refused, when ``op`` raises it, or when ``op`` exceeds the timeout."""
         if not self.allows():
             raise CacheUnavailable(f"circuit breaker {self.state.value}")
-        probing = self.state is BreakerState.HALF_OPEN
-        if probing:
+        # A probe is tied to the half-open generation it started in.
+        probe = self._generation if self.state is BreakerState.HALF_OPEN else None
+        if probe is not None:
             self._probing = True
         try:
             async with asyncio.timeout(self.policy.timeout):
                 result = await op()
         except (CacheUnavailable, TimeoutError) as exc:
             cause = "timeout" if isinstance(exc, TimeoutError) else str(exc)
-            self._failure(cause, probing)
+            self._failure(cause, probe)
             if isinstance(exc, CacheUnavailable):
                 raise
             raise CacheUnavailable(f"{self.name} call timed out") from exc
         finally:
-            if probing:
+            if probe is not None:
                 self._probing = False
-        self._success(probing)
+        self._success(probe)
         return result
 
-    async def _run_probe(self, probe: Callable[[], Awaitable[None]]) -> None:
+    async def _run_probe(self, probe: Callable[[], Awaitable[None]], generation: int) -> None:
         try:
             async with asyncio.timeout(self.policy.timeout * 10):
                 await probe()
         except (CacheUnavailable, TimeoutError) as exc:
-            self._failure(f"probe failed: {exc or 'timeout'}", probing=True)
+            self._failure(f"probe failed: {exc or 'timeout'}", generation)
         except Exception as exc:  # a bug in the probe must not wedge the breaker
             _log.exception("Circuit breaker probe crashed")
-            self._failure(f"probe crashed: {type(exc).__name__}", probing=True)
+            self._failure(f"probe crashed: {type(exc).__name__}", generation)
         else:
-            self._success(probing=True)
+            self._success(generation)
         finally:
-            self._probing = False
+            if self._generation == generation:
+                self._probing = False
 
-    def _success(self, probing: bool) -> None:
-        if probing and self.state is BreakerState.HALF_OPEN:
+    def _is_current_probe(self, probe: int | None) -> bool:
+        return (
+            probe is not None and probe == self._generation and self.state is BreakerState.HALF_OPEN
+        )
+
+    def _success(self, probe: int | None) -> None:
+        if self._is_current_probe(probe):
             self._transition(BreakerState.CLOSED, "probe succeeded")
-        elif self.state is BreakerState.CLOSED:
+        elif probe is None and self.state is BreakerState.CLOSED:
             self._record(failed=False)
 
-    def _failure(self, cause: str, probing: bool) -> None:
-        state = self.state
-        if probing and state is BreakerState.HALF_OPEN:
+    def _failure(self, cause: str, probe: int | None) -> None:
+        if self._is_current_probe(probe):
             self._transition(BreakerState.OPEN, cause)
             return
+        if probe is not None:
+            return  # a stale probe: its breaker generation is gone
+        state = self.state
         if state is not BreakerState.CLOSED:
             return
         calls, failures = self._record(failed=True)
@@ -268,16 +288,3 @@ class Breaker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _Relay(aiobreaker.CircuitBreakerListener):  # type: ignore[misc]
-    """Forwards aiobreaker's (synchronous) transition callbacks to ours."""
-
-    def __init__(self, owner: Breaker) -> None:
-        self._owner = owner
-
-    def state_change(self, breaker: object, old: object, new: object) -> None:
-        old_state = _FROM_AIOBREAKER[old.state] if old is not None else BreakerState.CLOSED  # type: ignore[attr-defined]
-        new_state = _FROM_AIOBREAKER[new.state]  # type: ignore[attr-defined]
-        if old_state is not new_state:
-            self._owner._notify(old_state, new_state)

@@ -8,6 +8,7 @@ import enum
 import hashlib
 import re
 import secrets
+import unicodedata
 import uuid
 import zlib
 from collections.abc import Mapping
@@ -175,7 +176,7 @@ def check_user_id(user_id: str, field_name: str = "user_id") -> str:
         raise InvalidArgument(field_name, "must not be empty")
     if len(user_id) > MAX_USER_ID_LENGTH:
         raise InvalidArgument(field_name, f"must be at most {MAX_USER_ID_LENGTH} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user_id):
+    if any(unicodedata.category(c) == "Cc" for c in user_id):  # C0, DEL and C1
         raise InvalidArgument(field_name, "must not contain control characters")
     return user_id
 

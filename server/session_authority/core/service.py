@@ -122,7 +122,7 @@ class SessionAuthority:
         self._metrics = metrics or NoMetrics()
         self._now = clock
         self._new_token = token_factory
-        self._loads: SingleFlight[TokenHash, tuple[Validation, bool]] = SingleFlight()
+        self._loads: SingleFlight[TokenHash, tuple[Validation, bool, int]] = SingleFlight()
         breaker.add_listener(
             lambda old, new, _c: self._metrics.breaker_transition(old.value, new.value)
         )
@@ -188,16 +188,19 @@ class SessionAuthority:
         # A caller whose own lookup was a clean miss saw no tombstone, so no
         # revocation had returned before it looked: it may share a load that
         # settled after it looked. Callers that bypassed the cache may not.
-        (answer, confirmed), late = await self._loads.do(
+        (answer, confirmed, opened), late = await self._loads.do(
             token_hash,
             lambda flight: self._load(token_hash, flight),
             since=looked_at if result == "miss" else None,
         )
-        if late and not confirmed:
-            # We joined a load whose Postgres read began before we did, and no
-            # cache fill vouched for it (a tombstone would have refused it): a
-            # revocation that returned before we started may postdate that read.
-            answer, _ = await self._load(token_hash, Flight())
+        if late and (not confirmed or opened != self.breaker.opened_count):
+            # We joined a load whose Postgres read began before we did, and
+            # either no cache fill vouched for it (a tombstone would have
+            # refused it), or the breaker opened since it began (a revocation
+            # whose tombstone failed trips it, and leaves no tombstone to
+            # refuse anything): a revocation that returned before we started
+            # may postdate that read. Read for ourselves.
+            answer, _, _ = await self._load(token_hash, Flight())
         return answer
 
     async def _lookup(self, token_hash: TokenHash) -> tuple[str, CacheEntry | None]:
@@ -225,9 +228,11 @@ class SessionAuthority:
             return Validation.invalid(reason, source)
         return Validation.live(entry, source)
 
-    async def _load(self, token_hash: TokenHash, flight: Flight) -> tuple[Validation, bool]:
+    async def _load(self, token_hash: TokenHash, flight: Flight) -> tuple[Validation, bool, int]:
         """Miss path: ask Postgres, then fill the cache conditionally. Returns
-        the answer and whether the cache confirmed it (filled, or refused)."""
+        the answer, whether the cache confirmed it (filled, or refused), and
+        the breaker's opened count when the read began."""
+        opened = self.breaker.opened_count
         flight.begin()
         read_started = time.monotonic()
         with tracer.start_as_current_span("session_store.find") as span:
@@ -250,12 +255,12 @@ class SessionAuthority:
                 entry, ttl = CachedVerdict(reason), self.policy.negative_ttl
         answer = self._judge(entry, Source.DATABASE)
         if time.monotonic() - read_started > self.policy.max_fill_lag:
-            return answer, False  # too old to be trusted against an expired tombstone
+            return answer, False, opened  # too old to trust against an expired tombstone
         filled = await self._fill(token_hash, entry, ttl)
         if filled is False:
             # A tombstone refused the fill: the session was revoked after our read.
-            return Validation.invalid(Reason.REVOKED, Source.CACHE), True
-        return answer, filled is True
+            return Validation.invalid(Reason.REVOKED, Source.CACHE), True, opened
+        return answer, filled is True, opened
 
     async def _fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool | None:
         """True when filled, False when a tombstone refused it, None when the

@@ -1,0 +1,309 @@
+"""In-memory fakes of the core's ports, for the unit tier (no I/O).
+
+``InMemorySessionStore`` follows the ``SessionStore`` contract as the Postgres
+adapter implements it; ``InMemorySessionCache`` follows the ``SessionCache``
+contract with the same conditional fill as the Redis Lua script. Neither ever
+suspends on its own, so a test controls every interleaving: the only yield
+points are the store's ``gate`` and the cache's ``hanging`` switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from session_authority.core.domain import Reason, Session, TokenHash
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
+from session_authority.core.health import CacheHealth, StoreHealth
+from session_authority.core.ports import (
+    CachedVerdict,
+    CacheEntry,
+    SessionCache,
+    SessionStore,
+    StoreRevocation,
+)
+
+__all__ = ["FakeClock", "InMemorySessionCache", "InMemorySessionStore", "until"]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+async def until(predicate: Callable[[], bool], rounds: int = 100) -> None:
+    """Let other tasks run until ``predicate`` holds: scheduling, never wall time."""
+    for _ in range(rounds):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"still false after {rounds} scheduling rounds")
+
+
+class FakeClock:
+    """One hand-driven time source: aware UTC datetimes for the service and
+    the store, monotonic seconds for the cache TTLs and the breaker."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._wall = start or datetime(2030, 1, 1, tzinfo=UTC)
+        self._mono = 10_000.0
+
+    def now(self) -> datetime:
+        return self._wall
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        self._wall += timedelta(seconds=seconds)
+        self._mono += seconds
+
+
+class InMemorySessionStore:
+    """The source of truth, in a dict.
+
+    * ``unavailable = True`` makes every call but ``health`` raise
+      ``StoreUnavailable`` (``health`` reports ``connected=False``).
+    * ``calls`` counts calls per method name, failed ones included.
+    * ``gate``: when set, ``find`` reads its answer, then waits for the event
+      before returning it, so a test can hold a miss between its read and its
+      fill. ``parked`` is how many finds are waiting; ``wait_parked(n)``
+      returns once at least ``n`` are.
+    """
+
+    def __init__(self, clock: Callable[[], datetime] = _utcnow) -> None:
+        self._now = clock
+        self._by_hash: dict[str, Session] = {}
+        self._hash_by_id: dict[str, str] = {}
+        self.calls: Counter[str] = Counter()
+        self.unavailable = False
+        self.gate: asyncio.Event | None = None
+        self.parked = 0
+        self._parked_changed = asyncio.Event()
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.unavailable:
+            raise StoreUnavailable(f"in-memory store switched off ({method})")
+
+    # --- test helpers (not part of the port, not counted) -------------------
+
+    def peek(self, token_hash: TokenHash) -> Session | None:
+        return self._by_hash.get(token_hash.hex)
+
+    def put(self, session: Session) -> None:
+        """Insert or replace a session directly (e.g. one revoked long ago)."""
+        self._by_hash[session.token_hash.hex] = session
+        self._hash_by_id[session.session_id] = session.token_hash.hex
+
+    async def wait_parked(self, count: int) -> None:
+        while self.parked < count:
+            self._parked_changed.clear()
+            await self._parked_changed.wait()
+
+    # --- SessionStore -------------------------------------------------------
+
+    async def create(self, session: Session) -> None:
+        self._enter("create")
+        if session.token_hash.hex in self._by_hash or session.session_id in self._hash_by_id:
+            # Postgres raises a unique violation, which the adapter reports as
+            # StoreUnavailable like every other driver error.
+            raise StoreUnavailable("duplicate session id or token hash")
+        self.put(session)
+
+    async def find(self, token_hash: TokenHash) -> Session | None:
+        self._enter("find")
+        session = self._by_hash.get(token_hash.hex)  # the read: a snapshot
+        if self.gate is not None:
+            self.parked += 1
+            self._parked_changed.set()
+            try:
+                await self.gate.wait()
+            finally:
+                self.parked -= 1
+        return session
+
+    async def revoke(
+        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+    ) -> StoreRevocation | None:
+        if (token_hash is None) == (session_id is None):
+            raise ValueError("name exactly one of token_hash or session_id")
+        self._enter("revoke")
+        key = token_hash.hex if token_hash is not None else self._hash_by_id.get(session_id or "")
+        session = self._by_hash.get(key) if key is not None else None
+        if session is None:
+            return None
+        if session.revoked_at is not None:
+            return StoreRevocation(session.token_hash, revoked_now=False)
+        if session.expires_at <= at:
+            return None  # expired un-revoked: nothing to purge
+        self.put(replace(session, revoked_at=at))
+        return StoreRevocation(session.token_hash, revoked_now=True)
+
+    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
+        self._enter("revoke_user")
+        revoked = []
+        for session in list(self._by_hash.values()):
+            live = session.revoked_at is None and session.expires_at > at
+            if session.user_id == user_id and live:
+                self.put(replace(session, revoked_at=at))
+                revoked.append(session.token_hash)
+        return revoked
+
+    async def revoked_since(self, since: datetime) -> list[TokenHash]:
+        self._enter("revoked_since")
+        now = self._now()
+        return [
+            s.token_hash
+            for s in self._by_hash.values()
+            if s.revoked_at is not None and s.revoked_at >= since and s.expires_at > now
+        ]
+
+    async def health(self) -> StoreHealth:
+        self.calls["health"] += 1
+        if self.unavailable:
+            return StoreHealth(connected=False, error="in-memory store switched off")
+        return StoreHealth(connected=True, version="in-memory")
+
+
+class _CreatedMarker:
+    """What ``mark_created`` stores: not an answer, but it blocks verdict fills."""
+
+    def __repr__(self) -> str:
+        return "<created>"
+
+
+_CREATED = _CreatedMarker()
+_Stored = CacheEntry | _CreatedMarker
+
+
+class InMemorySessionCache:
+    """The cache, in a dict, with the Redis adapter's semantics.
+
+    ``fill`` mirrors the Lua script: refused (False) over a live tombstone; a
+    verdict other than REVOKED is written only where nothing is cached (True
+    either way); a live session or a REVOKED verdict replaces anything else.
+    ``mark_created`` writes a creation marker through the same script (so it
+    replaces anything but a tombstone); ``get`` reads the marker as a miss.
+    ``tombstone`` is unconditional. TTLs run on the injected monotonic clock.
+
+    * ``unavailable = True``: every call but ``health`` raises ``CacheUnavailable``.
+    * ``hanging = True``: every call but ``health`` awaits forever, like a
+      frozen Redis; only a timeout or cancellation ends it.
+    * ``health`` never raises: it reports ``connected=False`` in both cases
+      (the real adapter's socket timeout bounds it).
+    * ``calls`` counts calls per method name, failed and hung ones included.
+    * ``fill_gate``: when set, ``fill`` applies its write, then waits for the
+      event before answering (a reply delayed on the way back), so a test can
+      hold a fill that Redis has already executed. ``parked_fills`` counts them.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: dict[str, tuple[_Stored, float]] = {}
+        self.calls: Counter[str] = Counter()
+        self.unavailable = False
+        self.hanging = False
+        self.fill_gate: asyncio.Event | None = None
+        self.parked_fills = 0
+        self._parked_changed = asyncio.Event()
+
+    async def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.hanging:
+            await asyncio.Event().wait()  # nobody ever sets it
+        if self.unavailable:
+            raise CacheUnavailable(f"in-memory cache switched off ({method})")
+
+    def _live(self, key: str) -> _Stored | None:
+        stored = self._entries.get(key)
+        if stored is None:
+            return None
+        entry, expires_at = stored
+        if self._clock() >= expires_at:
+            del self._entries[key]
+            return None
+        return entry
+
+    def _write(self, key: str, entry: _Stored, ttl: float) -> None:
+        ttl_ms = max(1, int(ttl * 1000))  # as the adapter sends PEXPIRE
+        self._entries[key] = (entry, self._clock() + ttl_ms / 1000)
+
+    # --- test helpers (not part of the port, not counted) -------------------
+
+    def peek(self, token_hash: TokenHash) -> CacheEntry | None:
+        """What ``get`` would answer, without counting a call."""
+        entry = self._live(token_hash.hex)
+        return None if isinstance(entry, _CreatedMarker) else entry
+
+    def has_creation_marker(self, token_hash: TokenHash) -> bool:
+        return isinstance(self._live(token_hash.hex), _CreatedMarker)
+
+    async def wait_parked_fills(self, count: int) -> None:
+        while self.parked_fills < count:
+            self._parked_changed.clear()
+            await self._parked_changed.wait()
+
+    def remaining_ttl(self, token_hash: TokenHash) -> float | None:
+        if self._live(token_hash.hex) is None:
+            return None
+        return self._entries[token_hash.hex][1] - self._clock()
+
+    def put(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> None:
+        """Write unconditionally (e.g. a stale entry left from before)."""
+        self._write(token_hash.hex, entry, ttl)
+
+    # --- SessionCache -------------------------------------------------------
+
+    async def get(self, token_hash: TokenHash) -> CacheEntry | None:
+        await self._enter("get")
+        return self.peek(token_hash)
+
+    def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
+        """The Lua fill script."""
+        current = self._live(key)
+        if isinstance(current, CachedVerdict) and current.reason is Reason.REVOKED:
+            return False
+        is_plain_verdict = isinstance(entry, CachedVerdict) and entry.reason is not Reason.REVOKED
+        if is_plain_verdict and current is not None:
+            return True  # not written, but not refused by a tombstone either
+        self._write(key, entry, ttl)
+        return True
+
+    async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
+        await self._enter("fill")
+        filled = self._conditional_write(token_hash.hex, entry, ttl)
+        if self.fill_gate is not None:
+            self.parked_fills += 1
+            self._parked_changed.set()
+            try:
+                await self.fill_gate.wait()
+            finally:
+                self.parked_fills -= 1
+        return filled
+
+    async def ping(self) -> None:
+        await self._enter("ping")
+
+    async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
+        await self._enter("mark_created")
+        self._conditional_write(token_hash.hex, _CREATED, ttl)
+
+    async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
+        await self._enter("tombstone")
+        for token_hash in token_hashes:
+            self._write(token_hash.hex, CachedVerdict(Reason.REVOKED), ttl)
+
+    async def health(self) -> CacheHealth:
+        self.calls["health"] += 1
+        if self.unavailable or self.hanging:
+            return CacheHealth(connected=False, error="in-memory cache switched off")
+        return CacheHealth(connected=True, version="in-memory", total_keys=len(self._entries))
+
+
+# Structural checks: mypy fails here if a fake drifts from its port.
+_store_check: SessionStore = InMemorySessionStore()
+_cache_check: SessionCache = InMemorySessionCache()

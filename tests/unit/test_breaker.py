@@ -1,0 +1,483 @@
+"""The Redis circuit breaker: the runbook's (opossum's) semantics on an injected clock.
+
+Every test drives time by hand through ``FakeClock.monotonic``; the only real
+time that passes is the per-call timeout in the timeout test (a few ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import aiobreaker.circuitbreaker
+import pytest
+import pytest_asyncio
+
+from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
+from session_authority.core.errors import CacheUnavailable
+
+from .fakes import FakeClock, until
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+pytestmark = pytest.mark.timeout(5)
+
+POLICY = BreakerPolicy()  # timeout 1 s, 70 %, volume 10, reset 15 s, window 10 s / 10 buckets
+
+
+class Op:
+    """A guarded operation that counts its calls; optionally fails or waits."""
+
+    def __init__(
+        self,
+        result: object = "ok",
+        error: BaseException | None = None,
+        gate: asyncio.Event | None = None,
+    ) -> None:
+        self.result = result
+        self.error = error
+        self.gate = gate
+        self.calls = 0
+        self.finished = 0
+
+    async def __call__(self) -> object:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        self.finished += 1
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Transitions:
+    def __init__(self, breaker: Breaker) -> None:
+        self.seen: list[tuple[BreakerState, BreakerState, str]] = []
+        breaker.add_listener(lambda old, new, cause: self.seen.append((old, new, cause)))
+
+    @property
+    def states(self) -> list[BreakerState]:
+        return [new for _, new, _ in self.seen]
+
+
+async def fail(breaker: Breaker, times: int = 1) -> None:
+    for _ in range(times):
+        with pytest.raises(CacheUnavailable):
+            await breaker.call(Op(error=CacheUnavailable("boom")))
+
+
+async def succeed(breaker: Breaker, times: int = 1, result: object = "ok") -> None:
+    for _ in range(times):
+        assert await breaker.call(Op(result)) == result
+
+
+Make = Callable[..., tuple[Breaker, FakeClock]]
+
+
+@pytest_asyncio.fixture
+async def make() -> AsyncIterator[Make]:
+    """Builds breakers on fresh fake clocks; closes them (probe and wake-up tasks) after."""
+    made: list[Breaker] = []
+
+    def factory(
+        policy: BreakerPolicy = POLICY, probe: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[Breaker, FakeClock]:
+        clock = FakeClock()
+        made.append(Breaker(policy, clock=clock.monotonic, probe=probe))
+        return made[-1], clock
+
+    yield factory
+    for breaker in made:
+        await breaker.aclose()
+
+
+# --- policy ------------------------------------------------------------------------------
+
+
+def test_policy_defaults_are_the_runbook_knobs() -> None:
+    assert (POLICY.timeout, POLICY.error_threshold_percentage, POLICY.reset_timeout) == (
+        1.0,
+        70.0,
+        15.0,
+    )
+    assert (POLICY.rolling_window, POLICY.buckets, POLICY.volume_threshold) == (10.0, 10, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": 0},
+        {"reset_timeout": -1},
+        {"rolling_window": 0},
+        {"error_threshold_percentage": 0},
+        {"error_threshold_percentage": 100.1},
+        {"buckets": 0},
+        {"volume_threshold": 0},
+    ],
+)
+def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must"):
+        BreakerPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+# --- closed: the rolling window ------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_stays_closed_below_the_volume_threshold_even_at_100_percent_errors(
+    make: Make,
+) -> None:
+    breaker, _ = make()
+    await fail(breaker, POLICY.volume_threshold - 1)
+    assert breaker.state is CLOSED
+    op = Op(error=CacheUnavailable("boom"))
+    with pytest.raises(CacheUnavailable):
+        await breaker.call(op)
+    assert op.calls == 1  # the tenth call was still attempted ...
+    assert breaker.state is OPEN  # ... and it opened the breaker
+
+
+@pytest.mark.asyncio
+async def test_opens_exactly_at_the_threshold_percentage(make: Make) -> None:
+    breaker, _ = make()
+    await succeed(breaker, 3)
+    await fail(breaker, 6)  # 6/9: volume not reached
+    assert breaker.state is CLOSED
+    await fail(breaker)  # 7/10 = 70 %
+    assert breaker.state is OPEN
+    assert breaker.opened_count == 1
+
+
+@pytest.mark.asyncio
+async def test_stays_closed_under_the_threshold_percentage_with_volume(make: Make) -> None:
+    breaker, _ = make()
+    await succeed(breaker, 4)
+    await fail(breaker, 6)  # 60 %
+    await fail(breaker)  # 7/11 = 64 %
+    assert breaker.state is CLOSED
+    assert breaker.opened_count == 0
+
+
+@pytest.mark.asyncio
+async def test_failures_need_not_be_consecutive(make: Make) -> None:
+    # aiobreaker counts consecutive failures; the runbook counts a percentage.
+    breaker, _ = make()
+    for failed in [True, True, False, True, True, True, False, True, True]:
+        if failed:
+            await fail(breaker)
+        else:
+            await succeed(breaker)
+    assert breaker.state is CLOSED
+    await fail(breaker)  # 8/10
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("later", "expected"),
+    [(9.5, OPEN), (10.0, CLOSED), (25.0, CLOSED)],
+    ids=["same-window", "first-bucket-rolled-out", "long-after"],
+)
+async def test_old_buckets_roll_out_of_the_window(
+    make: Make, later: float, expected: BreakerState
+) -> None:
+    breaker, clock = make()
+    await fail(breaker, 9)
+    clock.advance(later)
+    await fail(breaker)
+    assert breaker.state is expected
+
+
+@pytest.mark.asyncio
+async def test_a_cache_miss_is_a_success(make: Make) -> None:
+    breaker, _ = make()
+    miss = Op(result=None)
+    for _ in range(4):
+        assert await breaker.call(miss) is None
+    await fail(breaker, 6)  # 6/10 = 60 %: would be 100 % if a miss counted as a failure
+    assert miss.calls == 4
+    assert breaker.state is CLOSED
+
+
+@pytest.mark.asyncio
+async def test_a_slow_call_times_out_counts_as_a_failure_and_raises_cache_unavailable(
+    make: Make,
+) -> None:
+    breaker, _ = make(BreakerPolicy(timeout=0.005, volume_threshold=2))
+    hung = Op(gate=asyncio.Event())  # never set
+    with pytest.raises(CacheUnavailable, match="timed out") as info:
+        await breaker.call(hung)
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert breaker.state is CLOSED
+    await fail(breaker)  # the second failure in a window of two: the timeout counted
+    assert breaker.state is OPEN
+    assert hung.calls == 1
+
+
+@pytest.mark.asyncio
+async def test_other_exceptions_pass_through_and_are_not_counted(make: Make) -> None:
+    breaker, _ = make(BreakerPolicy(volume_threshold=1))
+    with pytest.raises(KeyError):
+        await breaker.call(Op(error=KeyError("bug")))
+    assert breaker.state is CLOSED
+
+
+# --- open ---------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_open_refuses_without_calling_op_until_the_reset_timeout(make: Make) -> None:
+    breaker, clock = make()
+    breaker.trip("test")
+    op = Op()
+    clock.advance(POLICY.reset_timeout - 0.001)
+    assert breaker.seconds_until_half_open() == pytest.approx(0.001)
+    with pytest.raises(CacheUnavailable, match="open"):
+        await breaker.call(op)
+    assert not breaker.allows()
+    assert op.calls == 0
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
+async def test_trip_opens_immediately_whatever_the_window_says(make: Make) -> None:
+    breaker, _ = make()
+    await succeed(breaker, 50)
+    seen = Transitions(breaker)
+    breaker.trip("revocation could not be written")
+    assert breaker.state is OPEN
+    assert seen.seen == [(CLOSED, OPEN, "revocation could not be written")]
+    assert breaker.seconds_until_half_open() == POLICY.reset_timeout
+    breaker.trip("again")  # already open: no second transition
+    assert seen.states == [OPEN]
+    assert breaker.opened_count == 1
+
+
+# --- half-open: exactly one probe -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_without_probe_callback_one_caller_is_the_probe_and_the_rest_are_refused(
+    make: Make,
+) -> None:
+    breaker, clock = make()
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+    gate = asyncio.Event()
+    probe_op = Op(gate=gate)
+    probe_call = asyncio.create_task(breaker.call(probe_op))
+    await until(lambda: probe_op.calls == 1)
+    assert breaker.state is HALF_OPEN
+
+    others = [Op() for _ in range(20)]
+    results = await asyncio.gather(*(breaker.call(o) for o in others), return_exceptions=True)
+    assert all(isinstance(r, CacheUnavailable) for r in results)
+    assert sum(o.calls for o in others) == 0
+
+    gate.set()
+    assert await probe_call == "ok"
+    assert probe_op.calls == 1
+    assert breaker.state is CLOSED
+    await succeed(breaker)
+
+
+@pytest.mark.asyncio
+async def test_with_probe_callback_it_runs_once_and_every_caller_is_refused(make: Make) -> None:
+    gate = asyncio.Event()
+    probe = Op(result=None, gate=gate)
+    breaker, clock = make(probe=probe)
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+
+    ops = [Op() for _ in range(20)]
+    results = await asyncio.gather(*(breaker.call(o) for o in ops), return_exceptions=True)
+    await until(lambda: probe.calls == 1)
+    assert all(isinstance(r, CacheUnavailable) for r in results)
+    assert sum(o.calls for o in ops) == 0
+    assert breaker.state is HALF_OPEN
+    assert not breaker.allows()
+    await asyncio.sleep(0)
+    assert probe.calls == 1
+
+    gate.set()
+    await until(lambda: breaker.state is CLOSED)
+    assert probe.calls == 1
+    await succeed(breaker)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("with_callback", [True, False], ids=["probe-callback", "caller-probe"])
+async def test_probe_failure_reopens_for_another_reset_timeout(
+    make: Make, with_callback: bool
+) -> None:
+    error = CacheUnavailable("still down")
+    probe = Op(result=None, error=error) if with_callback else None
+    breaker, clock = make(probe=probe)
+    seen = Transitions(breaker)
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+    op = Op(error=error)
+    with pytest.raises(CacheUnavailable):
+        await breaker.call(op)
+    await until(lambda: breaker.state is OPEN)
+    assert seen.states == [OPEN, HALF_OPEN, OPEN]
+    assert "still down" in seen.seen[-1][2]
+    assert breaker.opened_count == 2
+    assert breaker.seconds_until_half_open() == POLICY.reset_timeout
+    assert op.calls == (0 if with_callback else 1)
+
+
+@pytest.mark.asyncio
+async def test_a_crashing_probe_reopens_instead_of_wedging_half_open(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker, clock = make(probe=Op(error=RuntimeError("bug in probe")))
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+    with caplog.at_level(logging.ERROR, logger="session_authority.breaker"):
+        assert not breaker.allows()
+        await until(lambda: breaker.state is OPEN)
+    assert "probe crashed" in caplog.text
+    clock.advance(POLICY.reset_timeout)
+    assert not breaker.allows()  # a fresh probe was started
+    assert breaker.state is HALF_OPEN
+
+
+@pytest.mark.asyncio
+async def test_trip_during_a_caller_probe_keeps_the_breaker_open(make: Make) -> None:
+    breaker, clock = make()
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+    gate = asyncio.Event()
+    probe_op = Op(gate=gate)
+    probe_call = asyncio.create_task(breaker.call(probe_op))
+    await until(lambda: probe_op.calls == 1)
+    breaker.trip("revocation could not be written")
+    gate.set()
+    assert await probe_call == "ok"
+    assert breaker.state is OPEN
+    assert breaker.seconds_until_half_open() == POLICY.reset_timeout
+
+
+@pytest.mark.asyncio
+async def test_trip_during_a_background_probe_keeps_the_breaker_open(make: Make) -> None:
+    gate = asyncio.Event()
+    probe = Op(result=None, gate=gate)
+    breaker, clock = make(probe=probe)
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+    assert not breaker.allows()
+    await until(lambda: probe.calls == 1)
+    breaker.trip("revocation could not be written")
+    gate.set()
+    await until(lambda: probe.finished == 1)
+    assert breaker.state is OPEN
+    assert breaker.seconds_until_half_open() == POLICY.reset_timeout
+
+
+@pytest.mark.asyncio
+async def test_a_stale_probe_cannot_close_the_breaker_after_a_trip(make: Make) -> None:
+    gates = [asyncio.Event(), asyncio.Event()]
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def probe() -> None:
+        n = len(started)
+        started.append(n)
+        await gates[n].wait()
+        finished.append(n)
+
+    # A 2 s Redis timeout bounds a probe at 20 s: longer than the 15 s reset.
+    breaker, clock = make(BreakerPolicy(timeout=2.0), probe=probe)
+    breaker.trip("redis down")
+    clock.advance(15)
+    assert not breaker.allows()  # probe 0 starts (it will replay revocations ...)
+    await until(lambda: started == [0])
+    breaker.trip("revocation could not be written")  # ... that this one postdates
+    clock.advance(15)
+    assert not breaker.allows()  # probe 1 starts
+    await until(lambda: started == [0, 1])
+    gates[0].set()  # the stale probe succeeds first
+    await until(lambda: finished == [0])
+    assert breaker.state is HALF_OPEN  # probe 1, which saw the trip, decides
+
+
+# --- transitions: listeners and logs --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_transitions_reach_listeners_and_are_logged(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker, clock = make(BreakerPolicy(volume_threshold=2))
+    seen = Transitions(breaker)
+    with caplog.at_level(logging.WARNING, logger="session_authority.breaker"):
+        await fail(breaker, 2)
+        clock.advance(15)
+        await succeed(breaker)
+    assert [(old, new) for old, new, _ in seen.seen] == [
+        (CLOSED, OPEN),
+        (OPEN, HALF_OPEN),
+        (HALF_OPEN, CLOSED),
+    ]
+    assert "2/2 calls failed (100%)" in seen.seen[0][2]
+    messages = [r.getMessage() for r in caplog.records if r.name == "session_authority.breaker"]
+    assert len(messages) == 3
+    assert messages[0].startswith("Circuit breaker OPEN (redis): 2/2 calls failed")
+    assert messages[1].startswith("Circuit breaker HALF_OPEN (redis): reset timeout elapsed")
+    assert messages[2].startswith("Circuit breaker CLOSED (redis): probe succeeded")
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_closing_starts_a_fresh_window(make: Make) -> None:
+    breaker, clock = make(BreakerPolicy(volume_threshold=4))
+    await succeed(breaker, 3)
+    breaker.trip("test")
+    clock.advance(15)
+    await succeed(breaker)  # the probe closes it
+    await fail(breaker, 3)  # 3/3, under the volume: the pre-trip successes are gone
+    assert breaker.state is CLOSED
+    await fail(breaker)
+    assert breaker.state is OPEN
+
+
+def test_a_listener_sees_the_new_state() -> None:
+    breaker = Breaker(POLICY, clock=FakeClock().monotonic)
+    observed: list[BreakerState] = []
+    breaker.add_listener(lambda old, new, cause: observed.append(breaker.state))
+    breaker.trip("test")
+    assert observed == [OPEN]
+
+
+# --- aiobreaker's defects are not inherited --------------------------------------------------
+
+
+class _SkewedDatetime(datetime):
+    """A wall clock that is wildly wrong and mixes naive and aware values."""
+
+    @classmethod
+    def now(cls, tz: object = None) -> _SkewedDatetime:
+        return cls(1999, 1, 1, tzinfo=UTC)
+
+    @classmethod
+    def utcnow(cls) -> _SkewedDatetime:
+        return cls(2100, 1, 1)
+
+
+@pytest.mark.asyncio
+async def test_timing_uses_only_the_injected_clock(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aiobreaker.circuitbreaker, "datetime", _SkewedDatetime)
+    breaker, clock = make()
+    breaker.trip("test")
+    assert breaker.seconds_until_half_open() == POLICY.reset_timeout
+    clock.advance(POLICY.reset_timeout - 1)
+    assert not breaker.allows()
+    assert breaker.seconds_until_half_open() == pytest.approx(1.0)
+    clock.advance(1)
+    assert breaker.allows()  # no probe callback: this caller is the probe
+    assert breaker.state is HALF_OPEN
+    assert breaker.seconds_until_half_open() == 0.0
