@@ -1,10 +1,15 @@
 """The composition root: settings in, a running server out. Nothing here runs
-at import time."""
+at import time.
+
+Observability (``observability.Telemetry``) is wired here too: the core gets
+its ``CoreMetrics`` and an instrumented cache, the gRPC server its tracing and
+metrics interceptors, and the admin HTTP port starts with the server."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -16,7 +21,10 @@ from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
+from session_authority.core.ports import SessionCache
 from session_authority.core.service import SessionAuthority
+from session_authority.observability import Telemetry
+from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -29,8 +37,11 @@ _HEALTH_INTERVAL = 2.0
 
 
 def build_core(
-    settings: Settings,
+    settings: Settings, telemetry: Telemetry | None = None
 ) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache | None]:
+    """The core on real adapters. With ``telemetry``, the core reports to its
+    metrics and reaches Redis through a timing proxy (the returned cache is
+    the adapter itself, for warming and closing)."""
     if not settings.database_url:
         raise ValueError("DATABASE_URL is required")
     store = PostgresSessionStore(
@@ -56,7 +67,16 @@ def build_core(
         await core_ref[0].replay_revocations()
 
     breaker = Breaker(settings.breaker_policy(), name="redis", probe=probe)
-    core = SessionAuthority(store, cache, breaker, settings.core_policy())
+    port: SessionCache | None = cache
+    if cache is not None and telemetry is not None:
+        port = telemetry.instrument_cache(cache)
+    core = SessionAuthority(
+        store,
+        port,
+        breaker,
+        settings.core_policy(),
+        metrics=None if telemetry is None else telemetry.core_metrics,
+    )
     core_ref.append(core)
     return core, store, cache
 
@@ -69,15 +89,30 @@ class App:
     cache: RedisSessionCache | None
     server: grpc.aio.Server
     health: HealthServicer
+    drain: DrainInterceptor
     port: int = 0
+    telemetry: Telemetry | None = None
+    serving: bool = False
+    """What the standard health service says (SERVING); ``/readyz`` answers it."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def admin_port(self) -> int | None:
+        """The bound admin HTTP port; None when disabled or unavailable."""
+        admin = None if self.telemetry is None else self.telemetry.admin
+        return None if admin is None else admin.port
 
     @classmethod
     async def start(cls, settings: Settings) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers."""
-        core, store, cache = build_core(settings)
+        telemetry = Telemetry(settings)
+        core, store, cache = build_core(settings, telemetry)
+        telemetry.attach(core, store, cache)
+        drain = DrainInterceptor()
         server = grpc.aio.server(
+            # Tracing and metrics outside the drain, so refused calls show.
+            interceptors=[*telemetry.interceptors(), drain],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -100,12 +135,24 @@ class App:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         if port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
-        app = cls(settings, core, store, cache, server, health, port)
+        app = cls(settings, core, store, cache, server, health, drain, port, telemetry)
         await app._set_serving(False)
+        try:
+            await telemetry.start(lambda: app.serving)
+        except BaseException:
+            await server.stop(None)  # releases the bound gRPC port
+            await telemetry.stop()
+            raise
         if cache is not None:
             await cache.warm()
         await server.start()
         app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
+        if cache is not None and settings.revocation_sweep_seconds > 0:
+            app._tasks.append(
+                asyncio.create_task(
+                    core.run_sweeper(settings.revocation_sweep_seconds), name="revocation-sweep"
+                )
+            )
         _log.info(
             "session-authority listening on %s:%d (postgres %s, redis %s)",
             settings.host,
@@ -121,6 +168,7 @@ class App:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.serving = serving
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -144,8 +192,16 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        started = time.monotonic()
+        if not await self.drain.drain(grace) and self.drain.in_flight:
+            _log.warning(
+                "%d calls still running after %.1fs; cancelling", self.drain.in_flight, grace
+            )
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         await self.core.breaker.aclose()
         if self.cache is not None:
             await self.cache.aclose()

@@ -30,6 +30,8 @@ configuration comes from the environment (see README "Configuration"):
   DATABASE_URL   Postgres DSN, the source of truth (required for serve/migrate)
   REDIS_URL      Redis URL for the cache (optional: without it, no cache)
   HOST, PORT     listen address (serve: 0.0.0.0:50051, dev: 127.0.0.1:50051)
+  ADMIN_HOST, ADMIN_PORT  admin HTTP: /metrics, /health, /api/health/redis (9464; 0 disables)
+  OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT  traces (otlp, console or none)
   CACHE_TTL_SECONDS, REDIS_POOL_MIN/MAX, PG_POOL_MIN/MAX, BREAKER_*, LOG_LEVEL, ...
 """
 
@@ -183,6 +185,7 @@ def _next_steps(port: int, env: dict[str, str]) -> str:
         f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/Invalidate',
         f"  grpcurl -plaintext -emit-defaults {target} {svc}/Health",
         f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check",
+        "  curl -s 127.0.0.1:9464/api/health/redis   # admin port (ADMIN_PORT): also /metrics",
         "",
         "Ctrl-C stops the server, Postgres and Redis.",
     ]

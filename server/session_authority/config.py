@@ -8,13 +8,16 @@ from __future__ import annotations
 from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from session_authority.core.breaker import BreakerPolicy
 from session_authority.core.service import CorePolicy
 
 __all__ = ["Settings", "redact_url"]
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_EXPORTERS = r"^\s*(otlp|console|none)\s*(,\s*(otlp|console|none)\s*)*$"
 
 
 class Settings(BaseSettings):
@@ -32,6 +35,8 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float = Field(default=300.0, gt=0)
     negative_cache_ttl_seconds: float = Field(default=5.0, gt=0)
     tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
+    revocation_sweep_seconds: float = Field(default=5.0, ge=0)
+    """Every replica re-applies recent revocations to Redis this often (0: never)."""
     session_ttl_default_seconds: int = Field(default=86_400, gt=0)
     session_ttl_max_seconds: int = Field(default=30 * 86_400, gt=0)
 
@@ -53,6 +58,29 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
+
+    # Admin HTTP port: /metrics (Prometheus), /health, /api/health/redis, /livez, /readyz.
+    admin_host: str | None = None
+    """Defaults to ``host``."""
+    admin_port: int = Field(default=9464, ge=0, le=65535)
+    """0 disables the admin server."""
+
+    # OpenTelemetry: the standard variables. The SDK reads the sampler
+    # (OTEL_TRACES_SAMPLER[_ARG]) and the exporter's own OTEL_EXPORTER_OTLP_*
+    # settings itself; these decide whether and where spans are exported.
+    otel_sdk_disabled: bool = False
+    otel_service_name: str = "session-authority"
+    otel_traces_exporter: str | None = Field(default=None, pattern=_EXPORTERS)
+    otel_exporter_otlp_endpoint: str | None = Field(default=None, repr=False)
+    otel_exporter_otlp_traces_endpoint: str | None = Field(default=None, repr=False)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
+        return level
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -83,11 +111,27 @@ class Settings(BaseSettings):
             rolling_window=self.breaker_rolling_window_ms / 1000,
         )
 
+    @property
+    def admin_bind_host(self) -> str:
+        return self.admin_host or self.host
+
+    def traces_exporters(self) -> frozenset[str]:
+        """Where spans go: OTEL_TRACES_EXPORTER when set, else OTLP when an
+        OTLP endpoint is configured, else nowhere (then no SDK is installed)."""
+        if self.otel_traces_exporter is not None:
+            names = {n.strip() for n in self.otel_traces_exporter.split(",")}
+            return frozenset(names - {"none"})
+        if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint:
+            return frozenset({"otlp"})
+        return frozenset()
+
     def describe(self) -> dict[str, object]:
         """The settings with credentials redacted, for start-up logs."""
         shown = self.model_dump()
         shown["database_url"] = redact_url(self.database_url)
         shown["redis_url"] = redact_url(self.redis_url)
+        for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
+            shown[name] = redact_url(getattr(self, name))
         return shown
 
 

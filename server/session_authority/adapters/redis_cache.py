@@ -145,6 +145,10 @@ class RedisSessionCache:
             for conn in conns:
                 await self._pool.release(conn)
 
+    def pool_stats(self) -> PoolStats:
+        """Connections open / idle / callers waiting; no I/O."""
+        return self._pool.stats()
+
     async def aclose(self) -> None:
         await self._redis.aclose()
         await self._pool.disconnect()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CacheHealth", "CacheStats", "PoolStats", "StoreHealth"]
+__all__ = [
+    "BreakerReport",
+    "CacheHealth",
+    "CacheStats",
+    "HealthReport",
+    "PoolStats",
+    "StoreHealth",
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,134 @@
+"""The admin HTTP server (aiohttp, in the serving event loop).
+
+=====================  ==========================================================
+``/metrics``           Prometheus text format (0.0.4), from this server's registry
+``/health``            the runbook's health document as JSON (camelCase, numbers
+``/api/health/redis``  as numbers): 200 when healthy or degraded, 503 when unhealthy
+``/livez``             200 while the process runs
+``/readyz``            200 while the gRPC health service says SERVING, else 503
+=====================  ==========================================================
+
+The health document is the gRPC ``Health`` reply rendered as proto3 JSON, so
+both ways of asking agree field for field; only 64-bit counters differ (JSON
+numbers here, strings in proto3 JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from session_authority.core.health import HealthReport
+from session_authority.observability.sampler import HealthSampler
+from session_authority.transport.mapping import health_to_pb
+
+__all__ = ["AdminServer", "health_document", "health_http_status"]
+
+_log = logging.getLogger("session_authority.observability")
+
+
+_INT64 = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def health_document(report: HealthReport) -> dict[str, Any]:
+    reply = health_to_pb(report)
+    # always_print_...: `errors: []` when there are none, like the runbook.
+    doc = MessageToDict(reply, always_print_fields_with_no_presence=True)
+    _unquote_int64(reply.DESCRIPTOR, doc)
+    return doc
+
+
+def _unquote_int64(descriptor: Descriptor, doc: dict[str, Any]) -> None:
+    """proto3 JSON prints 64-bit integers as strings; the runbook's document
+    has numbers (``"hits": 9823``), and counters stay far below 2**53."""
+    for field in descriptor.fields:
+        value = doc.get(field.json_name)
+        if value is None:
+            continue
+        if field.type in _INT64 and isinstance(value, str):
+            doc[field.json_name] = int(value)
+        elif field.message_type is not None and isinstance(value, dict):
+            _unquote_int64(field.message_type, value)
+
+
+def health_http_status(report: HealthReport) -> int:
+    """503 only when unhealthy (Postgres down): degraded still answers."""
+    return 503 if report.status == "unhealthy" else 200
+
+
+class AdminServer:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        sampler: HealthSampler,
+        is_serving: Callable[[], bool],
+    ) -> None:
+        self._registry = registry
+        self._sampler = sampler
+        self._is_serving = is_serving
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/api/health/redis", self._health)
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind and serve. Raises ``OSError`` when the port cannot be bound."""
+        # A /health still waiting on a dead Postgres must not hold up shutdown.
+        runner = web.AppRunner(
+            self._app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = runner.addresses
+        self.port = int(bound[0][1]) if bound else port
+        _log.info(
+            "admin HTTP server on %s:%d (/metrics, /health, /livez, /readyz)", host, self.port
+        )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        report = await self._sampler.sample()
+        return web.json_response(health_document(report), status=health_http_status(report))
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self._is_serving():
+            return web.Response(text="SERVING\n")
+        return web.Response(text="NOT_SERVING\n", status=503)

@@ -1,0 +1,128 @@
+"""``StateCollector``: values read at scrape time, without network I/O.
+
+The runbook's series keep its names and meaning:
+
+* ``session_cache_hits`` / ``session_cache_misses`` / ``session_cache_errors``:
+  the Health document's ``sessionCache.metrics`` counters (one source, so the
+  two never disagree). The runbook's PromQL (``rate(session_cache_hits[5m])``)
+  needs a series named exactly that, but prometheus_client names a counter's
+  sample ``<name>_total``. So each is exposed twice: untyped under the
+  runbook's name, and as a conventional counter ``<name>_total``.
+* ``session_cache_hit_rate``: percent since start; NaN before the first
+  lookup (so ``< 90`` does not fire on an idle server).
+* ``redis_pool_size`` / ``_available`` / ``_pending`` (and ``_min_size``,
+  ``_max_size``): live pool numbers. ``redis_connected``: 0/1 from the latest
+  health sample. The ``redis_*`` gauges are absent when no ``REDIS_URL`` is
+  set, so RedisDown does not fire for a deployment without a cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from session_authority.core.breaker import Breaker, BreakerState
+from session_authority.core.health import CacheStats, PoolStats
+from session_authority.observability.sampler import HealthSampler
+
+__all__ = ["BREAKER_STATE_VALUES", "StateCollector"]
+
+#: ``circuit_breaker_state``: 0 closed, 1 half-open, 2 open.
+BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+_STATUSES = ("healthy", "degraded", "unhealthy")
+
+
+def _runbook_counter(name: str, doc: str, value: int) -> Iterator[Metric]:
+    plain = Metric(name, f"{doc} (the runbook's name; same value as {name}_total).", "unknown")
+    plain.add_sample(name, {}, float(value))
+    yield plain
+    yield CounterMetricFamily(name, f"{doc}.", value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _pool(prefix: str, what: str, stats: PoolStats) -> Iterator[Metric]:
+    yield _gauge(f"{prefix}_pool_size", f"{what} connections open.", stats.size)
+    yield _gauge(f"{prefix}_pool_available", f"{what} connections open and idle.", stats.available)
+    yield _gauge(
+        f"{prefix}_pool_pending", f"Callers waiting for a {what} connection.", stats.pending
+    )
+    yield _gauge(
+        f"{prefix}_pool_min_size", f"Configured minimum of {what} connections.", stats.min_size
+    )
+    yield _gauge(
+        f"{prefix}_pool_max_size", f"Configured maximum of {what} connections.", stats.max_size
+    )
+
+
+class StateCollector(Collector):
+    def __init__(
+        self,
+        *,
+        stats: Callable[[], CacheStats],
+        breaker: Breaker,
+        postgres_pool: Callable[[], PoolStats],
+        redis_pool: Callable[[], PoolStats] | None,
+        sampler: HealthSampler,
+    ) -> None:
+        self._stats = stats
+        self._breaker = breaker
+        self._postgres_pool = postgres_pool
+        self._redis_pool = redis_pool
+        self._sampler = sampler
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield from _runbook_counter(
+            "session_cache_hits", "Lookups answered by the cache since start", stats.hits
+        )
+        yield from _runbook_counter(
+            "session_cache_misses", "Lookups that found nothing cached since start", stats.misses
+        )
+        yield from _runbook_counter(
+            "session_cache_errors", "Failed cache operations since start", stats.errors
+        )
+        yield _gauge(
+            "session_cache_hit_rate",
+            "Percent of lookups answered by the cache since start (NaN before the first).",
+            stats.hit_rate if stats.total else math.nan,
+        )
+        report = self._sampler.latest
+        if self._redis_pool is not None:
+            yield from _pool("redis", "Redis", self._redis_pool())
+            connected = report is not None and report.cache.connected
+            yield _gauge(
+                "redis_connected", "1 when Redis answered the latest health probe.", connected
+            )
+            if report is not None and report.cache.connected:
+                yield _gauge(
+                    "redis_total_keys",
+                    "Keys in the Redis database (DBSIZE).",
+                    report.cache.total_keys,
+                )
+        yield from _pool("postgres", "Postgres", self._postgres_pool())
+        pg_up = report is not None and report.store.connected
+        yield _gauge(
+            "postgres_connected", "1 when Postgres answered the latest health probe.", pg_up
+        )
+        state = GaugeMetricFamily(
+            "circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            labels=["breaker"],
+        )
+        state.add_metric([self._breaker.name], BREAKER_STATE_VALUES[self._breaker.state])
+        yield state
+        if report is not None:
+            status = GaugeMetricFamily(
+                "session_authority_health_status",
+                "1 for the status of the latest health sample (healthy, degraded, unhealthy).",
+                labels=["status"],
+            )
+            for name in _STATUSES:
+                status.add_metric([name], float(report.status == name))
+            yield status

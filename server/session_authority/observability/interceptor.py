@@ -1,0 +1,122 @@
+"""``RpcMetricsInterceptor``: per-RPC duration and status code, and what each
+ValidateSession answered (valid, source, reason), as Prometheus series and as
+attributes of the RPC's server span.
+
+It sits inside OpenTelemetry's server interceptor, so the span current while
+the handler runs is that RPC's server span. Replies are read through protobuf
+reflection (by descriptor name), so no generated type is imported here: those
+stop at the transport. Only unary-unary methods are
+measured (every SessionAuthority RPC and grpc.health.v1 Check); streaming
+ones (health Watch, reflection) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.message import Message
+from opentelemetry import trace
+
+from session_authority.observability.metrics import Instruments
+
+__all__ = [
+    "ATTR_VALID",
+    "ATTR_VALIDATION_REASON",
+    "ATTR_VALIDATION_SOURCE",
+    "RpcMetricsInterceptor",
+]
+
+ATTR_VALID = "session_authority.validation.valid"
+ATTR_VALIDATION_SOURCE = "session_authority.validation.source"
+ATTR_VALIDATION_REASON = "session_authority.validation.reason"
+
+# Strings: grpc's classes are generic only in its type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any] | None"
+Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]"
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service or "unknown", name or "unknown"
+
+
+VALIDATE_REPLY = "session_authority.v1.ValidateSessionResponse"
+
+
+def _enum_label(message: Message, field: str, prefix: str) -> str:
+    """``SOURCE_CACHE`` → ``cache``; ``REASON_UNSPECIFIED`` → ``none``."""
+    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
+    number = getattr(message, field)
+    value = enum.values_by_number.get(number) if enum is not None else None
+    label = value.name.removeprefix(prefix).lower() if value is not None else str(number)
+    return "none" if label == "unspecified" else label
+
+
+def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    code: object = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, instruments: Instruments) -> None:
+        self._i = instruments
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, method = _split(handler_call_details.method)
+        # The stubs type the behaviour as a sync handler; in grpc.aio it is a coroutine.
+        behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(behavior, service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
+        duration = self._i.rpc_duration.labels(service, method)
+
+        async def measured(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK.name
+            try:
+                response = await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED.name
+                raise
+            except Exception:
+                code = _code_of(context)  # context.abort raised; the code is set
+                raise
+            finally:
+                duration.observe(time.perf_counter() - started)
+                self._i.rpc_handled.labels(service, method, code).inc()
+            if isinstance(response, Message) and response.DESCRIPTOR.full_name == VALIDATE_REPLY:
+                self._validated(response)
+            return response
+
+        return measured
+
+    def _validated(self, response: Message) -> None:
+        is_valid = bool(getattr(response, "valid"))  # noqa: B009  (a message field)
+        valid = "true" if is_valid else "false"
+        source = _enum_label(response, "source", "SOURCE_")
+        reason = _enum_label(response, "reason", "REASON_")
+        self._i.validations.labels(valid, source, reason).inc()
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    ATTR_VALID: is_valid,
+                    ATTR_VALIDATION_SOURCE: source,
+                    ATTR_VALIDATION_REASON: reason,
+                }
+            )

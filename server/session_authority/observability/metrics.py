@@ -1,0 +1,155 @@
+"""Prometheus instruments counted as things happen, and ``PrometheusMetrics``,
+the core's ``CoreMetrics`` port on top of them.
+
+Values that are read rather than counted (the runbook's cache counters, pool
+and breaker gauges) come from ``collector.StateCollector`` at scrape time.
+Every instrument lives in the registry handed in (one per ``App``), never in
+prometheus_client's global one, so two servers in one process do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from session_authority.observability.tracing import add_event
+
+__all__ = [
+    "CACHE_OPERATIONS",
+    "CACHE_RESULTS",
+    "EVENT_CACHE_ERROR",
+    "EVENT_CACHE_FALLBACK",
+    "Instruments",
+    "PrometheusMetrics",
+]
+
+#: Every value of ``session_authority.cache.result`` (plus ``malformed``: the
+#: token's shape ruled it out before any lookup).
+CACHE_RESULTS = (
+    "hit",
+    "miss",
+    "tombstone",
+    "negative",
+    "bypassed",
+    "error",
+    "disabled",
+    "malformed",
+)
+#: What the core names its failed cache operations (``CoreMetrics.cache_error``).
+CACHE_OPERATIONS = ("get", "fill", "mark_created", "tombstone", "sweep")
+#: Lookups that fell back to Postgres because the cache could not be asked.
+_FALLBACKS = frozenset({"bypassed", "error"})
+EVENT_CACHE_FALLBACK = "session_cache.fallback"
+EVENT_CACHE_ERROR = "session_cache.error"
+
+#: Milliseconds, as the runbook's thresholds (p99 < 5 ms for hits, alert > 10 ms).
+REDIS_LATENCY_MS_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BREAKER_STEPS = (
+    ("closed", "open"),
+    ("open", "half_open"),
+    ("half_open", "closed"),
+    ("half_open", "open"),
+)
+
+
+class Instruments:
+    """The counters and histograms of one server."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.cache_lookups = Counter(
+            "session_cache_lookups",
+            "Cache lookups by result (hit, miss, tombstone, negative, bypassed, error, "
+            "disabled, malformed).",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_operation_errors = Counter(
+            "session_cache_operation_errors",
+            "Failed cache operations (Redis error, timeout, open breaker) by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.redis_latency = Histogram(
+            "redis_latency",
+            "Latency of session-cache calls to Redis, in milliseconds, by operation.",
+            ["operation"],
+            buckets=REDIS_LATENCY_MS_BUCKETS,
+            registry=registry,
+        )
+        self.store_query = Histogram(
+            "postgres_query_duration_seconds",
+            "Latency of session-store (Postgres) calls by operation and outcome (ok, error).",
+            ["operation", "outcome"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.revocations = Counter(
+            "session_revocations",
+            "Sessions revoked by Invalidate/InvalidateUser, by whether the cache purge "
+            "was confirmed.",
+            ["cache_purged"],
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "circuit_breaker_transitions",
+            "Circuit breaker state changes.",
+            ["breaker", "from_state", "to_state"],
+            registry=registry,
+        )
+        self.rpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by service, method and status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=registry,
+        )
+        self.rpc_duration = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC handling time on the server, by service and method.",
+            ["grpc_service", "grpc_method"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.validations = Counter(
+            "session_validations",
+            "ValidateSession answers by validity, source (cache, database, token_format) "
+            "and reason (none, unknown, expired, revoked).",
+            ["valid", "source", "reason"],
+            registry=registry,
+        )
+        # Series that exist from the start read 0 rather than being absent,
+        # so rate() and alerts see the first increment.
+        for result in CACHE_RESULTS:
+            self.cache_lookups.labels(result)
+        for operation in CACHE_OPERATIONS:
+            self.cache_operation_errors.labels(operation)
+        for purged in ("true", "false"):
+            self.revocations.labels(purged)
+        for old, new in _BREAKER_STEPS:
+            self.breaker_transitions.labels("redis", old, new)
+
+
+class PrometheusMetrics:
+    """``CoreMetrics`` (see core/telemetry.py): counts, plus span events for
+    fallbacks and cache errors on the span current at the time."""
+
+    def __init__(self, instruments: Instruments, breaker: str = "redis") -> None:
+        self._i = instruments
+        self._breaker = breaker
+
+    def cache_lookup(self, result: str) -> None:
+        self._i.cache_lookups.labels(result).inc()
+        if result in _FALLBACKS:
+            add_event(EVENT_CACHE_FALLBACK, {"session_authority.cache.result": result})
+
+    def cache_error(self, operation: str) -> None:
+        self._i.cache_operation_errors.labels(operation).inc()
+        add_event(EVENT_CACHE_ERROR, {"session_authority.cache.operation": operation})
+
+    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+        self._i.store_query.labels(operation, "ok" if ok else "error").observe(seconds)
+
+    def revoked(self, count: int, cache_purged: bool) -> None:
+        self._i.revocations.labels("true" if cache_purged else "false").inc(count)
+
+    def breaker_transition(self, old: str, new: str) -> None:
+        self._i.breaker_transitions.labels(self._breaker, old, new).inc()

@@ -1,0 +1,129 @@
+"""``Telemetry``: the observability of one server, wired by ``bootstrap.App``.
+
+Built in the serving process when the server starts (never at import time):
+the tracer provider (process-wide, see ``tracing``), a Prometheus registry of
+its own, the core's ``CoreMetrics``, the instrumented cache proxy, the gRPC
+interceptors, the background health sampler and the admin HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.config import Settings
+from session_authority.core.ports import SessionCache
+from session_authority.core.service import SessionAuthority
+from session_authority.observability.admin import AdminServer
+from session_authority.observability.collector import StateCollector
+from session_authority.observability.instrumented import InstrumentedSessionCache
+from session_authority.observability.interceptor import RpcMetricsInterceptor
+from session_authority.observability.metrics import Instruments, PrometheusMetrics
+from session_authority.observability.sampler import HealthSampler
+from session_authority.observability.tracing import (
+    breaker_event,
+    flush_tracing,
+    install_tracing,
+    tracing_active,
+)
+
+__all__ = ["Telemetry"]
+
+_log = logging.getLogger("session_authority.observability")
+
+
+class Telemetry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tracer_provider = install_tracing(settings)
+        # The text format would show each counter's and histogram's creation
+        # time as one more gauge series: noise to Prometheus. (Process-wide.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.instruments = Instruments(self.registry)
+        self.core_metrics = PrometheusMetrics(self.instruments)
+        self.sampler: HealthSampler | None = None
+        self.admin: AdminServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def instrument_cache(self, cache: SessionCache) -> SessionCache:
+        return InstrumentedSessionCache(cache, self.instruments.redis_latency)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Tracing outermost, so the RPC's server span is current inside
+        (only when a provider is installed: as a no-op it still costs)."""
+        chain: list[grpc.aio.ServerInterceptor] = []
+        if not self.settings.otel_sdk_disabled and tracing_active():
+            chain.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
+        chain.append(RpcMetricsInterceptor(self.instruments))
+        return chain
+
+    def attach(
+        self,
+        core: SessionAuthority,
+        store: PostgresSessionStore,
+        redis: RedisSessionCache | None,
+    ) -> None:
+        """Read the built server: breaker events, scrape-time gauges, health."""
+        core.breaker.add_listener(breaker_event)
+        self.sampler = HealthSampler(core.health)
+        self.registry.register(
+            StateCollector(
+                stats=lambda: core.stats,
+                breaker=core.breaker,
+                postgres_pool=store.pool_stats,
+                # The adapter's pool keeps the numbers (its own waiter count
+                # included); reading them costs no I/O.
+                redis_pool=None if redis is None else redis.pool_stats,
+                sampler=self.sampler,
+            )
+        )
+
+    async def start(self, is_serving: Callable[[], bool]) -> None:
+        """Bind the admin port (unless ADMIN_PORT=0) and start sampling health.
+
+        An ADMIN_PORT that was set and cannot be bound is fatal (``OSError``);
+        the default one (9464) being taken is only logged, so that several
+        servers can share a host or a test process."""
+        assert self.sampler is not None, "attach() first"
+        port = self.settings.admin_port
+        if port:
+            admin = AdminServer(self.registry, self.sampler, is_serving)
+            host = self.settings.admin_bind_host
+            try:
+                await admin.start(host, port)
+                self.admin = admin
+            except OSError as exc:
+                if "admin_port" in self.settings.model_fields_set:
+                    raise OSError(f"cannot bind admin port {host}:{port}: {exc}") from exc
+                _log.warning(
+                    "admin port %s:%d unavailable (%s): no /metrics or /health; set ADMIN_PORT",
+                    host,
+                    port,
+                    exc.strerror or exc,
+                )
+        self._task = asyncio.create_task(self.sampler.run(), name="health-sampler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.stop()
+        # Off the event loop: an OTLP export may take a moment.
+        await asyncio.to_thread(flush_tracing)

@@ -1,0 +1,120 @@
+"""Tracing: the OpenTelemetry SDK provider, built in the serving process.
+
+The core traces through the OpenTelemetry *API* (its tracer is a proxy that
+resolves to whatever global provider is installed), and the gRPC server span
+comes from opentelemetry-instrumentation-grpc's aio interceptor, which
+continues a caller's W3C ``traceparent``. Both use the global provider, so
+there is one per process: the first ``install_tracing`` builds and installs
+it, later calls (a second ``App`` in the same process, or a host that set up
+its own SDK provider first, like the tests) reuse the one in place. The SDK
+shuts it down (flushing spans) at interpreter exit; ``App.stop`` flushes.
+
+Where spans go (``Settings.traces_exporters``): OTLP over gRPC (the exporter
+reads the standard ``OTEL_EXPORTER_OTLP_*`` variables) and/or the console (one
+JSON object per line on stdout). With neither, no SDK is installed and the
+gRPC interceptor is left out: spans that go nowhere cost about a fifth of the
+cached-validation throughput (tests/benchmarks/bench.py), the interceptor
+about a tenth even as a no-op. The sampler comes from
+``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, read by the SDK.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+
+from session_authority.config import Settings
+from session_authority.core.breaker import BreakerState
+
+__all__ = [
+    "ATTR_BREAKER_CAUSE",
+    "ATTR_BREAKER_FROM",
+    "ATTR_BREAKER_TO",
+    "EVENT_BREAKER_TRANSITION",
+    "add_event",
+    "breaker_event",
+    "flush_tracing",
+    "install_tracing",
+    "tracing_active",
+]
+
+_log = logging.getLogger("session_authority.observability")
+
+EVENT_BREAKER_TRANSITION = "circuit_breaker.transition"
+ATTR_BREAKER_FROM = "session_authority.breaker.from"
+ATTR_BREAKER_TO = "session_authority.breaker.to"
+ATTR_BREAKER_CAUSE = "session_authority.breaker.cause"
+
+
+def install_tracing(settings: Settings) -> TracerProvider | None:
+    """The process's SDK provider, installing one if there is none yet.
+    ``None`` (the API's no-op) when OTEL_SDK_DISABLED is set, when no exporter
+    is configured, or when a non-SDK provider is in place."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    if settings.otel_sdk_disabled or not isinstance(current, trace.ProxyTracerProvider):
+        return None
+    exporters = _exporters(settings)
+    if not exporters:
+        return None
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.otel_service_name}))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    installed = trace.get_tracer_provider()
+    _log.info("tracing: exporting to %s", ",".join(sorted(settings.traces_exporters())))
+    return installed if isinstance(installed, TracerProvider) else None
+
+
+def _exporters(settings: Settings) -> list[SpanExporter]:
+    chosen = settings.traces_exporters()
+    exporters: list[SpanExporter] = []
+    if "otlp" in chosen:
+        # Imported here: the gRPC exporter pulls in its protobuf modules.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporters.append(OTLPSpanExporter())
+    if "console" in chosen:
+        exporters.append(ConsoleSpanExporter(out=sys.stdout, formatter=_one_line))
+    return exporters
+
+
+def _one_line(span: ReadableSpan) -> str:
+    return str(span.to_json(indent=None)) + "\n"
+
+
+def tracing_active() -> bool:
+    """Whether a tracer provider (ours, a host's or a test's) is installed."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def flush_tracing(timeout_millis: int = 2000) -> None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(timeout_millis)
+
+
+def add_event(name: str, attributes: dict[str, str]) -> None:
+    """An event on the current span, if one is recording."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(name, attributes)
+
+
+def breaker_event(old: BreakerState, new: BreakerState, cause: str) -> None:
+    """A ``Breaker`` listener: each transition is an event on the span that
+    caused it (none when it happened outside a traced call)."""
+    add_event(
+        EVENT_BREAKER_TRANSITION,
+        {ATTR_BREAKER_FROM: old.value, ATTR_BREAKER_TO: new.value, ATTR_BREAKER_CAUSE: cause},
+    )
