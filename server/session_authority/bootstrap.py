@@ -202,6 +202,7 @@ class App:
         await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         if self.telemetry is not None:
             await self.telemetry.stop()
+        await self.core.aclose()
         await self.core.breaker.aclose()
         if self.cache is not None:
             await self.cache.aclose()

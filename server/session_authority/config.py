@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float = Field(default=300.0, gt=0)
     negative_cache_ttl_seconds: float = Field(default=5.0, gt=0)
     tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
+    cache_early_refresh_seconds: float = Field(default=3.0, ge=0)
+    """XFetch: hot entries are refreshed this close to expiry (0: never)."""
     revocation_sweep_seconds: float = Field(default=5.0, ge=0)
     """Every replica re-applies recent revocations to Redis this often (0: never)."""
     session_ttl_default_seconds: int = Field(default=86_400, gt=0)
@@ -98,6 +100,7 @@ class Settings(BaseSettings):
             cache_ttl=self.cache_ttl_seconds,
             negative_ttl=self.negative_cache_ttl_seconds,
             tombstone_ttl=self.tombstone_ttl_seconds,
+            early_refresh=self.cache_early_refresh_seconds,
             default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
             max_session_ttl=timedelta(seconds=self.session_ttl_max_seconds),
         )

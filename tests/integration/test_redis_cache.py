@@ -12,10 +12,15 @@ import redis.asyncio as aioredis
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key
 from session_authority.core.domain import Reason, Session, TokenHash, new_token
 from session_authority.core.errors import CacheUnavailable
-from session_authority.core.ports import CachedVerdict
+from session_authority.core.ports import CachedVerdict, CacheEntry
 from session_authority.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+async def _entry(cache: RedisSessionCache, token_hash: TokenHash) -> CacheEntry | None:
+    hit = await cache.get(token_hash)
+    return None if hit is None else hit.entry
 
 
 def _session(token: str, *, lifetime: timedelta = timedelta(hours=1)) -> Session:
@@ -34,7 +39,7 @@ async def test_fill_then_get_round_trips_exactly(cache: RedisSessionCache) -> No
     token = new_token()
     session = _session(token)
     assert await cache.fill(session.token_hash, session, 60) is True
-    assert await cache.get(session.token_hash) == session
+    assert await _entry(cache, session.token_hash) == session
 
 
 async def test_key_is_the_hash_and_the_token_is_stored_nowhere(
@@ -58,6 +63,9 @@ async def test_ttl_is_bounded_by_the_session_expiry_given(
     await cache.fill(session.token_hash, session, 42.0)
     ttl_ms = await redis_client.pttl(cache_key(session.token_hash))
     assert 0 < ttl_ms <= 42_000
+    hit = await cache.get(session.token_hash)
+    assert hit is not None
+    assert 40 < hit.ttl_left <= 42  # the lifetime left comes back with the entry
 
 
 async def test_tombstone_refuses_a_later_fill(
@@ -67,7 +75,7 @@ async def test_tombstone_refuses_a_later_fill(
     await cache.fill(session.token_hash, session, 60)
     await cache.tombstone([session.token_hash], 600)
     assert await cache.fill(session.token_hash, session, 60) is False
-    assert await cache.get(session.token_hash) == CachedVerdict(Reason.REVOKED)
+    assert await _entry(cache, session.token_hash) == CachedVerdict(Reason.REVOKED)
     assert await redis_client.pttl(cache_key(session.token_hash)) > 60_000
 
 
@@ -82,15 +90,15 @@ async def test_negative_verdict_never_overwrites_a_live_entry(cache: RedisSessio
     session = _session(new_token())
     await cache.fill(session.token_hash, session, 60)
     assert await cache.fill(session.token_hash, CachedVerdict(Reason.UNKNOWN), 5) is True
-    assert await cache.get(session.token_hash) == session
+    assert await _entry(cache, session.token_hash) == session
 
 
 async def test_live_entry_replaces_a_negative_verdict(cache: RedisSessionCache) -> None:
     session = _session(new_token())
     await cache.fill(session.token_hash, CachedVerdict(Reason.UNKNOWN), 5)
-    assert await cache.get(session.token_hash) == CachedVerdict(Reason.UNKNOWN)
+    assert await _entry(cache, session.token_hash) == CachedVerdict(Reason.UNKNOWN)
     assert await cache.fill(session.token_hash, session, 60) is True
-    assert await cache.get(session.token_hash) == session
+    assert await _entry(cache, session.token_hash) == session
 
 
 async def test_pipelined_tombstones_cover_every_key(

@@ -20,6 +20,7 @@ from session_authority.core.domain import Reason, Session, TokenHash
 from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.health import CacheHealth, StoreHealth
 from session_authority.core.ports import (
+    Cached,
     CachedVerdict,
     CacheEntry,
     SessionCache,
@@ -258,9 +259,12 @@ class InMemorySessionCache:
 
     # --- SessionCache -------------------------------------------------------
 
-    async def get(self, token_hash: TokenHash) -> CacheEntry | None:
+    async def get(self, token_hash: TokenHash) -> Cached | None:
         await self._enter("get")
-        return self.peek(token_hash)
+        entry = self.peek(token_hash)
+        if entry is None:
+            return None
+        return Cached(entry, self._entries[token_hash.hex][1] - self._clock())
 
     def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
         """The Lua fill script."""

@@ -221,7 +221,9 @@ async def test_instrumented_cache_times_every_call_and_changes_nothing() -> None
     await cache.mark_created(token_hash, 5)
     assert await cache.get(token_hash) is None
     assert await cache.fill(token_hash, session, 60) is True
-    assert await cache.get(token_hash) == session
+    hit = await cache.get(token_hash)
+    assert hit is not None
+    assert hit.entry == session
     await cache.tombstone([token_hash], 600)
     inner.unavailable = True
     with pytest.raises(CacheUnavailable):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from redis.exceptions import RedisError
 from session_authority.core.domain import Reason, Session, TokenHash
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.health import CacheHealth, PoolStats
-from session_authority.core.ports import CachedVerdict, CacheEntry
+from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
 
 __all__ = ["KEY_PREFIX", "CountingPool", "RedisSessionCache", "cache_key"]
 
@@ -43,6 +44,15 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# Get: the hash and its remaining lifetime in one round trip ({} when absent).
+_GET = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return {} end
+local fields = redis.call('HGETALL', KEYS[1])
+table.insert(fields, 1, ttl)
+return fields
 """
 
 # Tombstone: unconditional, replaces whatever was there (or nothing).
@@ -104,6 +114,7 @@ class RedisSessionCache:
         self._pool = pool
         self._ttl = ttl
         self._fill = client.register_script(_FILL)
+        self._get = client.register_script(_GET)
         self._tombstone = client.register_script(_TOMBSTONE)
 
     @classmethod
@@ -155,13 +166,15 @@ class RedisSessionCache:
 
     # --- SessionCache ----------------------------------------------------------
 
-    async def get(self, token_hash: TokenHash) -> CacheEntry | None:
+    async def get(self, token_hash: TokenHash) -> Cached | None:
         try:
-            fields: dict[str, str] = await self._redis.hgetall(cache_key(token_hash))  # type: ignore[assignment]
+            reply: list[Any] = await self._get(keys=[cache_key(token_hash)])
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(_describe(exc)) from exc
-        if not fields:
+        if len(reply) < 3:
             return None
+        pttl = int(reply[0])
+        fields = dict(zip(reply[1::2], reply[2::2], strict=True))
         if fields.get("token_hash") != token_hash.hex:
             _log.warning(
                 "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
@@ -170,12 +183,13 @@ class RedisSessionCache:
         if fields.get("state") == "created":
             return None  # a creation marker, not an answer
         try:
-            return _decode(token_hash, fields)
+            entry = _decode(token_hash, fields)
         except (KeyError, ValueError) as exc:
             _log.warning(
                 "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
             )
             return None
+        return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf)
 
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         mode = "verdict" if isinstance(entry, CachedVerdict) else "live"

@@ -53,6 +53,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     errors: int = 0
+    early_refreshes: int = 0
 
     @property
     def total(self) -> int:

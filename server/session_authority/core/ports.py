@@ -14,7 +14,14 @@ from typing import Protocol
 from session_authority.core.domain import Reason, Session, TokenHash
 from session_authority.core.health import CacheHealth, StoreHealth
 
-__all__ = ["CacheEntry", "CachedVerdict", "SessionCache", "SessionStore", "StoreRevocation"]
+__all__ = [
+    "CacheEntry",
+    "Cached",
+    "CachedVerdict",
+    "SessionCache",
+    "SessionStore",
+    "StoreRevocation",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +33,16 @@ class CachedVerdict:
 
 #: What the cache holds for a token hash: a live session or a verdict.
 CacheEntry = Session | CachedVerdict
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """A cache hit: the entry, and how many seconds the cache will keep it
+    (``math.inf`` when it has no expiry). The core uses the latter to refresh
+    hot entries shortly before they expire (XFetch)."""
+
+    entry: CacheEntry
+    ttl_left: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +88,10 @@ class SessionCache(Protocol):
     """The cache (Redis), keyed by token hash. Every method raises
     ``CacheUnavailable`` on any failure; callers treat that as "no cache"."""
 
-    async def get(self, token_hash: TokenHash) -> CacheEntry | None:
-        """The cached entry, or ``None`` on a miss (including an entry that
-        fails its integrity check, which is reported and dropped)."""
+    async def get(self, token_hash: TokenHash) -> Cached | None:
+        """The cached entry with its remaining lifetime, or ``None`` on a miss
+        (including an entry that fails its integrity check, which is reported
+        and dropped, and a creation marker)."""
 
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         """Store ``entry`` for ``ttl`` seconds, atomically and conditionally:

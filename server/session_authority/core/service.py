@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -55,7 +56,13 @@ from session_authority.core.health import (
     HealthReport,
     StoreHealth,
 )
-from session_authority.core.ports import CachedVerdict, CacheEntry, SessionCache, SessionStore
+from session_authority.core.ports import (
+    Cached,
+    CachedVerdict,
+    CacheEntry,
+    SessionCache,
+    SessionStore,
+)
 from session_authority.core.singleflight import Flight, SingleFlight
 from session_authority.core.telemetry import (
     ATTR_CACHE_RESULT,
@@ -88,6 +95,8 @@ class CorePolicy:
     ttl_jitter: float = 0.1
     """Fraction of ``cache_ttl`` randomly shaved off each fill, so entries
     filled together do not expire together."""
+    early_refresh: float = 3.0
+    """XFetch's δ·β in seconds: how early hot entries get refreshed (0: never)."""
     default_session_ttl: timedelta = timedelta(hours=24)
     max_session_ttl: timedelta = timedelta(days=30)
 
@@ -96,6 +105,8 @@ class CorePolicy:
             raise ValueError("cache TTLs and max_fill_lag must be positive")
         if self.tombstone_ttl <= max(self.cache_ttl, self.max_fill_lag):
             raise ValueError("tombstone_ttl must exceed cache_ttl and max_fill_lag")
+        if self.early_refresh < 0:
+            raise ValueError("early_refresh must not be negative")
         if not 0 <= self.ttl_jitter < 1:
             raise ValueError("ttl_jitter must be in [0, 1)")
         if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
@@ -123,6 +134,7 @@ class SessionAuthority:
         self._now = clock
         self._new_token = token_factory
         self._loads: SingleFlight[TokenHash, tuple[Validation, bool, int]] = SingleFlight()
+        self._refreshes: set[asyncio.Task[None]] = set()
         breaker.add_listener(
             lambda old, new, _c: self._metrics.breaker_transition(old.value, new.value)
         )
@@ -175,13 +187,14 @@ class SessionAuthority:
         looked_at = time.monotonic()
         with tracer.start_as_current_span("session_cache.lookup") as span:
             span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
-            result, entry = await self._lookup(token_hash)
+            result, hit = await self._lookup(token_hash)
             span.set_attribute(ATTR_CACHE_RESULT, result)
         self._metrics.cache_lookup(result)
-        if entry is not None:
+        if hit is not None:
             self.stats.hits += 1
             _log.debug("Cache HIT %s (%s)", token_hash.prefix, result)
-            return self._judge(entry, Source.CACHE)
+            self._maybe_refresh(token_hash, hit)
+            return self._judge(hit.entry, Source.CACHE)
         if result == "miss":
             self.stats.misses += 1
             _log.debug("Cache MISS %s", token_hash.prefix)
@@ -203,22 +216,54 @@ class SessionAuthority:
             answer, _, _ = await self._load(token_hash, Flight())
         return answer
 
-    async def _lookup(self, token_hash: TokenHash) -> tuple[str, CacheEntry | None]:
+    async def _lookup(self, token_hash: TokenHash) -> tuple[str, Cached | None]:
         cache = self.cache
         if cache is None:
             return "disabled", None
         if not self.breaker.allows():
             return "bypassed", None
         try:
-            entry = await self.breaker.call(lambda: cache.get(token_hash))
+            hit = await self.breaker.call(lambda: cache.get(token_hash))
         except CacheUnavailable as exc:
             self._cache_failed("get", exc)
             return "error", None
-        if entry is None:
+        if hit is None:
             return "miss", None
-        if isinstance(entry, CachedVerdict):
-            return ("tombstone" if entry.reason is Reason.REVOKED else "negative"), entry
-        return "hit", entry
+        if isinstance(hit.entry, CachedVerdict):
+            return ("tombstone" if hit.entry.reason is Reason.REVOKED else "negative"), hit
+        return "hit", hit
+
+    def _maybe_refresh(self, token_hash: TokenHash, hit: Cached) -> None:
+        """XFetch (Vattani et al., VLDB 2015): refresh a live entry early with a
+        probability that grows as its expiry nears, so a hot session is
+        reloaded in the background by one caller instead of missing for many.
+        Refresh when ``ttl_left <= -gap * ln(U)``, U uniform in (0, 1]; ``gap``
+        (δ·β in the paper) is ``early_refresh``: a hit at ``ttl_left = gap``
+        refreshes with probability 1/e, at ``3 * gap`` with 5 %. The refresh is
+        an ordinary single-flight load and conditional fill, so it can never
+        resurrect a revoked session."""
+        gap = self.policy.early_refresh
+        if gap <= 0 or not isinstance(hit.entry, Session) or token_hash in self._loads:
+            return
+        if hit.ttl_left > -gap * math.log(1.0 - random.random()):
+            return
+        self.stats.early_refreshes += 1
+        task = asyncio.create_task(self._refresh(token_hash))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _refresh(self, token_hash: TokenHash) -> None:
+        try:
+            await self._loads.do(token_hash, lambda flight: self._load(token_hash, flight))
+        except (StoreUnavailable, CacheUnavailable) as exc:
+            _log.debug("early refresh of %s skipped: %s", token_hash.prefix, exc)
+
+    async def aclose(self) -> None:
+        """Cancel background refreshes (the pools are closed by their owner)."""
+        tasks = list(self._refreshes)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _judge(self, entry: CacheEntry, source: Source) -> Validation:
         if isinstance(entry, CachedVerdict):

@@ -52,6 +52,10 @@ class SingleFlight(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether a load for ``key`` is in flight."""
+        return key in self._inflight
+
     async def do(
         self, key: K, load: Callable[[Flight], Awaitable[V]], since: float | None = None
     ) -> tuple[V, bool]:

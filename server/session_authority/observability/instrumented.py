@@ -16,7 +16,7 @@ from prometheus_client import Histogram
 
 from session_authority.core.domain import TokenHash
 from session_authority.core.health import CacheHealth
-from session_authority.core.ports import CacheEntry, SessionCache
+from session_authority.core.ports import Cached, CacheEntry, SessionCache
 
 __all__ = ["InstrumentedSessionCache"]
 
@@ -34,7 +34,7 @@ class InstrumentedSessionCache:
         finally:
             self._latency.labels(operation).observe((time.perf_counter() - started) * 1000)
 
-    async def get(self, token_hash: TokenHash) -> CacheEntry | None:
+    async def get(self, token_hash: TokenHash) -> Cached | None:
         with self._timed("get"):
             return await self._inner.get(token_hash)
 
