@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -82,15 +83,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _children(ppid: int) -> list[int]:
-    """Live child processes of ``ppid`` (from /proc)."""
-    found = []
+def _processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgrp) of every process, from /proc."""
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...
-            if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
-                found.append(int(stat_file.parent.name))
-    return found
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            yield int(stat_file.parent.name), fields[0], int(fields[1]), int(fields[2])
+
+
+def _children(ppid: int) -> list[int]:
+    """Live (non-zombie) child processes of ``ppid``."""
+    return [pid for pid, state, parent, _ in _processes() if parent == ppid and state not in "ZX"]
 
 
 def _group_alive(pgid: int) -> bool:
@@ -103,11 +106,8 @@ def _group_alive(pgid: int) -> bool:
         return True
     # killpg(0) also succeeds for zombies (orphaned backends waiting for init to reap them);
     # those hold no ports, so only count live members (for SysV shm see _wait_shm_detached).
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
+    if any(group == pgid and state not in "ZX" for _, state, _, group in _processes()):
+        return True
     return not Path("/proc/self/stat").exists()  # no procfs: assume alive, to be safe
 
 

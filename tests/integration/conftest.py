@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -76,3 +78,34 @@ def core(store: PostgresSessionStore, cache: RedisSessionCache) -> SessionAuthor
     authority = SessionAuthority(store, cache, breaker, CorePolicy(cache_ttl=CACHE_TTL))
     holder.append(authority)
     return authority
+
+
+@pytest_asyncio.fixture
+async def own_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A private, migrated Postgres that this test alone may kill, freeze or restart."""
+    server = EmbeddedPostgres(tmp_path / "own-pg")
+    server.start()
+    conn = await asyncpg.connect(server.url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(RuntimeError):  # not running (killed or stopped)
+            server.resume()
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A private Redis that this test alone may kill, freeze or restart."""
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(RuntimeError):
+            server.resume()
+        server.stop()

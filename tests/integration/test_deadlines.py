@@ -5,55 +5,43 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
 
-from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
-from session_authority.config import Settings
 from session_authority.core.domain import new_token
-from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .support import NO_PROXY, app_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
 
 @pytest_asyncio.fixture
 async def frozen_world(
-    tmp_path: Path, redis_server: EmbeddedRedis
+    own_postgres: EmbeddedPostgres, redis_server: EmbeddedRedis
 ) -> AsyncIterator[tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub]]:
-    postgres = EmbeddedPostgres(tmp_path / "pg")
-    postgres.start()
-    conn = await asyncpg.connect(postgres.url)
-    await apply_migrations(conn)
-    await conn.close()
     app = await App.start(
-        Settings(
-            database_url=postgres.url,
-            redis_url=redis_server.url,
-            host="127.0.0.1",
-            port=find_free_port(),
+        app_settings(
+            own_postgres.url,
+            redis_server.url,
             pg_pool_min=1,
             pg_pool_max=2,
             pg_pool_timeout_ms=300,
             pg_command_timeout_ms=60_000,  # only the caller's deadline may stop a query
         )
     )
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{app.port}", options=[("grpc.enable_http_proxy", 0)]
-    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
     try:
-        yield app, postgres, pb_grpc.SessionAuthorityStub(channel)
+        yield app, own_postgres, pb_grpc.SessionAuthorityStub(channel)
     finally:
-        postgres.resume()
+        own_postgres.resume()
         await channel.close()
         await app.stop(0)
-        postgres.stop()
 
 
 async def test_deadline_bounds_a_query_to_a_frozen_database(

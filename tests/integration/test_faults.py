@@ -9,23 +9,21 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from uuid import uuid4
 
-import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
-from session_authority.config import Settings
 from session_authority.core.breaker import BreakerState
 from session_authority.core.domain import new_token
-from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .support import NO_PROXY, app_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -45,19 +43,11 @@ class World:
 
 
 @pytest_asyncio.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    postgres = EmbeddedPostgres(tmp_path / "pg")
-    redis = EmbeddedRedis(tmp_path / "redis")
-    postgres.start()
-    redis.start()
-    conn = await asyncpg.connect(postgres.url)
-    await apply_migrations(conn)
-    await conn.close()
-    settings = Settings(
-        database_url=postgres.url,
-        redis_url=redis.url,
-        host="127.0.0.1",
-        port=find_free_port(),
+async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> AsyncIterator[World]:
+    postgres, redis = own_postgres, own_redis
+    settings = app_settings(
+        postgres.url,
+        redis.url,
         breaker_timeout_ms=200,
         breaker_reset_timeout_ms=1000,
         breaker_volume_threshold=5,
@@ -67,9 +57,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         redis_pool_timeout_ms=200,
     )
     app = await App.start(settings)
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{app.port}", options=[("grpc.enable_http_proxy", 0)]
-    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
     w = World(app, postgres, redis, pb_grpc.SessionAuthorityStub(channel), channel)
     user = f"user-{uuid4().hex[:8]}"
     for _ in range(20):
@@ -89,8 +77,6 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         redis.resume()
         postgres.resume()
         await app.stop(0)
-        redis.stop()
-        postgres.stop()
 
 
 @dataclass
@@ -208,9 +194,7 @@ async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> 
     assert tally.codes["OK"] > 0
     assert tally.codes["UNAVAILABLE"] > 0
 
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{w.app.port}", options=[("grpc.enable_http_proxy", 0)]
-    ) as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{w.app.port}", options=NO_PROXY) as channel:
         checker = health_pb2_grpc.HealthStub(channel)
 
         async def status() -> int:

@@ -19,9 +19,9 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
+from .support import NO_PROXY, app_settings
 
-_NO_PROXY = [("grpc.enable_http_proxy", 0)]
+pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
 
 async def _status(channel: grpc.aio.Channel) -> int:
@@ -44,7 +44,7 @@ async def test_starts_with_both_down_and_serves_once_postgres_answers(tmp_path: 
         )
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=_NO_PROXY) as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY) as ch:
             stub = pb_grpc.SessionAuthorityStub(ch)
             assert await _status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
             report = await stub.Health(pb.HealthRequest(), timeout=5)
@@ -75,24 +75,12 @@ async def test_starts_with_both_down_and_serves_once_postgres_answers(tmp_path: 
 
 
 async def test_calls_beyond_the_concurrency_cap_are_shed(
-    tmp_path: Path, redis_server: EmbeddedRedis
+    own_postgres: EmbeddedPostgres, redis_server: EmbeddedRedis
 ) -> None:
-    postgres = EmbeddedPostgres(tmp_path / "pg")
-    postgres.start()
-    conn = await asyncpg.connect(postgres.url)
-    await apply_migrations(conn)
-    await conn.close()
-    app = await App.start(
-        Settings(
-            database_url=postgres.url,
-            redis_url=redis_server.url,
-            host="127.0.0.1",
-            port=find_free_port(),
-            max_concurrent_rpcs=4,
-        )
-    )
+    postgres = own_postgres
+    app = await App.start(app_settings(postgres.url, redis_server.url, max_concurrent_rpcs=4))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=_NO_PROXY) as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY) as ch:
             stub = pb_grpc.SessionAuthorityStub(ch)
             postgres.pause()  # uncached validations now wait until their deadline
 
@@ -110,6 +98,5 @@ async def test_calls_beyond_the_concurrency_cap_are_shed(
     finally:
         postgres.resume()
         await app.stop(0)
-        postgres.stop()
     assert codes.count("RESOURCE_EXHAUSTED") >= 12 - 4
     assert set(codes) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}

@@ -1,0 +1,21 @@
+"""Helpers shared by the integration tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from session_authority.config import Settings
+from session_authority.embedded import find_free_port
+
+#: Tests talk to loopback only; never through a proxy from the environment.
+NO_PROXY = [("grpc.enable_http_proxy", 0)]
+
+
+def app_settings(database_url: str, redis_url: str | None, **overrides: object) -> Settings:
+    """Settings for an in-process server on a free loopback port (admin port off)."""
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "host": "127.0.0.1",
+        "port": find_free_port(),
+        "admin_port": 0,
+    }
+    return Settings(**(values | overrides))  # type: ignore[arg-type]
