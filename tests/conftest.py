@@ -4,7 +4,9 @@ machine's own servers), so fault tests may kill them."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 # The tests fork helper processes (initdb, postgres, redis-server) while gRPC
 # servers and channels run in this process; gRPC's fork handlers then run in
@@ -43,3 +45,39 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         if name in os.environ:
             monkeypatch.delenv(name)
+
+
+#: A token as CreateSession issues them (see core/domain.py): never in a log.
+_TOKEN = re.compile(r"sat_[A-Za-z0-9_-]{48}")
+
+
+class _LeakWatch(logging.Handler):
+    """Checks every log record of the whole run, DEBUG included, for tokens."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += repr(record.exc_info[1])
+        if _TOKEN.search(text):
+            self.leaks.append(f"{record.name}: {_TOKEN.sub('sat_<redacted>', text)[:200]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_token_in_any_log() -> Iterator[None]:
+    """Every in-process log line of the run is scanned for token-shaped strings
+    (the e2e tier scans its server process's log file the same way)."""
+    watch = _LeakWatch()
+    logger = logging.getLogger("session_authority")
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(watch)
+    yield
+    logger.removeHandler(watch)
+    logger.setLevel(previous)
+    assert watch.leaks == [], watch.leaks[:5]

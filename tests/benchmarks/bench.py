@@ -126,7 +126,9 @@ async def bench_grpc(pg: str, redis_url: str, seconds: float) -> dict[str, float
     results: dict[str, float] = {}
     apps = {}
     for label, url in (("cached", redis_url), ("uncached", None)):
-        settings = Settings(database_url=pg, redis_url=url, host="127.0.0.1", port=find_free_port())
+        settings = Settings(
+            database_url=pg, redis_url=url, host="127.0.0.1", port=find_free_port(), admin_port=0
+        )
         apps[label] = await App.start(settings)
     try:
         token, _ = await apps["cached"].core.create("bench-grpc", timedelta(hours=1), {})
