@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -124,10 +124,21 @@ async def _migrate(dsn: str) -> int:
     return 0
 
 
-async def _serve(settings: Settings, *, migrate: bool = False) -> int:
+async def _serve(
+    settings: Settings,
+    *,
+    migrate: bool = False,
+    on_started: Callable[[App], None] | None = None,
+) -> int:
     if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
         return 1
-    app = await App.start(settings)
+    try:
+        app = await App.start(settings)
+    except OSError as exc:  # a port that cannot be bound
+        _log.error("cannot start: %s", exc)
+        return 1
+    if on_started is not None:
+        on_started(app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,6 +152,8 @@ async def _serve(settings: Settings, *, migrate: bool = False) -> int:
 def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
     from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, embedded_available
 
+    # Validate the environment before starting anything (raises ValidationError).
+    Settings(host="127.0.0.1", port=port, log_format="text")
     configure_logging(os.environ.get("LOG_LEVEL", "INFO"), "text")
     if not embedded_available():
         print(
@@ -166,11 +179,13 @@ def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
         )
         if asyncio.run(_migrate(postgres.url)) != 0:
             return 1
-        print(_next_steps(port, env), flush=True)
-        return asyncio.run(_serve(settings))
+        return asyncio.run(
+            _serve(settings, on_started=lambda app: print(_next_steps(app, env), flush=True))
+        )
 
 
-def _next_steps(port: int, env: dict[str, str]) -> str:
+def _next_steps(app: App, env: dict[str, str]) -> str:
+    port = app.port
     target = f"127.0.0.1:{port}"
     svc = "session_authority.v1.SessionAuthority"
     lines = [
@@ -185,7 +200,11 @@ def _next_steps(port: int, env: dict[str, str]) -> str:
         f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/Invalidate',
         f"  grpcurl -plaintext -emit-defaults {target} {svc}/Health",
         f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check",
-        "  curl -s 127.0.0.1:9464/api/health/redis   # admin port (ADMIN_PORT): also /metrics",
+        *(
+            [f"  curl -s 127.0.0.1:{app.admin_port}/api/health/redis   # also /metrics"]
+            if app.admin_port
+            else ["  (admin HTTP port off or unavailable: set ADMIN_PORT for /metrics, /health)"]
+        ),
         "",
         "Ctrl-C stops the server, Postgres and Redis.",
     ]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,10 +70,19 @@ def modules(root: Path) -> Iterator[Path]:
     yield from sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
 
 
+@functools.cache
 def imports_of(path: Path) -> set[str]:
     return imported_names(
         path.read_text(encoding="utf-8"), module_name(path), path.name == "__init__.py"
     )
+
+
+# Parse every module now, at collection, while nothing else runs: CPython 3.11
+# keeps the AST converter's recursion depth in interpreter-wide state, and an
+# ast.parse racing another thread's can raise "AST constructor recursion depth
+# mismatch" (seen once in a full run, after the integration tiers' threads).
+for _path in modules(PACKAGE):
+    imports_of(_path)
 
 
 # --- the checker itself can fail --------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The admin HTTP server (aiohttp, in the serving event loop).
 
 =====================  ==========================================================
-``/metrics``           Prometheus text format (0.0.4), from this server's registry
+``/metrics``           Prometheus classic text format, from this server's registry
 ``/health``            the runbook's health document as JSON (camelCase, numbers
 ``/api/health/redis``  as numbers): 200 when healthy or degraded, 503 when unhealthy
 ``/livez``             200 while the process runs

@@ -13,7 +13,8 @@ Where spans go (``Settings.traces_exporters``): OTLP over gRPC (the exporter
 reads the standard ``OTEL_EXPORTER_OTLP_*`` variables) and/or the console (one
 JSON object per line on stdout). With neither, no SDK is installed and the
 gRPC interceptor is left out: spans that go nowhere cost about a fifth of the
-cached-validation throughput (tests/benchmarks/bench.py), the interceptor
+cached-validation throughput (measured with tests/benchmarks/bench.py --quick
+while building this; the benchmark does not report it), the interceptor
 about a tenth even as a no-op. The sampler comes from
 ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, read by the SDK.
 """
