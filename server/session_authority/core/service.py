@@ -26,118 +26,43 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from collections.abc import Mapping
+from datetime import timedelta
 from uuid import uuid4
 
-from session_authority.core.breaker import Breaker, BreakerState
+from session_authority.core.breaker import BreakerState
 from session_authority.core.domain import (
     Reason,
-    Revocation,
     Session,
     Source,
     TokenHash,
     Validation,
     check_metadata,
-    check_session_id,
     check_ttl,
     check_user_id,
     is_well_formed,
-    new_token,
     parse_token,
 )
 from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.health import (
     BreakerReport,
     CacheHealth,
-    CacheStats,
     HealthReport,
     StoreHealth,
 )
-from session_authority.core.ports import (
-    Cached,
-    CachedVerdict,
-    CacheEntry,
-    SessionCache,
-    SessionStore,
-)
-from session_authority.core.singleflight import Flight, SingleFlight
-from session_authority.core.telemetry import (
-    ATTR_CACHE_RESULT,
-    ATTR_TOKEN_PREFIX,
-    CoreMetrics,
-    NoMetrics,
-    tracer,
-)
+from session_authority.core.policy import CorePolicy
+from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
+from session_authority.core.revocation import Revocations
+from session_authority.core.singleflight import Flight
+from session_authority.core.telemetry import ATTR_CACHE_RESULT, ATTR_TOKEN_PREFIX, tracer
 
 __all__ = ["CorePolicy", "SessionAuthority"]
 
 _log = logging.getLogger("session_authority.cache")
-T = TypeVar("T")
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class CorePolicy:
-    cache_ttl: float = 300.0
-    """Seconds a live session stays cached (never beyond its own expiry)."""
-    negative_ttl: float = 5.0
-    """Seconds an unknown/expired verdict stays cached."""
-    tombstone_ttl: float = 600.0
-    """Seconds a revocation tombstone refuses fills."""
-    max_fill_lag: float = 5.0
-    """A fill whose Postgres read started longer ago than this is dropped."""
-    ttl_jitter: float = 0.1
-    """Fraction of ``cache_ttl`` randomly shaved off each fill, so entries
-    filled together do not expire together."""
-    early_refresh: float = 3.0
-    """XFetch's δ·β in seconds: how early hot entries get refreshed (0: never)."""
-    default_session_ttl: timedelta = timedelta(hours=24)
-    max_session_ttl: timedelta = timedelta(days=30)
-
-    def __post_init__(self) -> None:
-        if min(self.cache_ttl, self.negative_ttl, self.max_fill_lag) <= 0:
-            raise ValueError("cache TTLs and max_fill_lag must be positive")
-        if self.tombstone_ttl <= max(self.cache_ttl, self.max_fill_lag):
-            raise ValueError("tombstone_ttl must exceed cache_ttl and max_fill_lag")
-        if self.early_refresh < 0:
-            raise ValueError("early_refresh must not be negative")
-        if not 0 <= self.ttl_jitter < 1:
-            raise ValueError("ttl_jitter must be in [0, 1)")
-        if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
-            raise ValueError("default_session_ttl must be positive and at most max_session_ttl")
-
-
-class SessionAuthority:
-    def __init__(
-        self,
-        store: SessionStore,
-        cache: SessionCache | None,
-        breaker: Breaker,
-        policy: CorePolicy | None = None,
-        *,
-        metrics: CoreMetrics | None = None,
-        clock: Callable[[], datetime] = _utcnow,
-        token_factory: Callable[[], str] = new_token,
-    ) -> None:
-        self.store = store
-        self.cache = cache
-        self.breaker = breaker
-        self.policy = policy or CorePolicy()
-        self.stats = CacheStats()
-        self._metrics = metrics or NoMetrics()
-        self._now = clock
-        self._new_token = token_factory
-        self._loads: SingleFlight[TokenHash, tuple[Validation, bool, int]] = SingleFlight()
-        self._refreshes: set[asyncio.Task[None]] = set()
-        breaker.add_listener(
-            lambda old, new, _c: self._metrics.breaker_transition(old.value, new.value)
-        )
+class SessionAuthority(Revocations):
+    """Create, validate (cache-aside), revoke (see ``Revocations``), report health."""
 
     # --- create ---------------------------------------------------------------
 
@@ -322,106 +247,6 @@ class SessionAuthority:
             span.set_attribute("session_authority.cache.fill_refused", not filled)
             return filled
 
-    # --- revoke -------------------------------------------------------------------
-
-    async def invalidate(
-        self, *, token: str | None = None, session_id: str | None = None
-    ) -> Revocation:
-        """Revoke one session by token or session id (exactly one). Idempotent."""
-        now = self._now()
-        if token is not None:
-            found = await self._timed_store(
-                "revoke", self.store.revoke(now, token_hash=parse_token(token))
-            )
-        else:
-            sid = check_session_id(session_id or "")
-            found = await self._timed_store("revoke", self.store.revoke(now, session_id=sid))
-        if found is None:
-            return self._revoked(0, True)
-        purged = await self._purge([found.token_hash])
-        return self._revoked(int(found.revoked_now), purged)
-
-    async def invalidate_user(self, user_id: str) -> Revocation:
-        """Revoke every live session of ``user_id``."""
-        user_id = check_user_id(user_id)
-        hashes = await self._timed_store(
-            "revoke_user", self.store.revoke_user(user_id, self._now())
-        )
-        purged = await self._purge(hashes)
-        return self._revoked(len(hashes), purged)
-
-    def _revoked(self, count: int, purged: bool) -> Revocation:
-        self._metrics.revoked(count, purged)
-        return Revocation(revoked_count=count, cache_purged=purged)
-
-    async def _purge(self, hashes: list[TokenHash]) -> bool:
-        """Tombstone ``hashes``; on failure stop trusting the cache (see module doc)."""
-        cache = self.cache
-        if cache is None or not hashes:
-            return True
-        if self.breaker.state is BreakerState.CLOSED:
-            try:
-                await self.breaker.call(lambda: cache.tombstone(hashes, self.policy.tombstone_ttl))
-                return True
-            except CacheUnavailable as exc:
-                self._cache_failed("tombstone", exc)
-        self.breaker.trip("revocation could not be written to the cache")
-        return False
-
-    async def replay_revocations(self) -> None:
-        """Re-apply recent revocations to the cache: the breaker's half-open probe.
-
-        Any entry written before a revocation lives at most ``cache_ttl``, so
-        tombstoning every session revoked in the last ``cache_ttl`` (plus the
-        fill lag) leaves no stale entry behind."""
-        cache = self.cache
-        if cache is None:
-            return
-        await cache.ping()  # the probe proves Redis answers, even with nothing to replay
-        window = timedelta(seconds=self.policy.cache_ttl + self.policy.max_fill_lag)
-        try:
-            hashes = await self._timed_store(
-                "revoked_since", self.store.revoked_since(self._now() - window)
-            )
-        except StoreUnavailable as exc:
-            raise CacheUnavailable("cannot replay revocations: store unavailable") from exc
-        if hashes:
-            await cache.tombstone(hashes, self.policy.tombstone_ttl)
-        _log.info("SessionCache replayed %d revocations before closing the breaker", len(hashes))
-
-    async def sweep_revocations(self, window: float) -> int:
-        """Re-apply the revocations of the last ``window`` seconds to the cache.
-
-        Run periodically by every replica. It bounds what the invariant cannot
-        cover alone: a replica that could not reach Redis when it revoked (a
-        partial outage) leaves stale entries that *other* replicas can still
-        read; the next sweep of any replica that reaches Redis tombstones them.
-        Tombstones are idempotent, so overlapping windows cost only writes."""
-        cache = self.cache
-        if cache is None or self.breaker.state is not BreakerState.CLOSED:
-            return 0  # an open breaker replays everything in its probe
-        since = self._now() - timedelta(seconds=window)
-        hashes = await self._timed_store("revoked_since", self.store.revoked_since(since))
-        if hashes:
-            try:
-                await self.breaker.call(lambda: cache.tombstone(hashes, self.policy.tombstone_ttl))
-            except CacheUnavailable as exc:
-                self._cache_failed("sweep", exc)
-                self.breaker.trip("revocation sweep could not write to the cache")
-                return 0
-        return len(hashes)
-
-    async def run_sweeper(self, interval: float, margin: float = 10.0) -> None:
-        """Sweep every ``interval`` seconds until cancelled. Each sweep looks
-        back ``interval + margin`` seconds (margin covers clock skew between
-        replicas, whose clocks stamp ``revoked_at``)."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.sweep_revocations(interval + margin)
-            except StoreUnavailable as exc:
-                _log.warning("SessionCache sweep Error: %s", exc)
-
     # --- health -------------------------------------------------------------------
 
     async def health(self) -> HealthReport:
@@ -470,20 +295,3 @@ class SessionAuthority:
 
     async def store_health(self) -> StoreHealth:
         return await self.store.health()
-
-    # --- helpers ----------------------------------------------------------------------
-
-    def _cache_failed(self, operation: str, exc: CacheUnavailable) -> None:
-        self.stats.errors += 1
-        self._metrics.cache_error(operation)
-        _log.warning("SessionCache %s Error: %s", operation, exc)
-
-    async def _timed_store(self, operation: str, call: Awaitable[T]) -> T:
-        started = time.perf_counter()
-        ok = False
-        try:
-            result = await call
-            ok = True
-            return result
-        finally:
-            self._metrics.store_query(operation, time.perf_counter() - started, ok)

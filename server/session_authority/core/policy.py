@@ -1,0 +1,43 @@
+"""The core's tunables, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+__all__ = ["CorePolicy", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CorePolicy:
+    cache_ttl: float = 300.0
+    """Seconds a live session stays cached (never beyond its own expiry)."""
+    negative_ttl: float = 5.0
+    """Seconds an unknown/expired verdict stays cached."""
+    tombstone_ttl: float = 600.0
+    """Seconds a revocation tombstone refuses fills."""
+    max_fill_lag: float = 5.0
+    """A fill whose Postgres read started longer ago than this is dropped."""
+    ttl_jitter: float = 0.1
+    """Fraction of ``cache_ttl`` randomly shaved off each fill, so entries
+    filled together do not expire together."""
+    early_refresh: float = 3.0
+    """XFetch's δ·β in seconds: how early hot entries get refreshed (0: never)."""
+    default_session_ttl: timedelta = timedelta(hours=24)
+    max_session_ttl: timedelta = timedelta(days=30)
+
+    def __post_init__(self) -> None:
+        if min(self.cache_ttl, self.negative_ttl, self.max_fill_lag) <= 0:
+            raise ValueError("cache TTLs and max_fill_lag must be positive")
+        if self.tombstone_ttl <= max(self.cache_ttl, self.max_fill_lag):
+            raise ValueError("tombstone_ttl must exceed cache_ttl and max_fill_lag")
+        if self.early_refresh < 0:
+            raise ValueError("early_refresh must not be negative")
+        if not 0 <= self.ttl_jitter < 1:
+            raise ValueError("ttl_jitter must be in [0, 1)")
+        if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
+            raise ValueError("default_session_ttl must be positive and at most max_session_ttl")
