@@ -14,8 +14,6 @@ import redis.asyncio as aioredis
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
-from session_authority.core.breaker import Breaker, BreakerPolicy
-from session_authority.core.service import CorePolicy, SessionAuthority
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
 
 CACHE_TTL = 300.0
@@ -65,19 +63,6 @@ async def cache(
     )
     yield c
     await c.aclose()
-
-
-@pytest.fixture
-def core(store: PostgresSessionStore, cache: RedisSessionCache) -> SessionAuthority:
-    holder: list[SessionAuthority] = []
-
-    async def probe() -> None:
-        await holder[0].replay_revocations()
-
-    breaker = Breaker(BreakerPolicy(reset_timeout=0.5), probe=probe)
-    authority = SessionAuthority(store, cache, breaker, CorePolicy(cache_ttl=CACHE_TTL))
-    holder.append(authority)
-    return authority
 
 
 @pytest_asyncio.fixture

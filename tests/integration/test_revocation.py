@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
+import pytest_asyncio
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
@@ -58,6 +60,20 @@ class CountingMetrics:
         pass
 
 
+_CREATED: list[SessionAuthority] = []
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _close_cores() -> AsyncIterator[None]:
+    """Cancel the background work (breaker wake-ups and probes, early refreshes)
+    of every core a test made, inside the test's own event loop."""
+    yield
+    while _CREATED:
+        core = _CREATED.pop()
+        await core.aclose()
+        await core.breaker.aclose()
+
+
 def _core(
     store: PostgresSessionStore, cache: RedisSessionCache | None, **breaker: float
 ) -> tuple[SessionAuthority, CountingMetrics]:
@@ -75,6 +91,7 @@ def _core(
         metrics=metrics,
     )
     holder.append(core)
+    _CREATED.append(core)
     return core, metrics
 
 

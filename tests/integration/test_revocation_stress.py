@@ -61,9 +61,13 @@ async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAut
     cache = RedisSessionCache.from_url(
         redis_url, ttl=300, min_connections=2, max_connections=10, timeout=1, pool_timeout=1
     )
-    # A short cache TTL keeps misses (and so fill races) frequent.
+    # A short cache TTL keeps misses (and so fill races) frequent; early
+    # refresh stays well inside it.
     return SessionAuthority(
-        store, cache, Breaker(BreakerPolicy()), CorePolicy(cache_ttl=0.05, tombstone_ttl=30)
+        store,
+        cache,
+        Breaker(BreakerPolicy()),
+        CorePolicy(cache_ttl=0.05, tombstone_ttl=30, early_refresh=0.005),
     )
 
 
@@ -128,6 +132,7 @@ async def test_no_validation_after_a_revocation_answers_valid(
         *(validator(n) for n in range(VALIDATORS)), *(revoker(n) for n in range(REVOKERS))
     )
     for core in replicas:
+        await core.aclose()  # background refreshes first, then the pools
         assert isinstance(core.cache, RedisSessionCache)
         await core.cache.aclose()
         assert isinstance(core.store, PostgresSessionStore)

@@ -35,8 +35,9 @@ class CorePolicy:
             raise ValueError("cache TTLs and max_fill_lag must be positive")
         if self.tombstone_ttl <= max(self.cache_ttl, self.max_fill_lag):
             raise ValueError("tombstone_ttl must exceed cache_ttl and max_fill_lag")
-        if self.early_refresh < 0:
-            raise ValueError("early_refresh must not be negative")
+        if not 0 <= self.early_refresh < self.cache_ttl:
+            # At or beyond the TTL nearly every hit would trigger a reload.
+            raise ValueError("early_refresh must be at least 0 and below cache_ttl")
         if not 0 <= self.ttl_jitter < 1:
             raise ValueError("ttl_jitter must be in [0, 1)")
         if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
