@@ -21,6 +21,7 @@ from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
+from session_authority.core.errors import StoreUnavailable
 from session_authority.core.ports import SessionCache
 from session_authority.core.service import SessionAuthority
 from session_authority.observability import Telemetry
@@ -67,6 +68,11 @@ def build_core(
         await core_ref[0].replay_revocations()
 
     breaker = Breaker(settings.breaker_policy(), name="redis", probe=probe)
+    store_breaker = (
+        Breaker(settings.pg_breaker_policy(), name="postgres", error=StoreUnavailable)
+        if settings.pg_breaker_enabled
+        else None
+    )
     port: SessionCache | None = cache
     if cache is not None and telemetry is not None:
         port = telemetry.instrument_cache(cache)
@@ -76,6 +82,7 @@ def build_core(
         breaker,
         settings.core_policy(),
         metrics=None if telemetry is None else telemetry.core_metrics,
+        store_breaker=store_breaker,
     )
     core_ref.append(core)
     return core, store, cache
@@ -204,6 +211,8 @@ class App:
             await self.telemetry.stop()
         await self.core.aclose()
         await self.core.breaker.aclose()
+        if self.core.store_breaker is not None:
+            await self.core.store_breaker.aclose()
         if self.cache is not None:
             await self.cache.aclose()
         await self.store.aclose()

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     breaker_reset_timeout_ms: int = Field(default=15_000, gt=0)
     breaker_rolling_window_ms: int = Field(default=10_000, gt=0)
 
+    pg_breaker_enabled: bool = True
+    pg_breaker_error_threshold_percentage: float = Field(default=50.0, gt=0, le=100)
+    pg_breaker_volume_threshold: int = Field(default=20, ge=1)
+    pg_breaker_reset_timeout_ms: int = Field(default=5_000, gt=0)
+
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
@@ -127,6 +132,17 @@ class Settings(BaseSettings):
         if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint:
             return frozenset({"otlp"})
         return frozenset()
+
+    def pg_breaker_policy(self) -> BreakerPolicy:
+        """Postgres's breaker shares the window; its per-call bound is the
+        pool wait plus the statement timeout (no tighter than the driver's)."""
+        return BreakerPolicy(
+            timeout=(self.pg_pool_timeout_ms + self.pg_command_timeout_ms) / 1000,
+            error_threshold_percentage=self.pg_breaker_error_threshold_percentage,
+            volume_threshold=self.pg_breaker_volume_threshold,
+            reset_timeout=self.pg_breaker_reset_timeout_ms / 1000,
+            rolling_window=self.breaker_rolling_window_ms / 1000,
+        )
 
     def describe(self) -> dict[str, object]:
         """The settings with credentials redacted, for start-up logs."""

@@ -55,6 +55,7 @@ async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> Asy
         pg_command_timeout_ms=2000,
         pg_pool_timeout_ms=1000,
         redis_pool_timeout_ms=200,
+        pg_breaker_reset_timeout_ms=1000,
     )
     app = await App.start(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
@@ -193,6 +194,12 @@ async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> 
     assert tally.sources["SOURCE_DATABASE"] == 0
     assert tally.codes["OK"] > 0
     assert tally.codes["UNAVAILABLE"] > 0
+    # The Postgres breaker opened: later uncached calls were refused at once
+    # instead of each trying a dead database.
+    assert w.app.core.store_breaker is not None
+    assert w.app.core.store_breaker.opened_count >= 1
+    report = await health(w)
+    assert report.postgres_breaker.state in ("open", "half_open")
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{w.app.port}", options=NO_PROXY) as channel:
         checker = health_pb2_grpc.HealthStub(channel)
@@ -212,6 +219,19 @@ async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> 
         while await status() != health_pb2.HealthCheckResponse.SERVING:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
+    # After its reset timeout the Postgres breaker lets one trial call through;
+    # once that succeeds it closes and full service is back, with no manual step.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await w.stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=5)
+            break
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert w.app.core.store_breaker.state is BreakerState.CLOSED
     after = await drive(w, 1.0, tokens=tokens)
     assert after.codes["OK"] == after.calls, after.codes
     assert after.wrong == []

@@ -103,7 +103,7 @@ def _collector(
     registry.register(
         StateCollector(
             stats=lambda: stats,
-            breaker=breaker,
+            breakers=[breaker],
             postgres_pool=lambda: PoolStats(size=1, max_size=10),
             redis_pool=(lambda: PoolStats(size=5, available=3, pending=2)) if redis else None,
             sampler=sampler,
@@ -198,6 +198,7 @@ def test_breaker_transitions_are_span_events(spans: tuple[Tracer, InMemorySpanEx
         (
             "circuit_breaker.transition",
             {
+                "session_authority.breaker.name": "redis",
                 "session_authority.breaker.from": "open",
                 "session_authority.breaker.to": "half_open",
                 "session_authority.breaker.cause": "reset timeout elapsed",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import TokenHash, Validation, new_token
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.health import CacheStats
 from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import SessionCache, SessionStore
@@ -38,10 +38,15 @@ class CoreBase:
         metrics: CoreMetrics | None = None,
         clock: Callable[[], datetime] = utcnow,
         token_factory: Callable[[], str] = new_token,
+        store_breaker: Breaker | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
         self.breaker = breaker
+        #: Optional breaker around Postgres (``error=StoreUnavailable``): while
+        #: open, calls that need the store fail at once instead of each waiting
+        #: for a dead database's timeouts. Health checks bypass it.
+        self.store_breaker = store_breaker
         self.policy = policy or CorePolicy()
         self.stats = CacheStats()
         self._metrics = metrics or NoMetrics()
@@ -52,17 +57,30 @@ class CoreBase:
         breaker.add_listener(
             lambda old, new, _c: self._metrics.breaker_transition(old.value, new.value)
         )
+        if store_breaker is not None:
+            store_breaker.add_listener(
+                lambda old, new, _c: self._metrics.breaker_transition(
+                    old.value, new.value, store_breaker.name
+                )
+            )
 
     def _cache_failed(self, operation: str, exc: CacheUnavailable) -> None:
         self.stats.errors += 1
         self._metrics.cache_error(operation)
         _log.warning("SessionCache %s Error: %s", operation, exc)
 
-    async def _timed_store(self, operation: str, call: Awaitable[T]) -> T:
+    async def _timed_store(self, operation: str, call: Coroutine[Any, Any, T]) -> T:
         started = time.perf_counter()
         ok = False
         try:
-            result = await call
+            breaker = self.store_breaker
+            if breaker is None:
+                result = await call
+            elif not breaker.allows():
+                call.close()  # never started
+                raise StoreUnavailable(f"postgres circuit breaker {breaker.state.value}")
+            else:
+                result = await breaker.call(lambda: call)
             ok = True
             return result
         finally:

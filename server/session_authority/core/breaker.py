@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import aiobreaker
 
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheUnavailable, SessionAuthorityError
 
 __all__ = ["Breaker", "BreakerPolicy", "BreakerState"]
 
@@ -81,10 +81,12 @@ Listener = Callable[[BreakerState, BreakerState, str], None]
 
 
 class Breaker:
-    """Guards calls to one dependency (Redis).
+    """Guards calls to one dependency (Redis; Postgres too, with ``error=StoreUnavailable``).
 
     ``call(op)`` runs ``op`` under the per-call timeout when the breaker is
-    closed and raises ``CacheUnavailable`` without running it when open. After
+    closed and raises ``error`` (``CacheUnavailable`` by default) without
+    running it when open; ``op`` failing with ``error`` or timing out counts
+    as a failure, anything else (a miss, a bad request) as a success. After
     ``reset_timeout`` the next caller triggers the half-open state; if a
     ``probe`` was given it runs once in the background (callers keep being
     refused until it settles), otherwise that caller's own ``op`` is the probe.
@@ -97,11 +99,13 @@ class Breaker:
         name: str = "redis",
         clock: Callable[[], float] = time.monotonic,
         probe: Callable[[], Awaitable[None]] | None = None,
+        error: type[SessionAuthorityError] = CacheUnavailable,
     ) -> None:
         self.policy = policy
         self.name = name
         self._clock = clock
         self._probe = probe
+        self._error = error
         self._probe_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Task[None] | None = None
         self._probing = False
@@ -218,10 +222,10 @@ class Breaker:
         return False
 
     async def call(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` through the breaker. Raises ``CacheUnavailable`` when
-        refused, when ``op`` raises it, or when ``op`` exceeds the timeout."""
+        """Run ``op`` through the breaker. Raises ``error`` when refused, when
+        ``op`` raises it, or when ``op`` exceeds the timeout."""
         if not self.allows():
-            raise CacheUnavailable(f"circuit breaker {self.state.value}")
+            raise self._error(f"{self.name} circuit breaker {self.state.value}")
         # A probe is tied to the half-open generation it started in.
         probe = self._generation if self.state is BreakerState.HALF_OPEN else None
         if probe is not None:
@@ -229,12 +233,12 @@ class Breaker:
         try:
             async with asyncio.timeout(self.policy.timeout):
                 result = await op()
-        except (CacheUnavailable, TimeoutError) as exc:
+        except (self._error, TimeoutError) as exc:
             cause = "timeout" if isinstance(exc, TimeoutError) else str(exc)
             self._failure(cause, probe)
-            if isinstance(exc, CacheUnavailable):
+            if isinstance(exc, self._error):
                 raise
-            raise CacheUnavailable(f"{self.name} call timed out") from exc
+            raise self._error(f"{self.name} call timed out") from exc
         finally:
             if probe is not None:
                 self._probing = False
@@ -245,7 +249,7 @@ class Breaker:
         try:
             async with asyncio.timeout(self.policy.timeout * 10):
                 await probe()
-        except (CacheUnavailable, TimeoutError) as exc:
+        except (self._error, TimeoutError) as exc:
             self._failure(f"probe failed: {exc or 'timeout'}", generation)
         except Exception as exc:  # a bug in the probe must not wedge the breaker
             _log.exception("Circuit breaker probe crashed")

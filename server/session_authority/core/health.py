@@ -88,3 +88,4 @@ class HealthReport:
     store: StoreHealth
     breaker: BreakerReport
     errors: tuple[str, ...]
+    store_breaker: BreakerReport | None = None

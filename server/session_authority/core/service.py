@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from uuid import uuid4
 
-from session_authority.core.breaker import BreakerState
+from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
     Reason,
     Session,
@@ -250,10 +250,11 @@ class SessionAuthority(Revocations):
     # --- health -------------------------------------------------------------------
 
     async def health(self) -> HealthReport:
-        """Healthy: both tiers answer and the breaker is closed. Degraded: Redis
-        is down or bypassed, Postgres answers. Unhealthy: Postgres is down."""
+        """Healthy: both tiers answer and the breakers are closed. Degraded:
+        Redis is down or bypassed, Postgres answers. Unhealthy: Postgres is
+        down, or its breaker is refusing calls."""
         store, cache = await asyncio.gather(self.store.health(), self._cache_health())
-        breaker = self.breaker
+        breaker, store_breaker = self.breaker, self.store_breaker
         errors = []
         if not store.connected:
             errors.append(f"postgres: {store.error or 'unreachable'}")
@@ -261,14 +262,16 @@ class SessionAuthority(Revocations):
             errors.append(f"redis: {cache.error or 'unreachable'}")
         if breaker.state is not BreakerState.CLOSED:
             errors.append(f"circuit breaker {breaker.state.value}: cache bypassed")
+        store_refusing = store_breaker is not None and store_breaker.state is BreakerState.OPEN
+        if store_refusing:
+            errors.append("postgres circuit breaker open: calls needing the database refused")
         cache_healthy = cache.connected and breaker.state is BreakerState.CLOSED
-        if not store.connected:
+        if not store.connected or store_refusing:
             status = "unhealthy"
         elif self.cache is not None and not cache_healthy:
             status = "degraded"
         else:
             status = "healthy"
-        policy = breaker.policy
         return HealthReport(
             status=status,
             cache_enabled=self.cache is not None,
@@ -277,15 +280,9 @@ class SessionAuthority(Revocations):
             stats=self.stats,
             cache_ttl_seconds=int(self.policy.cache_ttl),
             store=store,
-            breaker=BreakerReport(
-                state=breaker.state.value,
-                timeout_ms=int(policy.timeout * 1000),
-                error_threshold_percentage=policy.error_threshold_percentage,
-                reset_timeout_ms=int(policy.reset_timeout * 1000),
-                seconds_until_half_open=round(breaker.seconds_until_half_open(), 3),
-                opened_count=breaker.opened_count,
-            ),
+            breaker=_report(breaker),
             errors=tuple(errors),
+            store_breaker=None if store_breaker is None else _report(store_breaker),
         )
 
     async def _cache_health(self) -> CacheHealth:
@@ -295,3 +292,15 @@ class SessionAuthority(Revocations):
 
     async def store_health(self) -> StoreHealth:
         return await self.store.health()
+
+
+def _report(breaker: Breaker) -> BreakerReport:
+    policy = breaker.policy
+    return BreakerReport(
+        state=breaker.state.value,
+        timeout_ms=int(policy.timeout * 1000),
+        error_threshold_percentage=policy.error_threshold_percentage,
+        reset_timeout_ms=int(policy.reset_timeout * 1000),
+        seconds_until_half_open=round(breaker.seconds_until_half_open(), 3),
+        opened_count=breaker.opened_count,
+    )

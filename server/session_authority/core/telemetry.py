@@ -34,8 +34,8 @@ class CoreMetrics(Protocol):
     def revoked(self, count: int, cache_purged: bool) -> None:
         """Sessions revoked by one Invalidate/InvalidateUser."""
 
-    def breaker_transition(self, old: str, new: str) -> None:
-        """The Redis breaker changed state."""
+    def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
+        """A breaker (``redis`` or ``postgres``) changed state."""
 
 
 class NoMetrics:
@@ -51,5 +51,5 @@ class NoMetrics:
     def revoked(self, count: int, cache_purged: bool) -> None:
         pass
 
-    def breaker_transition(self, old: str, new: str) -> None:
+    def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
         pass

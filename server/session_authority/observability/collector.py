@@ -65,13 +65,13 @@ class StateCollector(Collector):
         self,
         *,
         stats: Callable[[], CacheStats],
-        breaker: Breaker,
+        breakers: list[Breaker],
         postgres_pool: Callable[[], PoolStats],
         redis_pool: Callable[[], PoolStats] | None,
         sampler: HealthSampler,
     ) -> None:
         self._stats = stats
-        self._breaker = breaker
+        self._breakers = breakers
         self._postgres_pool = postgres_pool
         self._redis_pool = redis_pool
         self._sampler = sampler
@@ -115,7 +115,8 @@ class StateCollector(Collector):
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             labels=["breaker"],
         )
-        state.add_metric([self._breaker.name], BREAKER_STATE_VALUES[self._breaker.state])
+        for breaker in self._breakers:
+            state.add_metric([breaker.name], BREAKER_STATE_VALUES[breaker.state])
         yield state
         if report is not None:
             status = GaugeMetricFamily(

@@ -124,17 +124,17 @@ class Instruments:
             self.cache_operation_errors.labels(operation)
         for purged in ("true", "false"):
             self.revocations.labels(purged)
-        for old, new in _BREAKER_STEPS:
-            self.breaker_transitions.labels("redis", old, new)
+        for name in ("redis", "postgres"):
+            for old, new in _BREAKER_STEPS:
+                self.breaker_transitions.labels(name, old, new)
 
 
 class PrometheusMetrics:
     """``CoreMetrics`` (see core/telemetry.py): counts, plus span events for
     fallbacks and cache errors on the span current at the time."""
 
-    def __init__(self, instruments: Instruments, breaker: str = "redis") -> None:
+    def __init__(self, instruments: Instruments) -> None:
         self._i = instruments
-        self._breaker = breaker
 
     def cache_lookup(self, result: str) -> None:
         self._i.cache_lookups.labels(result).inc()
@@ -151,5 +151,5 @@ class PrometheusMetrics:
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)
 
-    def breaker_transition(self, old: str, new: str) -> None:
-        self._i.breaker_transitions.labels(self._breaker, old, new).inc()
+    def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
+        self._i.breaker_transitions.labels(breaker, old, new).inc()

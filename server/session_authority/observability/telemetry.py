@@ -9,6 +9,7 @@ interceptors, the background health sampler and the admin HTTP server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -80,12 +81,16 @@ class Telemetry:
         redis: RedisSessionCache | None,
     ) -> None:
         """Read the built server: breaker events, scrape-time gauges, health."""
-        core.breaker.add_listener(breaker_event)
+        breakers = [core.breaker]
+        if core.store_breaker is not None:
+            breakers.append(core.store_breaker)
+        for breaker in breakers:
+            breaker.add_listener(functools.partial(breaker_event, breaker=breaker.name))
         self.sampler = HealthSampler(core.health)
         self.registry.register(
             StateCollector(
                 stats=lambda: core.stats,
-                breaker=core.breaker,
+                breakers=breakers,
                 postgres_pool=store.pool_stats,
                 # The adapter's pool keeps the numbers (its own waiter count
                 # included); reading them costs no I/O.

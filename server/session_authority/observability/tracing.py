@@ -54,6 +54,7 @@ EVENT_BREAKER_TRANSITION = "circuit_breaker.transition"
 ATTR_BREAKER_FROM = "session_authority.breaker.from"
 ATTR_BREAKER_TO = "session_authority.breaker.to"
 ATTR_BREAKER_CAUSE = "session_authority.breaker.cause"
+ATTR_BREAKER_NAME = "session_authority.breaker.name"
 
 
 def install_tracing(settings: Settings) -> TracerProvider | None:
@@ -112,10 +113,15 @@ def add_event(name: str, attributes: dict[str, str]) -> None:
         span.add_event(name, attributes)
 
 
-def breaker_event(old: BreakerState, new: BreakerState, cause: str) -> None:
+def breaker_event(old: BreakerState, new: BreakerState, cause: str, breaker: str = "redis") -> None:
     """A ``Breaker`` listener: each transition is an event on the span that
     caused it (none when it happened outside a traced call)."""
     add_event(
         EVENT_BREAKER_TRANSITION,
-        {ATTR_BREAKER_FROM: old.value, ATTR_BREAKER_TO: new.value, ATTR_BREAKER_CAUSE: cause},
+        {
+            ATTR_BREAKER_NAME: breaker,
+            ATTR_BREAKER_FROM: old.value,
+            ATTR_BREAKER_TO: new.value,
+            ATTR_BREAKER_CAUSE: cause,
+        },
     )

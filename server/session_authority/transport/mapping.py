@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from session_authority.core.domain import Reason, Session, Source, Validation
 from session_authority.core.errors import InvalidArgument
-from session_authority.core.health import HealthReport, PoolStats
+from session_authority.core.health import BreakerReport, HealthReport, PoolStats
 from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = ["health_to_pb", "session_to_pb", "ttl_from_pb", "validation_to_pb"]
@@ -106,14 +106,20 @@ def health_to_pb(report: HealthReport) -> pb.HealthResponse:
             pool=_pool(store.pool),
             ping=store.ping_ms,
         ),
-        breaker=pb.BreakerHealth(
-            state=breaker.state,
-            timeout_ms=breaker.timeout_ms,
-            error_threshold_percentage=breaker.error_threshold_percentage,
-            reset_timeout_ms=breaker.reset_timeout_ms,
-            seconds_until_half_open=breaker.seconds_until_half_open,
-            opened_count=breaker.opened_count,
-        ),
+        breaker=_breaker(breaker),
     )
+    if report.store_breaker is not None:
+        reply.postgres_breaker.CopyFrom(_breaker(report.store_breaker))
     reply.timestamp.GetCurrentTime()
     return reply
+
+
+def _breaker(report: BreakerReport) -> pb.BreakerHealth:
+    return pb.BreakerHealth(
+        state=report.state,
+        timeout_ms=report.timeout_ms,
+        error_threshold_percentage=report.error_threshold_percentage,
+        reset_timeout_ms=report.reset_timeout_ms,
+        seconds_until_half_open=report.seconds_until_half_open,
+        opened_count=report.opened_count,
+    )

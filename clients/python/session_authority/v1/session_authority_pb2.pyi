@@ -400,6 +400,7 @@ class HealthResponse(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     POSTGRES_FIELD_NUMBER: _builtins.int
     BREAKER_FIELD_NUMBER: _builtins.int
+    POSTGRES_BREAKER_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"healthy", "degraded" (Redis unavailable, Postgres serving) or "unhealthy"
     (Postgres unavailable).
@@ -421,7 +422,15 @@ class HealthResponse(_message.Message):
     @_builtins.property
     def postgres(self) -> Global___PostgresHealth: ...
     @_builtins.property
-    def breaker(self) -> Global___BreakerHealth: ...
+    def breaker(self) -> Global___BreakerHealth:
+        """The Redis circuit breaker."""
+
+    @_builtins.property
+    def postgres_breaker(self) -> Global___BreakerHealth:
+        """The Postgres circuit breaker; absent when disabled. While it is open,
+        calls that need the database are refused (UNAVAILABLE) at once.
+        """
+
     def __init__(
         self,
         *,
@@ -433,10 +442,11 @@ class HealthResponse(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         postgres: Global___PostgresHealth | None = ...,
         breaker: Global___BreakerHealth | None = ...,
+        postgres_breaker: Global___BreakerHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "performance", b"performance", "postgres", b"postgres", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "errors", b"errors", "performance", b"performance", "postgres", b"postgres", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "errors", b"errors", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__status: _TypeAlias = _typing.Literal["status"]  # noqa: Y015
     _WhichOneofArgType__status: _TypeAlias = _typing.Literal["_status", b"_status"]  # noqa: Y015
