@@ -64,6 +64,8 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, instruments: Instruments) -> None:
         self._i = instruments
+        # method -> (inner handler, our wrapper): built once per method, not per call.
+        self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -73,14 +75,19 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         service, method = _split(handler_call_details.method)
         # The stubs type the behaviour as a sync handler; in grpc.aio it is a coroutine.
         behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(behavior, service, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
         duration = self._i.rpc_duration.labels(service, method)

@@ -32,6 +32,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self._last_arrival = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
+        # method -> (inner handler, our wrapper): built once per method, not per call.
+        self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -43,7 +45,16 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming (reflection, health Watch): not counted
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         inner = handler.unary_unary
+        assert inner is not None
 
         async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             self._last_arrival = time.monotonic()
