@@ -234,3 +234,16 @@ async def test_without_since_a_settled_result_is_never_reused() -> None:
     second.gate.set()
     await flights.do(k, first)
     assert await flights.do(k, second) == ("second", False)
+
+
+async def test_settled_results_are_forgotten_after_the_retention_even_without_since() -> None:
+    now = [0.0]
+    flight: SingleFlight[str, int] = SingleFlight(retention=1.0, clock=lambda: now[0])
+
+    async def load(_: object) -> int:
+        return 1
+
+    for i in range(100):  # e.g. every lookup bypassing an open breaker: no ``since``
+        now[0] = i * 0.5
+        await flight.do(f"key-{i}", load)
+    assert len(flight._recent) <= 3

@@ -74,13 +74,16 @@ class SingleFlight(Generic[K, V]):
         late = flight.begun
         return await asyncio.shield(task), late
 
-    def _recent_result(self, key: K, since: float) -> tuple[float, V] | None:
+    def _prune(self) -> None:
         horizon = self._clock() - self._retention
         while self._recent:
             oldest_key, (finished, _) = next(iter(self._recent.items()))
             if finished >= horizon:
                 break
             del self._recent[oldest_key]
+
+    def _recent_result(self, key: K, since: float) -> tuple[float, V] | None:
+        self._prune()
         found = self._recent.get(key)
         return found if found is not None and found[0] >= since else None
 
@@ -89,6 +92,7 @@ class SingleFlight(Generic[K, V]):
             result = await load(flight)
             self._recent.pop(key, None)
             self._recent[key] = (self._clock(), result)
+            self._prune()  # also here: callers that pass no ``since`` never prune
             return result
         finally:
             # Leave the table before the result is published, so nobody can
