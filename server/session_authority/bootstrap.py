@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,20 +24,77 @@ from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
+from session_authority.core.domain import new_token
 from session_authority.core.errors import StoreUnavailable
-from session_authority.core.ports import SessionCache
+from session_authority.core.guarded import GuardedCache, GuardedStore
+from session_authority.core.health import CacheStats
+from session_authority.core.issuance import Issuer
+from session_authority.core.policy import CorePolicy, utcnow
+from session_authority.core.ports import SessionCache, SessionStore
+from session_authority.core.reporting import HealthReporter
+from session_authority.core.revocation import Revoker
 from session_authority.core.service import SessionAuthority
+from session_authority.core.telemetry import CoreMetrics, NoMetrics
+from session_authority.core.validation import Validator
 from session_authority.observability import Telemetry
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["App", "build_core"]
+__all__ = ["App", "assemble_core", "build_core"]
 
 _log = logging.getLogger("session_authority")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
 _HEALTH_INTERVAL = 2.0
+
+
+def assemble_core(
+    store: SessionStore,
+    cache: SessionCache | None,
+    *,
+    breaker: Breaker,
+    store_breaker: Breaker | None = None,
+    policy: CorePolicy | None = None,
+    metrics: CoreMetrics | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    rng: Callable[[], float] = random.random,
+    token_factory: Callable[[], str] = new_token,
+) -> SessionAuthority:
+    """The core's collaborators over the given ports (no I/O). Both ports go
+    behind their breakers the same way; the Redis breaker's half-open probe is
+    the revoker's replay. Tests assemble their cores here too, on fakes."""
+    policy = policy or CorePolicy()
+    metrics = metrics or NoMetrics()
+    stats = CacheStats()
+    guarded_store: SessionStore = (
+        store if store_breaker is None else GuardedStore(store, store_breaker)
+    )
+    guarded_cache = (
+        None if cache is None else GuardedCache(cache, breaker, stats=stats, metrics=metrics)
+    )
+    revoker = Revoker(guarded_store, guarded_cache, breaker, policy, metrics=metrics, clock=clock)
+    breaker.set_probe(revoker.replay_revocations)
+    return SessionAuthority(
+        issuer=Issuer(
+            guarded_store, guarded_cache, policy, clock=clock, token_factory=token_factory
+        ),
+        validator=Validator(
+            guarded_store,
+            guarded_cache,
+            breaker,
+            policy,
+            stats=stats,
+            metrics=metrics,
+            clock=clock,
+            rng=rng,
+        ),
+        revoker=revoker,
+        reporter=HealthReporter(store, cache, breaker, store_breaker, policy, stats),
+        stats=stats,
+        breaker=breaker,
+        store_breaker=store_breaker,
+    )
 
 
 def build_core(
@@ -62,12 +122,7 @@ def build_core(
             timeout=settings.breaker_timeout_ms / 1000,
             pool_timeout=settings.redis_pool_timeout_ms / 1000,
         )
-    core_ref: list[SessionAuthority] = []
-
-    async def probe() -> None:
-        await core_ref[0].replay_revocations()
-
-    breaker = Breaker(settings.breaker_policy(), name="redis", probe=probe)
+    breaker = Breaker(settings.breaker_policy(), name="redis")
     store_breaker = (
         Breaker(settings.pg_breaker_policy(), name="postgres", error=StoreUnavailable)
         if settings.pg_breaker_enabled
@@ -76,15 +131,14 @@ def build_core(
     port: SessionCache | None = cache
     if cache is not None and telemetry is not None:
         port = telemetry.instrument_cache(cache)
-    core = SessionAuthority(
+    core = assemble_core(
         store,
         port,
-        breaker,
-        settings.core_policy(),
-        metrics=None if telemetry is None else telemetry.core_metrics,
+        breaker=breaker,
         store_breaker=store_breaker,
+        policy=settings.core_policy(),
+        metrics=None if telemetry is None else telemetry.core_metrics,
     )
-    core_ref.append(core)
     return core, store, cache
 
 
@@ -210,9 +264,6 @@ class App:
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.core.aclose()
-        await self.core.breaker.aclose()
-        if self.core.store_breaker is not None:
-            await self.core.store_breaker.aclose()
         if self.cache is not None:
             await self.cache.aclose()
         await self.store.aclose()

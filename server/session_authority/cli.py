@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import tempfile
@@ -86,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            overrides: dict[str, object] = {"host": os.environ.get("HOST", "0.0.0.0")}  # noqa: S104
+            overrides: dict[str, object] = {}
             if args.host:
                 overrides["host"] = args.host
             if args.port is not None:
@@ -153,8 +152,8 @@ def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
     from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, embedded_available
 
     # Validate the environment before starting anything (raises ValidationError).
-    Settings(host="127.0.0.1", port=port, log_format="text")
-    configure_logging(os.environ.get("LOG_LEVEL", "INFO"), "text")
+    base_settings = Settings(host="127.0.0.1", port=port, log_format="text")
+    configure_logging(base_settings.log_level, "text")
     if not embedded_available():
         print(
             "session-authority dev needs the embedded servers: "
@@ -172,10 +171,11 @@ def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
             print("starting private Redis...", flush=True)
             redis = stack.enter_context(EmbeddedRedis(base / "redis"))
             env["REDIS_URL"] = redis.url
-        settings = Settings(
-            **{k.lower(): v for k, v in env.items()},  # type: ignore[arg-type]
-            log_format="text",
-            log_level=os.environ.get("LOG_LEVEL", "INFO"),
+        settings = base_settings.model_copy(
+            update={
+                "database_url": postgres.url,
+                "redis_url": env.get("REDIS_URL"),
+            }
         )
         if asyncio.run(_migrate(postgres.url)) != 0:
             return 1

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from session_authority.core.breaker import BreakerPolicy
-from session_authority.core.service import CorePolicy
+from session_authority.core.policy import CorePolicy
 
 __all__ = ["Settings", "redact_url"]
 
@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, repr=False)
     redis_url: str | None = Field(default=None, repr=False)
 
-    host: str = "127.0.0.1"
+    host: str = "0.0.0.0"  # noqa: S104  (a service listens on every interface; `dev` binds loopback)
     port: int = Field(default=50051, ge=0, le=65535)
 
     cache_ttl_seconds: float = Field(default=300.0, gt=0)
@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     log_format: str = Field(default="json", pattern="^(json|text)$")
 
     # Admin HTTP port: /metrics (Prometheus), /health, /api/health/redis, /livez, /readyz.
-    admin_host: str | None = None
-    """Defaults to ``host``."""
+    admin_host: str = "127.0.0.1"
+    """Loopback by default: health and metrics show hosts, versions and error
+    texts. Set ``0.0.0.0`` (or a pod IP) for Prometheus to scrape it."""
     admin_port: int = Field(default=9464, ge=0, le=65535)
     """0 disables the admin server."""
 
@@ -121,7 +122,7 @@ class Settings(BaseSettings):
 
     @property
     def admin_bind_host(self) -> str:
-        return self.admin_host or self.host
+        return self.admin_host
 
     def traces_exporters(self) -> frozenset[str]:
         """Where spans go: OTEL_TRACES_EXPORTER when set, else OTLP when an

@@ -32,11 +32,10 @@ import grpc
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
-from session_authority.bootstrap import App
+from session_authority.bootstrap import App, assemble_core
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import TokenHash, new_token
-from session_authority.core.service import SessionAuthority
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -61,8 +60,8 @@ async def bench_core(pg: str, redis_url: str, n: int) -> dict[str, float]:
     cache = RedisSessionCache.from_url(
         redis_url, ttl=300, min_connections=2, max_connections=10, timeout=1, pool_timeout=1
     )
-    cached = SessionAuthority(store, cache, Breaker(BreakerPolicy()))
-    uncached = SessionAuthority(store, None, Breaker(BreakerPolicy()))
+    cached = assemble_core(store, cache, breaker=Breaker(BreakerPolicy()))
+    uncached = assemble_core(store, None, breaker=Breaker(BreakerPolicy()))
     try:
         token, _ = await cached.create("bench-user", timedelta(hours=1), {})
         await cached.validate(token)  # fill

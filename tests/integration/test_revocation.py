@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 from uuid import uuid4
 
 import pytest
@@ -15,9 +16,11 @@ import pytest_asyncio
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.bootstrap import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import Reason, Session, Source, TokenHash, new_token
-from session_authority.core.service import CorePolicy, SessionAuthority
+from session_authority.core.ports import SessionStore
+from session_authority.core.service import SessionAuthority
 from session_authority.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -40,24 +43,17 @@ class PausableStore(PostgresSessionStore):
         return found
 
 
-class CountingMetrics:
-    def __init__(self) -> None:
+class CountingStore:
+    """A ``SessionStore`` that counts the calls reaching Postgres."""
+
+    def __init__(self, inner: SessionStore) -> None:
+        self.inner = inner
         self.queries: Counter[str] = Counter()
 
-    def cache_lookup(self, result: str) -> None:
-        pass
-
-    def cache_error(self, operation: str) -> None:
-        pass
-
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
-        self.queries[operation] += 1
-
-    def revoked(self, count: int, cache_purged: bool) -> None:
-        pass
-
-    def breaker_transition(self, old: str, new: str) -> None:
-        pass
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        self.queries[name] += 1
+        return method
 
 
 _CREATED: list[SessionAuthority] = []
@@ -71,28 +67,17 @@ async def _close_cores() -> AsyncIterator[None]:
     while _CREATED:
         core = _CREATED.pop()
         await core.aclose()
-        await core.breaker.aclose()
 
 
 def _core(
     store: PostgresSessionStore, cache: RedisSessionCache | None, **breaker: float
-) -> tuple[SessionAuthority, CountingMetrics]:
-    holder: list[SessionAuthority] = []
-
-    async def probe() -> None:
-        await holder[0].replay_revocations()
-
-    metrics = CountingMetrics()
-    core = SessionAuthority(
-        store,
-        cache,
-        Breaker(BreakerPolicy(**breaker), probe=probe),
-        CorePolicy(),
-        metrics=metrics,
+) -> tuple[SessionAuthority, CountingStore]:
+    counting = CountingStore(store)
+    core = assemble_core(
+        cast(SessionStore, counting), cache, breaker=Breaker(BreakerPolicy(**breaker))
     )
-    holder.append(core)
     _CREATED.append(core)
-    return core, metrics
+    return core, counting
 
 
 @pytest.mark.parametrize("revoke_all", [False, True], ids=["Invalidate", "InvalidateUser"])

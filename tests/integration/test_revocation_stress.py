@@ -15,9 +15,11 @@ import pytest
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.bootstrap import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash
-from session_authority.core.service import CorePolicy, SessionAuthority
+from session_authority.core.policy import CorePolicy
+from session_authority.core.service import SessionAuthority
 from session_authority.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -63,11 +65,11 @@ async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAut
     )
     # A short cache TTL keeps misses (and so fill races) frequent; early
     # refresh stays well inside it.
-    return SessionAuthority(
+    return assemble_core(
         store,
         cache,
-        Breaker(BreakerPolicy()),
-        CorePolicy(cache_ttl=0.05, tombstone_ttl=30, early_refresh=0.005),
+        breaker=Breaker(BreakerPolicy()),
+        policy=CorePolicy(cache_ttl=0.05, tombstone_ttl=30, early_refresh=0.005),
     )
 
 

@@ -5,16 +5,18 @@ can never resurrect a revoked session."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
 
+from session_authority.bootstrap import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Reason, Source, TokenHash
+from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import CachedVerdict
-from session_authority.core.service import CorePolicy, SessionAuthority
 
 from .fakes import FakeClock, InMemorySessionCache, InMemorySessionStore, until
 
@@ -22,17 +24,18 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(5)]
 
 
 class World:
-    def __init__(self, early_refresh: float) -> None:
+    def __init__(self, early_refresh: float, rng: Callable[[], float] | None = None) -> None:
         self.clock = FakeClock()
         self.store = InMemorySessionStore(self.clock.now)
         self.cache = InMemorySessionCache(self.clock.monotonic)
         self.breaker = Breaker(BreakerPolicy(timeout=0.05), clock=self.clock.monotonic)
-        self.svc = SessionAuthority(
+        self.svc = assemble_core(
             self.store,
             self.cache,
-            self.breaker,
-            CorePolicy(cache_ttl=300, ttl_jitter=0, early_refresh=early_refresh),
+            breaker=self.breaker,
+            policy=CorePolicy(cache_ttl=300, ttl_jitter=0, early_refresh=early_refresh),
             clock=self.clock.now,
+            rng=rng or random.Random(1).random,
         )
 
     async def cached_token(self) -> tuple[str, TokenHash]:
@@ -48,7 +51,6 @@ async def world() -> AsyncIterator[World]:
     if w.store.gate is not None:
         w.store.gate.set()
     await w.svc.aclose()
-    await w.breaker.aclose()
 
 
 async def test_hits_far_from_expiry_never_refresh(world: World) -> None:
@@ -82,7 +84,7 @@ async def test_a_refresh_loses_to_a_revocation_like_any_fill(world: World) -> No
     revocation = await world.svc.invalidate(token=token)
     assert (revocation.revoked_count, revocation.cache_purged) == (1, True)
     world.store.gate.set()
-    await until(lambda: token_hash not in world.svc._loads)
+    await until(lambda: not world.svc.validator.loading(token_hash))
     assert world.cache.peek(token_hash) == CachedVerdict(Reason.REVOKED)
     answer = await world.svc.validate(token)
     assert (answer.valid, answer.reason) == (False, Reason.REVOKED)

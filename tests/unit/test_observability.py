@@ -311,8 +311,8 @@ def test_trace_exporter_choice() -> None:
 
 def test_admin_and_log_settings() -> None:
     assert (Settings().admin_port, Settings().admin_bind_host) == (9464, "127.0.0.1")
-    assert Settings(host="0.0.0.0").admin_bind_host == "0.0.0.0"
-    assert Settings(host="0.0.0.0", admin_host="127.0.0.1").admin_bind_host == "127.0.0.1"
+    assert Settings(host="0.0.0.0").admin_bind_host == "127.0.0.1"  # not the gRPC host
+    assert Settings(admin_host="0.0.0.0").admin_bind_host == "0.0.0.0"
     assert Settings(log_level="debug").log_level == "DEBUG"
     with pytest.raises(ValidationError):
         Settings(log_level="chatty")

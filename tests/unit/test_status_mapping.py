@@ -10,9 +10,8 @@ import pytest
 from session_authority.core import errors
 from session_authority.core.errors import (
     CacheUnavailable,
-    DeadlineExceeded,
+    CircuitOpen,
     InvalidArgument,
-    Overloaded,
     SessionAuthorityError,
     StoreUnavailable,
     Unavailable,
@@ -38,7 +37,7 @@ def instance(cls: type[SessionAuthorityError]) -> SessionAuthorityError:
 def test_the_walk_finds_the_whole_error_tree() -> None:
     found = set(core_errors())
     assert {SessionAuthorityError, InvalidArgument, Unavailable, StoreUnavailable} <= found
-    assert {CacheUnavailable, Overloaded, DeadlineExceeded} <= found
+    assert {CacheUnavailable, CircuitOpen} <= found
     assert {cls.__name__ for cls in found} == set(errors.__all__)
 
 
@@ -56,8 +55,7 @@ def test_every_core_error_has_its_own_entry_in_the_table(cls: type[SessionAuthor
         (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
         (Unavailable, grpc.StatusCode.UNAVAILABLE),
         (CacheUnavailable, grpc.StatusCode.UNAVAILABLE),
-        (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (CircuitOpen, grpc.StatusCode.UNAVAILABLE),
         (SessionAuthorityError, grpc.StatusCode.INTERNAL),
     ],
     ids=lambda v: getattr(v, "__name__", None) or getattr(v, "name", str(v)),
@@ -70,8 +68,8 @@ def test_an_unlisted_subclass_takes_its_nearest_ancestors_code() -> None:
     class PoolExhausted(StoreUnavailable):
         pass
 
-    class Shed(Overloaded):
+    class Refused(CircuitOpen):
         pass
 
     assert status_for(PoolExhausted("pool")) is grpc.StatusCode.UNAVAILABLE
-    assert status_for(Shed("shed")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_for(Refused("open")) is grpc.StatusCode.UNAVAILABLE

@@ -4,26 +4,35 @@ from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import Reason, Revocation, Session, Source, TokenHash, Validation
 from session_authority.core.errors import (
     CacheUnavailable,
-    DeadlineExceeded,
+    CircuitOpen,
     InvalidArgument,
-    Overloaded,
     SessionAuthorityError,
     StoreUnavailable,
     Unavailable,
 )
-from session_authority.core.service import CorePolicy, SessionAuthority
+from session_authority.core.guarded import GuardedCache, GuardedStore
+from session_authority.core.issuance import Issuer
+from session_authority.core.policy import CorePolicy
+from session_authority.core.reporting import HealthReporter
+from session_authority.core.revocation import Revoker
+from session_authority.core.service import SessionAuthority
+from session_authority.core.validation import Validator
 
 __all__ = [
     "Breaker",
     "BreakerPolicy",
     "BreakerState",
     "CacheUnavailable",
+    "CircuitOpen",
     "CorePolicy",
-    "DeadlineExceeded",
+    "GuardedCache",
+    "GuardedStore",
+    "HealthReporter",
     "InvalidArgument",
-    "Overloaded",
+    "Issuer",
     "Reason",
     "Revocation",
+    "Revoker",
     "Session",
     "SessionAuthority",
     "SessionAuthorityError",
@@ -32,4 +41,5 @@ __all__ = [
     "TokenHash",
     "Unavailable",
     "Validation",
+    "Validator",
 ]

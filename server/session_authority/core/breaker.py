@@ -150,6 +150,11 @@ class Breaker:
         while self.state is BreakerState.OPEN and not self.allows():  # noqa: ASYNC110
             await asyncio.sleep(min(0.1, self.policy.reset_timeout))
 
+    def set_probe(self, probe: Callable[[], Awaitable[None]]) -> None:
+        """Attach the half-open probe after construction (the probe usually
+        belongs to a collaborator built with this breaker: no cycle needed)."""
+        self._probe = probe
+
     def add_listener(self, listener: Listener) -> None:
         """``listener(old, new, cause)`` is called on every transition."""
         self._listeners.append(listener)

@@ -7,10 +7,9 @@ the transport reports it as INTERNAL (logged once). The tree::
     ├── InvalidArgument      bad input; names the offending field (never echoes a token)
     ├── Unavailable          the authority cannot answer now (fails closed: never "valid")
     │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
-    ├── CacheUnavailable     Redis is unreachable, failing, slow or behind an open breaker;
-    │                        handled inside the core by falling back to the store
-    ├── Overloaded           too many requests in flight; retry later
-    └── DeadlineExceeded     the caller's deadline ran out before an answer
+    └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
+        │                    core by falling back to the store
+        └── CircuitOpen      the Redis breaker refused the call without making it
 
 Adapters translate driver exceptions into these in one place each, with
 ``raise ... from exc``. ``asyncio.CancelledError`` is never caught by them.
@@ -20,9 +19,8 @@ from __future__ import annotations
 
 __all__ = [
     "CacheUnavailable",
-    "DeadlineExceeded",
+    "CircuitOpen",
     "InvalidArgument",
-    "Overloaded",
     "SessionAuthorityError",
     "StoreUnavailable",
     "Unavailable",
@@ -54,9 +52,6 @@ class CacheUnavailable(SessionAuthorityError):
     """The session cache (Redis) failed, timed out, or its breaker is open."""
 
 
-class Overloaded(SessionAuthorityError):
-    """Too much work in flight; the request was shed."""
-
-
-class DeadlineExceeded(SessionAuthorityError):
-    """The caller's deadline expired before the work finished."""
+class CircuitOpen(CacheUnavailable):
+    """The cache's breaker is refusing calls: the call was not made (not a
+    new failure, so it is neither counted nor logged as one)."""

@@ -18,10 +18,12 @@ class Flight:
     """Handed to the loader; it calls ``begin()`` right before the read whose
     result it will share, so late joiners can tell they arrived after it."""
 
-    __slots__ = ("begun",)
+    __slots__ = ("begun", "callers")
 
     def __init__(self) -> None:
         self.begun = False
+        #: Callers awaiting this load right now (the starter and its joiners).
+        self.callers = 0
 
     def begin(self) -> None:
         self.begun = True
@@ -56,6 +58,11 @@ class SingleFlight(Generic[K, V]):
         """Whether a load for ``key`` is in flight."""
         return key in self._inflight
 
+    def callers(self, key: K) -> int:
+        """How many callers are awaiting the load in flight for ``key`` (0: none)."""
+        current = self._inflight.get(key)
+        return 0 if current is None else current[1].callers
+
     async def do(
         self, key: K, load: Callable[[Flight], Awaitable[V]], since: float | None = None
     ) -> tuple[V, bool]:
@@ -69,10 +76,18 @@ class SingleFlight(Generic[K, V]):
             task: asyncio.Task[V] = asyncio.ensure_future(self._run(key, flight, load))
             self._inflight[key] = (task, flight)
             task.add_done_callback(_retrieve)
-            return await asyncio.shield(task), False
+            return await self._wait(task, flight), False
         task, flight = current
         late = flight.begun
-        return await asyncio.shield(task), late
+        return await self._wait(task, flight), late
+
+    @staticmethod
+    async def _wait(task: asyncio.Task[V], flight: Flight) -> V:
+        flight.callers += 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            flight.callers -= 1
 
     def _prune(self) -> None:
         horizon = self._clock() - self._retention

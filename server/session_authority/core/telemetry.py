@@ -1,8 +1,11 @@
 """The small telemetry surface the core reports to.
 
 The core traces with the OpenTelemetry *API* (a no-op until an SDK provider is
-installed at the edge) and counts through ``CoreMetrics``, which the metrics
-adapter implements. Neither ever receives a token: at most a hash prefix.
+installed at the edge) and reports outcomes through ``CoreMetrics``, which the
+observability package implements. Timing of Redis and Postgres calls and
+breaker transitions are observed at the edges (port wrappers and breaker
+listeners wired by the composition root), not here. Nothing here ever
+receives a token: at most a hash prefix.
 """
 
 from __future__ import annotations
@@ -26,16 +29,16 @@ class CoreMetrics(Protocol):
         """One cache lookup with its result (see ``ATTR_CACHE_RESULT``)."""
 
     def cache_error(self, operation: str) -> None:
-        """A cache operation failed (Redis error, timeout or open breaker)."""
+        """A cache operation failed (Redis error or timeout; not a refusal by
+        an open breaker)."""
 
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
-        """One session-store call and how long it took."""
+    def validated(self, valid: bool, source: str, reason: str) -> None:
+        """One ValidateSession answer: ``source`` is cache, database or
+        token_format; ``reason`` none, unknown, expired or revoked. Called in
+        the caller's context (outside the core's own spans)."""
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         """Sessions revoked by one Invalidate/InvalidateUser."""
-
-    def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
-        """A breaker (``redis`` or ``postgres``) changed state."""
 
 
 class NoMetrics:
@@ -45,11 +48,8 @@ class NoMetrics:
     def cache_error(self, operation: str) -> None:
         pass
 
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+    def validated(self, valid: bool, source: str, reason: str) -> None:
         pass
 
     def revoked(self, count: int, cache_purged: bool) -> None:
-        pass
-
-    def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
         pass

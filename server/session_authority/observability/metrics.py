@@ -9,11 +9,19 @@ prometheus_client's global one, so two servers in one process do not collide.
 
 from __future__ import annotations
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from session_authority.observability.tracing import add_event
 
+ATTR_VALID = "session_authority.validation.valid"
+ATTR_VALIDATION_SOURCE = "session_authority.validation.source"
+ATTR_VALIDATION_REASON = "session_authority.validation.reason"
+
 __all__ = [
+    "ATTR_VALID",
+    "ATTR_VALIDATION_REASON",
+    "ATTR_VALIDATION_SOURCE",
     "CACHE_OPERATIONS",
     "CACHE_RESULTS",
     "EVENT_CACHE_ERROR",
@@ -147,6 +155,18 @@ class PrometheusMetrics:
 
     def store_query(self, operation: str, seconds: float, ok: bool) -> None:
         self._i.store_query.labels(operation, "ok" if ok else "error").observe(seconds)
+
+    def validated(self, valid: bool, source: str, reason: str) -> None:
+        self._i.validations.labels("true" if valid else "false", source, reason).inc()
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    ATTR_VALID: valid,
+                    ATTR_VALIDATION_SOURCE: source,
+                    ATTR_VALIDATION_REASON: reason,
+                }
+            )
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)

@@ -26,6 +26,7 @@ from prometheus_client import (
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings
+from session_authority.core.breaker import BreakerState
 from session_authority.core.ports import SessionCache
 from session_authority.core.service import SessionAuthority
 from session_authority.observability.admin import AdminServer
@@ -86,6 +87,7 @@ class Telemetry:
             breakers.append(core.store_breaker)
         for breaker in breakers:
             breaker.add_listener(functools.partial(breaker_event, breaker=breaker.name))
+            breaker.add_listener(functools.partial(self._count_transition, breaker=breaker.name))
         self.sampler = HealthSampler(core.health)
         self.registry.register(
             StateCollector(
@@ -98,6 +100,11 @@ class Telemetry:
                 sampler=self.sampler,
             )
         )
+
+    def _count_transition(
+        self, old: BreakerState, new: BreakerState, _cause: str, breaker: str
+    ) -> None:
+        self.instruments.breaker_transitions.labels(breaker, old.value, new.value).inc()
 
     async def start(self, is_serving: Callable[[], bool]) -> None:
         """Bind the admin port (unless ADMIN_PORT=0) and start sampling health.

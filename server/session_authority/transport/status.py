@@ -10,9 +10,8 @@ import grpc
 
 from session_authority.core.errors import (
     CacheUnavailable,
-    DeadlineExceeded,
+    CircuitOpen,
     InvalidArgument,
-    Overloaded,
     SessionAuthorityError,
     StoreUnavailable,
     Unavailable,
@@ -25,9 +24,8 @@ STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    CircuitOpen: grpc.StatusCode.UNAVAILABLE,
     CacheUnavailable: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     SessionAuthorityError: grpc.StatusCode.INTERNAL,
 }
 

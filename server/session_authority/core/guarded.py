@@ -1,0 +1,123 @@
+"""Each port reached through its breaker, both wrapped the same way.
+
+``GuardedCache`` and ``GuardedStore`` implement the port they wrap: every call
+runs through the breaker (per-call timeout, failures counted in its window);
+while the breaker refuses calls they raise at once without touching the
+dependency (``CircuitOpen`` for the cache, ``StoreUnavailable`` for the store).
+``health`` passes through unguarded: health reports the dependency itself.
+
+The composition root stacks them over the timing wrappers of the edge::
+
+    core → GuardedCache(breaker) → InstrumentedSessionCache → RedisSessionCache
+    core → GuardedStore(breaker) → InstrumentedSessionStore → PostgresSessionStore
+
+The cache guard also keeps the cache's failure accounting in one place: a
+failed call (not a refusal) counts in ``CacheStats.errors`` and
+``CoreMetrics.cache_error`` and is logged once as ``SessionCache <op> Error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from session_authority.core.breaker import Breaker
+from session_authority.core.domain import Session, TokenHash
+from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
+from session_authority.core.health import CacheHealth, CacheStats, StoreHealth
+from session_authority.core.ports import (
+    Cached,
+    CacheEntry,
+    SessionCache,
+    SessionStore,
+    StoreRevocation,
+)
+from session_authority.core.telemetry import CoreMetrics
+
+__all__ = ["GuardedCache", "GuardedStore"]
+
+_log = logging.getLogger("session_authority.cache")
+T = TypeVar("T")
+
+
+class GuardedCache:
+    """A ``SessionCache`` behind the Redis breaker. ``inner`` is the cache
+    itself, for the breaker's own probe (which must not be refused by it)."""
+
+    def __init__(
+        self, inner: SessionCache, breaker: Breaker, *, stats: CacheStats, metrics: CoreMetrics
+    ) -> None:
+        self.inner = inner
+        self.breaker = breaker
+        self._stats = stats
+        self._metrics = metrics
+
+    async def _call(self, operation: str, op: Callable[[], Awaitable[T]]) -> T:
+        breaker = self.breaker
+        if not breaker.allows():
+            raise CircuitOpen(f"{breaker.name} circuit breaker {breaker.state.value}")
+        try:
+            return await breaker.call(op)
+        except CacheUnavailable as exc:
+            self._stats.errors += 1
+            self._metrics.cache_error(operation)
+            _log.warning("SessionCache %s Error: %s", operation, exc)
+            raise
+
+    async def get(self, token_hash: TokenHash) -> Cached | None:
+        return await self._call("get", lambda: self.inner.get(token_hash))
+
+    async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
+        return await self._call("fill", lambda: self.inner.fill(token_hash, entry, ttl))
+
+    async def ping(self) -> None:
+        await self._call("ping", self.inner.ping)
+
+    async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
+        await self._call("mark_created", lambda: self.inner.mark_created(token_hash, ttl))
+
+    async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
+        await self._call("tombstone", lambda: self.inner.tombstone(token_hashes, ttl))
+
+    async def health(self) -> CacheHealth:
+        return await self.inner.health()
+
+
+class GuardedStore:
+    """A ``SessionStore`` behind the Postgres breaker (``error=StoreUnavailable``):
+    while it is open, calls that need the store fail at once instead of each
+    waiting out a dead database's timeouts."""
+
+    def __init__(self, inner: SessionStore, breaker: Breaker) -> None:
+        self.inner = inner
+        self.breaker = breaker
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        breaker = self.breaker
+        if not breaker.allows():
+            raise StoreUnavailable(f"{breaker.name} circuit breaker {breaker.state.value}")
+        return await breaker.call(op)
+
+    async def create(self, session: Session) -> None:
+        await self._call(lambda: self.inner.create(session))
+
+    async def find(self, token_hash: TokenHash) -> Session | None:
+        return await self._call(lambda: self.inner.find(token_hash))
+
+    async def revoke(
+        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+    ) -> StoreRevocation | None:
+        return await self._call(
+            lambda: self.inner.revoke(at, token_hash=token_hash, session_id=session_id)
+        )
+
+    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
+        return await self._call(lambda: self.inner.revoke_user(user_id, at))
+
+    async def revoked_since(self, since: datetime) -> list[TokenHash]:
+        return await self._call(lambda: self.inner.revoked_since(since))
+
+    async def health(self) -> StoreHealth:
+        return await self.inner.health()

@@ -1,0 +1,250 @@
+"""Validation: cache-aside reads, the miss path, and early refresh.
+
+The revocation invariant this must keep is stated in ``revocation.py``. Here
+that means: fills are conditional (a tombstone refuses them), and a caller
+that shares a load it did not see start (a "late" joiner) trusts it only if
+the cache confirmed it and the breaker has not opened since it began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from session_authority.core.breaker import Breaker
+from session_authority.core.domain import (
+    Reason,
+    Session,
+    Source,
+    TokenHash,
+    Validation,
+    is_well_formed,
+    parse_token,
+)
+from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
+from session_authority.core.health import CacheStats
+from session_authority.core.policy import CorePolicy
+from session_authority.core.ports import (
+    Cached,
+    CachedVerdict,
+    CacheEntry,
+    SessionCache,
+    SessionStore,
+)
+from session_authority.core.singleflight import Flight, SingleFlight
+from session_authority.core.telemetry import (
+    ATTR_CACHE_RESULT,
+    ATTR_TOKEN_PREFIX,
+    CoreMetrics,
+    tracer,
+)
+
+__all__ = ["Loaded", "Validator"]
+
+_log = logging.getLogger("session_authority.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What one miss-path load found; shared by every caller of the flight."""
+
+    answer: Validation
+    #: The cache confirmed the answer: the fill landed, or a tombstone refused it.
+    confirmed: bool
+    #: The Redis breaker's ``opened_count`` when the Postgres read began.
+    opened_count: int
+
+
+class Validator:
+    """``validate``: cache first, then Postgres through a per-process
+    single-flight, then a conditional fill. Never answers valid on a guess."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        cache: SessionCache | None,
+        breaker: Breaker,
+        policy: CorePolicy,
+        *,
+        stats: CacheStats,
+        metrics: CoreMetrics,
+        clock: Callable[[], datetime],
+        rng: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._breaker = breaker
+        self._policy = policy
+        self._stats = stats
+        self._metrics = metrics
+        self._now = clock
+        self._rng = rng
+        self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight()
+        self._refreshes: set[asyncio.Task[None]] = set()
+
+    def loading(self, token_hash: TokenHash) -> bool:
+        """Whether a load (miss or early refresh) for this hash is in flight."""
+        return token_hash in self._loads
+
+    def callers(self, token_hash: TokenHash) -> int:
+        """How many validations await the load in flight for this hash."""
+        return self._loads.callers(token_hash)
+
+    async def validate(self, token: str) -> Validation:
+        """Whether ``token`` names a live session. Raises ``InvalidArgument`` for
+        malformed input and ``StoreUnavailable`` when the answer is not in the
+        cache and Postgres cannot be asked: never a guess."""
+        answer = await self._validate(token)
+        reason = "none" if answer.reason is None else answer.reason.value
+        self._metrics.validated(answer.valid, answer.source.value, reason)
+        return answer
+
+    async def _validate(self, token: str) -> Validation:
+        token_hash = parse_token(token)
+        if not is_well_formed(token):
+            self._metrics.cache_lookup("malformed")
+            return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
+        looked_at = time.monotonic()
+        with tracer.start_as_current_span("session_cache.lookup") as span:
+            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+            result, hit = await self._lookup(token_hash)
+            span.set_attribute(ATTR_CACHE_RESULT, result)
+        self._metrics.cache_lookup(result)
+        if hit is not None:
+            self._stats.hits += 1
+            _log.debug("Cache HIT %s (%s)", token_hash.prefix, result)
+            self._maybe_refresh(token_hash, hit)
+            return self._judge(hit.entry, Source.CACHE)
+        if result == "miss":
+            self._stats.misses += 1
+            _log.debug("Cache MISS %s", token_hash.prefix)
+        # A caller whose own lookup was a clean miss saw no tombstone, so no
+        # revocation had returned before it looked: it may share a load that
+        # settled after it looked. Callers that bypassed the cache may not.
+        # After a failed or refused lookup the rest of this request skips the
+        # cache: one validation pays at most one cache timeout.
+        clean = result == "miss"
+        loaded, late = await self._loads.do(
+            token_hash,
+            lambda flight: self._load(token_hash, flight, fill=clean),
+            since=looked_at if clean else None,
+        )
+        if late and (not loaded.confirmed or loaded.opened_count != self._breaker.opened_count):
+            # We joined a load whose Postgres read began before we did, and
+            # either no cache fill vouched for it (a tombstone would have
+            # refused it), or the breaker opened since it began (a revocation
+            # whose tombstone failed trips it, and leaves no tombstone to
+            # refuse anything): a revocation that returned before we started
+            # may postdate that read. Read for ourselves.
+            loaded = await self._load(token_hash, Flight(), fill=clean)
+        return loaded.answer
+
+    async def _lookup(self, token_hash: TokenHash) -> tuple[str, Cached | None]:
+        cache = self._cache
+        if cache is None:
+            return "disabled", None
+        try:
+            hit = await cache.get(token_hash)
+        except CircuitOpen:
+            return "bypassed", None
+        except CacheUnavailable:
+            return "error", None
+        if hit is None:
+            return "miss", None
+        if isinstance(hit.entry, CachedVerdict):
+            return ("tombstone" if hit.entry.reason is Reason.REVOKED else "negative"), hit
+        return "hit", hit
+
+    def _maybe_refresh(self, token_hash: TokenHash, hit: Cached) -> None:
+        """XFetch (Vattani et al., VLDB 2015): refresh a live entry early with a
+        probability that grows as its expiry nears, so a hot session is
+        reloaded in the background by one caller instead of missing for many.
+        Refresh when ``ttl_left <= -gap * ln(U)``, U uniform in (0, 1]; ``gap``
+        (δ·β in the paper) is ``early_refresh``: a hit at ``ttl_left = gap``
+        refreshes with probability 1/e, at ``3 * gap`` with 5 %. The refresh is
+        an ordinary single-flight load and conditional fill, so it can never
+        resurrect a revoked session."""
+        gap = self._policy.early_refresh
+        if gap <= 0 or not isinstance(hit.entry, Session) or token_hash in self._loads:
+            return
+        if hit.ttl_left > -gap * math.log(1.0 - self._rng()):
+            return
+        self._stats.early_refreshes += 1
+        task = asyncio.create_task(self._refresh(token_hash))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _refresh(self, token_hash: TokenHash) -> None:
+        try:
+            await self._loads.do(token_hash, lambda flight: self._load(token_hash, flight))
+        except (StoreUnavailable, CacheUnavailable) as exc:
+            _log.debug("early refresh of %s skipped: %s", token_hash.prefix, exc)
+
+    async def aclose(self) -> None:
+        """Cancel background refreshes (the pools are closed by their owner)."""
+        tasks = list(self._refreshes)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _judge(self, entry: CacheEntry, source: Source) -> Validation:
+        if isinstance(entry, CachedVerdict):
+            return Validation.invalid(entry.reason, source)
+        reason = entry.verdict(self._now())
+        if reason is not None:
+            return Validation.invalid(reason, source)
+        return Validation.live(entry, source)
+
+    async def _load(self, token_hash: TokenHash, flight: Flight, *, fill: bool = True) -> Loaded:
+        """Miss path: ask Postgres, then (with ``fill``) fill the cache conditionally."""
+        opened = self._breaker.opened_count
+        flight.begin()
+        read_started = time.monotonic()
+        with tracer.start_as_current_span("session_store.find") as span:
+            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+            session = await self._store.find(token_hash)
+        entry, ttl = self._entry_for(session)
+        answer = self._judge(entry, Source.DATABASE)
+        if not fill:
+            return Loaded(answer, False, opened)
+        if time.monotonic() - read_started > self._policy.max_fill_lag:
+            return Loaded(answer, False, opened)  # too old to trust against an expired tombstone
+        filled = await self._fill(token_hash, entry, ttl)
+        if filled is False:
+            # A tombstone refused the fill: the session was revoked after our read.
+            return Loaded(Validation.invalid(Reason.REVOKED, Source.CACHE), True, opened)
+        return Loaded(answer, filled is True, opened)
+
+    def _entry_for(self, session: Session | None) -> tuple[CacheEntry, float]:
+        """What to cache for a Postgres answer, and for how long."""
+        policy = self._policy
+        if session is None:
+            return CachedVerdict(Reason.UNKNOWN), policy.negative_ttl
+        now = self._now()
+        reason = session.verdict(now)
+        if reason is None:
+            remaining = (session.expires_at - now).total_seconds()
+            jitter = self._rng() * policy.ttl_jitter * policy.cache_ttl
+            return session, min(policy.cache_ttl - jitter, remaining)
+        if reason is Reason.REVOKED:
+            return CachedVerdict(reason), policy.tombstone_ttl
+        return CachedVerdict(reason), policy.negative_ttl
+
+    async def _fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool | None:
+        """True when filled, False when a tombstone refused it, None when the
+        cache was not written (disabled, unavailable, or nothing to keep)."""
+        cache = self._cache
+        if cache is None or ttl <= 0:
+            return None
+        with tracer.start_as_current_span("session_cache.fill") as span:
+            try:
+                filled = await cache.fill(token_hash, entry, ttl)
+            except CacheUnavailable:
+                return None
+            span.set_attribute("session_authority.cache.fill_refused", not filled)
+            return filled
