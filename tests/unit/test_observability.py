@@ -1,15 +1,21 @@
 """The observability pieces on fakes, without I/O: exposition of the runbook's
 counters, the CoreMetrics adapter and its span events, the timing cache proxy,
-the health document's JSON, log correlation and the telemetry settings."""
+the health document's JSON (against the gRPC reply's), log correlation and
+the telemetry settings."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -32,12 +38,17 @@ from session_authority.core.health import (
 from session_authority.core.ports import SessionCache
 from session_authority.core.telemetry import CoreMetrics
 from session_authority.logs import JsonFormatter
-from session_authority.observability.admin import health_document, health_http_status
 from session_authority.observability.collector import StateCollector
+from session_authority.observability.health_json import (
+    health_document,
+    health_http_status,
+    rfc3339,
+)
 from session_authority.observability.instrumented import InstrumentedSessionCache
 from session_authority.observability.metrics import Instruments, PrometheusMetrics
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.tracing import breaker_event
+from session_authority.transport.mapping import health_to_pb
 
 from .fakes import InMemorySessionCache
 
@@ -263,6 +274,132 @@ def test_health_document_is_camel_case_with_numbers() -> None:
     assert doc["errors"] == []
     assert doc["status"] == "healthy"
     assert doc["timestamp"].endswith("Z")
+    assert "postgresBreaker" not in doc
+
+
+_INT64 = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _unquote_int64(descriptor: Descriptor, doc: dict[str, Any]) -> None:
+    for field in descriptor.fields:
+        value = doc.get(field.json_name)
+        if field.type in _INT64 and isinstance(value, str):
+            doc[field.json_name] = int(value)
+        elif field.message_type is not None and isinstance(value, dict):
+            _unquote_int64(field.message_type, value)
+
+
+def _grpc_rendering(report: HealthReport) -> dict[str, Any]:
+    """What the gRPC Health reply says, as proto3 JSON with 64-bit integers
+    unquoted: the document /health served before it stopped using protobuf."""
+    reply = health_to_pb(report)
+    doc = MessageToDict(reply, always_print_fields_with_no_presence=True)
+    _unquote_int64(reply.DESCRIPTOR, doc)
+    return doc
+
+
+def _breaker_report(state: str = "closed", opened: int = 0) -> BreakerReport:
+    return BreakerReport(state, 1000, 50.0, 30000, 0.0, opened_count=opened)
+
+
+_ZERO = HealthReport(
+    status="unhealthy",
+    cache_enabled=False,
+    cache_healthy=False,
+    cache=CacheHealth(connected=False),
+    stats=CacheStats(),
+    cache_ttl_seconds=0,
+    store=StoreHealth(connected=False),
+    breaker=BreakerReport("closed", 0, 0.0, 0, 0.0, opened_count=0),
+    errors=(),
+)
+_PG_POOL = PoolStats(size=10, available=9, pending=0, min_size=2, max_size=10)
+
+HEALTH_REPORTS = {
+    "healthy": _report(),
+    "degraded": HealthReport(
+        status="degraded",
+        cache_enabled=True,
+        cache_healthy=False,
+        cache=CacheHealth(connected=False, error="redis: Connection refused"),
+        stats=CacheStats(hits=9823, misses=177, errors=12, early_refreshes=3),
+        cache_ttl_seconds=300,
+        store=StoreHealth(connected=True, version="16.2", pool=_PG_POOL, ping_ms=0.731),
+        breaker=BreakerReport("open", 1000, 50.0, 30000, 12.5, opened_count=2**40),
+        errors=("redis: Connection refused", "circuit breaker open"),
+        store_breaker=_breaker_report(),
+    ),
+    "unhealthy with both breakers": HealthReport(
+        status="unhealthy",
+        cache_enabled=True,
+        cache_healthy=True,
+        cache=CacheHealth(
+            connected=True,
+            version="7.2.4",
+            uptime_seconds=86_400,
+            used_memory="2.5M",
+            total_keys=12_345,
+            pool=PoolStats(size=3, available=1, pending=4, min_size=1, max_size=10),
+            ping_ms=0.1234,
+            set_ms=0.2,
+            get_ms=1 / 3,
+        ),
+        stats=CacheStats(hits=1, misses=2),
+        cache_ttl_seconds=3600,
+        store=StoreHealth(connected=False, error="postgres: timeout"),
+        breaker=_breaker_report("half_open", 7),
+        errors=("postgres: timeout",),
+        store_breaker=_breaker_report("open", 1),
+    ),
+    "zeros and falses": _ZERO,
+    "nan and infinities": HealthReport(
+        status="healthy",
+        cache_enabled=True,
+        cache_healthy=True,
+        cache=CacheHealth(connected=True, ping_ms=math.inf, set_ms=-math.inf, get_ms=math.nan),
+        stats=CacheStats(),
+        cache_ttl_seconds=300,
+        store=StoreHealth(connected=True),
+        breaker=BreakerReport("closed", 1000, 50, 30000, 0, opened_count=0),  # ints for doubles
+        errors=(),
+    ),
+}
+
+
+@pytest.mark.parametrize("report", HEALTH_REPORTS.values(), ids=HEALTH_REPORTS.keys())
+def test_health_document_matches_the_grpc_reply(report: HealthReport) -> None:
+    """gRPC Health and HTTP /health render one report; they must not drift."""
+    ours, theirs = health_document(report), _grpc_rendering(report)
+    assert ours.pop("timestamp").endswith("Z")
+    theirs.pop("timestamp")
+    assert json.loads(json.dumps(ours)) == theirs
+    # Same types too (equality alone lets 50 == 50.0 and True == 1 through).
+    assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC),
+        datetime(2024, 1, 1, 0, 0, 0, 120_000, tzinfo=UTC),
+        datetime(2024, 1, 1, 0, 0, 0, 123_456, tzinfo=UTC),
+        datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2024, 6, 1, 2, 0, 0, 500, tzinfo=timezone(timedelta(hours=-3))),
+        datetime.now(UTC),
+    ],
+)
+def test_timestamp_as_proto3_json_prints_it(at: datetime) -> None:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    assert rfc3339(at) == stamp.ToJsonString()
 
 
 def test_health_http_status() -> None:

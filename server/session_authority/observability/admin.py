@@ -8,66 +8,25 @@
 ``/readyz``            200 while the gRPC health service says SERVING, else 503
 =====================  ==========================================================
 
-The health document is the gRPC ``Health`` reply rendered as proto3 JSON, so
-both ways of asking agree field for field; only 64-bit counters differ (JSON
-numbers here, strings in proto3 JSON).
+The health document comes from the core's ``HealthReport`` (``health_json``),
+rendered as the gRPC ``Health`` reply's proto3 JSON would be, without going
+through protobuf.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from session_authority.core.health import HealthReport
+from session_authority.observability.health_json import health_document, health_http_status
 from session_authority.observability.sampler import HealthSampler
-from session_authority.transport.mapping import health_to_pb
 
-__all__ = ["AdminServer", "health_document", "health_http_status"]
+__all__ = ["AdminServer"]
 
 _log = logging.getLogger("session_authority.observability")
-
-
-_INT64 = frozenset(
-    {
-        FieldDescriptor.TYPE_INT64,
-        FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_SINT64,
-        FieldDescriptor.TYPE_FIXED64,
-        FieldDescriptor.TYPE_SFIXED64,
-    }
-)
-
-
-def health_document(report: HealthReport) -> dict[str, Any]:
-    reply = health_to_pb(report)
-    # always_print_...: `errors: []` when there are none, like the runbook.
-    doc = MessageToDict(reply, always_print_fields_with_no_presence=True)
-    _unquote_int64(reply.DESCRIPTOR, doc)
-    return doc
-
-
-def _unquote_int64(descriptor: Descriptor, doc: dict[str, Any]) -> None:
-    """proto3 JSON prints 64-bit integers as strings; the runbook's document
-    has numbers (``"hits": 9823``), and counters stay far below 2**53."""
-    for field in descriptor.fields:
-        value = doc.get(field.json_name)
-        if value is None:
-            continue
-        if field.type in _INT64 and isinstance(value, str):
-            doc[field.json_name] = int(value)
-        elif field.message_type is not None and isinstance(value, dict):
-            _unquote_int64(field.message_type, value)
-
-
-def health_http_status(report: HealthReport) -> int:
-    """503 only when unhealthy (Postgres down): degraded still answers."""
-    return 503 if report.status == "unhealthy" else 200
 
 
 class AdminServer:
