@@ -1,7 +1,7 @@
 """The observability pieces on fakes, without I/O: exposition of the runbook's
-counters, the CoreMetrics adapter and its span events, the timing cache proxy,
-the health document's JSON (against the gRPC reply's), log correlation and
-the telemetry settings."""
+counters (classic text and OpenMetrics), the CoreMetrics adapter and its span
+events, the timing cache proxy, the health document's JSON (against the gRPC
+reply's), log correlation and the telemetry settings."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer, format_span_id, format_trace_id
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from session_authority.config import Settings
@@ -38,7 +40,7 @@ from session_authority.core.health import (
 from session_authority.core.ports import SessionCache
 from session_authority.core.telemetry import CoreMetrics
 from session_authority.logs import JsonFormatter
-from session_authority.observability.collector import StateCollector
+from session_authority.observability.collector import StateCollector, openmetrics_view
 from session_authority.observability.health_json import (
     health_document,
     health_http_status,
@@ -156,6 +158,28 @@ def test_no_redis_gauges_without_a_cache() -> None:
     assert "redis_" not in text
     assert "session_cache_hits 0.0" in text
     assert "postgres_pool_size 1.0" in text
+
+
+def test_openmetrics_is_valid_and_keeps_every_runbook_sample() -> None:
+    """OpenMetrics forbids two families of one name, so a counter family
+    ``session_cache_hits`` next to the runbook's untyped one would make the
+    whole scrape unparseable: the view serves the ``_total`` twin as an
+    ``unknown`` family of its own name, with the same samples."""
+    registry = _collector(CacheStats(hits=3, misses=1, errors=2), Breaker(BreakerPolicy()))
+    Instruments(registry)
+    with pytest.raises(ValueError, match="metadata after samples"):  # what the view is for
+        list(text_string_to_metric_families(generate_openmetrics(registry).decode()))
+    text = generate_openmetrics(openmetrics_view(registry)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # strict parser
+    for name, value in (("hits", 3), ("misses", 1), ("errors", 2)):
+        for family in (f"session_cache_{name}", f"session_cache_{name}_total"):
+            assert families[family].type == "unknown"
+            assert [(s.name, s.value) for s in families[family].samples] == [(family, value)]
+    assert families["session_cache_lookups"].type == "counter"  # other counters untouched
+    assert families["redis_latency"].type == "histogram"
+    assert families["session_cache_hit_rate"].samples[0].value == 75.0
+    # The classic text format is what it was: untyped twin plus a real counter.
+    assert "# TYPE session_cache_hits_total counter" in _lines(registry)
 
 
 # --- CoreMetrics --------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """The admin HTTP server (aiohttp, in the serving event loop).
 
 =====================  ==========================================================
-``/metrics``           Prometheus classic text format, from this server's registry
+``/metrics``           Prometheus exposition through prometheus_client's own
+                       aiohttp handler: content negotiation (``Accept:
+                       application/openmetrics-text`` gets OpenMetrics, anything
+                       else the classic text format), gzip when asked for
 ``/health``            the runbook's health document as JSON (camelCase, numbers
 ``/api/health/redis``  as numbers): 200 when healthy or degraded, 503 when unhealthy
 ``/livez``             200 while the process runs
@@ -18,15 +21,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from aiohttp import hdrs, web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder
 
+from session_authority.observability.collector import openmetrics_view
 from session_authority.observability.health_json import health_document, health_http_status
 from session_authority.observability.sampler import HealthSampler
 
 __all__ = ["AdminServer"]
 
 _log = logging.getLogger("session_authority.observability")
+_OPENMETRICS = "application/openmetrics-text"
 
 
 class AdminServer:
@@ -36,7 +43,8 @@ class AdminServer:
         sampler: HealthSampler,
         is_serving: Callable[[], bool],
     ) -> None:
-        self._registry = registry
+        self._classic = make_aiohttp_handler(registry)
+        self._openmetrics = make_aiohttp_handler(openmetrics_view(registry))
         self._sampler = sampler
         self._is_serving = is_serving
         self._runner: web.AppRunner | None = None
@@ -76,9 +84,13 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        # prometheus_client negotiates the format; we only pick which view of
+        # the registry it renders (see ``collector.openmetrics_view``).
+        _, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
+        if content_type.startswith(_OPENMETRICS):
+            return await self._openmetrics(request)
+        return await self._classic(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         report = await self._sampler.sample()
