@@ -219,6 +219,38 @@ def test_core_metrics_counts_and_span_events(
     ]
 
 
+def test_validated_counts_and_annotates_the_current_span(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+    registry = CollectorRegistry()
+    metrics: CoreMetrics = PrometheusMetrics(Instruments(registry))
+    metrics.validated(False, "token_format", "unknown")  # no span: counted only
+    with tracer.start_as_current_span("rpc"):
+        metrics.validated(True, "cache", "none")
+    with tracer.start_as_current_span("rpc"):
+        metrics.validated(False, "database", "revoked")
+    lines = _lines(registry)
+    for labels in (
+        'reason="none",source="cache",valid="true"',
+        'reason="revoked",source="database",valid="false"',
+        'reason="unknown",source="token_format",valid="false"',
+    ):
+        assert f"session_validations_total{{{labels}}} 1.0" in lines
+    assert [dict(s.attributes or {}) for s in exporter.get_finished_spans()] == [
+        {
+            "session_authority.validation.valid": True,
+            "session_authority.validation.source": "cache",
+            "session_authority.validation.reason": "none",
+        },
+        {
+            "session_authority.validation.valid": False,
+            "session_authority.validation.source": "database",
+            "session_authority.validation.reason": "revoked",
+        },
+    ]
+
+
 def test_breaker_transitions_are_span_events(spans: tuple[Tracer, InMemorySpanExporter]) -> None:
     tracer, exporter = spans
     now = [0.0]

@@ -22,20 +22,31 @@ ATTR_TOKEN_PREFIX = "session_authority.token_hash_prefix"
 
 
 class CoreMetrics(Protocol):
+    """What the core reports as it works. Implementations count and annotate
+    the current span; none raises, none blocks. Store timing and breaker
+    transitions are not here: the edge wraps the ports and watches the
+    breakers itself."""
+
     def cache_lookup(self, result: str) -> None:
         """One cache lookup with its result (see ``ATTR_CACHE_RESULT``)."""
 
     def cache_error(self, operation: str) -> None:
         """A cache operation failed (Redis error, timeout or open breaker)."""
 
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
-        """One session-store call and how long it took."""
+    def validated(self, valid: bool, source: str, reason: str) -> None:
+        """One validation's answer. ``source``: cache, database or
+        token_format; ``reason``: none (valid), unknown, expired or revoked.
+        Called outside the core's own child spans, so that the current span
+        is the caller's (the RPC's server span)."""
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         """Sessions revoked by one Invalidate/InvalidateUser."""
 
+    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+        """Not part of the port."""  # removed when the core stops calling it
+
     def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
-        """A breaker (``redis`` or ``postgres``) changed state."""
+        """Not part of the port."""  # removed when the core stops calling it
 
 
 class NoMetrics:
@@ -45,11 +56,14 @@ class NoMetrics:
     def cache_error(self, operation: str) -> None:
         pass
 
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+    def validated(self, valid: bool, source: str, reason: str) -> None:
         pass
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         pass
 
+    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+        pass  # removed when the core stops calling it
+
     def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
-        pass
+        pass  # removed when the core stops calling it

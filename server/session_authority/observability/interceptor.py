@@ -1,13 +1,9 @@
-"""``RpcMetricsInterceptor``: per-RPC duration and status code, and what each
-ValidateSession answered (valid, source, reason), as Prometheus series and as
-attributes of the RPC's server span.
+"""``RpcMetricsInterceptor``: per-RPC duration and status code, nothing else.
 
-It sits inside OpenTelemetry's server interceptor, so the span current while
-the handler runs is that RPC's server span. Replies are read through protobuf
-reflection (by descriptor name), so no generated type is imported here: those
-stop at the transport. Only unary-unary methods are
-measured (every SessionAuthority RPC and grpc.health.v1 Check); streaming
-ones (health Watch, reflection) pass through untouched.
+It never reads requests or replies (what ValidateSession answered is
+reported by the core, through ``CoreMetrics.validated``). Only unary-unary
+methods are measured (every SessionAuthority RPC and grpc.health.v1 Check);
+streaming ones (health Watch, reflection) pass through untouched.
 """
 
 from __future__ import annotations
@@ -18,21 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf.message import Message
-from opentelemetry import trace
 
 from session_authority.observability.metrics import Instruments
 
-__all__ = [
-    "ATTR_VALID",
-    "ATTR_VALIDATION_REASON",
-    "ATTR_VALIDATION_SOURCE",
-    "RpcMetricsInterceptor",
-]
-
-ATTR_VALID = "session_authority.validation.valid"
-ATTR_VALIDATION_SOURCE = "session_authority.validation.source"
-ATTR_VALIDATION_REASON = "session_authority.validation.reason"
+__all__ = ["RpcMetricsInterceptor"]
 
 # Strings: grpc's classes are generic only in its type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any] | None"
@@ -42,18 +27,6 @@ Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Await
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").rpartition("/")
     return service or "unknown", name or "unknown"
-
-
-VALIDATE_REPLY = "session_authority.v1.ValidateSessionResponse"
-
-
-def _enum_label(message: Message, field: str, prefix: str) -> str:
-    """``SOURCE_CACHE`` → ``cache``; ``REASON_UNSPECIFIED`` → ``none``."""
-    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
-    number = getattr(message, field)
-    value = enum.values_by_number.get(number) if enum is not None else None
-    label = value.name.removeprefix(prefix).lower() if value is not None else str(number)
-    return "none" if label == "unspecified" else label
 
 
 def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -96,7 +69,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK.name
             try:
-                response = await behavior(request, context)
+                return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED.name
                 raise
@@ -106,24 +79,5 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 duration.observe(time.perf_counter() - started)
                 self._i.rpc_handled.labels(service, method, code).inc()
-            if isinstance(response, Message) and response.DESCRIPTOR.full_name == VALIDATE_REPLY:
-                self._validated(response)
-            return response
 
         return measured
-
-    def _validated(self, response: Message) -> None:
-        is_valid = bool(getattr(response, "valid"))  # noqa: B009  (a message field)
-        valid = "true" if is_valid else "false"
-        source = _enum_label(response, "source", "SOURCE_")
-        reason = _enum_label(response, "reason", "REASON_")
-        self._i.validations.labels(valid, source, reason).inc()
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    ATTR_VALID: is_valid,
-                    ATTR_VALIDATION_SOURCE: source,
-                    ATTR_VALIDATION_REASON: reason,
-                }
-            )

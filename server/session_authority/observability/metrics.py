@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from session_authority.observability.tracing import add_event
+from session_authority.observability.tracing import (
+    ATTR_VALID,
+    ATTR_VALIDATION_REASON,
+    ATTR_VALIDATION_SOURCE,
+    add_event,
+    set_attributes,
+)
 
 __all__ = [
     "CACHE_OPERATIONS",
@@ -131,7 +137,8 @@ class Instruments:
 
 class PrometheusMetrics:
     """``CoreMetrics`` (see core/telemetry.py): counts, plus span events for
-    fallbacks and cache errors on the span current at the time."""
+    fallbacks and cache errors and the validation's answer as attributes, on
+    the span current at the time."""
 
     def __init__(self, instruments: Instruments) -> None:
         self._i = instruments
@@ -145,11 +152,20 @@ class PrometheusMetrics:
         self._i.cache_operation_errors.labels(operation).inc()
         add_event(EVENT_CACHE_ERROR, {"session_authority.cache.operation": operation})
 
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
-        self._i.store_query.labels(operation, "ok" if ok else "error").observe(seconds)
+    def validated(self, valid: bool, source: str, reason: str) -> None:
+        self._i.validations.labels("true" if valid else "false", source, reason).inc()
+        # The core reports outside its own child spans: this is the RPC's span.
+        set_attributes(
+            {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
+        )
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)
 
+    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+        # removed when the core stops calling it
+        self._i.store_query.labels(operation, "ok" if ok else "error").observe(seconds)
+
     def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
+        # removed when the core stops calling it
         self._i.breaker_transitions.labels(breaker, old, new).inc()

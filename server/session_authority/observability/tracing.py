@@ -39,12 +39,17 @@ from session_authority.core.breaker import BreakerState
 __all__ = [
     "ATTR_BREAKER_CAUSE",
     "ATTR_BREAKER_FROM",
+    "ATTR_BREAKER_NAME",
     "ATTR_BREAKER_TO",
+    "ATTR_VALID",
+    "ATTR_VALIDATION_REASON",
+    "ATTR_VALIDATION_SOURCE",
     "EVENT_BREAKER_TRANSITION",
     "add_event",
     "breaker_event",
     "flush_tracing",
     "install_tracing",
+    "set_attributes",
     "tracing_active",
 ]
 
@@ -55,6 +60,10 @@ ATTR_BREAKER_FROM = "session_authority.breaker.from"
 ATTR_BREAKER_TO = "session_authority.breaker.to"
 ATTR_BREAKER_CAUSE = "session_authority.breaker.cause"
 ATTR_BREAKER_NAME = "session_authority.breaker.name"
+#: On the RPC's server span: what ValidateSession answered.
+ATTR_VALID = "session_authority.validation.valid"
+ATTR_VALIDATION_SOURCE = "session_authority.validation.source"
+ATTR_VALIDATION_REASON = "session_authority.validation.reason"
 
 
 def install_tracing(settings: Settings) -> TracerProvider | None:
@@ -111,6 +120,13 @@ def add_event(name: str, attributes: dict[str, str]) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(name, attributes)
+
+
+def set_attributes(attributes: dict[str, str | bool]) -> None:
+    """Attributes on the current span, if one is recording."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(attributes)
 
 
 def breaker_event(old: BreakerState, new: BreakerState, cause: str, breaker: str = "redis") -> None:
