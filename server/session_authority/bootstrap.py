@@ -2,8 +2,9 @@
 at import time.
 
 Observability (``observability.Telemetry``) is wired here too: the core gets
-its ``CoreMetrics`` and an instrumented cache, the gRPC server its tracing and
-metrics interceptors, and the admin HTTP port starts with the server."""
+its ``CoreMetrics`` and both ports timed, each breaker its listener, the gRPC
+server its tracing and metrics interceptors, and the admin HTTP port starts
+with the server."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
 from session_authority.core.errors import StoreUnavailable
-from session_authority.core.ports import SessionCache
+from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.service import SessionAuthority
 from session_authority.observability import Telemetry
 from session_authority.transport.drain import DrainInterceptor
@@ -41,8 +42,9 @@ def build_core(
     settings: Settings, telemetry: Telemetry | None = None
 ) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache | None]:
     """The core on real adapters. With ``telemetry``, the core reports to its
-    metrics and reaches Redis through a timing proxy (the returned cache is
-    the adapter itself, for warming and closing)."""
+    metrics and reaches Redis and Postgres through timing wrappers (the
+    returned store and cache are the adapters themselves, for pool numbers,
+    warming and closing), and each breaker has its listener."""
     if not settings.database_url:
         raise ValueError("DATABASE_URL is required")
     store = PostgresSessionStore(
@@ -73,11 +75,17 @@ def build_core(
         if settings.pg_breaker_enabled
         else None
     )
+    store_port: SessionStore = store
     port: SessionCache | None = cache
-    if cache is not None and telemetry is not None:
-        port = telemetry.instrument_cache(cache)
+    if telemetry is not None:
+        store_port = telemetry.instrument_store(store)
+        if cache is not None:
+            port = telemetry.instrument_cache(cache)
+        telemetry.watch_breaker(breaker)
+        if store_breaker is not None:
+            telemetry.watch_breaker(store_breaker)
     core = SessionAuthority(
-        store,
+        store_port,
         port,
         breaker,
         settings.core_policy(),

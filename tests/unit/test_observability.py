@@ -1,7 +1,8 @@
 """The observability pieces on fakes, without I/O: exposition of the runbook's
 counters (classic text and OpenMetrics), the CoreMetrics adapter and its span
-events, the timing cache proxy, the health document's JSON (against the gRPC
-reply's), log correlation and the telemetry settings."""
+events, the breaker listener, the timing wrappers of both ports, the health
+document's JSON (against the gRPC reply's), log correlation and the telemetry
+settings."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash, new_token
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.health import (
     BreakerReport,
     CacheHealth,
@@ -37,22 +38,26 @@ from session_authority.core.health import (
     PoolStats,
     StoreHealth,
 )
-from session_authority.core.ports import SessionCache
+from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.telemetry import CoreMetrics
 from session_authority.logs import JsonFormatter
+from session_authority.observability import Telemetry
 from session_authority.observability.collector import StateCollector, openmetrics_view
 from session_authority.observability.health_json import (
     health_document,
     health_http_status,
     rfc3339,
 )
-from session_authority.observability.instrumented import InstrumentedSessionCache
+from session_authority.observability.instrumented import (
+    InstrumentedSessionCache,
+    InstrumentedSessionStore,
+)
 from session_authority.observability.metrics import Instruments, PrometheusMetrics
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.tracing import breaker_event
 from session_authority.transport.mapping import health_to_pb
 
-from .fakes import InMemorySessionCache
+from .fakes import InMemorySessionCache, InMemorySessionStore
 
 _OTEL_VARS = (
     "OTEL_SDK_DISABLED",
@@ -196,22 +201,12 @@ def test_core_metrics_counts_and_span_events(
         metrics.cache_lookup("bypassed")
         metrics.cache_error("fill")
         metrics.revoked(3, cache_purged=False)
-        metrics.store_query("find", 0.002, ok=True)
-        metrics.breaker_transition("closed", "open")
     lines = _lines(registry)
     assert 'session_cache_lookups_total{result="hit"} 1.0' in lines
     assert 'session_cache_lookups_total{result="bypassed"} 1.0' in lines
     assert 'session_cache_lookups_total{result="miss"} 0.0' in lines
     assert 'session_cache_operation_errors_total{operation="fill"} 1.0' in lines
     assert 'session_revocations_total{cache_purged="false"} 3.0' in lines
-    assert (
-        'postgres_query_duration_seconds_bucket{le="0.0025",operation="find",outcome="ok"} 1.0'
-        in lines
-    )
-    transition = (
-        'circuit_breaker_transitions_total{breaker="redis",from_state="closed",to_state="open"}'
-    )
-    assert f"{transition} 1.0" in lines
     (span,) = exporter.get_finished_spans()
     assert [(e.name, dict(e.attributes or {})) for e in span.events] == [
         ("session_cache.fallback", {"session_authority.cache.result": "bypassed"}),
@@ -251,6 +246,18 @@ def test_validated_counts_and_annotates_the_current_span(
     ]
 
 
+def test_store_timing_and_transitions_left_the_core_metrics() -> None:
+    """Until the core stops calling them, they must not count: the store
+    wrapper and the breaker listener do, and counting twice would lie."""
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(Instruments(registry))
+    metrics.store_query("find", 0.002, ok=True)
+    metrics.breaker_transition("closed", "open")
+    text = "\n".join(_lines(registry))
+    assert "postgres_query_duration_seconds_count" not in text
+    assert 'to_state="open"} 1.0' not in text
+
+
 def test_breaker_transitions_are_span_events(spans: tuple[Tracer, InMemorySpanExporter]) -> None:
     tracer, exporter = spans
     now = [0.0]
@@ -271,6 +278,34 @@ def test_breaker_transitions_are_span_events(spans: tuple[Tracer, InMemorySpanEx
                 "session_authority.breaker.cause": "reset timeout elapsed",
             },
         )
+    ]
+
+
+def test_watch_breaker_counts_and_records_each_transition_once(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+    telemetry = Telemetry(Settings())
+    now = [0.0]
+    redis = Breaker(BreakerPolicy(reset_timeout=15), clock=lambda: now[0])
+    postgres = Breaker(BreakerPolicy(), name="postgres", error=StoreUnavailable)
+    for breaker in (redis, postgres, redis):  # watching twice adds nothing
+        telemetry.watch_breaker(breaker)
+    with tracer.start_as_current_span("rpc"):
+        redis.trip("test")
+        postgres.trip("test")
+    now[0] = 15.0
+    assert redis.allows()  # outside any span: counted, no event
+    lines = _lines(telemetry.registry)
+    step = 'circuit_breaker_transitions_total{{breaker="{}",from_state="{}",to_state="{}"}} {}'
+    assert step.format("redis", "closed", "open", "1.0") in lines
+    assert step.format("postgres", "closed", "open", "1.0") in lines
+    assert step.format("redis", "open", "half_open", "1.0") in lines
+    assert step.format("postgres", "open", "half_open", "0.0") in lines
+    (span,) = exporter.get_finished_spans()
+    assert [dict(e.attributes or {})["session_authority.breaker.name"] for e in span.events] == [
+        "redis",
+        "postgres",
     ]
 
 
@@ -303,6 +338,46 @@ async def test_instrumented_cache_times_every_call_and_changes_nothing() -> None
         assert f'redis_latency_count{{operation="{operation}"}} {count}.0' in lines
     assert "health" not in "\n".join(line for line in lines if line.startswith("redis_latency"))
     assert inner.calls == {**expected, "health": 1}  # every call reached the real port
+
+
+@pytest.mark.asyncio
+async def test_instrumented_store_times_every_call_and_changes_nothing() -> None:
+    registry = CollectorRegistry()
+    inner = InMemorySessionStore()
+    store: SessionStore = InstrumentedSessionStore(inner, Instruments(registry).store_query)
+    token_hash = TokenHash.of(new_token())
+    now = datetime.now(UTC)
+    session = Session("s", "u", token_hash, now, now + timedelta(hours=1))
+    await store.create(session)
+    assert await store.find(token_hash) == session
+    assert await store.find(TokenHash.of(new_token())) is None
+    revoked = await store.revoke(now, session_id="s")
+    assert revoked is not None and revoked.revoked_now
+    assert await store.revoke_user("u", now) == []
+    assert await store.revoked_since(now) == [token_hash]
+    with pytest.raises(StoreUnavailable):
+        await store.create(session)  # duplicate: the fake raises like the adapter
+    inner.unavailable = True
+    with pytest.raises(StoreUnavailable):
+        await store.find(token_hash)
+    assert (await store.health()).connected is False
+    lines = _lines(registry)
+    ok = {"create": 1, "find": 2, "revoke": 1, "revoke_user": 1, "revoked_since": 1}
+    for operation, count in ok.items():
+        sample = f'postgres_query_duration_seconds_count{{operation="{operation}",outcome="ok"}}'
+        assert f"{sample} {count}.0" in lines
+    for operation in ("create", "find"):
+        sample = f'postgres_query_duration_seconds_count{{operation="{operation}",outcome="error"}}'
+        assert f"{sample} 1.0" in lines
+    assert "health" not in "\n".join(line for line in lines if line.startswith("postgres_query"))
+    assert inner.calls == {
+        "create": 2,
+        "find": 3,
+        "revoke": 1,
+        "revoke_user": 1,
+        "revoked_since": 1,
+        "health": 1,
+    }  # every call reached the real port
 
 
 # --- the health document ------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Prometheus instruments counted as things happen, and ``PrometheusMetrics``,
-the core's ``CoreMetrics`` port on top of them.
+"""Prometheus instruments counted as things happen; ``PrometheusMetrics``, the
+core's ``CoreMetrics`` port on top of them; ``breaker_listener``, the one
+listener each breaker gets (a counted transition and a span event).
 
 Values that are read rather than counted (the runbook's cache counters, pool
 and breaker gauges) come from ``collector.StateCollector`` at scrape time.
@@ -9,13 +10,17 @@ prometheus_client's global one, so two servers in one process do not collide.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from session_authority.core.breaker import BreakerState
 from session_authority.observability.tracing import (
     ATTR_VALID,
     ATTR_VALIDATION_REASON,
     ATTR_VALIDATION_SOURCE,
     add_event,
+    breaker_event,
     set_attributes,
 )
 
@@ -26,6 +31,7 @@ __all__ = [
     "EVENT_CACHE_FALLBACK",
     "Instruments",
     "PrometheusMetrics",
+    "breaker_listener",
 ]
 
 #: Every value of ``session_authority.cache.result`` (plus ``malformed``: the
@@ -163,9 +169,24 @@ class PrometheusMetrics:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)
 
     def store_query(self, operation: str, seconds: float, ok: bool) -> None:
+        """No-op: ``InstrumentedSessionStore`` times the store now."""
         # removed when the core stops calling it
-        self._i.store_query.labels(operation, "ok" if ok else "error").observe(seconds)
 
     def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
+        """No-op: ``breaker_listener`` counts transitions now."""
         # removed when the core stops calling it
-        self._i.breaker_transitions.labels(breaker, old, new).inc()
+
+
+def breaker_listener(
+    instruments: Instruments, breaker: str
+) -> Callable[[BreakerState, BreakerState, str], None]:
+    """The listener for the breaker named ``breaker``: counts each transition
+    in ``circuit_breaker_transitions`` and records it as an event on the span
+    that caused it (``tracing.breaker_event``)."""
+    transitions = instruments.breaker_transitions
+
+    def on_transition(old: BreakerState, new: BreakerState, cause: str) -> None:
+        transitions.labels(breaker, old.value, new.value).inc()
+        breaker_event(old, new, cause, breaker=breaker)
+
+    return on_transition

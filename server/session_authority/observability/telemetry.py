@@ -9,7 +9,6 @@ interceptors, the background health sampler and the admin HTTP server.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 
@@ -26,16 +25,23 @@ from prometheus_client import (
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings
-from session_authority.core.ports import SessionCache
+from session_authority.core.breaker import Breaker
+from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.service import SessionAuthority
 from session_authority.observability.admin import AdminServer
 from session_authority.observability.collector import StateCollector
-from session_authority.observability.instrumented import InstrumentedSessionCache
+from session_authority.observability.instrumented import (
+    InstrumentedSessionCache,
+    InstrumentedSessionStore,
+)
 from session_authority.observability.interceptor import RpcMetricsInterceptor
-from session_authority.observability.metrics import Instruments, PrometheusMetrics
+from session_authority.observability.metrics import (
+    Instruments,
+    PrometheusMetrics,
+    breaker_listener,
+)
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.tracing import (
-    breaker_event,
     flush_tracing,
     install_tracing,
     tracing_active,
@@ -60,10 +66,26 @@ class Telemetry:
         self.core_metrics = PrometheusMetrics(self.instruments)
         self.sampler: HealthSampler | None = None
         self.admin: AdminServer | None = None
+        self._watched: list[Breaker] = []
         self._task: asyncio.Task[None] | None = None
 
     def instrument_cache(self, cache: SessionCache) -> SessionCache:
+        """``cache``, timed into ``redis_latency``."""
         return InstrumentedSessionCache(cache, self.instruments.redis_latency)
+
+    def instrument_store(self, store: SessionStore) -> SessionStore:
+        """``store``, timed into ``postgres_query_duration_seconds``."""
+        return InstrumentedSessionStore(store, self.instruments.store_query)
+
+    def watch_breaker(self, breaker: Breaker) -> None:
+        """The one place a breaker gets its listener: each transition is
+        counted (``circuit_breaker_transitions``, by ``breaker.name``) and
+        recorded as an event on the span that caused it. Watching the same
+        breaker again adds nothing, so no transition is counted twice."""
+        if any(watched is breaker for watched in self._watched):
+            return
+        self._watched.append(breaker)
+        breaker.add_listener(breaker_listener(self.instruments, breaker.name))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Tracing outermost, so the RPC's server span is current inside
@@ -80,12 +102,10 @@ class Telemetry:
         store: PostgresSessionStore,
         redis: RedisSessionCache | None,
     ) -> None:
-        """Read the built server: breaker events, scrape-time gauges, health."""
+        """Read the built server: scrape-time gauges, health."""
         breakers = [core.breaker]
         if core.store_breaker is not None:
             breakers.append(core.store_breaker)
-        for breaker in breakers:
-            breaker.add_listener(functools.partial(breaker_event, breaker=breaker.name))
         self.sampler = HealthSampler(core.health)
         self.registry.register(
             StateCollector(
