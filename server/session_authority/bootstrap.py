@@ -1,10 +1,10 @@
 """The composition root: settings in, a running server out. Nothing here runs
 at import time.
 
-Observability (``observability.Telemetry``) is wired here too: the core gets
-its ``CoreMetrics`` and both ports timed, each breaker its listener, the gRPC
-server its tracing and metrics interceptors, and the admin HTTP port starts
-with the server."""
+Observability is wired here too: ``install_tracing`` once, then
+``observability.Telemetry``: the core gets its ``CoreMetrics`` and both ports
+timed, each breaker its listener, the gRPC server its tracing and metrics
+interceptors, and the admin HTTP port starts with the server."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from session_authority.core.breaker import Breaker
 from session_authority.core.errors import StoreUnavailable
 from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.service import SessionAuthority
-from session_authority.observability import Telemetry
+from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
@@ -121,9 +121,17 @@ class App:
     async def start(cls, settings: Settings) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers."""
-        telemetry = Telemetry(settings)
+        telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
         core, store, cache = build_core(settings, telemetry)
-        telemetry.attach(core, store, cache)
+        telemetry.attach(
+            stats=lambda: core.stats,
+            breakers=[b for b in (core.breaker, core.store_breaker) if b is not None],
+            store_pool=store.pool_stats,
+            # The adapter's pool keeps the numbers (its own waiter count
+            # included); reading them costs no I/O.
+            cache_pool=None if cache is None else cache.pool_stats,
+            health=core.health,
+        )
         drain = DrainInterceptor()
         server = grpc.aio.server(
             # Tracing and metrics outside the drain, so refused calls show.

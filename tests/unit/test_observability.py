@@ -1,22 +1,25 @@
 """The observability pieces on fakes, without I/O: exposition of the runbook's
 counters (classic text and OpenMetrics), the CoreMetrics adapter and its span
 events, the breaker listener, the timing wrappers of both ports, the health
-document's JSON (against the gRPC reply's), log correlation and the telemetry
-settings."""
+document's JSON (against the gRPC reply's), the import contracts, log
+correlation and the telemetry settings."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,6 +29,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+import session_authority.observability
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash, new_token
@@ -52,6 +56,7 @@ from session_authority.observability.instrumented import (
     InstrumentedSessionCache,
     InstrumentedSessionStore,
 )
+from session_authority.observability.interceptor import RpcMetricsInterceptor
 from session_authority.observability.metrics import Instruments, PrometheusMetrics
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.tracing import breaker_event
@@ -537,6 +542,60 @@ def test_health_http_status() -> None:
     assert health_http_status(_report("healthy")) == 200
     assert health_http_status(_report("degraded")) == 200
     assert health_http_status(_report("unhealthy")) == 503
+
+
+# --- wiring ------------------------------------------------------------------------------
+
+OBSERVABILITY = Path(session_authority.observability.__file__).parent
+
+#: module (file in observability/) -> imports it must not have, even lazily.
+FORBIDDEN_IMPORTS = {
+    "telemetry.py": ("session_authority.adapters", "session_authority.core.service"),
+    "admin.py": ("session_authority.transport", "google.protobuf"),
+    "health_json.py": ("session_authority.transport", "google.protobuf"),
+    "interceptor.py": ("google.protobuf", "session_authority.transport"),
+    "*": ("session_authority.adapters", "session_authority.v1", "session_authority.bootstrap"),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in OBSERVABILITY.glob("*.py")))
+def test_observability_knows_no_concrete_class_and_no_protobuf(module: str) -> None:
+    """Only the composition root knows every concrete class; the admin server
+    renders the core's report, not the gRPC reply; the interceptor reads no
+    message. (Relative imports would dodge this: the package uses none.)"""
+    forbidden = FORBIDDEN_IMPORTS.get(module, ()) + FORBIDDEN_IMPORTS["*"]
+    names = _imports(OBSERVABILITY / module)
+    assert not [n for n in names if n.startswith(".")]
+    assert not sorted(n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden))
+
+
+def test_forbidden_import_check_can_fail(tmp_path: Path) -> None:
+    planted = tmp_path / "admin.py"
+    planted.write_text("def f():\n    from google.protobuf import json_format\n")
+    assert "google.protobuf" in _imports(planted)
+
+
+def test_telemetry_installs_no_tracer_provider() -> None:
+    """The constructor has no process-wide side effect on tracing; without a
+    provider handed in, no tracing interceptor is put in front of the RPCs."""
+    before = trace.get_tracer_provider()
+    telemetry = Telemetry(Settings(otel_traces_exporter="console"))
+    assert trace.get_tracer_provider() is before
+    assert [type(i) for i in telemetry.interceptors()] == [RpcMetricsInterceptor]
+    traced = Telemetry(Settings(), tracer_provider=TracerProvider())
+    assert len(traced.interceptors()) == 2
+    assert isinstance(traced.interceptors()[-1], RpcMetricsInterceptor)  # tracing outermost
 
 
 # --- logs --------------------------------------------------------------------------------
