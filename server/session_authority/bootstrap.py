@@ -1,9 +1,10 @@
 """The composition root: settings in, a running server out. Nothing here runs
 at import time.
 
-Observability (``observability.Telemetry``) is wired here too: the core gets
-its ``CoreMetrics`` and an instrumented cache, the gRPC server its tracing and
-metrics interceptors, and the admin HTTP port starts with the server."""
+Observability is wired here too: ``install_tracing`` once, then
+``observability.Telemetry``: the core gets its ``CoreMetrics`` and both ports
+timed, each breaker its listener, the gRPC server its tracing and metrics
+interceptors, and the admin HTTP port starts with the server."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from session_authority.core.revocation import Revoker
 from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import CoreMetrics, NoMetrics
 from session_authority.core.validation import Validator
-from session_authority.observability import Telemetry
+from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
@@ -101,8 +102,9 @@ def build_core(
     settings: Settings, telemetry: Telemetry | None = None
 ) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache | None]:
     """The core on real adapters. With ``telemetry``, the core reports to its
-    metrics and reaches Redis through a timing proxy (the returned cache is
-    the adapter itself, for warming and closing)."""
+    metrics and reaches Redis and Postgres through timing wrappers (the
+    returned store and cache are the adapters themselves, for pool numbers,
+    warming and closing), and each breaker has its listener."""
     if not settings.database_url:
         raise ValueError("DATABASE_URL is required")
     store = PostgresSessionStore(
@@ -128,11 +130,17 @@ def build_core(
         if settings.pg_breaker_enabled
         else None
     )
+    store_port: SessionStore = store
     port: SessionCache | None = cache
-    if cache is not None and telemetry is not None:
-        port = telemetry.instrument_cache(cache)
+    if telemetry is not None:
+        store_port = telemetry.instrument_store(store)
+        if cache is not None:
+            port = telemetry.instrument_cache(cache)
+        telemetry.watch_breaker(breaker)
+        if store_breaker is not None:
+            telemetry.watch_breaker(store_breaker)
     core = assemble_core(
-        store,
+        store_port,
         port,
         breaker=breaker,
         store_breaker=store_breaker,
@@ -167,9 +175,17 @@ class App:
     async def start(cls, settings: Settings) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers."""
-        telemetry = Telemetry(settings)
+        telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
         core, store, cache = build_core(settings, telemetry)
-        telemetry.attach(core, store, cache)
+        telemetry.attach(
+            stats=lambda: core.stats,
+            breakers=[b for b in (core.breaker, core.store_breaker) if b is not None],
+            store_pool=store.pool_stats,
+            # The adapter's pool keeps the numbers (its own waiter count
+            # included); reading them costs no I/O.
+            cache_pool=None if cache is None else cache.pool_stats,
+            health=core.health,
+        )
         drain = DrainInterceptor()
         server = grpc.aio.server(
             # Tracing and metrics outside the drain, so refused calls show.

@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_authority.adapters.migrate import apply_migrations
@@ -326,6 +327,36 @@ async def test_runbook_counters_after_known_traffic(server: Server) -> None:
     assert m['circuit_breaker_state{breaker="redis"}'] == 0
     assert m["redis_pool_max_size"] == 10 and m["redis_pool_pending"] == 0
     assert m["postgres_pool_max_size"] == 10
+
+
+async def test_metrics_content_negotiation(server: Server) -> None:
+    """prometheus_client's own handler: the classic text format by default,
+    OpenMetrics when asked for (valid to its strict parser, runbook series
+    included), gzip when accepted."""
+    await server.validate(await server.create())
+    url = server.admin + "/metrics"
+    async with server.http.get(url, headers={"Accept-Encoding": "identity"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "Content-Encoding" not in response.headers
+        classic = await response.text()
+    assert "# TYPE session_cache_hits untyped" in classic.splitlines()
+    assert "# TYPE session_cache_hits_total counter" in classic.splitlines()
+    accept = "application/openmetrics-text; version=1.0.0, text/plain;q=0.5"
+    async with server.http.get(url, headers={"Accept": accept}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        openmetrics = await response.text()
+    assert openmetrics.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_parser.text_string_to_metric_families(openmetrics)}
+    assert families["session_cache_misses"].type == "unknown"
+    assert [s.value for s in families["session_cache_misses"].samples] == [1]
+    assert [s.value for s in families["session_cache_misses_total"].samples] == [1]
+    assert families["session_validations"].type == "counter"
+    assert families["redis_latency"].type == "histogram"
+    async with server.http.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert "session_cache_hits 0.0" in await response.text()  # decompressed by aiohttp
 
 
 async def test_status_codes_and_revocations_are_counted(server: Server) -> None:

@@ -1,26 +1,39 @@
 """The observability pieces on fakes, without I/O: exposition of the runbook's
-counters, the CoreMetrics adapter and its span events, the timing cache proxy,
-the health document's JSON, log correlation and the telemetry settings."""
+counters (classic text and OpenMetrics), the CoreMetrics adapter and its span
+events, the breaker listener, the timing wrappers of both ports, the health
+document's JSON (against the gRPC reply's), the import contracts, log
+correlation and the telemetry settings."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import math
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer, format_span_id, format_trace_id
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+import session_authority.observability
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash, new_token
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.health import (
     BreakerReport,
     CacheHealth,
@@ -29,17 +42,27 @@ from session_authority.core.health import (
     PoolStats,
     StoreHealth,
 )
-from session_authority.core.ports import SessionCache
+from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.telemetry import CoreMetrics
 from session_authority.logs import JsonFormatter
-from session_authority.observability.admin import health_document, health_http_status
-from session_authority.observability.collector import StateCollector
-from session_authority.observability.instrumented import InstrumentedSessionCache
+from session_authority.observability import Telemetry
+from session_authority.observability.collector import StateCollector, openmetrics_view
+from session_authority.observability.health_json import (
+    health_document,
+    health_http_status,
+    rfc3339,
+)
+from session_authority.observability.instrumented import (
+    InstrumentedSessionCache,
+    InstrumentedSessionStore,
+)
+from session_authority.observability.interceptor import RpcMetricsInterceptor
 from session_authority.observability.metrics import Instruments, PrometheusMetrics
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.tracing import breaker_event
+from session_authority.transport.mapping import health_to_pb
 
-from .fakes import InMemorySessionCache
+from .fakes import InMemorySessionCache, InMemorySessionStore
 
 _OTEL_VARS = (
     "OTEL_SDK_DISABLED",
@@ -147,6 +170,28 @@ def test_no_redis_gauges_without_a_cache() -> None:
     assert "postgres_pool_size 1.0" in text
 
 
+def test_openmetrics_is_valid_and_keeps_every_runbook_sample() -> None:
+    """OpenMetrics forbids two families of one name, so a counter family
+    ``session_cache_hits`` next to the runbook's untyped one would make the
+    whole scrape unparseable: the view serves the ``_total`` twin as an
+    ``unknown`` family of its own name, with the same samples."""
+    registry = _collector(CacheStats(hits=3, misses=1, errors=2), Breaker(BreakerPolicy()))
+    Instruments(registry)
+    with pytest.raises(ValueError, match="metadata after samples"):  # what the view is for
+        list(text_string_to_metric_families(generate_openmetrics(registry).decode()))
+    text = generate_openmetrics(openmetrics_view(registry)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # strict parser
+    for name, value in (("hits", 3), ("misses", 1), ("errors", 2)):
+        for family in (f"session_cache_{name}", f"session_cache_{name}_total"):
+            assert families[family].type == "unknown"
+            assert [(s.name, s.value) for s in families[family].samples] == [(family, value)]
+    assert families["session_cache_lookups"].type == "counter"  # other counters untouched
+    assert families["redis_latency"].type == "histogram"
+    assert families["session_cache_hit_rate"].samples[0].value == 75.0
+    # The classic text format is what it was: untyped twin plus a real counter.
+    assert "# TYPE session_cache_hits_total counter" in _lines(registry)
+
+
 # --- CoreMetrics --------------------------------------------------------------------
 
 
@@ -161,26 +206,48 @@ def test_core_metrics_counts_and_span_events(
         metrics.cache_lookup("bypassed")
         metrics.cache_error("fill")
         metrics.revoked(3, cache_purged=False)
-        metrics.store_query("find", 0.002, ok=True)
-        metrics.breaker_transition("closed", "open")
     lines = _lines(registry)
     assert 'session_cache_lookups_total{result="hit"} 1.0' in lines
     assert 'session_cache_lookups_total{result="bypassed"} 1.0' in lines
     assert 'session_cache_lookups_total{result="miss"} 0.0' in lines
     assert 'session_cache_operation_errors_total{operation="fill"} 1.0' in lines
     assert 'session_revocations_total{cache_purged="false"} 3.0' in lines
-    assert (
-        'postgres_query_duration_seconds_bucket{le="0.0025",operation="find",outcome="ok"} 1.0'
-        in lines
-    )
-    transition = (
-        'circuit_breaker_transitions_total{breaker="redis",from_state="closed",to_state="open"}'
-    )
-    assert f"{transition} 1.0" in lines
     (span,) = exporter.get_finished_spans()
     assert [(e.name, dict(e.attributes or {})) for e in span.events] == [
         ("session_cache.fallback", {"session_authority.cache.result": "bypassed"}),
         ("session_cache.error", {"session_authority.cache.operation": "fill"}),
+    ]
+
+
+def test_validated_counts_and_annotates_the_current_span(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+    registry = CollectorRegistry()
+    metrics: CoreMetrics = PrometheusMetrics(Instruments(registry))
+    metrics.validated(False, "token_format", "unknown")  # no span: counted only
+    with tracer.start_as_current_span("rpc"):
+        metrics.validated(True, "cache", "none")
+    with tracer.start_as_current_span("rpc"):
+        metrics.validated(False, "database", "revoked")
+    lines = _lines(registry)
+    for labels in (
+        'reason="none",source="cache",valid="true"',
+        'reason="revoked",source="database",valid="false"',
+        'reason="unknown",source="token_format",valid="false"',
+    ):
+        assert f"session_validations_total{{{labels}}} 1.0" in lines
+    assert [dict(s.attributes or {}) for s in exporter.get_finished_spans()] == [
+        {
+            "session_authority.validation.valid": True,
+            "session_authority.validation.source": "cache",
+            "session_authority.validation.reason": "none",
+        },
+        {
+            "session_authority.validation.valid": False,
+            "session_authority.validation.source": "database",
+            "session_authority.validation.reason": "revoked",
+        },
     ]
 
 
@@ -204,6 +271,34 @@ def test_breaker_transitions_are_span_events(spans: tuple[Tracer, InMemorySpanEx
                 "session_authority.breaker.cause": "reset timeout elapsed",
             },
         )
+    ]
+
+
+def test_watch_breaker_counts_and_records_each_transition_once(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+    telemetry = Telemetry(Settings())
+    now = [0.0]
+    redis = Breaker(BreakerPolicy(reset_timeout=15), clock=lambda: now[0])
+    postgres = Breaker(BreakerPolicy(), name="postgres", error=StoreUnavailable)
+    for breaker in (redis, postgres, redis):  # watching twice adds nothing
+        telemetry.watch_breaker(breaker)
+    with tracer.start_as_current_span("rpc"):
+        redis.trip("test")
+        postgres.trip("test")
+    now[0] = 15.0
+    assert redis.allows()  # outside any span: counted, no event
+    lines = _lines(telemetry.registry)
+    step = 'circuit_breaker_transitions_total{{breaker="{}",from_state="{}",to_state="{}"}} {}'
+    assert step.format("redis", "closed", "open", "1.0") in lines
+    assert step.format("postgres", "closed", "open", "1.0") in lines
+    assert step.format("redis", "open", "half_open", "1.0") in lines
+    assert step.format("postgres", "open", "half_open", "0.0") in lines
+    (span,) = exporter.get_finished_spans()
+    assert [dict(e.attributes or {})["session_authority.breaker.name"] for e in span.events] == [
+        "redis",
+        "postgres",
     ]
 
 
@@ -238,6 +333,46 @@ async def test_instrumented_cache_times_every_call_and_changes_nothing() -> None
     assert inner.calls == {**expected, "health": 1}  # every call reached the real port
 
 
+@pytest.mark.asyncio
+async def test_instrumented_store_times_every_call_and_changes_nothing() -> None:
+    registry = CollectorRegistry()
+    inner = InMemorySessionStore()
+    store: SessionStore = InstrumentedSessionStore(inner, Instruments(registry).store_query)
+    token_hash = TokenHash.of(new_token())
+    now = datetime.now(UTC)
+    session = Session("s", "u", token_hash, now, now + timedelta(hours=1))
+    await store.create(session)
+    assert await store.find(token_hash) == session
+    assert await store.find(TokenHash.of(new_token())) is None
+    revoked = await store.revoke(now, session_id="s")
+    assert revoked is not None and revoked.revoked_now
+    assert await store.revoke_user("u", now) == []
+    assert await store.revoked_since(now) == [token_hash]
+    with pytest.raises(StoreUnavailable):
+        await store.create(session)  # duplicate: the fake raises like the adapter
+    inner.unavailable = True
+    with pytest.raises(StoreUnavailable):
+        await store.find(token_hash)
+    assert (await store.health()).connected is False
+    lines = _lines(registry)
+    ok = {"create": 1, "find": 2, "revoke": 1, "revoke_user": 1, "revoked_since": 1}
+    for operation, count in ok.items():
+        sample = f'postgres_query_duration_seconds_count{{operation="{operation}",outcome="ok"}}'
+        assert f"{sample} {count}.0" in lines
+    for operation in ("create", "find"):
+        sample = f'postgres_query_duration_seconds_count{{operation="{operation}",outcome="error"}}'
+        assert f"{sample} 1.0" in lines
+    assert "health" not in "\n".join(line for line in lines if line.startswith("postgres_query"))
+    assert inner.calls == {
+        "create": 2,
+        "find": 3,
+        "revoke": 1,
+        "revoke_user": 1,
+        "revoked_since": 1,
+        "health": 1,
+    }  # every call reached the real port
+
+
 # --- the health document ------------------------------------------------------------
 
 
@@ -263,12 +398,192 @@ def test_health_document_is_camel_case_with_numbers() -> None:
     assert doc["errors"] == []
     assert doc["status"] == "healthy"
     assert doc["timestamp"].endswith("Z")
+    assert "postgresBreaker" not in doc
+
+
+_INT64 = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _unquote_int64(descriptor: Descriptor, doc: dict[str, Any]) -> None:
+    for field in descriptor.fields:
+        value = doc.get(field.json_name)
+        if field.type in _INT64 and isinstance(value, str):
+            doc[field.json_name] = int(value)
+        elif field.message_type is not None and isinstance(value, dict):
+            _unquote_int64(field.message_type, value)
+
+
+def _grpc_rendering(report: HealthReport) -> dict[str, Any]:
+    """What the gRPC Health reply says, as proto3 JSON with 64-bit integers
+    unquoted: the document /health served before it stopped using protobuf."""
+    reply = health_to_pb(report)
+    doc = MessageToDict(reply, always_print_fields_with_no_presence=True)
+    _unquote_int64(reply.DESCRIPTOR, doc)
+    return doc
+
+
+def _breaker_report(state: str = "closed", opened: int = 0) -> BreakerReport:
+    return BreakerReport(state, 1000, 50.0, 30000, 0.0, opened_count=opened)
+
+
+_ZERO = HealthReport(
+    status="unhealthy",
+    cache_enabled=False,
+    cache_healthy=False,
+    cache=CacheHealth(connected=False),
+    stats=CacheStats(),
+    cache_ttl_seconds=0,
+    store=StoreHealth(connected=False),
+    breaker=BreakerReport("closed", 0, 0.0, 0, 0.0, opened_count=0),
+    errors=(),
+)
+_PG_POOL = PoolStats(size=10, available=9, pending=0, min_size=2, max_size=10)
+
+HEALTH_REPORTS = {
+    "healthy": _report(),
+    "degraded": HealthReport(
+        status="degraded",
+        cache_enabled=True,
+        cache_healthy=False,
+        cache=CacheHealth(connected=False, error="redis: Connection refused"),
+        stats=CacheStats(hits=9823, misses=177, errors=12, early_refreshes=3),
+        cache_ttl_seconds=300,
+        store=StoreHealth(connected=True, version="16.2", pool=_PG_POOL, ping_ms=0.731),
+        breaker=BreakerReport("open", 1000, 50.0, 30000, 12.5, opened_count=2**40),
+        errors=("redis: Connection refused", "circuit breaker open"),
+        store_breaker=_breaker_report(),
+    ),
+    "unhealthy with both breakers": HealthReport(
+        status="unhealthy",
+        cache_enabled=True,
+        cache_healthy=True,
+        cache=CacheHealth(
+            connected=True,
+            version="7.2.4",
+            uptime_seconds=86_400,
+            used_memory="2.5M",
+            total_keys=12_345,
+            pool=PoolStats(size=3, available=1, pending=4, min_size=1, max_size=10),
+            ping_ms=0.1234,
+            set_ms=0.2,
+            get_ms=1 / 3,
+        ),
+        stats=CacheStats(hits=1, misses=2),
+        cache_ttl_seconds=3600,
+        store=StoreHealth(connected=False, error="postgres: timeout"),
+        breaker=_breaker_report("half_open", 7),
+        errors=("postgres: timeout",),
+        store_breaker=_breaker_report("open", 1),
+    ),
+    "zeros and falses": _ZERO,
+    "nan and infinities": HealthReport(
+        status="healthy",
+        cache_enabled=True,
+        cache_healthy=True,
+        cache=CacheHealth(connected=True, ping_ms=math.inf, set_ms=-math.inf, get_ms=math.nan),
+        stats=CacheStats(),
+        cache_ttl_seconds=300,
+        store=StoreHealth(connected=True),
+        breaker=BreakerReport("closed", 1000, 50, 30000, 0, opened_count=0),  # ints for doubles
+        errors=(),
+    ),
+}
+
+
+@pytest.mark.parametrize("report", HEALTH_REPORTS.values(), ids=HEALTH_REPORTS.keys())
+def test_health_document_matches_the_grpc_reply(report: HealthReport) -> None:
+    """gRPC Health and HTTP /health render one report; they must not drift."""
+    ours, theirs = health_document(report), _grpc_rendering(report)
+    assert ours.pop("timestamp").endswith("Z")
+    theirs.pop("timestamp")
+    assert json.loads(json.dumps(ours)) == theirs
+    # Same types too (equality alone lets 50 == 50.0 and True == 1 through).
+    assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC),
+        datetime(2024, 1, 1, 0, 0, 0, 120_000, tzinfo=UTC),
+        datetime(2024, 1, 1, 0, 0, 0, 123_456, tzinfo=UTC),
+        datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2024, 6, 1, 2, 0, 0, 500, tzinfo=timezone(timedelta(hours=-3))),
+        datetime.now(UTC),
+    ],
+)
+def test_timestamp_as_proto3_json_prints_it(at: datetime) -> None:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    assert rfc3339(at) == stamp.ToJsonString()
 
 
 def test_health_http_status() -> None:
     assert health_http_status(_report("healthy")) == 200
     assert health_http_status(_report("degraded")) == 200
     assert health_http_status(_report("unhealthy")) == 503
+
+
+# --- wiring ------------------------------------------------------------------------------
+
+OBSERVABILITY = Path(session_authority.observability.__file__).parent
+
+#: module (file in observability/) -> imports it must not have, even lazily.
+FORBIDDEN_IMPORTS = {
+    "telemetry.py": ("session_authority.adapters", "session_authority.core.service"),
+    "admin.py": ("session_authority.transport", "google.protobuf"),
+    "health_json.py": ("session_authority.transport", "google.protobuf"),
+    "interceptor.py": ("google.protobuf", "session_authority.transport"),
+    "*": ("session_authority.adapters", "session_authority.v1", "session_authority.bootstrap"),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in OBSERVABILITY.glob("*.py")))
+def test_observability_knows_no_concrete_class_and_no_protobuf(module: str) -> None:
+    """Only the composition root knows every concrete class; the admin server
+    renders the core's report, not the gRPC reply; the interceptor reads no
+    message. (Relative imports would dodge this: the package uses none.)"""
+    forbidden = FORBIDDEN_IMPORTS.get(module, ()) + FORBIDDEN_IMPORTS["*"]
+    names = _imports(OBSERVABILITY / module)
+    assert not [n for n in names if n.startswith(".")]
+    assert not sorted(n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden))
+
+
+def test_forbidden_import_check_can_fail(tmp_path: Path) -> None:
+    planted = tmp_path / "admin.py"
+    planted.write_text("def f():\n    from google.protobuf import json_format\n")
+    assert "google.protobuf" in _imports(planted)
+
+
+def test_telemetry_installs_no_tracer_provider() -> None:
+    """The constructor has no process-wide side effect on tracing; without a
+    provider handed in, no tracing interceptor is put in front of the RPCs."""
+    before = trace.get_tracer_provider()
+    telemetry = Telemetry(Settings(otel_traces_exporter="console"))
+    assert trace.get_tracer_provider() is before
+    assert [type(i) for i in telemetry.interceptors()] == [RpcMetricsInterceptor]
+    traced = Telemetry(Settings(), tracer_provider=TracerProvider())
+    assert len(traced.interceptors()) == 2
+    assert isinstance(traced.interceptors()[-1], RpcMetricsInterceptor)  # tracing outermost
 
 
 # --- logs --------------------------------------------------------------------------------

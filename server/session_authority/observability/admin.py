@@ -1,73 +1,39 @@
 """The admin HTTP server (aiohttp, in the serving event loop).
 
 =====================  ==========================================================
-``/metrics``           Prometheus classic text format, from this server's registry
+``/metrics``           Prometheus exposition through prometheus_client's own
+                       aiohttp handler: content negotiation (``Accept:
+                       application/openmetrics-text`` gets OpenMetrics, anything
+                       else the classic text format), gzip when asked for
 ``/health``            the runbook's health document as JSON (camelCase, numbers
 ``/api/health/redis``  as numbers): 200 when healthy or degraded, 503 when unhealthy
 ``/livez``             200 while the process runs
 ``/readyz``            200 while the gRPC health service says SERVING, else 503
 =====================  ==========================================================
 
-The health document is the gRPC ``Health`` reply rendered as proto3 JSON, so
-both ways of asking agree field for field; only 64-bit counters differ (JSON
-numbers here, strings in proto3 JSON).
+The health document comes from the core's ``HealthReport`` (``health_json``),
+rendered as the gRPC ``Health`` reply's proto3 JSON would be, without going
+through protobuf.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
-from aiohttp import web
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from aiohttp import hdrs, web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder
 
-from session_authority.core.health import HealthReport
+from session_authority.observability.collector import openmetrics_view
+from session_authority.observability.health_json import health_document, health_http_status
 from session_authority.observability.sampler import HealthSampler
-from session_authority.transport.mapping import health_to_pb
 
-__all__ = ["AdminServer", "health_document", "health_http_status"]
+__all__ = ["AdminServer"]
 
 _log = logging.getLogger("session_authority.observability")
-
-
-_INT64 = frozenset(
-    {
-        FieldDescriptor.TYPE_INT64,
-        FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_SINT64,
-        FieldDescriptor.TYPE_FIXED64,
-        FieldDescriptor.TYPE_SFIXED64,
-    }
-)
-
-
-def health_document(report: HealthReport) -> dict[str, Any]:
-    reply = health_to_pb(report)
-    # always_print_...: `errors: []` when there are none, like the runbook.
-    doc = MessageToDict(reply, always_print_fields_with_no_presence=True)
-    _unquote_int64(reply.DESCRIPTOR, doc)
-    return doc
-
-
-def _unquote_int64(descriptor: Descriptor, doc: dict[str, Any]) -> None:
-    """proto3 JSON prints 64-bit integers as strings; the runbook's document
-    has numbers (``"hits": 9823``), and counters stay far below 2**53."""
-    for field in descriptor.fields:
-        value = doc.get(field.json_name)
-        if value is None:
-            continue
-        if field.type in _INT64 and isinstance(value, str):
-            doc[field.json_name] = int(value)
-        elif field.message_type is not None and isinstance(value, dict):
-            _unquote_int64(field.message_type, value)
-
-
-def health_http_status(report: HealthReport) -> int:
-    """503 only when unhealthy (Postgres down): degraded still answers."""
-    return 503 if report.status == "unhealthy" else 200
+_OPENMETRICS = "application/openmetrics-text"
 
 
 class AdminServer:
@@ -77,7 +43,8 @@ class AdminServer:
         sampler: HealthSampler,
         is_serving: Callable[[], bool],
     ) -> None:
-        self._registry = registry
+        self._classic = make_aiohttp_handler(registry)
+        self._openmetrics = make_aiohttp_handler(openmetrics_view(registry))
         self._sampler = sampler
         self._is_serving = is_serving
         self._runner: web.AppRunner | None = None
@@ -117,9 +84,13 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        # prometheus_client negotiates the format; we only pick which view of
+        # the registry it renders (see ``collector.openmetrics_view``).
+        _, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
+        if content_type.startswith(_OPENMETRICS):
+            return await self._openmetrics(request)
+        return await self._classic(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         report = await self._sampler.sample()

@@ -14,25 +14,34 @@ The runbook's series keep its names and meaning:
   ``_max_size``): live pool numbers. ``redis_connected``: 0/1 from the latest
   health sample. The ``redis_*`` gauges are absent when no ``REDIS_URL`` is
   set, so RedisDown does not fire for a deployment without a cache.
+
+In OpenMetrics a counter family ``session_cache_hits`` (whose sample is
+``session_cache_hits_total``) would clash with the runbook's family of the
+same name, which makes the whole exposition invalid. ``openmetrics_view``
+serves the ``_total`` twins there as ``unknown`` families of their own name:
+the same two sample names and values, only the conventional one loses its
+counter type in that format. The classic text format is unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.health import CacheStats, PoolStats
 from session_authority.observability.sampler import HealthSampler
 
-__all__ = ["BREAKER_STATE_VALUES", "StateCollector"]
+__all__ = ["BREAKER_STATE_VALUES", "RUNBOOK_COUNTERS", "StateCollector", "openmetrics_view"]
 
 #: ``circuit_breaker_state``: 0 closed, 1 half-open, 2 open.
 BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _STATUSES = ("healthy", "degraded", "unhealthy")
+#: Exposed twice: untyped under this name and as a counter ``<name>_total``.
+RUNBOOK_COUNTERS = ("session_cache_hits", "session_cache_misses", "session_cache_errors")
 
 
 def _runbook_counter(name: str, doc: str, value: int) -> Iterator[Metric]:
@@ -65,7 +74,7 @@ class StateCollector(Collector):
         self,
         *,
         stats: Callable[[], CacheStats],
-        breakers: list[Breaker],
+        breakers: Sequence[Breaker],
         postgres_pool: Callable[[], PoolStats],
         redis_pool: Callable[[], PoolStats] | None,
         sampler: HealthSampler,
@@ -127,3 +136,25 @@ class StateCollector(Collector):
             for name in _STATUSES:
                 status.add_metric([name], float(report.status == name))
             yield status
+
+
+class _OpenMetricsView(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            if metric.type == "counter" and metric.name in RUNBOOK_COUNTERS:
+                twin = Metric(f"{metric.name}_total", metric.documentation, "unknown")
+                twin.samples = list(metric.samples)
+                yield twin
+            else:
+                yield metric
+
+
+def openmetrics_view(registry: CollectorRegistry) -> CollectorRegistry:
+    """``registry`` as OpenMetrics may show it (see the module docstring). A
+    registry of its own, so that ``?name[]=`` filters its samples by name."""
+    view = CollectorRegistry(support_collectors_without_names=True)
+    view.register(_OpenMetricsView(registry))
+    return view

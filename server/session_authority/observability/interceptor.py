@@ -1,13 +1,9 @@
-"""``RpcMetricsInterceptor``: per-RPC duration and status code, and what each
-ValidateSession answered (valid, source, reason), as Prometheus series and as
-attributes of the RPC's server span.
+"""``RpcMetricsInterceptor``: per-RPC duration and status code, nothing else.
 
-It sits inside OpenTelemetry's server interceptor, so the span current while
-the handler runs is that RPC's server span. Replies are read through protobuf
-reflection (by descriptor name), so no generated type is imported here: those
-stop at the transport. Only unary-unary methods are
-measured (every SessionAuthority RPC and grpc.health.v1 Check); streaming
-ones (health Watch, reflection) pass through untouched.
+It never reads requests or replies (what ValidateSession answered is
+reported by the core, through ``CoreMetrics.validated``). Only unary-unary
+methods are measured (every SessionAuthority RPC and grpc.health.v1 Check);
+streaming ones (health Watch, reflection) pass through untouched.
 """
 
 from __future__ import annotations
@@ -21,18 +17,7 @@ import grpc
 
 from session_authority.observability.metrics import Instruments
 
-__all__ = [
-    "ATTR_VALID",
-    "ATTR_VALIDATION_REASON",
-    "ATTR_VALIDATION_SOURCE",
-    "RpcMetricsInterceptor",
-]
-
-from session_authority.observability.metrics import (
-    ATTR_VALID,
-    ATTR_VALIDATION_REASON,
-    ATTR_VALIDATION_SOURCE,
-)
+__all__ = ["RpcMetricsInterceptor"]
 
 # Strings: grpc's classes are generic only in its type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any] | None"
@@ -84,7 +69,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK.name
             try:
-                response = await behavior(request, context)
+                return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED.name
                 raise
@@ -94,6 +79,5 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 duration.observe(time.perf_counter() - started)
                 self._i.rpc_handled.labels(service, method, code).inc()
-            return response
 
         return measured

@@ -1,5 +1,6 @@
-"""Prometheus instruments counted as things happen, and ``PrometheusMetrics``,
-the core's ``CoreMetrics`` port on top of them.
+"""Prometheus instruments counted as things happen; ``PrometheusMetrics``, the
+core's ``CoreMetrics`` port on top of them; ``breaker_listener``, the one
+listener each breaker gets (a counted transition and a span event).
 
 Values that are read rather than counted (the runbook's cache counters, pool
 and breaker gauges) come from ``collector.StateCollector`` at scrape time.
@@ -9,25 +10,28 @@ prometheus_client's global one, so two servers in one process do not collide.
 
 from __future__ import annotations
 
-from opentelemetry import trace
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from session_authority.observability.tracing import add_event
-
-ATTR_VALID = "session_authority.validation.valid"
-ATTR_VALIDATION_SOURCE = "session_authority.validation.source"
-ATTR_VALIDATION_REASON = "session_authority.validation.reason"
+from session_authority.core.breaker import BreakerState
+from session_authority.observability.tracing import (
+    ATTR_VALID,
+    ATTR_VALIDATION_REASON,
+    ATTR_VALIDATION_SOURCE,
+    add_event,
+    breaker_event,
+    set_attributes,
+)
 
 __all__ = [
-    "ATTR_VALID",
-    "ATTR_VALIDATION_REASON",
-    "ATTR_VALIDATION_SOURCE",
     "CACHE_OPERATIONS",
     "CACHE_RESULTS",
     "EVENT_CACHE_ERROR",
     "EVENT_CACHE_FALLBACK",
     "Instruments",
     "PrometheusMetrics",
+    "breaker_listener",
 ]
 
 #: Every value of ``session_authority.cache.result`` (plus ``malformed``: the
@@ -139,7 +143,8 @@ class Instruments:
 
 class PrometheusMetrics:
     """``CoreMetrics`` (see core/telemetry.py): counts, plus span events for
-    fallbacks and cache errors on the span current at the time."""
+    fallbacks and cache errors and the validation's answer as attributes, on
+    the span current at the time."""
 
     def __init__(self, instruments: Instruments) -> None:
         self._i = instruments
@@ -153,23 +158,27 @@ class PrometheusMetrics:
         self._i.cache_operation_errors.labels(operation).inc()
         add_event(EVENT_CACHE_ERROR, {"session_authority.cache.operation": operation})
 
-    def store_query(self, operation: str, seconds: float, ok: bool) -> None:
-        self._i.store_query.labels(operation, "ok" if ok else "error").observe(seconds)
-
     def validated(self, valid: bool, source: str, reason: str) -> None:
         self._i.validations.labels("true" if valid else "false", source, reason).inc()
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    ATTR_VALID: valid,
-                    ATTR_VALIDATION_SOURCE: source,
-                    ATTR_VALIDATION_REASON: reason,
-                }
-            )
+        # The core reports outside its own child spans: this is the RPC's span.
+        set_attributes(
+            {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
+        )
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)
 
-    def breaker_transition(self, old: str, new: str, breaker: str = "redis") -> None:
-        self._i.breaker_transitions.labels(breaker, old, new).inc()
+
+def breaker_listener(
+    instruments: Instruments, breaker: str
+) -> Callable[[BreakerState, BreakerState, str], None]:
+    """The listener for the breaker named ``breaker``: counts each transition
+    in ``circuit_breaker_transitions`` and records it as an event on the span
+    that caused it (``tracing.breaker_event``)."""
+    transitions = instruments.breaker_transitions
+
+    def on_transition(old: BreakerState, new: BreakerState, cause: str) -> None:
+        transitions.labels(breaker, old.value, new.value).inc()
+        breaker_event(old, new, cause, breaker=breaker)
+
+    return on_transition

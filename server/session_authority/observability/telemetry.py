@@ -1,19 +1,24 @@
-"""``Telemetry``: the observability of one server, wired by ``bootstrap.App``.
+"""``Telemetry``: the observability of one server, wired by ``bootstrap``.
 
-Built in the serving process when the server starts (never at import time):
-the tracer provider (process-wide, see ``tracing``), a Prometheus registry of
-its own, the core's ``CoreMetrics``, the instrumented cache proxy, the gRPC
-interceptors, the background health sampler and the admin HTTP server.
+Built in the serving process when the server starts (never at import time). It
+owns a Prometheus registry of its own, the core's ``CoreMetrics``, the timing
+wrappers for both ports, the breaker listeners, the gRPC interceptors, the
+background health sampler and the admin HTTP server.
+
+It knows no concrete class: the composition root hands it ports to wrap,
+breakers to watch, and callables to read (cache counters, pool numbers, the
+health report). Nor does it install the tracer provider: the composition root
+calls ``install_tracing`` and passes the provider (or ``None``) in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import (
     CollectorRegistry,
@@ -23,24 +28,24 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from session_authority.adapters.postgres_store import PostgresSessionStore
-from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings
-from session_authority.core.breaker import BreakerState
-from session_authority.core.ports import SessionCache
-from session_authority.core.service import SessionAuthority
+from session_authority.core.breaker import Breaker
+from session_authority.core.health import CacheStats, HealthReport, PoolStats
+from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.observability.admin import AdminServer
 from session_authority.observability.collector import StateCollector
-from session_authority.observability.instrumented import InstrumentedSessionCache
-from session_authority.observability.interceptor import RpcMetricsInterceptor
-from session_authority.observability.metrics import Instruments, PrometheusMetrics
-from session_authority.observability.sampler import HealthSampler
-from session_authority.observability.tracing import (
-    breaker_event,
-    flush_tracing,
-    install_tracing,
-    tracing_active,
+from session_authority.observability.instrumented import (
+    InstrumentedSessionCache,
+    InstrumentedSessionStore,
 )
+from session_authority.observability.interceptor import RpcMetricsInterceptor
+from session_authority.observability.metrics import (
+    Instruments,
+    PrometheusMetrics,
+    breaker_listener,
+)
+from session_authority.observability.sampler import HealthSampler
+from session_authority.observability.tracing import flush_tracing
 
 __all__ = ["Telemetry"]
 
@@ -48,9 +53,14 @@ _log = logging.getLogger("session_authority.observability")
 
 
 class Telemetry:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, tracer_provider: trace.TracerProvider | None = None
+    ) -> None:
+        """``tracer_provider``: what ``install_tracing`` returned; with
+        ``None``, RPCs get no server span (the core's spans then go wherever
+        the global provider sends them, usually nowhere)."""
         self.settings = settings
-        self.tracer_provider = install_tracing(settings)
+        self.tracer_provider = tracer_provider
         # The text format would show each counter's and histogram's creation
         # time as one more gauge series: noise to Prometheus. (Process-wide.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -61,50 +71,63 @@ class Telemetry:
         self.core_metrics = PrometheusMetrics(self.instruments)
         self.sampler: HealthSampler | None = None
         self.admin: AdminServer | None = None
+        self._watched: list[Breaker] = []
         self._task: asyncio.Task[None] | None = None
 
     def instrument_cache(self, cache: SessionCache) -> SessionCache:
+        """``cache``, timed into ``redis_latency``."""
         return InstrumentedSessionCache(cache, self.instruments.redis_latency)
+
+    def instrument_store(self, store: SessionStore) -> SessionStore:
+        """``store``, timed into ``postgres_query_duration_seconds``."""
+        return InstrumentedSessionStore(store, self.instruments.store_query)
+
+    def watch_breaker(self, breaker: Breaker) -> None:
+        """The one place a breaker gets its listener: each transition is
+        counted (``circuit_breaker_transitions``, by ``breaker.name``) and
+        recorded as an event on the span that caused it. Watching the same
+        breaker again adds nothing, so no transition is counted twice."""
+        if any(watched is breaker for watched in self._watched):
+            return
+        self._watched.append(breaker)
+        breaker.add_listener(breaker_listener(self.instruments, breaker.name))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Tracing outermost, so the RPC's server span is current inside
-        (only when a provider is installed: as a no-op it still costs)."""
+        (only with a provider: as a no-op it still costs)."""
         chain: list[grpc.aio.ServerInterceptor] = []
-        if not self.settings.otel_sdk_disabled and tracing_active():
-            chain.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
+        if self.tracer_provider is not None:
+            traced = aio_server_interceptor(  # type: ignore[no-untyped-call]
+                tracer_provider=self.tracer_provider
+            )
+            chain.append(traced)
         chain.append(RpcMetricsInterceptor(self.instruments))
         return chain
 
     def attach(
         self,
-        core: SessionAuthority,
-        store: PostgresSessionStore,
-        redis: RedisSessionCache | None,
+        *,
+        stats: Callable[[], CacheStats],
+        breakers: Sequence[Breaker],
+        store_pool: Callable[[], PoolStats],
+        cache_pool: Callable[[], PoolStats] | None,
+        health: Callable[[], Awaitable[HealthReport]],
     ) -> None:
-        """Read the built server: breaker events, scrape-time gauges, health."""
-        breakers = [core.breaker]
-        if core.store_breaker is not None:
-            breakers.append(core.store_breaker)
-        for breaker in breakers:
-            breaker.add_listener(functools.partial(breaker_event, breaker=breaker.name))
-            breaker.add_listener(functools.partial(self._count_transition, breaker=breaker.name))
-        self.sampler = HealthSampler(core.health)
+        """What the scrape-time gauges and the health sampler read: the core's
+        cache counters, the breakers' states, the pools' numbers (read without
+        I/O; ``cache_pool`` is ``None`` without a cache, and then no
+        ``redis_*`` gauge is exported) and the health report. Adds no breaker
+        listener: ``watch_breaker`` does."""
+        self.sampler = HealthSampler(health)
         self.registry.register(
             StateCollector(
-                stats=lambda: core.stats,
-                breakers=breakers,
-                postgres_pool=store.pool_stats,
-                # The adapter's pool keeps the numbers (its own waiter count
-                # included); reading them costs no I/O.
-                redis_pool=None if redis is None else redis.pool_stats,
+                stats=stats,
+                breakers=list(breakers),
+                postgres_pool=store_pool,
+                redis_pool=cache_pool,
                 sampler=self.sampler,
             )
         )
-
-    def _count_transition(
-        self, old: BreakerState, new: BreakerState, _cause: str, breaker: str
-    ) -> None:
-        self.instruments.breaker_transitions.labels(breaker, old.value, new.value).inc()
 
     async def start(self, is_serving: Callable[[], bool]) -> None:
         """Bind the admin port (unless ADMIN_PORT=0) and start sampling health.
@@ -138,4 +161,4 @@ class Telemetry:
         if self.admin is not None:
             await self.admin.stop()
         # Off the event loop: an OTLP export may take a moment.
-        await asyncio.to_thread(flush_tracing)
+        await asyncio.to_thread(flush_tracing, self.tracer_provider)

@@ -4,10 +4,12 @@ The core traces through the OpenTelemetry *API* (its tracer is a proxy that
 resolves to whatever global provider is installed), and the gRPC server span
 comes from opentelemetry-instrumentation-grpc's aio interceptor, which
 continues a caller's W3C ``traceparent``. Both use the global provider, so
-there is one per process: the first ``install_tracing`` builds and installs
-it, later calls (a second ``App`` in the same process, or a host that set up
-its own SDK provider first, like the tests) reuse the one in place. The SDK
-shuts it down (flushing spans) at interpreter exit; ``App.stop`` flushes.
+there is one per process, installed by the composition root's explicit call
+to ``install_tracing`` (never as a side effect of building something): the
+first call builds and installs it, later calls (a second ``App`` in the same
+process, or a host that set up its own provider first, like the tests) reuse
+the one in place. The SDK shuts it down (flushing spans) at interpreter exit;
+``App.stop`` flushes.
 
 Where spans go (``Settings.traces_exporters``): OTLP over gRPC (the exporter
 reads the standard ``OTEL_EXPORTER_OTLP_*`` variables) and/or the console (one
@@ -39,13 +41,17 @@ from session_authority.core.breaker import BreakerState
 __all__ = [
     "ATTR_BREAKER_CAUSE",
     "ATTR_BREAKER_FROM",
+    "ATTR_BREAKER_NAME",
     "ATTR_BREAKER_TO",
+    "ATTR_VALID",
+    "ATTR_VALIDATION_REASON",
+    "ATTR_VALIDATION_SOURCE",
     "EVENT_BREAKER_TRANSITION",
     "add_event",
     "breaker_event",
     "flush_tracing",
     "install_tracing",
-    "tracing_active",
+    "set_attributes",
 ]
 
 _log = logging.getLogger("session_authority.observability")
@@ -55,17 +61,22 @@ ATTR_BREAKER_FROM = "session_authority.breaker.from"
 ATTR_BREAKER_TO = "session_authority.breaker.to"
 ATTR_BREAKER_CAUSE = "session_authority.breaker.cause"
 ATTR_BREAKER_NAME = "session_authority.breaker.name"
+#: On the RPC's server span: what ValidateSession answered.
+ATTR_VALID = "session_authority.validation.valid"
+ATTR_VALIDATION_SOURCE = "session_authority.validation.source"
+ATTR_VALIDATION_REASON = "session_authority.validation.reason"
 
 
-def install_tracing(settings: Settings) -> TracerProvider | None:
-    """The process's SDK provider, installing one if there is none yet.
-    ``None`` (the API's no-op) when OTEL_SDK_DISABLED is set, when no exporter
-    is configured, or when a non-SDK provider is in place."""
-    current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider):
-        return current
-    if settings.otel_sdk_disabled or not isinstance(current, trace.ProxyTracerProvider):
+def install_tracing(settings: Settings) -> trace.TracerProvider | None:
+    """The provider the server's spans go to, installing the SDK one if none
+    is in place yet; the caller hands it to ``Telemetry``. ``None`` (no
+    tracing, no server interceptor) when OTEL_SDK_DISABLED is set, or when
+    no provider is in place and no exporter is configured."""
+    if settings.otel_sdk_disabled:
         return None
+    current = trace.get_tracer_provider()
+    if not isinstance(current, trace.ProxyTracerProvider):
+        return current  # ours from an earlier App, a host's, or a test's
     exporters = _exporters(settings)
     if not exporters:
         return None
@@ -73,9 +84,8 @@ def install_tracing(settings: Settings) -> TracerProvider | None:
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    installed = trace.get_tracer_provider()
     _log.info("tracing: exporting to %s", ",".join(sorted(settings.traces_exporters())))
-    return installed if isinstance(installed, TracerProvider) else None
+    return trace.get_tracer_provider()  # the API keeps the first one set
 
 
 def _exporters(settings: Settings) -> list[SpanExporter]:
@@ -95,13 +105,8 @@ def _one_line(span: ReadableSpan) -> str:
     return str(span.to_json(indent=None)) + "\n"
 
 
-def tracing_active() -> bool:
-    """Whether a tracer provider (ours, a host's or a test's) is installed."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-
-
-def flush_tracing(timeout_millis: int = 2000) -> None:
-    provider = trace.get_tracer_provider()
+def flush_tracing(provider: trace.TracerProvider | None, timeout_millis: int = 2000) -> None:
+    """Export what the SDK provider still buffers (no-op for any other)."""
     if isinstance(provider, TracerProvider):
         provider.force_flush(timeout_millis)
 
@@ -113,9 +118,16 @@ def add_event(name: str, attributes: dict[str, str]) -> None:
         span.add_event(name, attributes)
 
 
+def set_attributes(attributes: dict[str, str | bool]) -> None:
+    """Attributes on the current span, if one is recording."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(attributes)
+
+
 def breaker_event(old: BreakerState, new: BreakerState, cause: str, breaker: str = "redis") -> None:
-    """A ``Breaker`` listener: each transition is an event on the span that
-    caused it (none when it happened outside a traced call)."""
+    """A breaker transition as an event on the span that caused it (none when
+    it happened outside a traced call); ``metrics.breaker_listener`` calls it."""
     add_event(
         EVENT_BREAKER_TRANSITION,
         {
