@@ -9,7 +9,7 @@ PORT   ?= 50051
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint fmt typecheck proto check-generated buf-lint unit integration e2e bench clean
+.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit integration e2e bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -26,11 +26,14 @@ run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgr
 test: $(STAMP) check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-check: lint typecheck check-generated buf-lint  ## static checks only
+check: lint layers typecheck check-generated buf-lint  ## static checks only
 
 lint: $(STAMP)  ## ruff (lint + format check)
 	$(BIN)/ruff check server clients tests
 	$(BIN)/ruff format --check server clients tests
+
+layers: $(STAMP)  ## import-linter: the layer contract in pyproject.toml [tool.importlinter]
+	$(BIN)/lint-imports --no-cache --no-logo
 
 fmt: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix server clients tests
