@@ -10,10 +10,11 @@ points are the store's ``gate`` and the cache's ``hanging`` switch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from session_authority.core.domain import Reason, Session, TokenHash
@@ -179,6 +180,22 @@ class _CreatedMarker:
 
 _CREATED = _CreatedMarker()
 _Stored = CacheEntry | _CreatedMarker
+_log = logging.getLogger("tests.fakes.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """One key: the entry, the token hash recorded beside it (Redis's ``token_hash``
+    field, checked on read), and when it expires on the cache's clock."""
+
+    stored: _Stored
+    recorded_as: str
+    expires_at: float
+
+
+def _copy(entry: _Stored) -> _Stored:
+    """What Redis keeps is a copy: later changes to the caller's metadata do not reach it."""
+    return replace(entry, metadata=dict(entry.metadata)) if isinstance(entry, Session) else entry
 
 
 class InMemorySessionCache:
@@ -190,6 +207,9 @@ class InMemorySessionCache:
     ``mark_created`` writes a creation marker through the same script (so it
     replaces anything but a tombstone); ``get`` reads the marker as a miss.
     ``tombstone`` is unconditional. TTLs run on the injected monotonic clock.
+    Each key also records the token hash it was written for, and ``get`` reports
+    an entry recorded for another hash as a miss, as the adapter's integrity check
+    does; the fill rules, like the Lua, look only at what is stored.
 
     * ``unavailable = True``: every call but ``health`` raises ``CacheUnavailable``.
     * ``hanging = True``: every call but ``health`` awaits forever, like a
@@ -204,7 +224,7 @@ class InMemorySessionCache:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._entries: dict[str, tuple[_Stored, float]] = {}
+        self._entries: dict[str, _Slot] = {}
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.hanging = False
@@ -219,29 +239,47 @@ class InMemorySessionCache:
         if self.unavailable:
             raise CacheUnavailable(f"in-memory cache switched off ({method})")
 
-    def _live(self, key: str) -> _Stored | None:
-        stored = self._entries.get(key)
-        if stored is None:
+    def _live(self, key: str) -> _Slot | None:
+        slot = self._entries.get(key)
+        if slot is None:
             return None
-        entry, expires_at = stored
-        if self._clock() >= expires_at:
+        if self._clock() >= slot.expires_at:
             del self._entries[key]
             return None
-        return entry
+        return slot
 
-    def _write(self, key: str, entry: _Stored, ttl: float) -> None:
+    def _write(self, key: str, entry: _Stored, ttl: float, recorded_as: str | None = None) -> None:
         ttl_ms = max(1, int(ttl * 1000))  # as the adapter sends PEXPIRE
-        self._entries[key] = (entry, self._clock() + ttl_ms / 1000)
+        expires_at = self._clock() + ttl_ms / 1000
+        self._entries[key] = _Slot(_copy(entry), recorded_as or key, expires_at)
+
+    def _answer(self, token_hash: TokenHash, *, report: bool) -> Cached | None:
+        """What ``get`` answers: None on a miss, a creation marker, or an entry
+        recorded for another hash (checked first, as the adapter does)."""
+        slot = self._live(token_hash.hex)
+        if slot is None:
+            return None
+        if slot.recorded_as != token_hash.hex:
+            if report:
+                _log.warning(
+                    "Token mismatch: cache entry for %s holds another hash; dropped",
+                    token_hash.prefix,
+                )
+            return None
+        if isinstance(slot.stored, _CreatedMarker):
+            return None
+        return Cached(slot.stored, slot.expires_at - self._clock())
 
     # --- test helpers (not part of the port, not counted) -------------------
 
     def peek(self, token_hash: TokenHash) -> CacheEntry | None:
         """What ``get`` would answer, without counting a call."""
-        entry = self._live(token_hash.hex)
-        return None if isinstance(entry, _CreatedMarker) else entry
+        hit = self._answer(token_hash, report=False)
+        return None if hit is None else hit.entry
 
     def has_creation_marker(self, token_hash: TokenHash) -> bool:
-        return isinstance(self._live(token_hash.hex), _CreatedMarker)
+        slot = self._live(token_hash.hex)
+        return slot is not None and isinstance(slot.stored, _CreatedMarker)
 
     async def wait_parked_fills(self, count: int) -> None:
         while self.parked_fills < count:
@@ -249,26 +287,32 @@ class InMemorySessionCache:
             await self._parked_changed.wait()
 
     def remaining_ttl(self, token_hash: TokenHash) -> float | None:
-        if self._live(token_hash.hex) is None:
-            return None
-        return self._entries[token_hash.hex][1] - self._clock()
+        slot = self._live(token_hash.hex)
+        return None if slot is None else slot.expires_at - self._clock()
 
-    def put(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> None:
-        """Write unconditionally (e.g. a stale entry left from before)."""
-        self._write(token_hash.hex, entry, ttl)
+    def put(
+        self,
+        token_hash: TokenHash,
+        entry: CacheEntry,
+        ttl: float,
+        *,
+        recorded_as: TokenHash | None = None,
+    ) -> None:
+        """Write unconditionally (e.g. a stale entry left from before). With
+        ``recorded_as``, the entry is recorded for that other hash: a corrupt
+        or poisoned entry, which ``get`` must report as a miss."""
+        self._write(token_hash.hex, entry, ttl, None if recorded_as is None else recorded_as.hex)
 
     # --- SessionCache -------------------------------------------------------
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
         await self._enter("get")
-        entry = self.peek(token_hash)
-        if entry is None:
-            return None
-        return Cached(entry, self._entries[token_hash.hex][1] - self._clock())
+        return self._answer(token_hash, report=True)
 
     def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
-        """The Lua fill script."""
-        current = self._live(key)
+        """The Lua fill script: it reads the state only, never the recorded hash."""
+        slot = self._live(key)
+        current = None if slot is None else slot.stored
         if isinstance(current, CachedVerdict) and current.reason is Reason.REVOKED:
             return False
         is_plain_verdict = isinstance(entry, CachedVerdict) and entry.reason is not Reason.REVOKED
