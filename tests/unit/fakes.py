@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -64,8 +65,30 @@ class FakeClock:
         self._mono += seconds
 
 
+def _copied(session: Session) -> Session:
+    """Postgres hands out rows, not references: callers never share metadata with it."""
+    return replace(session, metadata=dict(session.metadata))
+
+
+def _canonical_id(session_id: str) -> str:
+    """The uuid column's reading of a session id; the driver refuses anything else
+    (asyncpg's DataError, which the adapter reports as StoreUnavailable)."""
+    try:
+        return str(uuid.UUID(session_id))
+    except ValueError:
+        raise StoreUnavailable(f"invalid input for query argument: {session_id!r}") from None
+
+
 class InMemorySessionStore:
-    """The source of truth, in a dict.
+    """The source of truth, in a dict, with the Postgres adapter's semantics: session
+    ids are UUIDs (matched in any case, read back canonical), ids and token hashes are
+    unique, a session must expire after its creation, and what goes in or comes out
+    is a copy.
+
+    Time, as the SQL reads it: ``revoke`` and ``revoke_user`` judge expiry against
+    the ``at`` they are given and write it as ``revoked_at``; ``revoked_since``
+    judges expiry against the injected ``clock`` (Postgres's ``now()``); ``create``
+    and ``find`` read no clock.
 
     * ``unavailable = True`` makes every call but ``health`` raise
       ``StoreUnavailable`` (``health`` reports ``connected=False``).
@@ -97,9 +120,14 @@ class InMemorySessionStore:
         return self._by_hash.get(token_hash.hex)
 
     def put(self, session: Session) -> None:
-        """Insert or replace a session directly (e.g. one revoked long ago)."""
-        self._by_hash[session.token_hash.hex] = session
-        self._hash_by_id[session.session_id] = session.token_hash.hex
+        """Insert or replace a session directly (e.g. one revoked long ago),
+        without the checks ``create`` makes."""
+        self._by_hash[session.token_hash.hex] = _copied(session)
+        try:
+            id_key = _canonical_id(session.session_id)
+        except StoreUnavailable:
+            id_key = session.session_id
+        self._hash_by_id[id_key] = session.token_hash.hex
 
     async def wait_parked(self, count: int) -> None:
         while self.parked < count:
@@ -110,15 +138,19 @@ class InMemorySessionStore:
 
     async def create(self, session: Session) -> None:
         self._enter("create")
-        if session.token_hash.hex in self._by_hash or session.session_id in self._hash_by_id:
+        session_id = _canonical_id(session.session_id)
+        if session.token_hash.hex in self._by_hash or session_id in self._hash_by_id:
             # Postgres raises a unique violation, which the adapter reports as
             # StoreUnavailable like every other driver error.
             raise StoreUnavailable("duplicate session id or token hash")
-        self.put(session)
+        if session.expires_at <= session.created_at:
+            raise StoreUnavailable('violates check constraint "sessions_expiry_after_creation"')
+        self.put(replace(session, session_id=session_id))
 
     async def find(self, token_hash: TokenHash) -> Session | None:
         self._enter("find")
         session = self._by_hash.get(token_hash.hex)  # the read: a snapshot
+        session = None if session is None else _copied(session)
         if self.gate is not None:
             self.parked += 1
             self._parked_changed.set()
@@ -134,7 +166,10 @@ class InMemorySessionStore:
         if (token_hash is None) == (session_id is None):
             raise ValueError("name exactly one of token_hash or session_id")
         self._enter("revoke")
-        key = token_hash.hex if token_hash is not None else self._hash_by_id.get(session_id or "")
+        if token_hash is not None:
+            key: str | None = token_hash.hex
+        else:
+            key = self._hash_by_id.get(_canonical_id(session_id or ""))
         session = self._by_hash.get(key) if key is not None else None
         if session is None:
             return None
