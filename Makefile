@@ -9,7 +9,7 @@ PORT   ?= 50051
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit integration e2e bench clean
+.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ buf-lint: $(STAMP)  ## buf lint (STANDARD rules) on proto/
 
 unit: $(STAMP)  ## unit tests only (no I/O)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis and Postgres
+	$(BIN)/python -m pytest tests/contract $(PYTEST_ARGS)
 
 integration: $(STAMP)  ## integration tests (private Redis and Postgres)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)

@@ -10,10 +10,12 @@ points are the store's ``gate`` and the cache's ``hanging`` switch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from session_authority.core.domain import Reason, Session, TokenHash
@@ -63,8 +65,30 @@ class FakeClock:
         self._mono += seconds
 
 
+def _copied(session: Session) -> Session:
+    """Postgres hands out rows, not references: callers never share metadata with it."""
+    return replace(session, metadata=dict(session.metadata))
+
+
+def _canonical_id(session_id: str) -> str:
+    """The uuid column's reading of a session id; the driver refuses anything else
+    (asyncpg's DataError, which the adapter reports as StoreUnavailable)."""
+    try:
+        return str(uuid.UUID(session_id))
+    except ValueError:
+        raise StoreUnavailable(f"invalid input for query argument: {session_id!r}") from None
+
+
 class InMemorySessionStore:
-    """The source of truth, in a dict.
+    """The source of truth, in a dict, with the Postgres adapter's semantics: session
+    ids are UUIDs (matched in any case, read back canonical), ids and token hashes are
+    unique, a session must expire after its creation, and what goes in or comes out
+    is a copy.
+
+    Time, as the SQL reads it: ``revoke`` and ``revoke_user`` judge expiry against
+    the ``at`` they are given and write it as ``revoked_at``; ``revoked_since``
+    judges expiry against the injected ``clock`` (Postgres's ``now()``); ``create``
+    and ``find`` read no clock.
 
     * ``unavailable = True`` makes every call but ``health`` raise
       ``StoreUnavailable`` (``health`` reports ``connected=False``).
@@ -96,9 +120,14 @@ class InMemorySessionStore:
         return self._by_hash.get(token_hash.hex)
 
     def put(self, session: Session) -> None:
-        """Insert or replace a session directly (e.g. one revoked long ago)."""
-        self._by_hash[session.token_hash.hex] = session
-        self._hash_by_id[session.session_id] = session.token_hash.hex
+        """Insert or replace a session directly (e.g. one revoked long ago),
+        without the checks ``create`` makes."""
+        self._by_hash[session.token_hash.hex] = _copied(session)
+        try:
+            id_key = _canonical_id(session.session_id)
+        except StoreUnavailable:
+            id_key = session.session_id
+        self._hash_by_id[id_key] = session.token_hash.hex
 
     async def wait_parked(self, count: int) -> None:
         while self.parked < count:
@@ -109,15 +138,19 @@ class InMemorySessionStore:
 
     async def create(self, session: Session) -> None:
         self._enter("create")
-        if session.token_hash.hex in self._by_hash or session.session_id in self._hash_by_id:
+        session_id = _canonical_id(session.session_id)
+        if session.token_hash.hex in self._by_hash or session_id in self._hash_by_id:
             # Postgres raises a unique violation, which the adapter reports as
             # StoreUnavailable like every other driver error.
             raise StoreUnavailable("duplicate session id or token hash")
-        self.put(session)
+        if session.expires_at <= session.created_at:
+            raise StoreUnavailable('violates check constraint "sessions_expiry_after_creation"')
+        self.put(replace(session, session_id=session_id))
 
     async def find(self, token_hash: TokenHash) -> Session | None:
         self._enter("find")
         session = self._by_hash.get(token_hash.hex)  # the read: a snapshot
+        session = None if session is None else _copied(session)
         if self.gate is not None:
             self.parked += 1
             self._parked_changed.set()
@@ -133,7 +166,10 @@ class InMemorySessionStore:
         if (token_hash is None) == (session_id is None):
             raise ValueError("name exactly one of token_hash or session_id")
         self._enter("revoke")
-        key = token_hash.hex if token_hash is not None else self._hash_by_id.get(session_id or "")
+        if token_hash is not None:
+            key: str | None = token_hash.hex
+        else:
+            key = self._hash_by_id.get(_canonical_id(session_id or ""))
         session = self._by_hash.get(key) if key is not None else None
         if session is None:
             return None
@@ -179,6 +215,22 @@ class _CreatedMarker:
 
 _CREATED = _CreatedMarker()
 _Stored = CacheEntry | _CreatedMarker
+_log = logging.getLogger("tests.fakes.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """One key: the entry, the token hash recorded beside it (Redis's ``token_hash``
+    field, checked on read), and when it expires on the cache's clock."""
+
+    stored: _Stored
+    recorded_as: str
+    expires_at: float
+
+
+def _copy(entry: _Stored) -> _Stored:
+    """What Redis keeps is a copy: later changes to the caller's metadata do not reach it."""
+    return replace(entry, metadata=dict(entry.metadata)) if isinstance(entry, Session) else entry
 
 
 class InMemorySessionCache:
@@ -190,6 +242,9 @@ class InMemorySessionCache:
     ``mark_created`` writes a creation marker through the same script (so it
     replaces anything but a tombstone); ``get`` reads the marker as a miss.
     ``tombstone`` is unconditional. TTLs run on the injected monotonic clock.
+    Each key also records the token hash it was written for, and ``get`` reports
+    an entry recorded for another hash as a miss, as the adapter's integrity check
+    does; the fill rules, like the Lua, look only at what is stored.
 
     * ``unavailable = True``: every call but ``health`` raises ``CacheUnavailable``.
     * ``hanging = True``: every call but ``health`` awaits forever, like a
@@ -204,7 +259,7 @@ class InMemorySessionCache:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._entries: dict[str, tuple[_Stored, float]] = {}
+        self._entries: dict[str, _Slot] = {}
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.hanging = False
@@ -219,29 +274,47 @@ class InMemorySessionCache:
         if self.unavailable:
             raise CacheUnavailable(f"in-memory cache switched off ({method})")
 
-    def _live(self, key: str) -> _Stored | None:
-        stored = self._entries.get(key)
-        if stored is None:
+    def _live(self, key: str) -> _Slot | None:
+        slot = self._entries.get(key)
+        if slot is None:
             return None
-        entry, expires_at = stored
-        if self._clock() >= expires_at:
+        if self._clock() >= slot.expires_at:
             del self._entries[key]
             return None
-        return entry
+        return slot
 
-    def _write(self, key: str, entry: _Stored, ttl: float) -> None:
+    def _write(self, key: str, entry: _Stored, ttl: float, recorded_as: str | None = None) -> None:
         ttl_ms = max(1, int(ttl * 1000))  # as the adapter sends PEXPIRE
-        self._entries[key] = (entry, self._clock() + ttl_ms / 1000)
+        expires_at = self._clock() + ttl_ms / 1000
+        self._entries[key] = _Slot(_copy(entry), recorded_as or key, expires_at)
+
+    def _answer(self, token_hash: TokenHash, *, report: bool) -> Cached | None:
+        """What ``get`` answers: None on a miss, a creation marker, or an entry
+        recorded for another hash (checked first, as the adapter does)."""
+        slot = self._live(token_hash.hex)
+        if slot is None:
+            return None
+        if slot.recorded_as != token_hash.hex:
+            if report:
+                _log.warning(
+                    "Token mismatch: cache entry for %s holds another hash; dropped",
+                    token_hash.prefix,
+                )
+            return None
+        if isinstance(slot.stored, _CreatedMarker):
+            return None
+        return Cached(slot.stored, slot.expires_at - self._clock())
 
     # --- test helpers (not part of the port, not counted) -------------------
 
     def peek(self, token_hash: TokenHash) -> CacheEntry | None:
         """What ``get`` would answer, without counting a call."""
-        entry = self._live(token_hash.hex)
-        return None if isinstance(entry, _CreatedMarker) else entry
+        hit = self._answer(token_hash, report=False)
+        return None if hit is None else hit.entry
 
     def has_creation_marker(self, token_hash: TokenHash) -> bool:
-        return isinstance(self._live(token_hash.hex), _CreatedMarker)
+        slot = self._live(token_hash.hex)
+        return slot is not None and isinstance(slot.stored, _CreatedMarker)
 
     async def wait_parked_fills(self, count: int) -> None:
         while self.parked_fills < count:
@@ -249,26 +322,32 @@ class InMemorySessionCache:
             await self._parked_changed.wait()
 
     def remaining_ttl(self, token_hash: TokenHash) -> float | None:
-        if self._live(token_hash.hex) is None:
-            return None
-        return self._entries[token_hash.hex][1] - self._clock()
+        slot = self._live(token_hash.hex)
+        return None if slot is None else slot.expires_at - self._clock()
 
-    def put(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> None:
-        """Write unconditionally (e.g. a stale entry left from before)."""
-        self._write(token_hash.hex, entry, ttl)
+    def put(
+        self,
+        token_hash: TokenHash,
+        entry: CacheEntry,
+        ttl: float,
+        *,
+        recorded_as: TokenHash | None = None,
+    ) -> None:
+        """Write unconditionally (e.g. a stale entry left from before). With
+        ``recorded_as``, the entry is recorded for that other hash: a corrupt
+        or poisoned entry, which ``get`` must report as a miss."""
+        self._write(token_hash.hex, entry, ttl, None if recorded_as is None else recorded_as.hex)
 
     # --- SessionCache -------------------------------------------------------
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
         await self._enter("get")
-        entry = self.peek(token_hash)
-        if entry is None:
-            return None
-        return Cached(entry, self._entries[token_hash.hex][1] - self._clock())
+        return self._answer(token_hash, report=True)
 
     def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
-        """The Lua fill script."""
-        current = self._live(key)
+        """The Lua fill script: it reads the state only, never the recorded hash."""
+        slot = self._live(key)
+        current = None if slot is None else slot.stored
         if isinstance(current, CachedVerdict) and current.reason is Reason.REVOKED:
             return False
         is_plain_verdict = isinstance(entry, CachedVerdict) and entry.reason is not Reason.REVOKED
