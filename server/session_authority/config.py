@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     breaker_volume_threshold: int = Field(default=10, ge=1)
     breaker_reset_timeout_ms: int = Field(default=15_000, gt=0)
     breaker_rolling_window_ms: int = Field(default=10_000, gt=0)
+    breaker_consecutive_failures: int = Field(default=5, ge=0)
+    """Open after this many failed or slow Redis calls in a row (0: window rule only)."""
+    breaker_slow_call_ms: int = Field(default=100, gt=0)
+    """A Redis call cut short by the caller's deadline after this long counts as a failure."""
 
     pg_breaker_enabled: bool = True
     pg_breaker_error_threshold_percentage: float = Field(default=50.0, gt=0, le=100)
@@ -118,6 +122,8 @@ class Settings(BaseSettings):
             volume_threshold=self.breaker_volume_threshold,
             reset_timeout=self.breaker_reset_timeout_ms / 1000,
             rolling_window=self.breaker_rolling_window_ms / 1000,
+            consecutive_failures=self.breaker_consecutive_failures,
+            slow_call=self.breaker_slow_call_ms / 1000,
         )
 
     @property
@@ -136,13 +142,19 @@ class Settings(BaseSettings):
 
     def pg_breaker_policy(self) -> BreakerPolicy:
         """Postgres's breaker shares the window; its per-call bound is the
-        pool wait plus the statement timeout (no tighter than the driver's)."""
+        pool wait plus the statement timeout (no tighter than the driver's).
+        It is the source of truth, so it opens less eagerly than Redis's: a run
+        as long as its volume threshold, and a caller's deadline never counts
+        (a busy database must not be cut off by impatient callers)."""
+        timeout = (self.pg_pool_timeout_ms + self.pg_command_timeout_ms) / 1000
         return BreakerPolicy(
-            timeout=(self.pg_pool_timeout_ms + self.pg_command_timeout_ms) / 1000,
+            timeout=timeout,
             error_threshold_percentage=self.pg_breaker_error_threshold_percentage,
             volume_threshold=self.pg_breaker_volume_threshold,
             reset_timeout=self.pg_breaker_reset_timeout_ms / 1000,
             rolling_window=self.breaker_rolling_window_ms / 1000,
+            consecutive_failures=self.pg_breaker_volume_threshold,
+            slow_call=timeout,
         )
 
     def describe(self) -> dict[str, object]:

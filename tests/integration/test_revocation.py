@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -70,11 +70,17 @@ async def _close_cores() -> AsyncIterator[None]:
 
 
 def _core(
-    store: PostgresSessionStore, cache: RedisSessionCache | None, **breaker: float
+    store: PostgresSessionStore,
+    cache: RedisSessionCache | None,
+    token_factory: Callable[[], str] = new_token,
+    **breaker: float,
 ) -> tuple[SessionAuthority, CountingStore]:
     counting = CountingStore(store)
     core = assemble_core(
-        cast(SessionStore, counting), cache, breaker=Breaker(BreakerPolicy(**breaker))
+        cast(SessionStore, counting),
+        cache,
+        breaker=Breaker(BreakerPolicy(**breaker)),
+        token_factory=token_factory,
     )
     _CREATED.append(core)
     return core, counting
@@ -136,8 +142,7 @@ async def test_a_new_session_is_never_hidden_by_a_negative_entry(
     store: PostgresSessionStore, cache: RedisSessionCache
 ) -> None:
     token = new_token()
-    core, _ = _core(store, cache)
-    core._new_token = lambda: token  # the one token a negative entry exists for
+    core, _ = _core(store, cache, token_factory=lambda: token)  # the token a negative entry is for
     assert (await core.validate(token)).reason is Reason.UNKNOWN
     await core.create(f"user-{uuid4().hex[:8]}", None, {})
     answer = await core.validate(token)

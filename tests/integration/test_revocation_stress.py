@@ -57,6 +57,10 @@ class JitteryStore(PostgresSessionStore):
         return found
 
 
+#: The adapters of each replica made by ``_replica``, in order, for closing.
+_ADAPTERS: list[tuple[PostgresSessionStore, RedisSessionCache]] = []
+
+
 async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAuthority:
     store = JitteryStore(pg_dsn, min_size=2, max_size=10, command_timeout=5, acquire_timeout=5)
     store.revoked = revoked
@@ -65,6 +69,7 @@ async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAut
     )
     # A short cache TTL keeps misses (and so fill races) frequent; early
     # refresh stays well inside it.
+    _ADAPTERS.append((store, cache))
     return assemble_core(
         store,
         cache,
@@ -133,12 +138,11 @@ async def test_no_validation_after_a_revocation_answers_valid(
     await asyncio.gather(
         *(validator(n) for n in range(VALIDATORS)), *(revoker(n) for n in range(REVOKERS))
     )
-    for core in replicas:
+    for core, (store, cache) in zip(replicas, _ADAPTERS, strict=True):
         await core.aclose()  # background refreshes first, then the pools
-        assert isinstance(core.cache, RedisSessionCache)
-        await core.cache.aclose()
-        assert isinstance(core.store, PostgresSessionStore)
-        await core.store.aclose()
+        await cache.aclose()
+        await store.aclose()
+    _ADAPTERS.clear()
 
     print(
         f"\nstress: {ledger.validations} validations, {len(ledger.revoked_at)} sessions revoked,"

@@ -24,6 +24,8 @@ CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.H
 pytestmark = pytest.mark.timeout(5)
 
 POLICY = BreakerPolicy()  # timeout 1 s, 70 %, volume 10, reset 15 s, window 10 s / 10 buckets
+#: The runbook's window rule alone (no run-of-failures rule), to test it in isolation.
+WINDOW_ONLY = BreakerPolicy(consecutive_failures=0)
 
 
 class Op:
@@ -114,6 +116,8 @@ def test_policy_defaults_are_the_runbook_knobs() -> None:
         {"error_threshold_percentage": 100.1},
         {"buckets": 0},
         {"volume_threshold": 0},
+        {"consecutive_failures": -1},
+        {"slow_call": 0},
     ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
@@ -128,7 +132,7 @@ def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
 async def test_stays_closed_below_the_volume_threshold_even_at_100_percent_errors(
     make: Make,
 ) -> None:
-    breaker, _ = make()
+    breaker, _ = make(WINDOW_ONLY)
     await fail(breaker, POLICY.volume_threshold - 1)
     assert breaker.state is CLOSED
     op = Op(error=CacheUnavailable("boom"))
@@ -140,7 +144,7 @@ async def test_stays_closed_below_the_volume_threshold_even_at_100_percent_error
 
 @pytest.mark.asyncio
 async def test_opens_exactly_at_the_threshold_percentage(make: Make) -> None:
-    breaker, _ = make()
+    breaker, _ = make(WINDOW_ONLY)
     await succeed(breaker, 3)
     await fail(breaker, 6)  # 6/9: volume not reached
     assert breaker.state is CLOSED
@@ -151,7 +155,7 @@ async def test_opens_exactly_at_the_threshold_percentage(make: Make) -> None:
 
 @pytest.mark.asyncio
 async def test_stays_closed_under_the_threshold_percentage_with_volume(make: Make) -> None:
-    breaker, _ = make()
+    breaker, _ = make(WINDOW_ONLY)
     await succeed(breaker, 4)
     await fail(breaker, 6)  # 60 %
     await fail(breaker)  # 7/11 = 64 %
@@ -182,16 +186,78 @@ async def test_failures_need_not_be_consecutive(make: Make) -> None:
 async def test_old_buckets_roll_out_of_the_window(
     make: Make, later: float, expected: BreakerState
 ) -> None:
-    breaker, clock = make()
+    breaker, clock = make(WINDOW_ONLY)
     await fail(breaker, 9)
     clock.advance(later)
     await fail(breaker)
     assert breaker.state is expected
 
 
+# --- closed: a run of failures ------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_run_of_failures_opens_it_whatever_the_window_holds(make: Make) -> None:
+    breaker, _ = make()
+    await succeed(breaker, 1000)  # seconds of healthy traffic fill the window
+    await fail(breaker, POLICY.consecutive_failures - 1)
+    assert breaker.state is CLOSED  # 4/1004 failed: the window rule alone never opens
+    await fail(breaker)
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
+async def test_a_success_ends_the_run(make: Make) -> None:
+    breaker, _ = make()
+    for _ in range(50):
+        await fail(breaker, POLICY.consecutive_failures - 1)
+        await succeed(breaker, 4)  # never 70 % of the window: at most 8 of 12
+    assert breaker.state is CLOSED
+
+
+@pytest.mark.asyncio
+async def test_zero_disables_the_run_rule(make: Make) -> None:
+    breaker, _ = make(WINDOW_ONLY)
+    await succeed(breaker, 1000)
+    await fail(breaker, 50)
+    assert breaker.state is CLOSED
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_by_its_caller_after_a_slow_start_is_a_failure(
+    make: Make,
+) -> None:
+    """A caller's deadline shorter than ``timeout`` cancels the call before the
+    breaker's own timeout fires: without this rule nothing would ever trip."""
+    breaker, clock = make()
+    for _ in range(POLICY.consecutive_failures):
+        gate = asyncio.Event()
+        call = asyncio.create_task(breaker.call(Op(gate=gate)))
+        await until(lambda: breaker.calls_in_flight == 1)
+        clock.advance(POLICY.slow_call)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_quickly_is_not_counted(make: Make) -> None:
+    breaker, clock = make()
+    for _ in range(POLICY.consecutive_failures * 3):
+        gate = asyncio.Event()
+        call = asyncio.create_task(breaker.call(Op(gate=gate)))
+        await until(lambda: breaker.calls_in_flight == 1)
+        clock.advance(POLICY.slow_call / 2)  # the caller went away; the dependency is fine
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert breaker.state is CLOSED
+
+
 @pytest.mark.asyncio
 async def test_a_cache_miss_is_a_success(make: Make) -> None:
-    breaker, _ = make()
+    breaker, _ = make(WINDOW_ONLY)
     miss = Op(result=None)
     for _ in range(4):
         assert await breaker.call(miss) is None

@@ -10,6 +10,7 @@ import ast
 import json
 import logging
 import math
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -340,11 +341,12 @@ async def test_instrumented_store_times_every_call_and_changes_nothing() -> None
     store: SessionStore = InstrumentedSessionStore(inner, Instruments(registry).store_query)
     token_hash = TokenHash.of(new_token())
     now = datetime.now(UTC)
-    session = Session("s", "u", token_hash, now, now + timedelta(hours=1))
+    sid = str(uuid.uuid4())
+    session = Session(sid, "u", token_hash, now, now + timedelta(hours=1))
     await store.create(session)
     assert await store.find(token_hash) == session
     assert await store.find(TokenHash.of(new_token())) is None
-    revoked = await store.revoke(now, session_id="s")
+    revoked = await store.revoke(now, session_id=sid)
     assert revoked is not None and revoked.revoked_now
     assert await store.revoke_user("u", now) == []
     assert await store.revoked_since(now) == [token_hash]

@@ -4,8 +4,9 @@ aiobreaker 1.2.0 holds the state (closed / open / half-open) and notifies its
 listeners of transitions; the policy is ours, because aiobreaker's own falls
 short of the runbook (see DESIGN-NOTES):
 
-* it counts *consecutive* failures; the runbook opens on an error percentage
-  over a rolling window (10 s in 10 buckets) with a minimum request volume;
+* it counts *consecutive* failures only; the runbook opens on an error
+  percentage over a rolling window (10 s in 10 buckets) with a minimum
+  request volume. We do both (see "When it opens" below);
 * it has no per-call timeout; here a call slower than ``timeout`` is a failure;
 * it lets any number of trial calls through while half-open; here exactly one
   probe runs, every other caller is refused until it settles, and a probe from
@@ -18,6 +19,25 @@ short of the runbook (see DESIGN-NOTES):
 
 So aiobreaker's ``call`` machinery is never used: we drive its state with
 ``open()`` / ``half_open()`` / ``close()``.
+
+When it opens
+-------------
+A closed breaker opens on whichever comes first:
+
+1. **a run of failures**: ``consecutive_failures`` calls in a row failed or
+   were slow, whatever the window holds. This is what opens it within about
+   one ``timeout`` of a dependency dying or freezing under steady load: the
+   window alone would not, because the seconds of successes before the outage
+   dominate it, and a frozen dependency yields few failures per second (each
+   one waits out its timeout);
+2. **the runbook's rule**: at least ``volume_threshold`` calls in the rolling
+   window, of which ``error_threshold_percentage`` failed (intermittent
+   failures mixed with successes).
+
+A failure is the dependency's own error, a call slower than ``timeout``, or a
+call cancelled by its caller (the caller's deadline) after running at least
+``slow_call`` seconds: without the last, callers whose deadlines are shorter
+than ``timeout`` would never trip the breaker of a frozen dependency.
 """
 
 from __future__ import annotations
@@ -67,6 +87,10 @@ class BreakerPolicy:
     """Seconds an open breaker waits before letting one probe through."""
     rolling_window: float = 10.0
     buckets: int = 10
+    consecutive_failures: int = 5
+    """Open after this many failed or slow calls in a row (0: never by this rule)."""
+    slow_call: float = 0.1
+    """A call cancelled by its caller after running this long counts as a failure."""
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.reset_timeout <= 0 or self.rolling_window <= 0:
@@ -75,6 +99,8 @@ class BreakerPolicy:
             raise ValueError("error_threshold_percentage must be in (0, 100]")
         if self.buckets < 1 or self.volume_threshold < 1:
             raise ValueError("buckets and volume_threshold must be at least 1")
+        if self.consecutive_failures < 0 or self.slow_call <= 0:
+            raise ValueError("consecutive_failures must be >= 0 and slow_call positive")
 
 
 Listener = Callable[[BreakerState, BreakerState, str], None]
@@ -117,6 +143,9 @@ class Breaker:
         self._bucket_len = bucket
         self._window: dict[int, list[int]] = {}  # bucket index -> [calls, failures]
         self._generation = 0
+        self._run = 0  # failures in a row, reset by any success
+        #: Calls running through ``call`` right now.
+        self.calls_in_flight = 0
         self._state = aiobreaker.CircuitBreaker(name=name)
 
     # --- state ------------------------------------------------------------
@@ -180,6 +209,7 @@ class Breaker:
             self._state.half_open()
         else:
             self._window.clear()
+            self._run = 0
             self._state.close()
         # Notify after aiobreaker has stored the new state, so listeners see it.
         if old is not new:
@@ -235,9 +265,16 @@ class Breaker:
         probe = self._generation if self.state is BreakerState.HALF_OPEN else None
         if probe is not None:
             self._probing = True
+        started = self._clock()
+        self.calls_in_flight += 1
         try:
             async with asyncio.timeout(self.policy.timeout):
                 result = await op()
+        except asyncio.CancelledError:
+            # Cut short by the caller (its deadline): slow enough, it counts.
+            if self._clock() - started >= self.policy.slow_call:
+                self._failure("cancelled after a slow call", probe)
+            raise
         except (self._error, TimeoutError) as exc:
             cause = "timeout" if isinstance(exc, TimeoutError) else str(exc)
             self._failure(cause, probe)
@@ -245,6 +282,7 @@ class Breaker:
                 raise
             raise self._error(f"{self.name} call timed out") from exc
         finally:
+            self.calls_in_flight -= 1
             if probe is not None:
                 self._probing = False
         self._success(probe)
@@ -274,6 +312,7 @@ class Breaker:
         if self._is_current_probe(probe):
             self._transition(BreakerState.CLOSED, "probe succeeded")
         elif probe is None and self.state is BreakerState.CLOSED:
+            self._run = 0
             self._record(failed=False)
 
     def _failure(self, cause: str, probe: int | None) -> None:
@@ -286,6 +325,11 @@ class Breaker:
         if state is not BreakerState.CLOSED:
             return
         calls, failures = self._record(failed=True)
+        self._run += 1
+        run_limit = self.policy.consecutive_failures
+        if run_limit and self._run >= run_limit:
+            self._transition(BreakerState.OPEN, f"{self._run} calls in a row failed, last: {cause}")
+            return
         pct = 100.0 * failures / calls
         if calls >= self.policy.volume_threshold and pct >= self.policy.error_threshold_percentage:
             self._transition(

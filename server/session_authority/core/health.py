@@ -73,6 +73,10 @@ class BreakerReport:
     reset_timeout_ms: int
     seconds_until_half_open: float
     opened_count: int
+    volume_threshold: int = 0
+    rolling_window_ms: int = 0
+    consecutive_failures: int = 0
+    slow_call_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,4 +92,8 @@ def breaker_report(breaker: Breaker) -> BreakerReport:
         reset_timeout_ms=int(policy.reset_timeout * 1000),
         seconds_until_half_open=round(breaker.seconds_until_half_open(), 3),
         opened_count=breaker.opened_count,
+        volume_threshold=policy.volume_threshold,
+        rolling_window_ms=int(policy.rolling_window * 1000),
+        consecutive_failures=policy.consecutive_failures,
+        slow_call_ms=int(policy.slow_call * 1000),
     )

@@ -117,4 +117,8 @@ def _breaker(report: BreakerReport) -> dict[str, Any]:
         "resetTimeoutMs": report.reset_timeout_ms,
         "secondsUntilHalfOpen": _double(report.seconds_until_half_open),
         "openedCount": report.opened_count,
+        "volumeThreshold": report.volume_threshold,
+        "rollingWindowMs": report.rolling_window_ms,
+        "consecutiveFailures": report.consecutive_failures,
+        "slowCallMs": report.slow_call_ms,
     }

@@ -122,4 +122,8 @@ def _breaker(report: BreakerReport) -> pb.BreakerHealth:
         reset_timeout_ms=report.reset_timeout_ms,
         seconds_until_half_open=report.seconds_until_half_open,
         opened_count=report.opened_count,
+        volume_threshold=report.volume_threshold,
+        rolling_window_ms=report.rolling_window_ms,
+        consecutive_failures=report.consecutive_failures,
+        slow_call_ms=report.slow_call_ms,
     )

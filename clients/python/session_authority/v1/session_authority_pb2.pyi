@@ -744,6 +744,10 @@ class BreakerHealth(_message.Message):
     RESET_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     SECONDS_UNTIL_HALF_OPEN_FIELD_NUMBER: _builtins.int
     OPENED_COUNT_FIELD_NUMBER: _builtins.int
+    VOLUME_THRESHOLD_FIELD_NUMBER: _builtins.int
+    ROLLING_WINDOW_MS_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    SLOW_CALL_MS_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"closed", "open" or "half_open"."""
     timeout_ms: _builtins.int
@@ -754,6 +758,15 @@ class BreakerHealth(_message.Message):
     """Seconds until an open breaker lets a probe through; 0 otherwise."""
     opened_count: _builtins.int
     """How many times the breaker has opened since start."""
+    volume_threshold: _builtins.int
+    """The rest of the opening rule: it opens on error_threshold_percentage of at
+    least volume_threshold calls in the last rolling_window_ms, or on
+    consecutive_failures failed or slow calls in a row (0: that rule is off).
+    A call cut short by its caller after slow_call_ms counts as failed.
+    """
+    rolling_window_ms: _builtins.int
+    consecutive_failures: _builtins.int
+    slow_call_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -763,23 +776,37 @@ class BreakerHealth(_message.Message):
         reset_timeout_ms: _builtins.int | None = ...,
         seconds_until_half_open: _builtins.float | None = ...,
         opened_count: _builtins.int | None = ...,
+        volume_threshold: _builtins.int | None = ...,
+        rolling_window_ms: _builtins.int | None = ...,
+        consecutive_failures: _builtins.int | None = ...,
+        slow_call_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_error_threshold_percentage", b"_error_threshold_percentage", "_opened_count", b"_opened_count", "_reset_timeout_ms", b"_reset_timeout_ms", "_seconds_until_half_open", b"_seconds_until_half_open", "_state", b"_state", "_timeout_ms", b"_timeout_ms", "error_threshold_percentage", b"error_threshold_percentage", "opened_count", b"opened_count", "reset_timeout_ms", b"reset_timeout_ms", "seconds_until_half_open", b"seconds_until_half_open", "state", b"state", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_consecutive_failures", b"_consecutive_failures", "_error_threshold_percentage", b"_error_threshold_percentage", "_opened_count", b"_opened_count", "_reset_timeout_ms", b"_reset_timeout_ms", "_rolling_window_ms", b"_rolling_window_ms", "_seconds_until_half_open", b"_seconds_until_half_open", "_slow_call_ms", b"_slow_call_ms", "_state", b"_state", "_timeout_ms", b"_timeout_ms", "_volume_threshold", b"_volume_threshold", "consecutive_failures", b"consecutive_failures", "error_threshold_percentage", b"error_threshold_percentage", "opened_count", b"opened_count", "reset_timeout_ms", b"reset_timeout_ms", "rolling_window_ms", b"rolling_window_ms", "seconds_until_half_open", b"seconds_until_half_open", "slow_call_ms", b"slow_call_ms", "state", b"state", "timeout_ms", b"timeout_ms", "volume_threshold", b"volume_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error_threshold_percentage", b"_error_threshold_percentage", "_opened_count", b"_opened_count", "_reset_timeout_ms", b"_reset_timeout_ms", "_seconds_until_half_open", b"_seconds_until_half_open", "_state", b"_state", "_timeout_ms", b"_timeout_ms", "error_threshold_percentage", b"error_threshold_percentage", "opened_count", b"opened_count", "reset_timeout_ms", b"reset_timeout_ms", "seconds_until_half_open", b"seconds_until_half_open", "state", b"state", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_consecutive_failures", b"_consecutive_failures", "_error_threshold_percentage", b"_error_threshold_percentage", "_opened_count", b"_opened_count", "_reset_timeout_ms", b"_reset_timeout_ms", "_rolling_window_ms", b"_rolling_window_ms", "_seconds_until_half_open", b"_seconds_until_half_open", "_slow_call_ms", b"_slow_call_ms", "_state", b"_state", "_timeout_ms", b"_timeout_ms", "_volume_threshold", b"_volume_threshold", "consecutive_failures", b"consecutive_failures", "error_threshold_percentage", b"error_threshold_percentage", "opened_count", b"opened_count", "reset_timeout_ms", b"reset_timeout_ms", "rolling_window_ms", b"rolling_window_ms", "seconds_until_half_open", b"seconds_until_half_open", "slow_call_ms", b"slow_call_ms", "state", b"state", "timeout_ms", b"timeout_ms", "volume_threshold", b"volume_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__consecutive_failures: _TypeAlias = _typing.Literal["consecutive_failures"]  # noqa: Y015
+    _WhichOneofArgType__consecutive_failures: _TypeAlias = _typing.Literal["_consecutive_failures", b"_consecutive_failures"]  # noqa: Y015
     _WhichOneofReturnType__error_threshold_percentage: _TypeAlias = _typing.Literal["error_threshold_percentage"]  # noqa: Y015
     _WhichOneofArgType__error_threshold_percentage: _TypeAlias = _typing.Literal["_error_threshold_percentage", b"_error_threshold_percentage"]  # noqa: Y015
     _WhichOneofReturnType__opened_count: _TypeAlias = _typing.Literal["opened_count"]  # noqa: Y015
     _WhichOneofArgType__opened_count: _TypeAlias = _typing.Literal["_opened_count", b"_opened_count"]  # noqa: Y015
     _WhichOneofReturnType__reset_timeout_ms: _TypeAlias = _typing.Literal["reset_timeout_ms"]  # noqa: Y015
     _WhichOneofArgType__reset_timeout_ms: _TypeAlias = _typing.Literal["_reset_timeout_ms", b"_reset_timeout_ms"]  # noqa: Y015
+    _WhichOneofReturnType__rolling_window_ms: _TypeAlias = _typing.Literal["rolling_window_ms"]  # noqa: Y015
+    _WhichOneofArgType__rolling_window_ms: _TypeAlias = _typing.Literal["_rolling_window_ms", b"_rolling_window_ms"]  # noqa: Y015
     _WhichOneofReturnType__seconds_until_half_open: _TypeAlias = _typing.Literal["seconds_until_half_open"]  # noqa: Y015
     _WhichOneofArgType__seconds_until_half_open: _TypeAlias = _typing.Literal["_seconds_until_half_open", b"_seconds_until_half_open"]  # noqa: Y015
+    _WhichOneofReturnType__slow_call_ms: _TypeAlias = _typing.Literal["slow_call_ms"]  # noqa: Y015
+    _WhichOneofArgType__slow_call_ms: _TypeAlias = _typing.Literal["_slow_call_ms", b"_slow_call_ms"]  # noqa: Y015
     _WhichOneofReturnType__state: _TypeAlias = _typing.Literal["state"]  # noqa: Y015
     _WhichOneofArgType__state: _TypeAlias = _typing.Literal["_state", b"_state"]  # noqa: Y015
     _WhichOneofReturnType__timeout_ms: _TypeAlias = _typing.Literal["timeout_ms"]  # noqa: Y015
     _WhichOneofArgType__timeout_ms: _TypeAlias = _typing.Literal["_timeout_ms", b"_timeout_ms"]  # noqa: Y015
+    _WhichOneofReturnType__volume_threshold: _TypeAlias = _typing.Literal["volume_threshold"]  # noqa: Y015
+    _WhichOneofArgType__volume_threshold: _TypeAlias = _typing.Literal["_volume_threshold", b"_volume_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__consecutive_failures) -> _WhichOneofReturnType__consecutive_failures | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__error_threshold_percentage) -> _WhichOneofReturnType__error_threshold_percentage | None: ...
     @_typing.overload
@@ -787,10 +814,16 @@ class BreakerHealth(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reset_timeout_ms) -> _WhichOneofReturnType__reset_timeout_ms | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rolling_window_ms) -> _WhichOneofReturnType__rolling_window_ms | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seconds_until_half_open) -> _WhichOneofReturnType__seconds_until_half_open | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__slow_call_ms) -> _WhichOneofReturnType__slow_call_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__state) -> _WhichOneofReturnType__state | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_ms) -> _WhichOneofReturnType__timeout_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__volume_threshold) -> _WhichOneofReturnType__volume_threshold | None: ...
 
 Global___BreakerHealth: _TypeAlias = BreakerHealth  # noqa: Y015
