@@ -48,7 +48,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiobreaker
 
@@ -267,24 +267,34 @@ class Breaker:
             self._probing = True
         started = self._clock()
         self.calls_in_flight += 1
+        # The call runs as its own task, so that the caller's bound holds even
+        # when the dependency's client is slow to give up (redis-py tidies a
+        # cancelled connection up with awaits of its own): on timeout or
+        # cancellation the task is cancelled and left to finish on its own.
+        task = asyncio.ensure_future(op())
         try:
-            async with asyncio.timeout(self.policy.timeout):
-                result = await op()
+            done, _ = await asyncio.wait((task,), timeout=self.policy.timeout)
         except asyncio.CancelledError:
+            _abandon(task)
             # Cut short by the caller (its deadline): slow enough, it counts.
             if self._clock() - started >= self.policy.slow_call:
                 self._failure("cancelled after a slow call", probe)
             raise
-        except (self._error, TimeoutError) as exc:
-            cause = "timeout" if isinstance(exc, TimeoutError) else str(exc)
-            self._failure(cause, probe)
-            if isinstance(exc, self._error):
-                raise
-            raise self._error(f"{self.name} call timed out") from exc
         finally:
             self.calls_in_flight -= 1
             if probe is not None:
                 self._probing = False
+        if not done:
+            _abandon(task)
+            self._failure("timeout", probe)
+            raise self._error(f"{self.name} call timed out") from TimeoutError(
+                f"no answer within {self.policy.timeout:g}s"
+            )
+        try:
+            result = task.result()
+        except self._error as exc:
+            self._failure(str(exc), probe)
+            raise
         self._success(probe)
         return result
 
@@ -341,3 +351,15 @@ class Breaker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` without waiting for it; its outcome is retrieved (and
+    dropped) when it ends, so nothing logs "exception was never retrieved"."""
+    task.cancel()
+    task.add_done_callback(_drop_outcome)
+
+
+def _drop_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

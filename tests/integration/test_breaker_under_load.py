@@ -1,0 +1,159 @@
+"""The Redis breaker with the runbook's default knobs, under steady 16-way load
+through a real gRPC server: Redis killed or frozen after seconds of healthy
+traffic (a window full of successes), and callers whose deadlines are shorter
+than the breaker's timeout.
+
+Bounds are generous multiples of the knobs (timeout 1 s), not benchmarks: what
+they catch is a breaker that never opens (the window rule alone, measured in
+issue 10: never within a 6-8 s outage) or a validation that pays two or three
+Redis timeouts (3 s measured before)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from uuid import uuid4
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from session_authority.bootstrap import App
+from session_authority.core.breaker import BreakerState
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .support import NO_PROXY, app_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
+
+TIMEOUT = 1.0  # the runbook's breaker timeout (the default)
+CONCURRENCY = 16
+
+
+@dataclass
+class Call:
+    started: float
+    seconds: float
+    code: str
+    valid: bool | None = None
+
+
+@dataclass
+class World:
+    app: App
+    redis: EmbeddedRedis
+    stub: pb_grpc.SessionAuthorityStub
+    live: list[str]
+    opened_at: list[float] = field(default_factory=list)
+
+
+@pytest_asyncio.fixture
+async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> AsyncIterator[World]:
+    # Every breaker knob at its default: timeout 1 s, 70 %, volume 10, window
+    # 10 s, reset 15 s, 5 failures in a row, slow call 100 ms.
+    app = await App.start(app_settings(own_postgres.url, own_redis.url))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
+    stub = pb_grpc.SessionAuthorityStub(channel)
+    user = f"user-{uuid4().hex[:8]}"
+    live = [
+        (await stub.CreateSession(pb.CreateSessionRequest(user_id=user))).token for _ in range(32)
+    ]
+    w = World(app, own_redis, stub, live)
+    app.core.breaker.add_listener(
+        lambda _old, new, _cause: (
+            w.opened_at.append(time.monotonic()) if new is BreakerState.OPEN else None
+        )
+    )
+    try:
+        yield w
+    finally:
+        await channel.close()
+        with contextlib.suppress(RuntimeError):  # killed: nothing to resume
+            own_redis.resume()
+        await app.stop(0)
+
+
+async def drive(
+    w: World, seconds: float, *, deadline: float = 5.0, at: Callable[[], object] | None = None
+) -> tuple[list[Call], float]:
+    """Validate live tokens from 16 callers for ``seconds``; ``at`` (a fault)
+    runs once a third of the way in. Returns the calls and when the fault hit."""
+    calls: list[Call] = []
+    stop_at = time.monotonic() + seconds
+    fault_at = [0.0]
+
+    async def caller(offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop_at:
+            token = w.live[i % len(w.live)]
+            i += 1
+            started = time.monotonic()
+            try:
+                reply = await w.stub.ValidateSession(
+                    pb.ValidateSessionRequest(token=token), timeout=deadline
+                )
+            except grpc.aio.AioRpcError as exc:
+                calls.append(Call(started, time.monotonic() - started, exc.code().name))
+                continue
+            calls.append(Call(started, time.monotonic() - started, "OK", reply.valid))
+
+    async def fault() -> None:
+        await asyncio.sleep(seconds / 3)
+        fault_at[0] = time.monotonic()
+        if at is not None:
+            await asyncio.to_thread(at)
+
+    await asyncio.gather(fault(), *(caller(n) for n in range(CONCURRENCY)))
+    return calls, fault_at[0]
+
+
+def _check_shielded(w: World, calls: list[Call], fault_at: float) -> None:
+    codes = Counter(c.code for c in calls)
+    assert codes == {"OK": len(calls)}, codes  # zero failed calls
+    assert all(c.valid for c in calls)  # zero wrong answers
+    assert w.opened_at, "the breaker never opened"
+    opened_after = w.opened_at[0] - fault_at
+    assert opened_after < 2.0, f"breaker opened {opened_after:.2f}s after the fault"
+    slowest = max(c.seconds for c in calls)
+    assert slowest < TIMEOUT + 0.75, f"a validation took {slowest:.2f}s: more than one timeout"
+    once_open = [c.seconds for c in calls if c.started > w.opened_at[0] + 0.2]
+    assert len(once_open) > 100
+    # Postgres speed (a few ms here) rather than a Redis timeout per call.
+    assert statistics.median(once_open) < 0.1, statistics.median(once_open)
+
+
+async def test_redis_killed_after_a_healthy_window_opens_the_breaker_within_two_seconds(
+    world: World,
+) -> None:
+    calls, fault_at = await drive(world, 6.0, at=world.redis.kill)
+    _check_shielded(world, calls, fault_at)
+    cause_seen = world.app.core.breaker.state is not BreakerState.CLOSED
+    assert cause_seen
+
+
+async def test_redis_frozen_after_a_healthy_window_opens_the_breaker_within_two_seconds(
+    world: World,
+) -> None:
+    calls, fault_at = await drive(world, 6.0, at=world.redis.pause)
+    _check_shielded(world, calls, fault_at)
+
+
+async def test_callers_with_short_deadlines_are_served_once_a_freeze_is_detected(
+    world: World,
+) -> None:
+    """300 ms deadlines, shorter than the 1 s Redis timeout: each Redis call is
+    cancelled by the caller's deadline, and counts as a slow call."""
+    calls, fault_at = await drive(world, 7.0, deadline=0.3, at=world.redis.pause)
+    assert world.opened_at, "the breaker never opened"
+    settled = [c for c in calls if c.started > fault_at + 3.0]
+    served = sum(c.code == "OK" for c in settled)
+    assert len(settled) > 100
+    assert served / len(settled) >= 0.95, Counter(c.code for c in settled)
+    assert all(c.valid for c in calls if c.code == "OK")
