@@ -15,10 +15,10 @@ from pathlib import Path
 
 from session_authority.embedded.process import (
     ServerProcess,
-    _env,
-    _pid_alive,
-    _require,
-    _tail,
+    log_tail,
+    pid_alive,
+    require_package,
+    server_env,
 )
 
 __all__ = ["EmbeddedPostgres"]
@@ -95,7 +95,7 @@ class EmbeddedPostgres(ServerProcess):
 
     @property
     def bin_dir(self) -> Path:
-        return _require("pgserver") / "pginstall" / "bin"
+        return require_package("pgserver") / "pginstall" / "bin"
 
     @property
     def has_pg_stat_statements(self) -> bool:
@@ -142,7 +142,7 @@ class EmbeddedPostgres(ServerProcess):
         for lock in lock_files:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 lines = lock.read_text().splitlines()
-                if int(lines[0]) != self._last_pid and _pid_alive(int(lines[0])):
+                if int(lines[0]) != self._last_pid and pid_alive(int(lines[0])):
                     continue  # a live postmaster: leave it to postgres to refuse
                 shm = lines[6].split() if lock.name == "postmaster.pid" and len(lines) > 6 else []
                 if len(shm) == 2:  # "<key> <shmid>"
@@ -173,7 +173,7 @@ class EmbeddedPostgres(ServerProcess):
                 os.killpg(proc.pid, signal.SIGKILL)  # only does anything after a timeout
             proc.wait()
         if rc != 0:
-            raise RuntimeError(f"initdb failed ({rc}); tail of {log}:\n{_tail(log)}")
+            raise RuntimeError(f"initdb failed ({rc}); tail of {log}:\n{log_tail(log)}")
         staging.rename(self.data_dir)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -205,7 +205,7 @@ class EmbeddedPostgres(ServerProcess):
         if self._proc is None or lines[:1] != [str(self._proc.pid)] or lines[7:8] != ["ready"]:
             return False
         cmd = self._client("pg_isready", "postgres", "-q", "-t", "1")
-        return subprocess.run(cmd, env=_env(), capture_output=True, timeout=5).returncode == 0
+        return subprocess.run(cmd, env=server_env(), capture_output=True, timeout=5).returncode == 0
 
     def _after_start(self, deadline: float) -> None:
         # psql's :'db' quotes the literal and format('%I') the identifier: any name is safe.
@@ -221,7 +221,7 @@ class EmbeddedPostgres(ServerProcess):
             result = subprocess.run(
                 [*cmd, "-v", f"db={self.database}"],
                 input=sql.encode(),
-                env=_env(),
+                env=server_env(),
                 capture_output=True,
                 timeout=max(deadline - time.monotonic(), 5.0),
             )

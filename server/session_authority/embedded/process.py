@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-__all__ = ["ServerProcess", "embedded_available", "find_free_port"]
+__all__ = [
+    "ServerProcess",
+    "embedded_available",
+    "find_free_port",
+    "log_tail",
+    "pid_alive",
+    "require_package",
+    "server_env",
+]
 
 _running: dict[ServerProcess, None] = {}  # insertion-ordered set, for the atexit hook
 
@@ -29,7 +37,8 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _require(name: str) -> Path:
+def require_package(name: str) -> Path:
+    """The directory of installed package `name` (without importing it)."""
     path = _package_dir(name)
     if path is None:
         raise RuntimeError(f"{name} is not installed; install 'session-authority[embedded]'")
@@ -47,21 +56,24 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a server's log, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "<no log>"
 
 
-def _env() -> dict[str, str]:
+def server_env() -> dict[str, str]:
+    """Our environment for the servers and their tools, minus what would redirect them."""
     # Stray PG* variables (PGDATABASE, PGSSLMODE, PGOPTIONS...) would redirect the bundled tools.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     return env
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (perhaps not ours, perhaps a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,7 +157,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.base_dir,
-                env=_env(),
+                env=server_env(),
                 start_new_session=True,
                 user=None if user is None else user.pw_uid,
                 group=None if user is None else user.pw_gid,
@@ -171,7 +183,8 @@ class ServerProcess:
             self._after_start(deadline)
         except Exception as exc:
             self.kill()
-            raise RuntimeError(f"{exc}; tail of {self.log_path}:\n{_tail(self.log_path)}") from exc
+            tail = log_tail(self.log_path)
+            raise RuntimeError(f"{exc}; tail of {self.log_path}:\n{tail}") from exc
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self._proc
