@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import pytest
 import redis
 import redis.exceptions
@@ -54,6 +55,13 @@ def fetch(url: str, sql: str, timeout: float = 5.0) -> list[Any]:
 
 def client(server: EmbeddedRedis, timeout: float = 2.0) -> redis.Redis:
     return redis.Redis.from_url(server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def port_open(port: int) -> bool:
@@ -140,6 +148,59 @@ def test_postgres_pause_and_resume(pg: EmbeddedPostgres) -> None:
     finally:
         pg.resume()
     assert fetch(pg.url, "select 1") == [(1,)]
+
+
+def test_postgres_pause_freezes_open_connections(pg: EmbeddedPostgres) -> None:
+    # Backends call setsid(): a pause that only stopped the postmaster's group would leave
+    # this already-open connection answering.
+    async def run() -> None:
+        conn = await asyncpg.connect(pg.url, timeout=5)
+        try:
+            pg.pause()
+            try:
+                query = asyncio.ensure_future(conn.fetchval("select 1"))
+                done, _ = await asyncio.wait({query}, timeout=0.5)
+                assert not done, "a paused backend answered"
+            finally:
+                pg.resume()
+            assert await asyncio.wait_for(query, 5) == 1  # the same query, answered late
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_postgres_kill_ends_backends(pg: EmbeddedPostgres) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(pg.url, timeout=5)
+        backend = await conn.fetchval("select pg_backend_pid()")
+        pg.kill()
+        conn.terminate()
+        assert not running(backend)  # gone when kill() returns, not merely dying
+
+    asyncio.run(run())
+
+
+def test_postgres_stop_while_paused_shuts_down_cleanly(pg: EmbeddedPostgres) -> None:
+    # The postmaster waits for its backends and auxiliary processes to exit: all of them
+    # must be continued, or stop() only ends at its timeout, by SIGKILL.
+    pg.pause()
+    pg.stop(timeout=20)
+    assert pg.pid is None
+    assert "database system is shut down" in pg.log_path.read_text()
+
+
+def test_postgres_restart_after_paused_postmaster_killed_behind_our_back(
+    pg: EmbeddedPostgres,
+) -> None:
+    # The frozen backends, orphaned, never notice their postmaster died and keep its shared
+    # memory: the restart must end them.
+    fetch(pg.url, "create table t (v text)")
+    pg.pause()
+    assert pg.pid is not None
+    os.kill(pg.pid, signal.SIGKILL)
+    pg.restart()
+    assert fetch(pg.url, "select count(*) from t") == [(0,)]
 
 
 def test_stop_is_idempotent(tmp_path: Path) -> None:

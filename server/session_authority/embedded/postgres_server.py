@@ -13,31 +13,19 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from session_authority.embedded.process import (
     ServerProcess,
     log_tail,
-    pid_alive,
     require_package,
     server_env,
 )
+from session_authority.embedded.process_tree import processes_in, wait_gone
 
 __all__ = ["EmbeddedPostgres"]
 
 _PG_SYSTEM_USER = "pgserver"  # the account pgserver itself uses when run as root
-
-
-def _wait_shm_detached(shmid: str, deadline: float) -> None:
-    # A SIGKILLed backend can stay attached to the old SysV segment for a moment after it has
-    # vanished from /proc; postgres then refuses to start ("pre-existing shared memory block
-    # ... is still in use"). Wait for the kernel to drop it, like postgres will check.
-    while time.monotonic() < deadline:
-        try:
-            rows = [row.split() for row in Path("/proc/sysvipc/shm").read_text().splitlines()]
-        except OSError:
-            return  # no procfs: let postgres judge
-        if not any(row[1] == shmid and row[6] != "0" for row in rows[1:]):
-            return
-        time.sleep(0.01)
 
 
 def _pg_system_user() -> pwd.struct_passwd | None:
@@ -102,15 +90,19 @@ class EmbeddedPostgres(ServerProcess):
         return (self.bin_dir.parent / "lib" / "postgresql" / "pg_stat_statements.so").exists()
 
     def start(self, timeout: float = 30.0) -> None:
-        # A pytest session starting concurrently resets /tmp/pytest-of-<user> to 0700, which
-        # can revoke the traversal _grant_traverse gave the postgres account in the middle of
-        # initdb or startup (seen here with several sessions sharing the machine). Re-grant
-        # and retry rather than fail. Once running, postgres only uses paths relative to -D.
+        # Retry rather than fail on two transient refusals:
+        # * as root, a pytest session starting concurrently resets /tmp/pytest-of-root to 0700,
+        #   which can revoke the traversal _grant_traverse gave the postgres account in the
+        #   middle of initdb or startup (seen with several sessions sharing the machine);
+        #   _prepare grants it again. Once running, postgres only uses paths relative to -D.
+        # * "pre-existing shared memory block ... is still in use": a killed backend's memory
+        #   can be released a moment after the process is gone.
         for attempt in range(3):
             try:
                 return super().start(timeout)
             except RuntimeError as exc:
-                if attempt == 2 or "Permission denied" not in str(exc):
+                transient = ("Permission denied", "is still in use")
+                if attempt == 2 or not any(text in str(exc) for text in transient):
                     raise
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -142,12 +134,21 @@ class EmbeddedPostgres(ServerProcess):
         for lock in lock_files:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 lines = lock.read_text().splitlines()
-                if int(lines[0]) != self._last_pid and pid_alive(int(lines[0])):
+                if int(lines[0]) != self._last_pid and psutil.pid_exists(int(lines[0])):
                     continue  # a live postmaster: leave it to postgres to refuse
-                shm = lines[6].split() if lock.name == "postmaster.pid" and len(lines) > 6 else []
-                if len(shm) == 2:  # "<key> <shmid>"
-                    _wait_shm_detached(shm[1], deadline)
+                if lock.name == "postmaster.pid":
+                    self._end_orphans(deadline)
                 lock.unlink()
+
+    def _end_orphans(self, deadline: float) -> None:
+        # Backends of a postmaster killed behind our back are not in its group, and may
+        # outlive it a little (or for good, if paused): while they hold its shared memory,
+        # postgres refuses to start. They are the postgres processes working in our -D.
+        orphans = processes_in(self.data_dir, executable=self.bin_dir / "postgres")
+        for orphan in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
+        wait_gone(orphans, deadline)
 
     @staticmethod
     def _make_owned_dir(path: Path, user: pwd.struct_passwd | None) -> None:

@@ -11,16 +11,18 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
+
+import psutil
+
+from session_authority.embedded.process_tree import server_processes, signal_each, wait_gone
 
 __all__ = [
     "ServerProcess",
     "embedded_available",
     "find_free_port",
     "log_tail",
-    "pid_alive",
     "require_package",
     "server_env",
 ]
@@ -72,46 +74,13 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` exists (perhaps not ours, perhaps a zombie)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _processes() -> Iterator[tuple[int, str, int, int]]:
-    """(pid, state, ppid, pgrp) of every process, from /proc."""
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
-            yield int(stat_file.parent.name), fields[0], int(fields[1]), int(fields[2])
-
-
-def _children(ppid: int) -> list[int]:
-    """Live (non-zombie) child processes of ``ppid``."""
-    return [pid for pid, state, parent, _ in _processes() if parent == ppid and state not in "ZX"]
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is left in process group `pgid`."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg(0) also succeeds for zombies (orphaned backends waiting for init to reap them);
-    # those hold no ports, so only count live members (for SysV shm see _wait_shm_detached).
-    if any(group == pgid and state not in "ZX" for _, state, _, group in _processes()):
-        return True
-    return not Path("/proc/self/stat").exists()  # no procfs: assume alive, to be safe
-
-
 class ServerProcess:
+    """A server run as a direct child in its own session (= process group, pgid == pid).
+
+    pause/resume/kill reach every process of the server (see process_tree): the group, and
+    the leader's descendants, which for Postgres have left the group.
+    """
+
     name = "server"
     stop_signal = signal.SIGTERM
 
@@ -150,6 +119,7 @@ class ServerProcess:
     def _popen(
         self, argv: list[str], user: pwd.struct_passwd | None, log_path: Path
     ) -> subprocess.Popen[bytes]:
+        # `user` switches uid/gid in the child only, after fork: this process keeps its own.
         with log_path.open("ab") as log:
             return subprocess.Popen(
                 argv,
@@ -193,44 +163,50 @@ class ServerProcess:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, self.stop_signal)
-            self._signal_group(signal.SIGCONT)  # a paused server must run to act on it
+            self._continue()  # a paused server, backends included, must run to act on it
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
         self.kill()  # reaps; only does real work on a timeout or orphaned children
 
     def kill(self) -> None:
+        """SIGKILL every process of the server and wait until they are gone."""
         proc = self._proc
         if proc is None:
             return
-        self._signal_group(signal.SIGKILL)  # the postmaster and its backends alike
+        self._signal_group(signal.SIGSTOP)  # a frozen leader forks no process we would miss
+        doomed = server_processes(proc.pid)
+        signal_each(doomed, signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)  # the group outlives a leader killed behind our back
         proc.wait()
-        deadline = time.monotonic() + 5.0
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_gone(doomed, time.monotonic() + 5.0)
         self._proc, self._last_pid = None, proc.pid
         _running.pop(self, None)
 
     def pause(self) -> None:
+        """Freeze every process of the server (SIGSTOP): connections stay open, nothing answers.
+
+        Postgres backends call setsid(), so they leave the postmaster's process group:
+        freezing the group alone would leave open connections answering. The leader is
+        frozen first, so that it starts no process after we listed them.
+        """
         self._signal_group(signal.SIGSTOP, required=True)
-        self._signal_children(signal.SIGSTOP)
+        signal_each(self._processes(), signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal_children(signal.SIGCONT)
-        self._signal_group(signal.SIGCONT, required=True)
-
-    def _signal_children(self, sig: signal.Signals) -> None:
-        """Postgres backends call setsid(), so they leave the postmaster's
-        process group: freezing the group alone would leave open connections
-        answering. Signal the postmaster's children one by one as well."""
         if self._proc is None:
-            return
-        for pid in _children(self._proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+            raise RuntimeError(f"{self.name} is not running")
+        self._continue()
 
     def restart(self, timeout: float = 10.0) -> None:
         self.stop(timeout)
         self.start(timeout)
+
+    def _processes(self) -> list[psutil.Process]:
+        return [] if self._proc is None else server_processes(self._proc.pid)
+
+    def _continue(self) -> None:
+        signal_each(self._processes(), signal.SIGCONT)  # backends first, then the leader
+        self._signal_group(signal.SIGCONT)
 
     def _signal_group(self, sig: signal.Signals, required: bool = False) -> None:
         if self._proc is None:
