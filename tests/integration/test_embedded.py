@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from session_authority.embedded import (
     embedded_available,
     find_free_port,
 )
+from session_authority.embedded.unprivileged import prepare_postgres_account
 
 pytestmark = [
     pytest.mark.integration,
@@ -203,6 +205,13 @@ def test_postgres_restart_after_paused_postmaster_killed_behind_our_back(
     assert fetch(pg.url, "select count(*) from t") == [(0,)]
 
 
+def test_postgres_runs_unprivileged(pg: EmbeddedPostgres) -> None:
+    assert pg.pid is not None
+    uid = psutil.Process(pg.pid).uids().real
+    # Postgres refuses root: as root, it runs as `nobody` (no account is created).
+    assert uid == (pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid())
+
+
 def test_stop_is_idempotent(tmp_path: Path) -> None:
     servers = [EmbeddedRedis(tmp_path / "r"), EmbeddedPostgres(tmp_path / "p")]
     for server in servers:
@@ -234,3 +243,34 @@ def test_start_failure_raises_with_log_tail(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match=r"(?s)exited with code.*Address already in use"):
             server.start(timeout=5)
     assert server.pid is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as any other user, nothing is granted")
+def test_root_grants_only_the_missing_other_bits(tmp_path: Path) -> None:
+    # A pgserver install unpacked under umask 077, in a 0700 directory.
+    install, base = tmp_path / "private" / "pginstall", tmp_path / "base"
+    (install / "bin").mkdir(parents=True)
+    (install / "bin" / "postgres").write_text("")
+    (install / "bin" / "postgres").chmod(0o700)
+    (install / "share.txt").write_text("")
+    (install / "share.txt").chmod(0o640)
+    base.mkdir(mode=0o750)
+    for path in (tmp_path / "private", install, install / "bin"):
+        path.chmod(0o700)
+    tmp_path.chmod(0o755)
+    account = prepare_postgres_account(install, base)
+    assert account is not None
+    assert account.pw_uid != 0
+    modes = {
+        p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in (tmp_path / "private", install, install / "bin", install / "bin" / "postgres")
+    }
+    assert modes == {
+        "private": "0o701",  # traverse only: its other entries stay unlisted
+        "private/pginstall": "0o705",
+        "private/pginstall/bin": "0o705",
+        "private/pginstall/bin/postgres": "0o705",
+    }
+    assert oct((install / "share.txt").stat().st_mode & 0o777) == "0o644"
+    assert oct(base.stat().st_mode & 0o777) == "0o751"
+    assert oct(tmp_path.stat().st_mode & 0o777) == "0o755"  # already enough: untouched

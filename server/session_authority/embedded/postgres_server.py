@@ -1,14 +1,12 @@
-"""A private Postgres from the pgserver package (run as an unprivileged user when root)."""
+"""A private Postgres from the pgserver package (as an unprivileged account when root)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -22,44 +20,9 @@ from session_authority.embedded.process import (
     server_env,
 )
 from session_authority.embedded.process_tree import processes_in, wait_gone
+from session_authority.embedded.unprivileged import prepare_postgres_account
 
 __all__ = ["EmbeddedPostgres"]
-
-_PG_SYSTEM_USER = "pgserver"  # the account pgserver itself uses when run as root
-
-
-def _pg_system_user() -> pwd.struct_passwd | None:
-    # Postgres refuses to run as root (this machine, CI containers): use an unprivileged account.
-    if os.geteuid() != 0:
-        return None
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(_PG_SYSTEM_USER)
-    cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
-    subprocess.run([*cmd, _PG_SYSTEM_USER], capture_output=True, check=False)
-    try:
-        return pwd.getpwnam(_PG_SYSTEM_USER)  # also covers a concurrent useradd winning the race
-    except KeyError:
-        raise RuntimeError(f"could not create system user {_PG_SYSTEM_USER!r}") from None
-
-
-def _grant_traverse(path: Path) -> None:
-    # The postgres account must reach its data dir, e.g. through pytest's 0700 /tmp/pytest-of-root.
-    for p in (path, *path.parents):
-        mode = p.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            p.chmod(mode | stat.S_IXOTH)
-
-
-@functools.cache
-def _grant_read(root: Path) -> None:
-    # A pip run under umask 077 leaves the bundled binaries unreadable to the postgres account.
-    _grant_traverse(root)
-    for dirpath, _dirs, files in os.walk(root):
-        for p in (Path(dirpath), *(Path(dirpath, f) for f in files)):
-            mode = p.stat().st_mode
-            want = mode | stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
-            if want != mode:
-                p.chmod(want)
 
 
 class EmbeddedPostgres(ServerProcess):
@@ -76,6 +39,7 @@ class EmbeddedPostgres(ServerProcess):
         super().__init__(base_dir, port, host)
         self.database = database
         self.data_dir = self.base_dir / "pgdata"
+        self._user: pwd.struct_passwd | None = None  # who runs initdb and postgres (None: us)
 
     @property
     def url(self) -> str:
@@ -92,9 +56,10 @@ class EmbeddedPostgres(ServerProcess):
     def start(self, timeout: float = 30.0) -> None:
         # Retry rather than fail on two transient refusals:
         # * as root, a pytest session starting concurrently resets /tmp/pytest-of-root to 0700,
-        #   which can revoke the traversal _grant_traverse gave the postgres account in the
-        #   middle of initdb or startup (seen with several sessions sharing the machine);
-        #   _prepare grants it again. Once running, postgres only uses paths relative to -D.
+        #   which can revoke the traversal prepare_postgres_account gave the postgres account
+        #   in the middle of initdb or startup (seen with several sessions sharing the
+        #   machine); _prepare grants it again. Once running, postgres only uses paths
+        #   relative to -D.
         # * "pre-existing shared memory block ... is still in use": a killed backend's memory
         #   can be released a moment after the process is gone.
         for attempt in range(3):
@@ -118,10 +83,7 @@ class EmbeddedPostgres(ServerProcess):
         return path if len(str(path / f".s.PGSQL.{self.port}.lock")) < 100 else None
 
     def _prepare(self, deadline: float) -> None:
-        user = _pg_system_user()
-        if user is not None:
-            _grant_read(self.bin_dir.parent)
-            _grant_traverse(self.base_dir)
+        user = self._user = prepare_postgres_account(self.bin_dir.parent, self.base_dir)
         if self._socket_dir is not None:
             self._make_owned_dir(self._socket_dir, user)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -190,7 +152,7 @@ class EmbeddedPostgres(ServerProcess):
             settings.append("shared_preload_libraries=pg_stat_statements")
         for setting in settings:
             argv += ["-c", setting]
-        return self._popen(argv, _pg_system_user(), self.log_path)
+        return self._popen(argv, self._user, self.log_path)
 
     def _client(self, tool: str, database: str, *args: str) -> list[str]:
         conn = ["-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", database]
