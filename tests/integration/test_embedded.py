@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import pytest
 import redis
 import redis.exceptions
@@ -22,6 +24,7 @@ from session_authority.embedded import (
     embedded_available,
     find_free_port,
 )
+from session_authority.embedded.unprivileged import prepare_postgres_account
 
 pytestmark = [
     pytest.mark.integration,
@@ -54,6 +57,13 @@ def fetch(url: str, sql: str, timeout: float = 5.0) -> list[Any]:
 
 def client(server: EmbeddedRedis, timeout: float = 2.0) -> redis.Redis:
     return redis.Redis.from_url(server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def port_open(port: int) -> bool:
@@ -142,6 +152,66 @@ def test_postgres_pause_and_resume(pg: EmbeddedPostgres) -> None:
     assert fetch(pg.url, "select 1") == [(1,)]
 
 
+def test_postgres_pause_freezes_open_connections(pg: EmbeddedPostgres) -> None:
+    # Backends call setsid(): a pause that only stopped the postmaster's group would leave
+    # this already-open connection answering.
+    async def run() -> None:
+        conn = await asyncpg.connect(pg.url, timeout=5)
+        try:
+            pg.pause()
+            try:
+                query = asyncio.ensure_future(conn.fetchval("select 1"))
+                done, _ = await asyncio.wait({query}, timeout=0.5)
+                assert not done, "a paused backend answered"
+            finally:
+                pg.resume()
+            assert await asyncio.wait_for(query, 5) == 1  # the same query, answered late
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_postgres_kill_ends_backends(pg: EmbeddedPostgres) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(pg.url, timeout=5)
+        backend = await conn.fetchval("select pg_backend_pid()")
+        pg.kill()
+        conn.terminate()
+        assert not running(backend)  # gone when kill() returns, not merely dying
+
+    asyncio.run(run())
+
+
+def test_postgres_stop_while_paused_shuts_down_cleanly(pg: EmbeddedPostgres) -> None:
+    # The postmaster waits for its backends and auxiliary processes to exit: all of them
+    # must be continued, or stop() only ends at its timeout, by SIGKILL.
+    pg.pause()
+    pg.stop(timeout=20)
+    assert pg.pid is None
+    assert "database system is shut down" in pg.log_path.read_text()
+
+
+def test_postgres_restart_after_paused_postmaster_killed_behind_our_back(
+    pg: EmbeddedPostgres,
+) -> None:
+    # The frozen backends, orphaned, never notice their postmaster died and keep its shared
+    # memory: the restart must end them.
+    fetch(pg.url, "create table t (v text)")
+    pg.pause()
+    assert pg.pid is not None
+    os.kill(pg.pid, signal.SIGKILL)
+    pg.restart()
+    assert fetch(pg.url, "select count(*) from t") == [(0,)]
+
+
+def test_postgres_runs_unprivileged(pg: EmbeddedPostgres) -> None:
+    assert pg.pid is not None
+    uid = psutil.Process(pg.pid).uids().real
+    # Postgres refuses root: as root, it runs as `nobody` (no account is created).
+    assert uid == (pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid())
+
+
 def test_stop_is_idempotent(tmp_path: Path) -> None:
     servers = [EmbeddedRedis(tmp_path / "r"), EmbeddedPostgres(tmp_path / "p")]
     for server in servers:
@@ -173,3 +243,34 @@ def test_start_failure_raises_with_log_tail(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match=r"(?s)exited with code.*Address already in use"):
             server.start(timeout=5)
     assert server.pid is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as any other user, nothing is granted")
+def test_root_grants_only_the_missing_other_bits(tmp_path: Path) -> None:
+    # A pgserver install unpacked under umask 077, in a 0700 directory.
+    install, base = tmp_path / "private" / "pginstall", tmp_path / "base"
+    (install / "bin").mkdir(parents=True)
+    (install / "bin" / "postgres").write_text("")
+    (install / "bin" / "postgres").chmod(0o700)
+    (install / "share.txt").write_text("")
+    (install / "share.txt").chmod(0o640)
+    base.mkdir(mode=0o750)
+    for path in (tmp_path / "private", install, install / "bin"):
+        path.chmod(0o700)
+    tmp_path.chmod(0o755)
+    account = prepare_postgres_account(install, base)
+    assert account is not None
+    assert account.pw_uid != 0
+    modes = {
+        p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in (tmp_path / "private", install, install / "bin", install / "bin" / "postgres")
+    }
+    assert modes == {
+        "private": "0o701",  # traverse only: its other entries stay unlisted
+        "private/pginstall": "0o705",
+        "private/pginstall/bin": "0o705",
+        "private/pginstall/bin/postgres": "0o705",
+    }
+    assert oct((install / "share.txt").stat().st_mode & 0o777) == "0o644"
+    assert oct(base.stat().st_mode & 0o777) == "0o751"
+    assert oct(tmp_path.stat().st_mode & 0o777) == "0o755"  # already enough: untouched

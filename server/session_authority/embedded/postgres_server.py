@@ -1,77 +1,28 @@
-"""A private Postgres from the pgserver package (run as an unprivileged user when root)."""
+"""A private Postgres from the pgserver package (as an unprivileged account when root)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from session_authority.embedded.process import (
     ServerProcess,
-    _env,
-    _pid_alive,
-    _require,
-    _tail,
+    log_tail,
+    require_package,
+    server_env,
 )
+from session_authority.embedded.process_tree import processes_in, wait_gone
+from session_authority.embedded.unprivileged import prepare_postgres_account
 
 __all__ = ["EmbeddedPostgres"]
-
-_PG_SYSTEM_USER = "pgserver"  # the account pgserver itself uses when run as root
-
-
-def _wait_shm_detached(shmid: str, deadline: float) -> None:
-    # A SIGKILLed backend can stay attached to the old SysV segment for a moment after it has
-    # vanished from /proc; postgres then refuses to start ("pre-existing shared memory block
-    # ... is still in use"). Wait for the kernel to drop it, like postgres will check.
-    while time.monotonic() < deadline:
-        try:
-            rows = [row.split() for row in Path("/proc/sysvipc/shm").read_text().splitlines()]
-        except OSError:
-            return  # no procfs: let postgres judge
-        if not any(row[1] == shmid and row[6] != "0" for row in rows[1:]):
-            return
-        time.sleep(0.01)
-
-
-def _pg_system_user() -> pwd.struct_passwd | None:
-    # Postgres refuses to run as root (this machine, CI containers): use an unprivileged account.
-    if os.geteuid() != 0:
-        return None
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(_PG_SYSTEM_USER)
-    cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
-    subprocess.run([*cmd, _PG_SYSTEM_USER], capture_output=True, check=False)
-    try:
-        return pwd.getpwnam(_PG_SYSTEM_USER)  # also covers a concurrent useradd winning the race
-    except KeyError:
-        raise RuntimeError(f"could not create system user {_PG_SYSTEM_USER!r}") from None
-
-
-def _grant_traverse(path: Path) -> None:
-    # The postgres account must reach its data dir, e.g. through pytest's 0700 /tmp/pytest-of-root.
-    for p in (path, *path.parents):
-        mode = p.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            p.chmod(mode | stat.S_IXOTH)
-
-
-@functools.cache
-def _grant_read(root: Path) -> None:
-    # A pip run under umask 077 leaves the bundled binaries unreadable to the postgres account.
-    _grant_traverse(root)
-    for dirpath, _dirs, files in os.walk(root):
-        for p in (Path(dirpath), *(Path(dirpath, f) for f in files)):
-            mode = p.stat().st_mode
-            want = mode | stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
-            if want != mode:
-                p.chmod(want)
 
 
 class EmbeddedPostgres(ServerProcess):
@@ -88,6 +39,7 @@ class EmbeddedPostgres(ServerProcess):
         super().__init__(base_dir, port, host)
         self.database = database
         self.data_dir = self.base_dir / "pgdata"
+        self._user: pwd.struct_passwd | None = None  # who runs initdb and postgres (None: us)
 
     @property
     def url(self) -> str:
@@ -95,22 +47,27 @@ class EmbeddedPostgres(ServerProcess):
 
     @property
     def bin_dir(self) -> Path:
-        return _require("pgserver") / "pginstall" / "bin"
+        return require_package("pgserver") / "pginstall" / "bin"
 
     @property
     def has_pg_stat_statements(self) -> bool:
         return (self.bin_dir.parent / "lib" / "postgresql" / "pg_stat_statements.so").exists()
 
     def start(self, timeout: float = 30.0) -> None:
-        # A pytest session starting concurrently resets /tmp/pytest-of-<user> to 0700, which
-        # can revoke the traversal _grant_traverse gave the postgres account in the middle of
-        # initdb or startup (seen here with several sessions sharing the machine). Re-grant
-        # and retry rather than fail. Once running, postgres only uses paths relative to -D.
+        # Retry rather than fail on two transient refusals:
+        # * as root, a pytest session starting concurrently resets /tmp/pytest-of-root to 0700,
+        #   which can revoke the traversal prepare_postgres_account gave the postgres account
+        #   in the middle of initdb or startup (seen with several sessions sharing the
+        #   machine); _prepare grants it again. Once running, postgres only uses paths
+        #   relative to -D.
+        # * "pre-existing shared memory block ... is still in use": a killed backend's memory
+        #   can be released a moment after the process is gone.
         for attempt in range(3):
             try:
                 return super().start(timeout)
             except RuntimeError as exc:
-                if attempt == 2 or "Permission denied" not in str(exc):
+                transient = ("Permission denied", "is still in use")
+                if attempt == 2 or not any(text in str(exc) for text in transient):
                     raise
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -126,10 +83,7 @@ class EmbeddedPostgres(ServerProcess):
         return path if len(str(path / f".s.PGSQL.{self.port}.lock")) < 100 else None
 
     def _prepare(self, deadline: float) -> None:
-        user = _pg_system_user()
-        if user is not None:
-            _grant_read(self.bin_dir.parent)
-            _grant_traverse(self.base_dir)
+        user = self._user = prepare_postgres_account(self.bin_dir.parent, self.base_dir)
         if self._socket_dir is not None:
             self._make_owned_dir(self._socket_dir, user)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -142,12 +96,21 @@ class EmbeddedPostgres(ServerProcess):
         for lock in lock_files:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 lines = lock.read_text().splitlines()
-                if int(lines[0]) != self._last_pid and _pid_alive(int(lines[0])):
+                if int(lines[0]) != self._last_pid and psutil.pid_exists(int(lines[0])):
                     continue  # a live postmaster: leave it to postgres to refuse
-                shm = lines[6].split() if lock.name == "postmaster.pid" and len(lines) > 6 else []
-                if len(shm) == 2:  # "<key> <shmid>"
-                    _wait_shm_detached(shm[1], deadline)
+                if lock.name == "postmaster.pid":
+                    self._end_orphans(deadline)
                 lock.unlink()
+
+    def _end_orphans(self, deadline: float) -> None:
+        # Backends of a postmaster killed behind our back are not in its group, and may
+        # outlive it a little (or for good, if paused): while they hold its shared memory,
+        # postgres refuses to start. They are the postgres processes working in our -D.
+        orphans = processes_in(self.data_dir, executable=self.bin_dir / "postgres")
+        for orphan in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
+        wait_gone(orphans, deadline)
 
     @staticmethod
     def _make_owned_dir(path: Path, user: pwd.struct_passwd | None) -> None:
@@ -173,7 +136,7 @@ class EmbeddedPostgres(ServerProcess):
                 os.killpg(proc.pid, signal.SIGKILL)  # only does anything after a timeout
             proc.wait()
         if rc != 0:
-            raise RuntimeError(f"initdb failed ({rc}); tail of {log}:\n{_tail(log)}")
+            raise RuntimeError(f"initdb failed ({rc}); tail of {log}:\n{log_tail(log)}")
         staging.rename(self.data_dir)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -189,7 +152,7 @@ class EmbeddedPostgres(ServerProcess):
             settings.append("shared_preload_libraries=pg_stat_statements")
         for setting in settings:
             argv += ["-c", setting]
-        return self._popen(argv, _pg_system_user(), self.log_path)
+        return self._popen(argv, self._user, self.log_path)
 
     def _client(self, tool: str, database: str, *args: str) -> list[str]:
         conn = ["-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", database]
@@ -205,7 +168,7 @@ class EmbeddedPostgres(ServerProcess):
         if self._proc is None or lines[:1] != [str(self._proc.pid)] or lines[7:8] != ["ready"]:
             return False
         cmd = self._client("pg_isready", "postgres", "-q", "-t", "1")
-        return subprocess.run(cmd, env=_env(), capture_output=True, timeout=5).returncode == 0
+        return subprocess.run(cmd, env=server_env(), capture_output=True, timeout=5).returncode == 0
 
     def _after_start(self, deadline: float) -> None:
         # psql's :'db' quotes the literal and format('%I') the identifier: any name is safe.
@@ -221,7 +184,7 @@ class EmbeddedPostgres(ServerProcess):
             result = subprocess.run(
                 [*cmd, "-v", f"db={self.database}"],
                 input=sql.encode(),
-                env=_env(),
+                env=server_env(),
                 capture_output=True,
                 timeout=max(deadline - time.monotonic(), 5.0),
             )

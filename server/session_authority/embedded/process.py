@@ -11,11 +11,21 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-__all__ = ["ServerProcess", "embedded_available", "find_free_port"]
+import psutil
+
+from session_authority.embedded.process_tree import server_processes, signal_each, wait_gone
+
+__all__ = [
+    "ServerProcess",
+    "embedded_available",
+    "find_free_port",
+    "log_tail",
+    "require_package",
+    "server_env",
+]
 
 _running: dict[ServerProcess, None] = {}  # insertion-ordered set, for the atexit hook
 
@@ -29,7 +39,8 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _require(name: str) -> Path:
+def require_package(name: str) -> Path:
+    """The directory of installed package `name` (without importing it)."""
     path = _package_dir(name)
     if path is None:
         raise RuntimeError(f"{name} is not installed; install 'session-authority[embedded]'")
@@ -47,59 +58,29 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a server's log, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "<no log>"
 
 
-def _env() -> dict[str, str]:
+def server_env() -> dict[str, str]:
+    """Our environment for the servers and their tools, minus what would redirect them."""
     # Stray PG* variables (PGDATABASE, PGSSLMODE, PGOPTIONS...) would redirect the bundled tools.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     return env
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _processes() -> Iterator[tuple[int, str, int, int]]:
-    """(pid, state, ppid, pgrp) of every process, from /proc."""
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
-            yield int(stat_file.parent.name), fields[0], int(fields[1]), int(fields[2])
-
-
-def _children(ppid: int) -> list[int]:
-    """Live (non-zombie) child processes of ``ppid``."""
-    return [pid for pid, state, parent, _ in _processes() if parent == ppid and state not in "ZX"]
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is left in process group `pgid`."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg(0) also succeeds for zombies (orphaned backends waiting for init to reap them);
-    # those hold no ports, so only count live members (for SysV shm see _wait_shm_detached).
-    if any(group == pgid and state not in "ZX" for _, state, _, group in _processes()):
-        return True
-    return not Path("/proc/self/stat").exists()  # no procfs: assume alive, to be safe
-
-
 class ServerProcess:
+    """A server run as a direct child in its own session (= process group, pgid == pid).
+
+    pause/resume/kill reach every process of the server (see process_tree): the group, and
+    the leader's descendants, which for Postgres have left the group.
+    """
+
     name = "server"
     stop_signal = signal.SIGTERM
 
@@ -138,6 +119,7 @@ class ServerProcess:
     def _popen(
         self, argv: list[str], user: pwd.struct_passwd | None, log_path: Path
     ) -> subprocess.Popen[bytes]:
+        # `user` switches uid/gid in the child only, after fork: this process keeps its own.
         with log_path.open("ab") as log:
             return subprocess.Popen(
                 argv,
@@ -145,7 +127,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.base_dir,
-                env=_env(),
+                env=server_env(),
                 start_new_session=True,
                 user=None if user is None else user.pw_uid,
                 group=None if user is None else user.pw_gid,
@@ -171,7 +153,8 @@ class ServerProcess:
             self._after_start(deadline)
         except Exception as exc:
             self.kill()
-            raise RuntimeError(f"{exc}; tail of {self.log_path}:\n{_tail(self.log_path)}") from exc
+            tail = log_tail(self.log_path)
+            raise RuntimeError(f"{exc}; tail of {self.log_path}:\n{tail}") from exc
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self._proc
@@ -180,44 +163,50 @@ class ServerProcess:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, self.stop_signal)
-            self._signal_group(signal.SIGCONT)  # a paused server must run to act on it
+            self._continue()  # a paused server, backends included, must run to act on it
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
         self.kill()  # reaps; only does real work on a timeout or orphaned children
 
     def kill(self) -> None:
+        """SIGKILL every process of the server and wait until they are gone."""
         proc = self._proc
         if proc is None:
             return
-        self._signal_group(signal.SIGKILL)  # the postmaster and its backends alike
+        self._signal_group(signal.SIGSTOP)  # a frozen leader forks no process we would miss
+        doomed = server_processes(proc.pid)
+        signal_each(doomed, signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)  # the group outlives a leader killed behind our back
         proc.wait()
-        deadline = time.monotonic() + 5.0
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_gone(doomed, time.monotonic() + 5.0)
         self._proc, self._last_pid = None, proc.pid
         _running.pop(self, None)
 
     def pause(self) -> None:
+        """Freeze every process of the server (SIGSTOP): connections stay open, nothing answers.
+
+        Postgres backends call setsid(), so they leave the postmaster's process group:
+        freezing the group alone would leave open connections answering. The leader is
+        frozen first, so that it starts no process after we listed them.
+        """
         self._signal_group(signal.SIGSTOP, required=True)
-        self._signal_children(signal.SIGSTOP)
+        signal_each(self._processes(), signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal_children(signal.SIGCONT)
-        self._signal_group(signal.SIGCONT, required=True)
-
-    def _signal_children(self, sig: signal.Signals) -> None:
-        """Postgres backends call setsid(), so they leave the postmaster's
-        process group: freezing the group alone would leave open connections
-        answering. Signal the postmaster's children one by one as well."""
         if self._proc is None:
-            return
-        for pid in _children(self._proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+            raise RuntimeError(f"{self.name} is not running")
+        self._continue()
 
     def restart(self, timeout: float = 10.0) -> None:
         self.stop(timeout)
         self.start(timeout)
+
+    def _processes(self) -> list[psutil.Process]:
+        return [] if self._proc is None else server_processes(self._proc.pid)
+
+    def _continue(self) -> None:
+        signal_each(self._processes(), signal.SIGCONT)  # backends first, then the leader
+        self._signal_group(signal.SIGCONT)
 
     def _signal_group(self, sig: signal.Signals, required: bool = False) -> None:
         if self._proc is None:

