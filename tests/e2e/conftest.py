@@ -22,14 +22,6 @@ from typing import Any
 
 import grpc
 import pytest
-from e2e_support import (
-    BIN,
-    STOP_TIMEOUT,
-    ServerProcess,
-    ToolResult,
-    clean_env,
-    stop_process,
-)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from session_authority.embedded import (
@@ -40,6 +32,15 @@ from session_authority.embedded import (
 )
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .e2e_support import (
+    BIN,
+    STOP_TIMEOUT,
+    ServerProcess,
+    ToolResult,
+    clean_env,
+    stop_process,
+)
 
 READY_TIMEOUT = 30.0  # seconds for `serve` to answer SERVING
 TOOL_TIMEOUT = 20.0  # seconds for one grpcurl / buf invocation

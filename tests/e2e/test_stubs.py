@@ -12,13 +12,14 @@ from typing import Any
 
 import grpc
 import pytest
-from e2e_support import SERVICE, ServerProcess
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from session_authority.core.domain import new_token
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .e2e_support import SERVICE, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
