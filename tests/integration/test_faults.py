@@ -36,7 +36,7 @@ class World:
     app: App
     postgres: EmbeddedPostgres
     redis: EmbeddedRedis
-    stub: pb_grpc.SessionAuthorityStub
+    stub: pb_grpc.SessionAuthorityAsyncStub
     channel: grpc.aio.Channel
     live: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)

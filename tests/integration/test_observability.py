@@ -85,7 +85,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @dataclass
 class Server:
     app: App
-    stub: pb_grpc.SessionAuthorityStub
+    stub: pb_grpc.SessionAuthorityAsyncStub
     http: aiohttp.ClientSession
     tokens: list[str]
 
