@@ -39,8 +39,8 @@ fmt: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix server clients tests
 	$(BIN)/ruff format server clients tests
 
-typecheck: $(STAMP)  ## mypy --strict on server and client code
-	$(BIN)/mypy server/session_authority clients/python
+typecheck: $(STAMP)  ## mypy --strict on server, client and test code
+	$(BIN)/mypy server/session_authority clients/python tests
 
 proto: $(STAMP)  ## regenerate the Python stubs from proto/
 	PYTHON=$(abspath $(BIN)/python) proto/generate.sh

@@ -22,15 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from e2e_support import (
-    BIN,
-    STOP_TIMEOUT,
-    ServerProcess,
-    ToolResult,
-    clean_env,
-    stop_process,
-)
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from session_authority.embedded import (
     EmbeddedPostgres,
@@ -40,6 +32,16 @@ from session_authority.embedded import (
 )
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.third_party import health_stub
+
+from .e2e_support import (
+    BIN,
+    STOP_TIMEOUT,
+    ServerProcess,
+    ToolResult,
+    clean_env,
+    stop_process,
+)
 
 READY_TIMEOUT = 30.0  # seconds for `serve` to answer SERVING
 TOOL_TIMEOUT = 20.0  # seconds for one grpcurl / buf invocation
@@ -63,7 +65,7 @@ def _wait_serving(server: ServerProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     with grpc.insecure_channel(server.target, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_stub(channel)
         while True:
             if server.process.poll() is not None:
                 pytest.fail(

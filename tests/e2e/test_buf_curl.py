@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_support import (
+
+from .e2e_support import (
     RUNBOOK_PATHS,
     SERVICE,
     ServerProcess,

@@ -8,7 +8,8 @@ import uuid
 from typing import Any
 
 import pytest
-from e2e_support import (
+
+from .e2e_support import (
     HEALTH_SERVICE,
     SERVICE,
     ServerProcess,

@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from e2e_support import STOP_TIMEOUT, ServerProcess
 
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .e2e_support import STOP_TIMEOUT, ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -12,13 +12,15 @@ from typing import Any
 
 import grpc
 import pytest
-from e2e_support import SERVICE, ServerProcess
 from google.protobuf.duration_pb2 import Duration
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from session_authority.core.domain import new_token
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.third_party import health_stub
+
+from .e2e_support import SERVICE, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -286,13 +288,13 @@ def test_invalidate_rejects_malformed_session_id(stub: pb_grpc.SessionAuthorityS
 
 @pytest.mark.parametrize("service", ["", SERVICE])
 def test_standard_health_check_serving(channel: grpc.Channel, service: str) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
+    health = health_stub(channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_standard_health_check_unknown_service(channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
+    health = health_stub(channel)
     with pytest.raises(grpc.RpcError) as info:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
     assert info.value.code() is grpc.StatusCode.NOT_FOUND

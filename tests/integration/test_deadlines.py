@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 @pytest_asyncio.fixture
 async def frozen_world(
     own_postgres: EmbeddedPostgres, redis_server: EmbeddedRedis
-) -> AsyncIterator[tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub]]:
+) -> AsyncIterator[tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityAsyncStub]]:
     app = await App.start(
         app_settings(
             own_postgres.url,
@@ -45,7 +45,7 @@ async def frozen_world(
 
 
 async def test_deadline_bounds_a_query_to_a_frozen_database(
-    frozen_world: tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub],
+    frozen_world: tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityAsyncStub],
 ) -> None:
     app, postgres, stub = frozen_world
     created = await stub.CreateSession(pb.CreateSessionRequest(user_id="deadline"))
@@ -73,7 +73,7 @@ async def test_deadline_bounds_a_query_to_a_frozen_database(
 
 
 async def test_exhausted_pool_fails_cleanly_with_unavailable(
-    frozen_world: tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityStub],
+    frozen_world: tuple[App, EmbeddedPostgres, pb_grpc.SessionAuthorityAsyncStub],
 ) -> None:
     app, _, stub = frozen_world
     # Hold both connections of the pool (PG_POOL_MAX=2) as two slow callers

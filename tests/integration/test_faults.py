@@ -14,7 +14,7 @@ from uuid import uuid4
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from session_authority.bootstrap import App
 from session_authority.core.breaker import BreakerState
@@ -22,6 +22,7 @@ from session_authority.core.domain import new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.third_party import aio_health_stub
 
 from .support import NO_PROXY, app_settings
 
@@ -35,7 +36,7 @@ class World:
     app: App
     postgres: EmbeddedPostgres
     redis: EmbeddedRedis
-    stub: pb_grpc.SessionAuthorityStub
+    stub: pb_grpc.SessionAuthorityAsyncStub
     channel: grpc.aio.Channel
     live: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
@@ -202,7 +203,7 @@ async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> 
     assert report.postgres_breaker.state in ("open", "half_open")
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{w.app.port}", options=NO_PROXY) as channel:
-        checker = health_pb2_grpc.HealthStub(channel)
+        checker = aio_health_stub(channel)
 
         async def status() -> int:
             reply = await checker.Check(health_pb2.HealthCheckRequest(service=""))

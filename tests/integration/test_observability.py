@@ -24,7 +24,6 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_authority.adapters.migrate import apply_migrations
@@ -35,6 +34,7 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.observability.tracing import install_tracing
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.third_party import parse_openmetrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -85,7 +85,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @dataclass
 class Server:
     app: App
-    stub: pb_grpc.SessionAuthorityStub
+    stub: pb_grpc.SessionAuthorityAsyncStub
     http: aiohttp.ClientSession
     tokens: list[str]
 
@@ -348,7 +348,7 @@ async def test_metrics_content_negotiation(server: Server) -> None:
         assert response.headers["Content-Type"].startswith("application/openmetrics-text")
         openmetrics = await response.text()
     assert openmetrics.endswith("# EOF\n")
-    families = {f.name: f for f in openmetrics_parser.text_string_to_metric_families(openmetrics)}
+    families = {f.name: f for f in parse_openmetrics(openmetrics)}
     assert families["session_cache_misses"].type == "unknown"
     assert [s.value for s in families["session_cache_misses"].samples] == [1]
     assert [s.value for s in families["session_cache_misses_total"].samples] == [1]

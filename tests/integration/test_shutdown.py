@@ -16,12 +16,13 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.third_party import aio_health_stub
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -57,7 +58,7 @@ async def test_sigterm_mid_load_drains_in_flight_calls(
     target = f"127.0.0.1:{port}"
     try:
         async with grpc.aio.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
+            health = aio_health_stub(ch)
             deadline = time.monotonic() + 30
             while True:
                 try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
@@ -18,6 +18,7 @@ from session_authority.core.domain import new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.third_party import aio_health_stub
 
 from .support import NO_PROXY, app_settings
 
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
 
 async def _status(channel: grpc.aio.Channel) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(
+    reply = await aio_health_stub(channel).Check(
         health_pb2.HealthCheckRequest(service="session_authority.v1.SessionAuthority"), timeout=2
     )
     return int(reply.status)

@@ -387,6 +387,7 @@ class InMemorySessionCache:
         return CacheHealth(connected=True, version="in-memory", total_keys=len(self._entries))
 
 
-# Structural checks: mypy fails here if a fake drifts from its port.
+# Structural checks, run by `make typecheck` (mypy --strict covers tests/): a fake whose
+# method is renamed, dropped or re-signed no longer satisfies its port, and fails here.
 _store_check: SessionStore = InMemorySessionStore()
 _cache_check: SessionCache = InMemorySessionCache()

@@ -26,8 +26,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer, format_span_id, format_trace_id
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 import session_authority.observability
@@ -62,6 +60,7 @@ from session_authority.observability.metrics import Instruments, PrometheusMetri
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.tracing import breaker_event
 from session_authority.transport.mapping import health_to_pb
+from tests.third_party import generate_openmetrics, parse_openmetrics
 
 from .fakes import InMemorySessionCache, InMemorySessionStore
 
@@ -179,9 +178,9 @@ def test_openmetrics_is_valid_and_keeps_every_runbook_sample() -> None:
     registry = _collector(CacheStats(hits=3, misses=1, errors=2), Breaker(BreakerPolicy()))
     Instruments(registry)
     with pytest.raises(ValueError, match="metadata after samples"):  # what the view is for
-        list(text_string_to_metric_families(generate_openmetrics(registry).decode()))
+        list(parse_openmetrics(generate_openmetrics(registry).decode()))
     text = generate_openmetrics(openmetrics_view(registry)).decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}  # strict parser
+    families = {f.name: f for f in parse_openmetrics(text)}  # strict parser
     for name, value in (("hits", 3), ("misses", 1), ("errors", 2)):
         for family in (f"session_cache_{name}", f"session_cache_{name}_total"):
             assert families[family].type == "unknown"
