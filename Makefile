@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 PROMTOOL := $(BIN)/promtool
 PORT   ?= 50051
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules bench clean
@@ -89,8 +90,8 @@ e2e: $(STAMP)  ## end-to-end tests (real server process, grpcurl)
 rules: $(STAMP) $(PROMTOOL)  ## promtool check + test of deploy/observability/prometheus-rules.yml (outage, recovery, keys)
 	$(BIN)/python -m pytest tests/integration/test_alert_rules.py $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## side-by-side benchmark (ratios: cache vs Postgres, pipelined vs sequential revocation)
-	$(BIN)/python tests/benchmarks/bench.py --json .bench.json
+bench: $(STAMP)  ## side-by-side benchmark (ratios: cache vs Postgres, pipelined vs sequential revocation); BENCH_ARGS=--quick for a smoke run
+	$(BIN)/python tests/benchmarks/bench.py --json .bench.json $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
