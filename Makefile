@@ -5,11 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PROMTOOL := $(BIN)/promtool
 PORT   ?= 50051
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e bench clean
+.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -20,10 +22,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# promtool, for the alert-rule tests: the one binary, taken from Debian's `prometheus`
+# package and put in the venv (no Prometheus server installed, no service started). Uses
+# a promtool already on PATH if there is one. Without apt it only says so: the tests that
+# need promtool then fail (tests/integration/test_alert_rules.py), they never skip.
+$(PROMTOOL): | $(STAMP)
+	@set -e; \
+	if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "promtool missing and no apt-get: install Prometheus's promtool on PATH; the alert-rule tests fail without it" >&2; \
+	  exit 0; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; chmod 755 "$$tmp"; \
+	fetch() { (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus >/dev/null 2>&1); }; \
+	if ! fetch && ! { [ "$$(id -u)" = 0 ] && apt-get update -qq && fetch; }; then \
+	  echo "promtool missing: 'apt-get download prometheus' failed (not root? run 'sudo apt-get update' first); the alert-rule tests fail without it" >&2; \
+	  exit 0; fi; \
+	dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb | tar -xO ./usr/bin/promtool > "$$tmp/promtool"; \
+	chmod 755 "$$tmp/promtool"; mv "$$tmp/promtool" $@; \
+	echo "installed $$($@ --version 2>&1 | head -1) at $@"
+
 run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) check  ## install, run every check and every test
+test: $(STAMP) $(PROMTOOL) check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -60,14 +81,17 @@ unit: $(STAMP)  ## unit tests only (no I/O)
 contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis and Postgres
 	$(BIN)/python -m pytest tests/contract $(PYTEST_ARGS)
 
-integration: $(STAMP)  ## integration tests (private Redis and Postgres)
+integration: $(STAMP) $(PROMTOOL)  ## integration tests (private Redis and Postgres; promtool for the alert rules)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: $(STAMP)  ## end-to-end tests (real server process, grpcurl)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## side-by-side benchmark (ratios: cache vs Postgres, pipelined vs sequential revocation)
-	$(BIN)/python tests/benchmarks/bench.py --json .bench.json
+rules: $(STAMP) $(PROMTOOL)  ## promtool check + test of deploy/observability/prometheus-rules.yml (outage, recovery, keys)
+	$(BIN)/python -m pytest tests/integration/test_alert_rules.py $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## side-by-side benchmark (ratios: cache vs Postgres, pipelined vs sequential revocation); BENCH_ARGS=--quick for a smoke run
+	$(BIN)/python tests/benchmarks/bench.py --json .bench.json $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

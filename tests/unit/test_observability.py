@@ -324,13 +324,30 @@ async def test_instrumented_cache_times_every_call_and_changes_nothing() -> None
     inner.unavailable = True
     with pytest.raises(CacheUnavailable):
         await cache.get(token_hash)
-    assert (await cache.health()).connected is False
+    assert (await cache.health()).connected is False  # a failed probe adds no sample
     lines = _lines(registry)
     expected = {"ping": 1, "get": 3, "fill": 1, "mark_created": 1, "tombstone": 1}
     for operation, count in expected.items():
         assert f'redis_latency_count{{operation="{operation}"}} {count}.0' in lines
     assert "health" not in "\n".join(line for line in lines if line.startswith("redis_latency"))
     assert inner.calls == {**expected, "health": 1}  # every call reached the real port
+
+
+@pytest.mark.asyncio
+async def test_instrumented_cache_observes_the_health_probes_round_trips() -> None:
+    class Probed(InMemorySessionCache):
+        async def health(self) -> CacheHealth:
+            await super().health()
+            return CacheHealth(connected=True, ping_ms=0.4, set_ms=0.6, get_ms=12.0)
+
+    registry = CollectorRegistry()
+    cache = InstrumentedSessionCache(Probed(), Instruments(registry).redis_latency)
+    await cache.health()
+    lines = _lines(registry)
+    # PING, SET and GET: three samples; the slow GET lands above the 10 ms bucket.
+    assert 'redis_latency_count{operation="health"} 3.0' in lines
+    assert 'redis_latency_bucket{le="10.0",operation="health"} 2.0' in lines
+    assert 'redis_latency_sum{operation="health"} 13.0' in lines
 
 
 @pytest.mark.asyncio

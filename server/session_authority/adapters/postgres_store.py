@@ -119,7 +119,7 @@ class PostgresSessionStore:
             try:
                 yield conn
             finally:
-                await self._pool.release(conn)
+                await _release(self._pool, conn)
         except TimeoutError as exc:
             raise StoreUnavailable("postgres query timed out") from exc
         except STORE_ERRORS as exc:
@@ -216,6 +216,29 @@ class PostgresSessionStore:
             min_size=pool.get_min_size(),
             max_size=pool.get_max_size(),
         )
+
+
+async def _release(pool: asyncpg.Pool, conn: Any) -> None:
+    """``pool.release(conn)``, whose failure is retrieved even when nobody waits for it.
+
+    asyncpg's ``Pool.release`` runs the release as a shielded task of its own.
+    A release after a cancelled query waits for Postgres to confirm the
+    cancellation; on a frozen Postgres that wait times out, asyncpg terminates
+    the connection (the pool opens a new one) and the task fails. If our
+    caller was cancelled meanwhile (a deadline, or the breaker's timeout of
+    pool wait + statement timeout landing during the release), nobody awaits
+    that task any more and asyncio logs "Task exception was never retrieved"
+    at ERROR with a traceback. So the release runs in a task we own, whose
+    outcome is always retrieved; a caller still waiting gets its error as
+    before (a timeout becomes ``StoreUnavailable`` in ``_connection``)."""
+    release = asyncio.ensure_future(pool.release(conn))
+    release.add_done_callback(_retrieve)
+    await asyncio.shield(release)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # the connection is terminated and replaced: nothing to report
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
