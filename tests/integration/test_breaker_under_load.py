@@ -49,7 +49,7 @@ class Call:
 class World:
     app: App
     redis: EmbeddedRedis
-    stub: pb_grpc.SessionAuthorityStub
+    stub: pb_grpc.SessionAuthorityAsyncStub
     live: list[str]
     opened_at: list[float] = field(default_factory=list)
 
