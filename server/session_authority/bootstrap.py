@@ -39,9 +39,9 @@ from session_authority.core.telemetry import CoreMetrics, NoMetrics
 from session_authority.core.validation import Validator
 from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.drain import DrainInterceptor
+from session_authority.transport.handler import add_to_server
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
-from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
 __all__ = ["App", "assemble_core", "build_core"]
 
@@ -198,7 +198,8 @@ class App:
                 ("grpc.max_receive_message_length", 64 * 1024),
             ],
         )
-        pb_grpc.add_SessionAuthorityServicer_to_server(SessionAuthorityServicer(core), server)
+        # Requests are decoded inside the call: garbage is INVALID_ARGUMENT, not UNKNOWN.
+        add_to_server(SessionAuthorityServicer(core), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
