@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules bench clean
+.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules bench tls-servers clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,10 +41,26 @@ $(PROMTOOL): | $(STAMP)
 	chmod 755 "$$tmp/promtool"; mv "$$tmp/promtool" $@; \
 	echo "installed $$($@ --version 2>&1 | head -1) at $@"
 
+# TLS-capable Redis and Postgres, for the backend TLS tests (tests/integration/test_backend_tls.py):
+# the wheels' servers have no TLS. Debian's redis-server (7.x) and postgresql are built with
+# OpenSSL; `session_authority.embedded.tls.report` says whether the machine has them (the one
+# place that decides), else they are installed with apt-get as root. The tests start their own
+# servers from these binaries; nothing else is configured. Without apt (or not root) it only
+# says so: those tests then fail, they never skip.
+tls-servers: $(STAMP)  ## find or install (apt, as root) a redis-server and a Postgres built with TLS
+	@set -e; \
+	if $(BIN)/python -c 'from session_authority.embedded.tls import report; raise SystemExit(report())' >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "TLS-capable redis-server/postgres missing: install Debian's redis-server and postgresql (as root); the backend TLS tests fail without them" >&2; \
+	  exit 0; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server postgresql >/dev/null \
+	  || echo "apt-get install redis-server postgresql failed; the backend TLS tests fail without them" >&2; \
+	$(BIN)/python -c 'from session_authority.embedded.tls import report; raise SystemExit(report())' || true
+
 run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(PROMTOOL) check  ## install, run every check and every test
+test: $(STAMP) $(PROMTOOL) tls-servers check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -81,7 +97,7 @@ unit: $(STAMP)  ## unit tests only (no I/O)
 contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis and Postgres
 	$(BIN)/python -m pytest tests/contract $(PYTEST_ARGS)
 
-integration: $(STAMP) $(PROMTOOL)  ## integration tests (private Redis and Postgres; promtool for the alert rules)
+integration: $(STAMP) $(PROMTOOL) tls-servers  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: $(STAMP)  ## end-to-end tests (real server process, grpcurl)

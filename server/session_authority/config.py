@@ -6,7 +6,7 @@ Every knob is documented in README.md ("Configuration"); keep the two in step.
 from __future__ import annotations
 
 from datetime import timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -167,16 +167,27 @@ class Settings(BaseSettings):
         return shown
 
 
+#: Query parameters that carry secrets: libpq's/asyncpg's ``password`` and ``sslpassword``
+#: (a client key's passphrase), redis-py's ``password`` and ``ssl_password``.
+_SECRET_PARAMS = frozenset({"password", "sslpassword", "ssl_password"})
+
+
 def redact_url(url: str | None) -> str | None:
-    """``scheme://user:***@host/db``: never print a password."""
+    """``scheme://user:***@host/db?sslpassword=***``: never print a password.
+    Certificate and key *paths* stay: they are not secrets, and they help."""
     if not url:
         return url
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        if parts.password is not None:
+            netloc = parts.netloc.rsplit("@", 1)[1]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+        if parts.query:
+            query = [
+                (name, "***" if name.lower() in _SECRET_PARAMS else value)
+                for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            ]
+            parts = parts._replace(query=urlencode(query, safe="/*"))
+        return urlunsplit(parts)
     except ValueError:
         return "<unparseable url>"

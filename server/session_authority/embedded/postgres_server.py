@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import psutil
 
@@ -20,12 +21,18 @@ from session_authority.embedded.process import (
     server_env,
 )
 from session_authority.embedded.process_tree import processes_in, wait_gone
+from session_authority.embedded.tls import TlsFiles
 from session_authority.embedded.unprivileged import prepare_postgres_account
 
 __all__ = ["EmbeddedPostgres"]
 
 
 class EmbeddedPostgres(ServerProcess):
+    """pgserver's Postgres by default, trusting every connection. ``password``: TCP
+    connections must give it (scram-sha-256). ``tls``: TCP connections must use TLS
+    (``hostssl`` only), which needs a ``bin_dir`` built with OpenSSL
+    (``tls.find_tls_postgres_bin_dir``)."""
+
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown: end sessions, checkpoint, exit
 
@@ -35,18 +42,34 @@ class EmbeddedPostgres(ServerProcess):
         port: int | None = None,
         host: str = "127.0.0.1",
         database: str = "session_authority",
+        *,
+        bin_dir: Path | None = None,
+        tls: TlsFiles | None = None,
+        password: str | None = None,
     ) -> None:
         super().__init__(base_dir, port, host)
         self.database = database
         self.data_dir = self.base_dir / "pgdata"
+        self.tls = tls
+        self.password = password
+        self._bin_dir = bin_dir
         self._user: pwd.struct_passwd | None = None  # who runs initdb and postgres (None: us)
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{self.database}"
+        secret = "" if self.password is None else ":" + quote(self.password, safe="")
+        url = f"postgresql://postgres{secret}@{self.host}:{self.port}/{self.database}"
+        if self.tls is None:
+            return url
+        query = {"sslmode": "verify-full", "sslrootcert": str(self.tls.ca)}
+        if self.tls.client_cert is not None and self.tls.client_key is not None:
+            query |= {"sslcert": str(self.tls.client_cert), "sslkey": str(self.tls.client_key)}
+        return f"{url}?{urlencode(query)}"
 
     @property
     def bin_dir(self) -> Path:
+        if self._bin_dir is not None:
+            return self._bin_dir
         return require_package("pgserver") / "pginstall" / "bin"
 
     @property
@@ -88,6 +111,8 @@ class EmbeddedPostgres(ServerProcess):
             self._make_owned_dir(self._socket_dir, user)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(user, deadline)
+        if self.tls is not None or self.password is not None:
+            self._secure(user)
         # After a SIGKILL the pid/lock files name a dead postmaster. Postgres clears those
         # itself unless the pid was reused meanwhile; we know ours is gone, so drop them.
         lock_files = [self.data_dir / "postmaster.pid"]
@@ -118,6 +143,32 @@ class EmbeddedPostgres(ServerProcess):
         if user is not None:
             os.chown(path, user.pw_uid, user.pw_gid)
 
+    def _secure(self, user: pwd.struct_passwd | None) -> None:
+        """TCP only with the password and/or over TLS; local (socket) connections stay
+        trusted for our own tools. Files in -D, owned by the server's account: Postgres
+        refuses a key file that others can read."""
+        method = "trust" if self.password is None else "scram-sha-256"
+        lines = ["local all all trust"]
+        if self.tls is None:
+            lines.append(f"host all all all {method}")
+        else:
+            for name, source in (("server.crt", self.tls.cert), ("server.key", self.tls.key)):
+                self._owned_copy(source, self.data_dir / name, user)
+            self._owned_copy(self.tls.ca, self.data_dir / "root.crt", user)
+            client = " clientcert=verify-full" if self.tls.require_client_cert else ""
+            lines.append(f"hostssl all all all {method}{client}")
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text("\n".join(lines) + "\n")
+        if user is not None:
+            os.chown(hba, user.pw_uid, user.pw_gid)
+
+    @staticmethod
+    def _owned_copy(source: Path, target: Path, user: pwd.struct_passwd | None) -> None:
+        shutil.copyfile(source, target)
+        target.chmod(0o600)
+        if user is not None:
+            os.chown(target, user.pw_uid, user.pw_gid)
+
     def _initdb(self, user: pwd.struct_passwd | None, deadline: float) -> None:
         # initdb into a staging dir, so a crash mid-initdb never leaves a half-made cluster.
         staging = self.base_dir / "pgdata.initdb"
@@ -126,6 +177,13 @@ class EmbeddedPostgres(ServerProcess):
         log = self.base_dir / "initdb.log"
         argv = [str(self.bin_dir / "initdb"), "-D", str(staging), "-U", "postgres", "--no-sync"]
         argv += ["--auth=trust", "--encoding=UTF8", "--locale=C"]
+        pwfile = self.base_dir / "initdb.pw"
+        if self.password is not None:  # the superuser's password, for _secure's pg_hba.conf
+            pwfile.write_text(self.password + "\n")
+            pwfile.chmod(0o600)
+            if user is not None:
+                os.chown(pwfile, user.pw_uid, user.pw_gid)
+            argv += ["--pwfile", str(pwfile)]
         proc = self._popen(argv, user, log)
         try:
             rc: int | str = proc.wait(max(deadline - time.monotonic(), 1.0))
@@ -135,6 +193,7 @@ class EmbeddedPostgres(ServerProcess):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # only does anything after a timeout
             proc.wait()
+            pwfile.unlink(missing_ok=True)
         if rc != 0:
             raise RuntimeError(f"initdb failed ({rc}); tail of {log}:\n{log_tail(log)}")
         staging.rename(self.data_dir)
@@ -148,6 +207,9 @@ class EmbeddedPostgres(ServerProcess):
         # kill/restart fault tests lose acknowledged writes. With fsync=off it costs ~nothing.
         settings = [f"listen_addresses={self.host}", "fsync=off", "full_page_writes=off"]
         settings += ["max_connections=200"]
+        if self.tls is not None:
+            settings += ["ssl=on", "ssl_cert_file=server.crt", "ssl_key_file=server.key"]
+            settings += ["ssl_ca_file=root.crt"]
         if self.has_pg_stat_statements:
             settings.append("shared_preload_libraries=pg_stat_statements")
         for setting in settings:
@@ -167,6 +229,7 @@ class EmbeddedPostgres(ServerProcess):
             return False
         if self._proc is None or lines[:1] != [str(self._proc.pid)] or lines[7:8] != ["ready"]:
             return False
+        # pg_isready authenticates nobody: no password needed.
         cmd = self._client("pg_isready", "postgres", "-q", "-t", "1")
         return subprocess.run(cmd, env=server_env(), capture_output=True, timeout=5).returncode == 0
 
@@ -179,12 +242,17 @@ class EmbeddedPostgres(ServerProcess):
         script = [("postgres", create_db)]
         if self.has_pg_stat_statements:
             script.append((self.database, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;\n"))
+        env = server_env()
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password
+        if self.tls is not None and self.tls.client_cert is not None:
+            env["PGSSLCERT"], env["PGSSLKEY"] = str(self.tls.client_cert), str(self.tls.client_key)
         for database, sql in script:
             cmd = self._client("psql", database, "-X", "-q", "-v", "ON_ERROR_STOP=1")
             result = subprocess.run(
                 [*cmd, "-v", f"db={self.database}"],
                 input=sql.encode(),
-                env=server_env(),
+                env=env,
                 capture_output=True,
                 timeout=max(deadline - time.monotonic(), 5.0),
             )
