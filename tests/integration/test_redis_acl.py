@@ -69,7 +69,7 @@ def test_the_rule_grants_no_more_than_its_commands() -> None:
     assert rules[:2] == ["reset", "on"]
     assert "-@all" in rules and "resetchannels" in rules
     grants = [r for r in rules if r.startswith("+")]
-    assert all("@" not in r for r in grants), f"categories grant more than the service uses: {grants}"
+    assert all("@" not in r for r in grants), f"categories grant more than it uses: {grants}"
     assert not [r for r in rules if r in ("allkeys", "allchannels", "allcommands", "nocommands")]
     assert {r for r in rules if r.startswith("~")} == {
         "~session:*",
