@@ -30,6 +30,7 @@ from session_authority.core.errors import StoreUnavailable
 from session_authority.core.guarded import GuardedCache, GuardedStore
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
+from session_authority.core.miss_limit import MissLimiter
 from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.reporting import HealthReporter
@@ -61,6 +62,7 @@ def assemble_core(
     clock: Callable[[], datetime] = utcnow,
     rng: Callable[[], float] = random.random,
     token_factory: Callable[[], str] = new_token,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> SessionAuthority:
     """The core's collaborators over the given ports (no I/O). Both ports go
     behind their breakers the same way; the Redis breaker's half-open probe is
@@ -89,6 +91,11 @@ def assemble_core(
             metrics=metrics,
             clock=clock,
             rng=rng,
+            limiter=(
+                MissLimiter(policy.unknown_token_rate, policy.unknown_token_burst, clock=monotonic)
+                if policy.unknown_token_rate > 0
+                else None
+            ),
         ),
         revoker=revoker,
         reporter=HealthReporter(store, cache, breaker, store_breaker, policy, stats),

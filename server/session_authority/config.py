@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     """XFetch: hot entries are refreshed this close to expiry (0: never)."""
     revocation_sweep_seconds: float = Field(default=5.0, ge=0)
     """Every replica re-applies recent revocations to Redis this often (0: never)."""
+    unknown_token_rate: float = Field(default=20.0, ge=0)
+    """Per caller (peer address), unknown tokens per second that may reach Postgres (0: off)."""
+    unknown_token_burst: int = Field(default=200, ge=1)
     session_ttl_default_seconds: int = Field(default=86_400, gt=0)
     session_ttl_max_seconds: int = Field(default=30 * 86_400, gt=0)
 
@@ -111,6 +114,8 @@ class Settings(BaseSettings):
             negative_ttl=self.negative_cache_ttl_seconds,
             tombstone_ttl=self.tombstone_ttl_seconds,
             early_refresh=self.cache_early_refresh_seconds,
+            unknown_token_rate=self.unknown_token_rate,
+            unknown_token_burst=self.unknown_token_burst,
             default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
             max_session_ttl=timedelta(seconds=self.session_ttl_max_seconds),
         )

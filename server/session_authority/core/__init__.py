@@ -6,12 +6,14 @@ from session_authority.core.errors import (
     CacheUnavailable,
     CircuitOpen,
     InvalidArgument,
+    RateLimited,
     SessionAuthorityError,
     StoreUnavailable,
     Unavailable,
 )
 from session_authority.core.guarded import GuardedCache, GuardedStore
 from session_authority.core.issuance import Issuer
+from session_authority.core.miss_limit import MissLimiter
 from session_authority.core.policy import CorePolicy
 from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
@@ -30,6 +32,8 @@ __all__ = [
     "HealthReporter",
     "InvalidArgument",
     "Issuer",
+    "MissLimiter",
+    "RateLimited",
     "Reason",
     "Revocation",
     "Revoker",

@@ -5,6 +5,7 @@ the transport reports it as INTERNAL (logged once). The tree::
 
     SessionAuthorityError
     ├── InvalidArgument      bad input; names the offending field (never echoes a token)
+    ├── RateLimited          this caller sent too many unknown tokens; retry later
     ├── Unavailable          the authority cannot answer now (fails closed: never "valid")
     │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
     └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
@@ -21,6 +22,7 @@ __all__ = [
     "CacheUnavailable",
     "CircuitOpen",
     "InvalidArgument",
+    "RateLimited",
     "SessionAuthorityError",
     "StoreUnavailable",
     "Unavailable",
@@ -38,6 +40,10 @@ class InvalidArgument(SessionAuthorityError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+class RateLimited(SessionAuthorityError):
+    """The caller is over a limit (unknown tokens reaching Postgres); nothing was asked."""
 
 
 class Unavailable(SessionAuthorityError):

@@ -27,6 +27,10 @@ class CorePolicy:
     filled together do not expire together."""
     early_refresh: float = 3.0
     """XFetch's δ·β in seconds: how early hot entries get refreshed (0: never)."""
+    unknown_token_rate: float = 20.0
+    """Per caller, unknown tokens per second that may reach Postgres (0: no limit)."""
+    unknown_token_burst: int = 200
+    """Per caller, how many unknown tokens may reach Postgres at once before the rate applies."""
     default_session_ttl: timedelta = timedelta(hours=24)
     max_session_ttl: timedelta = timedelta(days=30)
 
@@ -40,5 +44,7 @@ class CorePolicy:
             raise ValueError("early_refresh must be at least 0 and below cache_ttl")
         if not 0 <= self.ttl_jitter < 1:
             raise ValueError("ttl_jitter must be in [0, 1)")
+        if self.unknown_token_rate < 0 or self.unknown_token_burst < 1:
+            raise ValueError("unknown_token_rate must be at least 0 and the burst at least 1")
         if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
             raise ValueError("default_session_ttl must be positive and at most max_session_ttl")

@@ -48,8 +48,9 @@ class SessionAuthority:
     ) -> tuple[str, Session]:
         return await self.issuer.create(user_id, ttl, metadata)
 
-    async def validate(self, token: str) -> Validation:
-        return await self.validator.validate(token)
+    async def validate(self, token: str, caller: str = "") -> Validation:
+        """``caller``: who asks, for the per-caller limit on unknown tokens."""
+        return await self.validator.validate(token, caller)
 
     async def invalidate(
         self, *, token: str | None = None, session_id: str | None = None

@@ -26,8 +26,14 @@ from session_authority.core.domain import (
     is_well_formed,
     parse_token,
 )
-from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
+from session_authority.core.errors import (
+    CacheUnavailable,
+    CircuitOpen,
+    RateLimited,
+    StoreUnavailable,
+)
 from session_authority.core.health import CacheStats
+from session_authority.core.miss_limit import MissLimiter
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import (
     Cached,
@@ -75,8 +81,10 @@ class Validator:
         metrics: CoreMetrics,
         clock: Callable[[], datetime],
         rng: Callable[[], float],
+        limiter: MissLimiter | None = None,
     ) -> None:
         self._store = store
+        self._limiter = limiter
         self._cache = cache
         self._breaker = breaker
         self._policy = policy
@@ -95,16 +103,18 @@ class Validator:
         """How many validations await the load in flight for this hash."""
         return self._loads.callers(token_hash)
 
-    async def validate(self, token: str) -> Validation:
+    async def validate(self, token: str, caller: str = "") -> Validation:
         """Whether ``token`` names a live session. Raises ``InvalidArgument`` for
-        malformed input and ``StoreUnavailable`` when the answer is not in the
-        cache and Postgres cannot be asked: never a guess."""
-        answer = await self._validate(token)
+        malformed input, ``StoreUnavailable`` when the answer is not in the
+        cache and Postgres cannot be asked (never a guess), and ``RateLimited``
+        when Postgres would have to be asked but ``caller`` has sent too many
+        unknown tokens (``MissLimiter``)."""
+        answer = await self._validate(token, caller)
         reason = "none" if answer.reason is None else answer.reason.value
         self._metrics.validated(answer.valid, answer.source.value, reason)
         return answer
 
-    async def _validate(self, token: str) -> Validation:
+    async def _validate(self, token: str, caller: str) -> Validation:
         token_hash = parse_token(token)
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
@@ -129,11 +139,22 @@ class Validator:
         # After a failed or refused lookup the rest of this request skips the
         # cache: one validation pays at most one cache timeout.
         clean = result == "miss"
-        loaded, late = await self._loads.do(
-            token_hash,
-            lambda flight: self._load(token_hash, flight, fill=clean),
-            since=looked_at if clean else None,
-        )
+        limiter = self._limiter
+        if limiter is not None and not limiter.take(caller):
+            _log.debug("Unknown-token limit: %s refused (%s)", token_hash.prefix, caller)
+            raise RateLimited("too many unknown tokens from this caller; retry later")
+        try:
+            loaded, late = await self._loads.do(
+                token_hash,
+                lambda flight: self._load(token_hash, flight, fill=clean),
+                since=looked_at if clean else None,
+            )
+        except BaseException:
+            if limiter is not None:
+                limiter.refund(caller)  # no answer: not the caller's unknown token
+            raise
+        if limiter is not None and loaded.answer.reason is not Reason.UNKNOWN:
+            limiter.refund(caller)  # Postgres knew it: only unknown tokens cost
         if late and (not loaded.confirmed or loaded.opened_count != self._breaker.opened_count):
             # We joined a load whose Postgres read began before we did, and
             # either no cache fill vouched for it (a tombstone would have

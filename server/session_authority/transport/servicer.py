@@ -21,7 +21,7 @@ from session_authority.transport.status import status_for
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["SessionAuthorityServicer"]
+__all__ = ["SessionAuthorityServicer", "caller_of"]
 
 _log = logging.getLogger("session_authority.rpc")
 T = TypeVar("T")
@@ -45,7 +45,8 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self, request: pb.ValidateSessionRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ValidateSessionResponse:
         async def work() -> pb.ValidateSessionResponse:
-            return validation_to_pb(await self._core.validate(request.token))
+            answer = await self._core.validate(request.token, caller=caller_of(context))
+            return validation_to_pb(answer)
 
         return await _run(context, work)
 
@@ -84,6 +85,14 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             return health_to_pb(await self._core.health())
 
         return await _run(context, work)
+
+
+def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.7:53412" → "ipv4:10.0.0.7"):
+    what the per-caller limits count by. Behind a proxy that is the proxy."""
+    peer: str = context.peer() or ""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
 
 
 async def _run(

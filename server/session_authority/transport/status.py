@@ -12,6 +12,7 @@ from session_authority.core.errors import (
     CacheUnavailable,
     CircuitOpen,
     InvalidArgument,
+    RateLimited,
     SessionAuthorityError,
     StoreUnavailable,
     Unavailable,
@@ -22,6 +23,7 @@ __all__ = ["STATUS_FOR", "status_for"]
 #: Most specific first; ``status_for`` walks the MRO.
 STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     CircuitOpen: grpc.StatusCode.UNAVAILABLE,
