@@ -226,3 +226,16 @@ def run_tool(e2e_server: ServerProcess) -> Callable[..., ToolResult]:
         )
 
     return _run
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many hostile-input cases were tried (tests/e2e/test_hostile_input.py)."""
+    from .hostile import BYSTANDER, CASES
+
+    if CASES:
+        terminalreporter.section("hostile input: cases tried")
+        for name, count in sorted(CASES.items()):
+            terminalreporter.write_line(f"{count:7d}  {name}")
+        terminalreporter.write_line(f"{sum(CASES.values()):7d}  in all")
+        answered = BYSTANDER["answered"]
+        terminalreporter.write_line(f"meanwhile a bystander's {answered} validations: all answered")
