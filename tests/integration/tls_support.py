@@ -6,6 +6,7 @@ tls-servers`` installs them). Without them these tests fail, saying so: they nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,11 @@ def write_tls_files(ca: trustme.CA, directory: Path, *, client_cert: bool) -> Tl
     )
 
 
-def tls_redis(base_dir: Path, tls: TlsFiles) -> EmbeddedRedis:
+def tls_redis(base_dir: Path, tls: TlsFiles, args: Sequence[str] = ()) -> EmbeddedRedis:
     binary = find_tls_redis_server()
     if binary is None:
         pytest.fail(f"no redis-server with TLS on PATH: {_MISSING}")
-    return EmbeddedRedis(base_dir, binary=binary, tls=tls)
+    return EmbeddedRedis(base_dir, binary=binary, tls=tls, args=args)
 
 
 def tls_postgres(base_dir: Path, tls: TlsFiles, password: str | None = None) -> EmbeddedPostgres:
