@@ -4,6 +4,7 @@ InvalidateUser has returned, no validation that starts afterwards answers valid.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -19,6 +20,7 @@ from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.bootstrap import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import Reason, Session, Source, TokenHash, new_token
+from session_authority.core.errors import RateLimited
 from session_authority.core.ports import SessionStore
 from session_authority.core.service import SessionAuthority
 from session_authority.embedded import EmbeddedRedis
@@ -143,6 +145,26 @@ async def test_a_flood_of_random_tokens_costs_bounded_queries(
         for token in forged:
             assert (await core.validate(token)).reason is Reason.UNKNOWN
     assert metrics.queries["find"] == len(forged)
+
+
+async def test_a_flood_of_new_forged_tokens_is_bounded_per_caller(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    # Each new well-formed token would be a query: the per-caller limit (default burst
+    # 200, 20/s) bounds them; another caller is not affected.
+    core, metrics = _core(store, cache)
+    started = time.monotonic()
+    refused = 0
+    for _ in range(2000):
+        try:
+            assert (await core.validate(new_token(), caller="mallory")).reason is Reason.UNKNOWN
+        except RateLimited:
+            refused += 1
+    elapsed = time.monotonic() - started
+    assert metrics.queries["find"] <= 200 + 20 * elapsed + 1
+    assert refused >= 2000 - metrics.queries["find"]
+    answer = await core.validate(new_token(), caller="alice")
+    assert (answer.reason, answer.source) == (Reason.UNKNOWN, Source.DATABASE)
 
 
 async def test_a_new_session_is_never_hidden_by_a_negative_entry(
