@@ -143,7 +143,6 @@ async def _rpc(errors: list[str], call: Any, request: object) -> None:
         await call(request, timeout=10)
     except grpc.aio.AioRpcError as exc:
         errors.append(f"{exc.code().name}: {exc.details()}")
-        return
 
 
 @pytest.mark.asyncio
