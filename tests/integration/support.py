@@ -17,5 +17,9 @@ def app_settings(database_url: str, redis_url: str | None, **overrides: object) 
         "host": "127.0.0.1",
         "port": find_free_port(),
         "admin_port": 0,
+        # Load tests drive thousands of unknown tokens from one loopback caller, during
+        # outages too (no negative cache): the per-caller limit would refuse them. It has
+        # tests of its own (tests/unit/test_miss_limit.py, test_revocation.py).
+        "unknown_token_rate": 0,
     }
     return Settings(**(values | overrides))  # type: ignore[arg-type]

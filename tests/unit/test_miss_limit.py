@@ -4,6 +4,7 @@ the negative cache stop) cost at most the burst plus the rate, per caller."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
@@ -117,3 +118,16 @@ async def test_known_tokens_never_use_up_the_limit(
         answer = await core.validate(token, caller="gateway")
         assert answer.reason is Reason.REVOKED
     assert store.finds == 100  # 100 lookups through a burst of 20: all refunded
+
+
+@pytest.mark.asyncio
+async def test_callers_joining_a_load_in_flight_are_not_charged(
+    world: tuple[SessionAuthority, Counted, FakeClock],
+) -> None:
+    core, store, clock = world
+    token, _ = await core.create("carol", None, {})
+    clock.advance(10_000)  # the creation marker is gone: the next reads miss
+    store.finds = 0
+    answers = await asyncio.gather(*(core.validate(token, caller="gw") for _ in range(500)))
+    assert all(a.valid for a in answers)  # 500 callers, one read, a burst of only 20
+    assert store.finds == 1

@@ -139,7 +139,9 @@ class Validator:
         # After a failed or refused lookup the rest of this request skips the
         # cache: one validation pays at most one cache timeout.
         clean = result == "miss"
-        limiter = self._limiter
+        # Only a caller that starts a Postgres read is charged: joining a load in
+        # flight costs Postgres nothing (1,000 callers of one token: one credit).
+        limiter = self._limiter if token_hash not in self._loads else None
         if limiter is not None and not limiter.take(caller):
             _log.debug("Unknown-token limit: %s refused (%s)", token_hash.prefix, caller)
             raise RateLimited("too many unknown tokens from this caller; retry later")
