@@ -47,8 +47,9 @@ def _decoding(request_type: type[Message], method: Behavior) -> Behavior:
     return decoded
 
 
-def service_handler(servicer: SessionAuthorityServicer) -> grpc.GenericRpcHandler:
-    """The service's handler: each RPC takes raw bytes and decodes them itself."""
+def _method_handlers(
+    servicer: SessionAuthorityServicer,
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in _SERVICE.methods:
         request_type: type[Message] = getattr(pb, method.input_type.name)
@@ -59,9 +60,18 @@ def service_handler(servicer: SessionAuthorityServicer) -> grpc.GenericRpcHandle
             request_deserializer=None,  # the bytes as received
             response_serializer=reply_type.SerializeToString,
         )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    return handlers
+
+
+def service_handler(servicer: SessionAuthorityServicer) -> grpc.GenericRpcHandler:
+    """The service's handler: each RPC takes raw bytes and decodes them itself."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer))
 
 
 def add_to_server(servicer: SessionAuthorityServicer, server: grpc.aio.Server) -> None:
-    """Register the service (in place of the generated ``add_..._to_server``)."""
-    server.add_generic_rpc_handlers((service_handler(servicer),))
+    """Register the service as the generated ``add_..._to_server`` does (a generic
+    handler, and the same handlers as registered methods, which grpc matches first),
+    with our decoding handlers."""
+    handlers = _method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
