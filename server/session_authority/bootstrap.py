@@ -26,7 +26,7 @@ from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import new_token
-from session_authority.core.errors import StoreUnavailable
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.guarded import GuardedCache, GuardedStore
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
@@ -74,7 +74,7 @@ def assemble_core(
     guarded_cache = (
         None if cache is None else GuardedCache(cache, breaker, stats=stats, metrics=metrics)
     )
-    revoker = Revoker(guarded_store, guarded_cache, breaker, policy, metrics=metrics, clock=clock)
+    revoker = Revoker(guarded_store, guarded_cache, breaker, policy, metrics=metrics)
     breaker.set_probe(revoker.replay_revocations)
     return SessionAuthority(
         issuer=Issuer(
@@ -222,12 +222,13 @@ class App:
             raise
         if cache is not None:
             await cache.warm()
+            await app._trust_cache()
         await server.start()
         app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
         if cache is not None and settings.revocation_sweep_seconds > 0:
             app._tasks.append(
                 asyncio.create_task(
-                    core.run_sweeper(settings.revocation_sweep_seconds), name="revocation-sweep"
+                    core.run_drain(settings.revocation_sweep_seconds), name="revocation-drain"
                 )
             )
         _log.info(
@@ -238,6 +239,20 @@ class App:
             redact_url(settings.redis_url) or "disabled",
         )
         return app
+
+    async def _trust_cache(self) -> None:
+        """No cache read before revocations are re-applied to it: before the
+        server starts, run what the breaker's probe runs (adopt this Redis,
+        replay the window, drain what is pending). If that fails (Redis or
+        Postgres down), open the breaker: validations go to Postgres, and the
+        probe tries again after the reset timeout."""
+        breaker = self.core.breaker
+        try:
+            async with asyncio.timeout(breaker.policy.timeout * 10):
+                await self.core.replay_revocations()
+        except (CacheUnavailable, TimeoutError) as exc:
+            _log.warning("SessionCache not trusted at start-up: %s", exc or "timeout")
+            breaker.trip("start-up: revocations could not be re-applied to the cache")
 
     async def _set_serving(self, serving: bool) -> None:
         status = (

@@ -37,8 +37,12 @@ class Settings(BaseSettings):
     tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
     cache_early_refresh_seconds: float = Field(default=3.0, ge=0)
     """XFetch: hot entries are refreshed this close to expiry (0: never)."""
-    revocation_sweep_seconds: float = Field(default=5.0, ge=0)
-    """Every replica re-applies recent revocations to Redis this often (0: never)."""
+    revocation_sweep_seconds: float = Field(default=1.0, ge=0)
+    """Every replica checks Redis still holds its state and drains pending
+    revocations into it this often (0: never)."""
+    revocation_skew_seconds: float = Field(default=60.0, ge=0)
+    """Clock difference allowed between Redis's host and Postgres's when
+    revocations are replayed into a replaced Redis."""
     session_ttl_default_seconds: int = Field(default=86_400, gt=0)
     session_ttl_max_seconds: int = Field(default=30 * 86_400, gt=0)
 
@@ -111,6 +115,7 @@ class Settings(BaseSettings):
             negative_ttl=self.negative_cache_ttl_seconds,
             tombstone_ttl=self.tombstone_ttl_seconds,
             early_refresh=self.cache_early_refresh_seconds,
+            revocation_skew=self.revocation_skew_seconds,
             default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
             max_session_ttl=timedelta(seconds=self.session_ttl_max_seconds),
         )

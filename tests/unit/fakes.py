@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from session_authority.core.domain import Reason, Session, TokenHash
-from session_authority.core.errors import CacheUnavailable, StoreUnavailable
+from session_authority.core.errors import CacheReplaced, CacheUnavailable, StoreUnavailable
 from session_authority.core.health import CacheHealth, StoreHealth
 from session_authority.core.ports import (
     Cached,
@@ -85,10 +85,11 @@ class InMemorySessionStore:
     unique, a session must expire after its creation, and what goes in or comes out
     is a copy.
 
-    Time, as the SQL reads it: ``revoke`` and ``revoke_user`` judge expiry against
-    the ``at`` they are given and write it as ``revoked_at``; ``revoked_since``
-    judges expiry against the injected ``clock`` (Postgres's ``now()``); ``create``
-    and ``find`` read no clock.
+    Time, as the SQL reads it: ``revoke`` and ``revoke_user`` stamp ``revoked_at``
+    and judge liveness (``revoked_now``) by the injected ``clock`` (Postgres's
+    ``now()``), and so does ``revoked_since``'s window; ``create`` and ``find``
+    read no clock. Revocations stay pending (``pending_purges``) until
+    ``confirm_purged``, ordered by ``revoked_at``.
 
     * ``unavailable = True`` makes every call but ``health`` raise
       ``StoreUnavailable`` (``health`` reports ``connected=False``).
@@ -103,6 +104,7 @@ class InMemorySessionStore:
         self._now = clock
         self._by_hash: dict[str, Session] = {}
         self._hash_by_id: dict[str, str] = {}
+        self._pending: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.gate: asyncio.Event | None = None
@@ -161,7 +163,7 @@ class InMemorySessionStore:
         return session
 
     async def revoke(
-        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
         if (token_hash is None) == (session_id is None):
             raise ValueError("name exactly one of token_hash or session_id")
@@ -175,29 +177,46 @@ class InMemorySessionStore:
             return None
         if session.revoked_at is not None:
             return StoreRevocation(session.token_hash, revoked_now=False)
-        if session.expires_at <= at:
-            return None  # expired un-revoked: nothing to purge
-        self.put(replace(session, revoked_at=at))
-        return StoreRevocation(session.token_hash, revoked_now=True)
+        return self._revoke(session)
 
-    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
-        self._enter("revoke_user")
-        revoked = []
-        for session in list(self._by_hash.values()):
-            live = session.revoked_at is None and session.expires_at > at
-            if session.user_id == user_id and live:
-                self.put(replace(session, revoked_at=at))
-                revoked.append(session.token_hash)
-        return revoked
-
-    async def revoked_since(self, since: datetime) -> list[TokenHash]:
-        self._enter("revoked_since")
+    def _revoke(self, session: Session) -> StoreRevocation:
         now = self._now()
+        self.put(replace(session, revoked_at=now))
+        self._pending.add(session.token_hash.hex)
+        return StoreRevocation(session.token_hash, revoked_now=session.expires_at > now)
+
+    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
+        self._enter("revoke_user")
+        return [
+            self._revoke(session)
+            for session in list(self._by_hash.values())
+            if session.user_id == user_id and session.revoked_at is None
+        ]
+
+    async def revoked_since(self, seconds: float) -> list[TokenHash]:
+        self._enter("revoked_since")
+        since = self._now() - timedelta(seconds=seconds)
         return [
             s.token_hash
             for s in self._by_hash.values()
-            if s.revoked_at is not None and s.revoked_at >= since and s.expires_at > now
+            if s.revoked_at is not None and s.revoked_at >= since
         ]
+
+    async def pending_purges(self, limit: int) -> list[TokenHash]:
+        self._enter("pending_purges")
+        pending = sorted(
+            (self._by_hash[h] for h in self._pending),
+            key=lambda s: s.revoked_at or datetime.min.replace(tzinfo=UTC),
+        )
+        return [s.token_hash for s in pending[:limit]]
+
+    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
+        self._enter("confirm_purged")
+        self._pending.difference_update(h.hex for h in token_hashes)
+
+    def pending(self) -> set[TokenHash]:
+        """Test helper: every revocation not confirmed yet."""
+        return {TokenHash(h) for h in self._pending}
 
     async def health(self) -> StoreHealth:
         self.calls["health"] += 1
@@ -255,6 +274,12 @@ class InMemorySessionCache:
     * ``fill_gate``: when set, ``fill`` applies its write, then waits for the
       event before answering (a reply delayed on the way back), so a test can
       hold a fill that Redis has already executed. ``parked_fills`` counts them.
+    * Server identity, as the adapter sees Redis's ``run_id``: ``snapshot()``
+      copies the entries (an RDB), ``restart(snapshot)`` is a new server
+      process holding that snapshot (or nothing), ``flush()`` empties it. Once
+      ``adopt`` has trusted a server, every call on another one raises
+      ``CacheReplaced`` (after a restart every connection is new), and
+      ``verify`` also notices the marker ``adopt`` left gone (a flush).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -266,6 +291,9 @@ class InMemorySessionCache:
         self.fill_gate: asyncio.Event | None = None
         self.parked_fills = 0
         self._parked_changed = asyncio.Event()
+        self._server = 1  # the run_id of the server process
+        self._trusted: int | None = None
+        self._marker: int | None = None
 
     async def _enter(self, method: str) -> None:
         self.calls[method] += 1
@@ -273,6 +301,8 @@ class InMemorySessionCache:
             await asyncio.Event().wait()  # nobody ever sets it
         if self.unavailable:
             raise CacheUnavailable(f"in-memory cache switched off ({method})")
+        if self._trusted is not None and self._server != self._trusted:
+            raise CacheReplaced(f"server {self._server} is not the trusted {self._trusted}")
 
     def _live(self, key: str) -> _Slot | None:
         slot = self._entries.get(key)
@@ -306,6 +336,22 @@ class InMemorySessionCache:
         return Cached(slot.stored, slot.expires_at - self._clock())
 
     # --- test helpers (not part of the port, not counted) -------------------
+
+    def snapshot(self) -> tuple[dict[str, _Slot], int | None]:
+        """The keys as an RDB would hold them: entries (expiry times included)
+        and the marker."""
+        return dict(self._entries), self._marker
+
+    def restart(self, snapshot: tuple[dict[str, _Slot], int | None] | None = None) -> None:
+        """A new server process, loaded from ``snapshot`` if given."""
+        self._server += 1
+        entries, marker = snapshot or ({}, None)
+        self._entries, self._marker = dict(entries), marker
+
+    def flush(self) -> None:
+        """FLUSHALL: same server, nothing in it."""
+        self._entries.clear()
+        self._marker = None
 
     def peek(self, token_hash: TokenHash) -> CacheEntry | None:
         """What ``get`` would answer, without counting a call."""
@@ -370,6 +416,18 @@ class InMemorySessionCache:
 
     async def ping(self) -> None:
         await self._enter("ping")
+
+    async def adopt(self) -> None:
+        self._trusted = None
+        await self._enter("adopt")
+        self._trusted = self._marker = self._server
+
+    async def verify(self) -> None:
+        await self._enter("verify")
+        if self._trusted is None:
+            raise CacheReplaced("no server adopted yet")
+        if self._marker != self._trusted:
+            raise CacheReplaced("the marker is gone: flushed or replaced")
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         await self._enter("mark_created")

@@ -159,7 +159,7 @@ class Breaker:
             return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout - self._clock())
 
-    def _schedule_wakeup(self) -> None:
+    def _schedule_wakeup(self, delay: float | None = None) -> None:
         """With a probe, recovery must not wait for traffic: after the reset
         timeout, half-open and probe even if nobody calls."""
         if self._probe is None:
@@ -170,7 +170,8 @@ class Breaker:
             return  # no loop (sync unit test): the next caller triggers it
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.cancel()
-        self._wakeup = asyncio.create_task(self._wake_after(self.policy.reset_timeout))
+        delay = self.policy.reset_timeout if delay is None else delay
+        self._wakeup = asyncio.create_task(self._wake_after(delay))
 
     async def _wake_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -215,12 +216,17 @@ class Breaker:
         if old is not new:
             self._notify(old, new)
 
-    def trip(self, cause: str) -> None:
+    def trip(self, cause: str, *, probe_in: float | None = None) -> None:
         """Open now, whatever the window says (e.g. a revocation could not be
         written to the cache, so the cache must not be read until the probe
-        has re-applied it). A probe in flight can no longer close the breaker."""
+        has re-applied it). A probe in flight can no longer close the breaker.
+        ``probe_in``: seconds until the probe (default: the reset timeout), for
+        a dependency known to be up but untrusted (start-up, a replaced Redis)."""
         if self.state is not BreakerState.OPEN:
             self._transition(BreakerState.OPEN, cause)
+        if probe_in is not None and probe_in < self.seconds_until_half_open():
+            self._opened_at = self._clock() - self.policy.reset_timeout + probe_in
+            self._schedule_wakeup(probe_in)
 
     # --- rolling window ------------------------------------------------------
 

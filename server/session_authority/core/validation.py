@@ -134,15 +134,23 @@ class Validator:
             lambda flight: self._load(token_hash, flight, fill=clean),
             since=looked_at if clean else None,
         )
-        if late and (not loaded.confirmed or loaded.opened_count != self._breaker.opened_count):
+        if late and (
+            not clean or not loaded.confirmed or loaded.opened_count != self._breaker.opened_count
+        ):
             # We joined a load whose Postgres read began before we did, and
-            # either no cache fill vouched for it (a tombstone would have
-            # refused it), or the breaker opened since it began (a revocation
-            # whose tombstone failed trips it, and leaves no tombstone to
-            # refuse anything): a revocation that returned before we started
-            # may postdate that read. Read for ourselves.
+            # either we saw no clean miss ourselves (a failed lookup proves no
+            # tombstone was absent), or no cache fill vouched for the load (a
+            # tombstone would have refused it), or the breaker opened since it
+            # began (a revocation whose tombstone failed trips it, and leaves
+            # no tombstone to refuse anything): a revocation that returned
+            # before we started may postdate that read. Read for ourselves.
             loaded = await self._load(token_hash, Flight(), fill=clean)
-        return loaded.answer
+        answer = loaded.answer
+        if answer.valid and answer.session is not None:
+            # A shared answer was judged at its load's time: judge expiry
+            # again at ours (a caller starting just after expires_at).
+            return self._judge(answer.session, answer.source)
+        return answer
 
     async def _lookup(self, token_hash: TokenHash) -> tuple[str, Cached | None]:
         cache = self._cache
