@@ -47,7 +47,7 @@ CACHE_RESULTS = (
     "malformed",
 )
 #: What the core names its failed cache operations (``CoreMetrics.cache_error``).
-CACHE_OPERATIONS = ("get", "fill", "mark_created", "tombstone", "sweep")
+CACHE_OPERATIONS = ("get", "fill", "mark_created", "tombstone", "adopt", "verify")
 #: Lookups that fell back to Postgres because the cache could not be asked.
 _FALLBACKS = frozenset({"bypassed", "error"})
 EVENT_CACHE_FALLBACK = "session_cache.fallback"
