@@ -9,6 +9,7 @@ interceptors, and the admin HTTP port starts with the server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -22,14 +23,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
-from session_authority.core.domain import new_token
+from session_authority.core.domain import TokenHash, new_token
 from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.guarded import GuardedCache, GuardedStore
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.reporting import HealthReporter
@@ -43,7 +46,7 @@ from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["App", "assemble_core", "build_core"]
+__all__ = ["App", "Built", "assemble_core", "build_core"]
 
 _log = logging.getLogger("session_authority")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
@@ -61,6 +64,8 @@ def assemble_core(
     clock: Callable[[], datetime] = utcnow,
     rng: Callable[[], float] = random.random,
     token_factory: Callable[[], str] = new_token,
+    local: LocalCache | None = None,
+    feed: RevocationFeed | None = None,
 ) -> SessionAuthority:
     """The core's collaborators over the given ports (no I/O). Both ports go
     behind their breakers the same way; the Redis breaker's half-open probe is
@@ -74,7 +79,11 @@ def assemble_core(
     guarded_cache = (
         None if cache is None else GuardedCache(cache, breaker, stats=stats, metrics=metrics)
     )
-    revoker = Revoker(guarded_store, guarded_cache, breaker, policy, metrics=metrics)
+    if cache is None:
+        local = feed = None  # L1 and its revocation feed live on Redis
+    revoker = Revoker(
+        guarded_store, guarded_cache, breaker, policy, metrics=metrics, local=local, feed=feed
+    )
     breaker.set_probe(revoker.replay_revocations)
     return SessionAuthority(
         issuer=Issuer(
@@ -89,6 +98,8 @@ def assemble_core(
             metrics=metrics,
             clock=clock,
             rng=rng,
+            local=local,
+            feed=feed,
         ),
         revoker=revoker,
         reporter=HealthReporter(store, cache, breaker, store_breaker, policy, stats),
@@ -98,9 +109,17 @@ def assemble_core(
     )
 
 
-def build_core(
-    settings: Settings, telemetry: Telemetry | None = None
-) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache | None]:
+@dataclass(frozen=True)
+class Built:
+    """The core and the adapters its owner must start, read and close."""
+
+    core: SessionAuthority
+    store: PostgresSessionStore
+    cache: RedisSessionCache | None
+    bus: RedisRevocationBus | None
+
+
+def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
     """The core on real adapters. With ``telemetry``, the core reports to its
     metrics and reaches Redis and Postgres through timing wrappers (the
     returned store and cache are the adapters themselves, for pool numbers,
@@ -139,6 +158,7 @@ def build_core(
         telemetry.watch_breaker(breaker)
         if store_breaker is not None:
             telemetry.watch_breaker(store_breaker)
+    local, bus = _local_cache(settings)
     core = assemble_core(
         store_port,
         port,
@@ -146,8 +166,35 @@ def build_core(
         store_breaker=store_breaker,
         policy=settings.core_policy(),
         metrics=None if telemetry is None else telemetry.core_metrics,
+        local=local,
+        feed=bus,
     )
-    return core, store, cache
+    return Built(core, store, cache, bus)
+
+
+def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocationBus | None]:
+    """The L1 cache and the revocation bus that keeps it (and other processes'
+    L1 caches) honest. The bus runs whenever there is a Redis, so that this
+    process's revocations reach every L1 even when its own is disabled."""
+    if not settings.redis_url:
+        return None, None
+    local = (
+        LocalCache(settings.l1_cache_size, settings.l1_cache_ttl_ms / 1000)
+        if settings.l1_cache_ttl_ms > 0
+        else None
+    )
+
+    def dropped(hashes: list[TokenHash] | None) -> None:
+        if local is not None:
+            local.drop(hashes)
+
+    bus = RedisRevocationBus.from_url(
+        settings.redis_url,
+        timeout=settings.breaker_timeout_ms / 1000,
+        on_revoked=dropped,
+        ack_timeout=settings.l1_ack_timeout_ms / 1000,
+    )
+    return local, bus
 
 
 @dataclass
@@ -161,6 +208,7 @@ class App:
     drain: DrainInterceptor
     port: int = 0
     telemetry: Telemetry | None = None
+    bus: RedisRevocationBus | None = None
     serving: bool = False
     """What the standard health service says (SERVING); ``/readyz`` answers it."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -176,7 +224,8 @@ class App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers."""
         telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
-        core, store, cache = build_core(settings, telemetry)
+        built = build_core(settings, telemetry)
+        core, store, cache = built.core, built.store, built.cache
         telemetry.attach(
             stats=lambda: core.stats,
             breakers=[b for b in (core.breaker, core.store_breaker) if b is not None],
@@ -212,7 +261,7 @@ class App:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         if port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
-        app = cls(settings, core, store, cache, server, health, drain, port, telemetry)
+        app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
         await app._set_serving(False)
         try:
             await telemetry.start(lambda: app.serving)
@@ -223,6 +272,10 @@ class App:
         if cache is not None:
             await cache.warm()
             await app._trust_cache()
+        if built.bus is not None:
+            built.bus.start()
+            with contextlib.suppress(TimeoutError):  # no L1 hits until it is subscribed
+                await asyncio.wait_for(built.bus.subscribed_once.wait(), 1.0)
         await server.start()
         app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
         if cache is not None and settings.revocation_sweep_seconds > 0:
@@ -295,6 +348,8 @@ class App:
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.core.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
         if self.cache is not None:
             await self.cache.aclose()
         await self.store.aclose()

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     pg_breaker_volume_threshold: int = Field(default=20, ge=1)
     pg_breaker_reset_timeout_ms: int = Field(default=5_000, gt=0)
 
+    l1_cache_ttl_ms: int = Field(default=1000, ge=0, le=60_000)
+    """In-process cache in front of Redis: longest an entry is kept (0 disables)."""
+    l1_cache_size: int = Field(default=100_000, ge=1)
+    """In-process cache: most entries kept (least recently used go first)."""
+    l1_ack_timeout_ms: int = Field(default=250, gt=0)
+    """How long Invalidate waits for every process to drop its L1 copies."""
+
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"

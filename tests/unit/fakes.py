@@ -14,13 +14,14 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from session_authority.core.domain import Reason, Session, TokenHash
 from session_authority.core.errors import CacheReplaced, CacheUnavailable, StoreUnavailable
 from session_authority.core.health import CacheHealth, StoreHealth
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.ports import (
     Cached,
     CachedVerdict,
@@ -30,7 +31,14 @@ from session_authority.core.ports import (
     StoreRevocation,
 )
 
-__all__ = ["FakeClock", "InMemorySessionCache", "InMemorySessionStore", "until"]
+__all__ = [
+    "FakeClock",
+    "InMemoryRevocationFeed",
+    "InMemoryRevocationHub",
+    "InMemorySessionCache",
+    "InMemorySessionStore",
+    "until",
+]
 
 
 def _utcnow() -> datetime:
@@ -271,6 +279,8 @@ class InMemorySessionCache:
     * ``health`` never raises: it reports ``connected=False`` in both cases
       (the real adapter's socket timeout bounds it).
     * ``calls`` counts calls per method name, failed and hung ones included.
+    * ``get_gate``: when set, ``get`` reads its answer, then waits for the event
+      before returning it (a reply delayed on the way back).
     * ``fill_gate``: when set, ``fill`` applies its write, then waits for the
       event before answering (a reply delayed on the way back), so a test can
       hold a fill that Redis has already executed. ``parked_fills`` counts them.
@@ -289,6 +299,8 @@ class InMemorySessionCache:
         self.unavailable = False
         self.hanging = False
         self.fill_gate: asyncio.Event | None = None
+        self.get_gate: asyncio.Event | None = None
+        self.parked_gets = 0
         self.parked_fills = 0
         self._parked_changed = asyncio.Event()
         self._server = 1  # the run_id of the server process
@@ -388,7 +400,20 @@ class InMemorySessionCache:
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
         await self._enter("get")
-        return self._answer(token_hash, report=True)
+        answer = self._answer(token_hash, report=True)
+        if self.get_gate is not None:
+            self.parked_gets += 1
+            self._parked_changed.set()
+            try:
+                await self.get_gate.wait()
+            finally:
+                self.parked_gets -= 1
+        return answer
+
+    async def wait_parked_gets(self, count: int) -> None:
+        while self.parked_gets < count:
+            self._parked_changed.clear()
+            await self._parked_changed.wait()
 
     def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
         """The Lua fill script: it reads the state only, never the recorded hash."""
@@ -445,7 +470,64 @@ class InMemorySessionCache:
         return CacheHealth(connected=True, version="in-memory", total_keys=len(self._entries))
 
 
+class InMemoryRevocationHub:
+    """Pub/sub between in-memory processes: ``feed()`` makes one process's
+    ``RevocationFeed``. Publishing drops the hashes from every live feed's
+    local cache and is acknowledged by all of them at once."""
+
+    def __init__(self) -> None:
+        self.feeds: list[InMemoryRevocationFeed] = []
+        self.published: list[list[TokenHash] | None] = []
+
+    def feed(self, local: LocalCache | None) -> InMemoryRevocationFeed:
+        feed = InMemoryRevocationFeed(self, local)
+        self.feeds.append(feed)
+        return feed
+
+
+class InMemoryRevocationFeed:
+    """* ``subscribed = False``: cut off (not live, hears nothing; forgets its
+    L1 the moment it is cut, as the Redis bus does).
+    * ``deaf = True``: counted as a subscriber but never acknowledges (a process
+    frozen while connected)."""
+
+    def __init__(self, hub: InMemoryRevocationHub, local: LocalCache | None) -> None:
+        self._hub = hub
+        self._local = local
+        self._subscribed = True
+        self.deaf = False
+
+    @property
+    def live(self) -> bool:
+        return self._subscribed
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed
+
+    @subscribed.setter
+    def subscribed(self, value: bool) -> None:
+        if self._local is not None and value != self._subscribed:
+            self._local.drop(None)
+        self._subscribed = value
+
+    async def publish(self, token_hashes: Iterable[TokenHash] | None) -> bool:
+        hashes = None if token_hashes is None else list(token_hashes)
+        self._hub.published.append(hashes)
+        acknowledged = True
+        for feed in self._hub.feeds:
+            if not feed._subscribed:
+                continue
+            if feed.deaf:
+                acknowledged = False
+                continue
+            if feed._local is not None:
+                feed._local.drop(hashes)
+        return acknowledged
+
+
 # Structural checks, run by `make typecheck` (mypy --strict covers tests/): a fake whose
 # method is renamed, dropped or re-signed no longer satisfies its port, and fails here.
 _store_check: SessionStore = InMemorySessionStore()
 _cache_check: SessionCache = InMemorySessionCache()
+_feed_check: RevocationFeed = InMemoryRevocationHub().feed(None)

@@ -47,6 +47,7 @@ from session_authority.core.domain import (
 )
 from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.guarded import GuardedCache
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.telemetry import CoreMetrics
@@ -61,6 +62,8 @@ _log = logging.getLogger("session_authority.cache")
 TOMBSTONE_CHUNK = 2000
 #: Pending revocations drained per store query.
 DRAIN_BATCH = 5000
+#: Revocations pushed to L1 caches by hash; above this, "drop everything".
+PUSH_LIMIT = 1000
 
 
 class Revoker:
@@ -74,12 +77,16 @@ class Revoker:
         policy: CorePolicy,
         *,
         metrics: CoreMetrics,
+        local: LocalCache | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
         self._breaker = breaker
         self._policy = policy
         self._metrics = metrics
+        self._local = local
+        self._feed = feed
 
     async def invalidate(
         self, *, token: str | None = None, session_id: str | None = None
@@ -92,18 +99,31 @@ class Revoker:
             found = await self._store.revoke(session_id=check_session_id(session_id or ""))
         if found is None:
             return self._revoked(0, True)
-        purged = await self._purge([found.token_hash])
-        return self._revoked(int(found.revoked_now), purged)
+        hashes = [found.token_hash]
+        purged = await self._purge(hashes)
+        return self._revoked(int(found.revoked_now), purged, await self._propagate(hashes))
 
     async def invalidate_user(self, user_id: str) -> Revocation:
         """Revoke every session of ``user_id`` not revoked yet."""
         rows = await self._store.revoke_user(check_user_id(user_id))
-        purged = await self._purge([r.token_hash for r in rows])
-        return self._revoked(sum(r.revoked_now for r in rows), purged)
+        hashes = [r.token_hash for r in rows]
+        purged = await self._purge(hashes)
+        propagated = await self._propagate(hashes)
+        return self._revoked(sum(r.revoked_now for r in rows), purged, propagated)
 
-    def _revoked(self, count: int, purged: bool) -> Revocation:
+    def _revoked(self, count: int, purged: bool, propagated: bool = True) -> Revocation:
         self._metrics.revoked(count, purged)
-        return Revocation(revoked_count=count, cache_purged=purged)
+        return Revocation(revoked_count=count, cache_purged=purged, propagated=propagated)
+
+    async def _propagate(self, hashes: list[TokenHash]) -> bool:
+        """Drop these sessions from every process's L1 cache, this one first;
+        True once every subscriber acknowledged (see ``core/local.py``). A big
+        revocation asks everyone to drop everything instead of listing it."""
+        if not hashes or self._feed is None:
+            return True
+        if self._local is not None:
+            self._local.drop(hashes)
+        return await self._feed.publish(hashes if len(hashes) <= PUSH_LIMIT else None)
 
     async def _purge(self, hashes: list[TokenHash]) -> bool:
         """Tombstone ``hashes``; on failure stop trusting the cache (see module doc)."""
@@ -174,10 +194,16 @@ class Revoker:
             return 0  # an open breaker drains in its probe
         try:
             await cache.verify()  # a flushed Redis trips the breaker (the guard)
-            return await self._drain_into(cache)
+            drained = await self._drain_into(cache)
         except CacheUnavailable:
             self._breaker.trip("pending revocations could not be written to the cache")
             return 0
+        if drained and self._feed is not None:
+            # Their revokers could not tell the L1 caches: drop everything (rare).
+            if self._local is not None:
+                self._local.drop(None)
+            await self._feed.publish(None)
+        return drained
 
     async def _drain_into(self, cache: SessionCache) -> int:
         drained = 0

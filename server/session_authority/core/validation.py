@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from session_authority.core.breaker import Breaker
+from opentelemetry import trace
+
+from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
     Reason,
     Session,
@@ -28,6 +30,7 @@ from session_authority.core.domain import (
 )
 from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
 from session_authority.core.health import CacheStats
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import (
     Cached,
@@ -75,6 +78,8 @@ class Validator:
         metrics: CoreMetrics,
         clock: Callable[[], datetime],
         rng: Callable[[], float],
+        local: LocalCache | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -85,6 +90,9 @@ class Validator:
         self._now = clock
         self._rng = rng
         self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight()
+        # The L1 cache needs the revocation feed that keeps it honest.
+        self._local = local if feed is not None else None
+        self._feed = feed
         self._refreshes: set[asyncio.Task[None]] = set()
 
     def loading(self, token_hash: TokenHash) -> bool:
@@ -104,11 +112,36 @@ class Validator:
         self._metrics.validated(answer.valid, answer.source.value, reason)
         return answer
 
+    def _trusted_local(self) -> LocalCache | None:
+        """The L1 cache, while this process is sure it hears every revocation
+        and trusts Redis (the breaker is closed); else None."""
+        local, feed = self._local, self._feed
+        if local is None or feed is None:
+            return None
+        if feed.live and self._breaker.state is BreakerState.CLOSED:
+            return local
+        if len(local):
+            local.drop(None)  # not sure any more: forget everything
+        return None
+
     async def _validate(self, token: str) -> Validation:
         token_hash = parse_token(token)
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
             return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
+        local = self._trusted_local()
+        version = 0
+        if local is not None:
+            entry = local.get(token_hash)
+            if entry is not None:
+                self._stats.hits += 1
+                self._metrics.cache_lookup("local")
+                if trace.get_current_span().is_recording():
+                    with tracer.start_as_current_span("session_cache.lookup") as span:
+                        span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+                        span.set_attribute(ATTR_CACHE_RESULT, "local")
+                return self._judge(entry, Source.CACHE)
+            version = local.version  # a copy read from now on is stored only if no drop came
         looked_at = time.monotonic()
         with tracer.start_as_current_span("session_cache.lookup") as span:
             span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
@@ -118,6 +151,8 @@ class Validator:
         if hit is not None:
             self._stats.hits += 1
             _log.debug("Cache HIT %s (%s)", token_hash.prefix, result)
+            if local is not None and result != "negative":
+                local.put(token_hash, hit.entry, hit.ttl_left, version)
             self._maybe_refresh(token_hash, hit)
             return self._judge(hit.entry, Source.CACHE)
         if result == "miss":
@@ -146,6 +181,8 @@ class Validator:
             # before we started may postdate that read. Read for ourselves.
             loaded = await self._load(token_hash, Flight(), fill=clean)
         answer = loaded.answer
+        if local is not None and loaded.confirmed and answer.session is not None:
+            local.put(token_hash, answer.session, local.ttl, version)  # Redis holds it too
         if answer.valid and answer.session is not None:
             # A shared answer was judged at its load's time: judge expiry
             # again at ours (a caller starting just after expires_at).

@@ -303,6 +303,7 @@ class InvalidateResponse(_message.Message):
 
     REVOKED_FIELD_NUMBER: _builtins.int
     CACHE_PURGED_FIELD_NUMBER: _builtins.int
+    PROPAGATED_FIELD_NUMBER: _builtins.int
     revoked: _builtins.bool
     """True when a live session was revoked by this call."""
     cache_purged: _builtins.bool
@@ -310,15 +311,22 @@ class InvalidateResponse(_message.Message):
     revocation is durable in Postgres and will be re-applied to the cache when
     Redis is reachable again; validations are answered from Postgres until then.
     """
+    propagated: _builtins.bool
+    """True when every replica and worker that keeps an in-process (L1) cache
+    acknowledged dropping its copies before this answer. False: some did not
+    within L1_ACK_TIMEOUT_MS (or the push failed); their copies expire within
+    L1_CACHE_TTL_MS, and they serve no L1 hits while unsure they hear revocations.
+    """
     def __init__(
         self,
         *,
         revoked: _builtins.bool = ...,
         cache_purged: _builtins.bool = ...,
+        propagated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "propagated", b"propagated", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,19 +358,23 @@ class InvalidateUserResponse(_message.Message):
 
     REVOKED_COUNT_FIELD_NUMBER: _builtins.int
     CACHE_PURGED_FIELD_NUMBER: _builtins.int
+    PROPAGATED_FIELD_NUMBER: _builtins.int
     revoked_count: _builtins.int
     """How many live sessions were revoked."""
     cache_purged: _builtins.bool
     """See InvalidateResponse.cache_purged."""
+    propagated: _builtins.bool
+    """See InvalidateResponse.propagated."""
     def __init__(
         self,
         *,
         revoked_count: _builtins.int = ...,
         cache_purged: _builtins.bool = ...,
+        propagated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "revoked_count", b"revoked_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "propagated", b"propagated", "revoked_count", b"revoked_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
