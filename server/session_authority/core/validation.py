@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from opentelemetry import trace
-
 from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
     Reason,
@@ -44,7 +42,7 @@ from session_authority.core.telemetry import (
     ATTR_CACHE_RESULT,
     ATTR_TOKEN_PREFIX,
     CoreMetrics,
-    tracer,
+    span,
 )
 
 __all__ = ["Loaded", "Validator"]
@@ -136,17 +134,16 @@ class Validator:
             if entry is not None:
                 self._stats.hits += 1
                 self._metrics.cache_lookup("local")
-                if trace.get_current_span().is_recording():
-                    with tracer.start_as_current_span("session_cache.lookup") as span:
-                        span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
-                        span.set_attribute(ATTR_CACHE_RESULT, "local")
+                with span("session_cache.lookup") as current:
+                    current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+                    current.set_attribute(ATTR_CACHE_RESULT, "local")
                 return self._judge(entry, Source.CACHE)
             version = local.version  # a copy read from now on is stored only if no drop came
         looked_at = time.monotonic()
-        with tracer.start_as_current_span("session_cache.lookup") as span:
-            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+        with span("session_cache.lookup") as current:
+            current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             result, hit = await self._lookup(token_hash)
-            span.set_attribute(ATTR_CACHE_RESULT, result)
+            current.set_attribute(ATTR_CACHE_RESULT, result)
         self._metrics.cache_lookup(result)
         if hit is not None:
             self._stats.hits += 1
@@ -250,8 +247,8 @@ class Validator:
         opened = self._breaker.opened_count
         flight.begin()
         read_started = time.monotonic()
-        with tracer.start_as_current_span("session_store.find") as span:
-            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+        with span("session_store.find") as current:
+            current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             session = await self._store.find(token_hash)
         entry, ttl = self._entry_for(session)
         answer = self._judge(entry, Source.DATABASE)
@@ -286,10 +283,10 @@ class Validator:
         cache = self._cache
         if cache is None or ttl <= 0:
             return None
-        with tracer.start_as_current_span("session_cache.fill") as span:
+        with span("session_cache.fill") as current:
             try:
                 filled = await cache.fill(token_hash, entry, ttl)
             except CacheUnavailable:
                 return None
-            span.set_attribute("session_authority.cache.fill_refused", not filled)
+            current.set_attribute("session_authority.cache.fill_refused", not filled)
             return filled
