@@ -102,7 +102,9 @@ def assemble_core(
             feed=feed,
         ),
         revoker=revoker,
-        reporter=HealthReporter(store, cache, breaker, store_breaker, policy, stats),
+        reporter=HealthReporter(
+            store, cache, breaker, store_breaker, policy, stats, local=local, feed=feed
+        ),
         stats=stats,
         breaker=breaker,
         store_breaker=store_breaker,

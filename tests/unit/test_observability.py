@@ -12,6 +12,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from session_authority.core.health import (
     CacheHealth,
     CacheStats,
     HealthReport,
+    LocalCacheReport,
     PoolStats,
     StoreHealth,
 )
@@ -512,8 +514,12 @@ HEALTH_REPORTS = {
         breaker=_breaker_report("half_open", 7),
         errors=("postgres: timeout",),
         store_breaker=_breaker_report("open", 1),
+        local_cache=LocalCacheReport(enabled=True, live=True, entries=42, ttl_ms=1000),
     ),
     "zeros and falses": _ZERO,
+    "local cache off": replace(
+        _ZERO, local_cache=LocalCacheReport(enabled=False, live=False, entries=0, ttl_ms=0)
+    ),
     "nan and infinities": HealthReport(
         status="healthy",
         cache_enabled=True,
