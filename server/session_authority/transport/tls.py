@@ -43,8 +43,8 @@ class CertificateFiles:
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials that follow the files. Raises ``OSError``
         (``ssl.SSLError`` included) when they cannot be used now."""
-        stamp = self._stamp()
         try:
+            stamp = self._stamp()
             initial = self._load()
         except (OSError, ValueError) as exc:
             raise OSError(f"TLS: cannot use {self._describe()}: {exc}") from exc
