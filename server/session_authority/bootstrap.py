@@ -252,7 +252,7 @@ class App:
             redact_url(settings.database_url),
             redact_url(settings.redis_url) or "disabled",
         )
-        _log_security(settings, app.admin_port)
+        _log_security(settings, port, app.admin_port)
         return app
 
     async def _trust_cache(self) -> None:
@@ -351,7 +351,7 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return files.credentials()
 
 
-def _log_security(settings: Settings, admin_port: int | None) -> None:
+def _log_security(settings: Settings, port: int, admin_port: int | None) -> None:
     """Start-up lines that say who can reach what."""
     if settings.tls_cert_file is None:
         _log.warning("gRPC port is PLAINTEXT (no TLS_CERT_FILE / --tls-cert)")
@@ -371,7 +371,7 @@ def _log_security(settings: Settings, admin_port: int | None) -> None:
             "that reaches %s:%d may call %s (mint or revoke any user's sessions); "
             "for local and test set-ups only",
             settings.host,
-            settings.port,
+            port,
             mutating,
         )
     else:
