@@ -41,12 +41,14 @@ from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import CoreMetrics, NoMetrics
 from session_authority.core.validation import Validator
 from session_authority.observability import Telemetry, install_tracing
+from session_authority.transport.auth import ApiKeys, AuthInterceptor, AuthPolicy
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.servicer import SessionAuthorityServicer
+from session_authority.transport.tls import CertificateFiles
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["App", "Built", "assemble_core", "build_core"]
+__all__ = ["App", "Built", "assemble_core", "auth_policy", "build_core"]
 
 _log = logging.getLogger("session_authority")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
@@ -225,6 +227,7 @@ class App:
     async def start(cls, settings: Settings) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers."""
+        credentials = _server_credentials(settings)  # first: unusable TLS files stop start-up
         telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
         built = build_core(settings, telemetry)
         core, store, cache = built.core, built.store, built.cache
@@ -238,9 +241,15 @@ class App:
             health=core.health,
         )
         drain = DrainInterceptor()
+        auth = AuthInterceptor(
+            auth_policy(settings),
+            ApiKeys(settings.api_key_hashes()),
+            trust_client_certificates=settings.tls_client_ca_file is not None,
+            on_denied=telemetry.auth_denied,
+        )
         server = grpc.aio.server(
-            # Tracing and metrics outside the drain, so refused calls show.
-            interceptors=[*telemetry.interceptors(), drain],
+            # Tracing and metrics outside authorisation and the drain, so refused calls show.
+            interceptors=[*telemetry.interceptors(), auth, drain],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -252,15 +261,20 @@ class App:
         pb_grpc.add_SessionAuthorityServicer_to_server(SessionAuthorityServicer(core), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if settings.grpc_reflection:
+            reflection.enable_server_reflection(
+                [
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
         app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
@@ -293,6 +307,7 @@ class App:
             redact_url(settings.database_url),
             redact_url(settings.redis_url) or "disabled",
         )
+        _log_security(settings, port, app.admin_port)
         return app
 
     async def _trust_cache(self) -> None:
@@ -359,3 +374,83 @@ class App:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Open to every caller, so that probes and grpcurl need no credentials.
+_PUBLIC_SERVICES = frozenset(
+    {_HEALTH_SERVICE, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"}
+)
+#: What any authenticated caller may call; every other SessionAuthority
+#: method (CreateSession, Invalidate, InvalidateUser, any added later) needs
+#: an identity in AUTH_ALLOWED_IDENTITIES.
+_READS = ("ValidateSession", "Health")
+
+
+def auth_policy(settings: Settings) -> AuthPolicy:
+    """Who may call what, from AUTH_* and TLS_CLIENT_CA_FILE (README "Security")."""
+    return AuthPolicy(
+        enforced=settings.authentication_configured,
+        public_services=_PUBLIC_SERVICES,
+        reads=frozenset(f"/{SERVICE_NAME}/{name}" for name in _READS),
+        allowed=settings.allowed_identities(),
+        anonymous_reads=settings.auth_anonymous_reads,
+    )
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS) credentials that follow their files; None: plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    files = CertificateFiles(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+    return files.credentials()
+
+
+def _log_security(settings: Settings, port: int, admin_port: int | None) -> None:
+    """Start-up lines that say who can reach what."""
+    if settings.tls_cert_file is None:
+        _log.warning("gRPC port is PLAINTEXT (no TLS_CERT_FILE / --tls-cert)")
+    elif settings.tls_client_ca_file is None:
+        _log.info(
+            "gRPC port: TLS (certificate %s, reloaded when it changes)", settings.tls_cert_file
+        )
+    else:
+        _log.info(
+            "gRPC port: mTLS, client certificates from %s required (reloaded when they change)",
+            settings.tls_client_ca_file,
+        )
+    mutating = "CreateSession, Invalidate and InvalidateUser"
+    if not settings.authentication_configured:
+        _log.warning(
+            "NO AUTHENTICATION (ALLOW_UNAUTHENTICATED / --allow-unauthenticated): every caller "
+            "that reaches %s:%d may call %s (mint or revoke any user's sessions); "
+            "for local and test set-ups only",
+            settings.host,
+            port,
+            mutating,
+        )
+    else:
+        means = [
+            *(["client certificate"] if settings.tls_client_ca_file is not None else []),
+            *([f"{len(settings.api_key_hashes())} API key(s)"] if settings.auth_api_keys else []),
+        ]
+        allowed = sorted(settings.allowed_identities())
+        _log.info(
+            "authentication: %s; ValidateSession and Health: %s; %s: %s",
+            " or ".join(means),
+            "any caller" if settings.auth_anonymous_reads else "authenticated callers",
+            mutating,
+            ", ".join(allowed) if allowed else "nobody (AUTH_ALLOWED_IDENTITIES is empty)",
+        )
+        if settings.auth_api_keys and settings.tls_cert_file is None:
+            _log.warning("API keys over a PLAINTEXT port: anyone on the path can read them")
+    if admin_port is not None:
+        loopback = settings.admin_host in ("127.0.0.1", "::1", "localhost")
+        _log.info(
+            "admin HTTP (/metrics, /health) on %s:%d, plaintext and unauthenticated%s",
+            settings.admin_host,
+            admin_port,
+            "; loopback only (set ADMIN_HOST to expose it)" if loopback else "",
+        )

@@ -45,7 +45,10 @@ async def test_sigterm_mid_load_drains_in_flight_calls(
     port = find_free_port()
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once, before any load)
-        [str(Path(sys.executable).parent / "session-authority"), "serve", "--port", str(port)],
+        [
+            str(Path(sys.executable).parent / "session-authority"),
+            *("serve", "--port", str(port), "--allow-unauthenticated"),  # plaintext, loopback
+        ],
         env=_env(
             DATABASE_URL=postgres_server.url,
             REDIS_URL=redis_server.url,

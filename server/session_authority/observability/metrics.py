@@ -128,6 +128,13 @@ class Instruments:
             ["valid", "source", "reason"],
             registry=registry,
         )
+        self.auth_denied = Counter(
+            "session_authority_auth_denied",
+            "Calls refused by authorisation, by service, method and reason (no_credentials, "
+            "invalid_credentials: UNAUTHENTICATED; not_allowed: PERMISSION_DENIED).",
+            ["grpc_service", "grpc_method", "reason"],
+            registry=registry,
+        )
         # Series that exist from the start read 0 rather than being absent,
         # so rate() and alerts see the first increment.
         for result in CACHE_RESULTS:
