@@ -193,9 +193,15 @@ class Revoker:
         if cache is None or self._breaker.state is not BreakerState.CLOSED:
             return 0  # an open breaker drains in its probe
         try:
-            await cache.verify()  # a flushed Redis trips the breaker (the guard)
+            await cache.verify()
+        except CacheUnavailable:
+            # Counted by the breaker like any failed call; a flushed or replaced
+            # Redis (CacheReplaced) has already tripped it, with an immediate probe.
+            return 0
+        try:
             drained = await self._drain_into(cache)
         except CacheUnavailable:
+            # Pending revocations this replica cannot write: stop reading Redis.
             self._breaker.trip("pending revocations could not be written to the cache")
             return 0
         if drained and self._feed is not None:
