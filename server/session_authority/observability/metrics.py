@@ -37,6 +37,7 @@ __all__ = [
 #: Every value of ``session_authority.cache.result`` (plus ``malformed``: the
 #: token's shape ruled it out before any lookup).
 CACHE_RESULTS = (
+    "local",
     "hit",
     "miss",
     "tombstone",
@@ -70,7 +71,8 @@ class Instruments:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.cache_lookups = Counter(
             "session_cache_lookups",
-            "Cache lookups by result (hit, miss, tombstone, negative, bypassed, error, "
+            "Cache lookups by result (local: the in-process L1 cache; hit, miss, tombstone, "
+            "negative, bypassed, error, "
             "disabled, malformed).",
             ["result"],
             registry=registry,
