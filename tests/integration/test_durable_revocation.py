@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, app_settings
+from .support import NO_PROXY, app_settings, server_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -120,15 +119,6 @@ async def test_redis_restarted_from_an_rdb_older_than_the_revocation(
 # --- 2. the revoking replica dies while Redis is frozen -------------------------------------------
 
 
-def _env(**extra: str) -> dict[str, str]:
-    keep = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.lower().endswith("_proxy") and not k.startswith("PG")
-    }
-    return keep | extra
-
-
 async def test_revoker_killed_while_redis_frozen_then_a_fresh_replica(
     tmp_path: Path, own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
 ) -> None:
@@ -136,7 +126,7 @@ async def test_revoker_killed_while_redis_frozen_then_a_fresh_replica(
     with log.open("wb") as out:
         revoker = subprocess.Popen(  # noqa: ASYNC220 (started once)
             [str(Path(sys.executable).parent / "session-authority"), "serve", "--port", str(port)],
-            env=_env(
+            env=server_env(
                 DATABASE_URL=own_postgres.url,
                 REDIS_URL=own_redis.url,
                 HOST="127.0.0.1",
