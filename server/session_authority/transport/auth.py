@@ -22,11 +22,13 @@ import hashlib
 import hmac
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import grpc
+
+from session_authority.transport.wrapping import WrappingInterceptor
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -150,7 +152,7 @@ def _service_of(method: str) -> str:
 Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]"
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Identifies the caller of each checked call and applies the policy.
 
     grpc.aio interceptors see the method and metadata but not the
@@ -167,30 +169,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         """``trust_client_certificates``: the port verifies client
         certificates against a CA (mTLS); only then are their SANs identities."""
+        super().__init__()
         self.policy = policy
         self._keys = keys
         self._mtls = trust_client_certificates
         self._on_denied = on_denied
-        # method -> (inner handler, our wrapper): built once per method, not per call.
-        self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or self.policy.is_public(method):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def _applies(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> bool:
+        return not self.policy.is_public(method)
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         identities: set[str] = set()
