@@ -4,13 +4,14 @@ once and reuses the wrapper on every later call (the hot path builds nothing).""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 __all__ = ["WrappingInterceptor"]
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+# A string: grpc's classes are generic only in its type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
