@@ -9,6 +9,7 @@ interceptors, and the admin HTTP port starts with the server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -22,14 +23,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.config import Settings, redact_url
 from session_authority.core.breaker import Breaker
-from session_authority.core.domain import new_token
-from session_authority.core.errors import StoreUnavailable
+from session_authority.core.domain import TokenHash, new_token
+from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.guarded import GuardedCache, GuardedStore
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.miss_limit import MissLimiter
 from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import SessionCache, SessionStore
@@ -39,12 +42,14 @@ from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import CoreMetrics, NoMetrics
 from session_authority.core.validation import Validator
 from session_authority.observability import Telemetry, install_tracing
+from session_authority.transport.auth import ApiKeys, AuthInterceptor, AuthPolicy
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.handler import add_to_server
 from session_authority.transport.servicer import SessionAuthorityServicer
+from session_authority.transport.tls import CertificateFiles
 from session_authority.v1 import session_authority_pb2 as pb
 
-__all__ = ["App", "assemble_core", "build_core"]
+__all__ = ["App", "Built", "assemble_core", "auth_policy", "build_core"]
 
 _log = logging.getLogger("session_authority")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
@@ -63,6 +68,8 @@ def assemble_core(
     rng: Callable[[], float] = random.random,
     token_factory: Callable[[], str] = new_token,
     monotonic: Callable[[], float] = time.monotonic,
+    local: LocalCache | None = None,
+    feed: RevocationFeed | None = None,
 ) -> SessionAuthority:
     """The core's collaborators over the given ports (no I/O). Both ports go
     behind their breakers the same way; the Redis breaker's half-open probe is
@@ -76,7 +83,11 @@ def assemble_core(
     guarded_cache = (
         None if cache is None else GuardedCache(cache, breaker, stats=stats, metrics=metrics)
     )
-    revoker = Revoker(guarded_store, guarded_cache, breaker, policy, metrics=metrics, clock=clock)
+    if cache is None:
+        local = feed = None  # L1 and its revocation feed live on Redis
+    revoker = Revoker(
+        guarded_store, guarded_cache, breaker, policy, metrics=metrics, local=local, feed=feed
+    )
     breaker.set_probe(revoker.replay_revocations)
     return SessionAuthority(
         issuer=Issuer(
@@ -96,18 +107,30 @@ def assemble_core(
                 if policy.unknown_token_rate > 0
                 else None
             ),
+            local=local,
+            feed=feed,
         ),
         revoker=revoker,
-        reporter=HealthReporter(store, cache, breaker, store_breaker, policy, stats),
+        reporter=HealthReporter(
+            store, cache, breaker, store_breaker, policy, stats, local=local, feed=feed
+        ),
         stats=stats,
         breaker=breaker,
         store_breaker=store_breaker,
     )
 
 
-def build_core(
-    settings: Settings, telemetry: Telemetry | None = None
-) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache | None]:
+@dataclass(frozen=True)
+class Built:
+    """The core and the adapters its owner must start, read and close."""
+
+    core: SessionAuthority
+    store: PostgresSessionStore
+    cache: RedisSessionCache | None
+    bus: RedisRevocationBus | None
+
+
+def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
     """The core on real adapters. With ``telemetry``, the core reports to its
     metrics and reaches Redis and Postgres through timing wrappers (the
     returned store and cache are the adapters themselves, for pool numbers,
@@ -146,6 +169,7 @@ def build_core(
         telemetry.watch_breaker(breaker)
         if store_breaker is not None:
             telemetry.watch_breaker(store_breaker)
+    local, bus = _local_cache(settings)
     core = assemble_core(
         store_port,
         port,
@@ -153,8 +177,35 @@ def build_core(
         store_breaker=store_breaker,
         policy=settings.core_policy(),
         metrics=None if telemetry is None else telemetry.core_metrics,
+        local=local,
+        feed=bus,
     )
-    return core, store, cache
+    return Built(core, store, cache, bus)
+
+
+def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocationBus | None]:
+    """The L1 cache and the revocation bus that keeps it (and other processes'
+    L1 caches) honest. The bus runs whenever there is a Redis, so that this
+    process's revocations reach every L1 even when its own is disabled."""
+    if not settings.redis_url:
+        return None, None
+    local = (
+        LocalCache(settings.l1_cache_size, settings.l1_cache_ttl_ms / 1000)
+        if settings.l1_cache_ttl_ms > 0
+        else None
+    )
+
+    def dropped(hashes: list[TokenHash] | None) -> None:
+        if local is not None:
+            local.drop(hashes)
+
+    bus = RedisRevocationBus.from_url(
+        settings.redis_url,
+        timeout=settings.breaker_timeout_ms / 1000,
+        on_revoked=dropped,
+        ack_timeout=settings.l1_ack_timeout_ms / 1000,
+    )
+    return local, bus
 
 
 @dataclass
@@ -168,6 +219,7 @@ class App:
     drain: DrainInterceptor
     port: int = 0
     telemetry: Telemetry | None = None
+    bus: RedisRevocationBus | None = None
     serving: bool = False
     """What the standard health service says (SERVING); ``/readyz`` answers it."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -182,8 +234,10 @@ class App:
     async def start(cls, settings: Settings) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers."""
+        credentials = _server_credentials(settings)  # first: unusable TLS files stop start-up
         telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
-        core, store, cache = build_core(settings, telemetry)
+        built = build_core(settings, telemetry)
+        core, store, cache = built.core, built.store, built.cache
         telemetry.attach(
             stats=lambda: core.stats,
             breakers=[b for b in (core.breaker, core.store_breaker) if b is not None],
@@ -194,9 +248,15 @@ class App:
             health=core.health,
         )
         drain = DrainInterceptor()
+        auth = AuthInterceptor(
+            auth_policy(settings),
+            ApiKeys(settings.api_key_hashes()),
+            trust_client_certificates=settings.tls_client_ca_file is not None,
+            on_denied=telemetry.auth_denied,
+        )
         server = grpc.aio.server(
-            # Tracing and metrics outside the drain, so refused calls show.
-            interceptors=[*telemetry.interceptors(), drain],
+            # Tracing and metrics outside authorisation and the drain, so refused calls show.
+            interceptors=[*telemetry.interceptors(), auth, drain],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -209,18 +269,23 @@ class App:
         add_to_server(SessionAuthorityServicer(core), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if settings.grpc_reflection:
+            reflection.enable_server_reflection(
+                [
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
-        app = cls(settings, core, store, cache, server, health, drain, port, telemetry)
+        app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
         await app._set_serving(False)
         try:
             await telemetry.start(lambda: app.serving)
@@ -230,12 +295,17 @@ class App:
             raise
         if cache is not None:
             await cache.warm()
+            await app._trust_cache()
+        if built.bus is not None:
+            built.bus.start()
+            with contextlib.suppress(TimeoutError):  # no L1 hits until it is subscribed
+                await asyncio.wait_for(built.bus.subscribed_once.wait(), 1.0)
         await server.start()
         app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
         if cache is not None and settings.revocation_sweep_seconds > 0:
             app._tasks.append(
                 asyncio.create_task(
-                    core.run_sweeper(settings.revocation_sweep_seconds), name="revocation-sweep"
+                    core.run_drain(settings.revocation_sweep_seconds), name="revocation-drain"
                 )
             )
         _log.info(
@@ -245,7 +315,22 @@ class App:
             redact_url(settings.database_url),
             redact_url(settings.redis_url) or "disabled",
         )
+        _log_security(settings, port, app.admin_port)
         return app
+
+    async def _trust_cache(self) -> None:
+        """No cache read before revocations are re-applied to it: before the
+        server starts, run what the breaker's probe runs (adopt this Redis,
+        replay the window, drain what is pending). If that fails (Redis or
+        Postgres down), open the breaker: validations go to Postgres, and the
+        probe tries again after the reset timeout."""
+        breaker = self.core.breaker
+        try:
+            async with asyncio.timeout(breaker.policy.timeout * 10):
+                await self.core.replay_revocations()
+        except (CacheUnavailable, TimeoutError) as exc:
+            _log.warning("SessionCache not trusted at start-up: %s", exc or "timeout")
+            breaker.trip("start-up: revocations could not be re-applied to the cache")
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -288,6 +373,8 @@ class App:
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.core.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
         if self.cache is not None:
             await self.cache.aclose()
         await self.store.aclose()
@@ -295,3 +382,83 @@ class App:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Open to every caller, so that probes and grpcurl need no credentials.
+_PUBLIC_SERVICES = frozenset(
+    {_HEALTH_SERVICE, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"}
+)
+#: What any authenticated caller may call; every other SessionAuthority
+#: method (CreateSession, Invalidate, InvalidateUser, any added later) needs
+#: an identity in AUTH_ALLOWED_IDENTITIES.
+_READS = ("ValidateSession", "Health")
+
+
+def auth_policy(settings: Settings) -> AuthPolicy:
+    """Who may call what, from AUTH_* and TLS_CLIENT_CA_FILE (README "Security")."""
+    return AuthPolicy(
+        enforced=settings.authentication_configured,
+        public_services=_PUBLIC_SERVICES,
+        reads=frozenset(f"/{SERVICE_NAME}/{name}" for name in _READS),
+        allowed=settings.allowed_identities(),
+        anonymous_reads=settings.auth_anonymous_reads,
+    )
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS) credentials that follow their files; None: plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    files = CertificateFiles(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+    return files.credentials()
+
+
+def _log_security(settings: Settings, port: int, admin_port: int | None) -> None:
+    """Start-up lines that say who can reach what."""
+    if settings.tls_cert_file is None:
+        _log.warning("gRPC port is PLAINTEXT (no TLS_CERT_FILE / --tls-cert)")
+    elif settings.tls_client_ca_file is None:
+        _log.info(
+            "gRPC port: TLS (certificate %s, reloaded when it changes)", settings.tls_cert_file
+        )
+    else:
+        _log.info(
+            "gRPC port: mTLS, client certificates from %s required (reloaded when they change)",
+            settings.tls_client_ca_file,
+        )
+    mutating = "CreateSession, Invalidate and InvalidateUser"
+    if not settings.authentication_configured:
+        _log.warning(
+            "NO AUTHENTICATION (ALLOW_UNAUTHENTICATED / --allow-unauthenticated): every caller "
+            "that reaches %s:%d may call %s (mint or revoke any user's sessions); "
+            "for local and test set-ups only",
+            settings.host,
+            port,
+            mutating,
+        )
+    else:
+        means = [
+            *(["client certificate"] if settings.tls_client_ca_file is not None else []),
+            *([f"{len(settings.api_key_hashes())} API key(s)"] if settings.auth_api_keys else []),
+        ]
+        allowed = sorted(settings.allowed_identities())
+        _log.info(
+            "authentication: %s; ValidateSession and Health: %s; %s: %s",
+            " or ".join(means),
+            "any caller" if settings.auth_anonymous_reads else "authenticated callers",
+            mutating,
+            ", ".join(allowed) if allowed else "nobody (AUTH_ALLOWED_IDENTITIES is empty)",
+        )
+        if settings.auth_api_keys and settings.tls_cert_file is None:
+            _log.warning("API keys over a PLAINTEXT port: anyone on the path can read them")
+    if admin_port is not None:
+        loopback = settings.admin_host in ("127.0.0.1", "::1", "localhost")
+        _log.info(
+            "admin HTTP (/metrics, /health) on %s:%d, plaintext and unauthenticated%s",
+            settings.admin_host,
+            admin_port,
+            "; loopback only (set ADMIN_HOST to expose it)" if loopback else "",
+        )

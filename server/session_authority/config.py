@@ -5,7 +5,9 @@ Every knob is documented in README.md ("Configuration"); keep the two in step.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -18,13 +20,20 @@ __all__ = ["Settings", "redact_url"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _EXPORTERS = r"^\s*(otlp|console|none)\s*(,\s*(otlp|console|none)\s*)*$"
+_KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_API_KEY_IDENTITY = "apikey:"
 
 
 class Settings(BaseSettings):
     """Validated, frozen configuration. Environment names are the field names
     upper-cased (``REDIS_URL``, ``CACHE_TTL_SECONDS``...)."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a rejected value may be a secret (a raw API key
+    # pasted where its hash belongs, a URL with its password).
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     database_url: str | None = Field(default=None, repr=False)
     redis_url: str | None = Field(default=None, repr=False)
@@ -37,8 +46,12 @@ class Settings(BaseSettings):
     tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
     cache_early_refresh_seconds: float = Field(default=3.0, ge=0)
     """XFetch: hot entries are refreshed this close to expiry (0: never)."""
-    revocation_sweep_seconds: float = Field(default=5.0, ge=0)
-    """Every replica re-applies recent revocations to Redis this often (0: never)."""
+    revocation_sweep_seconds: float = Field(default=1.0, ge=0)
+    """Every replica checks Redis still holds its state and drains pending
+    revocations into it this often (0: never)."""
+    revocation_skew_seconds: float = Field(default=60.0, ge=0)
+    """Clock difference allowed between Redis's host and Postgres's when
+    revocations are replayed into a replaced Redis."""
     unknown_token_rate: float = Field(default=20.0, ge=0)
     """Per caller (peer address), unknown tokens per second that may reach Postgres (0: off)."""
     unknown_token_burst: int = Field(default=200, ge=1)
@@ -68,6 +81,13 @@ class Settings(BaseSettings):
     pg_breaker_volume_threshold: int = Field(default=20, ge=1)
     pg_breaker_reset_timeout_ms: int = Field(default=5_000, gt=0)
 
+    l1_cache_ttl_ms: int = Field(default=1000, ge=0, le=60_000)
+    """In-process cache in front of Redis: longest an entry is kept (0 disables)."""
+    l1_cache_size: int = Field(default=100_000, ge=1)
+    """In-process cache: most entries kept (least recently used go first)."""
+    l1_ack_timeout_ms: int = Field(default=250, gt=0)
+    """How long Invalidate waits for every process to drop its L1 copies."""
+
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
@@ -88,6 +108,23 @@ class Settings(BaseSettings):
     otel_traces_exporter: str | None = Field(default=None, pattern=_EXPORTERS)
     otel_exporter_otlp_endpoint: str | None = Field(default=None, repr=False)
     otel_exporter_otlp_traces_endpoint: str | None = Field(default=None, repr=False)
+
+    # Transport security and authorisation (README "Security"; serve's --tls-cert,
+    # --tls-key, --tls-client-ca and --allow-unauthenticated set the first four).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """Clients must present a certificate from this CA (mTLS); its SANs identify them."""
+    allow_unauthenticated: bool = False
+    """``serve`` starts with no authentication configured (every RPC open to everyone)."""
+    auth_api_keys: str = Field(default="", repr=False)
+    """``name:sha256hex`` entries, comma-separated: the service API keys, by hash."""
+    auth_allowed_identities: str = ""
+    """Who may call the mutating RPCs: SAN URIs or DNS names of client
+    certificates, and ``apikey:<name>``; comma-separated."""
+    auth_anonymous_reads: bool = False
+    """ValidateSession and Health answer callers without credentials too."""
+    grpc_reflection: bool = True
 
     @field_validator("log_level")
     @classmethod
@@ -114,6 +151,7 @@ class Settings(BaseSettings):
             negative_ttl=self.negative_cache_ttl_seconds,
             tombstone_ttl=self.tombstone_ttl_seconds,
             early_refresh=self.cache_early_refresh_seconds,
+            revocation_skew=self.revocation_skew_seconds,
             unknown_token_rate=self.unknown_token_rate,
             unknown_token_burst=self.unknown_token_burst,
             default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
@@ -167,9 +205,67 @@ class Settings(BaseSettings):
         shown = self.model_dump()
         shown["database_url"] = redact_url(self.database_url)
         shown["redis_url"] = redact_url(self.redis_url)
+        shown["auth_api_keys"] = sorted(self.api_key_hashes())  # names only
         for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
             shown[name] = redact_url(getattr(self, name))
         return shown
+
+    # Transport security and authorisation.
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TLS_CLIENT_CA_FILE (mTLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+        keys = self.api_key_hashes()  # validates AUTH_API_KEYS
+        for identity in self.allowed_identities():
+            if identity.startswith(_API_KEY_IDENTITY):
+                if identity.removeprefix(_API_KEY_IDENTITY) not in keys:
+                    raise ValueError(
+                        f"AUTH_ALLOWED_IDENTITIES: {identity} names no AUTH_API_KEYS key"
+                    )
+            elif self.tls_client_ca_file is None:
+                raise ValueError(
+                    f"AUTH_ALLOWED_IDENTITIES: {identity} is a certificate identity, "
+                    "which needs TLS_CLIENT_CA_FILE (mTLS)"
+                )
+        return self
+
+    @property
+    def authentication_configured(self) -> bool:
+        """Callers must authenticate: by client certificate (mTLS) or API key."""
+        return self.tls_client_ca_file is not None or bool(self.auth_api_keys.strip())
+
+    def api_key_hashes(self) -> dict[str, str]:
+        """AUTH_API_KEYS as name -> SHA-256 hex (lower case). Raises
+        ``ValueError`` naming the entry, never showing a hash or key."""
+        hashes: dict[str, str] = {}
+        for position, entry in enumerate(_split_list(self.auth_api_keys), start=1):
+            name, _, digest = entry.partition(":")
+            if not _KEY_NAME.fullmatch(name) or not _SHA256_HEX.fullmatch(digest):
+                raise ValueError(
+                    f"AUTH_API_KEYS entry {position} is not name:sha256hex (a name of letters, "
+                    "digits, '.', '_' or '-', and the key's SHA-256 in 64 hex digits)"
+                )
+            if name in hashes:
+                raise ValueError(f"AUTH_API_KEYS: the name {name} appears twice")
+            if digest.lower() in hashes.values():
+                raise ValueError(f"AUTH_API_KEYS: {name} has the same key as another entry")
+            hashes[name] = digest.lower()
+        return hashes
+
+    def allowed_identities(self) -> frozenset[str]:
+        return frozenset(_split_list(self.auth_allowed_identities))
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 #: Query parameters that carry secrets: libpq's/asyncpg's ``password`` and ``sslpassword``

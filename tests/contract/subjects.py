@@ -49,6 +49,9 @@ class CacheSubject(Protocol):
         """Store ``entry`` under ``under``'s key, recorded for another token hash
         (a corrupted or poisoned entry), bypassing the fill rules."""
 
+    async def flush(self) -> None:
+        """Empty the server (FLUSHDB), behind the implementation's back."""
+
 
 class StoreSubject(Protocol):
     store: SessionStore
@@ -76,6 +79,9 @@ class FakeCacheSubject:
     async def plant_foreign(self, under: TokenHash, entry: CacheEntry, ttl: float) -> None:
         self.fake.put(under, entry, ttl, recorded_as=TokenHash.of(new_token()))
 
+    async def flush(self) -> None:
+        self.fake.flush()
+
 
 class RedisCacheSubject:
     def __init__(self, url: str, raw: aioredis.Redis) -> None:
@@ -95,6 +101,9 @@ class RedisCacheSubject:
         assert await self.adapter.fill(other, entry, ttl)
         assert await self._raw.copy(cache_key(other), cache_key(under), replace=True)
         await self._raw.delete(cache_key(other))
+
+    async def flush(self) -> None:
+        await self._raw.flushdb()
 
     async def aclose(self) -> None:
         await self.adapter.aclose()

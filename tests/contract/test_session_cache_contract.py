@@ -23,7 +23,7 @@ from uuid import uuid4
 import pytest
 
 from session_authority.core.domain import Reason, Session, TokenHash, new_token
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheReplaced, CacheUnavailable
 from session_authority.core.ports import CachedVerdict, CacheEntry, SessionCache
 
 from .subjects import CacheSubject
@@ -385,6 +385,31 @@ async def test_an_unreachable_cache_raises_cache_unavailable(cache_subject: Cach
         await cache.tombstone([token_hash], TTL)
     with pytest.raises(CacheUnavailable):
         await cache.ping()
+    with pytest.raises(CacheUnavailable):
+        await cache.adopt()
+    with pytest.raises(CacheUnavailable):
+        await cache.verify()
     health = await cache.health()  # never raises
     assert health.connected is False
     assert health.error
+
+
+# --- trust: adopt and verify -------------------------------------------------------------------
+
+
+async def test_verify_refuses_a_cache_never_adopted(cache_subject: CacheSubject) -> None:
+    with pytest.raises(CacheReplaced):
+        await cache_subject.cache.verify()
+
+
+async def test_a_flushed_cache_is_refused_until_adopted_again(cache_subject: CacheSubject) -> None:
+    cache, token_hash = cache_subject.cache, _hash()
+    await cache.adopt()
+    await cache.verify()  # the marker is there
+    await cache.tombstone([token_hash], TTL)
+    await cache_subject.flush()  # tombstones lost, behind the adapter's back
+    with pytest.raises(CacheReplaced):
+        await cache.verify()
+    await cache.adopt()
+    await cache.verify()
+    assert await cache.get(token_hash) is None  # adopting restores nothing: replay does

@@ -2,13 +2,10 @@
 ``PostgresSessionStore`` against a real Postgres: one set of cases, so the fake cannot
 drift from the SQL it stands for.
 
-Two clocks, as in the SQL of adapters/postgres_store.py:
-
-* ``revoke`` and ``revoke_user`` judge expiry against the ``at`` they are given
-  (``expires_at > $2``), and write it as ``revoked_at``;
-* ``revoked_since`` judges expiry against the store's own clock (``now()``).
-
-So the tests pick ``at`` far from the store's "now" wherever the two would disagree.
+One clock decides revocations: the store's own (Postgres ``now()``). ``revoke`` and
+``revoke_user`` stamp ``revoked_at`` with it and judge by it whether the session was
+live (``revoked_now``); ``revoked_since`` measures its window by it. No replica's
+clock is passed in, so no replica's skew can change what is revoked.
 """
 
 from __future__ import annotations
@@ -57,12 +54,15 @@ async def _created(store: SessionStore, session: Session) -> Session:
     return session
 
 
-async def _revoke(
-    store: SessionStore, at: datetime, session: Session, by: Name
-) -> StoreRevocation | None:
+async def _revoke(store: SessionStore, session: Session, by: Name) -> StoreRevocation | None:
     if by == "hash":
-        return await store.revoke(at, token_hash=session.token_hash)
-    return await store.revoke(at, session_id=session.session_id)
+        return await store.revoke(token_hash=session.token_hash)
+    return await store.revoke(session_id=session.session_id)
+
+
+def _near(stamp: datetime | None, now: datetime) -> bool:
+    """Stamped by the store's clock at about ``now`` (Postgres's clock moves on)."""
+    return stamp is not None and abs(stamp - now) < timedelta(seconds=5)
 
 
 async def _revoked_at(store: SessionStore, session: Session) -> datetime | None:
@@ -140,13 +140,13 @@ async def test_session_ids_are_uuids(store_subject: StoreSubject) -> None:
     found = await store.find(shouted.token_hash)
     assert found is not None
     assert found.session_id == canonical  # stored as a uuid, read back in canonical form
-    revocation = await store.revoke(now, session_id=canonical.upper())
+    revocation = await store.revoke(session_id=canonical.upper())
     assert revocation == StoreRevocation(shouted.token_hash, revoked_now=True)
     # Anything else is refused by the driver, which the adapter reports as StoreUnavailable.
     with pytest.raises(StoreUnavailable):
         await store.create(Session("not-a-uuid", "u", TokenHash.of(new_token()), now, now + DAY))
     with pytest.raises(StoreUnavailable):
-        await store.revoke(now, session_id="not-a-uuid")
+        await store.revoke(session_id="not-a-uuid")
 
 
 async def test_a_session_must_expire_after_its_creation(store_subject: StoreSubject) -> None:
@@ -161,16 +161,16 @@ async def test_a_session_must_expire_after_its_creation(store_subject: StoreSubj
 
 
 @pytest.mark.parametrize("by", ["hash", "id"])
-async def test_revoke_ends_a_live_session_at_the_time_given(
+async def test_revoke_ends_a_live_session_by_the_store_clock(
     store_subject: StoreSubject, by: Name
 ) -> None:
     store, now = store_subject.store, store_subject.now()
     session = await _created(store, _session(now))
     bystander = await _created(store, _session(now, user_id=session.user_id))
-    at = now.replace(microsecond=654_321) - HOUR  # not the store's clock: the time given
-    assert await _revoke(store, at, session, by) == StoreRevocation(session.token_hash, True)
-    assert await _revoked_at(store, session) == at
+    assert await _revoke(store, session, by) == StoreRevocation(session.token_hash, True)
+    assert _near(await _revoked_at(store, session), now)
     assert await _revoked_at(store, bystander) is None
+    assert _hexes(await store.pending_purges(10)) == [session.token_hash.hex]
 
 
 @pytest.mark.parametrize("by", ["hash", "id"])
@@ -178,19 +178,23 @@ async def test_revoking_again_reports_it_was_already_revoked(
     store_subject: StoreSubject, by: Name
 ) -> None:
     store, now = store_subject.store, store_subject.now()
-    session = await _created(store, _session(now))
-    await _revoke(store, now - HOUR, session, by)
-    assert await _revoke(store, now, session, by) == StoreRevocation(session.token_hash, False)
+    session = await _created(store, _session(now, revoked_at=now - HOUR))
+    assert await _revoke(store, session, by) == StoreRevocation(session.token_hash, False)
     assert await _revoked_at(store, session) == now - HOUR  # the first revocation stands
+    assert await store.pending_purges(10) == []  # nothing new to purge
 
 
 @pytest.mark.parametrize("by", ["hash", "id"])
-async def test_a_revoked_session_is_still_reported_after_it_expired(
+async def test_an_expired_session_is_revoked_too_but_was_not_live(
     store_subject: StoreSubject, by: Name
 ) -> None:
+    """Revoke whatever is not revoked yet: a replica whose clock runs behind may
+    still judge it live, and cache it."""
     store, now = store_subject.store, store_subject.now()
-    session = await _created(store, _session(now, expires_in=-HOUR, revoked_at=now - 2 * HOUR))
-    assert await _revoke(store, now, session, by) == StoreRevocation(session.token_hash, False)
+    session = await _created(store, _session(now, expires_in=-HOUR))
+    assert await _revoke(store, session, by) == StoreRevocation(session.token_hash, False)
+    assert _near(await _revoked_at(store, session), now)
+    assert _hexes(await store.pending_purges(10)) == [session.token_hash.hex]
 
 
 @pytest.mark.parametrize("by", ["hash", "id"])
@@ -198,40 +202,23 @@ async def test_revoke_answers_none_for_an_unknown_session(
     store_subject: StoreSubject, by: Name
 ) -> None:
     ghost = _session(store_subject.now())
-    assert await _revoke(store_subject.store, store_subject.now(), ghost, by) is None
-
-
-@pytest.mark.parametrize("by", ["hash", "id"])
-async def test_revoke_judges_expiry_by_the_time_given(
-    store_subject: StoreSubject, by: Name
-) -> None:
-    store, now = store_subject.store, store_subject.now()
-    # Live by the store's clock, expired at the time given: nothing to purge.
-    session = await _created(store, _session(now, expires_in=DAY))
-    assert await _revoke(store, session.expires_at, session, by) is None
-    assert await _revoked_at(store, session) is None
-    # Expired by the store's clock, live at the time given: revoked.
-    assert await _revoke(store, session.expires_at - MICROSECOND, session, by) == (
-        StoreRevocation(session.token_hash, True)
-    )
-    past = await _created(store, _session(now, expires_in=-HOUR))
-    assert await _revoke(store, now - 2 * HOUR, past, by) == StoreRevocation(past.token_hash, True)
+    assert await _revoke(store_subject.store, ghost, by) is None
 
 
 async def test_revoke_needs_exactly_one_name(store_subject: StoreSubject) -> None:
     store, now = store_subject.store, store_subject.now()
     session = await _created(store, _session(now))
     with pytest.raises(ValueError, match="exactly one"):
-        await store.revoke(now)
+        await store.revoke()
     with pytest.raises(ValueError, match="exactly one"):
-        await store.revoke(now, token_hash=session.token_hash, session_id=session.session_id)
+        await store.revoke(token_hash=session.token_hash, session_id=session.session_id)
     assert await _revoked_at(store, session) is None
 
 
 # --- revoke_user ---------------------------------------------------------------------------
 
 
-async def test_revoke_user_revokes_only_the_live_sessions_of_that_user(
+async def test_revoke_user_revokes_every_unrevoked_session_of_that_user(
     store_subject: StoreSubject,
 ) -> None:
     store, now = store_subject.store, store_subject.now()
@@ -241,75 +228,72 @@ async def test_revoke_user_revokes_only_the_live_sessions_of_that_user(
     expired = await _created(store, _session(now, user_id=user, expires_in=-HOUR))
     other = await _created(store, _session(now))
 
-    revoked = await store.revoke_user(user, now)
+    revoked = await store.revoke_user(user)
 
-    assert _hexes(revoked) == _hexes([s.token_hash for s in live])
-    for session in live:
-        assert await _revoked_at(store, session) == now
+    assert sorted((r.token_hash.hex, r.revoked_now) for r in revoked) == sorted(
+        [(s.token_hash.hex, True) for s in live] + [(expired.token_hash.hex, False)]
+    )
+    for session in [*live, expired]:
+        assert _near(await _revoked_at(store, session), now)
     assert await _revoked_at(store, already) == now - DAY
-    assert await _revoked_at(store, expired) is None
     assert await _revoked_at(store, other) is None
-    assert await store.revoke_user(user, now + HOUR) == []
-    assert await store.revoke_user(f"user-{uuid4().hex[:8]}", now) == []
+    assert await store.revoke_user(user) == []
+    assert await store.revoke_user(f"user-{uuid4().hex[:8]}") == []
+    pending = _hexes([s.token_hash for s in [*live, expired]])
+    assert _hexes(await store.pending_purges(100)) == pending
 
 
-async def test_revoke_user_judges_expiry_by_the_time_given(store_subject: StoreSubject) -> None:
-    store, now = store_subject.store, store_subject.now()
-    user = f"user-{uuid4().hex[:8]}"
-    session = await _created(store, _session(now, user_id=user, expires_in=DAY))
-    assert await store.revoke_user(user, now + 2 * DAY) == []  # live now, expired then
-    past = await _created(store, _session(now, user_id=user, expires_in=-HOUR))
-    revoked = await store.revoke_user(user, now - 2 * HOUR)  # expired now, live then
-    assert _hexes(revoked) == _hexes([session.token_hash, past.token_hash])
-    assert await _revoked_at(store, past) == now - 2 * HOUR
+# --- revoked_since, pending purges --------------------------------------------------------
 
 
-# --- revoked_since -------------------------------------------------------------------------
-
-
-async def test_revoked_since_includes_revocations_at_or_after_since(
+async def test_revoked_since_measures_its_window_by_the_store_clock(
     store_subject: StoreSubject,
 ) -> None:
     store, now = store_subject.store, store_subject.now()
-    at = now.replace(microsecond=500_000) - HOUR
-    revoked = await _created(store, _session(now))
-    earlier = await _created(store, _session(now))
+    recent = await _created(store, _session(now))
+    lapsed = await _created(store, _session(now, expires_in=-HOUR))  # expired: still replayed
+    old = await _created(store, _session(now, revoked_at=now - HOUR))
     await _created(store, _session(now))  # never revoked
-    await store.revoke(at, token_hash=revoked.token_hash)
-    await store.revoke(at - HOUR, token_hash=earlier.token_hash)
-    assert _hexes(await store.revoked_since(at)) == [revoked.token_hash.hex]
-    assert await store.revoked_since(at + MICROSECOND) == []
-    both = _hexes([revoked.token_hash, earlier.token_hash])
-    assert _hexes(await store.revoked_since(at - HOUR)) == both
-
-
-async def test_revoked_since_judges_expiry_by_the_store_clock(
-    store_subject: StoreSubject,
-) -> None:
-    store, now = store_subject.store, store_subject.now()
-    live = await _created(store, _session(now, expires_in=DAY))
-    # Revoked while live, expired since by the store's clock: no longer worth re-applying,
-    # although it expired after both ``since`` and its revocation.
-    lapsed = await _created(store, _session(now, expires_in=-30 * timedelta(minutes=1)))
-    for session in (live, lapsed):
-        assert await store.revoke(now - HOUR, token_hash=session.token_hash) is not None
-    assert _hexes(await store.revoked_since(now - 3 * HOUR)) == [live.token_hash.hex]
+    for session in (recent, lapsed):
+        await store.revoke(token_hash=session.token_hash)
+    both = _hexes([recent.token_hash, lapsed.token_hash])
+    assert _hexes(await store.revoked_since(60)) == both
+    assert _hexes(await store.revoked_since(2 * 3600)) == sorted([*both, old.token_hash.hex])
 
 
 async def test_revoked_since_reads_the_store_clock_on_every_call(
     store_subject: StoreSubject,
 ) -> None:
     store, now = store_subject.store, store_subject.now()
-    lifetime = timedelta(seconds=0.5)  # long enough for the first call on a busy machine
-    session = await _created(store, _session(now, expires_in=lifetime))
-    await store.revoke(now - timedelta(seconds=1), token_hash=session.token_hash)
-    assert _hexes(await store.revoked_since(now - HOUR)) == [session.token_hash.hex]
-    await store_subject.wait(lifetime.total_seconds())
+    session = await _created(store, _session(now))
+    await store.revoke(token_hash=session.token_hash)
+    assert _hexes(await store.revoked_since(0.5)) == [session.token_hash.hex]
+    await store_subject.wait(0.5)
     for _ in range(40):  # bounded poll: Postgres's now() is its own reading of the clock
-        if await store.revoked_since(now - HOUR) == []:
+        if await store.revoked_since(0.5) == []:
             break
         await store_subject.wait(0.025)
-    assert await store.revoked_since(now - HOUR) == []
+    assert await store.revoked_since(0.5) == []
+
+
+async def test_pending_purges_come_oldest_first_until_confirmed(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    sessions = [await _created(store, _session(now)) for _ in range(3)]
+    for session in sessions:
+        await store.revoke(token_hash=session.token_hash)
+        await store_subject.wait(0.01)  # distinct revoked_at stamps
+    order = [s.token_hash.hex for s in sessions]
+    assert [h.hex for h in await store.pending_purges(10)] == order
+    assert [h.hex for h in await store.pending_purges(2)] == order[:2]
+    await store.confirm_purged([sessions[0].token_hash, TokenHash.of(new_token())])
+    assert [h.hex for h in await store.pending_purges(10)] == order[1:]
+    await store.confirm_purged([s.token_hash for s in sessions])
+    assert await store.pending_purges(10) == []
+    await store.confirm_purged([])  # nothing to confirm is fine
+    # Confirmed is not forgotten: the revocation is still replayed by its time.
+    assert len(await store.revoked_since(60)) == 3
 
 
 # --- reachability ------------------------------------------------------------------------------
@@ -330,13 +314,17 @@ async def test_an_unreachable_store_raises_store_unavailable(store_subject: Stor
     with pytest.raises(StoreUnavailable):
         await store.find(session.token_hash)
     with pytest.raises(StoreUnavailable):
-        await store.revoke(now, token_hash=session.token_hash)
+        await store.revoke(token_hash=session.token_hash)
     with pytest.raises(StoreUnavailable):
-        await store.revoke(now, session_id=session.session_id)
+        await store.revoke(session_id=session.session_id)
     with pytest.raises(StoreUnavailable):
-        await store.revoke_user(session.user_id, now)
+        await store.revoke_user(session.user_id)
     with pytest.raises(StoreUnavailable):
-        await store.revoked_since(now)
+        await store.revoked_since(60)
+    with pytest.raises(StoreUnavailable):
+        await store.pending_purges(10)
+    with pytest.raises(StoreUnavailable):
+        await store.confirm_purged([session.token_hash])
     health = await store.health()  # never raises
     assert health.connected is False
     assert health.error

@@ -140,7 +140,9 @@ def e2e_server(
         log_path = workdir / "server.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
-                [*argv, "serve", "--port", str(port)],
+                # Plaintext and open on loopback: the tier drives every RPC with
+                # stock clients (test_security.py checks the refusal and the warning).
+                [*argv, "serve", "--port", str(port), "--allow-unauthenticated"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -98,7 +98,7 @@ def test_readme_walk_through(grpcurl: Grpcurl) -> None:
     assert second["session"] == first["session"]
 
     revoked = grpcurl.call("Invalidate", {"token": token}, "-emit-defaults")
-    assert revoked == {"revoked": True, "cache_purged": True}
+    assert revoked == {"revoked": True, "cache_purged": True, "propagated": True}
 
     after = validate()
     assert after["valid"] is False
@@ -120,13 +120,13 @@ def test_invalidate_by_session_id_and_user(grpcurl: Grpcurl) -> None:
     by_id = grpcurl.call(
         "Invalidate", {"session_id": sessions[0]["session"]["session_id"]}, "-emit-defaults"
     )
-    assert by_id == {"revoked": True, "cache_purged": True}
+    assert by_id == {"revoked": True, "cache_purged": True, "propagated": True}
     gone = grpcurl.call("ValidateSession", {"token": sessions[0]["token"]}, "-emit-defaults")
     assert gone["valid"] is False
     assert gone["reason"] == "REASON_REVOKED"
 
     by_user = grpcurl.call("InvalidateUser", {"user_id": user}, "-emit-defaults")
-    assert by_user == {"revoked_count": 2, "cache_purged": True}
+    assert by_user == {"revoked_count": 2, "cache_purged": True, "propagated": True}
     for created in sessions:
         answer = grpcurl.call("ValidateSession", {"token": created["token"]}, "-emit-defaults")
         assert answer["valid"] is False

@@ -137,7 +137,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
         log_path = workdir / "server.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
-                [*argv, "serve", "--migrate", "--port", str(port)],
+                [*argv, "serve", "--migrate", "--port", str(port), "--allow-unauthenticated"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 from session_authority.config import Settings
 from session_authority.embedded import find_free_port
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment for a server subprocess: no proxies (loopback only), no
+    stray PG* variables, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.lower().endswith("_proxy") and not k.startswith("PG")
+    }
+    return env | extra
+
 
 #: Tests talk to loopback only; never through a proxy from the environment.
 NO_PROXY = [("grpc.enable_http_proxy", 0)]

@@ -132,6 +132,9 @@ async def running(database_url: str, redis_url: str) -> AsyncIterator[Server]:
         host="127.0.0.1",
         port=find_free_port(),
         admin_port=find_free_port(),
+        # These tests read Redis's own spans and counters; the in-process cache
+        # in front of it has its own tests (test_local_cache.py).
+        l1_cache_ttl_ms=0,
     )
     app = await App.start(settings)
     channel = grpc.aio.insecure_channel(

@@ -1,7 +1,8 @@
 """The service under the runbook's least-privilege Redis ACL user, exactly as written there.
 
-The rule is read from deploy/runbook.md (Security Considerations, "Access control") and
-given to a private Redis at start-up, so that it survives the restart in the outage. The
+The rule (its own keys, its own revocation channels, the commands it sends) is read from
+deploy/runbook.md (Security Considerations, "Access control") and given to a private Redis
+at start-up, so that it survives the restart in the outage. The
 service then runs a full session lifecycle and Health, then a Redis outage in which a
 revocation is made and replayed from Postgres by the breaker's probe, with Redis's
 scripts gone after the restart (``SCRIPT LOAD`` again). Throughout, the cache reports no
@@ -71,10 +72,8 @@ def test_the_rule_grants_no_more_than_its_commands() -> None:
     grants = [r for r in rules if r.startswith("+")]
     assert all("@" not in r for r in grants), f"categories grant more than it uses: {grants}"
     assert not [r for r in rules if r in ("allkeys", "allchannels", "allcommands", "nocommands")]
-    assert {r for r in rules if r.startswith("~")} == {
-        "~session:*",
-        "~session-authority:health-probe",
-    }
+    assert {r for r in rules if r.startswith("~")} == {"~session:*", "~session-authority:*"}
+    assert {r for r in rules if r.startswith("&")} == {"&session-authority:revocations*"}
 
 
 async def _denials(admin: aioredis.Redis, user: str) -> list[str]:

@@ -14,10 +14,12 @@ from uuid import uuid4
 import pytest
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.bootstrap import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash
+from session_authority.core.local import LocalCache
 from session_authority.core.policy import CorePolicy
 from session_authority.core.service import SessionAuthority
 from session_authority.embedded import EmbeddedRedis
@@ -58,10 +60,10 @@ class JitteryStore(PostgresSessionStore):
 
 
 #: The adapters of each replica made by ``_replica``, in order, for closing.
-_ADAPTERS: list[tuple[PostgresSessionStore, RedisSessionCache]] = []
+_ADAPTERS: list[tuple[PostgresSessionStore, RedisSessionCache, RedisRevocationBus | None]] = []
 
 
-async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAuthority:
+async def _replica(pg_dsn: str, redis_url: str, revoked: set[str], l1: bool) -> SessionAuthority:
     store = JitteryStore(pg_dsn, min_size=2, max_size=10, command_timeout=5, acquire_timeout=5)
     store.revoked = revoked
     cache = RedisSessionCache.from_url(
@@ -69,26 +71,40 @@ async def _replica(pg_dsn: str, redis_url: str, revoked: set[str]) -> SessionAut
     )
     # A short cache TTL keeps misses (and so fill races) frequent; early
     # refresh stays well inside it.
-    _ADAPTERS.append((store, cache))
+    local: LocalCache | None = None
+    bus: RedisRevocationBus | None = None
+    if l1:  # each replica is a process with its own L1 and its own subscription
+        local = LocalCache(10_000, 1.0)
+        bus = RedisRevocationBus.from_url(
+            redis_url, timeout=1, on_revoked=local.drop, ack_timeout=0.5
+        )
+        bus.start()
+        await asyncio.wait_for(bus.subscribed_once.wait(), 5)
+    _ADAPTERS.append((store, cache, bus))
     return assemble_core(
         store,
         cache,
         breaker=Breaker(BreakerPolicy()),
         policy=CorePolicy(cache_ttl=0.05, tombstone_ttl=30, early_refresh=0.005),
+        local=local,
+        feed=bus,
     )
 
 
+@pytest.mark.parametrize(
+    ("processes", "l1"), [(2, False), (4, True)], ids=["2-replicas", "2-replicas-x-2-workers-l1"]
+)
 async def test_no_validation_after_a_revocation_answers_valid(
-    pg_dsn: str, redis_server: EmbeddedRedis
+    pg_dsn: str, redis_server: EmbeddedRedis, processes: int, l1: bool
 ) -> None:
     revoked: set[str] = set()
     JitteryStore.stale_reads = 0
-    replicas = [await _replica(pg_dsn, redis_server.url, revoked) for _ in range(2)]
+    replicas = [await _replica(pg_dsn, redis_server.url, revoked, l1) for _ in range(processes)]
     users = [f"user-{uuid4().hex[:8]}" for _ in range(40)]
     tokens: list[tuple[str, str]] = []
     for i in range(SESSIONS):
         user = users[i % len(users)]
-        token, _ = await replicas[i % 2].create(user, None, {})
+        token, _ = await replicas[i % processes].create(user, None, {})
         tokens.append((token, user))
     by_user = {u: [t for t, owner in tokens if owner == u] for u in users}
     ledger = Ledger()
@@ -96,7 +112,7 @@ async def test_no_validation_after_a_revocation_answers_valid(
     rng = random.Random(1234)
 
     async def validator(n: int) -> None:
-        core = replicas[n % 2]
+        core = replicas[n % processes]
         while time.monotonic() < stop_at:
             token, _ = rng.choice(tokens)
             started = time.monotonic()
@@ -111,7 +127,7 @@ async def test_no_validation_after_a_revocation_answers_valid(
                 ledger.overlapping += 1
 
     async def revoker(n: int) -> None:
-        core = replicas[n % 2]
+        core = replicas[n % processes]
         await asyncio.sleep(DURATION * rng.uniform(0.1, 0.3))
         while time.monotonic() < stop_at - 0.5:
             if rng.random() < 0.2:
@@ -138,8 +154,10 @@ async def test_no_validation_after_a_revocation_answers_valid(
     await asyncio.gather(
         *(validator(n) for n in range(VALIDATORS)), *(revoker(n) for n in range(REVOKERS))
     )
-    for core, (store, cache) in zip(replicas, _ADAPTERS, strict=True):
+    for core, (store, cache, bus) in zip(replicas, _ADAPTERS, strict=True):
         await core.aclose()  # background refreshes first, then the pools
+        if bus is not None:
+            await bus.aclose()
         await cache.aclose()
         await store.aclose()
     _ADAPTERS.clear()

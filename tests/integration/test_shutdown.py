@@ -5,7 +5,6 @@ began are refused with UNAVAILABLE, never CANCELLED or UNKNOWN."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -24,16 +23,9 @@ from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.third_party import aio_health_stub
 
+from .support import server_env
+
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.lower().endswith("_proxy") and not k.startswith("PG")
-    }
-    return env | extra
 
 
 async def test_sigterm_mid_load_drains_in_flight_calls(
@@ -45,8 +37,11 @@ async def test_sigterm_mid_load_drains_in_flight_calls(
     port = find_free_port()
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once, before any load)
-        [str(Path(sys.executable).parent / "session-authority"), "serve", "--port", str(port)],
-        env=_env(
+        [
+            str(Path(sys.executable).parent / "session-authority"),
+            *("serve", "--port", str(port), "--allow-unauthenticated"),  # plaintext, loopback
+        ],
+        env=server_env(
             DATABASE_URL=postgres_server.url,
             REDIS_URL=redis_server.url,
             HOST="127.0.0.1",

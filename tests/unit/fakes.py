@@ -14,13 +14,14 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from session_authority.core.domain import Reason, Session, TokenHash
-from session_authority.core.errors import CacheUnavailable, StoreUnavailable
+from session_authority.core.errors import CacheReplaced, CacheUnavailable, StoreUnavailable
 from session_authority.core.health import CacheHealth, StoreHealth
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.ports import (
     Cached,
     CachedVerdict,
@@ -30,7 +31,14 @@ from session_authority.core.ports import (
     StoreRevocation,
 )
 
-__all__ = ["FakeClock", "InMemorySessionCache", "InMemorySessionStore", "until"]
+__all__ = [
+    "FakeClock",
+    "InMemoryRevocationFeed",
+    "InMemoryRevocationHub",
+    "InMemorySessionCache",
+    "InMemorySessionStore",
+    "until",
+]
 
 
 def _utcnow() -> datetime:
@@ -85,10 +93,11 @@ class InMemorySessionStore:
     unique, a session must expire after its creation, and what goes in or comes out
     is a copy.
 
-    Time, as the SQL reads it: ``revoke`` and ``revoke_user`` judge expiry against
-    the ``at`` they are given and write it as ``revoked_at``; ``revoked_since``
-    judges expiry against the injected ``clock`` (Postgres's ``now()``); ``create``
-    and ``find`` read no clock.
+    Time, as the SQL reads it: ``revoke`` and ``revoke_user`` stamp ``revoked_at``
+    and judge liveness (``revoked_now``) by the injected ``clock`` (Postgres's
+    ``now()``), and so does ``revoked_since``'s window; ``create`` and ``find``
+    read no clock. Revocations stay pending (``pending_purges``) until
+    ``confirm_purged``, ordered by ``revoked_at``.
 
     * ``unavailable = True`` makes every call but ``health`` raise
       ``StoreUnavailable`` (``health`` reports ``connected=False``).
@@ -103,6 +112,7 @@ class InMemorySessionStore:
         self._now = clock
         self._by_hash: dict[str, Session] = {}
         self._hash_by_id: dict[str, str] = {}
+        self._pending: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.gate: asyncio.Event | None = None
@@ -161,7 +171,7 @@ class InMemorySessionStore:
         return session
 
     async def revoke(
-        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
         if (token_hash is None) == (session_id is None):
             raise ValueError("name exactly one of token_hash or session_id")
@@ -175,29 +185,46 @@ class InMemorySessionStore:
             return None
         if session.revoked_at is not None:
             return StoreRevocation(session.token_hash, revoked_now=False)
-        if session.expires_at <= at:
-            return None  # expired un-revoked: nothing to purge
-        self.put(replace(session, revoked_at=at))
-        return StoreRevocation(session.token_hash, revoked_now=True)
+        return self._revoke(session)
 
-    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
-        self._enter("revoke_user")
-        revoked = []
-        for session in list(self._by_hash.values()):
-            live = session.revoked_at is None and session.expires_at > at
-            if session.user_id == user_id and live:
-                self.put(replace(session, revoked_at=at))
-                revoked.append(session.token_hash)
-        return revoked
-
-    async def revoked_since(self, since: datetime) -> list[TokenHash]:
-        self._enter("revoked_since")
+    def _revoke(self, session: Session) -> StoreRevocation:
         now = self._now()
+        self.put(replace(session, revoked_at=now))
+        self._pending.add(session.token_hash.hex)
+        return StoreRevocation(session.token_hash, revoked_now=session.expires_at > now)
+
+    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
+        self._enter("revoke_user")
+        return [
+            self._revoke(session)
+            for session in list(self._by_hash.values())
+            if session.user_id == user_id and session.revoked_at is None
+        ]
+
+    async def revoked_since(self, seconds: float) -> list[TokenHash]:
+        self._enter("revoked_since")
+        since = self._now() - timedelta(seconds=seconds)
         return [
             s.token_hash
             for s in self._by_hash.values()
-            if s.revoked_at is not None and s.revoked_at >= since and s.expires_at > now
+            if s.revoked_at is not None and s.revoked_at >= since
         ]
+
+    async def pending_purges(self, limit: int) -> list[TokenHash]:
+        self._enter("pending_purges")
+        pending = sorted(
+            (self._by_hash[h] for h in self._pending),
+            key=lambda s: s.revoked_at or datetime.min.replace(tzinfo=UTC),
+        )
+        return [s.token_hash for s in pending[:limit]]
+
+    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
+        self._enter("confirm_purged")
+        self._pending.difference_update(h.hex for h in token_hashes)
+
+    def pending(self) -> set[TokenHash]:
+        """Test helper: every revocation not confirmed yet."""
+        return {TokenHash(h) for h in self._pending}
 
     async def health(self) -> StoreHealth:
         self.calls["health"] += 1
@@ -252,9 +279,17 @@ class InMemorySessionCache:
     * ``health`` never raises: it reports ``connected=False`` in both cases
       (the real adapter's socket timeout bounds it).
     * ``calls`` counts calls per method name, failed and hung ones included.
+    * ``get_gate``: when set, ``get`` reads its answer, then waits for the event
+      before returning it (a reply delayed on the way back).
     * ``fill_gate``: when set, ``fill`` applies its write, then waits for the
       event before answering (a reply delayed on the way back), so a test can
       hold a fill that Redis has already executed. ``parked_fills`` counts them.
+    * Server identity, as the adapter sees Redis's ``run_id``: ``snapshot()``
+      copies the entries (an RDB), ``restart(snapshot)`` is a new server
+      process holding that snapshot (or nothing), ``flush()`` empties it. Once
+      ``adopt`` has trusted a server, every call on another one raises
+      ``CacheReplaced`` (after a restart every connection is new), and
+      ``verify`` also notices the marker ``adopt`` left gone (a flush).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -264,8 +299,13 @@ class InMemorySessionCache:
         self.unavailable = False
         self.hanging = False
         self.fill_gate: asyncio.Event | None = None
+        self.get_gate: asyncio.Event | None = None
+        self.parked_gets = 0
         self.parked_fills = 0
         self._parked_changed = asyncio.Event()
+        self._server = 1  # the run_id of the server process
+        self._trusted: int | None = None
+        self._marker: int | None = None
 
     async def _enter(self, method: str) -> None:
         self.calls[method] += 1
@@ -273,6 +313,8 @@ class InMemorySessionCache:
             await asyncio.Event().wait()  # nobody ever sets it
         if self.unavailable:
             raise CacheUnavailable(f"in-memory cache switched off ({method})")
+        if self._trusted is not None and self._server != self._trusted:
+            raise CacheReplaced(f"server {self._server} is not the trusted {self._trusted}")
 
     def _live(self, key: str) -> _Slot | None:
         slot = self._entries.get(key)
@@ -306,6 +348,22 @@ class InMemorySessionCache:
         return Cached(slot.stored, slot.expires_at - self._clock())
 
     # --- test helpers (not part of the port, not counted) -------------------
+
+    def snapshot(self) -> tuple[dict[str, _Slot], int | None]:
+        """The keys as an RDB would hold them: entries (expiry times included)
+        and the marker."""
+        return dict(self._entries), self._marker
+
+    def restart(self, snapshot: tuple[dict[str, _Slot], int | None] | None = None) -> None:
+        """A new server process, loaded from ``snapshot`` if given."""
+        self._server += 1
+        entries, marker = snapshot or ({}, None)
+        self._entries, self._marker = dict(entries), marker
+
+    def flush(self) -> None:
+        """FLUSHALL: same server, nothing in it."""
+        self._entries.clear()
+        self._marker = None
 
     def peek(self, token_hash: TokenHash) -> CacheEntry | None:
         """What ``get`` would answer, without counting a call."""
@@ -342,7 +400,20 @@ class InMemorySessionCache:
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
         await self._enter("get")
-        return self._answer(token_hash, report=True)
+        answer = self._answer(token_hash, report=True)
+        if self.get_gate is not None:
+            self.parked_gets += 1
+            self._parked_changed.set()
+            try:
+                await self.get_gate.wait()
+            finally:
+                self.parked_gets -= 1
+        return answer
+
+    async def wait_parked_gets(self, count: int) -> None:
+        while self.parked_gets < count:
+            self._parked_changed.clear()
+            await self._parked_changed.wait()
 
     def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
         """The Lua fill script: it reads the state only, never the recorded hash."""
@@ -371,6 +442,18 @@ class InMemorySessionCache:
     async def ping(self) -> None:
         await self._enter("ping")
 
+    async def adopt(self) -> None:
+        self._trusted = None
+        await self._enter("adopt")
+        self._trusted = self._marker = self._server
+
+    async def verify(self) -> None:
+        await self._enter("verify")
+        if self._trusted is None:
+            raise CacheReplaced("no server adopted yet")
+        if self._marker != self._trusted:
+            raise CacheReplaced("the marker is gone: flushed or replaced")
+
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         await self._enter("mark_created")
         self._conditional_write(token_hash.hex, _CREATED, ttl)
@@ -387,7 +470,64 @@ class InMemorySessionCache:
         return CacheHealth(connected=True, version="in-memory", total_keys=len(self._entries))
 
 
+class InMemoryRevocationHub:
+    """Pub/sub between in-memory processes: ``feed()`` makes one process's
+    ``RevocationFeed``. Publishing drops the hashes from every live feed's
+    local cache and is acknowledged by all of them at once."""
+
+    def __init__(self) -> None:
+        self.feeds: list[InMemoryRevocationFeed] = []
+        self.published: list[list[TokenHash] | None] = []
+
+    def feed(self, local: LocalCache | None) -> InMemoryRevocationFeed:
+        feed = InMemoryRevocationFeed(self, local)
+        self.feeds.append(feed)
+        return feed
+
+
+class InMemoryRevocationFeed:
+    """* ``subscribed = False``: cut off (not live, hears nothing; forgets its
+    L1 the moment it is cut, as the Redis bus does).
+    * ``deaf = True``: counted as a subscriber but never acknowledges (a process
+    frozen while connected)."""
+
+    def __init__(self, hub: InMemoryRevocationHub, local: LocalCache | None) -> None:
+        self._hub = hub
+        self._local = local
+        self._subscribed = True
+        self.deaf = False
+
+    @property
+    def live(self) -> bool:
+        return self._subscribed
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed
+
+    @subscribed.setter
+    def subscribed(self, value: bool) -> None:
+        if self._local is not None and value != self._subscribed:
+            self._local.drop(None)
+        self._subscribed = value
+
+    async def publish(self, token_hashes: Iterable[TokenHash] | None) -> bool:
+        hashes = None if token_hashes is None else list(token_hashes)
+        self._hub.published.append(hashes)
+        acknowledged = True
+        for feed in self._hub.feeds:
+            if not feed._subscribed:
+                continue
+            if feed.deaf:
+                acknowledged = False
+                continue
+            if feed._local is not None:
+                feed._local.drop(hashes)
+        return acknowledged
+
+
 # Structural checks, run by `make typecheck` (mypy --strict covers tests/): a fake whose
 # method is renamed, dropped or re-signed no longer satisfies its port, and fails here.
 _store_check: SessionStore = InMemorySessionStore()
 _cache_check: SessionCache = InMemorySessionCache()
+_feed_check: RevocationFeed = InMemoryRevocationHub().feed(None)

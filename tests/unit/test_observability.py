@@ -12,6 +12,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from session_authority.core.health import (
     CacheHealth,
     CacheStats,
     HealthReport,
+    LocalCacheReport,
     PoolStats,
     StoreHealth,
 )
@@ -362,10 +364,12 @@ async def test_instrumented_store_times_every_call_and_changes_nothing() -> None
     await store.create(session)
     assert await store.find(token_hash) == session
     assert await store.find(TokenHash.of(new_token())) is None
-    revoked = await store.revoke(now, session_id=sid)
+    revoked = await store.revoke(session_id=sid)
     assert revoked is not None and revoked.revoked_now
-    assert await store.revoke_user("u", now) == []
-    assert await store.revoked_since(now) == [token_hash]
+    assert await store.revoke_user("u") == []
+    assert await store.revoked_since(60) == [token_hash]
+    assert await store.pending_purges(10) == [token_hash]
+    await store.confirm_purged([token_hash])
     with pytest.raises(StoreUnavailable):
         await store.create(session)  # duplicate: the fake raises like the adapter
     inner.unavailable = True
@@ -373,7 +377,15 @@ async def test_instrumented_store_times_every_call_and_changes_nothing() -> None
         await store.find(token_hash)
     assert (await store.health()).connected is False
     lines = _lines(registry)
-    ok = {"create": 1, "find": 2, "revoke": 1, "revoke_user": 1, "revoked_since": 1}
+    ok = {
+        "create": 1,
+        "find": 2,
+        "revoke": 1,
+        "revoke_user": 1,
+        "revoked_since": 1,
+        "pending_purges": 1,
+        "confirm_purged": 1,
+    }
     for operation, count in ok.items():
         sample = f'postgres_query_duration_seconds_count{{operation="{operation}",outcome="ok"}}'
         assert f"{sample} {count}.0" in lines
@@ -387,6 +399,8 @@ async def test_instrumented_store_times_every_call_and_changes_nothing() -> None
         "revoke": 1,
         "revoke_user": 1,
         "revoked_since": 1,
+        "pending_purges": 1,
+        "confirm_purged": 1,
         "health": 1,
     }  # every call reached the real port
 
@@ -500,8 +514,12 @@ HEALTH_REPORTS = {
         breaker=_breaker_report("half_open", 7),
         errors=("postgres: timeout",),
         store_breaker=_breaker_report("open", 1),
+        local_cache=LocalCacheReport(enabled=True, live=True, entries=42, ttl_ms=1000),
     ),
     "zeros and falses": _ZERO,
+    "local cache off": replace(
+        _ZERO, local_cache=LocalCacheReport(enabled=False, live=False, entries=0, ttl_ms=0)
+    ),
     "nan and infinities": HealthReport(
         status="healthy",
         cache_enabled=True,

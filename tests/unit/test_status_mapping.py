@@ -9,6 +9,7 @@ import pytest
 
 from session_authority.core import errors
 from session_authority.core.errors import (
+    CacheReplaced,
     CacheUnavailable,
     CircuitOpen,
     InvalidArgument,
@@ -37,7 +38,7 @@ def instance(cls: type[SessionAuthorityError]) -> SessionAuthorityError:
 def test_the_walk_finds_the_whole_error_tree() -> None:
     found = set(core_errors())
     assert {SessionAuthorityError, InvalidArgument, Unavailable, StoreUnavailable} <= found
-    assert {CacheUnavailable, CircuitOpen} <= found
+    assert {CacheUnavailable, CircuitOpen, CacheReplaced} <= found
     assert {cls.__name__ for cls in found} == set(errors.__all__)
 
 
@@ -56,6 +57,7 @@ def test_every_core_error_has_its_own_entry_in_the_table(cls: type[SessionAuthor
         (Unavailable, grpc.StatusCode.UNAVAILABLE),
         (CacheUnavailable, grpc.StatusCode.UNAVAILABLE),
         (CircuitOpen, grpc.StatusCode.UNAVAILABLE),
+        (CacheReplaced, grpc.StatusCode.UNAVAILABLE),
         (SessionAuthorityError, grpc.StatusCode.INTERNAL),
     ],
     ids=lambda v: getattr(v, "__name__", None) or getattr(v, "name", str(v)),

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -23,34 +22,25 @@ __all__ = ["STORE_ERRORS", "PostgresSessionStore"]
 #: one place (``_connection``). CancelledError is not among them.
 STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
-# Revoke one session if live. Returns its hash when it is (now or already)
-# revoked, so the cache can be purged; no row for unknown or expired sessions.
-_REVOKE_BY_HASH = """
+# Revocations are stamped by Postgres's clock (now()), never a replica's, and
+# revoke whatever is not yet revoked, expired or not: a replica whose clock runs
+# fast must not leave a session unrevoked that another replica still caches.
+# `revoked_now` is true when this call ended a session that was live (by the same
+# clock). Each revocation is left `purge_pending` until a tombstone is confirmed.
+_REVOKE_ONE = """
 WITH target AS (
-    SELECT session_id, token_hash, revoked_at FROM sessions WHERE token_hash = $1
+    SELECT session_id, token_hash, revoked_at FROM sessions WHERE {column} = $1
 ), upd AS (
-    UPDATE sessions s SET revoked_at = $2
+    UPDATE sessions s SET revoked_at = now(), purge_pending = true
     FROM target t
-    WHERE s.session_id = t.session_id AND s.revoked_at IS NULL AND s.expires_at > $2
-    RETURNING s.session_id
+    WHERE s.session_id = t.session_id AND s.revoked_at IS NULL
+    RETURNING s.session_id, s.expires_at > now() AS live
 )
-SELECT t.token_hash, EXISTS (SELECT 1 FROM upd) AS revoked_now
+SELECT t.token_hash, COALESCE((SELECT live FROM upd), false) AS revoked_now
 FROM target t
-WHERE t.revoked_at IS NOT NULL OR EXISTS (SELECT 1 FROM upd)
 """
-_REVOKE_BY_ID = """
-WITH target AS (
-    SELECT session_id, token_hash, revoked_at FROM sessions WHERE session_id = $1::uuid
-), upd AS (
-    UPDATE sessions s SET revoked_at = $2
-    FROM target t
-    WHERE s.session_id = t.session_id AND s.revoked_at IS NULL AND s.expires_at > $2
-    RETURNING s.session_id
-)
-SELECT t.token_hash, EXISTS (SELECT 1 FROM upd) AS revoked_now
-FROM target t
-WHERE t.revoked_at IS NOT NULL OR EXISTS (SELECT 1 FROM upd)
-"""
+_REVOKE_BY_HASH = _REVOKE_ONE.format(column="token_hash")
+_REVOKE_BY_ID = _REVOKE_ONE.format(column="session_id")
 
 
 class PostgresSessionStore:
@@ -156,7 +146,7 @@ class PostgresSessionStore:
         return None if row is None else _session(row)
 
     async def revoke(
-        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
         if (token_hash is None) == (session_id is None):
             raise ValueError("name exactly one of token_hash or session_id")
@@ -166,30 +156,46 @@ class PostgresSessionStore:
         else:
             query, key = _REVOKE_BY_ID, session_id
         async with self._connection() as conn:
-            row = await conn.fetchrow(query, key, at)
+            row = await conn.fetchrow(query, key)
         if row is None:
             return None
-        return StoreRevocation(TokenHash(bytes(row["token_hash"]).hex()), row["revoked_now"])
+        return StoreRevocation(_hash(row), row["revoked_now"])
 
-    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
+    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """UPDATE sessions SET revoked_at = $2
-                   WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2
-                   RETURNING token_hash""",
+                """UPDATE sessions SET revoked_at = now(), purge_pending = true
+                   WHERE user_id = $1 AND revoked_at IS NULL
+                   RETURNING token_hash, expires_at > now() AS revoked_now""",
                 user_id,
-                at,
             )
-        return [TokenHash(bytes(r["token_hash"]).hex()) for r in rows]
+        return [StoreRevocation(_hash(r), r["revoked_now"]) for r in rows]
 
-    async def revoked_since(self, since: datetime) -> list[TokenHash]:
+    async def revoked_since(self, seconds: float) -> list[TokenHash]:
         async with self._connection() as conn:
             rows = await conn.fetch(
                 """SELECT token_hash FROM sessions
-                   WHERE revoked_at >= $1 AND expires_at > now()""",
-                since,
+                   WHERE revoked_at >= now() - make_interval(secs => $1)""",
+                seconds,
             )
-        return [TokenHash(bytes(r["token_hash"]).hex()) for r in rows]
+        return [_hash(r) for r in rows]
+
+    async def pending_purges(self, limit: int) -> list[TokenHash]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT token_hash FROM sessions WHERE purge_pending
+                   ORDER BY revoked_at LIMIT $1""",
+                limit,
+            )
+        return [_hash(r) for r in rows]
+
+    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                """UPDATE sessions SET purge_pending = false
+                   WHERE token_hash = ANY($1::bytea[]) AND purge_pending""",
+                [bytes.fromhex(h.hex) for h in token_hashes],
+            )
 
     async def health(self) -> StoreHealth:
         stats = self.pool_stats()
@@ -243,6 +249,10 @@ def _retrieve(task: asyncio.Future[None]) -> None:
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _hash(row: Any) -> TokenHash:
+    return TokenHash(bytes(row["token_hash"]).hex())
 
 
 def _session(row: Any) -> Session:

@@ -5,32 +5,43 @@ Key: ``session:<sha256-hex of the token>`` (never the token). Fields:
 every read), and for live entries ``session_id``, ``user_id``, ``created_at``,
 ``expires_at`` (epoch microseconds) and ``metadata`` (JSON). Every script touches one
 key only, so the layout is Redis Cluster safe.
+
+``session-authority:epoch`` holds the ``run_id`` of the server this process
+adopted (``adopt``); ``verify`` finds it gone after a FLUSHALL or a restore.
+Errors: every driver error becomes ``CacheUnavailable`` (``CacheReplaced`` for
+another server) in one place, ``_ErrorMap``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from session_authority.core.domain import Reason, Session, TokenHash
-from session_authority.core.errors import CacheUnavailable
+from session_authority.adapters.redis_codec import decode_entry, encode_entry
+from session_authority.adapters.redis_pool import (
+    CountingPool,
+    ServerIdentity,
+    ServerReplaced,
+    run_id_of,
+)
+from session_authority.core.domain import Reason, TokenHash
+from session_authority.core.errors import CacheReplaced, CacheUnavailable
 from session_authority.core.health import CacheHealth, PoolStats
 from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
 
-__all__ = ["KEY_PREFIX", "CountingPool", "RedisSessionCache", "cache_key"]
+__all__ = ["KEY_PREFIX", "MARKER_KEY", "CountingPool", "RedisSessionCache", "cache_key"]
 
 _log = logging.getLogger("session_authority.cache")
 
 KEY_PREFIX = "session:"
 _HEALTH_KEY = "session-authority:health-probe"
+MARKER_KEY = "session-authority:epoch"
 
 # Fill: never over a tombstone; a verdict other than "revoked" only where the
 # key is empty (so a slow "unknown" can never hide a session created since);
@@ -68,51 +79,35 @@ def cache_key(token_hash: TokenHash) -> str:
     return KEY_PREFIX + token_hash.hex
 
 
-class CountingPool(aioredis.BlockingConnectionPool):
-    """A bounded pool that also counts callers waiting for a connection
-    (redis-py keeps no public waiter count)."""
+class _ErrorMap:
+    """The one place driver errors become ours (``with _MAPPED:``, no allocation)."""
 
-    def __init__(self, *, min_size: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.min_size = min_size
-        self.pending = 0
+    def __enter__(self) -> None:
+        return None
 
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        self.pending += 1
-        try:
-            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        finally:
-            self.pending -= 1
-
-    def stats(self) -> PoolStats:
-        idle = len(self._available_connections)
-        in_use = len(self._in_use_connections)
-        return PoolStats(
-            size=idle + in_use,
-            available=idle,
-            pending=self.pending,
-            min_size=self.min_size,
-            max_size=self.max_connections,
-        )
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        # Anything else (CancelledError included) passes through untouched.
+        if isinstance(exc, ServerReplaced):
+            raise CacheReplaced(str(exc)) from exc
+        if isinstance(exc, (RedisError, OSError)):
+            raise CacheUnavailable(_describe(exc)) from exc
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _us(value: datetime) -> str:
-    """Epoch microseconds: exact, so cache and database answers are identical."""
-    return str((value - _EPOCH) // timedelta(microseconds=1))
-
-
-def _from_us(value: str) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(value))
+_MAPPED = _ErrorMap()
 
 
 class RedisSessionCache:
-    def __init__(self, client: aioredis.Redis, pool: CountingPool, ttl: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        pool: CountingPool,
+        ttl: float,
+        identity: ServerIdentity | None = None,
+    ) -> None:
         self._redis = client
         self._pool = pool
         self._ttl = ttl
+        self._identity = identity or ServerIdentity()
         self._fill = client.register_script(_FILL)
         self._get = client.register_script(_GET)
         self._tombstone = client.register_script(_TOMBSTONE)
@@ -129,6 +124,7 @@ class RedisSessionCache:
         pool_timeout: float,
     ) -> RedisSessionCache:
         """Build the client. No retries in redis-py: the breaker decides."""
+        identity = ServerIdentity()
         pool = CountingPool.from_url(
             url,
             min_size=min_connections,
@@ -141,8 +137,9 @@ class RedisSessionCache:
             retry=None,
             protocol=2,
             decode_responses=True,
+            redis_connect_func=identity.on_connect,
         )
-        return cls(aioredis.Redis(connection_pool=pool), pool, ttl)
+        return cls(aioredis.Redis(connection_pool=pool), pool, ttl, identity)
 
     async def warm(self) -> None:
         """Open the minimum number of connections (best effort)."""
@@ -160,6 +157,11 @@ class RedisSessionCache:
         """Connections open / idle / callers waiting; no I/O."""
         return self._pool.stats()
 
+    @property
+    def trusted_server(self) -> str | None:
+        """The adopted server's ``run_id``, if any."""
+        return self._identity.trusted
+
     async def aclose(self) -> None:
         await self._redis.aclose()
         await self._pool.disconnect()
@@ -167,10 +169,8 @@ class RedisSessionCache:
     # --- SessionCache ----------------------------------------------------------
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
-        try:
+        with _MAPPED:
             reply: list[Any] = await self._get(keys=[cache_key(token_hash)])
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(_describe(exc)) from exc
         if len(reply) < 3:
             return None
         pttl = int(reply[0])
@@ -183,7 +183,7 @@ class RedisSessionCache:
         if fields.get("state") == "created":
             return None  # a creation marker, not an answer
         try:
-            entry = _decode(token_hash, fields)
+            entry = decode_entry(token_hash, fields)
         except (KeyError, ValueError) as exc:
             _log.warning(
                 "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
@@ -195,61 +195,64 @@ class RedisSessionCache:
         mode = "verdict" if isinstance(entry, CachedVerdict) else "live"
         if isinstance(entry, CachedVerdict) and entry.reason is Reason.REVOKED:
             mode = "live"  # a tombstone replaces anything that is not one already
-        args = [mode, str(max(1, int(ttl * 1000))), *_encode(token_hash, entry)]
-        try:
+        args = [mode, _ms(ttl), *encode_entry(token_hash, entry)]
+        with _MAPPED:
             result = await self._fill(keys=[cache_key(token_hash)], args=args)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(_describe(exc)) from exc
         return int(result) == 1
 
     async def ping(self) -> None:
-        try:
+        with _MAPPED:
             await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(_describe(exc)) from exc
+
+    async def adopt(self) -> None:
+        self._identity.trusted = None  # accept whichever server answers now
+        with _MAPPED:
+            run_id = run_id_of(await self._redis.info("server"))
+            await self._redis.set(MARKER_KEY, run_id)
+        self._identity.trusted = run_id
+        _log.info("SessionCache trusts redis server %s", run_id[:8])
+
+    async def verify(self) -> None:
+        trusted = self._identity.trusted
+        with _MAPPED:
+            marker = await self._redis.get(MARKER_KEY)
+        if trusted is None:
+            raise CacheReplaced("no redis server adopted yet")
+        if marker != trusted:
+            raise CacheReplaced("redis lost its state (marker gone: flushed or replaced)")
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
-        args = [
-            "live",
-            str(max(1, int(ttl * 1000))),
-            "state",
-            "created",
-            "token_hash",
-            token_hash.hex,
-        ]
-        try:
+        args = ["live", _ms(ttl), "state", "created", "token_hash", token_hash.hex]
+        with _MAPPED:
             await self._fill(keys=[cache_key(token_hash)], args=args)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(_describe(exc)) from exc
 
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
-        ttl_ms = str(max(1, int(ttl * 1000)))
-        try:
+        ttl_ms = _ms(ttl)
+        with _MAPPED:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for token_hash in token_hashes:
                     await self._tombstone(
                         keys=[cache_key(token_hash)], args=[ttl_ms, token_hash.hex], client=pipe
                     )
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(_describe(exc)) from exc
 
     async def health(self) -> CacheHealth:
         try:
-            started = time.perf_counter()
-            await self._redis.ping()
-            ping = time.perf_counter() - started
-            started = time.perf_counter()
-            await self._redis.set(_HEALTH_KEY, "1", px=10_000)
-            set_ = time.perf_counter() - started
-            started = time.perf_counter()
-            await self._redis.get(_HEALTH_KEY)
-            get = time.perf_counter() - started
-            server = await self._redis.info("server")
-            memory = await self._redis.info("memory")
-            keys = await self._redis.dbsize()
-        except (RedisError, OSError) as exc:
-            return CacheHealth(connected=False, pool=self._pool.stats(), error=_describe(exc))
+            with _MAPPED:
+                started = time.perf_counter()
+                await self._redis.ping()
+                ping = time.perf_counter() - started
+                started = time.perf_counter()
+                await self._redis.set(_HEALTH_KEY, "1", px=10_000)
+                set_ = time.perf_counter() - started
+                started = time.perf_counter()
+                await self._redis.get(_HEALTH_KEY)
+                get = time.perf_counter() - started
+                server = await self._redis.info("server")
+                memory = await self._redis.info("memory")
+                keys = await self._redis.dbsize()
+        except CacheUnavailable as exc:
+            return CacheHealth(connected=False, pool=self._pool.stats(), error=str(exc))
         return CacheHealth(
             connected=True,
             version=str(server.get("redis_version", "")),
@@ -263,46 +266,12 @@ class RedisSessionCache:
         )
 
 
+def _ms(seconds: float) -> str:
+    return str(max(1, int(seconds * 1000)))
+
+
 def _describe(exc: BaseException) -> str:
     """Error text safe to log and to show in Health: the driver's message
     (redis-py does not put passwords in it) or the type for timeouts."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _encode(token_hash: TokenHash, entry: CacheEntry) -> list[str]:
-    if isinstance(entry, CachedVerdict):
-        return ["state", entry.reason.value, "token_hash", token_hash.hex]
-    return [
-        "state",
-        "live",
-        "token_hash",
-        token_hash.hex,
-        "session_id",
-        entry.session_id,
-        "user_id",
-        entry.user_id,
-        "created_at",
-        _us(entry.created_at),
-        "expires_at",
-        _us(entry.expires_at),
-        "metadata",
-        json.dumps(dict(entry.metadata), separators=(",", ":")),
-    ]
-
-
-def _decode(token_hash: TokenHash, fields: dict[str, str]) -> CacheEntry:
-    state = fields["state"]
-    if state != "live":
-        return CachedVerdict(Reason(state))
-    metadata = json.loads(fields["metadata"])
-    if not isinstance(metadata, dict):
-        raise ValueError("metadata is not an object")
-    return Session(
-        session_id=fields["session_id"],
-        user_id=fields["user_id"],
-        token_hash=token_hash,
-        created_at=_from_us(fields["created_at"]),
-        expires_at=_from_us(fields["expires_at"]),
-        metadata={str(k): str(v) for k, v in metadata.items()},
-    )

@@ -20,38 +20,20 @@ short of the runbook (see DESIGN-NOTES):
 So aiobreaker's ``call`` machinery is never used: we drive its state with
 ``open()`` / ``half_open()`` / ``close()``.
 
-When it opens
--------------
-A closed breaker opens on whichever comes first:
-
-1. **a run of failures**: ``consecutive_failures`` calls in a row failed or
-   were slow, whatever the window holds. This is what opens it within about
-   one ``timeout`` of a dependency dying or freezing under steady load: the
-   window alone would not, because the seconds of successes before the outage
-   dominate it, and a frozen dependency yields few failures per second (each
-   one waits out its timeout);
-2. **the runbook's rule**: at least ``volume_threshold`` calls in the rolling
-   window, of which ``error_threshold_percentage`` failed (intermittent
-   failures mixed with successes).
-
-A failure is the dependency's own error, a call slower than ``timeout``, or a
-call cancelled by its caller (the caller's deadline) after running at least
-``slow_call`` seconds: without the last, callers whose deadlines are shorter
-than ``timeout`` would never trip the breaker of a frozen dependency.
+When it opens: see ``breaker_policy.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiobreaker
 
+from session_authority.core.breaker_policy import BreakerPolicy, BreakerState, OpeningRule
 from session_authority.core.errors import CacheUnavailable, SessionAuthorityError
 
 __all__ = ["Breaker", "BreakerPolicy", "BreakerState"]
@@ -60,47 +42,11 @@ _log = logging.getLogger("session_authority.breaker")
 T = TypeVar("T")
 
 
-class BreakerState(enum.Enum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
 _FROM_AIOBREAKER = {
     aiobreaker.CircuitBreakerState.CLOSED: BreakerState.CLOSED,
     aiobreaker.CircuitBreakerState.OPEN: BreakerState.OPEN,
     aiobreaker.CircuitBreakerState.HALF_OPEN: BreakerState.HALF_OPEN,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerPolicy:
-    """The runbook's knobs (opossum's model)."""
-
-    timeout: float = 1.0
-    """Per-call timeout in seconds; a slower call counts as a failure."""
-    error_threshold_percentage: float = 70.0
-    """Open when this percentage of calls in the window failed..."""
-    volume_threshold: int = 10
-    """...and at least this many calls were made in the window."""
-    reset_timeout: float = 15.0
-    """Seconds an open breaker waits before letting one probe through."""
-    rolling_window: float = 10.0
-    buckets: int = 10
-    consecutive_failures: int = 5
-    """Open after this many failed or slow calls in a row (0: never by this rule)."""
-    slow_call: float = 0.1
-    """A call cancelled by its caller after running this long counts as a failure."""
-
-    def __post_init__(self) -> None:
-        if self.timeout <= 0 or self.reset_timeout <= 0 or self.rolling_window <= 0:
-            raise ValueError("breaker timeouts and window must be positive")
-        if not 0 < self.error_threshold_percentage <= 100:
-            raise ValueError("error_threshold_percentage must be in (0, 100]")
-        if self.buckets < 1 or self.volume_threshold < 1:
-            raise ValueError("buckets and volume_threshold must be at least 1")
-        if self.consecutive_failures < 0 or self.slow_call <= 0:
-            raise ValueError("consecutive_failures must be >= 0 and slow_call positive")
 
 
 Listener = Callable[[BreakerState, BreakerState, str], None]
@@ -139,11 +85,8 @@ class Breaker:
         self._cause = ""
         self.opened_count = 0
         self._listeners: list[Listener] = []
-        bucket = policy.rolling_window / policy.buckets
-        self._bucket_len = bucket
-        self._window: dict[int, list[int]] = {}  # bucket index -> [calls, failures]
+        self._rule = OpeningRule(policy, clock)
         self._generation = 0
-        self._run = 0  # failures in a row, reset by any success
         #: Calls running through ``call`` right now.
         self.calls_in_flight = 0
         self._state = aiobreaker.CircuitBreaker(name=name)
@@ -159,7 +102,7 @@ class Breaker:
             return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout - self._clock())
 
-    def _schedule_wakeup(self) -> None:
+    def _schedule_wakeup(self, delay: float | None = None) -> None:
         """With a probe, recovery must not wait for traffic: after the reset
         timeout, half-open and probe even if nobody calls."""
         if self._probe is None:
@@ -170,7 +113,8 @@ class Breaker:
             return  # no loop (sync unit test): the next caller triggers it
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.cancel()
-        self._wakeup = asyncio.create_task(self._wake_after(self.policy.reset_timeout))
+        delay = self.policy.reset_timeout if delay is None else delay
+        self._wakeup = asyncio.create_task(self._wake_after(delay))
 
     async def _wake_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -208,33 +152,23 @@ class Breaker:
         elif new is BreakerState.HALF_OPEN:
             self._state.half_open()
         else:
-            self._window.clear()
-            self._run = 0
+            self._rule.reset()
             self._state.close()
         # Notify after aiobreaker has stored the new state, so listeners see it.
         if old is not new:
             self._notify(old, new)
 
-    def trip(self, cause: str) -> None:
+    def trip(self, cause: str, *, probe_in: float | None = None) -> None:
         """Open now, whatever the window says (e.g. a revocation could not be
         written to the cache, so the cache must not be read until the probe
-        has re-applied it). A probe in flight can no longer close the breaker."""
+        has re-applied it). A probe in flight can no longer close the breaker.
+        ``probe_in``: seconds until the probe (default: the reset timeout), for
+        a dependency known to be up but untrusted (start-up, a replaced Redis)."""
         if self.state is not BreakerState.OPEN:
             self._transition(BreakerState.OPEN, cause)
-
-    # --- rolling window ------------------------------------------------------
-
-    def _record(self, failed: bool) -> tuple[int, int]:
-        now_bucket = int(self._clock() / self._bucket_len)
-        oldest = now_bucket - self.policy.buckets + 1
-        for stale in [b for b in self._window if b < oldest]:
-            del self._window[stale]
-        counts = self._window.setdefault(now_bucket, [0, 0])
-        counts[0] += 1
-        counts[1] += int(failed)
-        calls = sum(c[0] for c in self._window.values())
-        failures = sum(c[1] for c in self._window.values())
-        return calls, failures
+        if probe_in is not None and probe_in < self.seconds_until_half_open():
+            self._opened_at = self._clock() - self.policy.reset_timeout + probe_in
+            self._schedule_wakeup(probe_in)
 
     # --- calls -----------------------------------------------------------------
 
@@ -322,8 +256,7 @@ class Breaker:
         if self._is_current_probe(probe):
             self._transition(BreakerState.CLOSED, "probe succeeded")
         elif probe is None and self.state is BreakerState.CLOSED:
-            self._run = 0
-            self._record(failed=False)
+            self._rule.success()
 
     def _failure(self, cause: str, probe: int | None) -> None:
         if self._is_current_probe(probe):
@@ -334,17 +267,9 @@ class Breaker:
         state = self.state
         if state is not BreakerState.CLOSED:
             return
-        calls, failures = self._record(failed=True)
-        self._run += 1
-        run_limit = self.policy.consecutive_failures
-        if run_limit and self._run >= run_limit:
-            self._transition(BreakerState.OPEN, f"{self._run} calls in a row failed, last: {cause}")
-            return
-        pct = 100.0 * failures / calls
-        if calls >= self.policy.volume_threshold and pct >= self.policy.error_threshold_percentage:
-            self._transition(
-                BreakerState.OPEN, f"{failures}/{calls} calls failed ({pct:.0f}%), last: {cause}"
-            )
+        cause_to_open = self._rule.failure(cause)
+        if cause_to_open is not None:
+            self._transition(BreakerState.OPEN, cause_to_open)
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._probe_task, self._wakeup) if t is not None and not t.done()]

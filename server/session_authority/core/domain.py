@@ -155,6 +155,8 @@ class Revocation:
 
     revoked_count: int
     cache_purged: bool
+    #: Every process with an L1 cache acknowledged dropping its copies.
+    propagated: bool = True
 
 
 # --- input checks: each raises InvalidArgument naming the field -------------

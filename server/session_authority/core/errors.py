@@ -10,7 +10,9 @@ the transport reports it as INTERNAL (logged once). The tree::
     │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
     └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
         │                    core by falling back to the store
-        └── CircuitOpen      the Redis breaker refused the call without making it
+        ├── CircuitOpen      the Redis breaker refused the call without making it
+        └── CacheReplaced    Redis is not the server whose state we trusted
+                             (restarted, restored, failed over or flushed)
 
 Adapters translate driver exceptions into these in one place each, with
 ``raise ... from exc``. ``asyncio.CancelledError`` is never caught by them.
@@ -19,6 +21,7 @@ Adapters translate driver exceptions into these in one place each, with
 from __future__ import annotations
 
 __all__ = [
+    "CacheReplaced",
     "CacheUnavailable",
     "CircuitOpen",
     "InvalidArgument",
@@ -61,3 +64,9 @@ class CacheUnavailable(SessionAuthorityError):
 class CircuitOpen(CacheUnavailable):
     """The cache's breaker is refusing calls: the call was not made (not a
     new failure, so it is neither counted nor logged as one)."""
+
+
+class CacheReplaced(CacheUnavailable):
+    """The cache answers, but it is not the server (or the state) we trusted:
+    it may have lost tombstones. Nothing may be read from it until revocations
+    are re-applied (the breaker's probe does that)."""

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import TypeVar
 
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import Session, TokenHash
-from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
+from session_authority.core.errors import (
+    CacheReplaced,
+    CacheUnavailable,
+    CircuitOpen,
+    StoreUnavailable,
+)
 from session_authority.core.health import CacheHealth, CacheStats, StoreHealth
 from session_authority.core.ports import (
     Cached,
@@ -64,6 +68,10 @@ class GuardedCache:
             self._stats.errors += 1
             self._metrics.cache_error(operation)
             _log.warning("SessionCache %s Error: %s", operation, exc)
+            if isinstance(exc, CacheReplaced):
+                # It may have lost tombstones: stop reading it now, and let the
+                # probe re-apply revocations at once rather than after the reset.
+                breaker.trip(f"redis replaced: {exc}", probe_in=0.0)
             raise
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
@@ -74,6 +82,12 @@ class GuardedCache:
 
     async def ping(self) -> None:
         await self._call("ping", self.inner.ping)
+
+    async def adopt(self) -> None:
+        await self._call("adopt", self.inner.adopt)
+
+    async def verify(self) -> None:
+        await self._call("verify", self.inner.verify)
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         await self._call("mark_created", lambda: self.inner.mark_created(token_hash, ttl))
@@ -107,17 +121,23 @@ class GuardedStore:
         return await self._call(lambda: self.inner.find(token_hash))
 
     async def revoke(
-        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
         return await self._call(
-            lambda: self.inner.revoke(at, token_hash=token_hash, session_id=session_id)
+            lambda: self.inner.revoke(token_hash=token_hash, session_id=session_id)
         )
 
-    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
-        return await self._call(lambda: self.inner.revoke_user(user_id, at))
+    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
+        return await self._call(lambda: self.inner.revoke_user(user_id))
 
-    async def revoked_since(self, since: datetime) -> list[TokenHash]:
-        return await self._call(lambda: self.inner.revoked_since(since))
+    async def revoked_since(self, seconds: float) -> list[TokenHash]:
+        return await self._call(lambda: self.inner.revoked_since(seconds))
+
+    async def pending_purges(self, limit: int) -> list[TokenHash]:
+        return await self._call(lambda: self.inner.pending_purges(limit))
+
+    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
+        await self._call(lambda: self.inner.confirm_purged(token_hashes))
 
     async def health(self) -> StoreHealth:
         return await self.inner.health()

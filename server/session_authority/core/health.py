@@ -9,6 +9,7 @@ __all__ = [
     "CacheHealth",
     "CacheStats",
     "HealthReport",
+    "LocalCacheReport",
     "PoolStats",
     "StoreHealth",
 ]
@@ -80,6 +81,14 @@ class BreakerReport:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalCacheReport:
+    enabled: bool
+    live: bool
+    entries: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class HealthReport:
     """The runbook's health document, as domain values."""
 
@@ -93,3 +102,4 @@ class HealthReport:
     breaker: BreakerReport
     errors: tuple[str, ...]
     store_breaker: BreakerReport | None = None
+    local_cache: LocalCacheReport | None = None

@@ -25,6 +25,9 @@ class CorePolicy:
     ttl_jitter: float = 0.1
     """Fraction of ``cache_ttl`` randomly shaved off each fill, so entries
     filled together do not expire together."""
+    revocation_skew: float = 60.0
+    """Seconds of clock difference allowed between Redis's host and Postgres's
+    when replaying revocations (Redis expires entries by its own clock)."""
     early_refresh: float = 3.0
     """XFetch's δ·β in seconds: how early hot entries get refreshed (0: never)."""
     unknown_token_rate: float = 20.0

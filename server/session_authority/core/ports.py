@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol
 
 from session_authority.core.domain import Reason, Session, TokenHash
@@ -56,7 +55,13 @@ class StoreRevocation:
 
 class SessionStore(Protocol):
     """The source of truth (Postgres). Every method raises ``StoreUnavailable``
-    when the store cannot be reached or fails; none returns a guess."""
+    when the store cannot be reached or fails; none returns a guess.
+
+    Revocations are stamped by the store's own clock (Postgres ``now()``), and
+    every window below is measured by it: no decision compares two replicas'
+    clocks. A revocation stays *pending* until ``confirm_purged`` says its
+    tombstone reached the cache, so any replica can finish what a revoker that
+    died (or lost Redis) left undone."""
 
     async def create(self, session: Session) -> None:
         """Insert a new session. Session ids and token hashes are unique."""
@@ -66,19 +71,28 @@ class SessionStore(Protocol):
         ``None`` when no session ever had it."""
 
     async def revoke(
-        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
         """Revoke the one session named by exactly one of ``token_hash`` or
-        ``session_id``, if it is live. ``None`` when no such session exists or
-        it has expired un-revoked (nothing to purge); a ``StoreRevocation``
-        with ``revoked_now=False`` when it was revoked before."""
+        ``session_id`` unless it is revoked already, expired or not (the store's
+        clock decides ``revoked_now``: whether it was live). ``None`` when no
+        such session exists; ``revoked_now=False`` when it was revoked before
+        or had expired. A newly revoked session is left pending."""
 
-    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
-        """Revoke every live session of the user; the hashes of those revoked."""
+    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
+        """Revoke every session of the user not revoked yet (expired ones too),
+        leaving each pending; ``revoked_now`` says which were live."""
 
-    async def revoked_since(self, since: datetime) -> list[TokenHash]:
-        """Hashes of sessions revoked at or after ``since`` and not yet expired
-        (used to re-apply revocations that Redis may have missed)."""
+    async def revoked_since(self, seconds: float) -> list[TokenHash]:
+        """Hashes of sessions revoked in the last ``seconds`` by the store's
+        clock, expired or not (to re-apply what a cache may have lost)."""
+
+    async def pending_purges(self, limit: int) -> list[TokenHash]:
+        """Up to ``limit`` revocations whose tombstone is not confirmed yet,
+        oldest first."""
+
+    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
+        """Record that these revocations' tombstones are in the cache."""
 
     async def health(self) -> StoreHealth:
         """Connection state, version, pool numbers and a live ping. Never raises."""
@@ -100,6 +114,18 @@ class SessionCache(Protocol):
 
     async def ping(self) -> None:
         """One round trip to the cache server; raises ``CacheUnavailable``."""
+
+    async def adopt(self) -> None:
+        """Trust the cache server reachable now, whatever it holds: record its
+        identity (and leave a marker in it). Until then, and whenever a
+        connection finds another server (restarted, restored from a snapshot,
+        failed over) or the marker gone (flushed), calls raise
+        ``CacheReplaced``. The breaker's probe adopts, then re-applies every
+        revocation the cache may have lost, before anything reads it again."""
+
+    async def verify(self) -> None:
+        """One round trip proving the trusted server still holds its state
+        (the marker left by ``adopt``); raises ``CacheReplaced`` if not."""
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         """Record that a session was just created for this hash, replacing

@@ -10,8 +10,10 @@ from session_authority.core.health import (
     CacheHealth,
     CacheStats,
     HealthReport,
+    LocalCacheReport,
     StoreHealth,
 )
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionCache, SessionStore
 
@@ -30,7 +32,12 @@ class HealthReporter:
         store_breaker: Breaker | None,
         policy: CorePolicy,
         stats: CacheStats,
+        *,
+        local: LocalCache | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
+        self._local = local
+        self._feed = feed
         self._store = store
         self._cache = cache
         self._breaker = breaker
@@ -72,6 +79,18 @@ class HealthReporter:
             breaker=breaker_report(breaker),
             errors=tuple(errors),
             store_breaker=None if store_breaker is None else breaker_report(store_breaker),
+            local_cache=self._local_report(),
+        )
+
+    def _local_report(self) -> LocalCacheReport | None:
+        if self._feed is None:
+            return None
+        local = self._local
+        return LocalCacheReport(
+            enabled=local is not None,
+            live=self._feed.live,
+            entries=0 if local is None else len(local),
+            ttl_ms=0 if local is None else int(local.ttl * 1000),
         )
 
     async def _cache_health(self) -> CacheHealth:

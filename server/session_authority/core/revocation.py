@@ -1,4 +1,4 @@
-"""Revocation: Postgres first, then tombstones; replay and sweep when Redis missed one.
+"""Revocation: Postgres first, then tombstones; durable until Redis confirms.
 
 Revocation invariant
 --------------------
@@ -6,28 +6,36 @@ Once ``invalidate`` or ``invalidate_user`` has returned, no ``validate`` that
 starts afterwards answers valid for those sessions, on any replica sharing the
 Redis, whatever misses or fills were in flight:
 
-1. Revocation commits in Postgres *first*; every later read of Postgres sees it.
-2. It then replaces each cache entry with a *tombstone* (never a bare DEL), and
-   fills are conditional in Redis (a Lua script refuses to write over a
-   tombstone). A miss that read Postgres before the revocation and fills after
-   it is refused, and answers "revoked". Tombstones outlive any fill that could
-   race them: a fill whose Postgres read is older than ``max_fill_lag`` is
-   dropped, and tombstones live for ``tombstone_ttl`` > ``max_fill_lag``.
-3. If the tombstone cannot be written (Redis unreachable), this process trips
-   its breaker, so it stops reading Redis at once, and the breaker's half-open
-   probe (``replay_revocations``) re-applies every revocation of the last
-   cache TTL from Postgres before the breaker closes and Redis is read again.
-4. Every replica sweeps recent revocations into Redis periodically, which
-   bounds what (3) cannot cover: a replica cut off from Redis while others
-   still read it.
+1. Revocation commits in Postgres *first*, stamped by Postgres's clock, and
+   left *pending* there; every later read of Postgres sees it.
+2. It then replaces each cache entry with a *tombstone* (never a bare DEL), in
+   chunks that each stay well under the breaker's per-call timeout, and marks
+   the revocation confirmed. Fills are conditional in Redis (a Lua script
+   refuses to write over a tombstone), so a miss that read Postgres before the
+   revocation and fills after it is refused, and answers "revoked". A fill
+   whose Postgres read is older than ``max_fill_lag`` is dropped, and
+   tombstones live for ``tombstone_ttl`` > ``cache_ttl`` + ``max_fill_lag``.
+3. If the tombstone cannot be written, this process trips its breaker (it
+   stops reading Redis at once) and the answer says ``cache_purged: false``.
+   The revocation stays pending in Postgres, so it does not depend on this
+   process living: every replica drains pending revocations into Redis every
+   ``REVOCATION_SWEEP_SECONDS``.
+4. Nothing reads a Redis before revocations are re-applied to it: at start-up,
+   when the breaker's probe closes it, and when Redis turns out to be another
+   server (restarted, restored from a snapshot, failed over: a new ``run_id``
+   on a new connection) or to have lost its state (the adopted marker gone:
+   flushed). The probe adopts the server, tombstones every revocation of the
+   last ``cache_ttl + max_fill_lag + REVOCATION_SKEW_SECONDS`` (Postgres
+   clock) and drains what is pending, before the breaker closes.
+
+What remains is written next to the promise in README ("Revocation").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Sequence
 
 from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
@@ -39,13 +47,23 @@ from session_authority.core.domain import (
 )
 from session_authority.core.errors import CacheUnavailable, StoreUnavailable
 from session_authority.core.guarded import GuardedCache
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
-from session_authority.core.ports import SessionStore
+from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.telemetry import CoreMetrics
 
 __all__ = ["Revoker"]
 
 _log = logging.getLogger("session_authority.cache")
+
+
+#: Tombstones per Redis call: 50,000 took ~1.3 s in one pipeline here (over the
+#: 1 s breaker timeout); 2,000 take ~50 ms.
+TOMBSTONE_CHUNK = 2000
+#: Pending revocations drained per store query.
+DRAIN_BATCH = 5000
+#: Revocations pushed to L1 caches by hash; above this, "drop everything".
+PUSH_LIMIT = 1000
 
 
 class Revoker:
@@ -59,103 +77,157 @@ class Revoker:
         policy: CorePolicy,
         *,
         metrics: CoreMetrics,
-        clock: Callable[[], datetime],
+        local: LocalCache | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
         self._breaker = breaker
         self._policy = policy
         self._metrics = metrics
-        self._now = clock
+        self._local = local
+        self._feed = feed
 
     async def invalidate(
         self, *, token: str | None = None, session_id: str | None = None
     ) -> Revocation:
-        """Revoke one session by token or session id (exactly one). Idempotent."""
-        now = self._now()
+        """Revoke one session by token or session id (exactly one). Idempotent:
+        repeating it rewrites the tombstone."""
         if token is not None:
-            found = await self._store.revoke(now, token_hash=parse_token(token))
+            found = await self._store.revoke(token_hash=parse_token(token))
         else:
-            sid = check_session_id(session_id or "")
-            found = await self._store.revoke(now, session_id=sid)
+            found = await self._store.revoke(session_id=check_session_id(session_id or ""))
         if found is None:
             return self._revoked(0, True)
-        purged = await self._purge([found.token_hash])
-        return self._revoked(int(found.revoked_now), purged)
+        hashes = [found.token_hash]
+        purged = await self._purge(hashes)
+        return self._revoked(int(found.revoked_now), purged, await self._propagate(hashes))
 
     async def invalidate_user(self, user_id: str) -> Revocation:
-        """Revoke every live session of ``user_id``."""
-        user_id = check_user_id(user_id)
-        hashes = await self._store.revoke_user(user_id, self._now())
+        """Revoke every session of ``user_id`` not revoked yet."""
+        rows = await self._store.revoke_user(check_user_id(user_id))
+        hashes = [r.token_hash for r in rows]
         purged = await self._purge(hashes)
-        return self._revoked(len(hashes), purged)
+        propagated = await self._propagate(hashes)
+        return self._revoked(sum(r.revoked_now for r in rows), purged, propagated)
 
-    def _revoked(self, count: int, purged: bool) -> Revocation:
+    def _revoked(self, count: int, purged: bool, propagated: bool = True) -> Revocation:
         self._metrics.revoked(count, purged)
-        return Revocation(revoked_count=count, cache_purged=purged)
+        return Revocation(revoked_count=count, cache_purged=purged, propagated=propagated)
+
+    async def _propagate(self, hashes: list[TokenHash]) -> bool:
+        """Drop these sessions from every process's L1 cache, this one first;
+        True once every subscriber acknowledged (see ``core/local.py``). A big
+        revocation asks everyone to drop everything instead of listing it."""
+        if not hashes or self._feed is None:
+            return True
+        if self._local is not None:
+            self._local.drop(hashes)
+        return await self._feed.publish(hashes if len(hashes) <= PUSH_LIMIT else None)
 
     async def _purge(self, hashes: list[TokenHash]) -> bool:
         """Tombstone ``hashes``; on failure stop trusting the cache (see module doc)."""
         cache = self._cache
-        if cache is None or not hashes:
+        if not hashes:
+            return True
+        if cache is None:
+            await self._confirm(hashes)  # nothing to purge: keep the pending index empty
             return True
         if self._breaker.state is BreakerState.CLOSED:
             try:
-                await cache.tombstone(hashes, self._policy.tombstone_ttl)
-                return True
+                await self._tombstone(cache, hashes)
             except CacheUnavailable:
                 pass  # counted and logged by the guard
+            else:
+                await self._confirm(hashes)
+                return True
         self._breaker.trip("revocation could not be written to the cache")
         return False
 
-    async def replay_revocations(self) -> None:
-        """Re-apply recent revocations to the cache: the breaker's half-open probe.
+    async def _tombstone(self, cache: SessionCache, hashes: Sequence[TokenHash]) -> None:
+        ttl = self._policy.tombstone_ttl
+        for start in range(0, len(hashes), TOMBSTONE_CHUNK):
+            await cache.tombstone(hashes[start : start + TOMBSTONE_CHUNK], ttl)
 
-        Any entry written before a revocation lives at most ``cache_ttl``, so
-        tombstoning every session revoked in the last ``cache_ttl`` (plus the
-        fill lag) leaves no stale entry behind. It talks to the cache directly:
-        the breaker runs it, and would refuse it."""
+    async def _confirm(self, hashes: Sequence[TokenHash]) -> None:
+        """Best effort: an unconfirmed revocation is only tombstoned again."""
+        try:
+            await self._store.confirm_purged(hashes)
+        except StoreUnavailable as exc:
+            _log.warning("SessionCache confirm Error: %s (will be drained again)", exc)
+
+    async def replay_revocations(self) -> None:
+        """The breaker's half-open probe: trust the Redis that answers now, and
+        re-apply to it every revocation it may lack, before anything reads it.
+
+        An entry written before a revocation lives at most ``cache_ttl`` and
+        was filled from a read at most ``max_fill_lag`` older, so tombstoning
+        the revocations of that window (plus the skew allowance between the
+        Redis and Postgres clocks) leaves no stale entry, whatever snapshot
+        the server came back from. It talks to the cache directly: the breaker
+        runs it, and would refuse it."""
         if self._cache is None:
             return
         cache = self._cache.inner
-        await cache.ping()  # the probe proves Redis answers, even with nothing to replay
-        window = timedelta(seconds=self._policy.cache_ttl + self._policy.max_fill_lag)
+        await cache.adopt()  # also proves Redis answers, even with nothing to replay
+        policy = self._policy
+        window = policy.cache_ttl + policy.max_fill_lag + policy.revocation_skew
         try:
-            hashes = await self._store.revoked_since(self._now() - window)
+            hashes = await self._store.revoked_since(window)
+            await self._tombstone(cache, hashes)
+            drained = await self._drain_into(cache)
         except StoreUnavailable as exc:
             raise CacheUnavailable("cannot replay revocations: store unavailable") from exc
-        if hashes:
-            await cache.tombstone(hashes, self._policy.tombstone_ttl)
-        _log.info("SessionCache replayed %d revocations before closing the breaker", len(hashes))
+        _log.info(
+            "SessionCache replayed %d revocations and %d pending before closing the breaker",
+            len(hashes),
+            drained,
+        )
 
-    async def sweep_revocations(self, window: float) -> int:
-        """Re-apply the revocations of the last ``window`` seconds to the cache.
-
-        Run periodically by every replica. It bounds what the invariant cannot
-        cover alone: a replica that could not reach Redis when it revoked (a
-        partial outage) leaves stale entries that *other* replicas can still
-        read; the next sweep of any replica that reaches Redis tombstones them.
-        Tombstones are idempotent, so overlapping windows cost only writes."""
+    async def drain(self) -> int:
+        """Check that Redis still holds its state, then write every pending
+        revocation to it. Run periodically by every replica: it finishes what
+        a revoker that lost Redis, or died, left undone. Its cost is what is
+        pending, not every revocation in a window."""
         cache = self._cache
         if cache is None or self._breaker.state is not BreakerState.CLOSED:
-            return 0  # an open breaker replays everything in its probe
-        since = self._now() - timedelta(seconds=window)
-        hashes = await self._store.revoked_since(since)
-        if hashes:
-            try:
-                await cache.tombstone(hashes, self._policy.tombstone_ttl)
-            except CacheUnavailable:
-                self._breaker.trip("revocation sweep could not write to the cache")
-                return 0
-        return len(hashes)
+            return 0  # an open breaker drains in its probe
+        try:
+            await cache.verify()
+        except CacheUnavailable:
+            # Counted by the breaker like any failed call; a flushed or replaced
+            # Redis (CacheReplaced) has already tripped it, with an immediate probe.
+            return 0
+        try:
+            drained = await self._drain_into(cache)
+        except CacheUnavailable:
+            # Pending revocations this replica cannot write: stop reading Redis.
+            self._breaker.trip("pending revocations could not be written to the cache")
+            return 0
+        if drained and self._feed is not None:
+            # Their revokers could not tell the L1 caches: drop everything (rare).
+            if self._local is not None:
+                self._local.drop(None)
+            await self._feed.publish(None)
+        return drained
 
-    async def run_sweeper(self, interval: float, margin: float = 10.0) -> None:
-        """Sweep every ``interval`` seconds until cancelled. Each sweep looks
-        back ``interval + margin`` seconds (margin covers clock skew between
-        replicas, whose clocks stamp ``revoked_at``)."""
+    async def _drain_into(self, cache: SessionCache) -> int:
+        drained = 0
+        while True:
+            hashes = await self._store.pending_purges(DRAIN_BATCH)
+            if not hashes:
+                return drained
+            await self._tombstone(cache, hashes)
+            await self._store.confirm_purged(hashes)
+            drained += len(hashes)
+            if len(hashes) < DRAIN_BATCH:
+                return drained
+
+    async def run_drain(self, interval: float) -> None:
+        """Drain every ``interval`` seconds until cancelled."""
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.sweep_revocations(interval + margin)
+                await self.drain()
             except StoreUnavailable as exc:
-                _log.warning("SessionCache sweep Error: %s", exc)
+                _log.warning("SessionCache drain Error: %s", exc)

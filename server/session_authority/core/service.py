@@ -6,7 +6,7 @@ breakers, wired by the composition root (``bootstrap.assemble_core``):
 =================  ===========================================================
 ``Issuer``         create: token, Postgres row, creation marker (issuance.py)
 ``Validator``      cache-aside validation, single-flight, early refresh
-``Revoker``        invalidate / invalidate_user, breaker probe replay, sweep
+``Revoker``        invalidate / invalidate_user, breaker probe replay, drain
 ``HealthReporter`` the health document (reporting.py)
 =================  ===========================================================
 
@@ -63,11 +63,11 @@ class SessionAuthority:
     async def replay_revocations(self) -> None:
         await self.revoker.replay_revocations()
 
-    async def sweep_revocations(self, window: float) -> int:
-        return await self.revoker.sweep_revocations(window)
+    async def drain_revocations(self) -> int:
+        return await self.revoker.drain()
 
-    async def run_sweeper(self, interval: float) -> None:
-        await self.revoker.run_sweeper(interval)
+    async def run_drain(self, interval: float) -> None:
+        await self.revoker.run_drain(interval)
 
     async def health(self) -> HealthReport:
         return await self.reporter.health()

@@ -10,13 +10,33 @@ receives a token: at most a hash prefix.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from opentelemetry import trace
 
-__all__ = ["ATTR_CACHE_RESULT", "ATTR_TOKEN_PREFIX", "CoreMetrics", "NoMetrics", "tracer"]
+__all__ = [
+    "ATTR_CACHE_RESULT",
+    "ATTR_TOKEN_PREFIX",
+    "CoreMetrics",
+    "NoMetrics",
+    "span",
+    "tracer",
+]
 
 tracer = trace.get_tracer("session_authority.core")
+
+_NOT_RECORDING: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
+
+
+def span(name: str) -> AbstractContextManager[trace.Span]:
+    """A child span of the current one, only if that one is recording: with no
+    SDK installed, or a caller's trace not sampled, the hot path creates none
+    (its children would record nothing anyway under a parent-based sampler)."""
+    if trace.get_current_span().is_recording():
+        return tracer.start_as_current_span(name)
+    return _NOT_RECORDING
+
 
 #: Span attribute on the cache lookup: hit, miss, tombstone, negative, bypassed, error.
 ATTR_CACHE_RESULT = "session_authority.cache.result"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from session_authority.core.breaker import Breaker
+from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
     Reason,
     Session,
@@ -33,6 +33,7 @@ from session_authority.core.errors import (
     StoreUnavailable,
 )
 from session_authority.core.health import CacheStats
+from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.miss_limit import MissLimiter
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import (
@@ -47,7 +48,7 @@ from session_authority.core.telemetry import (
     ATTR_CACHE_RESULT,
     ATTR_TOKEN_PREFIX,
     CoreMetrics,
-    tracer,
+    span,
 )
 
 __all__ = ["Loaded", "Validator"]
@@ -82,6 +83,8 @@ class Validator:
         clock: Callable[[], datetime],
         rng: Callable[[], float],
         limiter: MissLimiter | None = None,
+        local: LocalCache | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
         self._store = store
         self._limiter = limiter
@@ -93,6 +96,9 @@ class Validator:
         self._now = clock
         self._rng = rng
         self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight()
+        # The L1 cache needs the revocation feed that keeps it honest.
+        self._local = local if feed is not None else None
+        self._feed = feed
         self._refreshes: set[asyncio.Task[None]] = set()
 
     def loading(self, token_hash: TokenHash) -> bool:
@@ -114,20 +120,46 @@ class Validator:
         self._metrics.validated(answer.valid, answer.source.value, reason)
         return answer
 
+    def _trusted_local(self) -> LocalCache | None:
+        """The L1 cache, while this process is sure it hears every revocation
+        and trusts Redis (the breaker is closed); else None."""
+        local, feed = self._local, self._feed
+        if local is None or feed is None:
+            return None
+        if feed.live and self._breaker.state is BreakerState.CLOSED:
+            return local
+        if len(local):
+            local.drop(None)  # not sure any more: forget everything
+        return None
+
     async def _validate(self, token: str, caller: str) -> Validation:
         token_hash = parse_token(token)
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
             return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
+        local = self._trusted_local()
+        version = 0
+        if local is not None:
+            entry = local.get(token_hash)
+            if entry is not None:
+                self._stats.hits += 1
+                self._metrics.cache_lookup("local")
+                with span("session_cache.lookup") as current:
+                    current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+                    current.set_attribute(ATTR_CACHE_RESULT, "local")
+                return self._judge(entry, Source.CACHE)
+            version = local.version  # a copy read from now on is stored only if no drop came
         looked_at = time.monotonic()
-        with tracer.start_as_current_span("session_cache.lookup") as span:
-            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+        with span("session_cache.lookup") as current:
+            current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             result, hit = await self._lookup(token_hash)
-            span.set_attribute(ATTR_CACHE_RESULT, result)
+            current.set_attribute(ATTR_CACHE_RESULT, result)
         self._metrics.cache_lookup(result)
         if hit is not None:
             self._stats.hits += 1
             _log.debug("Cache HIT %s (%s)", token_hash.prefix, result)
+            if local is not None and result != "negative":
+                local.put(token_hash, hit.entry, hit.ttl_left, version)
             self._maybe_refresh(token_hash, hit)
             return self._judge(hit.entry, Source.CACHE)
         if result == "miss":
@@ -157,15 +189,25 @@ class Validator:
             raise
         if limiter is not None and loaded.answer.reason is not Reason.UNKNOWN:
             limiter.refund(caller)  # Postgres knew it: only unknown tokens cost
-        if late and (not loaded.confirmed or loaded.opened_count != self._breaker.opened_count):
+        if late and (
+            not clean or not loaded.confirmed or loaded.opened_count != self._breaker.opened_count
+        ):
             # We joined a load whose Postgres read began before we did, and
-            # either no cache fill vouched for it (a tombstone would have
-            # refused it), or the breaker opened since it began (a revocation
-            # whose tombstone failed trips it, and leaves no tombstone to
-            # refuse anything): a revocation that returned before we started
-            # may postdate that read. Read for ourselves.
+            # either we saw no clean miss ourselves (a failed lookup proves no
+            # tombstone was absent), or no cache fill vouched for the load (a
+            # tombstone would have refused it), or the breaker opened since it
+            # began (a revocation whose tombstone failed trips it, and leaves
+            # no tombstone to refuse anything): a revocation that returned
+            # before we started may postdate that read. Read for ourselves.
             loaded = await self._load(token_hash, Flight(), fill=clean)
-        return loaded.answer
+        answer = loaded.answer
+        if local is not None and loaded.confirmed and answer.session is not None:
+            local.put(token_hash, answer.session, local.ttl, version)  # Redis holds it too
+        if answer.valid and answer.session is not None:
+            # A shared answer was judged at its load's time: judge expiry
+            # again at ours (a caller starting just after expires_at).
+            return self._judge(answer.session, answer.source)
+        return answer
 
     async def _lookup(self, token_hash: TokenHash) -> tuple[str, Cached | None]:
         cache = self._cache
@@ -228,8 +270,8 @@ class Validator:
         opened = self._breaker.opened_count
         flight.begin()
         read_started = time.monotonic()
-        with tracer.start_as_current_span("session_store.find") as span:
-            span.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
+        with span("session_store.find") as current:
+            current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             session = await self._store.find(token_hash)
         entry, ttl = self._entry_for(session)
         answer = self._judge(entry, Source.DATABASE)
@@ -264,10 +306,10 @@ class Validator:
         cache = self._cache
         if cache is None or ttl <= 0:
             return None
-        with tracer.start_as_current_span("session_cache.fill") as span:
+        with span("session_cache.fill") as current:
             try:
                 filled = await cache.fill(token_hash, entry, ttl)
             except CacheUnavailable:
                 return None
-            span.set_attribute("session_authority.cache.fill_refused", not filled)
+            current.set_attribute("session_authority.cache.fill_refused", not filled)
             return filled

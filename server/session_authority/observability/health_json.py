@@ -73,6 +73,14 @@ def health_document(
     }
     if report.store_breaker is not None:
         doc["postgresBreaker"] = _breaker(report.store_breaker)
+    local = report.local_cache
+    if local is not None:
+        doc["localCache"] = {
+            "enabled": local.enabled,
+            "live": local.live,
+            "entries": local.entries,
+            "ttlMs": local.ttl_ms,
+        }
     return doc
 
 

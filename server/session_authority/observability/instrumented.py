@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 
 from prometheus_client import Histogram
 
@@ -69,6 +68,14 @@ class InstrumentedSessionCache:
     async def ping(self) -> None:
         with self._timed("ping"):
             await self._inner.ping()
+
+    async def adopt(self) -> None:
+        with self._timed("adopt"):
+            await self._inner.adopt()
+
+    async def verify(self) -> None:
+        with self._timed("verify"):
+            await self._inner.verify()
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         with self._timed("mark_created"):
@@ -111,18 +118,26 @@ class InstrumentedSessionStore:
             return await self._inner.find(token_hash)
 
     async def revoke(
-        self, at: datetime, *, token_hash: TokenHash | None = None, session_id: str | None = None
+        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
         with self._timed("revoke"):
-            return await self._inner.revoke(at, token_hash=token_hash, session_id=session_id)
+            return await self._inner.revoke(token_hash=token_hash, session_id=session_id)
 
-    async def revoke_user(self, user_id: str, at: datetime) -> list[TokenHash]:
+    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
         with self._timed("revoke_user"):
-            return await self._inner.revoke_user(user_id, at)
+            return await self._inner.revoke_user(user_id)
 
-    async def revoked_since(self, since: datetime) -> list[TokenHash]:
+    async def revoked_since(self, seconds: float) -> list[TokenHash]:
         with self._timed("revoked_since"):
-            return await self._inner.revoked_since(since)
+            return await self._inner.revoked_since(seconds)
+
+    async def pending_purges(self, limit: int) -> list[TokenHash]:
+        with self._timed("pending_purges"):
+            return await self._inner.pending_purges(limit)
+
+    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
+        with self._timed("confirm_purged"):
+            await self._inner.confirm_purged(token_hashes)
 
     async def health(self) -> StoreHealth:
         return await self._inner.health()

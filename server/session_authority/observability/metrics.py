@@ -37,6 +37,7 @@ __all__ = [
 #: Every value of ``session_authority.cache.result`` (plus ``malformed``: the
 #: token's shape ruled it out before any lookup).
 CACHE_RESULTS = (
+    "local",
     "hit",
     "miss",
     "tombstone",
@@ -47,7 +48,7 @@ CACHE_RESULTS = (
     "malformed",
 )
 #: What the core names its failed cache operations (``CoreMetrics.cache_error``).
-CACHE_OPERATIONS = ("get", "fill", "mark_created", "tombstone", "sweep")
+CACHE_OPERATIONS = ("get", "fill", "mark_created", "tombstone", "adopt", "verify")
 #: Lookups that fell back to Postgres because the cache could not be asked.
 _FALLBACKS = frozenset({"bypassed", "error"})
 EVENT_CACHE_FALLBACK = "session_cache.fallback"
@@ -70,7 +71,8 @@ class Instruments:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.cache_lookups = Counter(
             "session_cache_lookups",
-            "Cache lookups by result (hit, miss, tombstone, negative, bypassed, error, "
+            "Cache lookups by result (local: the in-process L1 cache; hit, miss, tombstone, "
+            "negative, bypassed, error, "
             "disabled, malformed).",
             ["result"],
             registry=registry,
@@ -126,6 +128,13 @@ class Instruments:
             "ValidateSession answers by validity, source (cache, database, token_format) "
             "and reason (none, unknown, expired, revoked).",
             ["valid", "source", "reason"],
+            registry=registry,
+        )
+        self.auth_denied = Counter(
+            "session_authority_auth_denied",
+            "Calls refused by authorisation, by service, method and reason (no_credentials, "
+            "invalid_credentials: UNAUTHENTICATED; not_allowed: PERMISSION_DENIED).",
+            ["grpc_service", "grpc_method", "reason"],
             registry=registry,
         )
         # Series that exist from the start read 0 rather than being absent,

@@ -104,6 +104,11 @@ class Telemetry:
         chain.append(RpcMetricsInterceptor(self.instruments))
         return chain
 
+    def auth_denied(self, method: str, reason: str) -> None:
+        """Counts a call refused by authorisation (``method``: ``/pkg.Service/Method``)."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        self.instruments.auth_denied.labels(service, name, reason).inc()
+
     def attach(
         self,
         *,

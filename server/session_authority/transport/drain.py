@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from session_authority.transport.wrapping import WrappingInterceptor
 
 __all__ = ["DrainInterceptor"]
 
 _DRAINING = "server is shutting down; retry on another replica"
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
+class DrainInterceptor(WrappingInterceptor):
     def __init__(self, quiet: float = 0.1) -> None:
+        super().__init__()
         self.draining = False
         self.in_flight = 0
         self.refused = 0
@@ -32,27 +34,13 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self._last_arrival = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
-        # method -> (inner handler, our wrapper): built once per method, not per call.
-        self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (reflection, health Watch): not counted
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler)
-        self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
+    def _applies(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> bool:
+        return handler.unary_unary is not None  # streaming (reflection, health Watch): not counted
 
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         inner = handler.unary_unary
         assert inner is not None
 

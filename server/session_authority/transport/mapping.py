@@ -110,6 +110,13 @@ def health_to_pb(report: HealthReport) -> pb.HealthResponse:
     )
     if report.store_breaker is not None:
         reply.postgres_breaker.CopyFrom(_breaker(report.store_breaker))
+    local = report.local_cache
+    if local is not None:
+        reply.local_cache.CopyFrom(
+            pb.LocalCacheHealth(
+                enabled=local.enabled, live=local.live, entries=local.entries, ttl_ms=local.ttl_ms
+            )
+        )
     reply.timestamp.GetCurrentTime()
     return reply
 

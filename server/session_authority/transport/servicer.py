@@ -62,7 +62,9 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             else:
                 raise InvalidArgument("target", "set one of token or session_id")
             return pb.InvalidateResponse(
-                revoked=result.revoked_count > 0, cache_purged=result.cache_purged
+                revoked=result.revoked_count > 0,
+                cache_purged=result.cache_purged,
+                propagated=result.propagated,
             )
 
         return await _run(context, work)
@@ -73,7 +75,9 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         async def work() -> pb.InvalidateUserResponse:
             result = await self._core.invalidate_user(request.user_id)
             return pb.InvalidateUserResponse(
-                revoked_count=result.revoked_count, cache_purged=result.cache_purged
+                revoked_count=result.revoked_count,
+                cache_purged=result.cache_purged,
+                propagated=result.propagated,
             )
 
         return await _run(context, work)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from session_authority.core.errors import (
+    CacheReplaced,
     CacheUnavailable,
     CircuitOpen,
     InvalidArgument,
@@ -27,6 +28,7 @@ STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     CircuitOpen: grpc.StatusCode.UNAVAILABLE,
+    CacheReplaced: grpc.StatusCode.UNAVAILABLE,
     CacheUnavailable: grpc.StatusCode.UNAVAILABLE,
     SessionAuthorityError: grpc.StatusCode.INTERNAL,
 }

@@ -303,6 +303,7 @@ class InvalidateResponse(_message.Message):
 
     REVOKED_FIELD_NUMBER: _builtins.int
     CACHE_PURGED_FIELD_NUMBER: _builtins.int
+    PROPAGATED_FIELD_NUMBER: _builtins.int
     revoked: _builtins.bool
     """True when a live session was revoked by this call."""
     cache_purged: _builtins.bool
@@ -310,15 +311,22 @@ class InvalidateResponse(_message.Message):
     revocation is durable in Postgres and will be re-applied to the cache when
     Redis is reachable again; validations are answered from Postgres until then.
     """
+    propagated: _builtins.bool
+    """True when every replica and worker that keeps an in-process (L1) cache
+    acknowledged dropping its copies before this answer. False: some did not
+    within L1_ACK_TIMEOUT_MS (or the push failed); their copies expire within
+    L1_CACHE_TTL_MS, and they serve no L1 hits while unsure they hear revocations.
+    """
     def __init__(
         self,
         *,
         revoked: _builtins.bool = ...,
         cache_purged: _builtins.bool = ...,
+        propagated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "propagated", b"propagated", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,19 +358,23 @@ class InvalidateUserResponse(_message.Message):
 
     REVOKED_COUNT_FIELD_NUMBER: _builtins.int
     CACHE_PURGED_FIELD_NUMBER: _builtins.int
+    PROPAGATED_FIELD_NUMBER: _builtins.int
     revoked_count: _builtins.int
     """How many live sessions were revoked."""
     cache_purged: _builtins.bool
     """See InvalidateResponse.cache_purged."""
+    propagated: _builtins.bool
+    """See InvalidateResponse.propagated."""
     def __init__(
         self,
         *,
         revoked_count: _builtins.int = ...,
         cache_purged: _builtins.bool = ...,
+        propagated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "revoked_count", b"revoked_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_purged", b"cache_purged", "propagated", b"propagated", "revoked_count", b"revoked_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,6 +413,7 @@ class HealthResponse(_message.Message):
     POSTGRES_FIELD_NUMBER: _builtins.int
     BREAKER_FIELD_NUMBER: _builtins.int
     POSTGRES_BREAKER_FIELD_NUMBER: _builtins.int
+    LOCAL_CACHE_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"healthy", "degraded" (Redis unavailable, Postgres serving) or "unhealthy"
     (Postgres unavailable).
@@ -431,6 +444,10 @@ class HealthResponse(_message.Message):
         calls that need the database are refused (UNAVAILABLE) at once.
         """
 
+    @_builtins.property
+    def local_cache(self) -> Global___LocalCacheHealth:
+        """This process's in-process (L1) cache; absent without Redis."""
+
     def __init__(
         self,
         *,
@@ -443,16 +460,64 @@ class HealthResponse(_message.Message):
         postgres: Global___PostgresHealth | None = ...,
         breaker: Global___BreakerHealth | None = ...,
         postgres_breaker: Global___BreakerHealth | None = ...,
+        local_cache: Global___LocalCacheHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "local_cache", b"local_cache", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "errors", b"errors", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "errors", b"errors", "local_cache", b"local_cache", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__status: _TypeAlias = _typing.Literal["status"]  # noqa: Y015
     _WhichOneofArgType__status: _TypeAlias = _typing.Literal["_status", b"_status"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__status) -> _WhichOneofReturnType__status | None: ...
 
 Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
+class LocalCacheHealth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """L1_CACHE_TTL_MS > 0."""
+    live: _builtins.bool
+    """Subscribed to the revocation feed and heard from recently: only then does
+    it serve hits (and only with the Redis breaker closed).
+    """
+    entries: _builtins.int
+    ttl_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool | None = ...,
+        live: _builtins.bool | None = ...,
+        entries: _builtins.int | None = ...,
+        ttl_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_entries", b"_entries", "_live", b"_live", "_ttl_ms", b"_ttl_ms", "enabled", b"enabled", "entries", b"entries", "live", b"live", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_entries", b"_entries", "_live", b"_live", "_ttl_ms", b"_ttl_ms", "enabled", b"enabled", "entries", b"entries", "live", b"live", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__entries: _TypeAlias = _typing.Literal["entries"]  # noqa: Y015
+    _WhichOneofArgType__entries: _TypeAlias = _typing.Literal["_entries", b"_entries"]  # noqa: Y015
+    _WhichOneofReturnType__live: _TypeAlias = _typing.Literal["live"]  # noqa: Y015
+    _WhichOneofArgType__live: _TypeAlias = _typing.Literal["_live", b"_live"]  # noqa: Y015
+    _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__entries) -> _WhichOneofReturnType__entries | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__live) -> _WhichOneofReturnType__live | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
+
+Global___LocalCacheHealth: _TypeAlias = LocalCacheHealth  # noqa: Y015
 
 @_typing.final
 class RedisHealth(_message.Message):

@@ -1,0 +1,86 @@
+"""The Redis connection pool: bounded, counting its waiters, and checking on
+every new connection which server it reached.
+
+Redis restarted (perhaps from an older snapshot), restored from a backup or
+failed over to a replica is a different server process with a new ``run_id``,
+and redis-py reconnects to it silently. ``ServerIdentity`` asks each new
+connection for the server's ``run_id`` before anything else runs on it: once a
+server is trusted (``RedisSessionCache.adopt``), a connection to any other one
+fails with ``ServerReplaced`` instead of reading state that may predate
+revocations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from session_authority.core.health import PoolStats
+
+__all__ = ["CountingPool", "ServerIdentity", "ServerReplaced", "run_id_of"]
+
+
+class ServerReplaced(RedisConnectionError):
+    """A new connection reached a Redis server other than the trusted one."""
+
+
+def run_id_of(info: object) -> str:
+    """The ``run_id`` in an ``INFO server`` reply (raw text or parsed dict)."""
+    if isinstance(info, dict):
+        return str(info.get("run_id", ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.partition(":")[2].strip()
+    return ""
+
+
+class ServerIdentity:
+    """The trusted server's ``run_id`` (None until one is adopted: then any
+    server is accepted, and nothing reads the cache before adoption anyway)."""
+
+    def __init__(self) -> None:
+        self.trusted: str | None = None
+
+    async def on_connect(self, connection: AbstractConnection) -> None:
+        """redis-py's ``redis_connect_func``: the usual handshake, then the check."""
+        await connection.on_connect()
+        await connection.send_command("INFO", "server")
+        run_id = run_id_of(await connection.read_response())
+        trusted = self.trusted
+        if trusted is not None and run_id != trusted:
+            raise ServerReplaced(
+                f"redis server changed (run_id {run_id[:8]}, trusted {trusted[:8]}): "
+                "restarted, restored or failed over"
+            )
+
+
+class CountingPool(aioredis.BlockingConnectionPool):
+    """A bounded pool that also counts callers waiting for a connection
+    (redis-py keeps no public waiter count)."""
+
+    def __init__(self, *, min_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_size = min_size
+        self.pending = 0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.pending += 1
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        finally:
+            self.pending -= 1
+
+    def stats(self) -> PoolStats:
+        idle = len(self._available_connections)
+        in_use = len(self._in_use_connections)
+        return PoolStats(
+            size=idle + in_use,
+            available=idle,
+            pending=self.pending,
+            min_size=self.min_size,
+            max_size=self.max_connections,
+        )

@@ -1,0 +1,270 @@
+"""Who may call what: each call's caller is identified (mTLS certificate, API
+key) and the ``AuthPolicy`` decides; ``AuthInterceptor`` applies it.
+
+Invariant: with authentication configured, nothing is open by omission. A
+method is answered to a caller without credentials only when its service is
+listed in ``public_services`` (grpc.health.v1 and reflection, for probes) or,
+with ``anonymous_reads``, when it is one of ``reads``. Every other method,
+including one added to the service later, needs an identity on the
+allow-list: the policy denies by default.
+
+Identities are strings: a client certificate's SAN URIs
+(``spiffe://example.org/ns/prod/sa/login``) and DNS names
+(``login.internal``), and ``apikey:<name>`` for an API key. Certificate
+identities are trusted only when the port verifies client certificates
+(mTLS); API keys are compared as SHA-256 digests in constant time and are
+never logged (their names are).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import grpc
+
+from session_authority.transport.wrapping import WrappingInterceptor
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "ApiKeys",
+    "AuthInterceptor",
+    "AuthPolicy",
+    "Caller",
+    "Reason",
+    "hash_api_key",
+]
+
+_log = logging.getLogger("session_authority.auth")
+
+API_KEY_PREFIX = "apikey:"
+"""An API key's identity is this prefix and the key's name (``apikey:login``)."""
+
+Reason: TypeAlias = Literal["no_credentials", "invalid_credentials", "not_allowed"]
+"""Why a call was denied; also the ``reason`` label of the denial counter."""
+
+#: The one table from a denial to its status and the message the caller sees.
+_STATUS: dict[Reason, tuple[grpc.StatusCode, str]] = {
+    "no_credentials": (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "credentials required: a client certificate or an API key "
+        "(metadata 'authorization: Bearer <key>' or 'x-api-key')",
+    ),
+    "invalid_credentials": (grpc.StatusCode.UNAUTHENTICATED, "invalid API key"),
+    "not_allowed": (grpc.StatusCode.PERMISSION_DENIED, "caller not allowed to call {method}"),
+}
+
+
+def hash_api_key(key: str) -> str:
+    """What AUTH_API_KEYS holds for ``key``: its SHA-256, in hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """Service API keys, known only by name and SHA-256 digest."""
+
+    def __init__(self, hashes: Mapping[str, str]) -> None:
+        """``hashes``: key name -> SHA-256 of the key, in hex."""
+        self._digests = [(name, bytes.fromhex(digest)) for name, digest in hashes.items()]
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def identify(self, key: str) -> str | None:
+        """The name of the key ``key`` is, or None. Every digest is compared,
+        each in constant time, so the answer's timing tells nothing of which
+        key came close."""
+        digest = hashlib.sha256(key.encode()).digest()
+        found = None
+        for name, expected in self._digests:
+            if hmac.compare_digest(digest, expected):
+                found = name
+        return found
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called, as far as the credentials show."""
+
+    identities: frozenset[str] = frozenset()
+    authenticated: bool = False
+    """A verified client certificate (with or without SANs) or a valid API key."""
+    invalid_credentials: bool = False
+    """An API key was presented that is not one of ours (or not in a form we read)."""
+
+    def describe(self) -> str:
+        """For log lines: identities only, never a credential."""
+        if self.identities:
+            return ",".join(sorted(self.identities))
+        if self.invalid_credentials:
+            return "invalid credentials"
+        return "authenticated, no identity" if self.authenticated else "anonymous"
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """Which caller may call which method (methods as gRPC names them:
+    ``/package.Service/Method``). Pure: no I/O, no gRPC."""
+
+    enforced: bool
+    """False: no authentication configured, every caller may call everything."""
+    public_services: frozenset[str] = frozenset()
+    reads: frozenset[str] = frozenset()
+    """Methods any authenticated caller may call."""
+    allowed: frozenset[str] = frozenset()
+    """Identities that may call every other method (the mutating ones)."""
+    anonymous_reads: bool = False
+    """``reads`` are open to callers without credentials too."""
+
+    def __post_init__(self) -> None:
+        for method in self.reads:
+            if not method.startswith("/") or method.count("/") != 2:
+                raise ValueError(f"not a full method name: {method!r}")
+
+    def is_public(self, method: str) -> bool:
+        """True when no call of ``method`` needs checking."""
+        return not self.enforced or _service_of(method) in self.public_services
+
+    def decide(self, method: str, caller: Caller) -> Reason | None:
+        """None when ``caller`` may call ``method``, else why not."""
+        if self.is_public(method):
+            return None
+        if caller.invalid_credentials:
+            return "invalid_credentials"
+        if method in self.reads and (caller.authenticated or self.anonymous_reads):
+            return None
+        if not caller.authenticated:
+            return "no_credentials"
+        if caller.identities & self.allowed:
+            return None
+        return "not_allowed"
+
+
+def _service_of(method: str) -> str:
+    return method.lstrip("/").rpartition("/")[0]
+
+
+Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]"
+
+
+class AuthInterceptor(WrappingInterceptor):
+    """Identifies the caller of each checked call and applies the policy.
+
+    grpc.aio interceptors see the method and metadata but not the
+    connection's certificate, so the check runs inside a wrapper around the
+    handler (as ``DrainInterceptor`` counts), where the context is at hand."""
+
+    def __init__(
+        self,
+        policy: AuthPolicy,
+        keys: ApiKeys,
+        *,
+        trust_client_certificates: bool,
+        on_denied: Callable[[str, Reason], None] = lambda method, reason: None,
+    ) -> None:
+        """``trust_client_certificates``: the port verifies client
+        certificates against a CA (mTLS); only then are their SANs identities."""
+        super().__init__()
+        self.policy = policy
+        self._keys = keys
+        self._mtls = trust_client_certificates
+        self._on_denied = on_denied
+
+    def _applies(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> bool:
+        return not self.policy.is_public(method)
+
+    def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        identities: set[str] = set()
+        authenticated = False
+        if self._mtls:
+            auth = context.auth_context()
+            # The port requires and verifies a client certificate, so a
+            # subject means a certificate from the configured CA.
+            if auth.get("x509_subject"):
+                authenticated = True
+                for prop in ("peer_uri", "peer_dns"):
+                    identities.update(v.decode(errors="replace") for v in auth.get(prop, ()))
+        invalid = False
+        for key in _presented_keys(context.invocation_metadata() or ()):
+            name = None if key is None else self._keys.identify(key)
+            if name is None:
+                invalid = True
+            else:
+                authenticated = True
+                identities.add(API_KEY_PREFIX + name)
+        return Caller(frozenset(identities), authenticated, invalid)
+
+    async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        caller = self.identify(context)
+        reason = self.policy.decide(method, caller)
+        if reason is None:
+            return
+        self._on_denied(method, reason)
+        code, message = _STATUS[reason]
+        _log.warning(
+            "auth denied: %s %s: %s (caller %s, peer %s)",
+            code.name,
+            method,
+            reason,
+            caller.describe(),
+            context.peer(),
+        )
+        await context.abort(code, message.format(method=method))
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        # The stubs type the behaviours as sync handlers; in grpc.aio they are coroutines.
+        kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]]]] = [
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+        ]
+        for inner, make in kinds:
+            if inner is not None:
+                return make(
+                    self._guard(inner, method),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+    def _guard(self, inner: Behavior, method: str) -> Behavior:
+        """``inner`` behind the check, in the same form: grpc.aio runs an
+        async generator as a stream of replies and awaits anything else."""
+        check = self._check
+        if inspect.isasyncgenfunction(inner):
+
+            async def guarded_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                await check(method, context)
+                async for reply in inner(request, context):
+                    yield reply
+
+            return guarded_stream
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(method, context)
+            return await inner(request, context)
+
+        return guarded
+
+
+def _presented_keys(metadata: Iterable[tuple[str, str | bytes]]) -> Iterable[str | None]:
+    """Every API key in the call's metadata; None for a credential in a form
+    we do not read (``authorization: Basic ...``), which is refused too."""
+    for name, value in metadata:
+        if name not in ("authorization", "x-api-key") or not isinstance(value, str):
+            continue
+        if name == "x-api-key":
+            yield value.strip()
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        yield token.strip() if scheme.lower() == "bearer" else None

@@ -1,0 +1,100 @@
+"""TLS for the gRPC port, with certificates rotated without a restart.
+
+``CertificateFiles.credentials()`` hands gRPC a certificate-configuration
+fetcher, which gRPC calls at each new connection's handshake. The fetcher
+re-reads the files only when one of them changed (modification time, size or
+inode), so replacing them on disk is all a rotation takes: new connections
+get the new certificate, open ones keep theirs until they reconnect.
+
+A half-written rotation (a new certificate beside the old key) is checked
+with Python's ``ssl`` before gRPC sees it; until the files agree again, the
+certificate in use stays in use and the problem is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from pathlib import Path
+
+import grpc
+
+__all__ = ["CertificateFiles"]
+
+_log = logging.getLogger("session_authority.tls")
+
+_Stamp = tuple[tuple[int, int, int], ...]
+
+
+class CertificateFiles:
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        """``client_ca``: when given, every client must present a certificate
+        issued by one of the CAs in this PEM bundle (mTLS)."""
+        self.cert = cert
+        self.key = key
+        self.client_ca = client_ca
+        self._paths = [p for p in (cert, key, client_ca) if p is not None]
+        self._loaded: _Stamp | None = None
+        self._rejected: _Stamp | None = None
+        self.reloads = 0
+        """How many times changed files were taken up (not counting the first load)."""
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that follow the files. Raises ``OSError``
+        (``ssl.SSLError`` included) when they cannot be used now."""
+        try:
+            stamp = self._stamp()
+            initial = self._load()
+        except (OSError, ValueError) as exc:
+            raise OSError(f"TLS: cannot use {self._describe()}: {exc}") from exc
+        self._loaded = stamp
+        return grpc.dynamic_ssl_server_credentials(
+            initial,
+            self._fetch,  # type: ignore[arg-type]  # None means "no change" (grpc's docs)
+            require_client_authentication=self.client_ca is not None,
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's fetcher: a new configuration, or None to keep the current
+        one. Runs on gRPC's thread at each handshake, so it must not raise."""
+        stamp: _Stamp | None = None
+        try:
+            stamp = self._stamp()
+            if stamp in (self._loaded, self._rejected):
+                return None
+            config = self._load()
+            if self._stamp() != stamp:  # still being written: next handshake
+                return None
+        except Exception as exc:  # never into gRPC's C core
+            if stamp != self._rejected:
+                self._rejected = stamp
+                _log.warning(
+                    "TLS: cannot reload %s (%s); still serving the previous certificate",
+                    self._describe(),
+                    exc,
+                )
+            return None
+        self._loaded = stamp
+        self._rejected = None
+        self.reloads += 1
+        _log.info("TLS: reloaded %s", self._describe())
+        return config
+
+    def _stamp(self) -> _Stamp:
+        stats = [os.stat(p) for p in self._paths]
+        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key = self.cert.read_bytes(), self.key.read_bytes()
+        client_ca = None if self.client_ca is None else self.client_ca.read_bytes()
+        # gRPC would only log a mismatched pair deep in its core; ssl says why.
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        check.load_cert_chain(self.cert, self.key)
+        if client_ca is not None:
+            check.load_verify_locations(cadata=client_ca.decode())
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def _describe(self) -> str:
+        shown = f"certificate {self.cert}, key {self.key}"
+        return shown if self.client_ca is None else f"{shown}, client CA {self.client_ca}"

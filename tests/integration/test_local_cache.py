@@ -1,0 +1,98 @@
+"""The in-process (L1) cache with revocations pushed over real Redis pub/sub,
+between two server processes' worth of Apps sharing one Redis and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from session_authority.adapters.redis_cache import cache_key
+from session_authority.bootstrap import App
+from session_authority.core.domain import TokenHash
+from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from .support import NO_PROXY, app_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture
+async def replicas(
+    own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
+) -> AsyncIterator[list[tuple[App, pb_grpc.SessionAuthorityAsyncStub]]]:
+    apps: list[App] = []
+    channels: list[grpc.aio.Channel] = []
+    pairs: list[tuple[App, pb_grpc.SessionAuthorityAsyncStub]] = []
+    try:
+        for _ in range(3):
+            app = await App.start(app_settings(own_postgres.url, own_redis.url))
+            apps.append(app)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
+            channels.append(channel)
+            pairs.append((app, pb_grpc.SessionAuthorityStub(channel)))
+        yield pairs
+    finally:
+        for channel in channels:
+            await channel.close()
+        for app in apps:
+            await app.stop(0)
+
+
+async def _validate(
+    stub: pb_grpc.SessionAuthorityAsyncStub, token: str
+) -> pb.ValidateSessionResponse:
+    return await stub.ValidateSession(pb.ValidateSessionRequest(token=token), timeout=5)
+
+
+async def test_a_revocation_reaches_every_process_before_invalidate_returns(
+    replicas: list[tuple[App, pb_grpc.SessionAuthorityAsyncStub]],
+) -> None:
+    (_, a), *others = replicas
+    token = (await a.CreateSession(pb.CreateSessionRequest(user_id="l1"))).token
+    for app, stub in replicas:
+        for _ in range(3):
+            assert (await _validate(stub, token)).valid
+        assert app.bus is not None and app.bus.live
+    reply = await a.Invalidate(pb.InvalidateRequest(token=token))
+    assert (reply.revoked, reply.cache_purged, reply.propagated) == (True, True, True)
+    for _, stub in replicas:  # at once, on every process: no L1 copy survived
+        answer = await _validate(stub, token)
+        assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
+    assert others
+
+
+async def test_a_process_whose_subscription_is_cut_serves_no_stale_l1_hit(
+    replicas: list[tuple[App, pb_grpc.SessionAuthorityAsyncStub]], own_redis: EmbeddedRedis
+) -> None:
+    (_, a), (b_app, b), _ = replicas
+    token = (await a.CreateSession(pb.CreateSessionRequest(user_id="cut"))).token
+    for _ in range(3):
+        assert (await _validate(b, token)).valid  # b holds an L1 copy
+    raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        # Every subscription is cut (as a Redis restart or a network blip would),
+        # then the session is revoked behind the bus's back: a tombstone straight
+        # into Redis, no push. b must not answer from its L1 copy.
+        assert await raw.client_kill_filter(_type="pubsub") >= 1
+        key = cache_key(TokenHash.of(token))
+        await raw.hset(key, mapping={"state": "revoked", "token_hash": TokenHash.of(token).hex})
+        for _ in range(20):
+            answer = await _validate(b, token)
+            assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
+        deadline = time.monotonic() + 5
+        assert b_app.bus is not None
+        while not b_app.bus.live:  # it resubscribes on its own
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        with contextlib.suppress(Exception):
+            await raw.aclose()

@@ -1,0 +1,209 @@
+"""The in-process (L1) cache on the fakes: hits without Redis, revocations pushed
+to every process before Invalidate returns, no L1 hits for a process that is not
+sure it hears revocations, and no stale copy stored after a drop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from session_authority.bootstrap import assemble_core
+from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
+from session_authority.core.domain import Reason, Revocation, Source, TokenHash
+from session_authority.core.local import LocalCache
+from session_authority.core.policy import CorePolicy
+from session_authority.core.ports import CachedVerdict
+from session_authority.core.service import SessionAuthority
+
+from .fakes import (
+    FakeClock,
+    InMemoryRevocationFeed,
+    InMemoryRevocationHub,
+    InMemorySessionCache,
+    InMemorySessionStore,
+)
+
+pytestmark = [pytest.mark.timeout(10)]
+
+L1_TTL = 1.0
+
+
+@dataclass
+class Process:
+    svc: SessionAuthority
+    local: LocalCache
+    feed: InMemoryRevocationFeed
+    breaker: Breaker
+
+
+@dataclass
+class World:
+    clock: FakeClock
+    store: InMemorySessionStore
+    cache: InMemorySessionCache
+    hub: InMemoryRevocationHub
+    processes: list[Process]
+
+    async def process(self) -> Process:
+        local = LocalCache(1000, L1_TTL, clock=self.clock.monotonic)
+        feed = self.hub.feed(local)
+        breaker = Breaker(BreakerPolicy(timeout=5.0), clock=self.clock.monotonic)
+        svc = assemble_core(
+            self.store,
+            self.cache,
+            breaker=breaker,
+            policy=CorePolicy(),
+            clock=self.clock.now,
+            rng=random.Random(5).random,
+            local=local,
+            feed=feed,
+        )
+        await svc.replay_revocations()  # adopt the cache, as App.start does
+        proc = Process(svc, local, feed, breaker)
+        self.processes.append(proc)
+        return proc
+
+
+@pytest_asyncio.fixture
+async def world() -> AsyncIterator[World]:
+    clock = FakeClock()
+    w = World(
+        clock,
+        InMemorySessionStore(clock.now),
+        InMemorySessionCache(clock.monotonic),
+        InMemoryRevocationHub(),
+        [],
+    )
+    yield w
+    for gate in (w.cache.get_gate, w.cache.fill_gate):
+        if gate is not None:
+            gate.set()
+    for proc in w.processes:
+        await proc.svc.aclose()
+
+
+async def _token(p: Process) -> str:
+    token, _ = await p.svc.create(f"user-{uuid.uuid4().hex}", None, {})
+    return token
+
+
+# --- LocalCache ---------------------------------------------------------------------------
+
+
+def test_entries_live_at_most_the_ttl_and_never_past_the_redis_entry() -> None:
+    clock = FakeClock()
+    local = LocalCache(10, 1.0, clock=clock.monotonic)
+    a, b = TokenHash("a" * 64), TokenHash("b" * 64)
+    session_like = CachedVerdict(Reason.REVOKED)
+    assert local.put(a, session_like, ttl_left=300, version=local.version)
+    assert local.put(b, session_like, ttl_left=0.2, version=local.version)
+    clock.advance(0.5)
+    assert local.get(a) is session_like and local.get(b) is None
+    clock.advance(0.5)
+    assert local.get(a) is None
+
+
+def test_the_oldest_entries_go_first_beyond_the_bound() -> None:
+    local = LocalCache(2, 1.0)
+    hashes = [TokenHash(c * 64) for c in "abc"]
+    for h in hashes:
+        local.put(h, CachedVerdict(Reason.REVOKED), 1.0, local.version)
+    assert len(local) == 2 and local.get(hashes[0]) is None
+
+
+def test_a_copy_read_before_a_drop_is_not_stored_after_it() -> None:
+    local = LocalCache(10, 1.0)
+    h = TokenHash("a" * 64)
+    version = local.version
+    local.drop([TokenHash("b" * 64)])  # any revocation in between
+    assert not local.put(h, CachedVerdict(Reason.REVOKED), 1.0, version)
+    assert local.get(h) is None
+
+
+# --- the service with L1 -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_hot_session_is_answered_from_l1_without_asking_redis(world: World) -> None:
+    p = await world.process()
+    token = await _token(p)
+    assert (await p.svc.validate(token)).source is Source.DATABASE  # filled: Redis and L1
+    gets = world.cache.calls["get"]
+    for _ in range(100):
+        answer = await p.svc.validate(token)
+        assert (answer.valid, answer.source) == (True, Source.CACHE)
+    assert world.cache.calls["get"] == gets
+    world.clock.advance(L1_TTL)  # the copy is older than the L1 TTL: ask Redis again
+    assert (await p.svc.validate(token)).source is Source.CACHE
+    assert world.cache.calls["get"] == gets + 1
+
+
+@pytest.mark.asyncio
+async def test_a_revocation_reaches_every_process_before_invalidate_returns(world: World) -> None:
+    a, b, c = [await world.process() for _ in range(3)]
+    token = await _token(a)
+    for proc in (a, b, c):
+        assert (await proc.svc.validate(token)).valid  # each has its L1 copy
+    assert await a.svc.invalidate(token=token) == Revocation(1, True, propagated=True)
+    for proc in (a, b, c):
+        answer = await proc.svc.validate(token)
+        assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
+
+
+@pytest.mark.asyncio
+async def test_an_unacknowledged_push_is_reported(world: World) -> None:
+    a, b = await world.process(), await world.process()
+    token = await _token(a)
+    b.feed.deaf = True
+    result = await a.svc.invalidate(token=token)
+    assert (result.cache_purged, result.propagated) == (True, False)
+
+
+@pytest.mark.asyncio
+async def test_a_process_cut_off_from_revocations_serves_no_l1_hits(world: World) -> None:
+    a, b = await world.process(), await world.process()
+    token = await _token(a)
+    assert (await b.svc.validate(token)).valid  # b holds an L1 copy
+    b.feed.subscribed = False  # b can no longer hear revocations
+    assert await a.svc.invalidate(token=token) == Revocation(1, True, propagated=True)
+    gets = world.cache.calls["get"]
+    answer = await b.svc.validate(token)  # from Redis (the tombstone), not from L1
+    assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
+    assert world.cache.calls["get"] == gets + 1
+    assert len(b.local) == 0
+
+
+@pytest.mark.asyncio
+async def test_an_open_breaker_turns_l1_off(world: World) -> None:
+    p = await world.process()
+    token = await _token(p)
+    await p.svc.validate(token)
+    p.breaker.trip("test")
+    assert (await p.svc.validate(token)).source is Source.DATABASE
+    assert len(p.local) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_redis_read_that_raced_a_revocation_does_not_land_in_l1(world: World) -> None:
+    """B's Redis read returns the live entry after A's revocation dropped B's L1
+    copies: storing it now would serve a revoked session for a whole L1 TTL."""
+    a, b = await world.process(), await world.process()
+    token = await _token(a)
+    await a.svc.validate(token)  # Redis holds the live entry; b's L1 is empty
+    held = world.cache.get_gate = asyncio.Event()
+    racing = asyncio.create_task(b.svc.validate(token))
+    await world.cache.wait_parked_gets(1)  # b read "live" from Redis; the reply is slow
+    world.cache.get_gate = None
+    assert await a.svc.invalidate(token=token) == Revocation(1, True, propagated=True)
+    held.set()
+    await racing  # it began before the revocation returned: either answer is allowed
+    assert len(b.local) == 0
+    answer = await b.svc.validate(token)
+    assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
+    assert b.breaker.state is BreakerState.CLOSED
