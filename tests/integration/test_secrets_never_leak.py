@@ -9,7 +9,8 @@ logger, as the JSON formatter writes it), every exported span (names, attributes
 events, resource), the Health document over gRPC and the admin port, ``/metrics``, and
 every error a caller was sent. No token, token body, password or key line may appear.
 
-(API keys, from the authorisation work, are not part of this service yet.)
+Callers authenticate with an API key (``authorization: Bearer``); a caller with a wrong key
+is refused along the way: neither key may appear either.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.embedded.tls import TlsFiles
 from session_authority.logs import JsonFormatter
 from session_authority.observability.tracing import install_tracing
+from session_authority.transport.auth import hash_api_key
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
@@ -58,6 +60,9 @@ REDIS_PASSWORD = f"redis-pw-{secrets.token_hex(10)}"
 WRONG_PASSWORD = f"wrong-pw-{secrets.token_hex(10)}"
 REDIS_USER = "leakcheck"
 TOKENS = 200
+API_KEY = f"sa-key-{secrets.token_urlsafe(24)}"
+WRONG_KEY = f"sa-wrong-{secrets.token_urlsafe(24)}"
+AUTH = (("authorization", f"Bearer {API_KEY}"),)
 
 
 class Capture(logging.Handler):
@@ -140,7 +145,7 @@ def _found(text: str, needles: dict[str, str]) -> list[str]:
 
 async def _rpc(errors: list[str], call: Any, request: object) -> None:
     try:
-        await call(request, timeout=10)
+        await call(request, timeout=10, metadata=AUTH)
     except grpc.aio.AioRpcError as exc:
         errors.append(f"{exc.code().name}: {exc.details()}")
 
@@ -159,6 +164,8 @@ async def test_no_secret_in_redis_postgres_logs_spans_health_metrics_or_errors(
     settings = app_settings(
         postgres.url,
         _redis_url(redis, REDIS_PASSWORD),
+        auth_api_keys=f"leakcheck:{hash_api_key(API_KEY)}",
+        auth_allowed_identities="apikey:leakcheck",
         admin_port=find_free_port(),
         breaker_timeout_ms=300,
         breaker_reset_timeout_ms=300,
@@ -174,12 +181,12 @@ async def test_no_secret_in_redis_postgres_logs_spans_health_metrics_or_errors(
 
             async def create(user: str, metadata: dict[str, str] | None = None) -> str:
                 request = pb.CreateSessionRequest(user_id=user, metadata=metadata)
-                reply = await stub.CreateSession(request, timeout=10)
+                reply = await stub.CreateSession(request, timeout=10, metadata=AUTH)
                 tokens.append(reply.token)
                 return reply.token
 
             async def health() -> None:
-                reply = await stub.Health(pb.HealthRequest(), timeout=10)
+                reply = await stub.Health(pb.HealthRequest(), timeout=10, metadata=AUTH)
                 documents.append(json_format.MessageToJson(reply))
                 for path in ("/health", "/api/health/redis", "/metrics"):
                     async with http.get(f"http://127.0.0.1:{app.admin_port}{path}") as r:
@@ -214,7 +221,9 @@ async def test_no_secret_in_redis_postgres_logs_spans_health_metrics_or_errors(
             for token in many[20:70]:
                 await _rpc(errors, stub.Invalidate, pb.InvalidateRequest(token=token))
             for token in many[70:120]:
-                live = await stub.ValidateSession(pb.ValidateSessionRequest(token=token))
+                live = await stub.ValidateSession(
+                    pb.ValidateSessionRequest(token=token), metadata=AUTH
+                )
                 await _rpc(
                     errors,
                     stub.Invalidate,
@@ -224,6 +233,16 @@ async def test_no_secret_in_redis_postgres_logs_spans_health_metrics_or_errors(
                 await _rpc(
                     errors, stub.InvalidateUser, pb.InvalidateUserRequest(user_id=f"leak-{i}")
                 )
+            for key in (WRONG_KEY, f"Bearer {API_KEY}"):  # refused: a wrong key, a doubled scheme
+                try:
+                    await stub.ValidateSession(
+                        pb.ValidateSessionRequest(token=many[0]),
+                        timeout=10,
+                        metadata=(("authorization", f"Bearer {key}"),),
+                    )
+                    raise AssertionError("a wrong API key was let in")
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
             for token in many:  # revoked ones from the tombstones now
                 await _rpc(errors, stub.ValidateSession, pb.ValidateSessionRequest(token=token))
             await health()
@@ -234,13 +253,17 @@ async def test_no_secret_in_redis_postgres_logs_spans_health_metrics_or_errors(
     wrong = app_settings(
         postgres.url.replace(quote(PG_PASSWORD, safe=""), WRONG_PASSWORD),
         _redis_url(redis, WRONG_PASSWORD),
+        auth_api_keys=f"leakcheck:{hash_api_key(API_KEY)}",
+        auth_allowed_identities="apikey:leakcheck",
         admin_port=find_free_port(),
     )
     assert WRONG_PASSWORD in wrong.database_url  # type: ignore[operator]
     app = await App.start(wrong)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY) as ch:
-            reply = await pb_grpc.SessionAuthorityStub(ch).Health(pb.HealthRequest(), timeout=10)
+            reply = await pb_grpc.SessionAuthorityStub(ch).Health(
+                pb.HealthRequest(), timeout=10, metadata=AUTH
+            )
             documents.append(json_format.MessageToJson(reply))
             assert reply.status == "unhealthy"
             assert any("password" in e or "auth" in e.lower() for e in reply.errors), reply.errors
@@ -260,6 +283,7 @@ async def test_no_secret_in_redis_postgres_logs_spans_health_metrics_or_errors(
     needles |= {token[28:]: "half a token" for token in tokens}
     needles |= {PG_PASSWORD: "the Postgres password", REDIS_PASSWORD: "the Redis password"}
     needles |= {WRONG_PASSWORD: "a wrong password"}
+    needles |= {API_KEY: "the API key", WRONG_KEY: "a wrong API key"}
     for path in (tls.key, tls.client_key):
         assert path is not None
         needles |= {line: f"a line of {path.name}" for line in _key_lines(path)}
