@@ -21,6 +21,7 @@ from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash
 from session_authority.core.local import LocalCache
 from session_authority.core.policy import CorePolicy
+from session_authority.core.ports import CacheEntry
 from session_authority.core.service import SessionAuthority
 from session_authority.embedded import EmbeddedRedis
 
@@ -59,6 +60,18 @@ class JitteryStore(PostgresSessionStore):
         return found
 
 
+class RacedLocalCache(LocalCache):
+    """Counts the L1 race that matters: a copy read before a revocation's drop,
+    refused when it tried to land after it."""
+
+    refused = 0
+
+    def put(self, token_hash: TokenHash, entry: CacheEntry, ttl_left: float, version: int) -> bool:
+        if version != self.version:
+            RacedLocalCache.refused += 1
+        return super().put(token_hash, entry, ttl_left, version)
+
+
 #: The adapters of each replica made by ``_replica``, in order, for closing.
 _ADAPTERS: list[tuple[PostgresSessionStore, RedisSessionCache, RedisRevocationBus | None]] = []
 
@@ -71,10 +84,10 @@ async def _replica(pg_dsn: str, redis_url: str, revoked: set[str], l1: bool) -> 
     )
     # A short cache TTL keeps misses (and so fill races) frequent; early
     # refresh stays well inside it.
-    local: LocalCache | None = None
+    local: RacedLocalCache | None = None
     bus: RedisRevocationBus | None = None
     if l1:  # each replica is a process with its own L1 and its own subscription
-        local = LocalCache(10_000, 1.0)
+        local = RacedLocalCache(10_000, 1.0)
         bus = RedisRevocationBus.from_url(
             redis_url, timeout=1, on_revoked=local.drop, ack_timeout=0.5
         )
@@ -98,7 +111,7 @@ async def test_no_validation_after_a_revocation_answers_valid(
     pg_dsn: str, redis_server: EmbeddedRedis, processes: int, l1: bool
 ) -> None:
     revoked: set[str] = set()
-    JitteryStore.stale_reads = 0
+    JitteryStore.stale_reads = RacedLocalCache.refused = 0
     replicas = [await _replica(pg_dsn, redis_server.url, revoked, l1) for _ in range(processes)]
     users = [f"user-{uuid4().hex[:8]}" for _ in range(40)]
     tokens: list[tuple[str, str]] = []
@@ -165,9 +178,13 @@ async def test_no_validation_after_a_revocation_answers_valid(
     print(
         f"\nstress: {ledger.validations} validations, {len(ledger.revoked_at)} sessions revoked,"
         f" {ledger.overlapping} validations overlapped a revocation,"
-        f" {JitteryStore.stale_reads} stale reads raced a revocation to the cache"
+        f" {JitteryStore.stale_reads} stale reads raced a revocation to the cache,"
+        f" {RacedLocalCache.refused} L1 copies refused after a drop"
     )
     assert ledger.valid_after_revoke == []
     assert len(ledger.revoked_at) >= SESSIONS // 4  # revocations really happened
     assert ledger.overlapping > 0  # and really raced validations
-    assert JitteryStore.stale_reads > 0  # including the dangerous read-then-fill race
+    if l1:  # the race that matters for L1: a copy read before a drop, landing after it
+        assert RacedLocalCache.refused > 0
+    else:  # the dangerous read-then-fill race
+        assert JitteryStore.stale_reads > 0
