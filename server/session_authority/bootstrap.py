@@ -48,7 +48,7 @@ from session_authority.transport.tls import CertificateFiles
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["App", "Built", "assemble_core", "auth_policy", "build_core"]
+__all__ = ["App", "Built", "assemble_core", "auth_policy", "build_core", "server_options"]
 
 _log = logging.getLogger("session_authority")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
@@ -201,6 +201,27 @@ def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocation
     return local, bus
 
 
+def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments. ``max_connection_age`` sends
+    long-lived client connections a GOAWAY now and then: the kernel spreads
+    connections, not calls, over workers (and a load balancer over replicas),
+    so a client that never reconnects would stay wherever it first landed."""
+    options = [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_receive_message_length", 64 * 1024),
+    ]
+    if settings.grpc_max_connection_age_ms:
+        options += [
+            ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", settings.grpc_max_connection_age_grace_ms),
+        ]
+    if reuse_port:
+        options.append(("grpc.so_reuseport", 1))
+    return options
+
+
 @dataclass
 class App:
     settings: Settings
@@ -224,9 +245,14 @@ class App:
         return None if admin is None else admin.port
 
     @classmethod
-    async def start(cls, settings: Settings) -> App:
+    async def start(
+        cls, settings: Settings, *, reuse_port: bool = False, admin_socket: str | None = None
+    ) -> App:
         """Build everything, bind, and start serving. Postgres may still be
-        down: the standard health service says NOT_SERVING until it answers."""
+        down: the standard health service says NOT_SERVING until it answers.
+
+        A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
+        the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
         credentials = _server_credentials(settings)  # first: unusable TLS files stop start-up
         telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
         built = build_core(settings, telemetry)
@@ -251,12 +277,7 @@ class App:
             # Tracing and metrics outside authorisation and the drain, so refused calls show.
             interceptors=[*telemetry.interceptors(), auth, drain],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-            options=[
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.max_receive_message_length", 64 * 1024),
-            ],
+            options=server_options(settings, reuse_port=reuse_port),
         )
         pb_grpc.add_SessionAuthorityServicer_to_server(SessionAuthorityServicer(core), server)
         health = HealthServicer()
@@ -280,7 +301,7 @@ class App:
         app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
         await app._set_serving(False)
         try:
-            await telemetry.start(lambda: app.serving)
+            await telemetry.start(lambda: app.serving, admin_socket=admin_socket)
         except BaseException:
             await server.stop(None)  # releases the bound gRPC port
             await telemetry.stop()
