@@ -235,13 +235,14 @@ class Bench:
         answers = delta(before, after, "session_validations_total")
         source = "database" if name == "pg_only" else "cache"
         check = self.checks.setdefault(name, {"calls_ok": 0, "other_codes": {}, "answers": {}})
-        check["calls_ok"] += int(
-            codes.pop("grpc_code=OK,grpc_service=session_authority.v1.SessionAuthority", 0)
-        )
+        ok = codes.pop("grpc_code=OK,grpc_service=session_authority.v1.SessionAuthority", 0)
+        check["calls_ok"] += int(ok)
         for code, count in codes.items():
             check["other_codes"][code] = check["other_codes"].get(code, 0) + int(count)
         for labels, count in answers.items():
             check["answers"][labels] = check["answers"].get(labels, 0) + int(count)
+        if not ok:
+            self.problems.append(f"{name}: the server counted no OK call")
         cancelled = sum(v for k, v in codes.items() if "CANCELLED" in k)
         if sum(codes.values()) - cancelled:
             self.problems.append(f"{name}: calls that were not OK: {codes}")

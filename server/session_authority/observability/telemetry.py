@@ -68,7 +68,7 @@ class Telemetry:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.instruments = Instruments(self.registry)
-        self.core_metrics = PrometheusMetrics(self.instruments)
+        self.core_metrics = PrometheusMetrics(self.instruments, traced=tracer_provider is not None)
         self.sampler: HealthSampler | None = None
         self.admin: AdminServer | None = None
         self._watched: list[Breaker] = []
