@@ -72,7 +72,8 @@ def served(tmp_path: Path) -> Iterator[_Served]:
         log = tmp_path / "server.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [*argv, "serve", "--workers", "2", "--migrate", "--port", str(port)],
+                [*argv, "serve", "--workers", "2", "--migrate", "--allow-unauthenticated"]
+                + ["--port", str(port)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

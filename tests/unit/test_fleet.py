@@ -16,6 +16,7 @@ from session_authority.core.health import (
     CacheHealth,
     CacheStats,
     HealthReport,
+    LocalCacheReport,
     PoolStats,
     StoreHealth,
 )
@@ -118,6 +119,8 @@ def _report(
     breaker: str = "closed",
     redis: bool = True,
     errors: tuple[str, ...] = (),
+    l1_entries: int = 3,
+    l1_live: bool = True,
 ) -> dict[str, Any]:
     pool = PoolStats(size=5, available=3, pending=1, min_size=2, max_size=10)
     report = HealthReport(
@@ -131,6 +134,7 @@ def _report(
         breaker=BreakerReport(breaker, 1000, 70.0, 15000, 0.0, opened_count=1),
         store_breaker=BreakerReport("closed", 7000, 50.0, 5000, 0.0, opened_count=0),
         errors=errors,
+        local_cache=LocalCacheReport(enabled=True, live=l1_live, entries=l1_entries, ttl_ms=500),
     )
     return health_document(report)
 
@@ -156,6 +160,7 @@ def test_health_of_healthy_workers_sums_counters_and_pools() -> None:
         "maxSize": 20,
     }
     assert doc["postgres"]["pool"]["maxSize"] == 20
+    assert doc["localCache"] == {"enabled": True, "live": True, "entries": 6, "ttlMs": 500}
     assert doc["redis"]["connected"] is True
     assert doc["errors"] == []
     assert doc["workers"] == [
@@ -180,7 +185,11 @@ def test_health_of_healthy_workers_sums_counters_and_pools() -> None:
 
 def test_health_shows_the_worst_worker() -> None:
     degraded = _report(
-        "degraded", breaker="open", redis=False, errors=("redis: Connection refused",)
+        "degraded",
+        breaker="open",
+        redis=False,
+        errors=("redis: Connection refused",),
+        l1_live=False,
     )
     doc = combine_health([_report(), degraded], [11, 12])
     assert doc["status"] == "degraded"
@@ -189,6 +198,7 @@ def test_health_shows_the_worst_worker() -> None:
     assert doc["redis"]["version"] == "6.2.5"  # from the worker that reached it
     assert doc["sessionCache"]["healthy"] is False
     assert doc["errors"] == ["redis: Connection refused"]
+    assert doc["localCache"]["live"] is False
 
 
 def test_a_silent_worker_makes_the_replica_unhealthy() -> None:

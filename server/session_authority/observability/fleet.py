@@ -12,10 +12,11 @@ them on each request:
                        replica (``sum without (worker) (rate(...))``); the
                        alert rules group by ``job``/``instance`` and still hold
 ``/health``            one document for the replica: the worst ``status``; cache
-``/api/health/redis``  counters, hit rate and pool numbers summed; each breaker
-                       as the worst worker's; Redis/Postgres ``connected`` only
-                       when every worker's probe got through; plus ``workers``:
-                       each worker's pid, status and breaker states
+``/api/health/redis``  counters, hit rate, pool numbers and L1 entries summed;
+                       each breaker as the worst worker's; Redis/Postgres
+                       ``connected`` and L1 ``live`` only when true of every
+                       worker; plus ``workers``: each one's pid, status and
+                       breaker states
 ``/livez``             200 while the supervisor runs (it stops when a worker dies)
 ``/readyz``            200 while every worker says SERVING; 503 while draining
 =====================  ==========================================================
@@ -270,6 +271,14 @@ def combine_health(
         "pool": _sum_pools([s["pool"] for s in stores]),
         "ping": max(_number(s["ping"]) for s in stores),
     }
+    l1 = [doc["localCache"] for doc in answered if "localCache" in doc]
+    if l1:
+        combined["localCache"] = {
+            **l1[0],
+            "enabled": any(c["enabled"] for c in l1),
+            "live": all(c["live"] for c in l1) and len(l1) == len(docs),
+            "entries": sum(int(c["entries"]) for c in l1),
+        }
     for key in ("breaker", "postgresBreaker"):
         breakers = [doc[key] for doc in answered if key in doc]
         if breakers:
