@@ -43,7 +43,7 @@ from pathlib import Path
 from session_authority.config import Settings
 from session_authority.observability.fleet import FleetAdmin
 
-__all__ = ["WorkerSlot", "default_workers", "run_workers"]
+__all__ = ["WorkerSlot", "default_workers", "run_workers", "usable_cores"]
 
 _log = logging.getLogger("session_authority")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -62,8 +62,23 @@ class WorkerSlot:
 
 
 def default_workers(settings: Settings) -> int:
-    """WORKERS, or one per core when it is 0."""
-    return settings.workers or os.cpu_count() or 1
+    """WORKERS, or one per core this process may use when it is 0."""
+    return settings.workers or usable_cores()
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may run on (its CPU affinity), no more than its
+    cgroup's CPU quota rounded up: in a container ``os.cpu_count()`` is the
+    host's, and a pod limited to 2 CPUs on a 64-core node wants 2 workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    return max(1, cores)
 
 
 def run_workers(settings: Settings, count: int, serve_one: Callable[[WorkerSlot], int]) -> int:

@@ -69,11 +69,11 @@ def served(tmp_path: Path) -> Iterator[_Served]:
         )
         cli = BIN / "session-authority"
         argv = [str(cli)] if cli.exists() else [sys.executable, "-m", "session_authority.cli"]
+        argv += ["serve", "--workers", "2", "--migrate", "--allow-unauthenticated"]
         log = tmp_path / "server.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [*argv, "serve", "--workers", "2", "--migrate", "--allow-unauthenticated"]
-                + ["--port", str(port)],
+                [*argv, "--port", str(port)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

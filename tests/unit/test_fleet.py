@@ -1,10 +1,12 @@
-"""``serve --workers``'s admin port: the workers' expositions merged, their
-health documents combined (observability/fleet.py), on prometheus_client's own
-output and the real health rendering (no I/O)."""
+"""``serve --workers``: the admin port's merged expositions and combined health
+documents (observability/fleet.py), on prometheus_client's own output and the
+real health rendering, and the default worker count (no I/O)."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from session_authority.observability.collector import StateCollector, openmetric
 from session_authority.observability.fleet import combine_health, merge_expositions
 from session_authority.observability.health_json import health_document
 from session_authority.observability.sampler import HealthSampler
+from session_authority.workers import usable_cores
 from tests.third_party import generate_openmetrics, parse_openmetrics
 
 
@@ -210,3 +213,12 @@ def test_a_silent_worker_makes_the_replica_unhealthy() -> None:
     nobody = combine_health([None, None], [11, 12])
     assert nobody["status"] == "unhealthy"
     assert len(nobody["errors"]) == 2
+
+
+def test_usable_cores_honours_a_cgroup_quota(tmp_path: Path) -> None:
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: 2 workers
+    assert usable_cores(limit) == min(2, len(os.sched_getaffinity(0)))
+    limit.write_text("max 100000\n")
+    assert usable_cores(limit) == len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path / "absent") == len(os.sched_getaffinity(0))
