@@ -206,7 +206,7 @@ def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocation
 @runtime_checkable
 class HandlerDecorator(Protocol):
     """An interceptor that can also wrap a method's handler once, when it is
-    registered (``DrainInterceptor``, ``RpcMetricsInterceptor``)."""
+    registered (``WrappingInterceptor``s: drain, auth; ``RpcMetricsInterceptor``)."""
 
     def decorate(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
