@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from pydantic import ValidationError
@@ -19,6 +22,7 @@ from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
 from session_authority.config import Settings, redact_url
 from session_authority.logs import configure_logging
+from session_authority.workers import WorkerSlot, default_workers, run_workers
 
 __all__ = ["main"]
 
@@ -29,6 +33,7 @@ configuration comes from the environment (see README "Configuration"):
   DATABASE_URL   Postgres DSN, the source of truth (required for serve/migrate)
   REDIS_URL      Redis URL for the cache (optional: without it, no cache)
   HOST, PORT     listen address (serve: 0.0.0.0:50051, dev: 127.0.0.1:50051)
+  WORKERS        serve: worker processes on the port (0, the default: one per core)
   ADMIN_HOST, ADMIN_PORT  admin HTTP: /metrics, /health, /api/health/redis
                  (127.0.0.1:9464, loopback only; 0 disables)
   TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE  TLS / mTLS (as --tls-cert, --tls-key,
@@ -67,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "--migrate", action="store_true", help="apply pending migrations before serving"
     )
     _add_security_arguments(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (default: $WORKERS, else one per core; "
+        "1: a single process)",
+    )
 
     sub.add_parser(
         "migrate",
@@ -110,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if refusal is not None:
                 print(f"session-authority serve: {refusal}", file=sys.stderr)
                 return 2
-            return asyncio.run(_serve(settings, migrate=args.migrate))
+            return _serve_command(settings, migrate=args.migrate, workers=args.workers)
         if args.command == "migrate":
             settings = Settings()
             configure_logging(settings.log_level, "text")
@@ -138,21 +149,67 @@ async def _migrate(dsn: str) -> int:
     return 0
 
 
+def _serve_command(settings: Settings, *, migrate: bool, workers: int | None) -> int:
+    """``serve``: one process (``--workers 1``) or a supervisor and its workers."""
+    count = default_workers(settings) if workers is None else workers
+    if count < 1:
+        print("session-authority serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if count == 1:
+        return _run(settings, _serve(settings, migrate=migrate))
+    # Migrations first, once, in the supervisor: before any fork.
+    if migrate and settings.database_url and asyncio.run(_migrate(settings.database_url)) != 0:
+        return 1
+    return run_workers(settings, count, lambda slot: _serve_worker(settings, slot))
+
+
+def _serve_worker(settings: Settings, slot: WorkerSlot) -> int:
+    _log.info("worker %d of %d starting (pid %d)", slot.index, slot.count, os.getpid())
+    return _run(settings, _serve(settings, worker=slot))
+
+
+def _run(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``serve``'s coroutine on the event loop EVENT_LOOP names: uvloop
+    (when installed, for ``auto``) or asyncio's own."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                main.close()
+                print(
+                    "session-authority: EVENT_LOOP=uvloop but uvloop is not installed",
+                    file=sys.stderr,
+                )
+                return 2
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 async def _serve(
     settings: Settings,
     *,
     migrate: bool = False,
     on_started: Callable[[App], None] | None = None,
+    worker: WorkerSlot | None = None,
 ) -> int:
     if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
         return 1
     try:
-        app = await App.start(settings)
+        app = await App.start(
+            settings,
+            reuse_port=worker is not None,
+            admin_socket=None if worker is None else worker.admin_socket,
+        )
     except OSError as exc:  # a port that cannot be bound
         _log.error("cannot start: %s", exc)
         return 1
     if on_started is not None:
         on_started(app)
+    _settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,6 +218,14 @@ async def _serve(
     _log.info("shutting down (grace %.1fs)", settings.shutdown_grace_seconds)
     await app.stop()
     return 0
+
+
+def _settle_heap() -> None:
+    """Everything built at start-up lives as long as the process: move it out
+    of the garbage collector's sight, so that the collections every few calls'
+    worth of allocations triggers do not walk it again and again (gc.freeze)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:

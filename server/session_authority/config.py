@@ -90,6 +90,15 @@ class Settings(BaseSettings):
 
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    workers: int = Field(default=0, ge=0)
+    """``serve`` worker processes sharing the port (0: one per core; ``--workers`` overrides)."""
+    grpc_max_connection_age_ms: int = Field(default=300_000, ge=0)
+    """A client connection is sent GOAWAY after about this long (±10 %), so
+    long-lived clients reconnect and spread over workers and replicas (0: never)."""
+    grpc_max_connection_age_grace_ms: int = Field(default=30_000, ge=0)
+    """How long calls still running on a connection past its age may finish."""
+    event_loop: str = Field(default="auto", pattern="^(auto|uvloop|asyncio)$")
+    """``serve``'s event loop: ``auto`` is uvloop when installed, else asyncio's."""
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
 

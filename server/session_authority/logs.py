@@ -32,6 +32,8 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname,
             "logger": record.name,
+            # `serve --workers N` interleaves N processes' lines on one stream.
+            "pid": record.process,
             "message": record.getMessage(),
         }
         # Handlers run synchronously in the logging call, so the current span

@@ -1,174 +1,669 @@
-"""Side-by-side benchmark: every number is a ratio of two runs made here, in one
-process, against the same private Redis and Postgres (this machine is shared and
-noisy, so absolute numbers mean little; ratios measured together do).
+"""The benchmark (`make bench`): the service as shipped, driven from outside by
+an external load generator, beside a ceiling measured in the same run.
 
-    make bench                      # full run (about a minute)
-    python tests/benchmarks/bench.py --quick --json out.json
+    make bench                                 # full run, about 2 minutes
+    make bench BENCH_ARGS=--quick              # smoke run, under a minute
+    python -m tests.benchmarks.bench --json out.json [--workers N] [--quick]
+
+It starts a private Postgres and Redis, then `session-authority serve`
+processes in the default configuration (workers: one per core unless
+--workers): the replica measured, a second replica (revocation propagation),
+one without REDIS_URL (Postgres only) and one tracing every call to a local
+collector (tests/benchmarks/trace_sink.py); and the ceiling: a server on the
+same proto, framework, options, loop and workers whose handler returns canned
+bytes (tests/benchmarks/baseline_server.py).
+
+Load comes from h2load (Debian's nghttp2-client; `make bench` installs it),
+4 connections x 16 streams by default, POSTing one length-prefixed
+ValidateSession message. h2load sees HTTP statuses only, so each run is
+checked against the server's own /metrics (grpc_server_handled_total and
+session_validations_total: every call OK and valid; valid answers from
+another source than expected, e.g. Postgres while a breaker was open, are
+listed under `warnings` with the breaker openings), and the baseline with
+real calls. Where h2load is missing, the
+Python generator (tests/benchmarks/loadgen.py, a process of its own) drives
+everything and `load_generator` says so. Misses always use the Python
+generator: h2load sends one body, and a miss needs a token never seen before.
+
+Throughputs are the median of `rounds` runs taken in turn (ceiling, hit,
+Postgres only), so the shared machine's noise falls on all alike; the ratios
+are what to compare across machines. This is no test: it asserts no timing.
+It exits 1 only when an answer was wrong (a failed check is listed).
 
 Report keys (stable; other tools read them):
-  validate_hit_p50_ms, validate_hit_p99_ms       core validate answered by Redis
-  validate_db_p50_ms,  validate_db_p99_ms        core validate with no cache (Postgres)
-  validate_hit_speedup_p50                       db p50 / hit p50
-  revoke_1000_pipelined_ms, revoke_1000_sequential_ms, revoke_pipeline_speedup
-  grpc_rps_cached, grpc_rps_uncached, grpc_rps_ratio
+  ceiling_rps, hit_rps, miss_rps, pg_only_rps    calls/s (cache hit; miss: new token each call;
+                                                 pg_only: no REDIS_URL)
+  hit_vs_ceiling, hit_vs_pg_only                 ratios of the above
+  hit_rps_traced_all                             cache hits, every call traced and exported
+  hit_p50_ms, hit_p99_ms                         cache-hit latency at half of hit_rps (open
+                                                 loop); ceiling_p50/p99_ms_same_rate: control
+  invalidate_user_1000_pipelined_ms              1,000 tombstones in one pipeline (the cache's
+  invalidate_user_1000_sequential_ms             part of InvalidateUser) vs one round trip each
+  invalidate_user_speedup                        sequential / pipelined
+  redis_bytes_per_session                        MEMORY USAGE of a cached session's key(s)
+  revocation_propagation_p99_ms                  Invalidate sent to one replica until the other
+                                                 answers revoked
+  workers, load_generator, cores
+Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
+traced_spans_per_call, miss_load_generator, machine, and `checks`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
+import redis.asyncio as aioredis
 
 from session_authority.adapters.migrate import apply_migrations
-from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
-from session_authority.bootstrap import App, assemble_core
 from session_authority.config import Settings
-from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.benchmarks.harness import (
+    BIN,
+    NO_PROXY,
+    Samples,
+    Server,
+    clean_env,
+    delta,
+    grpc_frame,
+    h2load_version,
+    run_h2load,
+    run_loadgen,
+    scrape,
+    start,
+    validate_request,
+    wait_ready,
+)
+
+REQUIRED_KEYS = (
+    "ceiling_rps",
+    "hit_rps",
+    "miss_rps",
+    "pg_only_rps",
+    "hit_vs_ceiling",
+    "hit_vs_pg_only",
+    "hit_rps_traced_all",
+    "hit_p50_ms",
+    "hit_p99_ms",
+    "invalidate_user_1000_pipelined_ms",
+    "invalidate_user_1000_sequential_ms",
+    "invalidate_user_speedup",
+    "redis_bytes_per_session",
+    "revocation_propagation_p99_ms",
+    "workers",
+    "load_generator",
+    "cores",
+)
+PYTHON_GENERATOR = "python grpc.aio client (tests/benchmarks/loadgen.py, own process)"
 
 
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+class Bench:
+    def __init__(self, args: argparse.Namespace, base: Path, pg: str, redis_url: str) -> None:
+        self.args = args
+        self.base = base
+        self.pg = pg
+        self.redis_url = redis_url
+        self.workers: int = args.workers or os.cpu_count() or 1
+        self.h2load = None if args.python_load else h2load_version()
+        self.seconds = 1.5 if args.quick else args.seconds
+        self.warmup = 0.5 if args.quick else 1.0
+        self.rounds = 1 if args.quick else args.rounds
+        self.servers: dict[str, Server] = {}
+        self.problems: list[str] = []  # wrong answers: the bench exits 1
+        self.warnings: list[str] = []  # right answers by an unexpected road
+        self.checks: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}
 
+    # --- processes -----------------------------------------------------------------------
 
-async def _timed(n: int, op: Callable[[], Awaitable[object]]) -> list[float]:
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        await op()
-        out.append(time.perf_counter() - started)
-    return out
+    def _serve(self, name: str, **env: str) -> Server:
+        port, admin = find_free_port(), find_free_port()
+        # Plaintext and open on loopback, as the tests run it: authentication is
+        # not what this measures.
+        argv = [
+            str(BIN / "session-authority"),
+            "serve",
+            "--allow-unauthenticated",
+            "--workers",
+            str(self.workers),
+        ]
+        environment = clean_env(
+            DATABASE_URL=self.pg, HOST="127.0.0.1", PORT=str(port), ADMIN_PORT=str(admin), **env
+        )
+        return start(
+            name, [*argv, "--port", str(port)], environment, port, self.base, admin_port=admin
+        )
 
+    async def start_servers(self) -> None:
+        sink_port = find_free_port()
+        self.sink_report = self.base / "spans.json"
+        self.servers["sink"] = start(
+            "sink",
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.trace_sink",
+                f"--port={sink_port}",
+                f"--report={self.sink_report}",
+            ],
+            clean_env(),
+            sink_port,
+            self.base,
+        )
+        cached = {"REDIS_URL": self.redis_url}
+        self.servers["hit"] = self._serve("hit", **cached)
+        self.servers["replica"] = self._serve("replica", **cached)
+        self.servers["pg_only"] = self._serve("pg_only")
+        self.servers["traced"] = self._serve(
+            "traced",
+            **cached,
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink_port}",
+            OTEL_TRACES_SAMPLER="always_on",
+        )
+        port = find_free_port()
+        self.servers["ceiling"] = start(
+            "ceiling",
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.baseline_server",
+                f"--port={port}",
+                f"--workers={self.workers}",
+            ],
+            clean_env(),
+            port,
+            self.base,
+        )
+        await asyncio.gather(
+            *(
+                wait_ready(s, health=name != "ceiling")
+                for name, s in self.servers.items()
+                if name != "sink"
+            )
+        )
 
-async def bench_core(pg: str, redis_url: str, n: int) -> dict[str, float]:
-    store = PostgresSessionStore(pg, min_size=2, max_size=10, command_timeout=5, acquire_timeout=5)
-    cache = RedisSessionCache.from_url(
-        redis_url, ttl=300, min_connections=2, max_connections=10, timeout=1, pool_timeout=1
-    )
-    cached = assemble_core(store, cache, breaker=Breaker(BreakerPolicy()))
-    uncached = assemble_core(store, None, breaker=Breaker(BreakerPolicy()))
-    try:
-        token, _ = await cached.create("bench-user", timedelta(hours=1), {})
-        await cached.validate(token)  # fill
-        hit: list[float] = []
-        db: list[float] = []
-        # Interleave in rounds so drift on a shared machine hits both alike.
-        for _ in range(10):
-            hit += await _timed(n // 10, lambda: cached.validate(token))
-            db += await _timed(n // 10, lambda: uncached.validate(token))
+    async def stop_servers(self) -> None:
+        codes = await asyncio.gather(*(s.stop() for s in self.servers.values()))
+        for server, code in zip(self.servers.values(), codes, strict=True):
+            if code != 0:
+                self.problems.append(f"{server.name} exited {code} on SIGTERM:\n{server.tail()}")
 
-        hashes = [TokenHash.of(new_token()) for _ in range(1000)]
+    # --- load ---------------------------------------------------------------------------
+
+    async def throughput(self, name: str, body: Path, tokens: Path) -> float:
+        server = self.servers[name]
+        before = await scrape(server) if server.admin_port else None
+        if self.h2load:
+            result = await run_h2load(
+                server.target,
+                body,
+                seconds=self.seconds,
+                warmup=self.warmup,
+                connections=self.args.connections,
+                streams=self.args.streams,
+            )
+            if result.failed or result.errored or result.status_2xx != result.succeeded:
+                self.problems.append(f"{name}: h2load saw failures: {result}")
+            rps = result.rps
+        else:
+            report = await run_loadgen(
+                server.target,
+                tokens,
+                seconds=self.seconds,
+                connections=self.args.connections,
+                streams=self.args.streams,
+            )
+            rps = float(report["rps"])  # type: ignore[arg-type]
+            self._expect_outcomes(name, report, "cache" if name != "pg_only" else "database")
+        if before is not None:
+            self._check_server(name, before, await scrape(server))
+        return rps
+
+    def _check_server(self, name: str, before: Samples, after: Samples) -> None:
+        """Every ValidateSession the server finished was OK (or CANCELLED: in
+        flight when the load generator stopped) and a valid session from
+        where it should be."""
+        codes = delta(before, after, "grpc_server_handled_total", grpc_method="ValidateSession")
+        answers = delta(before, after, "session_validations_total")
+        source = "database" if name == "pg_only" else "cache"
+        check = self.checks.setdefault(name, {"calls_ok": 0, "other_codes": {}, "answers": {}})
+        ok = codes.pop("grpc_code=OK,grpc_service=session_authority.v1.SessionAuthority", 0)
+        check["calls_ok"] += int(ok)
+        for code, count in codes.items():
+            check["other_codes"][code] = check["other_codes"].get(code, 0) + int(count)
+        for labels, count in answers.items():
+            check["answers"][labels] = check["answers"].get(labels, 0) + int(count)
+        if not ok:
+            self.problems.append(f"{name}: the server counted no OK call")
+        cancelled = sum(v for k, v in codes.items() if "CANCELLED" in k)
+        if sum(codes.values()) - cancelled:
+            self.problems.append(f"{name}: calls that were not OK: {codes}")
+        if cancelled > self.args.connections * self.args.streams:
+            self.problems.append(f"{name}: more CANCELLED than calls in flight: {codes}")
+        invalid = {k: v for k, v in answers.items() if not k.endswith("valid=true")}
+        if invalid:
+            self.problems.append(f"{name}: a live session answered invalid: {invalid}")
+        elsewhere = {
+            k: v
+            for k, v in answers.items()
+            if k.endswith("valid=true") and k != f"reason=none,source={source},valid=true"
+        }
+        opened = delta(before, after, "circuit_breaker_transitions_total", to_state="open")
+        if opened:
+            check["breaker_openings"] = check.get("breaker_openings", 0) + int(sum(opened.values()))
+        if elsewhere:
+            # Right answers by another road (a breaker opened under the load:
+            # Postgres answered): a finding to report, not a wrong answer.
+            check["not_from_" + source] = check.get("not_from_" + source, 0) + int(
+                sum(elsewhere.values())
+            )
+            self.warnings.append(
+                f"{name}: {int(sum(elsewhere.values()))} valid answers not from {source} "
+                f"({elsewhere}; breaker openings: {opened or 'none'})"
+            )
+
+    def _expect_outcomes(self, name: str, report: dict[str, Any], source: str) -> None:
+        outcomes: dict[str, int] = report["outcomes"]
+        self.checks.setdefault(f"{name}_client", {}).update(outcomes)
+        if set(outcomes) - {f"valid:{source}"}:
+            self.problems.append(f"{name}: the client saw {outcomes}, not only valid:{source}")
+
+    # --- phases -------------------------------------------------------------------------
+
+    async def prepare_token(self) -> tuple[Path, Path]:
+        async with grpc.aio.insecure_channel(self.servers["hit"].target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            reply = await stub.CreateSession(pb.CreateSessionRequest(user_id="bench-hit"))
+            first = await stub.ValidateSession(pb.ValidateSessionRequest(token=reply.token))
+            again = await stub.ValidateSession(pb.ValidateSessionRequest(token=reply.token))
+        if not (first.valid and again.valid and again.source == pb.SOURCE_CACHE):
+            self.problems.append(f"hit: the token does not validate from the cache: {again}")
+        body, tokens = self.base / "body.bin", self.base / "token.txt"
+        body.write_bytes(grpc_frame(validate_request(reply.token)))
+        tokens.write_text(reply.token + "\n")
+        self.token = reply.token
+        return body, tokens
+
+    async def check_ceiling_answers(self) -> None:
+        async with grpc.aio.insecure_channel(
+            self.servers["ceiling"].target, options=NO_PROXY
+        ) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            for _ in range(3):
+                reply = await stub.ValidateSession(pb.ValidateSessionRequest(token=self.token))
+                if not (reply.valid and reply.session.user_id):
+                    self.problems.append(f"ceiling: unexpected canned answer {reply}")
+
+    async def throughputs(self, body: Path, tokens: Path) -> None:
+        runs: dict[str, list[float]] = {"ceiling": [], "hit": [], "pg_only": []}
+        for _ in range(self.rounds):
+            for name in runs:
+                runs[name].append(await self.throughput(name, body, tokens))
+        await self.check_ceiling_answers()
+        for name, values in runs.items():
+            self.report[f"{name}_rps"] = round(statistics.median(values))
+            self.report[f"{name}_rps_runs"] = [round(v) for v in values]
+        self.report["hit_vs_ceiling"] = round(
+            self.report["hit_rps"] / self.report["ceiling_rps"], 3
+        )
+        self.report["hit_vs_pg_only"] = round(
+            self.report["hit_rps"] / self.report["pg_only_rps"], 2
+        )
+
+    async def traced(self, body: Path, tokens: Path) -> None:
+        server = self.servers["traced"]
+        before = await scrape(server)
+        self.report["hit_rps_traced_all"] = round(await self.throughput("traced", body, tokens))
+        calls = sum(delta(before, await scrape(server), "grpc_server_handled_total").values())
+        # Stopping flushes the exporter; then the sink counts what it received.
+        if await server.stop() != 0:
+            self.problems.append(f"traced exited non-zero:\n{server.tail()}")
+        await self.servers["sink"].stop()
+        spans = json.loads(self.sink_report.read_text())
+        self.checks["traced_sink"] = spans
+        self.report["traced_spans_per_call"] = round(spans["spans"] / max(calls, 1), 2)
+        if not spans["spans"]:
+            self.problems.append("traced: the collector received no span")
+        del self.servers["traced"], self.servers["sink"]
+
+    async def latency(self, body: Path, tokens: Path) -> None:
+        """Open-loop latency at half of ``hit_rps``: cache hits, then the
+        ceiling at the same rate as the control (on a shared machine, most of
+        a tail can be the machine's)."""
+        rate = self.report["hit_rps"] / 2
+        server = self.servers["hit"]
+        before = await scrape(server)
+        hit = await self._paced(server, rate, body, tokens)
+        self._check_server("hit", before, await scrape(server))
+        ceiling = await self._paced(self.servers["ceiling"], rate, body, tokens)
+        self.report["hit_latency_rps"] = round(hit[0])
+        self.report["hit_p50_ms"], self.report["hit_p99_ms"] = hit[1], hit[2]
+        self.report["ceiling_p50_ms_same_rate"] = ceiling[1]
+        self.report["ceiling_p99_ms_same_rate"] = ceiling[2]
+
+    async def _paced(
+        self, server: Server, rate: float, body: Path, tokens: Path
+    ) -> tuple[float, float, float]:
+        """(calls/s achieved, p50 ms, p99 ms) at ``rate`` calls/s in all."""
+        if self.h2load:
+            result = await run_h2load(
+                server.target,
+                body,
+                seconds=self.seconds,
+                warmup=0,
+                connections=self.args.connections,
+                streams=self.args.streams,
+                rps_per_client=rate / self.args.connections,
+                log_file=self.base / f"latency-{server.name}.log",
+            )
+            samples = sorted(result.latencies_ms)
+            return result.rps, round(_pct(samples, 0.5), 3), round(_pct(samples, 0.99), 3)
+        report = await run_loadgen(
+            server.target,
+            tokens,
+            seconds=self.seconds,
+            connections=self.args.connections,
+            streams=self.args.streams,
+            rate=rate,
+        )
+        return (
+            float(report["rps"]),  # type: ignore[arg-type]
+            float(report["p50_ms"]),  # type: ignore[arg-type]
+            float(report["p99_ms"]),  # type: ignore[arg-type]
+        )
+
+    async def misses(self) -> None:
+        """Every call a token no cache has seen: Redis miss, Postgres, fill."""
+        count = 4000 if self.args.quick else 15000
+        tokens = await self._insert_sessions("bench-miss", count)
+        path = self.base / "miss-tokens.txt"
+        path.write_text("\n".join(tokens) + "\n")
+        server = self.servers["hit"]
+        before = await scrape(server)
+        report = await run_loadgen(
+            server.target,
+            path,
+            seconds=self.seconds,
+            connections=self.args.connections,
+            streams=self.args.streams,
+            once=True,
+        )
+        self._expect_outcomes("miss", report, "database")
+        lookups = delta(before, await scrape(server), "session_cache_lookups_total")
+        self.checks["miss_lookups"] = lookups
+        if lookups.get("result=miss", 0) < int(report["calls"]):  # type: ignore[call-overload]
+            self.problems.append(f"miss: fewer cache misses than calls: {lookups} {report}")
+        self.report["miss_rps"] = round(float(report["rps"]))  # type: ignore[arg-type]
+        self.report["miss_load_generator"] = PYTHON_GENERATOR
+        if report["exhausted"]:
+            self.report["miss_tokens_ran_out"] = True
+
+    async def invalidation(self) -> None:
+        settings = Settings(redis_url=self.redis_url)
+        cache = RedisSessionCache.from_url(
+            self.redis_url,
+            ttl=settings.cache_ttl_seconds,
+            min_connections=settings.redis_pool_min,
+            max_connections=settings.redis_pool_max,
+            timeout=settings.breaker_timeout_ms / 1000,
+            pool_timeout=settings.redis_pool_timeout_ms / 1000,
+        )
+        tokens = await self._insert_sessions("bench-revoke", 1000)
+        await self._validate_all(tokens)  # cached, as InvalidateUser finds them
+        hashes = [TokenHash.of(t) for t in tokens]
+        ttl = settings.tombstone_ttl_seconds
         pipelined: list[float] = []
         sequential: list[float] = []
-        for _ in range(3):
+        try:
+            for _ in range(3):
+                pipelined.append(await _timed(lambda: cache.tombstone(hashes, ttl)))
+
+                async def one_by_one() -> None:
+                    for h in hashes:  # the runbook's "Current: Sequential"
+                        await cache.tombstone([h], ttl)
+
+                sequential.append(await _timed(one_by_one))
+        finally:
+            await cache.aclose()
+        pipe, seq = statistics.median(pipelined), statistics.median(sequential)
+        self.report["invalidate_user_1000_pipelined_ms"] = round(pipe, 2)
+        self.report["invalidate_user_1000_sequential_ms"] = round(seq, 2)
+        self.report["invalidate_user_speedup"] = round(seq / pipe, 1)
+
+        user = "bench-revoke-rpc"
+        await self._validate_all(await self._insert_sessions(user, 1000))
+        async with grpc.aio.insecure_channel(self.servers["hit"].target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
             started = time.perf_counter()
-            await cache.tombstone(hashes, 60)
-            pipelined.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            for h in hashes:  # one round trip per key: the runbook's "Current: Sequential"
-                await cache.tombstone([h], 60)
-            sequential.append(time.perf_counter() - started)
-    finally:
-        await cache.aclose()
-        await store.aclose()
-    p50_hit, p50_db = _pct(hit, 0.5), _pct(db, 0.5)
-    pipe_ms = statistics.median(pipelined) * 1000
-    seq_ms = statistics.median(sequential) * 1000
-    return {
-        "validate_hit_p50_ms": round(p50_hit, 3),
-        "validate_hit_p99_ms": round(_pct(hit, 0.99), 3),
-        "validate_db_p50_ms": round(p50_db, 3),
-        "validate_db_p99_ms": round(_pct(db, 0.99), 3),
-        "validate_hit_speedup_p50": round(p50_db / p50_hit, 2),
-        "revoke_1000_pipelined_ms": round(pipe_ms, 2),
-        "revoke_1000_sequential_ms": round(seq_ms, 2),
-        "revoke_pipeline_speedup": round(seq_ms / pipe_ms, 1),
-    }
+            reply = await stub.InvalidateUser(pb.InvalidateUserRequest(user_id=user), timeout=30)
+            self.report["invalidate_user_1000_rpc_ms"] = round(
+                (time.perf_counter() - started) * 1000, 2
+            )
+        if reply.revoked_count != 1000 or not reply.cache_purged:
+            self.problems.append(f"InvalidateUser of 1000 sessions answered {reply}")
+
+    async def bytes_per_session(self) -> None:
+        """MEMORY USAGE of every key that names a cached session's token hash."""
+        count = 50
+        async with grpc.aio.insecure_channel(self.servers["hit"].target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            hashes = []
+            for i in range(count):
+                reply = await stub.CreateSession(pb.CreateSessionRequest(user_id=f"user-{i:06d}"))
+                for _ in range(2):  # the miss fills, the hit proves it
+                    answer = await stub.ValidateSession(
+                        pb.ValidateSessionRequest(token=reply.token)
+                    )
+                if answer.source != pb.SOURCE_CACHE:
+                    self.problems.append(f"bytes: a session was not cached: {answer}")
+                hashes.append(hashlib.sha256(reply.token.encode()).hexdigest())
+        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            keys = [key async for key in client.scan_iter(count=1000)]
+            total, matched = 0, 0
+            for h in hashes:
+                for key in (k for k in keys if h in k):
+                    total += int(await client.memory_usage(key, samples=0) or 0)
+                    matched += 1
+        finally:
+            await client.aclose()
+        if matched < count:
+            self.problems.append(f"bytes: only {matched} keys name the {count} sessions")
+        self.report["redis_bytes_per_session"] = round(total / count)
+        self.report["redis_keys_per_session"] = round(matched / count, 2)
+
+    async def propagation(self) -> None:
+        samples = 30 if self.args.quick else 200
+        stale = 0
+        times: list[float] = []
+        hit, replica = self.servers["hit"].target, self.servers["replica"].target
+        async with (
+            grpc.aio.insecure_channel(hit, options=NO_PROXY) as a,
+            grpc.aio.insecure_channel(replica, options=NO_PROXY) as b,
+        ):
+            one, other = pb_grpc.SessionAuthorityStub(a), pb_grpc.SessionAuthorityStub(b)
+            for i in range(samples):
+                token = (
+                    await one.CreateSession(pb.CreateSessionRequest(user_id=f"prop-{i}"))
+                ).token
+                request = pb.ValidateSessionRequest(token=token)
+                for _ in range(2):
+                    seen = await other.ValidateSession(request)
+                if not (seen.valid and seen.source == pb.SOURCE_CACHE):
+                    self.problems.append(f"propagation: the replica did not cache it: {seen}")
+                started = time.perf_counter()
+                await one.Invalidate(pb.InvalidateRequest(token=token))
+                while (answer := await other.ValidateSession(request)).valid:
+                    stale += 1
+                    if time.perf_counter() - started > 10:
+                        self.problems.append("propagation: still valid 10 s after Invalidate")
+                        break
+                times.append((time.perf_counter() - started) * 1000)
+                if answer.reason != pb.REASON_REVOKED and answer.valid is False:
+                    self.problems.append(f"propagation: revoked session answered {answer}")
+        times.sort()
+        self.report["revocation_propagation_p50_ms"] = round(_pct(times, 0.5), 3)
+        self.report["revocation_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
+        self.report["revocation_stale_answers"] = stale
+
+    # --- helpers ------------------------------------------------------------------------
+
+    async def _insert_sessions(self, user: str, count: int) -> list[str]:
+        """``count`` live sessions of ``user``, straight into Postgres (fast)."""
+        tokens = [new_token() for _ in range(count)]
+        now = datetime.now(UTC)
+        rows = [
+            (
+                uuid.uuid4(),
+                hashlib.sha256(t.encode()).digest(),
+                user,
+                now,
+                now + timedelta(hours=1),
+                None,
+                "{}",
+            )
+            for t in tokens
+        ]
+        conn = await asyncpg.connect(self.pg)
+        try:
+            await conn.copy_records_to_table(
+                "sessions",
+                records=rows,
+                columns=[
+                    "session_id",
+                    "token_hash",
+                    "user_id",
+                    "created_at",
+                    "expires_at",
+                    "revoked_at",
+                    "metadata",
+                ],
+            )
+        finally:
+            await conn.close()
+        return tokens
+
+    async def _validate_all(self, tokens: list[str]) -> None:
+        async with grpc.aio.insecure_channel(self.servers["hit"].target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            queue = list(tokens)
+
+            async def worker() -> None:
+                while queue:
+                    reply = await stub.ValidateSession(pb.ValidateSessionRequest(token=queue.pop()))
+                    if not reply.valid:
+                        self.problems.append(f"a fresh session did not validate: {reply}")
+
+            await asyncio.gather(*(worker() for _ in range(32)))
+
+    async def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self.report |= {
+            "workers": self.workers,
+            "load_generator": self.h2load or PYTHON_GENERATOR,
+            "cores": os.cpu_count() or 1,
+            "machine": _machine(),
+            "connections": self.args.connections,
+            "streams": self.args.streams,
+            "seconds_per_run": self.seconds,
+            "rounds": self.rounds,
+        }
+        await self.start_servers()
+        try:
+            body, tokens = await self.prepare_token()
+            await self.bytes_per_session()
+            await self.throughputs(body, tokens)
+            await self.traced(body, tokens)
+            await self.latency(body, tokens)
+            await self.misses()
+            await self.invalidation()
+            await self.propagation()
+        finally:
+            await self.stop_servers()
+        self.report["bench_seconds"] = round(time.monotonic() - started, 1)
+        self.report["checks"] = self.checks
+        self.report["problems"] = self.problems
+        self.report["warnings"] = self.warnings
+        return self.report
 
 
-async def _grpc_rps(target: str, token: str, seconds: float, concurrency: int) -> float:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.SessionAuthorityStub(channel)
-        request = pb.ValidateSessionRequest(token=token)
-        await stub.ValidateSession(request)
-        done = 0
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                reply = await stub.ValidateSession(request, timeout=5)
-                assert reply.valid
-                done += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - started)
+def _pct(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def bench_grpc(pg: str, redis_url: str, seconds: float) -> dict[str, float]:
-    results: dict[str, float] = {}
-    apps = {}
-    for label, url in (("cached", redis_url), ("uncached", None)):
-        settings = Settings(
-            database_url=pg, redis_url=url, host="127.0.0.1", port=find_free_port(), admin_port=0
-        )
-        apps[label] = await App.start(settings)
+async def _timed(op: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await op()
+    return (time.perf_counter() - started) * 1000
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
     try:
-        token, _ = await apps["cached"].core.create("bench-grpc", timedelta(hours=1), {})
-        for _ in range(2):  # alternate to share the machine's noise
-            for label, app in apps.items():
-                rps = await _grpc_rps(f"127.0.0.1:{app.port}", token, seconds / 2, 32)
-                results[label] = results.get(label, 0.0) + rps / 2
-    finally:
-        for app in apps.values():
-            await app.stop(0)
-    return {
-        "grpc_rps_cached": round(results["cached"]),
-        "grpc_rps_uncached": round(results["uncached"]),
-        "grpc_rps_ratio": round(results["cached"] / results["uncached"], 2),
-    }
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-async def _main(args: argparse.Namespace) -> dict[str, float]:
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sa-bench-") as tmp:
         base = Path(tmp)
         with EmbeddedPostgres(base / "pg") as pg, EmbeddedRedis(base / "redis") as rd:
             conn = await asyncpg.connect(pg.url)
-            await apply_migrations(conn)
-            await conn.close()
-            report = await bench_core(pg.url, rd.url, 200 if args.quick else 5000)
-            report |= await bench_grpc(pg.url, rd.url, 1.0 if args.quick else 10.0)
-    return report
+            try:
+                await apply_migrations(conn)
+            finally:
+                await conn.close()
+            return await Bench(args, base, pg.url, rd.url).run()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
-    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--quick", action="store_true", help="smoke run (under a minute)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--workers", type=int, default=0, help="serve --workers (0: one per core)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of one load run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per throughput (median)")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=16, help="calls in flight per connection")
+    parser.add_argument("--python-load", action="store_true", help="do not use h2load")
     args = parser.parse_args()
     report = asyncio.run(_main(args))
-    width = max(map(len, report))
     for key, value in report.items():
-        print(f"{key:<{width}}  {value}")
+        if key not in ("checks", "problems", "warnings"):
+            print(f"{key:<36} {value}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+        print(f"report: {args.json.resolve()}")
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    for problem in report["problems"]:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    return 1 if report["problems"] else 0
 
 
 if __name__ == "__main__":

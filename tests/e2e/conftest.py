@@ -142,7 +142,9 @@ def e2e_server(
             process = subprocess.Popen(
                 # Plaintext and open on loopback: the tier drives every RPC with
                 # stock clients (test_security.py checks the refusal and the warning).
-                [*argv, "serve", "--port", str(port), "--allow-unauthenticated"],
+                # One process: test_grpcurl.py's Health counters are a process's own,
+                # and grpcurl opens a connection per call (test_workers.py: two).
+                [*argv, "serve", "--workers", "1", "--port", str(port), "--allow-unauthenticated"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

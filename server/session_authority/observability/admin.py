@@ -79,6 +79,20 @@ class AdminServer:
             "admin HTTP server on %s:%d (/metrics, /health, /livez, /readyz)", host, self.port
         )
 
+    async def start_unix(self, path: str) -> None:
+        """Serve on a Unix socket instead (a ``serve --workers`` worker: its
+        supervisor serves the one admin port and asks each worker here)."""
+        runner = web.AppRunner(
+            self._app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        try:
+            await web.UnixSite(runner, path).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()

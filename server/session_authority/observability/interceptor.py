@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
+from prometheus_client import Counter
 
 from session_authority.observability.metrics import Instruments
 
@@ -51,33 +52,54 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(handler_call_details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        service, method = _split(handler_call_details.method)
-        # The stubs type the behaviour as a sync handler; in grpc.aio it is a coroutine.
-        behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(behavior, service, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped = self.decorate(handler_call_details.method, handler)
         self._wrapped[handler_call_details.method] = (handler, wrapped)
         return wrapped
 
+    def decorate(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """What ``intercept_service`` answers for ``handler`` of ``method``
+        (``/package.Service/Method``), made once: the composition root
+        registers it so, and the server then pays no interception per call."""
+        if handler.unary_unary is None:
+            return handler
+        service, name = _split(method)
+        # The stubs type the behaviour as a sync handler; in grpc.aio it is a coroutine.
+        behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(behavior, service, name),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
     def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
-        duration = self._i.rpc_duration.labels(service, method)
+        # Labelled children looked up once per method (and status code), not per call.
+        observe = self._i.rpc_duration.labels(service, method).observe
+        handled = self._i.rpc_handled
+        ok = handled.labels(service, method, grpc.StatusCode.OK.name)
+        failed: dict[str, Counter] = {}
+
+        def count_failed(code: str) -> None:
+            child = failed.get(code)
+            if child is None:
+                child = failed[code] = handled.labels(service, method, code)
+            child.inc()
 
         async def measured(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            code = grpc.StatusCode.OK.name
             try:
-                return await behavior(request, context)
+                reply = await behavior(request, context)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED.name
+                observe(time.perf_counter() - started)
+                count_failed(grpc.StatusCode.CANCELLED.name)
                 raise
             except Exception:
-                code = _code_of(context)  # context.abort raised; the code is set
+                observe(time.perf_counter() - started)
+                count_failed(_code_of(context))  # context.abort raised; the code is set
                 raise
-            finally:
-                duration.observe(time.perf_counter() - started)
-                self._i.rpc_handled.labels(service, method, code).inc()
+            observe(time.perf_counter() - started)
+            ok.inc()
+            return reply
 
         return measured

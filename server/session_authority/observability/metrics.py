@@ -153,14 +153,25 @@ class Instruments:
 class PrometheusMetrics:
     """``CoreMetrics`` (see core/telemetry.py): counts, plus span events for
     fallbacks and cache errors and the validation's answer as attributes, on
-    the span current at the time."""
+    the span current at the time.
 
-    def __init__(self, instruments: Instruments) -> None:
+    Every validation passes here twice, so the hot methods keep each labelled
+    child they have used (a ``labels()`` lookup takes a lock and builds a
+    tuple), and with ``traced=False`` (no tracer provider: no span records)
+    they do not look for a current span at all."""
+
+    def __init__(self, instruments: Instruments, *, traced: bool = True) -> None:
         self._i = instruments
+        self._traced = traced
+        self._lookups: dict[str, Counter] = {}
+        self._validations: dict[tuple[bool, str, str], Counter] = {}
 
     def cache_lookup(self, result: str) -> None:
-        self._i.cache_lookups.labels(result).inc()
-        if result in _FALLBACKS:
+        child = self._lookups.get(result)
+        if child is None:
+            child = self._lookups[result] = self._i.cache_lookups.labels(result)
+        child.inc()
+        if self._traced and result in _FALLBACKS:
             add_event(EVENT_CACHE_FALLBACK, {"session_authority.cache.result": result})
 
     def cache_error(self, operation: str) -> None:
@@ -168,11 +179,17 @@ class PrometheusMetrics:
         add_event(EVENT_CACHE_ERROR, {"session_authority.cache.operation": operation})
 
     def validated(self, valid: bool, source: str, reason: str) -> None:
-        self._i.validations.labels("true" if valid else "false", source, reason).inc()
-        # The core reports outside its own child spans: this is the RPC's span.
-        set_attributes(
-            {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
-        )
+        key = (valid, source, reason)
+        child = self._validations.get(key)
+        if child is None:
+            labels = ("true" if valid else "false", source, reason)
+            child = self._validations[key] = self._i.validations.labels(*labels)
+        child.inc()
+        if self._traced:
+            # The core reports outside its own child spans: this is the RPC's span.
+            set_attributes(
+                {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
+            )
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)

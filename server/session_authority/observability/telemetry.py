@@ -68,7 +68,7 @@ class Telemetry:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.instruments = Instruments(self.registry)
-        self.core_metrics = PrometheusMetrics(self.instruments)
+        self.core_metrics = PrometheusMetrics(self.instruments, traced=tracer_provider is not None)
         self.sampler: HealthSampler | None = None
         self.admin: AdminServer | None = None
         self._watched: list[Breaker] = []
@@ -134,15 +134,23 @@ class Telemetry:
             )
         )
 
-    async def start(self, is_serving: Callable[[], bool]) -> None:
+    async def start(
+        self, is_serving: Callable[[], bool], *, admin_socket: str | None = None
+    ) -> None:
         """Bind the admin port (unless ADMIN_PORT=0) and start sampling health.
 
         An ADMIN_PORT that was set and cannot be bound is fatal (``OSError``);
         the default one (9464) being taken is only logged, so that several
-        servers can share a host or a test process."""
+        servers can share a host or a test process. With ``admin_socket`` (a
+        worker of ``serve --workers``) the admin app listens on that Unix
+        socket instead, for the supervisor that serves the port."""
         assert self.sampler is not None, "attach() first"
         port = self.settings.admin_port
-        if port:
+        if port and admin_socket is not None:
+            admin = AdminServer(self.registry, self.sampler, is_serving)
+            await admin.start_unix(admin_socket)
+            self.admin = admin
+        elif port:
             admin = AdminServer(self.registry, self.sampler, is_serving)
             host = self.settings.admin_bind_host
             try:

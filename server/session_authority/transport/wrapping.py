@@ -1,5 +1,7 @@
 """``WrappingInterceptor``: a server interceptor that wraps a method's handler
-once and reuses the wrapper on every later call (the hot path builds nothing)."""
+once and reuses the wrapper on every later call (the hot path builds nothing);
+or, registered through ``decorate``, no interceptor at all: the wrapper is the
+registered handler."""
 
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self._wrap(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    def decorate(self, method: str, handler: Handler) -> Handler:
+        """What ``intercept_service`` answers for ``handler`` of ``method``,
+        made once: the composition root registers it so, and the server then
+        pays no interception on every call (bootstrap's ``HandlerDecorator``)."""
+        return self._wrap(handler, method) if self._applies(handler, method) else handler
 
     def _applies(self, handler: Handler, method: str) -> bool:
         """Whether this method's calls go through the wrapper at all."""
