@@ -1,0 +1,224 @@
+"""``App``: the running server: gRPC, health, admin, background tasks, and its stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_bus import RedisRevocationBus
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.bootstrap.building import build_core
+from session_authority.bootstrap.grpc_server import DecoratingServer, server_options, split_chain
+from session_authority.bootstrap.security import (
+    SERVICE_NAME,
+    auth_policy,
+    log_security,
+    server_credentials,
+)
+from session_authority.config import Settings, redact_url
+from session_authority.core.errors import CacheUnavailable
+from session_authority.core.service import SessionAuthority
+from session_authority.observability import Telemetry, install_tracing
+from session_authority.transport.auth import ApiKeys, AuthInterceptor
+from session_authority.transport.drain import DrainInterceptor
+from session_authority.transport.handler import add_to_server
+from session_authority.transport.servicer import SessionAuthorityServicer
+
+__all__ = ["App"]
+
+_log = logging.getLogger("session_authority")
+_HEALTH_INTERVAL = 2.0
+
+
+@dataclass
+class App:
+    settings: Settings
+    core: SessionAuthority
+    store: PostgresSessionStore
+    cache: RedisSessionCache | None
+    server: grpc.aio.Server
+    health: HealthServicer
+    drain: DrainInterceptor
+    port: int = 0
+    telemetry: Telemetry | None = None
+    bus: RedisRevocationBus | None = None
+    serving: bool = False
+    """What the standard health service says (SERVING); ``/readyz`` answers it."""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def admin_port(self) -> int | None:
+        """The bound admin HTTP port; None when disabled or unavailable."""
+        admin = None if self.telemetry is None else self.telemetry.admin
+        return None if admin is None else admin.port
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, *, reuse_port: bool = False, admin_socket: str | None = None
+    ) -> App:
+        """Build everything, bind, and start serving. Postgres may still be
+        down: the standard health service says NOT_SERVING until it answers.
+
+        A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
+        the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
+        credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
+        telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
+        built = build_core(settings, telemetry)
+        core, store, cache = built.core, built.store, built.cache
+        telemetry.attach(
+            stats=lambda: core.stats,
+            breakers=[b for b in (core.breaker, core.store_breaker) if b is not None],
+            store_pool=store.pool_stats,
+            # The adapter's pool keeps the numbers (its own waiter count
+            # included); reading them costs no I/O.
+            cache_pool=None if cache is None else cache.pool_stats,
+            health=core.health,
+        )
+        drain = DrainInterceptor()
+        auth = AuthInterceptor(
+            auth_policy(settings),
+            ApiKeys(settings.api_key_hashes()),
+            trust_client_certificates=settings.tls_client_ca_file is not None,
+            on_denied=telemetry.auth_denied,
+        )
+        # Tracing and metrics outside authorisation and the drain, so refused calls show.
+        chain = [*telemetry.interceptors(), auth, drain]
+        per_call, decorators = split_chain(chain)
+        server = grpc.aio.server(
+            interceptors=per_call or None,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            options=server_options(settings, reuse_port=reuse_port),
+        )
+        decorating = DecoratingServer(server, decorators)
+        # It implements the two registration methods the generated code calls.
+        services = cast(grpc.aio.Server, decorating)
+        # Requests are decoded inside the call: garbage is INVALID_ARGUMENT, not UNKNOWN.
+        add_to_server(SessionAuthorityServicer(core), services)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, services)
+        if settings.grpc_reflection:
+            names = [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ]
+            # What reflection.enable_server_reflection does for an aio server,
+            # through ``services`` so that its handlers are decorated too.
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+                ReflectionServicer(names), services
+            )
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        if port == 0:
+            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
+        await app._set_serving(False)
+        try:
+            await telemetry.start(lambda: app.serving, admin_socket=admin_socket)
+        except BaseException:
+            await server.stop(None)  # releases the bound gRPC port
+            await telemetry.stop()
+            raise
+        if cache is not None:
+            await cache.warm()
+            await app._trust_cache()
+        if built.bus is not None:
+            built.bus.start()
+            with contextlib.suppress(TimeoutError):  # no L1 hits until it is subscribed
+                await asyncio.wait_for(built.bus.subscribed_once.wait(), 1.0)
+        await server.start()
+        app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
+        if cache is not None and settings.revocation_sweep_seconds > 0:
+            app._tasks.append(
+                asyncio.create_task(
+                    core.run_drain(settings.revocation_sweep_seconds), name="revocation-drain"
+                )
+            )
+        _log.info(
+            "session-authority listening on %s:%d (postgres %s, redis %s)",
+            settings.host,
+            port,
+            redact_url(settings.database_url),
+            redact_url(settings.redis_url) or "disabled",
+        )
+        log_security(settings, port, app.admin_port)
+        return app
+
+    async def _trust_cache(self) -> None:
+        """No cache read before revocations are re-applied to it: before the
+        server starts, run what the breaker's probe runs (adopt this Redis,
+        replay the window, drain what is pending). If that fails (Redis or
+        Postgres down), open the breaker: validations go to Postgres, and the
+        probe tries again after the reset timeout."""
+        breaker = self.core.breaker
+        try:
+            async with asyncio.timeout(breaker.policy.timeout * 10):
+                await self.core.replay_revocations()
+        except (CacheUnavailable, TimeoutError) as exc:
+            _log.warning("SessionCache not trusted at start-up: %s", exc or "timeout")
+            breaker.trip("start-up: revocations could not be re-applied to the cache")
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self.serving = serving
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        """SERVING while Postgres answers (Redis down is degraded, still SERVING)."""
+        serving: bool | None = None
+        while True:
+            store = await self.core.store_health()
+            if store.connected != serving:
+                serving = store.connected
+                await self._set_serving(serving)
+                if serving:
+                    _log.info("Postgres answers: SERVING")
+                else:
+                    _log.error("Postgres unavailable (%s): NOT_SERVING", store.error)
+            await asyncio.sleep(_HEALTH_INTERVAL)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING first, finish in-flight RPCs, close pools."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.serving = False
+        await self.health.enter_graceful_shutdown()
+        started = time.monotonic()
+        if not await self.drain.drain(grace) and self.drain.in_flight:
+            _log.warning(
+                "%d calls still running after %.1fs; cancelling", self.drain.in_flight, grace
+            )
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self.telemetry is not None:
+            await self.telemetry.stop()
+        await self.core.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
+        await self.store.aclose()
+        _log.info("session-authority stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

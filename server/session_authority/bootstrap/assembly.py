@@ -1,0 +1,89 @@
+"""The core assembled from its collaborators over given ports (no I/O, no adapters)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from session_authority.core.breaker import Breaker
+from session_authority.core.domain import new_token
+from session_authority.core.guarded import GuardedCache, GuardedStore
+from session_authority.core.health import CacheStats
+from session_authority.core.issuance import Issuer
+from session_authority.core.local import LocalCache, RevocationFeed
+from session_authority.core.miss_limit import MissLimiter
+from session_authority.core.policy import CorePolicy, utcnow
+from session_authority.core.ports import SessionCache, SessionStore
+from session_authority.core.reporting import HealthReporter
+from session_authority.core.revocation import Revoker
+from session_authority.core.service import SessionAuthority
+from session_authority.core.telemetry import CoreMetrics, NoMetrics
+from session_authority.core.validation import Validator
+
+__all__ = ["assemble_core"]
+
+
+def assemble_core(
+    store: SessionStore,
+    cache: SessionCache | None,
+    *,
+    breaker: Breaker,
+    store_breaker: Breaker | None = None,
+    policy: CorePolicy | None = None,
+    metrics: CoreMetrics | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    rng: Callable[[], float] = random.random,
+    token_factory: Callable[[], str] = new_token,
+    monotonic: Callable[[], float] = time.monotonic,
+    local: LocalCache | None = None,
+    feed: RevocationFeed | None = None,
+) -> SessionAuthority:
+    """The core's collaborators over the given ports (no I/O). Both ports go
+    behind their breakers the same way; the Redis breaker's half-open probe is
+    the revoker's replay. Tests assemble their cores here too, on fakes."""
+    policy = policy or CorePolicy()
+    metrics = metrics or NoMetrics()
+    stats = CacheStats()
+    guarded_store: SessionStore = (
+        store if store_breaker is None else GuardedStore(store, store_breaker)
+    )
+    guarded_cache = (
+        None if cache is None else GuardedCache(cache, breaker, stats=stats, metrics=metrics)
+    )
+    if cache is None:
+        local = feed = None  # L1 and its revocation feed live on Redis
+    revoker = Revoker(
+        guarded_store, guarded_cache, breaker, policy, metrics=metrics, local=local, feed=feed
+    )
+    breaker.set_probe(revoker.replay_revocations)
+    return SessionAuthority(
+        issuer=Issuer(
+            guarded_store, guarded_cache, policy, clock=clock, token_factory=token_factory
+        ),
+        validator=Validator(
+            guarded_store,
+            guarded_cache,
+            breaker,
+            policy,
+            stats=stats,
+            metrics=metrics,
+            clock=clock,
+            rng=rng,
+            limiter=(
+                MissLimiter(policy.unknown_token_rate, policy.unknown_token_burst, clock=monotonic)
+                if policy.unknown_token_rate > 0
+                else None
+            ),
+            local=local,
+            feed=feed,
+        ),
+        revoker=revoker,
+        reporter=HealthReporter(
+            store, cache, breaker, store_breaker, policy, stats, local=local, feed=feed
+        ),
+        stats=stats,
+        breaker=breaker,
+        store_breaker=store_breaker,
+    )

@@ -1,0 +1,108 @@
+"""The core on real adapters: pools, timing wrappers, breakers, the L1 cache and its bus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.redis_bus import RedisRevocationBus
+from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.bootstrap.assembly import assemble_core
+from session_authority.config import Settings
+from session_authority.core.breaker import Breaker
+from session_authority.core.domain import TokenHash
+from session_authority.core.errors import StoreUnavailable
+from session_authority.core.local import LocalCache
+from session_authority.core.ports import SessionCache, SessionStore
+from session_authority.core.service import SessionAuthority
+from session_authority.observability import Telemetry
+
+__all__ = ["Built", "build_core"]
+
+
+@dataclass(frozen=True)
+class Built:
+    """The core and the adapters its owner must start, read and close."""
+
+    core: SessionAuthority
+    store: PostgresSessionStore
+    cache: RedisSessionCache | None
+    bus: RedisRevocationBus | None
+
+
+def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
+    """The core on real adapters. With ``telemetry``, the core reports to its
+    metrics and reaches Redis and Postgres through timing wrappers (the
+    returned store and cache are the adapters themselves, for pool numbers,
+    warming and closing), and each breaker has its listener."""
+    if not settings.database_url:
+        raise ValueError("DATABASE_URL is required")
+    store = PostgresSessionStore(
+        settings.database_url,
+        min_size=settings.pg_pool_min,
+        max_size=settings.pg_pool_max,
+        command_timeout=settings.pg_command_timeout_ms / 1000,
+        acquire_timeout=settings.pg_pool_timeout_ms / 1000,
+    )
+    cache = None
+    if settings.redis_url:
+        cache = RedisSessionCache.from_url(
+            settings.redis_url,
+            ttl=settings.cache_ttl_seconds,
+            min_connections=settings.redis_pool_min,
+            max_connections=settings.redis_pool_max,
+            timeout=settings.breaker_timeout_ms / 1000,
+            pool_timeout=settings.redis_pool_timeout_ms / 1000,
+        )
+    breaker = Breaker(settings.breaker_policy(), name="redis")
+    store_breaker = (
+        Breaker(settings.pg_breaker_policy(), name="postgres", error=StoreUnavailable)
+        if settings.pg_breaker_enabled
+        else None
+    )
+    store_port: SessionStore = store
+    port: SessionCache | None = cache
+    if telemetry is not None:
+        store_port = telemetry.instrument_store(store)
+        if cache is not None:
+            port = telemetry.instrument_cache(cache)
+        telemetry.watch_breaker(breaker)
+        if store_breaker is not None:
+            telemetry.watch_breaker(store_breaker)
+    local, bus = _local_cache(settings)
+    core = assemble_core(
+        store_port,
+        port,
+        breaker=breaker,
+        store_breaker=store_breaker,
+        policy=settings.core_policy(),
+        metrics=None if telemetry is None else telemetry.core_metrics,
+        local=local,
+        feed=bus,
+    )
+    return Built(core, store, cache, bus)
+
+
+def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocationBus | None]:
+    """The L1 cache and the revocation bus that keeps it (and other processes'
+    L1 caches) honest. The bus runs whenever there is a Redis, so that this
+    process's revocations reach every L1 even when its own is disabled."""
+    if not settings.redis_url:
+        return None, None
+    local = (
+        LocalCache(settings.l1_cache_size, settings.l1_cache_ttl_ms / 1000)
+        if settings.l1_cache_ttl_ms > 0
+        else None
+    )
+
+    def dropped(hashes: list[TokenHash] | None) -> None:
+        if local is not None:
+            local.drop(hashes)
+
+    bus = RedisRevocationBus.from_url(
+        settings.redis_url,
+        timeout=settings.breaker_timeout_ms / 1000,
+        on_revoked=dropped,
+        ack_timeout=settings.l1_ack_timeout_ms / 1000,
+    )
+    return local, bus

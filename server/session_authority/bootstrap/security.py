@@ -1,0 +1,99 @@
+"""Who may call what, and the gRPC port's credentials, from Settings."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
+
+from session_authority.config import Settings
+from session_authority.transport.auth import AuthPolicy
+from session_authority.transport.tls import CertificateFiles
+from session_authority.v1 import session_authority_pb2 as pb
+
+__all__ = ["auth_policy", "log_security", "server_credentials"]
+
+_log = logging.getLogger("session_authority")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
+
+
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Open to every caller, so that probes and grpcurl need no credentials.
+_PUBLIC_SERVICES = frozenset(
+    {_HEALTH_SERVICE, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"}
+)
+#: What any authenticated caller may call; every other SessionAuthority
+#: method (CreateSession, Invalidate, InvalidateUser, any added later) needs
+#: an identity in AUTH_ALLOWED_IDENTITIES.
+_READS = ("ValidateSession", "Health")
+
+
+def auth_policy(settings: Settings) -> AuthPolicy:
+    """Who may call what, from AUTH_* and TLS_CLIENT_CA_FILE (README "Security")."""
+    return AuthPolicy(
+        enforced=settings.authentication_configured,
+        public_services=_PUBLIC_SERVICES,
+        reads=frozenset(f"/{SERVICE_NAME}/{name}" for name in _READS),
+        allowed=settings.allowed_identities(),
+        anonymous_reads=settings.auth_anonymous_reads,
+    )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS) credentials that follow their files; None: plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    files = CertificateFiles(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+    return files.credentials()
+
+
+def log_security(settings: Settings, port: int, admin_port: int | None) -> None:
+    """Start-up lines that say who can reach what."""
+    if settings.tls_cert_file is None:
+        _log.warning("gRPC port is PLAINTEXT (no TLS_CERT_FILE / --tls-cert)")
+    elif settings.tls_client_ca_file is None:
+        _log.info(
+            "gRPC port: TLS (certificate %s, reloaded when it changes)", settings.tls_cert_file
+        )
+    else:
+        _log.info(
+            "gRPC port: mTLS, client certificates from %s required (reloaded when they change)",
+            settings.tls_client_ca_file,
+        )
+    mutating = "CreateSession, Invalidate and InvalidateUser"
+    if not settings.authentication_configured:
+        _log.warning(
+            "NO AUTHENTICATION (ALLOW_UNAUTHENTICATED / --allow-unauthenticated): every caller "
+            "that reaches %s:%d may call %s (mint or revoke any user's sessions); "
+            "for local and test set-ups only",
+            settings.host,
+            port,
+            mutating,
+        )
+    else:
+        means = [
+            *(["client certificate"] if settings.tls_client_ca_file is not None else []),
+            *([f"{len(settings.api_key_hashes())} API key(s)"] if settings.auth_api_keys else []),
+        ]
+        allowed = sorted(settings.allowed_identities())
+        _log.info(
+            "authentication: %s; ValidateSession and Health: %s; %s: %s",
+            " or ".join(means),
+            "any caller" if settings.auth_anonymous_reads else "authenticated callers",
+            mutating,
+            ", ".join(allowed) if allowed else "nobody (AUTH_ALLOWED_IDENTITIES is empty)",
+        )
+        if settings.auth_api_keys and settings.tls_cert_file is None:
+            _log.warning("API keys over a PLAINTEXT port: anyone on the path can read them")
+    if admin_port is not None:
+        loopback = settings.admin_host in ("127.0.0.1", "::1", "localhost")
+        _log.info(
+            "admin HTTP (/metrics, /health) on %s:%d, plaintext and unauthenticated%s",
+            settings.admin_host,
+            admin_port,
+            "; loopback only (set ADMIN_HOST to expose it)" if loopback else "",
+        )
