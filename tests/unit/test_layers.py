@@ -154,7 +154,10 @@ PLANTS = [
     ),
     # --- embedded is dev/test tooling
     Plant(
-        EMBEDDED, "bootstrap/app.py", "import session_authority.embedded", "session_authority.embedded"
+        EMBEDDED,
+        "bootstrap/app.py",
+        "import session_authority.embedded",
+        "session_authority.embedded",
     ),
     Plant(
         EMBEDDED,
