@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from opentelemetry import trace
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "configure_logging", "quiet_grpc_client_gone"]
 
 #: Libraries whose chatter would drown the runbook's lines; their errors reach
 #: us as ours (or, for the exporters, matter only at WARNING and above).
@@ -47,6 +47,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _ClientGone(logging.Filter):
+    """Two ERROR lines that only say a caller went away mid-call (its deadline,
+    a disconnect); the call itself is already counted as DEADLINE_EXCEEDED or
+    CANCELLED, and there is nothing for an operator to do:
+
+    * grpc-python's "ExecuteBatchError raised in core by servicer method", when
+      a reply or status is sent after the caller cancelled;
+    * asyncpg's "unexpected connection_lost() call", reported through asyncio's
+      exception handler when a query cancelled mid-flight loses its connection
+      (MagicStack/asyncpg#1211; the pool replaces the connection).
+
+    Dropped from the logs here; everything else from these loggers passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "ExecuteBatchError" not in message and "unexpected connection_lost" not in message
+
+
+_CLIENT_GONE = _ClientGone()
+
+
+def quiet_grpc_client_gone() -> None:
+    """Install the filter on grpc's core logger and asyncio's (idempotent)."""
+    for name in ("grpc._cython.cygrpc", "asyncio"):
+        logger = logging.getLogger(name)
+        if _CLIENT_GONE not in logger.filters:
+            logger.addFilter(_CLIENT_GONE)
+
+
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -57,6 +86,7 @@ def configure_logging(level: str, fmt: str) -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    quiet_grpc_client_gone()
     root.setLevel(level.upper())
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -63,6 +63,8 @@ class RedisRevocationBus:
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self.subscribed_once = asyncio.Event()
+        #: Successful (re)subscriptions so far; each one dropped the L1 copies.
+        self.subscriptions = 0
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kwargs: Any) -> RedisRevocationBus:
@@ -138,6 +140,7 @@ class RedisRevocationBus:
             last_ping = self._clock()
             self._on_revoked(None)  # missed anything while not subscribed: forget it all
             self._subscribed = True
+            self.subscriptions += 1
             self.subscribed_once.set()
             while True:
                 message = await pubsub.get_message(timeout=self._liveness / 4)

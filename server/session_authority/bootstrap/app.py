@@ -29,6 +29,7 @@ from session_authority.bootstrap.security import (
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.service import SessionAuthority
+from session_authority.logs import quiet_grpc_client_gone
 from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.auth import ApiKeys, AuthInterceptor
 from session_authority.transport.drain import DrainInterceptor
@@ -72,6 +73,7 @@ class App:
 
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
         the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
+        quiet_grpc_client_gone()
         credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
         telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
         built = build_core(settings, telemetry)
