@@ -10,11 +10,17 @@ import asyncpg
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.config import Settings
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
+from session_authority.observability import install_tracing
 
 CACHE_TTL = 300.0
 
@@ -94,3 +100,18 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         with contextlib.suppress(RuntimeError):
             server.resume()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """An in-memory exporter on the process's SDK provider, which App uses."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    assert install_tracing(Settings(otel_traces_exporter="none")) is provider
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    # The provider stays (the API allows one per process); later spans are dropped.
+    exporter.shutdown()

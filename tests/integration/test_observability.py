@@ -9,7 +9,7 @@ import asyncio
 import math
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,7 +30,6 @@ from session_authority.bootstrap import App
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
-from session_authority.observability.tracing import install_tracing
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.third_party import parse_openmetrics
@@ -65,21 +63,6 @@ RUNBOOK_PATHS = [
     "performance.get",
     "errors",
 ]
-
-
-@pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
-    """An in-memory exporter on the process's SDK provider, which App uses."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    assert install_tracing(Settings(otel_traces_exporter="none")) is provider
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    # The provider stays (the API allows one per process); later spans are dropped.
-    exporter.shutdown()
 
 
 @dataclass

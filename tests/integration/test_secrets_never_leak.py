@@ -33,19 +33,14 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import trustme
 from google.protobuf import json_format
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
-from session_authority.config import Settings
 from session_authority.core.breaker import BreakerState
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 from session_authority.embedded.tls import TlsFiles
 from session_authority.logs import JsonFormatter
-from session_authority.observability.tracing import install_tracing
 from session_authority.transport.auth import hash_api_key
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -75,20 +70,6 @@ class Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(f"{self.format(record)} {record.args!r}")
-
-
-@pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
-    """An in-memory exporter on the process's SDK provider (as test_observability)."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    assert install_tracing(Settings(otel_traces_exporter="none")) is provider
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
 
 
 @pytest.fixture
