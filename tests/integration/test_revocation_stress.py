@@ -54,7 +54,7 @@ class JitteryStore(PostgresSessionStore):
 
     async def find(self, token_hash: TokenHash) -> Session | None:
         found = await super().find(token_hash)
-        await asyncio.sleep(random.uniform(0, 0.02))
+        await asyncio.sleep(random.uniform(0, 0.05))
         if found is not None and found.revoked_at is None and token_hash.hex in self.revoked:
             JitteryStore.stale_reads += 1
         return found
@@ -178,8 +178,8 @@ async def test_no_validation_after_a_revocation_answers_valid(
     ledger = Ledger()
     rng = random.Random(1234)
     # Rounds of fresh sessions until the race this test is about was exercised
-    # (at most three: on a loaded machine one round may not race at all).
-    for _ in range(3):
+    # (at most four: one round may not race at all; it is a matter of chance).
+    for _ in range(4):
         await _round(replicas, processes, ledger, revoked, rng)
         if (RacedLocalCache.refused if l1 else JitteryStore.stale_reads) > 0:
             break
