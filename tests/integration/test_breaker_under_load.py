@@ -119,6 +119,7 @@ def _check_shielded(w: World, calls: list[Call], fault_at: float) -> None:
     assert codes == {"OK": len(calls)}, codes  # zero failed calls
     assert all(c.valid for c in calls)  # zero wrong answers
     assert w.opened_at, "the breaker never opened"
+    assert w.opened_at[0] >= fault_at, "the breaker opened under healthy load, before the fault"
     opened_after = w.opened_at[0] - fault_at
     assert opened_after < 2.0, f"breaker opened {opened_after:.2f}s after the fault"
     slowest = max(c.seconds for c in calls)
