@@ -135,8 +135,7 @@ async def test_redis_killed_after_a_healthy_window_opens_the_breaker_within_two_
 ) -> None:
     calls, fault_at = await drive(world, 6.0, at=world.redis.kill)
     _check_shielded(world, calls, fault_at)
-    cause_seen = world.app.core.breaker.state is not BreakerState.CLOSED
-    assert cause_seen
+    assert world.app.core.breaker.state is not BreakerState.CLOSED  # Redis is still dead
 
 
 async def test_redis_frozen_after_a_healthy_window_opens_the_breaker_within_two_seconds(

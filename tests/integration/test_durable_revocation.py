@@ -278,7 +278,7 @@ async def test_invalidate_user_of_50000_sessions_confirms_its_purge(
 
         reply = await stub.InvalidateUser(pb.InvalidateUserRequest(user_id=user), timeout=60)
 
-        assert (reply.revoked_count, reply.cache_purged) == (count, True)
+        assert (reply.revoked_count, reply.cache_purged, reply.propagated) == (count, True, True)
         assert app.core.breaker.opened_count == opened  # no breaker opened
         assert await conn.fetchval("SELECT count(*) FROM sessions WHERE purge_pending") == 0
         sample = [bytes(r[1]).hex() for r in rows[:: count // 50]]

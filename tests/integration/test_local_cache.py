@@ -56,7 +56,7 @@ async def _validate(
 async def test_a_revocation_reaches_every_process_before_invalidate_returns(
     replicas: list[tuple[App, pb_grpc.SessionAuthorityAsyncStub]],
 ) -> None:
-    (_, a), *others = replicas
+    _, a = replicas[0]
     token = (await a.CreateSession(pb.CreateSessionRequest(user_id="l1"))).token
     for app, stub in replicas:
         for _ in range(3):
@@ -67,7 +67,6 @@ async def test_a_revocation_reaches_every_process_before_invalidate_returns(
     for _, stub in replicas:  # at once, on every process: no L1 copy survived
         answer = await _validate(stub, token)
         assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
-    assert others
 
 
 async def test_a_process_whose_subscription_is_cut_serves_no_stale_l1_hit(

@@ -136,7 +136,9 @@ async def test_a_flushed_redis_is_repaired_by_the_next_drain(world: World) -> No
 
 async def test_a_replica_never_reads_a_redis_it_has_not_adopted(world: World) -> None:
     r = world.replica()
-    r.breaker.trip("start-up", probe_in=0.0)  # what App.start does
+    # A Redis not adopted yet: what App.start leaves when its start-up replay
+    # failed, or a replaced Redis (the guard trips with an immediate probe).
+    r.breaker.trip("start-up", probe_in=0.0)
     token, _ = await r.svc.create(f"user-{uuid.uuid4().hex}", None, {})
     assert (await r.svc.validate(token)).source is Source.DATABASE  # cache bypassed
     await until(lambda: r.state() is BreakerState.CLOSED, rounds=1000)

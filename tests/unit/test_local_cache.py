@@ -19,6 +19,7 @@ from session_authority.core.domain import Reason, Revocation, Source, TokenHash
 from session_authority.core.local import LocalCache
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import CachedVerdict
+from session_authority.core.revocation import PUSH_LIMIT
 from session_authority.core.service import SessionAuthority
 
 from .fakes import (
@@ -207,3 +208,23 @@ async def test_a_redis_read_that_raced_a_revocation_does_not_land_in_l1(world: W
     answer = await b.svc.validate(token)
     assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
     assert b.breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.asyncio
+async def test_a_mass_revocation_tells_every_process_to_drop_everything(world: World) -> None:
+    """Beyond PUSH_LIMIT hashes the push names none (a 50,000-session logout
+    would be a multi-megabyte message): every L1 forgets everything."""
+    a, b = await world.process(), await world.process()
+    user = f"user-{uuid.uuid4().hex}"
+    tokens = [(await a.svc.create(user, None, {}))[0] for _ in range(PUSH_LIMIT + 1)]
+    bystander = await _token(a)
+    for token in (tokens[0], bystander):
+        assert (await b.svc.validate(token)).valid
+    assert len(b.local) == 2
+    result = await a.svc.invalidate_user(user)
+    assert (result.revoked_count, result.propagated) == (PUSH_LIMIT + 1, True)
+    assert world.hub.published[-1] is None
+    assert len(b.local) == 0
+    answer = await b.svc.validate(tokens[0])
+    assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
+    assert (await b.svc.validate(bystander)).valid  # from Redis again, then L1

@@ -51,7 +51,11 @@ from session_authority.core.telemetry import (
     span,
 )
 
-__all__ = ["Loaded", "Validator"]
+__all__ = ["Caller", "Loaded", "Validator"]
+
+#: Who asks, for the per-caller limit on unknown tokens: a name, or a function
+#: that tells it (the transport's is only worth calling on a cache miss).
+Caller = str | Callable[[], str]
 
 _log = logging.getLogger("session_authority.cache")
 
@@ -109,12 +113,13 @@ class Validator:
         """How many validations await the load in flight for this hash."""
         return self._loads.callers(token_hash)
 
-    async def validate(self, token: str, caller: str = "") -> Validation:
+    async def validate(self, token: str, caller: Caller = "") -> Validation:
         """Whether ``token`` names a live session. Raises ``InvalidArgument`` for
         malformed input, ``StoreUnavailable`` when the answer is not in the
         cache and Postgres cannot be asked (never a guess), and ``RateLimited``
         when Postgres would have to be asked but ``caller`` has sent too many
-        unknown tokens (``MissLimiter``)."""
+        unknown tokens (``MissLimiter``). ``caller`` may be a function: it is
+        then asked only on that path, never for a cache hit."""
         answer = await self._validate(token, caller)
         reason = "none" if answer.reason is None else answer.reason.value
         self._metrics.validated(answer.valid, answer.source.value, reason)
@@ -132,7 +137,7 @@ class Validator:
             local.drop(None)  # not sure any more: forget everything
         return None
 
-    async def _validate(self, token: str, caller: str) -> Validation:
+    async def _validate(self, token: str, caller: Caller) -> Validation:
         token_hash = parse_token(token)
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
@@ -174,8 +179,11 @@ class Validator:
         # Only a caller that starts a Postgres read is charged: joining a load in
         # flight costs Postgres nothing (1,000 callers of one token: one credit).
         limiter = self._limiter if token_hash not in self._loads else None
-        if limiter is not None and not limiter.take(caller):
-            _log.debug("Unknown-token limit: %s refused (%s)", token_hash.prefix, caller)
+        who = ""
+        if limiter is not None:
+            who = caller() if callable(caller) else caller
+        if limiter is not None and not limiter.take(who):
+            _log.debug("Unknown-token limit: %s refused (%s)", token_hash.prefix, who)
             raise RateLimited("too many unknown tokens from this caller; retry later")
         try:
             loaded, late = await self._loads.do(
@@ -185,10 +193,10 @@ class Validator:
             )
         except BaseException:
             if limiter is not None:
-                limiter.refund(caller)  # no answer: not the caller's unknown token
+                limiter.refund(who)  # no answer: not the caller's unknown token
             raise
         if limiter is not None and loaded.answer.reason is not Reason.UNKNOWN:
-            limiter.refund(caller)  # Postgres knew it: only unknown tokens cost
+            limiter.refund(who)  # Postgres knew it: only unknown tokens cost
         if late and (
             not clean or not loaded.confirmed or loaded.opened_count != self._breaker.opened_count
         ):

@@ -45,7 +45,8 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self, request: pb.ValidateSessionRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ValidateSessionResponse:
         async def work() -> pb.ValidateSessionResponse:
-            answer = await self._core.validate(request.token, caller=caller_of(context))
+            # Only asked on a miss: a cache hit never reads the peer.
+            answer = await self._core.validate(request.token, caller=lambda: caller_of(context))
             return validation_to_pb(answer)
 
         return await _run(context, work)
