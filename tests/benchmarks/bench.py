@@ -635,15 +635,22 @@ def _machine() -> str:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.keep:
+        base = Path(tempfile.mkdtemp(prefix="sa-bench-"))
+        print(f"keeping servers' logs and data in {base}", file=sys.stderr)
+        return await _bench_in(args, base)
     with tempfile.TemporaryDirectory(prefix="sa-bench-") as tmp:
-        base = Path(tmp)
-        with EmbeddedPostgres(base / "pg") as pg, EmbeddedRedis(base / "redis") as rd:
-            conn = await asyncpg.connect(pg.url)
-            try:
-                await apply_migrations(conn)
-            finally:
-                await conn.close()
-            return await Bench(args, base, pg.url, rd.url).run()
+        return await _bench_in(args, Path(tmp))
+
+
+async def _bench_in(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    with EmbeddedPostgres(base / "pg") as pg, EmbeddedRedis(base / "redis") as rd:
+        conn = await asyncpg.connect(pg.url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        return await Bench(args, base, pg.url, rd.url).run()
 
 
 def main() -> int:
@@ -656,6 +663,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--streams", type=int, default=16, help="calls in flight per connection")
     parser.add_argument("--python-load", action="store_true", help="do not use h2load")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the servers' logs and data (path on stderr)"
+    )
     args = parser.parse_args()
     report = asyncio.run(_main(args))
     for key, value in report.items():

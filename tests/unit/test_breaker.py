@@ -256,6 +256,70 @@ async def test_a_call_cancelled_quickly_is_not_counted(make: Make) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["cancelled", "timeout"])
+async def test_a_slow_call_is_excused_while_other_calls_are_answered(
+    make: Make, how: str
+) -> None:
+    """The process, not the dependency, made it wait (both cores saturated, h2load
+    hanging up on its in-flight calls): other calls were answered meanwhile, so
+    it fails for its caller but does not count. Before this rule, the 64 calls
+    in flight when a load run ended opened a healthy Redis's breaker."""
+    policy = BreakerPolicy(timeout=0.05)
+    breaker, clock = make(policy)
+    for _ in range(policy.consecutive_failures * 3):
+        gate = asyncio.Event()
+        call = asyncio.create_task(breaker.call(Op(gate=gate)))
+        await until(lambda: breaker.calls_in_flight == 1)
+        await succeed(breaker)  # answered while the slow one waits
+        if how == "cancelled":
+            clock.advance(policy.slow_call)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        else:
+            with pytest.raises(CacheUnavailable, match="timed out"):
+                await call
+    assert breaker.state is CLOSED
+    assert breaker.slow_excused == policy.consecutive_failures * 3
+    # Nothing answered meanwhile: the same slow calls count again.
+    for _ in range(policy.consecutive_failures):
+        call = asyncio.create_task(breaker.call(Op(gate=asyncio.Event())))
+        await until(lambda: breaker.calls_in_flight == 1)
+        clock.advance(policy.slow_call)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
+async def test_an_answer_that_is_a_bad_request_also_excuses(make: Make) -> None:
+    """Any answer but the dependency's own error shows it is answering."""
+    breaker, clock = make()
+    for _ in range(POLICY.consecutive_failures):
+        call = asyncio.create_task(breaker.call(Op(gate=asyncio.Event())))
+        await until(lambda: breaker.calls_in_flight == 1)
+        with pytest.raises(KeyError):
+            await breaker.call(Op(error=KeyError("bad request")))
+        clock.advance(POLICY.slow_call)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert breaker.state is CLOSED
+
+
+@pytest.mark.asyncio
+async def test_errors_count_even_while_other_calls_are_answered(make: Make) -> None:
+    """Only slowness is excused: the dependency's own errors always count."""
+    breaker, _ = make(WINDOW_ONLY)
+    for _ in range(3):
+        await succeed(breaker)
+        await fail(breaker, 3)
+    await fail(breaker)  # 10 failures of 13 calls: 77 %
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
 async def test_a_cache_miss_is_a_success(make: Make) -> None:
     breaker, _ = make(WINDOW_ONLY)
     miss = Op(result=None)

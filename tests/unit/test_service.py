@@ -489,12 +489,27 @@ async def test_revocation_with_the_cache_down_trips_the_breaker_and_is_replayed(
     assert (answer.valid, answer.reason, answer.source) == (False, Reason.REVOKED, Source.CACHE)
 
 
-async def test_revocation_while_the_breaker_is_open_does_not_touch_the_cache(w: World) -> None:
+async def test_revocation_while_the_breaker_is_open_still_reaches_a_cache_that_answers(
+    w: World,
+) -> None:
+    """The breaker opened for this process alone (its own loop starved, say):
+    the other replicas still read that Redis, so the tombstone is written
+    anyway; this process keeps reading Postgres until its probe replays."""
+    token = await w.create()
+    w.breaker.trip("this process's calls were slow")
+    assert await w.svc.invalidate(token=token) == Revocation(1, True)
+    assert w.cache.calls["tombstone"] == 1
+    assert w.state() is BreakerState.OPEN
+    assert await w.store.pending_purges(10) == []  # confirmed: nothing left to drain
+
+
+async def test_revocation_while_the_breaker_is_open_and_the_cache_is_down(w: World) -> None:
     token = await w.create()
     w.breaker.trip("redis down")
+    w.cache.unavailable = True
     assert await w.svc.invalidate(token=token) == Revocation(1, False)
-    assert w.cache.calls["tombstone"] == 0
     assert w.state() is BreakerState.OPEN
+    assert len(await w.store.pending_purges(10)) == 1  # left for the drain and the probe
 
 
 async def test_a_probe_that_cannot_replay_keeps_the_breaker_open(w: World) -> None:

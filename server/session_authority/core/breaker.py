@@ -89,6 +89,12 @@ class Breaker:
         self._generation = 0
         #: Calls running through ``call`` right now.
         self.calls_in_flight = 0
+        #: Calls the dependency answered (``op`` returned or raised anything but
+        #: ``error``): a slow call is the dependency's fault only if none was
+        #: answered while it waited (see ``breaker_policy.py``).
+        self.answered = 0
+        #: Slow calls not counted as failures because others were answered meanwhile.
+        self.slow_excused = 0
         self._state = aiobreaker.CircuitBreaker(name=name)
 
     # --- state ------------------------------------------------------------
@@ -200,6 +206,7 @@ class Breaker:
         if probe is not None:
             self._probing = True
         started = self._clock()
+        answered = self.answered
         self.calls_in_flight += 1
         # The call runs as its own task, so that the caller's bound holds even
         # when the dependency's client is slow to give up (redis-py tidies a
@@ -210,9 +217,10 @@ class Breaker:
             done, _ = await asyncio.wait((task,), timeout=self.policy.timeout)
         except asyncio.CancelledError:
             _abandon(task)
-            # Cut short by the caller (its deadline): slow enough, it counts.
+            # Cut short by the caller (its deadline, or it went away): slow
+            # enough, and nothing else answered meanwhile, it counts.
             if self._clock() - started >= self.policy.slow_call:
-                self._failure("cancelled after a slow call", probe)
+                self._slow("cancelled after a slow call", probe, answered)
             raise
         finally:
             self.calls_in_flight -= 1
@@ -220,7 +228,7 @@ class Breaker:
                 self._probing = False
         if not done:
             _abandon(task)
-            self._failure("timeout", probe)
+            self._slow("timeout", probe, answered)
             raise self._error(f"{self.name} call timed out") from TimeoutError(
                 f"no answer within {self.policy.timeout:g}s"
             )
@@ -229,8 +237,41 @@ class Breaker:
         except self._error as exc:
             self._failure(str(exc), probe)
             raise
+        except BaseException:
+            self.answered += 1  # e.g. a bad request: the dependency answered
+            raise
+        self.answered += 1
         self._success(probe)
         return result
+
+    def _slow(self, cause: str, probe: int | None, answered_before: int) -> None:
+        """A call that timed out or was cut short after ``slow_call``. If the
+        dependency answered other calls while this one waited, the wait was
+        ours (a starved event loop, a queue for a pooled connection), not the
+        dependency's: the call still fails for its caller, but does not count
+        towards opening. A probe's slowness always counts."""
+        if probe is None and self.answered != answered_before:
+            self.slow_excused += 1
+            return
+        self._failure(cause, probe)
+
+    async def attempt(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` under the per-call timeout whatever the state, without
+        counting it either way: for a write that must be tried even while the
+        breaker refuses calls (a revocation: this process stops reading the
+        dependency, the other replicas do not). Raises ``error`` on timeout."""
+        task = asyncio.ensure_future(op())
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self.policy.timeout)
+        except asyncio.CancelledError:
+            _abandon(task)
+            raise
+        if not done:
+            _abandon(task)
+            raise self._error(f"{self.name} call timed out") from TimeoutError(
+                f"no answer within {self.policy.timeout:g}s"
+            )
+        return task.result()
 
     async def _run_probe(self, probe: Callable[[], Awaitable[None]], generation: int) -> None:
         try:

@@ -18,6 +18,17 @@ A failure is the dependency's own error, a call slower than ``timeout``, or a
 call cancelled by its caller (the caller's deadline) after running at least
 ``slow_call`` seconds: without the last, callers whose deadlines are shorter
 than ``timeout`` would never trip the breaker of a frozen dependency.
+
+A slow call (timed out, or cancelled after ``slow_call``) counts only if the
+dependency answered *no* call while it waited. A frozen or unreachable
+dependency answers nothing, so its slow calls all count; but when the process
+itself is the bottleneck (both cores saturated, an event loop running late, a
+queue for a pooled connection, callers that hang up at the end of a load run)
+other calls keep being answered, and those waits say nothing about the
+dependency. The call still fails for its own caller. What this gives up: a
+dependency that answers some calls promptly while others hang is not opened
+on by slowness (its errors still count), so each hung call costs its caller
+one ``timeout``.
 """
 
 from __future__ import annotations

@@ -95,6 +95,19 @@ class GuardedCache:
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         await self._call("tombstone", lambda: self.inner.tombstone(token_hashes, ttl))
 
+    async def tombstone_anyway(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
+        """Tombstone even while the breaker refuses calls, bounded by its timeout
+        and not counted (``Breaker.attempt``): this process has stopped reading
+        Redis, but the other replicas read it, and a revocation must reach it
+        if it can. A failure is counted and logged like any other."""
+        try:
+            await self.breaker.attempt(lambda: self.inner.tombstone(token_hashes, ttl))
+        except CacheUnavailable as exc:
+            self._stats.errors += 1
+            self._metrics.cache_error("tombstone")
+            _log.warning("SessionCache tombstone Error: %s", exc)
+            raise
+
     async def health(self) -> CacheHealth:
         return await self.inner.health()
 

@@ -17,6 +17,9 @@ Redis, whatever misses or fills were in flight:
    tombstones live for ``tombstone_ttl`` > ``cache_ttl`` + ``max_fill_lag``.
 3. If the tombstone cannot be written, this process trips its breaker (it
    stops reading Redis at once) and the answer says ``cache_purged: false``.
+   A process whose breaker is already open still tries once, bounded by the
+   breaker's timeout and uncounted: the other replicas may be reading that
+   Redis (the breaker may have opened for this process alone).
    The revocation stays pending in Postgres, so it does not depend on this
    process living: every replica drains pending revocations into Redis every
    ``REVOCATION_SWEEP_SECONDS``.
@@ -133,16 +136,26 @@ class Revoker:
         if cache is None:
             await self._confirm(hashes)  # nothing to purge: keep the pending index empty
             return True
-        if self._breaker.state is BreakerState.CLOSED:
-            try:
+        closed = self._breaker.state is BreakerState.CLOSED
+        try:
+            if closed:
                 await self._tombstone(cache, hashes)
-            except CacheUnavailable:
-                pass  # counted and logged by the guard
             else:
-                await self._confirm(hashes)
-                return True
+                # This process does not read Redis now, but the other replicas
+                # may: try to reach it anyway, bounded, before answering.
+                await self._tombstone_anyway(cache, hashes)
+        except CacheUnavailable:
+            pass  # counted and logged by the guard
+        else:
+            await self._confirm(hashes)
+            return True
         self._breaker.trip("revocation could not be written to the cache")
         return False
+
+    async def _tombstone_anyway(self, cache: GuardedCache, hashes: Sequence[TokenHash]) -> None:
+        ttl = self._policy.tombstone_ttl
+        for start in range(0, len(hashes), TOMBSTONE_CHUNK):
+            await cache.tombstone_anyway(hashes[start : start + TOMBSTONE_CHUNK], ttl)
 
     async def _tombstone(self, cache: SessionCache, hashes: Sequence[TokenHash]) -> None:
         ttl = self._policy.tombstone_ttl
