@@ -257,9 +257,7 @@ async def test_a_call_cancelled_quickly_is_not_counted(make: Make) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", ["cancelled", "timeout"])
-async def test_a_slow_call_is_excused_while_other_calls_are_answered(
-    make: Make, how: str
-) -> None:
+async def test_a_slow_call_is_excused_while_other_calls_are_answered(make: Make, how: str) -> None:
     """The process, not the dependency, made it wait (both cores saturated, h2load
     hanging up on its in-flight calls): other calls were answered meanwhile, so
     it fails for its caller but does not count. Before this rule, the 64 calls
