@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
@@ -10,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key
+from session_authority.adapters.redis_codec import epoch_us
 from session_authority.core.domain import Reason, Session, TokenHash, new_token
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.ports import CachedVerdict, CacheEntry
@@ -52,8 +55,56 @@ async def test_key_is_the_hash_and_the_token_is_stored_nowhere(
     assert keys == [f"session:{session.token_hash.hex}"]
     dump = await redis_client.hgetall(keys[0])
     assert token not in repr(dump)
-    assert dump["token_hash"] == session.token_hash.hex
     assert dump["state"] == "live"
+    assert dump["h"] == session.token_hash.hex[:16]  # the compact layout (redis_codec)
+    assert set(dump) == {"state", "h", "i", "u", "c", "e", "m"}
+
+
+async def test_a_compact_entry_is_small(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    """The layout's point: a typical live session (UUID, short user id, no
+    metadata) costs far less than layout 1's ~350 B (MEMORY USAGE, Redis 6.2/7.0)."""
+    session = replace(_session(new_token()), metadata={}, user_id="user-000001")
+    await cache.fill(session.token_hash, session, 60)
+    key = cache_key(session.token_hash)
+    assert set(await redis_client.hgetall(key)) == {"state", "h", "i", "u", "c", "e"}
+    assert int(await redis_client.memory_usage(key, samples=0)) <= 240
+
+
+async def test_a_full_layout_entry_of_the_previous_release_is_read(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    """A rolling upgrade: replicas of layout 1 keep filling full entries for a while."""
+    session = _session(new_token())
+    await redis_client.hset(
+        cache_key(session.token_hash),
+        mapping={
+            "state": "live",
+            "token_hash": session.token_hash.hex,
+            "session_id": session.session_id,
+            "user_id": session.user_id,
+            "created_at": epoch_us(session.created_at),
+            "expires_at": epoch_us(session.expires_at),
+            "metadata": json.dumps(dict(session.metadata)),
+        },
+    )
+    await redis_client.expire(cache_key(session.token_hash), 60)
+    assert await _entry(cache, session.token_hash) == session
+
+
+async def test_tombstones_keep_the_full_layout_every_release_reads(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    """Every release's scripts refuse a fill where ``state`` is ``revoked``, and
+    layout 1 also checks ``token_hash``: a tombstone stops a fill from either."""
+    session = _session(new_token())
+    await cache.fill(session.token_hash, session, 60)
+    await cache.tombstone([session.token_hash], 600)
+    assert await redis_client.hgetall(cache_key(session.token_hash)) == {
+        "state": "revoked",
+        "token_hash": session.token_hash.hex,
+    }
 
 
 async def test_ttl_is_bounded_by_the_session_expiry_given(
@@ -125,6 +176,24 @@ async def test_token_mismatch_is_reported_and_treated_as_a_miss(
     with caplog.at_level(logging.WARNING, logger="session_authority.cache"):
         assert await cache.get(victim) is None
     assert any("Token mismatch" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("layout", ["compact", "full"])
+async def test_an_entry_without_its_integrity_field_is_a_mismatch(
+    cache: RedisSessionCache, redis_client: aioredis.Redis, layout: str
+) -> None:
+    """A foreign ``session:*`` writer (the Node.js system used the prefix) or a
+    hand-written entry: neither layout's check passes, so it is never an answer."""
+    session = _session(new_token())
+    key = cache_key(session.token_hash)
+    if layout == "compact":
+        await cache.fill(session.token_hash, session, 60)
+        await redis_client.hdel(key, "h")
+    else:
+        await cache.fill(session.token_hash, CachedVerdict(Reason.EXPIRED), 60)
+        await redis_client.hdel(key, "token_hash")
+    assert await redis_client.hget(key, "state") in ("live", "expired")
+    assert await cache.get(session.token_hash) is None
 
 
 async def test_health_reports_server_facts(cache: RedisSessionCache) -> None:

@@ -1,9 +1,9 @@
 """``RedisSessionCache``: the session cache on Redis (one hash per session).
 
-Key: ``session:<sha256-hex of the token>`` (never the token). Fields:
-``state`` (live | revoked | unknown | expired | created), ``token_hash`` (checked on
-every read), and for live entries ``session_id``, ``user_id``, ``created_at``,
-``expires_at`` (epoch microseconds) and ``metadata`` (JSON). Every script touches one
+Key: ``session:<sha256-hex of the token>`` (never the token). Fields: ``state``
+(live | revoked | unknown | expired | created), an integrity check against the key
+(on every read), and for live entries the session: see ``redis_codec`` for the two
+layouts (compact for live sessions, full for the rest). Every script touches one
 key only, so the layout is Redis Cluster safe.
 
 ``session-authority:epoch`` holds the ``run_id`` of the server this process
@@ -23,7 +23,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from session_authority.adapters.redis_codec import decode_entry, encode_entry
+from session_authority.adapters.redis_codec import (
+    IntegrityError,
+    decode_entry,
+    encode_entry,
+    state_of,
+)
 from session_authority.adapters.redis_pool import (
     CountingPool,
     ServerIdentity,
@@ -175,12 +180,14 @@ class RedisSessionCache:
             return None
         pttl = int(reply[0])
         fields = dict(zip(reply[1::2], reply[2::2], strict=True))
-        if fields.get("token_hash") != token_hash.hex:
+        try:
+            state = state_of(token_hash, fields)
+        except IntegrityError:
             _log.warning(
                 "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
             )
             return None
-        if fields.get("state") == "created":
+        if state == "created":
             return None  # a creation marker, not an answer
         try:
             entry = decode_entry(token_hash, fields)
