@@ -152,6 +152,14 @@ def test_runbook_counters_keep_their_names() -> None:
     assert 'circuit_breaker_state{breaker="redis"} 0.0' in lines
 
 
+def test_slow_calls_excused_by_the_breaker_are_counted() -> None:
+    breaker = Breaker(BreakerPolicy())
+    breaker.slow_excused = 4
+    lines = _lines(_collector(CacheStats(), breaker))
+    assert "# TYPE circuit_breaker_slow_calls_excused_total counter" in lines
+    assert 'circuit_breaker_slow_calls_excused_total{breaker="redis"} 4.0' in lines
+
+
 def test_gauges_from_the_latest_health_sample() -> None:
     breaker = Breaker(BreakerPolicy())
     breaker.trip("test")

@@ -127,6 +127,15 @@ class StateCollector(Collector):
         for breaker in self._breakers:
             state.add_metric([breaker.name], BREAKER_STATE_VALUES[breaker.state])
         yield state
+        excused = CounterMetricFamily(
+            "circuit_breaker_slow_calls_excused",
+            "Slow or timed-out calls not counted towards opening: the dependency answered "
+            "other calls meanwhile (the process was the bottleneck).",
+            labels=["breaker"],
+        )
+        for breaker in self._breakers:
+            excused.add_metric([breaker.name], breaker.slow_excused)
+        yield excused
         if report is not None:
             status = GaugeMetricFamily(
                 "session_authority_health_status",
