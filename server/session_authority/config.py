@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     redis_pool_min: int = Field(default=2, ge=0)
     redis_pool_max: int = Field(default=10, ge=1)
     redis_pool_timeout_ms: int = Field(default=1000, gt=0)
+    cache_legacy_keys: bool = True
+    """Also honour and write the previous release's ``session:<64 hex>`` keys for
+    tombstones and creation markers (a rolling upgrade); see ``redis_cache``."""
     pg_pool_min: int = Field(default=2, ge=0)
     pg_pool_max: int = Field(default=10, ge=1)
     pg_pool_timeout_ms: int = Field(default=2000, gt=0)

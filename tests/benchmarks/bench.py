@@ -71,7 +71,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from session_authority.adapters.migrate import apply_migrations
-from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
@@ -481,13 +481,14 @@ class Bench:
                     )
                 if answer.source != pb.SOURCE_CACHE:
                     self.problems.append(f"bytes: a session was not cached: {answer}")
-                hashes.append(hashlib.sha256(reply.token.encode()).hexdigest())
+                hashes.append(TokenHash.of(reply.token))
         client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
         try:
-            keys = [key async for key in client.scan_iter(count=1000)]
+            keys = {key async for key in client.scan_iter(count=1000)}
             total, matched = 0, 0
             for h in hashes:
-                for key in (k for k in keys if h in k):
+                # Both releases' keys: a session costs whatever is left under either.
+                for key in keys & {cache_key(h), legacy_key(h)}:
                     total += int(await client.memory_usage(key, samples=0) or 0)
                     matched += 1
         finally:

