@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
 from session_authority.core.domain import Reason, Session, TokenHash, new_token
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheBusy, CacheUnavailable
 from session_authority.core.ports import CachedVerdict, CacheEntry
 from session_authority.embedded import EmbeddedRedis
 
@@ -286,3 +286,24 @@ async def test_errors_become_cache_unavailable(tmp_path: object) -> None:
     finally:
         await cache.aclose()
         server.stop()
+
+
+async def test_waiting_out_the_pool_is_cache_busy(redis_server: EmbeddedRedis) -> None:
+    """No connection came free in time: ``CacheBusy`` (our queue, which the
+    breaker judges as slowness), not a plain failure of Redis."""
+    cache = RedisSessionCache.from_url(
+        redis_server.url,
+        ttl=60,
+        min_connections=0,
+        max_connections=1,
+        timeout=1.0,
+        pool_timeout=0.1,
+    )
+    try:
+        held = await cache._pool.get_connection()  # the pool's only connection
+        with pytest.raises(CacheBusy, match="No connection available"):
+            await cache.get(TokenHash.of(new_token()))
+        await cache._pool.release(held)
+        assert await cache.get(TokenHash.of(new_token())) is None  # and it recovers
+    finally:
+        await cache.aclose()

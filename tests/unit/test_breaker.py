@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
-from session_authority.core.errors import CacheUnavailable
+from session_authority.core.errors import CacheBusy, CacheUnavailable
 
 from .fakes import FakeClock, until
 
@@ -287,6 +287,58 @@ async def test_a_slow_call_is_excused_while_other_calls_are_answered(make: Make,
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
+    assert breaker.state is OPEN
+
+
+class _Stalled:
+    """An operation during which the whole process stops for ``pause`` seconds
+    of the fake clock (a stalled machine): it never answers in time."""
+
+    def __init__(self, clock: FakeClock, pause: float) -> None:
+        self.clock, self.pause = clock, pause
+
+    async def __call__(self) -> object:
+        self.clock.advance(self.pause)
+        await asyncio.Event().wait()
+        return None
+
+
+@pytest.mark.asyncio
+async def test_a_timeout_that_fired_late_is_excused(make: Make) -> None:
+    """Every process on the machine stopped for a second or two at once (seen in
+    make bench): the timers fire late, nothing was the dependency's fault."""
+    policy = BreakerPolicy(timeout=0.02)
+    breaker, clock = make(policy)
+    for _ in range(policy.consecutive_failures * 2):
+        with pytest.raises(CacheUnavailable, match="timed out"):
+            await breaker.call(_Stalled(clock, policy.timeout * 2))
+    assert breaker.state is CLOSED
+    assert breaker.slow_excused == policy.consecutive_failures * 2
+    for _ in range(policy.consecutive_failures):  # on time: a frozen dependency
+        with pytest.raises(CacheUnavailable, match="timed out"):
+            await breaker.call(_Stalled(clock, policy.timeout))
+    assert breaker.state is OPEN
+
+
+@pytest.mark.asyncio
+async def test_waiting_out_the_pool_is_judged_as_slowness(make: Make) -> None:
+    """No pooled connection came free (``CacheBusy``): our queue, not Redis."""
+    breaker, _ = make()
+    for _ in range(POLICY.consecutive_failures * 2):
+        gate = asyncio.Event()
+        queued = asyncio.create_task(
+            breaker.call(Op(gate=gate, error=CacheBusy("No connection available.")))
+        )
+        await until(lambda: breaker.calls_in_flight == 1)
+        await succeed(breaker)  # answered while it queued
+        gate.set()
+        with pytest.raises(CacheBusy):
+            await queued
+    assert breaker.state is CLOSED
+    busy = Op(error=CacheBusy("No connection available."))
+    for _ in range(POLICY.consecutive_failures):  # nothing answered: it counts
+        with pytest.raises(CacheBusy):
+            await breaker.call(busy)
     assert breaker.state is OPEN
 
 

@@ -45,12 +45,13 @@ from session_authority.adapters.redis_codec import (
 )
 from session_authority.adapters.redis_pool import (
     CountingPool,
+    PoolExhausted,
     ServerIdentity,
     ServerReplaced,
     run_id_of,
 )
 from session_authority.core.domain import Reason, TokenHash
-from session_authority.core.errors import CacheReplaced, CacheUnavailable
+from session_authority.core.errors import CacheBusy, CacheReplaced, CacheUnavailable
 from session_authority.core.health import CacheHealth, PoolStats
 from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
 
@@ -161,6 +162,8 @@ class _ErrorMap:
         # Anything else (CancelledError included) passes through untouched.
         if isinstance(exc, ServerReplaced):
             raise CacheReplaced(str(exc)) from exc
+        if isinstance(exc, PoolExhausted):
+            raise CacheBusy(_describe(exc)) from exc
         if isinstance(exc, (RedisError, OSError)):
             raise CacheUnavailable(_describe(exc)) from exc
 

@@ -20,7 +20,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from session_authority.core.health import PoolStats
 
-__all__ = ["CountingPool", "ServerIdentity", "ServerReplaced", "run_id_of"]
+__all__ = ["CountingPool", "PoolExhausted", "ServerIdentity", "ServerReplaced", "run_id_of"]
+
+
+class PoolExhausted(RedisConnectionError):
+    """No pooled connection came free within the pool timeout (our own queue)."""
 
 
 class ServerReplaced(RedisConnectionError):
@@ -71,6 +75,12 @@ class CountingPool(aioredis.BlockingConnectionPool):
         self.pending += 1
         try:
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            # redis-py's "No connection available.": the pool timeout ran out in
+            # our own queue, before any byte went to Redis.
+            if isinstance(exc.__cause__, TimeoutError):
+                raise PoolExhausted(str(exc)) from exc
+            raise
         finally:
             self.pending -= 1
 

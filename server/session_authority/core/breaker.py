@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import aiobreaker
 
 from session_authority.core.breaker_policy import BreakerPolicy, BreakerState, OpeningRule
-from session_authority.core.errors import CacheUnavailable, SessionAuthorityError
+from session_authority.core.errors import CacheBusy, CacheUnavailable, SessionAuthorityError
 
 __all__ = ["Breaker", "BreakerPolicy", "BreakerState"]
 
@@ -50,6 +50,9 @@ _FROM_AIOBREAKER = {
 
 
 Listener = Callable[[BreakerState, BreakerState, str], None]
+
+#: Errors that say a call waited in this process's own queue (judged as slow).
+_QUEUED = (CacheBusy,)
 
 
 class Breaker:
@@ -231,14 +234,20 @@ class Breaker:
                 self._probing = False
         if not done:
             _abandon(task)
-            self._slow("timeout", probe, answered)
+            # The timer fires this late only when this process did not run (a
+            # stalled machine, a long pause): the wait was not the dependency's.
+            late = self._clock() - started >= self.policy.timeout * 1.5
+            self._slow("timeout", probe, answered, late=late)
             raise self._error(f"{self.name} call timed out") from TimeoutError(
                 f"no answer within {self.policy.timeout:g}s"
             )
         try:
             result = task.result()
         except self._error as exc:
-            self._failure(str(exc), probe)
+            if isinstance(exc, _QUEUED):
+                self._slow(str(exc), probe, answered)  # our own queue, not the dependency
+            else:
+                self._failure(str(exc), probe)
             raise
         except BaseException:
             self.answered += 1  # e.g. a bad request: the dependency answered
@@ -247,13 +256,17 @@ class Breaker:
         self._success(probe)
         return result
 
-    def _slow(self, cause: str, probe: int | None, answered_before: int) -> None:
-        """A call that timed out or was cut short after ``slow_call``. If the
-        dependency answered other calls while this one waited, the wait was
-        ours (a starved event loop, a queue for a pooled connection), not the
-        dependency's: the call still fails for its caller, but does not count
-        towards opening. A probe's slowness always counts."""
-        if probe is None and self.answered != answered_before:
+    def _slow(
+        self, cause: str, probe: int | None, answered_before: int, *, late: bool = False
+    ) -> None:
+        """A call that timed out, was cut short after ``slow_call``, or waited
+        out the pool. If the dependency answered other calls while this one
+        waited, or the timeout itself fired late (this process was not
+        running), the wait was ours (a starved or stalled process, a queue for
+        a pooled connection), not the dependency's: the call still fails for
+        its caller, but does not count towards opening. A probe's slowness
+        always counts."""
+        if probe is None and (late or self.answered != answered_before):
             self.slow_excused += 1
             return
         self._failure(cause, probe)

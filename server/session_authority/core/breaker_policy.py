@@ -25,7 +25,10 @@ dependency answers nothing, so its slow calls all count; but when the process
 itself is the bottleneck (both cores saturated, an event loop running late, a
 queue for a pooled connection, callers that hang up at the end of a load run)
 other calls keep being answered, and those waits say nothing about the
-dependency. The call still fails for its own caller. What this gives up: a
+dependency. The same holds for a timeout whose timer fired half a timeout
+late (the process itself did not run: a stalled machine, a long pause) and
+for a call that waited out the pool for a connection (``CacheBusy``). The
+call still fails for its own caller. What this gives up: a
 dependency that answers some calls promptly while others hang is not opened
 on by slowness (its errors still count), so each hung call costs its caller
 one ``timeout``.

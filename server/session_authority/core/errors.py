@@ -11,6 +11,8 @@ the transport reports it as INTERNAL (logged once). The tree::
     └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
         │                    core by falling back to the store
         ├── CircuitOpen      the Redis breaker refused the call without making it
+        ├── CacheBusy        no pooled connection came free in time: a queue of
+        │                    ours, judged like a slow call (see breaker_policy.py)
         └── CacheReplaced    Redis is not the server whose state we trusted
                              (restarted, restored, failed over or flushed)
 
@@ -21,6 +23,7 @@ Adapters translate driver exceptions into these in one place each, with
 from __future__ import annotations
 
 __all__ = [
+    "CacheBusy",
     "CacheReplaced",
     "CacheUnavailable",
     "CircuitOpen",
@@ -64,6 +67,12 @@ class CacheUnavailable(SessionAuthorityError):
 class CircuitOpen(CacheUnavailable):
     """The cache's breaker is refusing calls: the call was not made (not a
     new failure, so it is neither counted nor logged as one)."""
+
+
+class CacheBusy(CacheUnavailable):
+    """No pooled connection came free within the pool timeout: the wait was in
+    this process's own queue, not in Redis. The breaker judges it as a slow
+    call (counted only if Redis answered nothing meanwhile)."""
 
 
 class CacheReplaced(CacheUnavailable):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from session_authority.core.errors import (
+    CacheBusy,
     CacheReplaced,
     CacheUnavailable,
     CircuitOpen,
@@ -29,6 +30,7 @@ STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     CircuitOpen: grpc.StatusCode.UNAVAILABLE,
     CacheReplaced: grpc.StatusCode.UNAVAILABLE,
+    CacheBusy: grpc.StatusCode.UNAVAILABLE,
     CacheUnavailable: grpc.StatusCode.UNAVAILABLE,
     SessionAuthorityError: grpc.StatusCode.INTERNAL,
 }
