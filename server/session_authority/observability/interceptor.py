@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
-from prometheus_client import Counter
 
-from session_authority.observability.metrics import Instruments
+from session_authority.observability.metrics import Cell, Instruments
 
 __all__ = ["RpcMetricsInterceptor"]
 
@@ -78,7 +77,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         observe = self._i.rpc_duration.labels(service, method).observe
         handled = self._i.rpc_handled
         ok = handled.labels(service, method, grpc.StatusCode.OK.name)
-        failed: dict[str, Counter] = {}
+        failed: dict[str, Cell] = {}
 
         def count_failed(code: str) -> None:
             child = failed.get(code)
