@@ -157,3 +157,54 @@ async def test_callers_with_short_deadlines_are_served_once_a_freeze_is_detected
     assert len(settled) > 100
     assert served / len(settled) >= 0.95, Counter(c.code for c in settled)
     assert all(c.valid for c in calls if c.code == "OK")
+
+
+@pytest_asyncio.fixture
+async def world_without_l1(
+    own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
+) -> AsyncIterator[World]:
+    """As ``world``, but every validation asks Redis (no L1 cache): Redis calls
+    are in flight whenever the process stalls."""
+    app = await App.start(app_settings(own_postgres.url, own_redis.url, l1_cache_ttl_ms=0))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
+    stub = pb_grpc.SessionAuthorityStub(channel)
+    user = f"user-{uuid4().hex[:8]}"
+    live = [
+        (await stub.CreateSession(pb.CreateSessionRequest(user_id=user))).token for _ in range(32)
+    ]
+    w = World(app, own_redis, stub, live)
+    app.core.breaker.add_listener(
+        lambda _old, new, _cause: (
+            w.opened_at.append(time.monotonic()) if new is BreakerState.OPEN else None
+        )
+    )
+    try:
+        yield w
+    finally:
+        await channel.close()
+        await app.stop(0)
+
+
+async def test_a_stalled_process_does_not_open_the_breaker_of_a_healthy_redis(
+    world_without_l1: World,
+) -> None:
+    """The whole machine stops for twice the Redis timeout with 16 Redis calls in
+    flight (what every full `make bench` saw: all processes stalled at once),
+    and our process runs again a moment before Redis does. Its timers are
+    long overdue and fire before Redis answers; Redis was never at fault, so
+    the breaker must stay closed, and every caller is answered."""
+    w = world_without_l1
+    loop = asyncio.get_running_loop()
+
+    def stall() -> None:
+        w.redis.pause()
+        loop.call_soon_threadsafe(time.sleep, TIMEOUT * 2)  # blocks the event loop itself
+        time.sleep(TIMEOUT * 2 + 0.05)
+        w.redis.resume()
+
+    calls, _ = await drive(w, 6.0, at=stall)
+    assert w.opened_at == [], "a healthy Redis's breaker opened on the process's own stall"
+    codes = Counter(c.code for c in calls)
+    assert codes == {"OK": len(calls)}, codes
+    assert all(c.valid for c in calls)
+    assert max(c.seconds for c in calls) >= TIMEOUT * 2  # the stall did happen mid-call
