@@ -45,7 +45,8 @@ Report keys (stable; other tools read them):
                                                  answers revoked
   workers, load_generator, cores
 Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
-traced_spans_per_call, miss_load_generator, machine, and `checks`.
+traced_spans_per_call, miss_load_generator, machine, cpu_steal_seconds (CPU the host's hypervisor
+took while ours was runnable, during the bench: a noisy host shows here), and `checks`.
 """
 
 from __future__ import annotations
@@ -584,6 +585,7 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         started = time.monotonic()
+        stolen = _steal_seconds()
         self.report |= {
             "workers": self.workers,
             "load_generator": self.h2load or PYTHON_GENERATOR,
@@ -607,6 +609,10 @@ class Bench:
         finally:
             await self.stop_servers()
         self.report["bench_seconds"] = round(time.monotonic() - started, 1)
+        if stolen is not None and (now := _steal_seconds()) is not None:
+            # CPU time the hypervisor gave to others while ours was runnable: a
+            # noisy host shows here, not in the ratios' medians.
+            self.report["cpu_steal_seconds"] = round(now - stolen, 2)
         self.report["checks"] = self.checks
         self.report["problems"] = self.problems
         self.report["warnings"] = self.warnings
@@ -621,6 +627,15 @@ async def _timed(op: Callable[[], Awaitable[object]]) -> float:
     started = time.perf_counter()
     await op()
     return (time.perf_counter() - started) * 1000
+
+
+def _steal_seconds() -> float | None:
+    """Seconds of CPU stolen by the hypervisor so far, all CPUs (``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _machine() -> str:
