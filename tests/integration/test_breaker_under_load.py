@@ -54,18 +54,20 @@ class World:
     opened_at: list[float] = field(default_factory=list)
 
 
-@pytest_asyncio.fixture
-async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def _world(
+    postgres: EmbeddedPostgres, redis: EmbeddedRedis, **overrides: object
+) -> AsyncIterator[World]:
     # Every breaker knob at its default: timeout 1 s, 70 %, volume 10, window
     # 10 s, reset 15 s, 5 failures in a row, slow call 100 ms.
-    app = await App.start(app_settings(own_postgres.url, own_redis.url))
+    app = await App.start(app_settings(postgres.url, redis.url, **overrides))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
     stub = pb_grpc.SessionAuthorityStub(channel)
     user = f"user-{uuid4().hex[:8]}"
     live = [
         (await stub.CreateSession(pb.CreateSessionRequest(user_id=user))).token for _ in range(32)
     ]
-    w = World(app, own_redis, stub, live)
+    w = World(app, redis, stub, live)
     app.core.breaker.add_listener(
         lambda _old, new, _cause: (
             w.opened_at.append(time.monotonic()) if new is BreakerState.OPEN else None
@@ -76,8 +78,24 @@ async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> Asy
     finally:
         await channel.close()
         with contextlib.suppress(RuntimeError):  # killed: nothing to resume
-            own_redis.resume()
+            redis.resume()
         await app.stop(0)
+
+
+@pytest_asyncio.fixture
+async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> AsyncIterator[World]:
+    async with _world(own_postgres, own_redis) as w:
+        yield w
+
+
+@pytest_asyncio.fixture
+async def world_without_l1(
+    own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
+) -> AsyncIterator[World]:
+    """As ``world``, but every validation asks Redis (no L1 cache): Redis calls
+    are in flight whenever the process stalls."""
+    async with _world(own_postgres, own_redis, l1_cache_ttl_ms=0) as w:
+        yield w
 
 
 async def drive(
@@ -157,32 +175,6 @@ async def test_callers_with_short_deadlines_are_served_once_a_freeze_is_detected
     assert len(settled) > 100
     assert served / len(settled) >= 0.95, Counter(c.code for c in settled)
     assert all(c.valid for c in calls if c.code == "OK")
-
-
-@pytest_asyncio.fixture
-async def world_without_l1(
-    own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
-) -> AsyncIterator[World]:
-    """As ``world``, but every validation asks Redis (no L1 cache): Redis calls
-    are in flight whenever the process stalls."""
-    app = await App.start(app_settings(own_postgres.url, own_redis.url, l1_cache_ttl_ms=0))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
-    stub = pb_grpc.SessionAuthorityStub(channel)
-    user = f"user-{uuid4().hex[:8]}"
-    live = [
-        (await stub.CreateSession(pb.CreateSessionRequest(user_id=user))).token for _ in range(32)
-    ]
-    w = World(app, own_redis, stub, live)
-    app.core.breaker.add_listener(
-        lambda _old, new, _cause: (
-            w.opened_at.append(time.monotonic()) if new is BreakerState.OPEN else None
-        )
-    )
-    try:
-        yield w
-    finally:
-        await channel.close()
-        await app.stop(0)
 
 
 async def test_a_stalled_process_does_not_open_the_breaker_of_a_healthy_redis(

@@ -129,6 +129,17 @@ async def test_a_creation_marker_of_the_previous_release_stops_an_unknown_fill(
     assert not await redis_client.exists(legacy_key(session.token_hash))  # its work is done
 
 
+async def test_a_creation_marker_never_replaces_a_previous_release_tombstone(
+    cache: RedisSessionCache, redis_client: aioredis.Redis
+) -> None:
+    session = _session(new_token())
+    await _previous_release_writes(redis_client, session.token_hash, "revoked")
+    await cache.mark_created(session.token_hash, 10)
+    assert await redis_client.hget(legacy_key(session.token_hash), "state") == "revoked"
+    hit = await cache.get(session.token_hash)
+    assert hit is not None and hit.entry == CachedVerdict(Reason.REVOKED)
+
+
 async def test_a_creation_marker_is_written_under_both_keys(
     cache: RedisSessionCache, redis_client: aioredis.Redis
 ) -> None:

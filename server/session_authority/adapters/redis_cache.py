@@ -108,34 +108,25 @@ table.insert(fields, 1, ttl)
 return fields
 """
 
-# Tombstone: unconditional, replaces whatever was there (or nothing); under
-# the previous release's key too, in its layout, so that it honours it.
-_TOMBSTONE = """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'revoked', 'h', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if KEYS[2] then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'state', 'revoked', 'token_hash', ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+# Stamp: a bare state under both keys, each in its release's layout (``h`` here,
+# all 64 hex as ``token_hash`` under the previous release's key, which is all
+# that release reads). A tombstone (state "revoked") replaces whatever was
+# there, or nothing; a creation marker (state "created") never replaces a
+# tombstone under either key (returns 0 then, 1 otherwise).
+_STAMP = """
+if ARGV[2] ~= 'revoked' then
+  for _, key in ipairs(KEYS) do
+    if redis.call('HGET', key, 'state') == 'revoked' then return 0 end
+  end
 end
-return 1
-"""
-
-# Creation marker: as the fill of a live entry (never over a tombstone), and
-# under the previous release's key too, in its layout (its replicas read only
-# that key, and must not fill "unknown" there either).
-_MARK = """
-if redis.call('HGET', KEYS[1], 'state') == 'revoked' then return 0 end
-local old = KEYS[2] and redis.call('HGET', KEYS[2], 'state')
-if old == 'revoked' then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'created', 'h', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if KEYS[2] then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'state', 'created', 'token_hash', ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('DEL', key)
+  if i == 1 then
+    redis.call('HSET', key, 'state', ARGV[2], 'h', ARGV[3])
+  else
+    redis.call('HSET', key, 'state', ARGV[2], 'token_hash', ARGV[4])
+  end
+  redis.call('PEXPIRE', key, ARGV[1])
 end
 return 1
 """
@@ -189,8 +180,7 @@ class RedisSessionCache:
         self.legacy_keys = legacy_keys
         self._fill = client.register_script(_FILL)
         self._get = client.register_script(_GET)
-        self._tombstone = client.register_script(_TOMBSTONE)
-        self._mark = client.register_script(_MARK)
+        self._stamp = client.register_script(_STAMP)
 
     def _keys(self, token_hash: TokenHash) -> list[str]:
         if self.legacy_keys:
@@ -311,18 +301,18 @@ class RedisSessionCache:
             raise CacheReplaced("redis lost its state (marker gone: flushed or replaced)")
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
-        args = [_ms(ttl), token_hash.hex[:CHECK_HEX], token_hash.hex]
+        args = [_ms(ttl), "created", token_hash.hex[:CHECK_HEX], token_hash.hex]
         with _MAPPED:
-            await self._mark(keys=self._keys(token_hash), args=args)
+            await self._stamp(keys=self._keys(token_hash), args=args)
 
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         ttl_ms = _ms(ttl)
         with _MAPPED:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for token_hash in token_hashes:
-                    await self._tombstone(
+                    await self._stamp(
                         keys=self._keys(token_hash),
-                        args=[ttl_ms, token_hash.hex[:CHECK_HEX], token_hash.hex],
+                        args=[ttl_ms, "revoked", token_hash.hex[:CHECK_HEX], token_hash.hex],
                         client=pipe,
                     )
                 await pipe.execute()

@@ -214,15 +214,9 @@ class Breaker:
         started = self._clock()
         answered = self.answered
         self.calls_in_flight += 1
-        # The call runs as its own task, so that the caller's bound holds even
-        # when the dependency's client is slow to give up (redis-py tidies a
-        # cancelled connection up with awaits of its own): on timeout or
-        # cancellation the task is cancelled and left to finish on its own.
-        task = asyncio.ensure_future(op())
         try:
-            done, _ = await asyncio.wait((task,), timeout=self.policy.timeout)
+            task = await _bounded(op, self.policy.timeout)
         except asyncio.CancelledError:
-            _abandon(task)
             # Cut short by the caller (its deadline, or it went away): slow
             # enough, and nothing else answered meanwhile, it counts.
             if self._clock() - started >= self.policy.slow_call:
@@ -232,15 +226,12 @@ class Breaker:
             self.calls_in_flight -= 1
             if probe is not None:
                 self._probing = False
-        if not done:
-            _abandon(task)
+        if task is None:
             # The timer fires this late only when this process did not run (a
             # stalled machine, a long pause): the wait was not the dependency's.
             late = self._clock() - started >= self.policy.timeout * 1.5
             self._slow("timeout", probe, answered, late=late)
-            raise self._error(f"{self.name} call timed out") from TimeoutError(
-                f"no answer within {self.policy.timeout:g}s"
-            )
+            raise self._timed_out()
         try:
             result = task.result()
         except self._error as exc:
@@ -276,18 +267,16 @@ class Breaker:
         counting it either way: for a write that must be tried even while the
         breaker refuses calls (a revocation: this process stops reading the
         dependency, the other replicas do not). Raises ``error`` on timeout."""
-        task = asyncio.ensure_future(op())
-        try:
-            done, _ = await asyncio.wait((task,), timeout=self.policy.timeout)
-        except asyncio.CancelledError:
-            _abandon(task)
-            raise
-        if not done:
-            _abandon(task)
-            raise self._error(f"{self.name} call timed out") from TimeoutError(
-                f"no answer within {self.policy.timeout:g}s"
-            )
+        task = await _bounded(op, self.policy.timeout)
+        if task is None:
+            raise self._timed_out()
         return task.result()
+
+    def _timed_out(self) -> SessionAuthorityError:
+        """``error`` for a call past the timeout (as ``raise ... from TimeoutError``)."""
+        exc = self._error(f"{self.name} call timed out")
+        exc.__cause__ = TimeoutError(f"no answer within {self.policy.timeout:g}s")
+        return exc
 
     async def _run_probe(self, probe: Callable[[], Awaitable[None]], generation: int) -> None:
         try:
@@ -333,6 +322,24 @@ class Breaker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _bounded(op: Callable[[], Awaitable[T]], seconds: float) -> asyncio.Future[T] | None:
+    """Run ``op`` as its own task for at most ``seconds``: the finished
+    task, or None once the time ran out. Its own task, so that the caller's
+    bound holds even when the dependency's client is slow to give up (redis-py
+    tidies a cancelled connection up with awaits of its own): on timeout or
+    cancellation the task is cancelled and left to finish on its own."""
+    task = asyncio.ensure_future(op())
+    try:
+        done, _ = await asyncio.wait((task,), timeout=seconds)
+    except asyncio.CancelledError:
+        _abandon(task)
+        raise
+    if not done:
+        _abandon(task)
+        return None
+    return task
 
 
 def _abandon(task: asyncio.Future[Any]) -> None:

@@ -65,9 +65,7 @@ class GuardedCache:
         try:
             return await breaker.call(op)
         except CacheUnavailable as exc:
-            self._stats.errors += 1
-            self._metrics.cache_error(operation)
-            _log.warning("SessionCache %s Error: %s", operation, exc)
+            self._count_failure(operation, exc)
             if isinstance(exc, CacheReplaced):
                 # It may have lost tombstones: stop reading it now, and let the
                 # probe re-apply revocations at once rather than after the reset.
@@ -103,10 +101,13 @@ class GuardedCache:
         try:
             await self.breaker.attempt(lambda: self.inner.tombstone(token_hashes, ttl))
         except CacheUnavailable as exc:
-            self._stats.errors += 1
-            self._metrics.cache_error("tombstone")
-            _log.warning("SessionCache tombstone Error: %s", exc)
+            self._count_failure("tombstone", exc)
             raise
+
+    def _count_failure(self, operation: str, exc: CacheUnavailable) -> None:
+        self._stats.errors += 1
+        self._metrics.cache_error(operation)
+        _log.warning("SessionCache %s Error: %s", operation, exc)
 
     async def health(self) -> CacheHealth:
         return await self.inner.health()

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
@@ -67,6 +67,9 @@ TOMBSTONE_CHUNK = 2000
 DRAIN_BATCH = 5000
 #: Revocations pushed to L1 caches by hash; above this, "drop everything".
 PUSH_LIMIT = 1000
+
+#: A cache's ``tombstone`` (guarded, guarded-anyway, or the probe's inner one).
+_Write = Callable[[Sequence[TokenHash], float], Awaitable[None]]
 
 
 class Revoker:
@@ -136,14 +139,11 @@ class Revoker:
         if cache is None:
             await self._confirm(hashes)  # nothing to purge: keep the pending index empty
             return True
+        # With the breaker open this process does not read Redis, but the other
+        # replicas may: try to reach it anyway, bounded, before answering.
         closed = self._breaker.state is BreakerState.CLOSED
         try:
-            if closed:
-                await self._tombstone(cache, hashes)
-            else:
-                # This process does not read Redis now, but the other replicas
-                # may: try to reach it anyway, bounded, before answering.
-                await self._tombstone_anyway(cache, hashes)
+            await self._tombstone(cache.tombstone if closed else cache.tombstone_anyway, hashes)
         except CacheUnavailable:
             pass  # counted and logged by the guard
         else:
@@ -152,15 +152,11 @@ class Revoker:
         self._breaker.trip("revocation could not be written to the cache")
         return False
 
-    async def _tombstone_anyway(self, cache: GuardedCache, hashes: Sequence[TokenHash]) -> None:
+    async def _tombstone(self, write: _Write, hashes: Sequence[TokenHash]) -> None:
+        """``write`` (a cache's ``tombstone``) in chunks of ``TOMBSTONE_CHUNK``."""
         ttl = self._policy.tombstone_ttl
         for start in range(0, len(hashes), TOMBSTONE_CHUNK):
-            await cache.tombstone_anyway(hashes[start : start + TOMBSTONE_CHUNK], ttl)
-
-    async def _tombstone(self, cache: SessionCache, hashes: Sequence[TokenHash]) -> None:
-        ttl = self._policy.tombstone_ttl
-        for start in range(0, len(hashes), TOMBSTONE_CHUNK):
-            await cache.tombstone(hashes[start : start + TOMBSTONE_CHUNK], ttl)
+            await write(hashes[start : start + TOMBSTONE_CHUNK], ttl)
 
     async def _confirm(self, hashes: Sequence[TokenHash]) -> None:
         """Best effort: an unconfirmed revocation is only tombstoned again."""
@@ -187,7 +183,7 @@ class Revoker:
         window = policy.cache_ttl + policy.max_fill_lag + policy.revocation_skew
         try:
             hashes = await self._store.revoked_since(window)
-            await self._tombstone(cache, hashes)
+            await self._tombstone(cache.tombstone, hashes)
             drained = await self._drain_into(cache)
         except StoreUnavailable as exc:
             raise CacheUnavailable("cannot replay revocations: store unavailable") from exc
@@ -230,7 +226,7 @@ class Revoker:
             hashes = await self._store.pending_purges(DRAIN_BATCH)
             if not hashes:
                 return drained
-            await self._tombstone(cache, hashes)
+            await self._tombstone(cache.tombstone, hashes)
             await self._store.confirm_purged(hashes)
             drained += len(hashes)
             if len(hashes) < DRAIN_BATCH:
