@@ -288,3 +288,23 @@ async def test_a_drain_heals_a_partial_outage_seen_only_by_the_revoking_replica(
         assert (answer.valid, answer.reason, answer.source) == (False, Reason.REVOKED, Source.CACHE)
     finally:
         await cut_off.aclose()
+
+
+async def test_a_revoker_whose_breaker_is_open_still_tombstones_a_healthy_redis(
+    store: PostgresSessionStore, cache: RedisSessionCache
+) -> None:
+    """Replica A's breaker opened for A alone (its own loop starved, say), while
+    replica B keeps reading the same, healthy Redis. A revocation on A must
+    reach Redis before A answers, or B would serve the cached session until
+    its next drain."""
+    a, _ = _core(store, cache)
+    b, _ = _core(store, cache)
+    token, _ = await a.create(f"user-{uuid4().hex[:8]}", None, {})
+    await b.validate(token)
+    assert (await b.validate(token)).source is Source.CACHE  # B reads it from Redis
+    a.breaker.trip("this replica's calls were slow")
+    result = await a.invalidate(token=token)
+    assert (result.revoked_count, result.cache_purged) == (1, True)
+    assert a.breaker.state is BreakerState.OPEN  # A keeps off Redis until its probe
+    answer = await b.validate(token)
+    assert (answer.valid, answer.reason, answer.source) == (False, Reason.REVOKED, Source.CACHE)
