@@ -347,7 +347,7 @@ def test_validate_session_token(hostile: Hostile, token: str) -> None:
 
 _SERVER_SOURCE = "\n".join(
     path.read_text(errors="replace")
-    for path in Path(session_authority.__file__).parent.rglob("*.py")
+    for path in Path(next(iter(session_authority.__path__))).rglob("*.py")
 )
 
 
