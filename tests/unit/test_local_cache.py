@@ -9,6 +9,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -228,3 +229,94 @@ async def test_a_mass_revocation_tells_every_process_to_drop_everything(world: W
     answer = await b.svc.validate(tokens[0])
     assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
     assert (await b.svc.validate(bystander)).valid  # from Redis again, then L1
+
+
+# --- the synchronous hit path (validate_local) and the servicer's encoded replies ---------
+
+
+@pytest.mark.asyncio
+async def test_the_synchronous_path_answers_only_from_a_copy_it_can_trust(world: World) -> None:
+    p = await world.process()
+    token = await _token(p)
+    assert p.svc.validate_local(token) is None  # no copy yet: validate asks Redis/Postgres
+    await p.svc.validate(token)
+    first = p.svc.validate_local(token)
+    assert first is not None and (first.valid, first.source) == (True, Source.CACHE)
+    assert p.svc.validate_local(token) is first  # the answer made once, with the copy
+    assert await p.svc.validate(token) is first  # validate asks the copy first
+    p.feed.subscribed = False  # no longer sure to hear revocations
+    assert p.svc.validate_local(token) is None
+    assert len(p.local) == 0  # and forgot every copy
+    p.feed.subscribed = True
+    await p.svc.validate(token)
+    p.breaker.trip("test")
+    assert p.svc.validate_local(token) is None and len(p.local) == 0
+
+
+@pytest.mark.asyncio
+async def test_the_synchronous_path_gives_up_on_what_validate_refuses(world: World) -> None:
+    p = await world.process()
+    await p.svc.validate(await _token(p))  # an L1 with a copy in it
+    for token in ("", "x" * 10_000, "tökén", "\ud800", "sa_" + "A" * 48):
+        assert p.svc.validate_local(token) is None  # no exception: validate names the field
+
+
+@pytest.mark.asyncio
+async def test_a_copy_past_its_session_expiry_answers_expired(world: World) -> None:
+    """The L1 copy outlives its session only if the wall clock jumps (the
+    copy's own life is monotonic, bounded by the Redis TTL): the prepared
+    live answer is given only before the session's expires_at."""
+    p = await world.process()
+    token = await _token(p)
+    await p.svc.validate(token)
+    live = p.svc.validate_local(token)
+    assert live is not None and live.session is not None
+    world.clock._wall = live.session.expires_at  # the wall clock only
+    answer = p.svc.validate_local(token)
+    assert answer is not None and (answer.valid, answer.reason) == (False, Reason.EXPIRED)
+
+
+@pytest.mark.asyncio
+async def test_a_revoked_copy_answers_revoked_from_l1(world: World) -> None:
+    p = await world.process()
+    token = await _token(p)
+    p.local.put(TokenHash.of(token), CachedVerdict(Reason.REVOKED), 1.0, p.local.version)
+    answer = p.svc.validate_local(token)
+    assert answer is not None and (answer.valid, answer.reason) == (False, Reason.REVOKED)
+
+
+class _Context:
+    """What the servicer asks of grpc's ServicerContext on ValidateSession."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+    async def abort(self, code: object, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+@pytest.mark.asyncio
+async def test_the_servicer_encodes_a_copys_answer_once_and_never_past_a_revocation(
+    world: World,
+) -> None:
+    from session_authority.transport.servicer import SessionAuthorityServicer
+    from session_authority.v1 import session_authority_pb2 as pb
+
+    a, b = await world.process(), await world.process()
+    servicer = SessionAuthorityServicer(b.svc)
+    token = await _token(a)
+    request = pb.ValidateSessionRequest(token=token)
+    context: Any = _Context()
+    first = await servicer.ValidateSession(request, context)  # Postgres, then fills
+    reply = pb.ValidateSessionResponse.FromString(first)
+    assert reply.valid and reply.source == pb.SOURCE_DATABASE
+    hit = await servicer.ValidateSession(request, context)
+    assert hit is await servicer.ValidateSession(request, context)  # the same bytes: encoded once
+    reply = pb.ValidateSessionResponse.FromString(hit)
+    assert reply.valid and reply.source == pb.SOURCE_CACHE and reply.session.user_id
+    await a.svc.invalidate(token=token)
+    reply = pb.ValidateSessionResponse.FromString(await servicer.ValidateSession(request, context))
+    assert (reply.valid, reply.reason) == (False, pb.REASON_REVOKED)

@@ -679,3 +679,28 @@ def test_admin_and_log_settings() -> None:
         Settings(admin_port=70000)
     shown = Settings(otel_exporter_otlp_endpoint="https://u:secret@collector:4318").describe()
     assert "secret" not in str(shown)
+
+
+def test_the_loop_histogram_is_exposed_exactly_as_a_prometheus_histogram() -> None:
+    """``LoopHistogram`` (no lock per observation) must read like prometheus_client's
+    ``Histogram`` to every scraper and to the fleet's merge: same series, same
+    ``le`` labels, same cumulative counts and sum (only ``_created`` is not kept)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from session_authority.observability.metrics import SECONDS_BUCKETS, LoopHistogram
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("t_seconds", "doc", ["m"], buckets=SECONDS_BUCKETS, registry=theirs)
+    loop = LoopHistogram("t_seconds", "doc", ["m"], ours, buckets=SECONDS_BUCKETS)
+    # On a bound, between bounds, below the first, beyond the last.
+    for value in (0.0005, 0.0007, 0.0001, 0.001, 0.01, 3.0, 20.0, 0.0):
+        reference.labels("a").observe(value)
+        loop.labels("a").observe(value)
+    loop.labels("b")
+    reference.labels("b")
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)

@@ -30,6 +30,7 @@ from session_authority.bootstrap.security import (
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.service import SessionAuthority
+from session_authority.core.telemetry import set_tracing
 from session_authority.logs import quiet_grpc_client_gone
 from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.auth import ApiKeys, AuthInterceptor
@@ -76,7 +77,9 @@ class App:
         the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
         quiet_grpc_client_gone()
         credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
-        telemetry = Telemetry(settings, tracer_provider=install_tracing(settings))
+        tracer_provider = install_tracing(settings)
+        set_tracing(tracer_provider is not None)  # none: the hit path looks for no span
+        telemetry = Telemetry(settings, tracer_provider=tracer_provider)
         built = build_core(settings, telemetry)
         core, store, cache = built.core, built.store, built.cache
         telemetry.attach(

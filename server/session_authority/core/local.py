@@ -20,12 +20,17 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Protocol
 
-from session_authority.core.domain import TokenHash
+from session_authority.core.domain import Session, Source, TokenHash, Validation
 from session_authority.core.ports import CacheEntry
 
-__all__ = ["LocalCache", "RevocationFeed"]
+__all__ = ["LocalCache", "LocalCopy", "RevocationFeed"]
+
+#: One L1 copy: the entry, and for a session that was live when stored, the
+#: answer it gives (made once, not on every hit) until its ``expires_at``.
+LocalCopy = tuple[CacheEntry, Validation | None, datetime | None]
 
 
 class RevocationFeed(Protocol):
@@ -44,7 +49,9 @@ class RevocationFeed(Protocol):
 
 
 class LocalCache:
-    """A bounded LRU of token hash → entry with a short TTL (monotonic clock)."""
+    """A bounded LRU of token hash → entry with a short TTL (monotonic clock).
+    Keyed by the hash's hex string: the hit path hashes a token once and
+    looks it up without building a ``TokenHash``."""
 
     def __init__(
         self, max_entries: int, ttl: float, clock: Callable[[], float] = time.monotonic
@@ -54,7 +61,7 @@ class LocalCache:
         self.max_entries = max_entries
         self.ttl = ttl
         self._clock = clock
-        self._entries: OrderedDict[TokenHash, tuple[CacheEntry, float]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, LocalCopy]] = OrderedDict()
         #: Bumped by every drop: a copy read before a drop must not be stored after it.
         self.version = 0
 
@@ -62,23 +69,30 @@ class LocalCache:
         return len(self._entries)
 
     def get(self, token_hash: TokenHash) -> CacheEntry | None:
-        found = self._entries.get(token_hash)
+        found = self.lookup(token_hash.hex)
+        return None if found is None else found[0]
+
+    def lookup(self, hex_digest: str) -> LocalCopy | None:
+        """The copy kept for the token hash ``hex_digest``, if still fresh."""
+        found = self._entries.get(hex_digest)
         if found is None:
             return None
-        entry, expires_at = found
-        if self._clock() >= expires_at:
-            del self._entries[token_hash]
+        if self._clock() >= found[0]:
+            del self._entries[hex_digest]
             return None
-        return entry
+        return found[1]
 
     def put(self, token_hash: TokenHash, entry: CacheEntry, ttl_left: float, version: int) -> bool:
         """Keep ``entry`` for ``min(ttl, ttl_left)`` seconds, unless a drop has
         happened since ``version`` was read. False when refused."""
         if version != self.version or ttl_left <= 0:
             return False
-        entries = self._entries
-        entries[token_hash] = (entry, self._clock() + min(self.ttl, ttl_left))
-        entries.move_to_end(token_hash)
+        copy: LocalCopy = (entry, None, None)
+        if isinstance(entry, Session) and entry.revoked_at is None:
+            copy = (entry, Validation.live(entry, Source.CACHE), entry.expires_at)
+        entries, key = self._entries, token_hash.hex
+        entries[key] = (self._clock() + min(self.ttl, ttl_left), copy)
+        entries.move_to_end(key)
         if len(entries) > self.max_entries:
             entries.popitem(last=False)
         return True
@@ -90,4 +104,4 @@ class LocalCache:
             self._entries.clear()
             return
         for token_hash in token_hashes:
-            self._entries.pop(token_hash, None)
+            self._entries.pop(token_hash.hex, None)

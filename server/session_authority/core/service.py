@@ -52,6 +52,11 @@ class SessionAuthority:
         """``caller``: who asks, for the per-caller limit on unknown tokens."""
         return await self.validator.validate(token, caller)
 
+    def validate_local(self, token: str) -> Validation | None:
+        """``validate``'s answer when this process's L1 copy can give it, without
+        awaiting anything; None otherwise (then ``validate``)."""
+        return self.validator.validate_local(token)
+
     async def invalidate(
         self, *, token: str | None = None, session_id: str | None = None
     ) -> Revocation:

@@ -20,6 +20,8 @@ __all__ = [
     "ATTR_TOKEN_PREFIX",
     "CoreMetrics",
     "NoMetrics",
+    "recording",
+    "set_tracing",
     "span",
     "tracer",
 ]
@@ -29,11 +31,28 @@ tracer = trace.get_tracer("session_authority.core")
 _NOT_RECORDING: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
+#: Whether an SDK tracer provider may be installed (``set_tracing``). Until the
+#: composition root says there is none, spans are looked for.
+_tracing = True
+
+
+def set_tracing(enabled: bool) -> None:
+    """Told by the composition root: with no tracer provider, ``recording`` is
+    False without asking the API (five Python calls on every cache hit)."""
+    global _tracing
+    _tracing = enabled
+
+
+def recording() -> bool:
+    """Whether the current span records: a child span would then record too."""
+    return _tracing and trace.get_current_span().is_recording()
+
+
 def span(name: str) -> AbstractContextManager[trace.Span]:
     """A child span of the current one, only if that one is recording: with no
     SDK installed, or a caller's trace not sampled, the hot path creates none
     (its children would record nothing anyway under a parent-based sampler)."""
-    if trace.get_current_span().is_recording():
+    if recording():
         return tracer.start_as_current_span(name)
     return _NOT_RECORDING
 

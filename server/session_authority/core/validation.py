@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from hashlib import sha256
 
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import (
+    MAX_TOKEN_LENGTH,
     Reason,
     Session,
     Source,
@@ -48,6 +50,7 @@ from session_authority.core.telemetry import (
     ATTR_CACHE_RESULT,
     ATTR_TOKEN_PREFIX,
     CoreMetrics,
+    recording,
     span,
 )
 
@@ -120,10 +123,62 @@ class Validator:
         when Postgres would have to be asked but ``caller`` has sent too many
         unknown tokens (``MissLimiter``). ``caller`` may be a function: it is
         then asked only on that path, never for a cache hit."""
+        answer = self.validate_local(token)
+        if answer is not None:
+            return answer
         answer = await self._validate(token, caller)
-        reason = "none" if answer.reason is None else answer.reason.value
-        self._metrics.validated(answer.valid, answer.source.value, reason)
+        self._validated(answer)
         return answer
+
+    def validate_local(self, token: str) -> Validation | None:
+        """The answer from this process's L1 copy, synchronously; None when
+        there is none to trust (no L1, not sure of the revocation feed, breaker
+        not closed, no copy, or a token ``validate`` would refuse): then ask
+        ``validate``. The same answer ``validate`` would give, without a
+        coroutine, a timer or an await.
+
+        This is the hot path's hot path, written flat: inside a loaded gRPC
+        server every Python call costs several times what it does in a loop
+        (measured: the same code 3 us in a loop, 16 us of CPU per call in
+        the server), so it makes as few as it can."""
+        local, feed = self._local, self._feed
+        if local is None or feed is None:
+            return None
+        if not (feed.live and self._breaker.closed):
+            self._trusted_local()  # not sure any more: it forgets every copy
+            return None
+        if len(token) > MAX_TOKEN_LENGTH:
+            return None
+        # No shape check: a copy is only ever kept under the hash of a token
+        # that passed ``parse_token``, and no other string hashes to it.
+        try:
+            hex_digest = sha256(token.encode()).hexdigest()
+        except UnicodeEncodeError:  # a lone surrogate: validate refuses it
+            return None
+        found = local.lookup(hex_digest)
+        if found is None:
+            return None
+        entry, live, expires_at = found
+        self._stats.hits += 1
+        self._metrics.cache_lookup("local")
+        if recording():
+            self._trace_local(hex_digest)
+        if live is None or expires_at is None or self._now() >= expires_at:
+            live = self._judge(entry, Source.CACHE)  # a verdict, or expired since stored
+        self._validated(live)
+        return live
+
+    @staticmethod
+    def _trace_local(hex_digest: str) -> None:
+        with span("session_cache.lookup") as current:
+            current.set_attribute(ATTR_TOKEN_PREFIX, hex_digest[:8])
+            current.set_attribute(ATTR_CACHE_RESULT, "local")
+
+    def _validated(self, answer: Validation) -> None:
+        reason = answer.reason
+        self._metrics.validated(
+            answer.valid, answer.source.value, "none" if reason is None else reason.value
+        )
 
     def _trusted_local(self) -> LocalCache | None:
         """The L1 cache, while this process is sure it hears every revocation
@@ -139,19 +194,10 @@ class Validator:
 
     async def _validate(self, token: str, caller: Caller) -> Validation:
         token_hash = parse_token(token)
+        # ``validate`` asked the L1 copy first; from here on a copy read is
+        # stored only if no drop came since (``version``).
         local = self._trusted_local()
-        version = 0
-        if local is not None:
-            # Before the checksum: only a token we issued hashes to a copy here.
-            entry = local.get(token_hash)
-            if entry is not None:
-                self._stats.hits += 1
-                self._metrics.cache_lookup("local")
-                with span("session_cache.lookup") as current:
-                    current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
-                    current.set_attribute(ATTR_CACHE_RESULT, "local")
-                return self._judge(entry, Source.CACHE)
-            version = local.version  # a copy read from now on is stored only if no drop came
+        version = 0 if local is None else local.version
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
             return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)

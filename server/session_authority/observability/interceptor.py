@@ -98,7 +98,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 count_failed(_code_of(context))  # context.abort raised; the code is set
                 raise
             observe(time.perf_counter() - started)
-            ok.inc()
+            ok.value += 1  # Cell.inc without the call
             return reply
 
         return measured

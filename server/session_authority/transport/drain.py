@@ -22,6 +22,8 @@ from session_authority.transport.wrapping import WrappingInterceptor
 __all__ = ["DrainInterceptor"]
 
 _DRAINING = "server is shutting down; retry on another replica"
+#: Seconds between looks at the calls still running while draining.
+_POLL = 0.005
 
 
 class DrainInterceptor(WrappingInterceptor):
@@ -32,8 +34,6 @@ class DrainInterceptor(WrappingInterceptor):
         self.refused = 0
         self._quiet = quiet
         self._last_arrival = 0.0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def _applies(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> bool:
         return handler.unary_unary is not None  # streaming (reflection, health Watch): not counted
@@ -49,14 +49,11 @@ class DrainInterceptor(WrappingInterceptor):
             if self.draining:
                 self.refused += 1
                 await context.abort(grpc.StatusCode.UNAVAILABLE, _DRAINING)
-            self.in_flight += 1
-            self._idle.clear()
+            self.in_flight += 1  # a count, no Event: ``drain`` polls it, calls pay nothing
             try:
                 return await inner(request, context)  # type: ignore[arg-type]  # aio handler
             finally:
                 self.in_flight -= 1
-                if self.in_flight == 0:
-                    self._idle.set()
 
         return grpc.unary_unary_rpc_method_handler(
             counted,
@@ -69,10 +66,10 @@ class DrainInterceptor(WrappingInterceptor):
         the wire went quiet within ``grace`` seconds."""
         self.draining = True
         deadline = time.monotonic() + grace
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace)
-        except TimeoutError:
-            return False
+        while self.in_flight:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL)
         while (quiet_for := time.monotonic() - self._last_arrival) < self._quiet:
             if time.monotonic() + self._quiet - quiet_for > deadline:
                 return self.in_flight == 0

@@ -25,10 +25,12 @@ from google.protobuf.message import DecodeError, Message
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
 
-__all__ = ["SERVICE_NAME", "add_to_server", "service_handler"]
+__all__ = ["PRE_ENCODED", "SERVICE_NAME", "add_to_server", "service_handler"]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
 SERVICE_NAME = _SERVICE.full_name
+#: Methods whose servicer answers the reply's bytes (encoded once per L1 copy).
+PRE_ENCODED = frozenset({"ValidateSession"})
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
@@ -58,7 +60,9 @@ def _method_handlers(
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _decoding(request_type, behavior),
             request_deserializer=None,  # the bytes as received
-            response_serializer=reply_type.SerializeToString,
+            response_serializer=(
+                None if method.name in PRE_ENCODED else reply_type.SerializeToString
+            ),
         )
     return handlers
 
