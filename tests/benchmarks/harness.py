@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ __all__ = [
     "grpc_frame",
     "h2load_version",
     "run_h2load",
+    "run_h2load_paced",
     "run_loadgen",
     "scrape",
     "start",
@@ -207,6 +209,10 @@ _REQUESTS = re.compile(
 _STATUS = re.compile(r"status codes: (\d+) 2xx")
 
 
+#: Calls a second per connection at most when pacing (see ``run_h2load_paced``).
+PACED_RPS_PER_CONNECTION = 100
+
+
 async def run_h2load(
     target: str,
     body: Path,
@@ -218,25 +224,61 @@ async def run_h2load(
     rps_per_client: float | None = None,
     log_file: Path | None = None,
 ) -> H2load:
-    """h2load's gRPC call: POST of ``body`` with gRPC's headers, over h2c."""
+    """h2load's gRPC call: POST of ``body`` with gRPC's headers, over h2c.
+
+    ``rps_per_client`` is h2load's own ``--rps``: it sends on a timer that
+    fires every max(10 ms, 1/rps), so above 100 calls/s a connection sends
+    its calls in bursts every 10 ms. ``run_h2load_paced`` spreads them."""
     argv = [
-        "h2load",
         f"--clients={connections}",
         f"--max-concurrent-streams={streams}",
         f"--duration={round(seconds * 1000)}ms",
-        f"--data={body}",
-        "--header=content-type: application/grpc",
-        "--header=te: trailers",
     ]
     if warmup > 0:
         argv.append(f"--warm-up-time={round(warmup * 1000)}ms")
     if rps_per_client:
         argv.append(f"--rps={rps_per_client:.2f}")
+    return await _h2load(target, body, argv, seconds + warmup, log_file)
+
+
+async def run_h2load_paced(
+    target: str, body: Path, *, rate: float, seconds: float, log_file: Path
+) -> H2load:
+    """``rate`` calls a second in all, open loop, spread out: as many
+    connections as it takes to send at most ``PACED_RPS_PER_CONNECTION``
+    each (one call per 10 ms timer tick: no burst), opened 1 ms apart (h2load
+    ``--rate``/``--rate-period``; 1 ms is its finest period) so their ticks
+    fall in different milliseconds. For 3,000 calls/s: 30 connections, about
+    3 calls sent each millisecond, where ``--rps`` on 4 connections sends
+    about 30 at once every 10 ms and measures how long a burst takes to drain."""
+    connections = max(1, math.ceil(rate / PACED_RPS_PER_CONNECTION))
+    argv = [
+        f"--clients={connections}",
+        "--max-concurrent-streams=16",
+        f"--requests={max(connections, round(rate * seconds))}",
+        f"--rps={rate / connections:.2f}",
+        "--rate=1",
+        "--rate-period=1ms",
+    ]
+    return await _h2load(target, body, argv, seconds, log_file)
+
+
+async def _h2load(
+    target: str, body: Path, options: list[str], seconds: float, log_file: Path | None
+) -> H2load:
+    argv = [
+        "h2load",
+        *options,
+        f"--data={body}",
+        "--header=content-type: application/grpc",
+        "--header=te: trailers",
+    ]
     if log_file is not None:
+        await asyncio.to_thread(log_file.unlink, missing_ok=True)  # h2load appends
         argv.append(f"--log-file={log_file}")
     argv.append(f"http://{target}{VALIDATE}")
     done = await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=seconds + warmup + 60
+        subprocess.run, argv, capture_output=True, text=True, timeout=seconds + 60
     )
     out = done.stdout
     finished, requests, status = _FINISHED.search(out), _REQUESTS.search(out), _STATUS.search(out)
