@@ -229,6 +229,28 @@ def test_core_metrics_counts_and_span_events(
     ]
 
 
+def test_an_l1_hit_counts_a_local_lookup_and_a_cache_validation(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+    for traced in (True, False):
+        registry = CollectorRegistry()
+        metrics: CoreMetrics = PrometheusMetrics(Instruments(registry), traced=traced)
+        with tracer.start_as_current_span("rpc"):
+            metrics.local_hit(True, "none")
+            metrics.local_hit(True, "none")
+            metrics.local_hit(False, "revoked")
+        lines = _lines(registry)
+        assert 'session_cache_lookups_total{result="local"} 3.0' in lines
+        assert 'session_validations_total{reason="none",source="cache",valid="true"} 2.0' in lines
+        assert (
+            'session_validations_total{reason="revoked",source="cache",valid="false"} 1.0' in lines
+        )
+    traced_span, untraced_span = exporter.get_finished_spans()
+    assert dict(traced_span.attributes or {})["session_authority.validation.reason"] == "revoked"
+    assert not untraced_span.attributes  # traced=False: no span is looked for
+
+
 def test_validated_counts_and_annotates_the_current_span(
     spans: tuple[Tracer, InMemorySpanExporter],
 ) -> None:

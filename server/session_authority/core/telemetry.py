@@ -71,6 +71,10 @@ class CoreMetrics(Protocol):
         """A cache operation failed (Redis error or timeout; not a refusal by
         an open breaker)."""
 
+    def local_hit(self, valid: bool, reason: str) -> None:
+        """An answer from this process's L1 copy: ``cache_lookup("local")`` and
+        ``validated(valid, "cache", reason)``, in one call (the hot path's)."""
+
     def validated(self, valid: bool, source: str, reason: str) -> None:
         """One ValidateSession answer: ``source`` is cache, database or
         token_format; ``reason`` none, unknown, expired or revoked. Called in
@@ -85,6 +89,9 @@ class NoMetrics:
         pass
 
     def cache_error(self, operation: str) -> None:
+        pass
+
+    def local_hit(self, valid: bool, reason: str) -> None:
         pass
 
     def validated(self, valid: bool, source: str, reason: str) -> None:

@@ -160,12 +160,12 @@ class Validator:
             return None
         entry, live, expires_at = found
         self._stats.hits += 1
-        self._metrics.cache_lookup("local")
         if recording():
             self._trace_local(hex_digest)
         if live is None or expires_at is None or self._now() >= expires_at:
             live = self._judge(entry, Source.CACHE)  # a verdict, or expired since stored
-        self._validated(live)
+        reason = live.reason
+        self._metrics.local_hit(live.valid, "none" if reason is None else reason.value)
         return live
 
     @staticmethod

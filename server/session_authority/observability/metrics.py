@@ -283,10 +283,8 @@ class PrometheusMetrics:
         self._validations: dict[tuple[bool, str, str], Cell] = {}
 
     def cache_lookup(self, result: str) -> None:
-        child = self._lookups.get(result)
-        if child is None:
-            child = self._lookups[result] = self._i.cache_lookups.labels(result)
-        child.value += 1  # Cell.inc without the call: this runs on every hit
+        child = self._lookups.get(result) or self._lookup_cell(result)
+        child.value += 1  # Cell.inc without the call: this runs on every validation
         if self._traced and result in _FALLBACKS:
             add_event(EVENT_CACHE_FALLBACK, {"session_authority.cache.result": result})
 
@@ -294,18 +292,39 @@ class PrometheusMetrics:
         self._i.cache_operation_errors.labels(operation).inc()
         add_event(EVENT_CACHE_ERROR, {"session_authority.cache.operation": operation})
 
-    def validated(self, valid: bool, source: str, reason: str) -> None:
-        key = (valid, source, reason)
-        child = self._validations.get(key)
-        if child is None:
-            labels = ("true" if valid else "false", source, reason)
-            child = self._validations[key] = self._i.validations.labels(*labels)
+    def local_hit(self, valid: bool, reason: str) -> None:
+        """``cache_lookup("local")`` and ``validated(valid, "cache", reason)`` in one call."""
+        local = self._lookups.get("local") or self._lookup_cell("local")
+        local.value += 1
+        key = (valid, "cache", reason)
+        child = self._validations.get(key) or self._validation_cell(key)
         child.value += 1
         if self._traced:
-            # The core reports outside its own child spans: this is the RPC's span.
-            set_attributes(
-                {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
-            )
+            self._answer_attributes(valid, "cache", reason)
+
+    def validated(self, valid: bool, source: str, reason: str) -> None:
+        key = (valid, source, reason)
+        child = self._validations.get(key) or self._validation_cell(key)
+        child.value += 1
+        if self._traced:
+            self._answer_attributes(valid, source, reason)
+
+    def _lookup_cell(self, result: str) -> Cell:
+        cell = self._lookups[result] = self._i.cache_lookups.labels(result)
+        return cell
+
+    def _validation_cell(self, key: tuple[bool, str, str]) -> Cell:
+        valid, source, reason = key
+        labels = ("true" if valid else "false", source, reason)
+        cell = self._validations[key] = self._i.validations.labels(*labels)
+        return cell
+
+    @staticmethod
+    def _answer_attributes(valid: bool, source: str, reason: str) -> None:
+        # The core reports outside its own child spans: this is the RPC's span.
+        set_attributes(
+            {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
+        )
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)
