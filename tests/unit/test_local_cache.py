@@ -320,3 +320,44 @@ async def test_the_servicer_encodes_a_copys_answer_once_and_never_past_a_revocat
     await a.svc.invalidate(token=token)
     reply = pb.ValidateSessionResponse.FromString(await servicer.ValidateSession(request, context))
     assert (reply.valid, reply.reason) == (False, pb.REASON_REVOKED)
+
+
+@pytest.mark.asyncio
+async def test_a_hot_copy_is_renewed_from_redis_before_it_expires(world: World) -> None:
+    p = await world.process()
+    token = await _token(p)
+    await p.svc.validate(token)  # from Postgres; the copy lives L1_TTL
+    gets = world.cache.calls["get"]
+    world.clock.advance(0.4 * L1_TTL)
+    assert p.svc.validate_local(token) is not None
+    await asyncio.sleep(0)
+    assert world.cache.calls["get"] == gets  # early in its life: nothing to renew
+    world.clock.advance(0.4 * L1_TTL)  # the second half
+    assert p.svc.validate_local(token) is not None  # answered from the copy at once
+    assert p.svc.validate_local(token) is not None  # one renewal, however many hits
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert world.cache.calls["get"] == gets + 1
+    world.clock.advance(0.5 * L1_TTL)  # past the first copy's end: the renewed one answers
+    answer = p.svc.validate_local(token)
+    assert answer is not None and answer.valid
+    assert world.cache.calls["get"] == gets + 1
+
+
+@pytest.mark.asyncio
+async def test_a_renewal_that_raced_a_revocation_does_not_land(world: World) -> None:
+    a, b = await world.process(), await world.process()
+    token = await _token(a)
+    await b.svc.validate(token)
+    world.clock.advance(0.8 * L1_TTL)
+    held = world.cache.get_gate = asyncio.Event()
+    assert b.svc.validate_local(token) is not None  # starts b's renewal, which reads "live"
+    await world.cache.wait_parked_gets(1)
+    world.cache.get_gate = None
+    assert await a.svc.invalidate(token=token) == Revocation(1, True, propagated=True)
+    held.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(b.local) == 0  # the read began before the drop: not stored
+    answer = await b.svc.validate(token)
+    assert (answer.valid, answer.reason) == (False, Reason.REVOKED)

@@ -17,6 +17,7 @@ It is only as good as the revocations it hears about, so:
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -48,6 +49,11 @@ class RevocationFeed(Protocol):
         Never raises for the cache's failures."""
 
 
+#: The share of a copy's life after which a hit asks for a fresh one (``on_due``).
+#: Half: on a saturated worker a Redis read took over a quarter of a 1 s life.
+_DUE_AFTER = 0.5
+
+
 class LocalCache:
     """A bounded LRU of token hash → entry with a short TTL (monotonic clock).
     Keyed by the hash's hex string: the hit path hashes a token once and
@@ -61,9 +67,14 @@ class LocalCache:
         self.max_entries = max_entries
         self.ttl = ttl
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, LocalCopy]] = OrderedDict()
+        # hex digest -> (expires at, refresh from at, the copy); monotonic seconds.
+        self._entries: OrderedDict[str, tuple[float, float, LocalCopy]] = OrderedDict()
         #: Bumped by every drop: a copy read before a drop must not be stored after it.
         self.version = 0
+        #: Told, once per copy, of a hit in the second half of the copy's life
+        #: (the owner re-reads Redis then, so a hot session's copy is replaced
+        #: before it expires, instead of every caller missing at once).
+        self.on_due: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -77,10 +88,14 @@ class LocalCache:
         found = self._entries.get(hex_digest)
         if found is None:
             return None
-        if self._clock() >= found[0]:
+        now = self._clock()
+        if now >= found[0]:
             del self._entries[hex_digest]
             return None
-        return found[1]
+        if now >= found[1] and self.on_due is not None:
+            self._entries[hex_digest] = (found[0], math.inf, found[2])  # told once
+            self.on_due(hex_digest)
+        return found[2]
 
     def put(self, token_hash: TokenHash, entry: CacheEntry, ttl_left: float, version: int) -> bool:
         """Keep ``entry`` for ``min(ttl, ttl_left)`` seconds, unless a drop has
@@ -91,7 +106,8 @@ class LocalCache:
         if isinstance(entry, Session) and entry.revoked_at is None:
             copy = (entry, Validation.live(entry, Source.CACHE), entry.expires_at)
         entries, key = self._entries, token_hash.hex
-        entries[key] = (self._clock() + min(self.ttl, ttl_left), copy)
+        now, life = self._clock(), min(self.ttl, ttl_left)
+        entries[key] = (now + life, now + life * _DUE_AFTER, copy)
         entries.move_to_end(key)
         if len(entries) > self.max_entries:
             entries.popitem(last=False)

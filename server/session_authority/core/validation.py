@@ -107,6 +107,9 @@ class Validator:
         self._local = local if feed is not None else None
         self._feed = feed
         self._refreshes: set[asyncio.Task[None]] = set()
+        self._renewing: set[str] = set()  # hex digests of L1 copies being re-read
+        if self._local is not None:
+            self._local.on_due = self._renew_copy
 
     def loading(self, token_hash: TokenHash) -> bool:
         """Whether a load (miss or early refresh) for this hash is in flight."""
@@ -298,6 +301,36 @@ class Validator:
         task = asyncio.create_task(self._refresh(token_hash))
         self._refreshes.add(task)
         task.add_done_callback(self._refreshes.discard)
+
+    def _renew_copy(self, hex_digest: str) -> None:
+        """A hit in the second half of an L1 copy's life: re-read Redis in the
+        background while callers go on using the copy, so a hot session's copy
+        is replaced before it expires instead of every caller in flight
+        missing at once (under load that burst queued for the Redis pool and
+        timed out: answers from Postgres). The new copy lands under the usual
+        rule: only if no revocation dropped copies since the read began."""
+        if hex_digest in self._renewing:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._renew(hex_digest))
+        except RuntimeError:  # no loop (a synchronous caller): the copy just expires
+            return
+        self._renewing.add(hex_digest)
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _renew(self, hex_digest: str) -> None:
+        try:
+            local = self._trusted_local()
+            if local is None:
+                return
+            version = local.version
+            token_hash = TokenHash(hex_digest)
+            result, hit = await self._lookup(token_hash)
+            if hit is not None and result != "negative":
+                local.put(token_hash, hit.entry, hit.ttl_left, version)
+        finally:
+            self._renewing.discard(hex_digest)
 
     async def _refresh(self, token_hash: TokenHash) -> None:
         try:
