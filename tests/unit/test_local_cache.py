@@ -315,9 +315,11 @@ async def test_the_servicer_encodes_a_copys_answer_once_and_never_past_a_revocat
     assert reply.valid and reply.source == pb.SOURCE_DATABASE
     hit = await servicer.ValidateSession(request, context)
     assert hit is await servicer.ValidateSession(request, context)  # the same bytes: encoded once
+    assert servicer.validate_cached(request) is hit  # what the handler tries before awaiting
     reply = pb.ValidateSessionResponse.FromString(hit)
     assert reply.valid and reply.source == pb.SOURCE_CACHE and reply.session.user_id
     await a.svc.invalidate(token=token)
+    assert servicer.validate_cached(request) is None  # b's copy was dropped
     reply = pb.ValidateSessionResponse.FromString(await servicer.ValidateSession(request, context))
     assert (reply.valid, reply.reason) == (False, pb.REASON_REVOKED)
 

@@ -35,7 +35,14 @@ PRE_ENCODED = frozenset({"ValidateSession"})
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-def _decoding(request_type: type[Message], method: Behavior) -> Behavior:
+def _decoding(
+    request_type: type[Message],
+    method: Behavior,
+    at_once: Callable[[Any], bytes | None] | None = None,
+) -> Behavior:
+    """``method`` on the decoded request; ``at_once`` first, when the servicer
+    can answer some requests without awaiting (an L1 hit): its reply is sent
+    as is, and ``method``'s coroutine is not even made."""
     refusal = f"request: not a valid {request_type.DESCRIPTOR.full_name}"
 
     async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -44,6 +51,8 @@ def _decoding(request_type: type[Message], method: Behavior) -> Behavior:
         except DecodeError:
             # The parser's own message may quote the bytes; ours names the message only.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+        if at_once is not None and (reply := at_once(request)) is not None:
+            return reply
         return await method(request, context)
 
     return decoded
@@ -53,12 +62,13 @@ def _method_handlers(
     servicer: SessionAuthorityServicer,
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    at_once = servicer.synchronous_answers()
     for method in _SERVICE.methods:
         request_type: type[Message] = getattr(pb, method.input_type.name)
         reply_type: type[Message] = getattr(pb, method.output_type.name)
         behavior: Behavior = getattr(servicer, method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _decoding(request_type, behavior),
+            _decoding(request_type, behavior, at_once.get(method.name)),
             request_deserializer=None,  # the bytes as received
             response_serializer=(
                 None if method.name in PRE_ENCODED else reply_type.SerializeToString
