@@ -243,6 +243,7 @@ async def test_the_synchronous_path_answers_only_from_a_copy_it_can_trust(world:
     first = p.svc.validate_local(token)
     assert first is not None and (first.valid, first.source) == (True, Source.CACHE)
     assert p.svc.validate_local(token) is first  # the answer made once, with the copy
+    assert p.svc.validate_local(token.encode()) is first  # its bytes, as received, alike
     assert await p.svc.validate(token) is first  # validate asks the copy first
     p.feed.subscribed = False  # no longer sure to hear revocations
     assert p.svc.validate_local(token) is None
@@ -257,7 +258,7 @@ async def test_the_synchronous_path_answers_only_from_a_copy_it_can_trust(world:
 async def test_the_synchronous_path_gives_up_on_what_validate_refuses(world: World) -> None:
     p = await world.process()
     await p.svc.validate(await _token(p))  # an L1 with a copy in it
-    for token in ("", "x" * 10_000, "tökén", "\ud800", "sa_" + "A" * 48):
+    for token in ("", "x" * 10_000, "tökén", "\ud800", "sa_" + "A" * 48, b"\xff\xfe", b""):
         assert p.svc.validate_local(token) is None  # no exception: validate names the field
 
 
@@ -315,11 +316,16 @@ async def test_the_servicer_encodes_a_copys_answer_once_and_never_past_a_revocat
     assert reply.valid and reply.source == pb.SOURCE_DATABASE
     hit = await servicer.ValidateSession(request, context)
     assert hit is await servicer.ValidateSession(request, context)  # the same bytes: encoded once
-    assert servicer.validate_cached(request) is hit  # what the handler tries before awaiting
+    raw = request.SerializeToString()
+    assert servicer.validate_cached(raw) is hit  # what the handler tries before decoding
+    # Only the one-field encoding is read there; any other goes the decoding way.
+    assert servicer.validate_cached(raw + b"\x12\x00") is None  # an unknown field after it
+    assert servicer.validate_cached(raw[:-1]) is None  # cut short
+    assert servicer.validate_cached(b"") is None
     reply = pb.ValidateSessionResponse.FromString(hit)
     assert reply.valid and reply.source == pb.SOURCE_CACHE and reply.session.user_id
     await a.svc.invalidate(token=token)
-    assert servicer.validate_cached(request) is None  # b's copy was dropped
+    assert servicer.validate_cached(raw) is None  # b's copy was dropped
     reply = pb.ValidateSessionResponse.FromString(await servicer.ValidateSession(request, context))
     assert (reply.valid, reply.reason) == (False, pb.REASON_REVOKED)
 

@@ -52,7 +52,7 @@ class SessionAuthority:
         """``caller``: who asks, for the per-caller limit on unknown tokens."""
         return await self.validator.validate(token, caller)
 
-    def validate_local(self, token: str) -> Validation | None:
+    def validate_local(self, token: str | bytes) -> Validation | None:
         """``validate``'s answer when this process's L1 copy can give it, without
         awaiting anything; None otherwise (then ``validate``)."""
         return self.validator.validate_local(token)

@@ -40,19 +40,19 @@ def _decoding(
     method: Behavior,
     at_once: Callable[[Any], bytes | None] | None = None,
 ) -> Behavior:
-    """``method`` on the decoded request; ``at_once`` first, when the servicer
-    can answer some requests without awaiting (an L1 hit): its reply is sent
-    as is, and ``method``'s coroutine is not even made."""
+    """``method`` on the decoded request; ``at_once`` first, on the bytes as
+    received, when the servicer can answer some requests without awaiting (an
+    L1 hit): its reply is sent as is, and nothing is decoded or awaited."""
     refusal = f"request: not a valid {request_type.DESCRIPTOR.full_name}"
 
     async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if at_once is not None and (reply := at_once(raw)) is not None:
+            return reply
         try:
             request = request_type.FromString(raw)
         except DecodeError:
             # The parser's own message may quote the bytes; ours names the message only.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
-        if at_once is not None and (reply := at_once(request)) is not None:
-            return reply
         return await method(request, context)
 
     return decoded

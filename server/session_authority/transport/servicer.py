@@ -28,6 +28,8 @@ _log = logging.getLogger("session_authority.rpc")
 T = TypeVar("T")
 
 
+#: The tag of ValidateSessionRequest's field 1 (token), length-delimited: (1 << 3) | 2.
+_TOKEN_ONLY = 0x0A
 #: Encoded replies kept for L1 answers (see ``ValidateSession``); cleared when full.
 _WIRE_MAX = 10_000
 
@@ -51,12 +53,21 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
         return await _run(context, work)
 
-    def validate_cached(self, request: pb.ValidateSessionRequest) -> bytes | None:
+    def validate_cached(self, raw: bytes) -> bytes | None:
         """ValidateSession's encoded reply when this process's L1 copy gives the
-        answer, at once; None otherwise (then ``ValidateSession``). The handler
-        calls it before the coroutine (``handler.py``): a hit awaits nothing, so
-        there is no deadline to bound and no frame to pay for."""
-        answer = self._validate_local(request.token)
+        answer, at once; None otherwise (then ``ValidateSession``). ``raw`` is the
+        request as received: the handler calls this before decoding it and
+        before making the coroutine (``handler.py``), so a hit parses nothing,
+        awaits nothing (no deadline to bound) and pays for no frame.
+
+        Only the request as every client encodes it is read here: field 1
+        (``token``), a one-byte length, nothing else (``_TOKEN_ONLY``). Its
+        bytes are hashed as they are: a copy is kept only under the hash of a
+        token that was decoded and checked, which no other bytes hash to
+        (invalid UTF-8 included). Anything else goes the decoding way."""
+        if len(raw) < 2 or raw[0] != _TOKEN_ONLY or raw[1] != len(raw) - 2:
+            return None
+        answer = self._validate_local(raw[2:])
         if answer is None:
             return None
         memo = self._wire.get(id(answer))
