@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -72,6 +73,9 @@ _BREAKER_STEPS = (
     ("half_open", "open"),
 )
 
+#: The cell type of a ``_LoopFamily``.
+C = TypeVar("C")
+
 
 class Cell:
     """One labelled series of a ``LoopCounter``."""
@@ -85,13 +89,9 @@ class Cell:
         self.value += amount
 
 
-class LoopCounter:
-    """A labelled counter for the hot path, exposed exactly like a prometheus
-    ``Counter`` (``<name>_total``, same help and labels) but counted in plain
-    floats: no lock and no method chain per increment. prometheus_client's
-    ``inc`` takes a lock each time (about 2 us a call, twice per validation,
-    and a multiple of that inside a loaded gRPC server). Only the event loop's
-    thread increments it; a scrape reads the values as they are."""
+class _LoopFamily(Generic[C]):
+    """A labelled family of hot-path cells (``LoopCounter``, ``LoopHistogram``):
+    one cell per label values, made on first use; registered as a collector."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
@@ -99,16 +99,34 @@ class LoopCounter:
         self._name = name
         self._documentation = documentation
         self._labelnames = labelnames
-        self._cells: dict[tuple[str, ...], Cell] = {}
+        self._cells: dict[tuple[str, ...], C] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> Cell:
+    def labels(self, *values: str) -> C:
         cell = self._cells.get(values)
         if cell is None:
             if len(values) != len(self._labelnames):
                 raise ValueError(f"{self._name}: expected labels {self._labelnames}")
-            cell = self._cells[values] = Cell()
+            cell = self._cells[values] = self._new_cell()
         return cell
+
+    def _new_cell(self) -> C:
+        raise NotImplementedError
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class LoopCounter(_LoopFamily[Cell]):
+    """A labelled counter for the hot path, exposed exactly like a prometheus
+    ``Counter`` (``<name>_total``, same help and labels) but counted in plain
+    floats: no lock and no method chain per increment. prometheus_client's
+    ``inc`` takes a lock each time (about 2 us a call, twice per validation,
+    and a multiple of that inside a loaded gRPC server). Only the event loop's
+    thread increments it; a scrape reads the values as they are."""
+
+    def _new_cell(self) -> Cell:
+        return Cell()
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -136,7 +154,7 @@ class HistogramCell:
         self.sum += value
 
 
-class LoopHistogram:
+class LoopHistogram(_LoopFamily[HistogramCell]):
     """A labelled histogram for the hot path, exposed exactly like a prometheus
     ``Histogram`` (``_bucket{le}``, ``_count``, ``_sum``) but observed without a
     lock, for the reason ``LoopCounter`` gives (the RPC duration is observed on
@@ -152,20 +170,11 @@ class LoopHistogram:
     ) -> None:
         if list(buckets) != sorted(set(buckets)):
             raise ValueError(f"{name}: buckets must be increasing")
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = labelnames
         self._bounds = tuple(float(b) for b in buckets)
-        self._cells: dict[tuple[str, ...], HistogramCell] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramCell:
-        cell = self._cells.get(values)
-        if cell is None:
-            if len(values) != len(self._labelnames):
-                raise ValueError(f"{self._name}: expected labels {self._labelnames}")
-            cell = self._cells[values] = HistogramCell(self._bounds)
-        return cell
+    def _new_cell(self) -> HistogramCell:
+        return HistogramCell(self._bounds)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
