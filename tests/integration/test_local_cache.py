@@ -122,7 +122,10 @@ async def test_a_hot_copy_is_renewed_from_redis_and_picks_up_what_redis_says(
         stub = pb_grpc.SessionAuthorityStub(channel)
         token = (await stub.CreateSession(pb.CreateSessionRequest(user_id="renew"))).token
         assert (await _validate(stub, token)).valid  # the fill: Redis and L1
-        lookups = {r: _sample(app, "session_cache_lookups_total", result=r) for r in ("hit", "miss")}
+        lookups = {
+            result: _sample(app, "session_cache_lookups_total", result=result)
+            for result in ("hit", "miss")
+        }
         gets = _sample(app, "redis_latency_count", operation="get")
         until = time.monotonic() + 3 * ttl_ms / 1000  # three copy lives
         calls = 0
