@@ -72,6 +72,10 @@ class FakeClock:
         self._wall += timedelta(seconds=seconds)
         self._mono += seconds
 
+    def set_wall(self, when: datetime) -> None:
+        """The wall clock alone jumps (NTP, a VM resumed): monotonic time does not."""
+        self._wall = when
+
 
 def _copied(session: Session) -> Session:
     """Postgres hands out rows, not references: callers never share metadata with it."""

@@ -272,7 +272,7 @@ async def test_a_copy_past_its_session_expiry_answers_expired(world: World) -> N
     await p.svc.validate(token)
     live = p.svc.validate_local(token)
     assert live is not None and live.session is not None
-    world.clock._wall = live.session.expires_at  # the wall clock only
+    world.clock.set_wall(live.session.expires_at)
     answer = p.svc.validate_local(token)
     assert answer is not None and (answer.valid, answer.reason) == (False, Reason.EXPIRED)
 
