@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
 import re
 import secrets
 import unicodedata
@@ -16,6 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from session_authority.core.errors import InvalidArgument
+
+try:  # CPython's own SHA-256: no OpenSSL context per call (3.2 -> 1.2 us a hit in the server)
+    from _sha2 import sha256  # type: ignore[import-not-found]  # 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # 3.11
+    except ImportError:
+        from hashlib import sha256
 
 __all__ = [
     "MAX_TOKEN_LENGTH",
@@ -32,6 +39,7 @@ __all__ = [
     "is_well_formed",
     "new_token",
     "parse_token",
+    "sha256",
 ]
 
 #: Bytes of entropy in a token (256 bits).
@@ -80,7 +88,7 @@ class TokenHash:
 
     @classmethod
     def of(cls, token: str) -> TokenHash:
-        return cls(hashlib.sha256(token.encode("ascii")).hexdigest())
+        return cls(sha256(token.encode("ascii")).hexdigest())
 
     @property
     def prefix(self) -> str:

@@ -15,7 +15,7 @@ The revocation invariant that all of them keep is stated in ``revocation.py``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,10 +52,12 @@ class SessionAuthority:
         """``caller``: who asks, for the per-caller limit on unknown tokens."""
         return await self.validator.validate(token, caller)
 
-    def validate_local(self, token: str | bytes) -> Validation | None:
+    @property
+    def validate_local(self) -> Callable[[str | bytes], Validation | None]:
         """``validate``'s answer when this process's L1 copy can give it, without
-        awaiting anything; None otherwise (then ``validate``)."""
-        return self.validator.validate_local(token)
+        awaiting anything; None otherwise (then ``validate``). The validator's
+        own method, so a caller that binds it once adds no frame per call."""
+        return self.validator.validate_local
 
     async def invalidate(
         self, *, token: str | None = None, session_id: str | None = None

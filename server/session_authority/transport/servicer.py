@@ -37,7 +37,7 @@ _WIRE_MAX = 10_000
 class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
     def __init__(self, core: SessionAuthority) -> None:
         self._core = core
-        self._validate_local = core.validator.validate_local
+        self._validate_local = core.validate_local  # bound once: the hot path's first call
         # id(answer) -> (answer, its encoded reply). The core hands out the same
         # Validation for every hit on one L1 copy, so its reply is encoded once;
         # holding the answer keeps its id from being reused while it is here.
