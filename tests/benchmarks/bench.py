@@ -8,8 +8,9 @@ an external load generator, beside a ceiling measured in the same run.
 It starts a private Postgres and Redis, then `session-authority serve`
 processes in the default configuration (workers: one per core unless
 --workers): the replica measured, a second replica (revocation propagation),
-one without REDIS_URL (Postgres only) and one tracing every call to a local
-collector (tests/benchmarks/trace_sink.py); and the ceiling: a server on the
+one without REDIS_URL (Postgres only), one tracing every call to a local
+collector (tests/benchmarks/trace_sink.py) and one tracing 1 % of calls to
+another; and the ceiling: a server on the
 same proto, framework, options, loop and workers whose handler returns canned
 bytes (tests/benchmarks/baseline_server.py).
 
@@ -26,7 +27,7 @@ everything and `load_generator` says so. Misses always use the Python
 generator: h2load sends one body, and a miss needs a token never seen before.
 
 Throughputs are the median of `rounds` runs taken in turn (ceiling, hit,
-Postgres only), so the shared machine's noise falls on all alike; the ratios
+Postgres only, 1 % traced), so the shared machine's noise falls on all alike; the ratios
 are what to compare across machines. This is no test: it asserts no timing.
 It exits 1 only when an answer was wrong (a failed check is listed).
 
@@ -35,6 +36,8 @@ Report keys (stable; other tools read them):
                                                  pg_only: no REDIS_URL)
   hit_vs_ceiling, hit_vs_pg_only                 ratios of the above
   hit_rps_traced_all                             cache hits, every call traced and exported
+  hit_rps_traced_1pct, traced_1pct_vs_hit        cache hits, parentbased_traceidratio 0.01
+                                                 (calls not sampled start no span)
   hit_p50_ms, hit_p99_ms                         cache-hit latency at half of hit_rps (open
                                                  loop, calls spread out: h2load on rate/100
                                                  connections opened 1 ms apart, each sending
@@ -51,8 +54,9 @@ Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC)
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
 `connections`: it sends each connection's calls in 10 ms bursts, so this is how fast a
 burst drains, which is what earlier versions reported as hit_p99_ms),
-traced_spans_per_call, miss_load_generator, machine, cpu_steal_seconds (CPU the host's hypervisor
-took while ours was runnable, during the bench: a noisy host shows here), and `checks`.
+traced_spans_per_call, traced_1pct_spans_per_call, miss_load_generator, machine,
+cpu_steal_seconds (CPU the host's hypervisor took while ours was runnable, during the
+bench: a noisy host shows here), and `checks`.
 """
 
 from __future__ import annotations
@@ -110,6 +114,8 @@ REQUIRED_KEYS = (
     "hit_vs_ceiling",
     "hit_vs_pg_only",
     "hit_rps_traced_all",
+    "hit_rps_traced_1pct",
+    "traced_1pct_vs_hit",
     "hit_p50_ms",
     "hit_p99_ms",
     "invalidate_user_1000_pipelined_ms",
@@ -161,22 +167,27 @@ class Bench:
             name, [*argv, "--port", str(port)], environment, port, self.base, admin_port=admin
         )
 
-    async def start_servers(self) -> None:
-        sink_port = find_free_port()
-        self.sink_report = self.base / "spans.json"
-        self.servers["sink"] = start(
-            "sink",
+    def _sink(self, name: str) -> tuple[int, Path]:
+        """A local OTLP collector (tests/benchmarks/trace_sink.py): its port and report."""
+        port, report = find_free_port(), self.base / f"{name}.json"
+        self.servers[name] = start(
+            name,
             [
                 sys.executable,
                 "-m",
                 "tests.benchmarks.trace_sink",
-                f"--port={sink_port}",
-                f"--report={self.sink_report}",
+                f"--port={port}",
+                f"--report={report}",
             ],
             clean_env(),
-            sink_port,
+            port,
             self.base,
         )
+        return port, report
+
+    async def start_servers(self) -> None:
+        sink_port, self.sink_report = self._sink("sink")
+        sampled_port, self.sampled_report = self._sink("sink_1pct")
         cached = {"REDIS_URL": self.redis_url}
         self.servers["hit"] = self._serve("hit", **cached)
         self.servers["replica"] = self._serve("replica", **cached)
@@ -187,6 +198,15 @@ class Bench:
             OTEL_TRACES_EXPORTER="otlp",
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink_port}",
             OTEL_TRACES_SAMPLER="always_on",
+        )
+        # Tracing as a production fleet may run it: one call in a hundred.
+        self.servers["traced_1pct"] = self._serve(
+            "traced_1pct",
+            **cached,
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sampled_port}",
+            OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+            OTEL_TRACES_SAMPLER_ARG="0.01",
         )
         port = find_free_port()
         self.servers["ceiling"] = start(
@@ -206,7 +226,7 @@ class Bench:
             *(
                 wait_ready(s, health=name != "ceiling")
                 for name, s in self.servers.items()
-                if name != "sink"
+                if not name.startswith("sink")
             )
         )
 
@@ -323,14 +343,24 @@ class Bench:
                     self.problems.append(f"ceiling: unexpected canned answer {reply}")
 
     async def throughputs(self, body: Path, tokens: Path) -> None:
-        runs: dict[str, list[float]] = {"ceiling": [], "hit": [], "pg_only": []}
+        runs: dict[str, list[float]] = {"ceiling": [], "hit": [], "pg_only": [], "traced_1pct": []}
+        sampled = self.servers["traced_1pct"]
+        before = await scrape(sampled)
         for _ in range(self.rounds):
             for name in runs:
                 runs[name].append(await self.throughput(name, body, tokens))
         await self.check_ceiling_answers()
+        calls = sum(delta(before, await scrape(sampled), "grpc_server_handled_total").values())
+        runs["hit_rps_traced_1pct"] = runs.pop("traced_1pct")
         for name, values in runs.items():
-            self.report[f"{name}_rps"] = round(statistics.median(values))
-            self.report[f"{name}_rps_runs"] = [round(v) for v in values]
+            key = name if name.endswith("_1pct") else f"{name}_rps"
+            self.report[key] = round(statistics.median(values))
+            self.report[f"{key}_runs"] = [round(v) for v in values]
+        self.report["traced_1pct_vs_hit"] = round(
+            self.report["hit_rps_traced_1pct"] / self.report["hit_rps"], 3
+        )
+        spans = await self._collected("traced_1pct", "sink_1pct", self.sampled_report)
+        self.report["traced_1pct_spans_per_call"] = round(spans / max(calls, 1), 4)
         self.report["hit_vs_ceiling"] = round(
             self.report["hit_rps"] / self.report["ceiling_rps"], 3
         )
@@ -343,16 +373,21 @@ class Bench:
         before = await scrape(server)
         self.report["hit_rps_traced_all"] = round(await self.throughput("traced", body, tokens))
         calls = sum(delta(before, await scrape(server), "grpc_server_handled_total").values())
-        # Stopping flushes the exporter; then the sink counts what it received.
+        spans = await self._collected("traced", "sink", self.sink_report)
+        self.report["traced_spans_per_call"] = round(spans / max(calls, 1), 2)
+
+    async def _collected(self, name: str, sink: str, report: Path) -> int:
+        """Stops ``name`` (which flushes its exporter), then its collector, and
+        answers how many spans the collector received."""
+        server = self.servers.pop(name)
         if await server.stop() != 0:
-            self.problems.append(f"traced exited non-zero:\n{server.tail()}")
-        await self.servers["sink"].stop()
-        spans = json.loads(self.sink_report.read_text())
-        self.checks["traced_sink"] = spans
-        self.report["traced_spans_per_call"] = round(spans["spans"] / max(calls, 1), 2)
-        if not spans["spans"]:
-            self.problems.append("traced: the collector received no span")
-        del self.servers["traced"], self.servers["sink"]
+            self.problems.append(f"{name} exited non-zero:\n{server.tail()}")
+        await self.servers.pop(sink).stop()
+        received = json.loads(await asyncio.to_thread(report.read_text))
+        self.checks[f"{name}_sink"] = received
+        if not received["spans"]:
+            self.problems.append(f"{name}: the collector received no span")
+        return int(received["spans"])
 
     async def latency(self, body: Path, tokens: Path) -> None:
         """Open-loop latency at half of ``hit_rps``: cache hits, then the

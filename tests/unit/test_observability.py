@@ -25,6 +25,15 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    DEFAULT_OFF,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Tracer, format_span_id, format_trace_id
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
@@ -60,6 +69,7 @@ from session_authority.observability.instrumented import (
 from session_authority.observability.interceptor import RpcMetricsInterceptor
 from session_authority.observability.metrics import Instruments, PrometheusMetrics
 from session_authority.observability.sampler import HealthSampler
+from session_authority.observability.server_spans import ServerSpans, pure_sampler
 from session_authority.observability.tracing import breaker_event
 from session_authority.transport.mapping import health_to_pb
 from tests.third_party import generate_openmetrics, parse_openmetrics
@@ -648,8 +658,34 @@ def test_telemetry_installs_no_tracer_provider() -> None:
     assert trace.get_tracer_provider() is before
     assert [type(i) for i in telemetry.interceptors()] == [RpcMetricsInterceptor]
     traced = Telemetry(Settings(), tracer_provider=TracerProvider())
-    assert len(traced.interceptors()) == 2
-    assert isinstance(traced.interceptors()[-1], RpcMetricsInterceptor)  # tracing outermost
+    assert [type(i) for i in traced.interceptors()] == [ServerSpans, RpcMetricsInterceptor]
+
+
+class _OwnSampler(Sampler):
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return "AlwaysOffSampler"  # a built-in's name, but not a built-in
+
+
+def test_only_the_sdks_own_samplers_are_asked_directly() -> None:
+    """``pure_sampler``: the built-ins (what OTEL_TRACES_SAMPLER names) are;
+    a sampler of one's own, or a built-in around one, is not; nor is a
+    provider that is not the SDK's."""
+    for sampler in (
+        ALWAYS_ON,
+        DEFAULT_OFF,
+        TraceIdRatioBased(0.01),
+        ParentBased(TraceIdRatioBased(0.25)),
+        TracerProvider().sampler,  # the SDK's default (parentbased_always_on)
+    ):
+        assert pure_sampler(TracerProvider(sampler=sampler)) is sampler
+        assert ServerSpans(TracerProvider(sampler=sampler)).samples_itself
+    assert pure_sampler(TracerProvider(sampler=_OwnSampler())) is None
+    assert not ServerSpans(TracerProvider(sampler=_OwnSampler())).samples_itself
+    assert pure_sampler(TracerProvider(sampler=ParentBased(_OwnSampler()))) is None
+    assert pure_sampler(trace.NoOpTracerProvider()) is None
 
 
 # --- logs --------------------------------------------------------------------------------

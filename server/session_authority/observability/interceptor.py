@@ -1,4 +1,5 @@
-"""``RpcMetricsInterceptor``: per-RPC duration and status code, nothing else.
+"""``RpcMetricsInterceptor``: per-RPC duration and status code, nothing else;
+and ``UnaryDecorator``, its base (and the server spans').
 
 It never reads requests or replies (what ValidateSession answered is
 reported by the core, through ``CoreMetrics.validated``). Only unary-unary
@@ -17,26 +18,31 @@ import grpc
 
 from session_authority.observability.metrics import Cell, Instruments
 
-__all__ = ["RpcMetricsInterceptor"]
+__all__ = ["RpcMetricsInterceptor", "UnaryDecorator", "code_of", "split_method"]
 
 # Strings: grpc's classes are generic only in its type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any] | None"
 Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]"
 
 
-def _split(method: str) -> tuple[str, str]:
+def split_method(method: str) -> tuple[str, str]:
+    """``/package.Service/Method`` as (``package.Service``, ``Method``)."""
     service, _, name = method.lstrip("/").rpartition("/")
     return service or "unknown", name or "unknown"
 
 
-def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     code: object = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, instruments: Instruments) -> None:
-        self._i = instruments
+class UnaryDecorator(grpc.aio.ServerInterceptor):
+    """Wraps a unary-unary method's behaviour, once per method: as a handler
+    decorator at registration (``decorate``; bootstrap's ``DecoratingServer``),
+    or, in a server that takes only interceptors, on the first call (the
+    wrapper is reused on every later one). Streaming methods pass through."""
+
+    def __init__(self) -> None:
         # method -> (inner handler, our wrapper): built once per method, not per call.
         self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
@@ -63,7 +69,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         registers it so, and the server then pays no interception per call."""
         if handler.unary_unary is None:
             return handler
-        service, name = _split(method)
+        service, name = split_method(method)
         # The stubs type the behaviour as a sync handler; in grpc.aio it is a coroutine.
         behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
         return grpc.unary_unary_rpc_method_handler(
@@ -71,6 +77,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
+        raise NotImplementedError
+
+
+class RpcMetricsInterceptor(UnaryDecorator):
+    def __init__(self, instruments: Instruments) -> None:
+        super().__init__()
+        self._i = instruments
 
     def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
         # Labelled children looked up once per method (and status code), not per call.
@@ -95,7 +110,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception:
                 observe(time.perf_counter() - started)
-                count_failed(_code_of(context))  # context.abort raised; the code is set
+                count_failed(code_of(context))  # context.abort raised; the code is set
                 raise
             observe(time.perf_counter() - started)
             ok.value += 1  # Cell.inc without the call

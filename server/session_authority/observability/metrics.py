@@ -15,6 +15,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -26,7 +27,6 @@ from session_authority.observability.tracing import (
     ATTR_VALIDATION_SOURCE,
     add_event,
     breaker_event,
-    set_attributes,
 )
 
 __all__ = [
@@ -330,10 +330,13 @@ class PrometheusMetrics:
 
     @staticmethod
     def _answer_attributes(valid: bool, source: str, reason: str) -> None:
-        # The core reports outside its own child spans: this is the RPC's span.
-        set_attributes(
-            {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
-        )
+        # The core reports outside its own child spans: this is the RPC's span
+        # (none current when the call was not sampled: then nothing is built).
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {ATTR_VALID: valid, ATTR_VALIDATION_SOURCE: source, ATTR_VALIDATION_REASON: reason}
+            )
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
@@ -45,6 +44,7 @@ from session_authority.observability.metrics import (
     breaker_listener,
 )
 from session_authority.observability.sampler import HealthSampler
+from session_authority.observability.server_spans import ServerSpans
 from session_authority.observability.tracing import flush_tracing
 
 __all__ = ["Telemetry"]
@@ -93,14 +93,12 @@ class Telemetry:
         breaker.add_listener(breaker_listener(self.instruments, breaker.name))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Tracing outermost, so the RPC's server span is current inside
-        (only with a provider: as a no-op it still costs)."""
+        """The server spans outermost, so the RPC's span is current inside (only
+        with a provider), then the RPC metrics. Both are handler decorators:
+        the composition root applies them once, at registration."""
         chain: list[grpc.aio.ServerInterceptor] = []
         if self.tracer_provider is not None:
-            traced = aio_server_interceptor(  # type: ignore[no-untyped-call]
-                tracer_provider=self.tracer_provider
-            )
-            chain.append(traced)
+            chain.append(ServerSpans(self.tracer_provider))
         chain.append(RpcMetricsInterceptor(self.instruments))
         return chain
 

@@ -2,9 +2,9 @@
 
 The core traces through the OpenTelemetry *API* (its tracer is a proxy that
 resolves to whatever global provider is installed), and the gRPC server span
-comes from opentelemetry-instrumentation-grpc's aio interceptor, which
-continues a caller's W3C ``traceparent``. Both use the global provider, so
-there is one per process, installed by the composition root's explicit call
+comes from ``ServerSpans`` (server_spans.py), which continues a caller's W3C
+``traceparent`` and starts nothing for a call that is not sampled. Both use
+the global provider, so there is one per process, installed by the composition root's explicit call
 to ``install_tracing`` (never as a side effect of building something): the
 first call builds and installs it, later calls (a second ``App`` in the same
 process, or a host that set up its own provider first, like the tests) reuse
@@ -14,10 +14,7 @@ the one in place. The SDK shuts it down (flushing spans) at interpreter exit;
 Where spans go (``Settings.traces_exporters``): OTLP over gRPC (the exporter
 reads the standard ``OTEL_EXPORTER_OTLP_*`` variables) and/or the console (one
 JSON object per line on stdout). With neither, no SDK is installed and the
-gRPC interceptor is left out: spans that go nowhere cost about a fifth of the
-cached-validation throughput (measured with tests/benchmarks/bench.py --quick
-while building this; the benchmark does not report it), the interceptor
-about a tenth even as a no-op. The sampler comes from
+RPCs get no span wrapper at all. The sampler comes from
 ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, read by the SDK.
 """
 
@@ -51,7 +48,6 @@ __all__ = [
     "breaker_event",
     "flush_tracing",
     "install_tracing",
-    "set_attributes",
 ]
 
 _log = logging.getLogger("session_authority.observability")
@@ -116,13 +112,6 @@ def add_event(name: str, attributes: dict[str, str]) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(name, attributes)
-
-
-def set_attributes(attributes: dict[str, str | bool]) -> None:
-    """Attributes on the current span, if one is recording."""
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attributes(attributes)
 
 
 def breaker_event(old: BreakerState, new: BreakerState, cause: str, breaker: str = "redis") -> None:
