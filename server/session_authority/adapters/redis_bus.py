@@ -9,11 +9,15 @@ many subscribers received a message, so the publisher knows how many
 acknowledgements to wait for.
 
 A subscriber is *live* while it is subscribed and has heard from Redis within
-``liveness`` seconds (it pings every quarter of that when idle). Whenever it
-stops being live it tells its owner to forget everything (``on_revoked(None)``),
-and again right after it (re)subscribes, since it may have missed messages in
-between. Message contents are hashes, never tokens; a forged message can only
-make processes drop copies.
+``liveness`` seconds (it pings every quarter of that). The subscription is
+given up (and its owner told to forget everything, ``on_revoked(None)``) once
+it has been silent that long *and* a ping has gone unanswered for a quarter of
+it: a process that was itself frozen (a machine stall) wakes up to silence on a
+connection that lost nothing, is not live until its ping is answered (Redis
+delivers what was published before the ping first), and keeps its
+subscription. The owner is told again right after any (re)subscription, since
+messages may have been missed in between. Message contents are hashes, never
+tokens; a forged message can only make processes drop copies.
 """
 
 from __future__ import annotations
@@ -142,17 +146,31 @@ class RedisRevocationBus:
             self._subscribed = True
             self.subscriptions += 1
             self.subscribed_once.set()
+            # When the oldest ping not answered yet was sent (None: all answered).
+            unanswered: float | None = None
             while True:
                 message = await pubsub.get_message(timeout=self._liveness / 4)
                 now = self._clock()
                 if message is not None:
                     self._last_heard = now
+                    unanswered = None
                     self._handle(message)
-                elif now - self._last_heard >= self._liveness:
+                elif (
+                    now - self._last_heard >= self._liveness
+                    and unanswered is not None
+                    and now - unanswered >= self._liveness / 4
+                ):
+                    # Silent, and a ping has gone unanswered for a while. Silence
+                    # alone is no proof: a process frozen for longer than the
+                    # liveness (a machine stall) wakes up to it on a connection
+                    # that lost nothing. It is not live until the next message,
+                    # and the ping below asks for one.
                     raise TimeoutError("the subscription went silent")
                 if now - last_ping >= self._liveness / 4:
                     await pubsub.ping()
                     last_ping = now
+                    if unanswered is None:
+                        unanswered = now
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

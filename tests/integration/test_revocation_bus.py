@@ -1,0 +1,99 @@
+"""``RedisRevocationBus`` on a real Redis: what counts as a lost subscription.
+
+A machine stall freezes the process, and it wakes up to seconds of silence on
+a connection that lost nothing: it must not give the subscription up (and with
+it every process's L1 at once), only stop trusting it until its ping is
+answered. A Redis that really stops answering must still be noticed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import pytest_asyncio
+
+from session_authority.adapters.redis_bus import RedisRevocationBus
+from session_authority.core.domain import TokenHash
+from session_authority.embedded import EmbeddedRedis
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+LIVENESS = 1.0
+Told = list[list[TokenHash] | None]
+
+
+class Jumps:
+    """A monotonic clock that can jump ahead, as a frozen process's does."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+async def _until(check: Callable[[], bool], within: float) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < within, "condition never held"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+def _live(feed: RedisRevocationBus) -> bool:
+    return feed.live
+
+
+@pytest_asyncio.fixture
+async def bus(own_redis: EmbeddedRedis) -> AsyncIterator[tuple[RedisRevocationBus, Told, Jumps]]:
+    told: Told = []
+    clock = Jumps()
+    bus = RedisRevocationBus.from_url(
+        own_redis.url,
+        timeout=1.0,
+        on_revoked=told.append,
+        ack_timeout=1.0,
+        liveness=LIVENESS,
+        clock=clock,
+    )
+    bus.start()
+    await asyncio.wait_for(bus.subscribed_once.wait(), 5)
+    try:
+        yield bus, told, clock
+    finally:
+        await bus.aclose()
+
+
+async def test_a_process_frozen_past_the_liveness_keeps_its_subscription(
+    bus: tuple[RedisRevocationBus, Told, Jumps],
+) -> None:
+    feed, told, clock = bus
+    await _until(lambda: feed.live, 2)
+    assert (feed.subscriptions, told) == (1, [None])  # the drop on subscribing
+    clock.ahead += 5 * LIVENESS  # the process was frozen for 5 s
+    assert not feed.live  # not trusted until Redis answers again...
+    await _until(lambda: feed.live, LIVENESS)  # ...which it does at the next ping
+    await asyncio.sleep(2 * LIVENESS)
+    assert _live(feed)  # (a call: mypy would keep the narrowing from above)
+    assert (feed.subscriptions, told) == (1, [None])  # nothing given up, nothing dropped
+
+
+async def test_a_redis_that_stops_answering_is_given_up(
+    own_redis: EmbeddedRedis,
+    bus: tuple[RedisRevocationBus, Told, Jumps],
+) -> None:
+    feed, told, _ = bus
+    await _until(lambda: feed.live, 2)
+    own_redis.pause()
+    try:
+        await _until(lambda: not feed.live, 2 * LIVENESS)
+        # Given up (and the owner told to forget) within the liveness and a
+        # quarter of it after the last pong, plus a ping period's slack.
+        await _until(lambda: len(told) == 2, 2 * LIVENESS)
+        assert told == [None, None]
+    finally:
+        own_redis.resume()
+    await _until(lambda: feed.live and feed.subscriptions == 2, 5)
+    assert told == [None, None, None]  # and again on subscribing anew
