@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("session_authority.cache")
+#: redis-py's read timeout, in breaker timeouts (see ``RedisSessionCache.from_url``).
+_READ_BACKSTOP = 3.0
 
 KEY_PREFIX = "session:"
 _HEALTH_KEY = "session-authority:health-probe"
@@ -199,14 +201,21 @@ class RedisSessionCache:
         pool_timeout: float,
         legacy_keys: bool = True,
     ) -> RedisSessionCache:
-        """Build the client. No retries in redis-py: the breaker decides."""
+        """Build the client. No retries in redis-py: the breaker decides.
+
+        ``timeout`` is the breaker's per-call timeout, which bounds every call
+        (and gives a call whose timer fired late, after a machine stall, a
+        grace to read an answer already in its socket). redis-py's own read
+        timeout is only a backstop, well past it: at the same value it raced
+        the breaker's after a stall and turned every late timer into a Redis
+        *error*, which opened the breaker (tests/integration/test_machine_stall.py)."""
         identity = ServerIdentity()
         pool = CountingPool.from_url(
             url,
             min_size=min_connections,
             max_connections=max_connections,
             timeout=pool_timeout,
-            socket_timeout=timeout,
+            socket_timeout=timeout * _READ_BACKSTOP,
             socket_connect_timeout=timeout,
             socket_keepalive=True,
             health_check_interval=30,

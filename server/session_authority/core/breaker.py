@@ -214,8 +214,9 @@ class Breaker:
         started = self._clock()
         answered = self.answered
         self.calls_in_flight += 1
+        stalled = self._stalled_since(started)
         try:
-            task = await _bounded(op, self.policy.timeout)
+            task = await _bounded(op, self.policy.timeout, stalled)
         except asyncio.CancelledError:
             # Cut short by the caller (its deadline, or it went away): slow
             # enough, and nothing else answered meanwhile, it counts.
@@ -229,14 +230,15 @@ class Breaker:
         if task is None:
             # The timer fires this late only when this process did not run (a
             # stalled machine, a long pause): the wait was not the dependency's.
-            late = self._clock() - started >= self.policy.timeout * 1.5
-            self._slow("timeout", probe, answered, late=late)
+            self._slow("timeout", probe, answered, late=stalled())
             raise self._timed_out()
         try:
             result = task.result()
         except self._error as exc:
             if isinstance(exc, _QUEUED):
-                self._slow(str(exc), probe, answered)  # our own queue, not the dependency
+                # Our own queue, not the dependency; its timer too may have
+                # fired late (queued behind calls given a stall's grace).
+                self._slow(str(exc), probe, answered, late=stalled())
             else:
                 self._failure(str(exc), probe)
             raise
@@ -267,10 +269,16 @@ class Breaker:
         counting it either way: for a write that must be tried even while the
         breaker refuses calls (a revocation: this process stops reading the
         dependency, the other replicas do not). Raises ``error`` on timeout."""
-        task = await _bounded(op, self.policy.timeout)
+        task = await _bounded(op, self.policy.timeout, self._stalled_since(self._clock()))
         if task is None:
             raise self._timed_out()
         return task.result()
+
+    def _stalled_since(self, started: float) -> Callable[[], bool]:
+        """Asked when the timeout fires: whether it fired half a timeout late,
+        which happens only when this process did not run (a machine stall, a
+        long pause)."""
+        return lambda: self._clock() - started >= self.policy.timeout * 1.5
 
     def _timed_out(self) -> SessionAuthorityError:
         """``error`` for a call past the timeout (as ``raise ... from TimeoutError``)."""
@@ -324,15 +332,31 @@ class Breaker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _bounded(op: Callable[[], Awaitable[T]], seconds: float) -> asyncio.Future[T] | None:
+#: After a timeout that fired late (``_bounded``), how long the call may still
+#: finish, as a share of the timeout.
+STALL_GRACE = 0.25
+
+
+async def _bounded(
+    op: Callable[[], Awaitable[T]], seconds: float, stalled: Callable[[], bool]
+) -> asyncio.Future[T] | None:
     """Run ``op`` as its own task for at most ``seconds``: the finished
     task, or None once the time ran out. Its own task, so that the caller's
     bound holds even when the dependency's client is slow to give up (redis-py
     tidies a cancelled connection up with awaits of its own): on timeout or
-    cancellation the task is cancelled and left to finish on its own."""
+    cancellation the task is cancelled and left to finish on its own.
+
+    When the timeout fired late (``stalled()``: the process itself was frozen,
+    by a machine stall or a long pause), the answer is most likely sitting in
+    a socket this process has not read yet, or on its way from a dependency
+    that was frozen too: the call gets ``STALL_GRACE`` of its timeout more
+    before it is given up, instead of every call in flight failing at once
+    the moment the process wakes up (and falling back to Postgres together)."""
     task = asyncio.ensure_future(op())
     try:
         done, _ = await asyncio.wait((task,), timeout=seconds)
+        if not done and stalled():
+            done, _ = await asyncio.wait((task,), timeout=seconds * STALL_GRACE)
     except asyncio.CancelledError:
         _abandon(task)
         raise
