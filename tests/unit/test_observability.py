@@ -22,9 +22,11 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_ON,
     DEFAULT_OFF,
@@ -684,6 +686,13 @@ def test_only_the_sdks_own_samplers_are_asked_directly() -> None:
         assert ServerSpans(TracerProvider(sampler=sampler)).samples_itself
     assert pure_sampler(TracerProvider(sampler=_OwnSampler())) is None
     assert not ServerSpans(TracerProvider(sampler=_OwnSampler())).samples_itself
+    # Two on one provider (two Apps in a process) share its tracer, wrapped once.
+    provider = TracerProvider(sampler=DEFAULT_OFF)
+    first, second = ServerSpans(provider), ServerSpans(provider)
+    assert first.samples_itself and second.samples_itself
+    tracer = provider.get_tracer("session_authority.grpc")
+    assert isinstance(tracer, SdkTracer)
+    assert isinstance(tracer.id_generator.inner, RandomIdGenerator)  # type: ignore[attr-defined]
     assert pure_sampler(TracerProvider(sampler=ParentBased(_OwnSampler()))) is None
     assert pure_sampler(trace.NoOpTracerProvider()) is None
 

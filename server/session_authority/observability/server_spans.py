@@ -120,15 +120,16 @@ class ServerSpans(UnaryDecorator):
         self._tracer = provider.get_tracer("session_authority.grpc")
         self._sampler = pure_sampler(provider)
         self._ids: _Presampled | None = None
-        # Our own tracer's generator (``get_tracer`` makes a new tracer); only
-        # where the SDK keeps it under that name, else no sampler is asked here.
+        # The generator of our tracer (the SDK keeps one per name, so a second
+        # ServerSpans on the provider finds it wrapped already); only where the
+        # SDK keeps it under that name, else no sampler is asked here.
         tracer = self._tracer
-        if (
-            self._sampler is not None
-            and isinstance(tracer, sdk_trace.Tracer)
-            and isinstance(vars(tracer).get("id_generator"), IdGenerator)
-        ):
-            self._ids = tracer.id_generator = _Presampled(tracer.id_generator)
+        if self._sampler is not None and isinstance(tracer, sdk_trace.Tracer):
+            ids = vars(tracer).get("id_generator")
+            if isinstance(ids, _Presampled):
+                self._ids = ids
+            elif isinstance(ids, IdGenerator):
+                self._ids = tracer.id_generator = _Presampled(ids)
         if self._ids is None:
             self._sampler = None
 
