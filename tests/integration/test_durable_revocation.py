@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -39,22 +37,11 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, app_settings, server_env
+from .support import NO_PROXY, app_settings, spawn_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
 HOUR = timedelta(hours=1)
-
-
-async def _serving(stub: pb_grpc.SessionAuthorityAsyncStub, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            await stub.Health(pb.HealthRequest(), timeout=1)
-            return
-        except grpc.aio.AioRpcError:
-            assert time.monotonic() < deadline, f"not serving; see {log}"
-            await asyncio.sleep(0.1)
 
 
 async def _never_valid(stub: pb_grpc.SessionAuthorityAsyncStub, token: str, times: int) -> None:
@@ -123,24 +110,12 @@ async def test_revoker_killed_while_redis_frozen_then_a_fresh_replica(
     tmp_path: Path, own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
 ) -> None:
     port, log = find_free_port(), tmp_path / "revoker.log"
-    with log.open("wb") as out:
-        revoker = subprocess.Popen(  # noqa: ASYNC220 (started once)
-            [str(Path(sys.executable).parent / "session-authority"), "serve", "--port", str(port)],
-            env=server_env(
-                DATABASE_URL=own_postgres.url,
-                REDIS_URL=own_redis.url,
-                HOST="127.0.0.1",
-                ADMIN_PORT="0",
-                ALLOW_UNAUTHENTICATED="true",
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    revoker = spawn_serve(port, log, DATABASE_URL=own_postgres.url, REDIS_URL=own_redis.url)
     fresh: App | None = None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) as ch:
             stub: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(ch)
-            await _serving(stub, log)
+            await wait_serving(stub, log)
             token = (await stub.CreateSession(pb.CreateSessionRequest(user_id="frozen"))).token
             for _ in range(2):
                 await stub.ValidateSession(pb.ValidateSessionRequest(token=token))

@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,54 +20,31 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, server_env
+from .support import NO_PROXY, spawn_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
 BREAKER_TIMEOUT = 1.0  # the default BREAKER_TIMEOUT_MS
 
 
-async def _serving(stub: pb_grpc.SessionAuthorityAsyncStub, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            await stub.Health(pb.HealthRequest(), timeout=1)
-            return
-        except grpc.aio.AioRpcError:
-            assert time.monotonic() < deadline, f"not serving; see {log}"
-            await asyncio.sleep(0.1)
-
-
 async def test_calls_in_flight_through_a_machine_stall_are_answered_from_redis(
     tmp_path: Path, own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
 ) -> None:
     port, log = find_free_port(), tmp_path / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(  # noqa: ASYNC220 (started once)
-            [
-                str(Path(sys.executable).parent / "session-authority"),
-                "serve",
-                "--workers",
-                "1",
-                "--port",
-                str(port),
-            ],
-            env=server_env(
-                DATABASE_URL=own_postgres.url,
-                REDIS_URL=own_redis.url,
-                HOST="127.0.0.1",
-                ADMIN_PORT="0",
-                ALLOW_UNAUTHENTICATED="true",
-                L1_CACHE_TTL_MS="0",  # every validation reads Redis
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = spawn_serve(
+        port,
+        log,
+        "--workers",
+        "1",
+        DATABASE_URL=own_postgres.url,
+        REDIS_URL=own_redis.url,
+        L1_CACHE_TTL_MS="0",  # every validation reads Redis
+    )
     sources: Counter[str] = Counter()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) as ch:
             stub: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(ch)
-            await _serving(stub, log)
+            await wait_serving(stub, log)
             token = (await stub.CreateSession(pb.CreateSessionRequest(user_id="stall"))).token
             request = pb.ValidateSessionRequest(token=token)
             await stub.ValidateSession(request)  # Redis holds it from now on
