@@ -168,8 +168,10 @@ class ServerSpans(UnaryDecorator):
                     return await behavior(request, context)  # not sampled: nothing attached
                 if root:
                     ids.next_trace_id = trace_id
-                span = start_span(name, parent, SpanKind.SERVER, attributes)
-                ids.next_trace_id = 0
+                try:
+                    span = start_span(name, parent, SpanKind.SERVER, attributes)
+                finally:
+                    ids.next_trace_id = 0  # never handed to another span
             else:
                 span = start_span(name, parent, SpanKind.SERVER, attributes)
                 if not span.is_recording():
