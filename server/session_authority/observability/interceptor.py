@@ -18,20 +18,20 @@ import grpc
 
 from session_authority.observability.metrics import Cell, Instruments
 
-__all__ = ["RpcMetricsInterceptor", "UnaryDecorator", "code_of", "split_method"]
+__all__ = ["RpcMetricsInterceptor", "UnaryDecorator"]
 
 # Strings: grpc's classes are generic only in its type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any] | None"
 Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]"
 
 
-def split_method(method: str) -> tuple[str, str]:
+def _split(method: str) -> tuple[str, str]:
     """``/package.Service/Method`` as (``package.Service``, ``Method``)."""
     service, _, name = method.lstrip("/").rpartition("/")
     return service or "unknown", name or "unknown"
 
 
-def code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     code: object = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN.name
 
@@ -69,7 +69,7 @@ class UnaryDecorator(grpc.aio.ServerInterceptor):
         registers it so, and the server then pays no interception per call."""
         if handler.unary_unary is None:
             return handler
-        service, name = split_method(method)
+        service, name = _split(method)
         # The stubs type the behaviour as a sync handler; in grpc.aio it is a coroutine.
         behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
         return grpc.unary_unary_rpc_method_handler(
@@ -110,7 +110,7 @@ class RpcMetricsInterceptor(UnaryDecorator):
                 raise
             except Exception:
                 observe(time.perf_counter() - started)
-                count_failed(code_of(context))  # context.abort raised; the code is set
+                count_failed(_code_of(context))  # context.abort raised; the code is set
                 raise
             observe(time.perf_counter() - started)
             ok.value += 1  # Cell.inc without the call
