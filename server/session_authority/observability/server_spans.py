@@ -24,7 +24,8 @@ conventions: ``rpc.system``, ``rpc.service``, ``rpc.method``,
 ``net.peer.name`` for loopback; ``rpc.user_agent``). Its status is ERROR only
 for the codes the conventions call server errors (UNKNOWN, DEADLINE_EXCEEDED,
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), described as
-``StatusCode.X:details``; an exception that is not an abort is recorded on it.
+``StatusCode.X:details``; an exception that is not an abort is recorded on it
+as an ``exception`` event with its type only (its message may quote input).
 Streaming methods (health Watch, reflection) get no span.
 """
 
@@ -187,8 +188,10 @@ class ServerSpans(UnaryDecorator):
                 span.set_attribute(ATTR_STATUS_CODE, grpc.StatusCode.CANCELLED.value[0])
                 raise
             except Exception as error:
-                # Not an abort: the framework answers UNKNOWN.
-                span.record_exception(error)
+                # Not an abort: the framework answers UNKNOWN. Its type only: a
+                # message may quote what the caller sent (a token); the log has
+                # the whole traceback, through its redaction filter.
+                span.add_event("exception", {"exception.type": type(error).__qualname__})
                 span.set_attribute(ATTR_STATUS_CODE, grpc.StatusCode.UNKNOWN.value[0])
                 span.set_status(Status(StatusCode.ERROR, f"{grpc.StatusCode.UNKNOWN}:"))
                 raise
