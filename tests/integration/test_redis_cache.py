@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
@@ -297,6 +298,29 @@ async def test_errors_become_cache_unavailable(tmp_path: object) -> None:
     finally:
         await cache.aclose()
         server.stop()
+
+
+async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """Health is the one call no breaker times, and redis-py's own read
+    timeout is only a backstop (3 timeouts): each health command is bounded
+    by the per-call timeout itself."""
+    cache = RedisSessionCache.from_url(
+        own_redis.url, ttl=60, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
+    )
+    try:
+        await cache.warm()
+        assert (await cache.health()).connected
+        own_redis.pause()
+        started = time.monotonic()
+        health = await cache.health()
+        waited = time.monotonic() - started
+        assert health.connected is False and health.error
+        assert waited < 0.3 * 2, waited  # one command's timeout, not the backstop's 0.9 s
+    finally:
+        own_redis.resume()
+        await cache.aclose()
 
 
 async def test_waiting_out_the_pool_is_cache_busy(redis_server: EmbeddedRedis) -> None:

@@ -26,12 +26,13 @@ another server) in one place, ``_ErrorMap``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("session_authority.cache")
+T_ = TypeVar("T_")
 #: redis-py's read timeout, in breaker timeouts (see ``RedisSessionCache.from_url``).
 _READ_BACKSTOP = 3.0
 
@@ -173,10 +175,13 @@ class RedisSessionCache:
         identity: ServerIdentity | None = None,
         *,
         legacy_keys: bool = True,
+        op_timeout: float | None = None,
     ) -> None:
         self._redis = client
         self._pool = pool
         self._ttl = ttl
+        #: Bounds each health command (the only calls no breaker times).
+        self._op_timeout = op_timeout
         self._identity = identity or ServerIdentity()
         #: Whether the previous release's keys are honoured and written too.
         self.legacy_keys = legacy_keys
@@ -225,7 +230,7 @@ class RedisSessionCache:
             redis_connect_func=identity.on_connect,
         )
         client = aioredis.Redis(connection_pool=pool)
-        return cls(client, pool, ttl, identity, legacy_keys=legacy_keys)
+        return cls(client, pool, ttl, identity, legacy_keys=legacy_keys, op_timeout=timeout)
 
     async def warm(self) -> None:
         """Open the minimum number of connections (best effort)."""
@@ -326,21 +331,31 @@ class RedisSessionCache:
                     )
                 await pipe.execute()
 
+    async def _within(self, call: Awaitable[T_]) -> T_:
+        """``call``, given up after the per-call timeout (a ``TimeoutError``,
+        which ``_MAPPED`` maps): health is not timed by the breaker, and
+        redis-py's own read timeout is only a backstop (``from_url``)."""
+        if self._op_timeout is None:
+            return await call
+        async with asyncio.timeout(self._op_timeout):
+            return await call
+
     async def health(self) -> CacheHealth:
+        bound = self._within
         try:
             with _MAPPED:
                 started = time.perf_counter()
-                await self._redis.ping()
+                await bound(self._redis.ping())
                 ping = time.perf_counter() - started
                 started = time.perf_counter()
-                await self._redis.set(_HEALTH_KEY, "1", px=10_000)
+                await bound(self._redis.set(_HEALTH_KEY, "1", px=10_000))
                 set_ = time.perf_counter() - started
                 started = time.perf_counter()
-                await self._redis.get(_HEALTH_KEY)
+                await bound(self._redis.get(_HEALTH_KEY))
                 get = time.perf_counter() - started
-                server = await self._redis.info("server")
-                memory = await self._redis.info("memory")
-                keys = await self._redis.dbsize()
+                server = await bound(self._redis.info("server"))
+                memory = await bound(self._redis.info("memory"))
+                keys = await bound(self._redis.dbsize())
         except CacheUnavailable as exc:
             return CacheHealth(connected=False, pool=self._pool.stats(), error=str(exc))
         return CacheHealth(
