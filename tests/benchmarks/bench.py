@@ -351,7 +351,14 @@ class Bench:
                     self.problems.append(f"ceiling: unexpected canned answer {reply}")
 
     async def throughputs(self, body: Path, tokens: Path) -> None:
-        runs: dict[str, list[float]] = {"ceiling": [], "hit": [], "pg_only": [], "traced_1pct": []}
+        # server -> its report key; the servers are measured in turn, round after round.
+        keys = {
+            "ceiling": "ceiling_rps",
+            "hit": "hit_rps",
+            "pg_only": "pg_only_rps",
+            "traced_1pct": "hit_rps_traced_1pct",
+        }
+        runs: dict[str, list[float]] = {name: [] for name in keys}
         sampled = self.servers["traced_1pct"]
         before = await scrape(sampled)
         for _ in range(self.rounds):
@@ -359,11 +366,9 @@ class Bench:
                 runs[name].append(await self.throughput(name, body, tokens))
         await self.check_ceiling_answers()
         calls = sum(delta(before, await scrape(sampled), "grpc_server_handled_total").values())
-        runs["hit_rps_traced_1pct"] = runs.pop("traced_1pct")
         for name, values in runs.items():
-            key = name if name.endswith("_1pct") else f"{name}_rps"
-            self.report[key] = round(statistics.median(values))
-            self.report[f"{key}_runs"] = [round(v) for v in values]
+            self.report[keys[name]] = round(statistics.median(values))
+            self.report[f"{keys[name]}_runs"] = [round(v) for v in values]
         self.report["traced_1pct_vs_hit"] = round(
             self.report["hit_rps_traced_1pct"] / self.report["hit_rps"], 3
         )

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("session_authority.cache")
-T_ = TypeVar("T_")
+T = TypeVar("T")
 #: redis-py's read timeout, in breaker timeouts (see ``RedisSessionCache.from_url``).
 _READ_BACKSTOP = 3.0
 
@@ -331,7 +331,7 @@ class RedisSessionCache:
                     )
                 await pipe.execute()
 
-    async def _within(self, call: Awaitable[T_]) -> T_:
+    async def _within(self, call: Awaitable[T]) -> T:
         """``call``, given up after the per-call timeout (a ``TimeoutError``,
         which ``_MAPPED`` maps): health is not timed by the breaker, and
         redis-py's own read timeout is only a backstop (``from_url``)."""
