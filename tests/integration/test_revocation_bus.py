@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from session_authority.adapters.redis_bus import RedisRevocationBus
+from session_authority.adapters.redis_bus import CHANNEL, RedisRevocationBus
 from session_authority.core.domain import TokenHash
 from session_authority.embedded import EmbeddedRedis
 
@@ -97,3 +97,28 @@ async def test_a_redis_that_stops_answering_is_given_up(
         own_redis.resume()
     await _until(lambda: feed.live and feed.subscriptions == 2, 5)
     assert told == [None, None, None]  # and again on subscribing anew
+
+
+async def test_an_acknowledgement_to_a_frozen_redis_is_given_up(
+    own_redis: EmbeddedRedis,
+    bus: tuple[RedisRevocationBus, Told, Jumps],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A revocation heard just before Redis froze: the copies are dropped at
+    once, and the acknowledgement is given up after the publisher's own wait
+    (``ack_timeout``), not held until Redis answers again. (The message is
+    handed to the bus directly: on a live Redis it would be acknowledged
+    before the test could freeze it.)"""
+    feed, told, _ = bus
+    await _until(lambda: feed.live, 2)
+    digest = "ab" * 32
+    own_redis.pause()
+    try:
+        feed._handle({"type": "message", "channel": CHANNEL, "data": f"other|req|{digest}"})
+        assert told[-1] == [TokenHash(digest)]  # dropped before anything is awaited
+        (ack,) = feed._tasks
+        took = await _until(ack.done, 3.0)  # without the bound: until Redis resumes
+        assert took < 1.0 + 0.5  # ack_timeout, and slack
+        assert "Revocation ack Error: TimeoutError" in caplog.text
+    finally:
+        own_redis.resume()

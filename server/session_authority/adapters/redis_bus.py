@@ -199,10 +199,14 @@ class RedisRevocationBus:
         task.add_done_callback(self._tasks.discard)
 
     async def _ack(self, sender: str, request: str) -> None:
+        # Bounded as the publisher's wait is: an acknowledgement later than
+        # that counts for nothing, and a frozen Redis must not keep one task
+        # (and one of the client's connections) per revocation heard.
         try:
-            await self._client.publish(ACK_PREFIX + sender, request)
-        except (RedisError, OSError) as exc:
-            _log.warning("Revocation ack Error: %s", exc)
+            async with asyncio.timeout(self._ack_timeout):
+                await self._client.publish(ACK_PREFIX + sender, request)
+        except (RedisError, OSError, TimeoutError) as exc:
+            _log.warning("Revocation ack Error: %s", str(exc) or type(exc).__name__)
 
 
 class _Acks:
