@@ -274,3 +274,20 @@ def test_root_grants_only_the_missing_other_bits(tmp_path: Path) -> None:
     assert oct((install / "share.txt").stat().st_mode & 0o777) == "0o644"
     assert oct(base.stat().st_mode & 0o777) == "0o751"
     assert oct(tmp_path.stat().st_mode & 0o777) == "0o755"  # already enough: untouched
+
+
+@pytest.mark.parametrize("server", ["redis_server", "pg"])
+def test_servers_share_the_callers_session_in_a_group_of_their_own(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """Each server leads a process group of its own (so it can be frozen and
+    killed as one, and a terminal's Ctrl-C does not reach it), in the caller's
+    session. In a session of its own it was a scheduling group of its own
+    (``kernel.sched_autogroup_enabled``), and on a busy 2-core machine the
+    kernel let a mostly idle Redis wait up to a second for a CPU (README,
+    "Performance")."""
+    embedded: EmbeddedRedis | EmbeddedPostgres = request.getfixturevalue(server)
+    pid = embedded.pid
+    assert pid is not None
+    assert os.getpgid(pid) == pid
+    assert os.getsid(pid) == os.getsid(0)

@@ -128,7 +128,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.base_dir,
                 env=server_env(),
-                start_new_session=True,
+                process_group=0,
                 user=None if user is None else user.pw_uid,
                 group=None if user is None else user.pw_gid,
                 extra_groups=None if user is None else [],
@@ -213,7 +213,7 @@ class ServerProcess:
             if required:
                 raise RuntimeError(f"{self.name} is not running")
             return
-        # pgid == pid thanks to start_new_session; the group outlives a killed leader.
+        # pgid == pid (process_group=0); the group outlives a killed leader.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._proc.pid, sig)
 
