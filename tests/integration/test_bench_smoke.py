@@ -37,3 +37,6 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     assert all(isinstance(v, int | float) and v > 0 for v in numbers.values()), numbers
     assert report["workers"] >= 1
     assert report["cores"] >= 1
+    # Read from /proc: how long the stores waited for a CPU during the throughput runs.
+    assert report["redis_cpu_wait_seconds"] >= 0
+    assert report["postgres_cpu_wait_seconds"] >= 0
