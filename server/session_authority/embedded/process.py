@@ -75,7 +75,8 @@ def server_env() -> dict[str, str]:
 
 
 class ServerProcess:
-    """A server run as a direct child in its own session (= process group, pgid == pid).
+    """A server run as a direct child leading a process group of its own (pgid == pid), in
+    our session (see the package's docstring).
 
     pause/resume/kill reach every process of the server (see process_tree): the group, and
     the leader's descendants, which for Postgres have left the group.
