@@ -11,8 +11,11 @@ import pytest
 
 from session_authority.adapters.migrate import apply_migrations, available_migrations
 from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.config import Settings
+from session_authority.core.breaker import Breaker
+from session_authority.core.breaker_policy import BreakerState
 from session_authority.core.domain import Session, TokenHash, new_token
-from session_authority.core.errors import StoreUnavailable
+from session_authority.core.errors import StoreBusy, StoreUnavailable
 from session_authority.embedded import find_free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -119,3 +122,43 @@ async def test_unreachable_database_raises_store_unavailable() -> None:
     health = await store.health()
     assert health.connected is False and health.error
     await store.aclose()
+
+
+async def test_a_pool_queue_does_not_open_the_postgres_breaker(pg_dsn: str) -> None:
+    """More callers than pooled connections: the ones that wait out the pool
+    fail (``StoreBusy``, UNAVAILABLE for their callers), but Postgres answered
+    the others meanwhile, so the waits are this process's queue and the
+    breaker stays closed (counted as excused slowness, not as failures)."""
+    # A wait of 5 ms: many waiters wait it out, while a find (well under 1 ms
+    # here) keeps being answered for the others meanwhile.
+    store = PostgresSessionStore(
+        pg_dsn,
+        min_size=1,
+        max_size=1,
+        command_timeout=5.0,
+        acquire_timeout=0.005,
+    )
+    breaker = Breaker(Settings().pg_breaker_policy(), name="postgres", error=StoreUnavailable)
+    await store.connect()
+    outcomes: list[object] = []
+    try:
+        missing = TokenHash.of(new_token())
+        # Waves of 200 at once until both kinds are plenty, however fast this machine is.
+        for _ in range(40):
+            outcomes += await asyncio.gather(
+                *(breaker.call(lambda: store.find(missing)) for _ in range(200)),
+                return_exceptions=True,
+            )
+            if sum(isinstance(o, StoreBusy) for o in outcomes) >= 20 and outcomes.count(None) >= 20:
+                break
+    finally:
+        await breaker.aclose()
+        await store.aclose()
+    busy = [o for o in outcomes if isinstance(o, StoreBusy)]
+    answered = [o for o in outcomes if o is None]
+    assert len(busy) + len(answered) == len(outcomes), {type(o) for o in outcomes}
+    # Enough of each to open it: the rule is 20 failures in a row (or half of 20).
+    assert len(busy) >= 20 and len(answered) >= 20, (len(busy), len(answered))
+    assert "pool exhausted" in str(busy[0])
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.slow_excused == len(busy)

@@ -16,7 +16,13 @@ import pytest
 import pytest_asyncio
 
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
-from session_authority.core.errors import CacheBusy, CacheUnavailable
+from session_authority.core.errors import (
+    CacheBusy,
+    CacheUnavailable,
+    SessionAuthorityError,
+    StoreBusy,
+    StoreUnavailable,
+)
 
 from .fakes import FakeClock, until
 
@@ -83,10 +89,12 @@ async def make() -> AsyncIterator[Make]:
     made: list[Breaker] = []
 
     def factory(
-        policy: BreakerPolicy = POLICY, probe: Callable[[], Awaitable[None]] | None = None
+        policy: BreakerPolicy = POLICY,
+        probe: Callable[[], Awaitable[None]] | None = None,
+        error: type[SessionAuthorityError] = CacheUnavailable,
     ) -> tuple[Breaker, FakeClock]:
         clock = FakeClock()
-        made.append(Breaker(policy, clock=clock.monotonic, probe=probe))
+        made.append(Breaker(policy, clock=clock.monotonic, probe=probe, error=error))
         return made[-1], clock
 
     yield factory
@@ -354,23 +362,31 @@ async def test_a_call_whose_timeout_fired_late_gets_a_grace_to_finish(make: Make
 
 
 @pytest.mark.asyncio
-async def test_waiting_out_the_pool_is_judged_as_slowness(make: Make) -> None:
-    """No pooled connection came free (``CacheBusy``): our queue, not Redis."""
-    breaker, _ = make()
+@pytest.mark.parametrize(
+    ("busy_error", "breaker_error"),
+    [(CacheBusy, CacheUnavailable), (StoreBusy, StoreUnavailable)],
+    ids=["redis", "postgres"],
+)
+async def test_waiting_out_the_pool_is_judged_as_slowness(
+    make: Make, busy_error: type[SessionAuthorityError], breaker_error: type[SessionAuthorityError]
+) -> None:
+    """No pooled connection came free (``CacheBusy``, ``StoreBusy``): our
+    queue, not the dependency."""
+    breaker, _ = make(error=breaker_error)
     for _ in range(POLICY.consecutive_failures * 2):
         gate = asyncio.Event()
         queued = asyncio.create_task(
-            breaker.call(Op(gate=gate, error=CacheBusy("No connection available.")))
+            breaker.call(Op(gate=gate, error=busy_error("No connection available.")))
         )
         await until(lambda: breaker.calls_in_flight == 1)
         await succeed(breaker)  # answered while it queued
         gate.set()
-        with pytest.raises(CacheBusy):
+        with pytest.raises(busy_error):
             await queued
     assert breaker.state is CLOSED
-    busy = Op(error=CacheBusy("No connection available."))
+    busy = Op(error=busy_error("No connection available."))
     for _ in range(POLICY.consecutive_failures):  # nothing answered: it counts
-        with pytest.raises(CacheBusy):
+        with pytest.raises(busy_error):
             await breaker.call(busy)
     assert breaker.state is OPEN
 

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from session_authority.core.domain import Session, TokenHash
-from session_authority.core.errors import StoreUnavailable
+from session_authority.core.errors import StoreBusy, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation
 
@@ -101,7 +101,7 @@ class PostgresSessionStore:
             try:
                 conn = await self._pool.acquire(timeout=self._acquire_timeout)
             except TimeoutError as exc:
-                raise StoreUnavailable(
+                raise StoreBusy(
                     f"postgres pool exhausted: no connection within {self._acquire_timeout:g}s"
                 ) from exc
             self.pending -= 1

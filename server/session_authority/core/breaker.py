@@ -34,7 +34,12 @@ from typing import Any, TypeVar
 import aiobreaker
 
 from session_authority.core.breaker_policy import BreakerPolicy, BreakerState, OpeningRule
-from session_authority.core.errors import CacheBusy, CacheUnavailable, SessionAuthorityError
+from session_authority.core.errors import (
+    CacheBusy,
+    CacheUnavailable,
+    SessionAuthorityError,
+    StoreBusy,
+)
 
 __all__ = ["Breaker", "BreakerPolicy", "BreakerState"]
 
@@ -52,7 +57,7 @@ _FROM_AIOBREAKER = {
 Listener = Callable[[BreakerState, BreakerState, str], None]
 
 #: Errors that say a call waited in this process's own queue (judged as slow).
-_QUEUED = (CacheBusy,)
+_QUEUED = (CacheBusy, StoreBusy)
 
 
 class Breaker:

@@ -30,6 +30,7 @@ __all__ = [
     "InvalidArgument",
     "RateLimited",
     "SessionAuthorityError",
+    "StoreBusy",
     "StoreUnavailable",
     "Unavailable",
 ]
@@ -58,6 +59,13 @@ class Unavailable(SessionAuthorityError):
 
 class StoreUnavailable(Unavailable):
     """The session store (Postgres) failed or could not be reached."""
+
+
+class StoreBusy(StoreUnavailable):
+    """No pooled Postgres connection came free within the pool timeout: the
+    wait was in this process's own queue, not in Postgres. The breaker judges
+    it as a slow call (counted only if Postgres answered nothing meanwhile),
+    as it judges ``CacheBusy``."""
 
 
 class CacheUnavailable(SessionAuthorityError):

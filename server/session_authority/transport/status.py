@@ -16,6 +16,7 @@ from session_authority.core.errors import (
     InvalidArgument,
     RateLimited,
     SessionAuthorityError,
+    StoreBusy,
     StoreUnavailable,
     Unavailable,
 )
@@ -26,6 +27,7 @@ __all__ = ["STATUS_FOR", "status_for"]
 STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StoreBusy: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     CircuitOpen: grpc.StatusCode.UNAVAILABLE,
