@@ -21,6 +21,7 @@ from session_authority.core.errors import (
     CacheUnavailable,
     SessionAuthorityError,
     StoreBusy,
+    StoreTimeout,
     StoreUnavailable,
 )
 
@@ -364,14 +365,19 @@ async def test_a_call_whose_timeout_fired_late_gets_a_grace_to_finish(make: Make
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("busy_error", "breaker_error"),
-    [(CacheBusy, CacheUnavailable), (StoreBusy, StoreUnavailable)],
-    ids=["redis", "postgres"],
+    [
+        (CacheBusy, CacheUnavailable),
+        (StoreBusy, StoreUnavailable),
+        (StoreTimeout, StoreUnavailable),
+    ],
+    ids=["redis-pool", "postgres-pool", "postgres-statement"],
 )
 async def test_waiting_out_the_pool_is_judged_as_slowness(
     make: Make, busy_error: type[SessionAuthorityError], breaker_error: type[SessionAuthorityError]
 ) -> None:
     """No pooled connection came free (``CacheBusy``, ``StoreBusy``): our
-    queue, not the dependency."""
+    queue, not the dependency; and one Postgres statement past its own
+    timeout (``StoreTimeout``): a slow call, not a failure."""
     breaker, _ = make(error=breaker_error)
     for _ in range(POLICY.consecutive_failures * 2):
         gate = asyncio.Event()

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from session_authority.core.domain import Session, TokenHash
-from session_authority.core.errors import StoreBusy, StoreUnavailable
+from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation
 
@@ -111,7 +111,7 @@ class PostgresSessionStore:
             finally:
                 await _release(self._pool, conn)
         except TimeoutError as exc:
-            raise StoreUnavailable("postgres query timed out") from exc
+            raise StoreTimeout("postgres query timed out") from exc
         except STORE_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         finally:

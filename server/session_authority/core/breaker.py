@@ -39,6 +39,7 @@ from session_authority.core.errors import (
     CacheUnavailable,
     SessionAuthorityError,
     StoreBusy,
+    StoreTimeout,
 )
 
 __all__ = ["Breaker", "BreakerPolicy", "BreakerState"]
@@ -56,8 +57,10 @@ _FROM_AIOBREAKER = {
 
 Listener = Callable[[BreakerState, BreakerState, str], None]
 
-#: Errors that say a call waited in this process's own queue (judged as slow).
-_QUEUED = (CacheBusy, StoreBusy)
+#: Errors judged as slow calls, not failures: a wait in this process's own
+#: queue for a pooled connection, and a Postgres statement past its timeout
+#: (asyncpg's own timer, which fires before the breaker's and may fire late).
+_SLOW = (CacheBusy, StoreBusy, StoreTimeout)
 
 
 class Breaker:
@@ -240,8 +243,8 @@ class Breaker:
         try:
             result = task.result()
         except self._error as exc:
-            if isinstance(exc, _QUEUED):
-                # Our own queue, not the dependency; its timer too may have
+            if isinstance(exc, _SLOW):
+                # Our own queue, or one slow statement; its timer too may have
                 # fired late (queued behind calls given a stall's grace).
                 self._slow(str(exc), probe, answered, late=stalled())
             else:

@@ -28,7 +28,8 @@ other calls keep being answered, and those waits say nothing about the
 dependency. The same holds for a timeout whose timer fired half a timeout
 late (the process itself did not run: a stalled machine, a long pause) and
 for a call that waited out the pool for a connection (``CacheBusy``,
-``StoreBusy``). The
+``StoreBusy``), and for a Postgres statement past its own timeout
+(``StoreTimeout``). The
 call still fails for its own caller (a late timeout only after a grace of a
 quarter of the timeout: ``breaker.STALL_GRACE``). What this gives up: a
 dependency that answers some calls promptly while others hang is not opened

@@ -31,6 +31,7 @@ __all__ = [
     "RateLimited",
     "SessionAuthorityError",
     "StoreBusy",
+    "StoreTimeout",
     "StoreUnavailable",
     "Unavailable",
 ]
@@ -59,6 +60,13 @@ class Unavailable(SessionAuthorityError):
 
 class StoreUnavailable(Unavailable):
     """The session store (Postgres) failed or could not be reached."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """A Postgres statement ran past its timeout (``PG_COMMAND_TIMEOUT_MS``).
+    The breaker judges it as a slow call (counted only if Postgres answered
+    nothing meanwhile): one statement stuck behind a lock, or whose timer
+    fired late after a machine stall, says little about the others."""
 
 
 class StoreBusy(StoreUnavailable):

@@ -17,6 +17,7 @@ from session_authority.core.errors import (
     RateLimited,
     SessionAuthorityError,
     StoreBusy,
+    StoreTimeout,
     StoreUnavailable,
     Unavailable,
 )
@@ -28,6 +29,7 @@ STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreBusy: grpc.StatusCode.UNAVAILABLE,
+    StoreTimeout: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     CircuitOpen: grpc.StatusCode.UNAVAILABLE,
