@@ -40,3 +40,6 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     # Read from /proc: how long the stores waited for a CPU during the throughput runs.
     assert report["redis_cpu_wait_seconds"] >= 0
     assert report["postgres_cpu_wait_seconds"] >= 0
+    # Read from /proc/stat: what the host took from our vCPUs during each paced latency run.
+    assert report["hit_latency_steal_seconds"] >= 0
+    assert report["ceiling_latency_steal_seconds"] >= 0
