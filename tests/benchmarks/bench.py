@@ -55,6 +55,7 @@ hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load -
 `connections`: it sends each connection's calls in 10 ms bursts, so this is how fast a
 burst drains, which is what earlier versions reported as hit_p99_ms),
 traced_spans_per_call, traced_1pct_spans_per_call, miss_load_generator, machine,
+revocation_subscribers (the worker processes that acknowledged each revocation),
 cpu_steal_seconds (CPU the host's hypervisor took while ours was runnable, during the
 bench: a noisy host shows here), hit_latency_steal_seconds and
 ceiling_latency_steal_seconds (the same during each paced latency run),
@@ -89,6 +90,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from session_authority.adapters.migrate import apply_migrations
+from session_authority.adapters.redis_bus import CHANNEL
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
@@ -679,6 +681,13 @@ class Bench:
                 if answer.reason != pb.REASON_REVOKED and answer.valid is False:
                     self.problems.append(f"propagation: revoked session answered {answer}")
         times.sort()
+        # Every one of these had to acknowledge each revocation before Invalidate returned.
+        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            (_, subscribers), *_ = await client.pubsub_numsub(CHANNEL)
+        finally:
+            await client.aclose()
+        self.report["revocation_subscribers"] = int(subscribers)
         self.report["revocation_propagation_p50_ms"] = round(_pct(times, 0.5), 3)
         self.report["revocation_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
         self.report["revocation_stale_answers"] = stale
