@@ -317,7 +317,9 @@ async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
         health = await cache.health()
         waited = time.monotonic() - started
         assert health.connected is False and health.error
-        assert waited < 0.3 * 2, waited  # one command's timeout, not the backstop's 0.9 s
+        # One command's timeout (0.3 s), not the backstop's 0.9 s; the rest is
+        # room for a stall of a noisy host (a hypervisor can take 0.3 s).
+        assert waited < 0.85, waited
     finally:
         own_redis.resume()
         await cache.aclose()
