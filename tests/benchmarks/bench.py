@@ -80,7 +80,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,15 @@ class Bench:
                 if not name.startswith("sink")
             )
         )
+
+    @contextlib.asynccontextmanager
+    async def _redis(self) -> AsyncIterator[aioredis.Redis]:
+        """A client of the bench's Redis, for reading it directly."""
+        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            yield client
+        finally:
+            await client.aclose()
 
     async def stop_servers(self) -> None:
         codes = await asyncio.gather(*(s.stop() for s in self.servers.values()))
@@ -456,12 +466,12 @@ class Bench:
             measured = {name: await self._paced_python(name, rate, tokens) for name in names}
         self._check_server("hit", before, await scrape(self.servers["hit"]))
         hit, ceiling = measured["hit"], measured["ceiling"]
-        self.report["hit_latency_rps"] = round(hit["rps"])
-        self.report["hit_p50_ms"], self.report["hit_p99_ms"] = hit["p50"], hit["p99"]
-        self.report["ceiling_p50_ms_same_rate"] = ceiling["p50"]
-        self.report["ceiling_p99_ms_same_rate"] = ceiling["p99"]
+        self.report["hit_latency_rps"] = round(hit.rps)
+        self.report["hit_p50_ms"], self.report["hit_p99_ms"] = hit.p50, hit.p99
+        self.report["ceiling_p50_ms_same_rate"] = ceiling.p50
+        self.report["ceiling_p99_ms_same_rate"] = ceiling.p99
         for name in names:
-            if (stolen := measured[name].get("stolen")) is not None:
+            if (stolen := measured[name].stolen) is not None:
                 # A vCPU the host takes away stalls every call on it: on a
                 # noisy host, this, not the server, is most of a p99.
                 self.report[f"{name}_latency_steal_seconds"] = round(stolen, 2)
@@ -472,62 +482,56 @@ class Bench:
 
     async def _paced_abba(
         self, names: tuple[str, str], rate: float, body: Path
-    ) -> dict[str, dict[str, float]]:
-        """Per server: calls/s, p50 and p99 ms of its two half runs pooled, and
-        the CPU seconds the host stole during them (where /proc/stat says)."""
+    ) -> dict[str, Paced]:
+        """Each server's two half runs, pooled."""
         half = self.seconds / 2
         samples: dict[str, list[float]] = {name: [] for name in names}
         calls = dict.fromkeys(names, 0.0)
-        stolen = dict.fromkeys(names, 0.0)
-        steal_known = True
+        stolen: dict[str, float | None] = dict.fromkeys(names, 0.0)
         for name in (*names, *reversed(names)):
-            was = _steal_seconds()
-            result = await run_h2load_paced(
-                self.servers[name].target,
-                body,
-                rate=rate,
-                seconds=half,
-                log_file=self.base / f"latency-{name}.log",
+            with _Steal() as steal:
+                result = await run_h2load_paced(
+                    self.servers[name].target,
+                    body,
+                    rate=rate,
+                    seconds=half,
+                    log_file=self.base / f"latency-{name}.log",
+                )
+            so_far = stolen[name]
+            stolen[name] = (
+                None if so_far is None or steal.seconds is None else so_far + steal.seconds
             )
-            now = _steal_seconds()
-            if was is None or now is None:
-                steal_known = False
-            else:
-                stolen[name] += now - was
             calls[name] += result.rps * half
             samples[name] += result.latencies_ms
-        measured: dict[str, dict[str, float]] = {}
+        measured = {}
         for name in names:
             ordered = sorted(samples[name])
-            measured[name] = {
-                "rps": calls[name] / self.seconds,
-                "p50": round(_pct(ordered, 0.5), 3),
-                "p99": round(_pct(ordered, 0.99), 3),
-            }
-            if steal_known:
-                measured[name]["stolen"] = stolen[name]
+            measured[name] = Paced(
+                rps=calls[name] / self.seconds,
+                p50=round(_pct(ordered, 0.5), 3),
+                p99=round(_pct(ordered, 0.99), 3),
+                stolen=stolen[name],
+            )
         return measured
 
-    async def _paced_python(self, name: str, rate: float, tokens: Path) -> dict[str, float]:
+    async def _paced_python(self, name: str, rate: float, tokens: Path) -> Paced:
         """The same from the Python generator (no h2load): one run per server,
         whose p50 and p99 it computes itself."""
-        was = _steal_seconds()
-        report = await run_loadgen(
-            self.servers[name].target,
-            tokens,
-            seconds=self.seconds,
-            connections=self.args.connections,
-            streams=self.args.streams,
-            rate=rate,
+        with _Steal() as steal:
+            report = await run_loadgen(
+                self.servers[name].target,
+                tokens,
+                seconds=self.seconds,
+                connections=self.args.connections,
+                streams=self.args.streams,
+                rate=rate,
+            )
+        return Paced(
+            rps=float(report["rps"]),  # type: ignore[arg-type]
+            p50=float(report["p50_ms"]),  # type: ignore[arg-type]
+            p99=float(report["p99_ms"]),  # type: ignore[arg-type]
+            stolen=steal.seconds,
         )
-        measured = {
-            "rps": float(report["rps"]),  # type: ignore[arg-type]
-            "p50": float(report["p50_ms"]),  # type: ignore[arg-type]
-            "p99": float(report["p99_ms"]),  # type: ignore[arg-type]
-        }
-        if was is not None and (now := _steal_seconds()) is not None:
-            measured["stolen"] = now - was
-        return measured
 
     async def _bursts(self, server: Server, rate: float, body: Path) -> float:
         """p99 ms of ``rate`` calls/s sent as h2load's ``--rps`` sends them, for
@@ -635,8 +639,7 @@ class Bench:
                 if answer.source != pb.SOURCE_CACHE:
                     self.problems.append(f"bytes: a session was not cached: {answer}")
                 hashes.append(TokenHash.of(reply.token))
-        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
-        try:
+        async with self._redis() as client:
             keys = {key async for key in client.scan_iter(count=1000)}
             total, matched = 0, 0
             for h in hashes:
@@ -644,8 +647,6 @@ class Bench:
                 for key in keys & {cache_key(h), legacy_key(h)}:
                     total += int(await client.memory_usage(key, samples=0) or 0)
                     matched += 1
-        finally:
-            await client.aclose()
         if matched < count:
             self.problems.append(f"bytes: only {matched} keys name the {count} sessions")
         self.report["redis_bytes_per_session"] = round(total / count)
@@ -682,11 +683,8 @@ class Bench:
                     self.problems.append(f"propagation: revoked session answered {answer}")
         times.sort()
         # Every one of these had to acknowledge each revocation before Invalidate returned.
-        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
-        try:
+        async with self._redis() as client:
             (_, subscribers), *_ = await client.pubsub_numsub(CHANNEL)
-        finally:
-            await client.aclose()
         self.report["revocation_subscribers"] = int(subscribers)
         self.report["revocation_propagation_p50_ms"] = round(_pct(times, 0.5), 3)
         self.report["revocation_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
@@ -796,6 +794,32 @@ async def _timed(op: Callable[[], Awaitable[object]]) -> float:
     started = time.perf_counter()
     await op()
     return (time.perf_counter() - started) * 1000
+
+
+@dataclass(frozen=True)
+class Paced:
+    """One server's paced latency run: calls/s, p50 and p99 ms, and the CPU
+    seconds the host stole meanwhile (None where /proc/stat does not say)."""
+
+    rps: float
+    p50: float
+    p99: float
+    stolen: float | None
+
+
+class _Steal:
+    """``with _Steal() as s:``: ``s.seconds`` is the CPU the hypervisor took
+    from the machine inside the block, or None where /proc/stat does not say."""
+
+    def __enter__(self) -> _Steal:
+        self._was = _steal_seconds()
+        self.seconds: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        now = _steal_seconds()
+        if self._was is not None and now is not None:
+            self.seconds = now - self._was
 
 
 def _steal_seconds() -> float | None:
