@@ -9,18 +9,29 @@ PROMTOOL := $(BIN)/promtool
 PORT   ?= 50051
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
+LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Every install is the lock (uv.lock, every direct and transitive dependency with its hashes):
+# plain pip installs uv from .ci/uv-bootstrap.txt (its hashes, taken from the lock), then
+# `uv sync --locked` makes .venv exactly the lock, and fails if pyproject.toml and the lock
+# disagree (run `make lock`). No Python is downloaded: the venv's interpreter is the machine's.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+$(STAMP): pyproject.toml uv.lock .ci/uv-bootstrap.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r .ci/uv-bootstrap.txt
+	$(BIN)/uv sync --locked --extra dev --python $(BIN)/python --quiet
 	@touch $(STAMP)
+
+lock: $(STAMP)  ## update uv.lock after a pyproject.toml change (LOCK_ARGS=--upgrade: newest allowed releases), and the uv bootstrap pin
+	$(BIN)/uv lock $(LOCK_ARGS)
+	$(BIN)/python .ci/uv_bootstrap.py
 
 # promtool, for the alert-rule tests: the one binary, taken from Debian's `prometheus`
 # package and put in the venv (no Prometheus server installed, no service started). Uses

@@ -173,7 +173,7 @@ class RedisRevocationBus:
                         unanswered = now
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     def _lost(self) -> None:
         if self._subscribed:
