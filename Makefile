@@ -23,13 +23,18 @@ help:  ## list targets
 # disagree (run `make lock`). No Python is downloaded: the venv's interpreter is the machine's.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
-$(STAMP): pyproject.toml uv.lock .ci/uv-bootstrap.txt
+$(BIN)/uv: .ci/uv-bootstrap.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r .ci/uv-bootstrap.txt
+	@touch $@
+
+$(STAMP): pyproject.toml uv.lock $(BIN)/uv
 	$(BIN)/uv sync --locked --extra dev --python $(BIN)/python --quiet
 	@touch $(STAMP)
 
-lock: $(STAMP)  ## update uv.lock after a pyproject.toml change (LOCK_ARGS=--upgrade: newest allowed releases), and the uv bootstrap pin
+# Needs uv only, not an installed venv: after a pyproject.toml change the lock is stale, and
+# `uv sync --locked` (the venv's install) rightly refuses to run until this has.
+lock: $(BIN)/uv  ## update uv.lock after a pyproject.toml change (LOCK_ARGS=--upgrade: newest allowed releases), and the uv bootstrap pin
 	$(BIN)/uv lock $(LOCK_ARGS)
 	$(BIN)/python .ci/uv_bootstrap.py
 

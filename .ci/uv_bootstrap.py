@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
             )
             return 1
         return 0
-    OUT.write_text(text)
+    if not OUT.exists() or OUT.read_text() != text:  # unchanged: keep its mtime (make's uv stamp)
+        OUT.write_text(text)
     return 0
 
 
