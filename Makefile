@@ -12,7 +12,7 @@ BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -73,10 +73,21 @@ tls-servers: $(STAMP)  ## find or install (apt, as root) a redis-server and a Po
 	  || echo "apt-get install redis-server postgresql failed; the backend TLS tests fail without them" >&2; \
 	$(BIN)/python -c 'from session_authority.embedded.tls import report; raise SystemExit(report())' || true
 
+# jq, which the docs' commands use (tests/e2e/test_docs_commands.py runs them as written; curl
+# and openssl come with the base system): found on PATH, else installed from Debian as root.
+# Without apt (or not root) it only says so: that test then fails, it never skips.
+doc-tools:  ## find or install (apt, as root) jq, for the docs' commands
+	@command -v jq >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "jq missing: install Debian's jq (as root); tests/e2e/test_docs_commands.py fails without it" >&2; \
+	  exit 0; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends jq >/dev/null \
+	  || echo "apt-get install jq failed; tests/e2e/test_docs_commands.py fails without it" >&2
+
 run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(PROMTOOL) tls-servers check  ## install, run every check and every test
+test: $(STAMP) $(PROMTOOL) tls-servers doc-tools check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -116,7 +127,7 @@ contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis a
 integration: $(STAMP) $(PROMTOOL) tls-servers  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-e2e: $(STAMP)  ## end-to-end tests (real server process, grpcurl)
+e2e: $(STAMP) doc-tools  ## end-to-end tests (real server process, grpcurl)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 rules: $(STAMP) $(PROMTOOL)  ## promtool check + test of deploy/observability/prometheus-rules.yml (outage, recovery, keys)

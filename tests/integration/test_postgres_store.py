@@ -132,8 +132,9 @@ async def test_a_pool_queue_does_not_open_the_postgres_breaker(pg_dsn: str) -> N
     # A wait of 500 ms, and 3,000 callers at once: most wait it out, while
     # finds (well under 1 ms each here) keep being answered for the others
     # meanwhile. The wait must outlast the machine's stalls: with 100 ms, a
-    # host whose hypervisor took the CPU away (session 7: 15 to 70 s of steal
-    # in 150 s) let a whole wait pass with no answer, and that rightly counts.
+    # host whose hypervisor took the CPU away (a noisy AMD host, 2026-12-03:
+    # 15 to 70 s of steal in 150 s) let a whole wait pass with no answer, and
+    # that rightly counts.
     store = PostgresSessionStore(
         pg_dsn,
         min_size=1,
