@@ -7,6 +7,7 @@ stopped (no answer), and bad usage. The exit code is the contract:
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
 
 from session_authority.embedded import EmbeddedPostgres, find_free_port
 from session_authority.transport.auth import hash_api_key
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.e2e
 SERVER_NAME = "session-authority.internal"  # not the target's host: --server-name is needed
 API_KEY = "health-cli-key-0123456789abcdef0123456789"
 CALLER = "spiffe://example.org/ns/prod/sa/probe"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _argv() -> list[str]:
@@ -250,3 +253,65 @@ def test_usage_error_through_the_cli_exits_2() -> None:
     probe = health("--target", "no-port", via=[*_argv(), "health"])
     assert probe.code == 2, probe
     assert "--target must be host:port" in probe.err, probe
+
+
+def _healthcheck_argv() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command, with this checkout's interpreter."""
+    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("HEALTHCHECK")]
+    argv: list[str] = json.loads(line.partition(" CMD ")[2])
+    assert argv[0] == "python", argv
+    return [sys.executable, *argv[1:]]
+
+
+def test_compose_tls_and_api_key_wiring_on_a_real_serve(tmp_path: Path) -> None:
+    """deploy/compose.yaml's TLS and API key, as compose/make-secrets.sh makes them, on a real
+    ``serve``; the image's HEALTHCHECK command with the service's environment gets through
+    the handshake (an answer: NOT_SERVING, the database here is dead), and the API key the
+    script made is one AUTH_API_KEYS accepts (--json carries the document)."""
+    deploy = tmp_path / "deploy"
+    (deploy / "compose").mkdir(parents=True)
+    shutil.copy(ROOT / "deploy" / "compose" / "make-secrets.sh", deploy / "compose")
+    made = subprocess.run(
+        ["sh", str(deploy / "compose" / "make-secrets.sh")],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    (auth_line,) = made.stdout.decode().splitlines()
+    secrets = deploy / "secrets"
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    service = compose["services"]["session-authority"]
+    files = {name: secrets / Path(s["file"]).name for name, s in compose["secrets"].items()}
+    mounted = {f"/run/secrets/{s['target']}": str(files[s["source"]]) for s in service["secrets"]}
+    env = {k: mounted.get(str(v), str(v)) for k, v in service["environment"].items()}
+    port = find_free_port()
+    serve_env = {
+        "TLS_CERT_FILE": env["TLS_CERT_FILE"],
+        "TLS_KEY_FILE": env["TLS_KEY_FILE"],
+        "AUTH_API_KEYS": auth_line.partition("=")[2],
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{find_free_port()}/none",
+    }
+    log = tmp_path / "server.log"
+    process = _serve(["--host", "127.0.0.1", "--port", str(port)], serve_env, log)
+    probe_env = {
+        name: value for name, value in env.items() if name.startswith("SESSION_AUTHORITY_")
+    }
+    probe_env |= {"PORT": str(port)}  # the HEALTHCHECK's default target: 127.0.0.1:$PORT
+    try:
+        flags = ["--ca-file", probe_env["SESSION_AUTHORITY_CA_FILE"]]
+        flags += ["--server-name", probe_env["SESSION_AUTHORITY_SERVER_NAME"]]
+        _wait_for(1, ["--target", f"127.0.0.1:{port}", *flags], process, log)
+        probe = health(via=_healthcheck_argv(), **probe_env)
+        assert probe.code == 1, probe
+        assert "NOT_SERVING" in probe.out
+        key = (secrets / "api-key").read_text()
+        probe_env["SESSION_AUTHORITY_API_KEY"] = key
+        probe = health("--json", via=_healthcheck_argv(), **probe_env)
+        assert probe.code == 1, probe
+        assert probe.json()["document"]["status"] == "unhealthy"
+        # Without the TLS settings compose gives the probe: no handshake.
+        plain = {"PORT": str(port)}
+        assert health(via=_healthcheck_argv(), **plain).code == 3
+    finally:
+        assert stop_process(process) == 0, log.read_text()
