@@ -139,6 +139,10 @@ def check_k8s(resources: list[Resource], *, complete: bool) -> None:
         probe = container.get(kind)
         assert probe, f"{kind} missing"
         if "grpc" in probe:
+            assert kind != "livenessProbe", (
+                "livenessProbe on grpc.health.v1, which says NOT_SERVING while Postgres is down: "
+                "a database outage would restart every replica"
+            )
             assert not tls, f"{kind}: native grpc probe on a TLS port cannot handshake"
             assert probe["grpc"]["port"] == PORT, f"{kind}: grpc probe port"
         else:
@@ -246,6 +250,18 @@ def test_rendered_overlay_is_valid_and_keeps_the_promises(overlay: list[Resource
     }
 
 
+def test_rendered_mesh_overlay_uses_the_native_grpc_probe() -> None:
+    """Plaintext gRPC behind a mesh's mTLS: readiness on grpc.health.v1 through the kubelet."""
+    mesh = render(K8S / "overlays" / "mesh")
+    assert not schema_errors(mesh)
+    check_k8s(mesh, complete=True)
+    container = _container(mesh)
+    assert container["readinessProbe"]["grpc"]["port"] == PORT
+    assert "TLS_CERT_FILE" not in _config(mesh)
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"/tmp"}, mounts
+
+
 def test_rendered_base_keeps_the_promises() -> None:
     base = render(K8S / "base")
     assert not schema_errors(base)
@@ -280,6 +296,11 @@ def _set(path: str, value: object) -> Callable[[list[Resource]], None]:
 
 def _grpc_probe(resources: list[Resource]) -> None:
     _container(resources)["readinessProbe"] = {"grpc": {"port": PORT}}
+
+
+def _grpc_liveness(resources: list[Resource]) -> None:
+    _config(resources).pop("TLS_CERT_FILE")
+    _container(resources)["livenessProbe"] = {"grpc": {"port": PORT}}
 
 
 def _not_headless(resources: list[Resource]) -> None:
@@ -324,6 +345,7 @@ def _missing_secret(resources: list[Resource]) -> None:
         (_set("container.resources.limits.cpu", "1500m"), "whole CPUs"),
         (_set("container.livenessProbe.httpGet.path", "/healthz"), "livenessProbe: path"),
         (_grpc_probe, "native grpc probe on a TLS port"),
+        (_grpc_liveness, "a database outage would restart every replica"),
         (_workers_fixed, "WORKERS=3"),
         (_admin_loopback, "ADMIN_HOST is loopback"),
         (_not_headless, "headless Service"),
