@@ -22,7 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,15 @@ GRACE = Settings.model_fields["shutdown_grace_seconds"].default
 ADMIN_PATHS = {"/livez", "/readyz", "/health", "/metrics"}
 
 Resource = dict[str, Any]
+
+#: The environment names ``serve`` reads (Settings ignores any other: a misspelt name would be
+#: silently lost), and the probe's own.
+KNOWN_ENV = {name.upper() for name in Settings.model_fields}
+PROBE_ENV = {f"SESSION_AUTHORITY_{n}" for n in ("CA_FILE", "SERVER_NAME", "API_KEY")}
+
+
+def unknown_env(names: Iterable[object]) -> set[str]:
+    return {str(n) for n in names} - KNOWN_ENV - PROBE_ENV
 
 
 def _tool(name: str) -> str:
@@ -124,6 +133,12 @@ def check_k8s(resources: list[Resource], *, complete: bool) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
     assert tmp and "emptyDir" in volumes[tmp[0]["name"]], "/tmp is a writable emptyDir"
+
+    settings = [r for r in resources if r["kind"] in ("ConfigMap", "Secret")]
+    for item in settings:
+        names = {**item.get("data", {}), **item.get("stringData", {})}
+        if item["metadata"]["name"] == "session-authority":
+            assert not unknown_env(names), f"{item['kind']}: unknown settings {unknown_env(names)}"
 
     # Ports: Settings' defaults, in the container and in the ConfigMap.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -207,12 +222,12 @@ def check_k8s(resources: list[Resource], *, complete: bool) -> None:
     assert migrate["securityContext"]["readOnlyRootFilesystem"] is True
 
     if complete:
-        names = {(r["kind"], r["metadata"]["name"]) for r in resources}
+        rendered = {(r["kind"], r["metadata"]["name"]) for r in resources}
         sources = container["envFrom"]
         refs = [("ConfigMap", e["configMapRef"]["name"]) for e in sources if "configMapRef" in e]
         refs += [("Secret", e["secretRef"]["name"]) for e in sources if "secretRef" in e]
         refs += [("Secret", v["secret"]["secretName"]) for v in pod["volumes"] if "secret" in v]
-        missing = [ref for ref in refs if ref not in names]
+        missing = [ref for ref in refs if ref not in rendered]
         assert not missing, f"referenced but not rendered: {missing}"
     for secret in (r for r in resources if r["kind"] == "Secret"):
         for key, value in {**secret.get("stringData", {}), **secret.get("data", {})}.items():
@@ -328,6 +343,10 @@ def _admin_loopback(resources: list[Resource]) -> None:
     _config(resources)["ADMIN_HOST"] = "127.0.0.1"
 
 
+def _misspelt_setting(resources: list[Resource]) -> None:
+    _config(resources)["ADMIN_HOTS"] = "0.0.0.0"
+
+
 def _missing_secret(resources: list[Resource]) -> None:
     resources.remove(next(r for r in resources if r["kind"] == "Secret"))
 
@@ -353,6 +372,7 @@ def _missing_secret(resources: list[Resource]) -> None:
         (_pdb_elsewhere, "the PDB selects the pods"),
         (_real_secret, "not a placeholder"),
         (_missing_secret, "referenced but not rendered"),
+        (_misspelt_setting, "unknown settings {'ADMIN_HOTS'}"),
     ],
 )
 def test_k8s_breach(
@@ -510,6 +530,9 @@ def check_compose(doc: Resource, base: Path) -> None:
     assert "healthcheck" not in app, "the image's HEALTHCHECK (our probe) is used"
 
     env = _env(app)
+    for name, service in (("session-authority", app), ("migrate", migrate)):
+        unknown = unknown_env(_env(service))
+        assert not unknown, f"{name}: unknown settings {unknown}"
     assert int(env.get("PORT", PORT)) == PORT, "PORT"
     assert int(env.get("ADMIN_PORT", ADMIN_PORT)) == ADMIN_PORT, "ADMIN_PORT"
     assert any(str(p).endswith(f":{PORT}") for p in app["ports"]), f"ports {app['ports']}"
@@ -598,7 +621,8 @@ def _put(path: str, value: object) -> Callable[[Resource], None]:
         (_put("services.prometheus.volumes", [SCRAPE_ONLY]), "alert rules"),
         (_put("services.grafana.volumes", []), "dashboard"),
         (_put("services.session-authority.healthcheck", {"test": ["CMD", "true"]}), "HEALTHCHECK"),
-        (_put("services.session-authority.environment.PORT", "8080"), "assert"),
+        (_put("services.session-authority.environment.PORT", "8080"), "PORT"),
+        (_put("services.session-authority.environment.TLS_CERT", "x"), "unknown settings"),
     ],
 )  # fmt: skip
 def test_compose_breach(plant: Callable[[Resource], None], says: str) -> None:
@@ -669,6 +693,10 @@ def check_unit(text: str, directory: Path) -> None:
 def test_systemd_unit_keeps_the_promises(tmp_path: Path) -> None:
     assert UNIT.name == "session-authority.service"  # journalctl -u session-authority
     check_unit(UNIT.read_text(), tmp_path)
+    env_file = UNIT.with_suffix(".env").read_text()
+    lines = [line for line in env_file.splitlines() if "=" in line and line[0] != "#"]
+    names = {line.split("=", 1)[0] for line in lines}
+    assert names and not unknown_env(names), unknown_env(names)
 
 
 @pytest.mark.parametrize(
