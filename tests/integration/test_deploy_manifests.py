@@ -120,6 +120,7 @@ def check_k8s(resources: list[Resource], *, complete: bool) -> None:
     labels = _pod_labels(deployment)
     assert _selects(spec["selector"]["matchLabels"], labels), "Deployment selects its pods"
     assert spec["replicas"] >= 2, "at least 2 replicas"
+    assert labels.get("app") == "session-authority", "the runbook's -l app=session-authority"
     (container,) = pod["containers"]
     config: dict[str, str] = next((r["data"] for r in resources if r["kind"] == "ConfigMap"), {})
 
@@ -373,6 +374,7 @@ def _missing_secret(resources: list[Resource]) -> None:
         (_real_secret, "not a placeholder"),
         (_missing_secret, "referenced but not rendered"),
         (_misspelt_setting, "unknown settings {'ADMIN_HOTS'}"),
+        (_set("spec.template.metadata.labels.app", "sa"), "-l app=session-authority"),
     ],
 )
 def test_k8s_breach(
