@@ -1,4 +1,4 @@
-"""``session-authority``: serve, migrate, dev."""
+"""``session-authority``: serve, migrate, dev, health."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from session_authority.bootstrap import App
 from session_authority.cli_args import parser, refuse_open, security_overrides
 from session_authority.config import Settings, redact_url
 from session_authority.logs import configure_logging
+from session_authority.probe import run_health
 from session_authority.workers import WorkerSlot, default_workers, run_workers
 
 __all__ = ["main"]
@@ -56,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("session-authority migrate: DATABASE_URL is required", file=sys.stderr)
                 return 2
             return asyncio.run(_migrate(settings.database_url))
+        if args.command == "health":
+            return run_health(args)
         return _dev(args.port, args.data_dir, use_redis=not args.no_redis)
     except ValidationError as exc:
         print(f"session-authority: invalid configuration:\n{exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The command line's arguments: ``session-authority serve | migrate | dev``, and the
+"""The command line's arguments: ``session-authority serve | migrate | dev | health``, and the
 security flags mapped onto Settings."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from session_authority.config import Settings
+from session_authority.probe import add_health_parser
 
 __all__ = ["ENV_HELP", "add_security_arguments", "parser", "refuse_open", "security_overrides"]
 
@@ -81,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
         help="keep Postgres data here across runs (default: a temporary directory)",
     )
     dev.add_argument("--no-redis", action="store_true", help="run without the Redis cache")
+    add_health_parser(sub)
     return parser
 
 
