@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose marked blocks run, in the order they run (after the set-up blocks).
 DOCS = ("deploy/runbook.md", "README.md", "deploy/observability/README.md")
 #: Documents only scanned for unmarked service commands.
-SCANNED = (*DOCS, "deploy/SECURITY.md")
+SCANNED = (*DOCS, "deploy/SECURITY.md", "deploy/README.md")
 RUN_TIMEOUT = 150.0  # seconds for the whole script: a backstop, it takes ~15 s
 _FENCE = re.compile(r"^```(\S*)(.*)$")
 _SERVICE_CALL = re.compile(r"^\s*(sa|sab|grpcurl|buf curl|curl|redis-cli|psql)\s")
