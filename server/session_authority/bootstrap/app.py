@@ -13,8 +13,6 @@ from typing import cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
@@ -35,7 +33,8 @@ from session_authority.logs import quiet_grpc_client_gone
 from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.auth import ApiKeys, AuthInterceptor
 from session_authority.transport.drain import DrainInterceptor
-from session_authority.transport.handler import add_to_server
+from session_authority.transport.handler import SERVICE_DESCRIPTOR, add_to_server
+from session_authority.transport.reflection import add_reflection
 from session_authority.transport.servicer import SessionAuthorityServicer
 
 __all__ = ["App"]
@@ -114,15 +113,9 @@ class App:
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, services)
         if settings.grpc_reflection:
-            names = [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ]
-            # What reflection.enable_server_reflection does for an aio server,
-            # through ``services`` so that its handlers are decorated too.
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-                ReflectionServicer(names), services
+            # Through ``services``, so that its handlers are decorated too.
+            add_reflection(
+                services, [SERVICE_DESCRIPTOR, health_pb2.DESCRIPTOR.services_by_name["Health"]]
             )
         address = f"{settings.host}:{settings.port}"
         if credentials is None:
