@@ -110,7 +110,15 @@ def _serve_command(settings: Settings, *, migrate: bool, workers: int | None) ->
 
 
 def _serve_worker(settings: Settings, slot: WorkerSlot) -> int:
-    _log.info("worker %d of %d starting (pid %d)", slot.index, slot.count, os.getpid())
+    from session_authority.workers import scope_note
+
+    _log.info(
+        "worker %d of %d starting (pid %d); %s",
+        slot.index,
+        slot.count,
+        os.getpid(),
+        scope_note(settings, slot.count),
+    )
     return _run(settings, _serve(settings, worker=slot))
 
 
@@ -151,6 +159,7 @@ async def _serve(
             settings,
             reuse_port=worker is not None,
             admin_socket=None if worker is None else worker.admin_socket,
+            worker=(0, 1) if worker is None else (worker.index, worker.count),
         )
     except OSError as exc:  # a port that cannot be bound
         _log.error("cannot start: %s", exc)

@@ -191,6 +191,13 @@ def test_health_without_emit_defaults_keeps_scalars(grpcurl: Grpcurl) -> None:
     assert doc["breaker"]["state"] == "closed"
 
 
+def test_health_names_the_process_that_answered(
+    grpcurl: Grpcurl, e2e_server: ServerProcess
+) -> None:
+    doc = grpcurl.call("Health")
+    assert doc["worker"] == {"index": 0, "count": 1, "pid": e2e_server.process.pid}
+
+
 def test_standard_health_check(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
     result = grpcurl.run(e2e_server.target, f"{HEALTH_SERVICE}/Check")
     assert result.json() == {"status": "SERVING"}

@@ -67,13 +67,19 @@ class App:
 
     @classmethod
     async def start(
-        cls, settings: Settings, *, reuse_port: bool = False, admin_socket: str | None = None
+        cls,
+        settings: Settings,
+        *,
+        reuse_port: bool = False,
+        admin_socket: str | None = None,
+        worker: tuple[int, int] = (0, 1),
     ) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers.
 
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
-        the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
+        the same port), ``admin_socket`` (its admin app, for the supervisor) and
+        ``worker``: its index and the count (named in the Health document)."""
         quiet_grpc_client_gone()
         credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
         tracer_provider = install_tracing(settings)
@@ -109,7 +115,8 @@ class App:
         # It implements the two registration methods the generated code calls.
         services = cast(grpc.aio.Server, decorating)
         # Requests are decoded inside the call: garbage is INVALID_ARGUMENT, not UNKNOWN.
-        add_to_server(SessionAuthorityServicer(core), services)
+        servicer = SessionAuthorityServicer(core, worker=worker[0], workers=worker[1])
+        add_to_server(servicer, services)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, services)
         if settings.grpc_reflection:
