@@ -274,6 +274,7 @@ def _next_steps(app: App, env: dict[str, str]) -> str:
         "",
         "Try it (grpcurl uses server reflection; no proto file needed):",
         f"  grpcurl -plaintext {target} list",
+        f"  grpcurl -plaintext {target} describe {svc}.ValidateSession",
         f'  grpcurl -plaintext -d \'{{"user_id": "alice"}}\' {target} {svc}/CreateSession',
         f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/ValidateSession',
         f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/Invalidate',
