@@ -11,7 +11,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
 from session_authority.transport.handler import SERVICE_DESCRIPTOR
-from session_authority.transport.reflection import ReflectionIndex
+from session_authority.transport.reflection import ReflectionIndex, _source_info, _with_comments
+from session_authority.v1 import session_authority_pb2 as pb
 
 _OURS = "session_authority/v1/session_authority.proto"
 
@@ -91,3 +92,23 @@ def test_lists_both_reflection_versions(index: ReflectionIndex) -> None:
         "grpc.reflection.v1alpha.ServerReflection",
         "session_authority.v1.SessionAuthority",
     ]
+
+
+def test_comments_only_on_the_schema_they_were_written_for() -> None:
+    """descriptors.binpb's comments are grafted onto the stubs' descriptor;
+    one written for another schema (a stale file) is not."""
+    stub = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(stub)
+    (commented,) = (f for f in _source_info() if f.name == _OURS)
+    assert commented.source_code_info.location, "descriptors.binpb carries no comments"
+    assert _with_comments(stub, commented)
+    assert stub.source_code_info == commented.source_code_info
+    assert not any(f.json_name for m in stub.message_type for f in m.field)
+
+    stale = descriptor_pb2.FileDescriptorProto()
+    stale.CopyFrom(commented)
+    stale.message_type[0].field[0].number += 100
+    other = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(other)
+    assert not _with_comments(other, stale)
+    assert not other.HasField("source_code_info")

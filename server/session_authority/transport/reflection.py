@@ -72,9 +72,9 @@ class ReflectionIndex:
         _collect(rpb.DESCRIPTOR, files)
         v1 = _renamed_v1(files[rpb.DESCRIPTOR.name])
         files[v1.name] = v1
-        for name, info in _source_info().items():
-            if name in files:
-                _with_comments(files[name], info)
+        for commented in _source_info():
+            if commented.name in files:
+                _with_comments(files[commented.name], commented)
         self.services = tuple(sorted({s.full_name for s in services} | set(REFLECTION_SERVICES)))
         self._files = {name: proto.SerializeToString() for name, proto in files.items()}
         self._imports = {name: tuple(proto.dependency) for name, proto in files.items()}
@@ -173,23 +173,34 @@ def _collect(file: FileDescriptor, into: dict[str, descriptor_pb2.FileDescriptor
         _collect(dependency, into)
 
 
-def _source_info() -> dict[str, descriptor_pb2.SourceCodeInfo]:
-    """Our protos' comments, by file, as protoc wrote them; none when the file
-    is not installed (reflection then serves the same schema, uncommented)."""
+def _source_info() -> list[descriptor_pb2.FileDescriptorProto]:
+    """Our protos with their comments, as protoc wrote them; none when the
+    file is not installed (reflection then serves the same schema, uncommented)."""
     path = Path(session_authority_pb2.__file__).with_name(_SOURCE_INFO)
     if not path.is_file():
-        return {}
-    files = descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes()).file
-    return {f.name: f.source_code_info for f in files}
+        return []
+    return list(descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes()).file)
 
 
 def _with_comments(
-    proto: descriptor_pb2.FileDescriptorProto, info: descriptor_pb2.SourceCodeInfo
-) -> None:
-    """Graft ``info`` onto ``proto``. The schema stays the stubs' own: protoc's
-    descriptor set also sets every field's ``json_name``, and grpcurl then
-    prints camelCase names instead of the proto names the runbook's paths use."""
-    proto.source_code_info.CopyFrom(info)
+    proto: descriptor_pb2.FileDescriptorProto, commented: descriptor_pb2.FileDescriptorProto
+) -> bool:
+    """Graft ``commented``'s source info onto ``proto`` when both describe the
+    same schema (its locations are paths into the schema: a stale file would
+    put comments on the wrong elements; then none). The schema stays the
+    stubs' own: protoc's descriptor set also sets every field's ``json_name``,
+    and grpcurl then prints camelCase names instead of the proto names the
+    runbook's paths use."""
+    bare = descriptor_pb2.FileDescriptorProto()
+    bare.CopyFrom(commented)
+    bare.ClearField("source_code_info")
+    for message in _all_messages(bare.message_type):
+        for field in message.field:
+            field.ClearField("json_name")
+    if bare != proto:
+        return False
+    proto.source_code_info.CopyFrom(commented.source_code_info)
+    return True
 
 
 def _renamed_v1(v1alpha: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
