@@ -68,7 +68,7 @@ tls-servers: $(STAMP)  ## find or install (apt, as root) a redis-server and a Po
 	  || echo "apt-get install redis-server postgresql failed; the backend TLS tests fail without them" >&2; \
 	$(BIN)/python -c 'from session_authority.embedded.tls import report; raise SystemExit(report())' || true
 
-run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgres and Redis
+run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
 test: $(STAMP) $(PROMTOOL) tls-servers check  ## install, run every check and every test
