@@ -15,7 +15,7 @@ LOCK_ARGS   ?=
 .PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 # Every install is the lock (uv.lock, every direct and transitive dependency with its hashes):
 # plain pip installs uv from .ci/uv-bootstrap.txt (its hashes, taken from the lock), then
@@ -84,7 +84,7 @@ doc-tools:  ## find or install (apt, as root) jq, for the docs' commands
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends jq >/dev/null \
 	  || echo "apt-get install jq failed; tests/e2e/test_docs_commands.py fails without it" >&2
 
-run: $(STAMP)  ## install, then serve on 127.0.0.1:$(PORT) with a private Postgres and Redis
+run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
 test: $(STAMP) $(PROMTOOL) tls-servers doc-tools check  ## install, run every check and every test
@@ -106,7 +106,7 @@ fmt: $(STAMP)  ## apply ruff fixes and formatting
 typecheck: $(STAMP)  ## mypy --strict on server, client and test code
 	$(BIN)/mypy server/session_authority clients/python tests
 
-proto: $(STAMP)  ## regenerate the Python stubs from proto/
+proto: $(STAMP)  ## regenerate the Python stubs (and descriptors.binpb, for reflection) from proto/
 	PYTHON=$(abspath $(BIN)/python) proto/generate.sh
 
 check-generated: $(STAMP)  ## fail if regenerating the stubs would change them

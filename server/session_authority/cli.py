@@ -1,4 +1,10 @@
-"""``session-authority``: serve, migrate, dev, health."""
+"""``session-authority``: serve, migrate, dev, health.
+
+The server, its drivers and the workers' supervisor are imported when a
+command needs them, not at import: ``--help``, ``--version`` and a refused
+configuration answer without loading gRPC, asyncpg, aiohttp or OpenTelemetry
+(seconds of CPU on a busy machine).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +14,28 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from pydantic import ValidationError
 
-from session_authority.adapters.migrate import apply_migrations
-from session_authority.bootstrap import App
-from session_authority.cli_args import parser, refuse_open, security_overrides
+from session_authority.cli_args import (
+    DEV_FIXED,
+    parser,
+    refuse_open,
+    security_overrides,
+    settings_error,
+)
 from session_authority.config import Settings, redact_url
 from session_authority.logs import configure_logging
-from session_authority.probe import run_health
-from session_authority.workers import WorkerSlot, default_workers, run_workers
+
+if TYPE_CHECKING:
+    from session_authority.bootstrap import App
+    from session_authority.workers import WorkerSlot
 
 __all__ = ["main"]
 
@@ -58,14 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             return asyncio.run(_migrate(settings.database_url))
         if args.command == "health":
+            from session_authority.probe import run_health
+
             return run_health(args)
-        return _dev(args.port, args.data_dir, use_redis=not args.no_redis)
+        return _dev(args.port, args.admin_port, args.data_dir, use_redis=not args.no_redis)
     except ValidationError as exc:
-        print(f"session-authority: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"session-authority: invalid configuration:\n{settings_error(exc)}", file=sys.stderr)
         return 2
 
 
 async def _migrate(dsn: str) -> int:
+    import asyncpg
+
+    from session_authority.adapters.migrate import apply_migrations
+
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -81,6 +99,8 @@ async def _migrate(dsn: str) -> int:
 
 def _serve_command(settings: Settings, *, migrate: bool, workers: int | None) -> int:
     """``serve``: one process (``--workers 1``) or a supervisor and its workers."""
+    from session_authority.workers import default_workers, run_workers
+
     count = default_workers(settings) if workers is None else workers
     if count < 1:
         print("session-authority serve: --workers must be at least 1", file=sys.stderr)
@@ -94,7 +114,15 @@ def _serve_command(settings: Settings, *, migrate: bool, workers: int | None) ->
 
 
 def _serve_worker(settings: Settings, slot: WorkerSlot) -> int:
-    _log.info("worker %d of %d starting (pid %d)", slot.index, slot.count, os.getpid())
+    from session_authority.workers import scope_note
+
+    _log.info(
+        "worker %d of %d starting (pid %d); %s",
+        slot.index,
+        slot.count,
+        os.getpid(),
+        scope_note(settings, slot.count),
+    )
     return _run(settings, _serve(settings, worker=slot))
 
 
@@ -126,6 +154,8 @@ async def _serve(
     on_started: Callable[[App], None] | None = None,
     worker: WorkerSlot | None = None,
 ) -> int:
+    from session_authority.bootstrap import App
+
     if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
         return 1
     try:
@@ -133,6 +163,7 @@ async def _serve(
             settings,
             reuse_port=worker is not None,
             admin_socket=None if worker is None else worker.admin_socket,
+            worker=(0, 1) if worker is None else (worker.index, worker.count),
         )
     except OSError as exc:  # a port that cannot be bound
         _log.error("cannot start: %s", exc)
@@ -158,15 +189,20 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
+def _dev(port: int, admin_port: int | None, data_dir: Path | None, *, use_redis: bool) -> int:
     from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, embedded_available
 
     # Validate the environment before starting anything (raises ValidationError).
     # Open on loopback: `dev` is for trying the service out on one machine.
-    base_settings = Settings(
-        host="127.0.0.1", port=port, log_format="text", allow_unauthenticated=True
-    )
+    chosen: dict[str, object] = {"port": port}
+    if admin_port is not None:
+        chosen["admin_port"] = admin_port
+    base_settings = Settings(**DEV_FIXED, **chosen)  # type: ignore[arg-type]
     configure_logging(base_settings.log_level, "text")
+    taken = _taken_port(base_settings)
+    if taken is not None:
+        print(f"session-authority dev: {taken}", file=sys.stderr)
+        return 2
     if not embedded_available():
         print(
             "session-authority dev needs the embedded servers: "
@@ -197,6 +233,32 @@ def _dev(port: int, data_dir: Path | None, *, use_redis: bool) -> int:
         )
 
 
+def _taken_port(settings: Settings) -> str | None:
+    """Why ``dev`` cannot have its ports, said before Postgres and Redis start
+    (the real bind comes later and would fail too, after seconds of start-up).
+    The admin port is checked too: ``dev`` is for a person at a terminal, who
+    should hear that /metrics is not where they expect, not find out later."""
+    ports = (
+        ("gRPC", settings.host, settings.port, "--port"),
+        ("admin", settings.admin_host, settings.admin_port, "--admin-port"),
+    )
+    for what, host, port, flag in ports:
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As gRPC and aiohttp bind: a port left in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                free = "0 for none" if what == "admin" else "0 for any free one"
+                return (
+                    f"the {what} port {host}:{port} is taken ({exc.strerror or exc}); "
+                    f"choose another with {flag} PORT ({free})"
+                )
+    return None
+
+
 def _next_steps(app: App, env: dict[str, str]) -> str:
     port = app.port
     target = f"127.0.0.1:{port}"
@@ -216,6 +278,7 @@ def _next_steps(app: App, env: dict[str, str]) -> str:
         "",
         "Try it (grpcurl uses server reflection; no proto file needed):",
         f"  grpcurl -plaintext {target} list",
+        f"  grpcurl -plaintext {target} describe {svc}.ValidateSession",
         f'  grpcurl -plaintext -d \'{{"user_id": "alice"}}\' {target} {svc}/CreateSession',
         f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/ValidateSession',
         f'  grpcurl -plaintext -d \'{{"token": "<token>"}}\' {target} {svc}/Invalidate',
@@ -224,7 +287,7 @@ def _next_steps(app: App, env: dict[str, str]) -> str:
         *(
             [f"  curl -s 127.0.0.1:{app.admin_port}/api/health/redis   # also /metrics"]
             if app.admin_port
-            else ["  (admin HTTP port off or unavailable: set ADMIN_PORT for /metrics, /health)"]
+            else ["  (no admin HTTP port: pass --admin-port PORT for /metrics and /health)"]
         ),
         "",
         "Ctrl-C stops the server, Postgres and Redis.",

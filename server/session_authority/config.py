@@ -31,17 +31,28 @@ class Settings(BaseSettings):
 
     # hide_input_in_errors: a rejected value may be a secret (a raw API key
     # pasted where its hash belongs, a URL with its password).
+    # use_attribute_docstrings: each field's docstring is its description,
+    # which every verb's --help prints beside the variable (cli_args.env_help).
     model_config = SettingsConfigDict(
-        frozen=True, extra="ignore", case_sensitive=False, hide_input_in_errors=True
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
+        use_attribute_docstrings=True,
     )
 
     database_url: str | None = Field(default=None, repr=False)
+    """Postgres DSN, the source of truth (required by serve and migrate)."""
     redis_url: str | None = Field(default=None, repr=False)
+    """Redis URL for the cache (unset: no cache, every validation reads Postgres)."""
 
     host: str = "0.0.0.0"  # noqa: S104  (a service listens on every interface; `dev` binds loopback)
+    """gRPC listen address."""
     port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC listen port."""
 
     cache_ttl_seconds: float = Field(default=300.0, gt=0)
+    """Seconds a live session stays cached (below TOMBSTONE_TTL_SECONDS)."""
     negative_cache_ttl_seconds: float = Field(default=5.0, gt=0)
     tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
     cache_early_refresh_seconds: float = Field(default=3.0, ge=0)
@@ -154,8 +165,28 @@ class Settings(BaseSettings):
             raise ValueError("PG_POOL_MIN must not exceed PG_POOL_MAX")
         if self.session_ttl_default_seconds > self.session_ttl_max_seconds:
             raise ValueError("SESSION_TTL_DEFAULT_SECONDS must not exceed SESSION_TTL_MAX_SECONDS")
+        self._check_cache_ttls()
         self.core_policy()  # validates the TTL relations
         return self
+
+    def _check_cache_ttls(self) -> None:
+        """The relations between the cache's TTLs, said with the variables to
+        change (CorePolicy checks them again, in its own words)."""
+        limit = CorePolicy().max_fill_lag  # not a setting: the core's own bound
+        if self.tombstone_ttl_seconds <= max(self.cache_ttl_seconds, limit):
+            raise ValueError(
+                f"TOMBSTONE_TTL_SECONDS ({self.tombstone_ttl_seconds:g}) must exceed "
+                f"CACHE_TTL_SECONDS ({self.cache_ttl_seconds:g}) and {limit:g} s (the longest "
+                "fill), so that a revocation outlives every cached copy: raise "
+                "TOMBSTONE_TTL_SECONDS (e.g. to twice CACHE_TTL_SECONDS) or lower "
+                "CACHE_TTL_SECONDS"
+            )
+        if self.cache_early_refresh_seconds >= self.cache_ttl_seconds:
+            raise ValueError(
+                f"CACHE_EARLY_REFRESH_SECONDS ({self.cache_early_refresh_seconds:g}) must be "
+                f"below CACHE_TTL_SECONDS ({self.cache_ttl_seconds:g}): lower "
+                "CACHE_EARLY_REFRESH_SECONDS (0 turns early refresh off) or raise CACHE_TTL_SECONDS"
+            )
 
     def core_policy(self) -> CorePolicy:
         return CorePolicy(

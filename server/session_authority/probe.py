@@ -40,6 +40,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2
 
+from session_authority.probe_args import ENV as _ENV
+from session_authority.probe_args import add_health_parser
 from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = [
@@ -61,67 +63,6 @@ _CHECK = "/grpc.health.v1.Health/Check"
 _DOCUMENT = f"/{pb.DESCRIPTOR.services_by_name['SessionAuthority'].full_name}/Health"
 #: No answer at all: the exit code that says "cannot know".
 _NO_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-_ENV = "SESSION_AUTHORITY_"
-
-
-def add_health_parser(sub: Any) -> None:
-    """The ``health`` sub-command on ``session-authority``'s sub-parsers."""
-    env = os.environ
-    port = env.get("PORT", "50051")
-    health = sub.add_parser(
-        "health",
-        help="ask a server whether it is healthy (exit 0 healthy, 1 unhealthy, 2 usage, "
-        "3 unavailable)",
-        description="Call grpc.health.v1.Health/Check on a running server. Exit codes: "
-        "0 SERVING, 1 answered but not SERVING, 2 usage, 3 no answer (refused, timeout, "
-        "TLS handshake failed). --json also prints the Health document "
-        "(SessionAuthority/Health), which needs credentials when authentication is on. "
-        "Every flag defaults to $SESSION_AUTHORITY_<FLAG> (e.g. SESSION_AUTHORITY_CA_FILE).",
-    )
-    health.add_argument(
-        "--target",
-        default=env.get(f"{_ENV}TARGET") or f"127.0.0.1:{port}",
-        help="host:port (default: $SESSION_AUTHORITY_TARGET, else 127.0.0.1:$PORT, "
-        "else 127.0.0.1:50051)",
-    )
-    health.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    health.add_argument(
-        "--timeout",
-        type=float,
-        default=env.get(f"{_ENV}TIMEOUT") or "5",
-        help="seconds for each call (default: 5)",
-    )
-    tls = health.add_argument_group(
-        "TLS and credentials",
-        "TLS is used when --tls or any of --ca-file/--cert-file/--key-file is given. "
-        "The API key comes from $SESSION_AUTHORITY_API_KEY or --api-key-file, never a flag.",
-    )
-    tls.add_argument(
-        "--tls",
-        action="store_true",
-        default=_truthy(env.get(f"{_ENV}TLS")),
-        help="TLS with the system's roots ($SESSION_AUTHORITY_TLS)",
-    )
-    for flag, what in (
-        ("ca-file", "CA that signed the server's certificate"),
-        ("cert-file", "client certificate, for mTLS"),
-        ("key-file", "its private key"),
-        ("api-key-file", "file holding the API key (sent as 'authorization: Bearer')"),
-    ):
-        name = f"{_ENV}{flag.replace('-', '_').upper()}"
-        default = env.get(name) or None
-        shown = f"{what} (${name})"
-        tls.add_argument(f"--{flag}", type=Path, metavar="PATH", default=default, help=shown)
-    tls.add_argument(
-        "--server-name",
-        default=env.get(f"{_ENV}SERVER_NAME") or None,
-        help="the name the server's certificate must carry, when it is not the target's host "
-        "($SESSION_AUTHORITY_SERVER_NAME)",
-    )
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)

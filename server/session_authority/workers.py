@@ -43,7 +43,7 @@ from pathlib import Path
 from session_authority.config import Settings
 from session_authority.observability.fleet import FleetAdmin
 
-__all__ = ["WorkerSlot", "default_workers", "run_workers", "usable_cores"]
+__all__ = ["WorkerSlot", "default_workers", "run_workers", "scope_note", "usable_cores"]
 
 _log = logging.getLogger("session_authority")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -59,6 +59,22 @@ class WorkerSlot:
     index: int
     count: int
     admin_socket: str | None
+
+
+def scope_note(settings: Settings, count: int) -> str:
+    """What each worker has of its own and what that makes for the replica,
+    for each worker's start-up line: the settings are per process, so a
+    replica of N workers opens up to N times REDIS_POOL_MAX connections."""
+    s = settings
+    return (
+        f"per worker: Redis pool up to REDIS_POOL_MAX={s.redis_pool_max}, Postgres pool up to "
+        f"PG_POOL_MAX={s.pg_pool_max}, MAX_CONCURRENT_RPCS={s.max_concurrent_rpcs}, "
+        f"L1_CACHE_SIZE={s.l1_cache_size} entries, its own breakers, UNKNOWN_TOKEN_RATE="
+        f"{s.unknown_token_rate:g}/s per caller and Health counters; per replica ({count} "
+        f"workers): up to {count * s.redis_pool_max} Redis and {count * s.pg_pool_max} Postgres "
+        f"connections, {count * s.max_concurrent_rpcs} concurrent RPCs, one gRPC port "
+        "and one admin port (the supervisor's, whose /health sums the workers)"
+    )
 
 
 def default_workers(settings: Settings) -> int:

@@ -69,3 +69,19 @@ def test_buf_curl_create_and_validate(run_tool: ToolRunner, e2e_server: ServerPr
     ).json()  # fmt: skip
     assert answer["valid"] is True
     assert answer["source"] in ("SOURCE_DATABASE", "SOURCE_CACHE")
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_reflection_protocols(
+    run_tool: ToolRunner, e2e_server: ServerProcess, protocol: str
+) -> None:
+    """buf curl asks reflection v1 first; each version alone lists every method
+    and resolves a call's schema."""
+    common = ["curl", "--reflect-protocol", protocol, "--protocol", "grpc"]
+    common.append("--http2-prior-knowledge")
+    listed = run_tool(tool("buf"), *common, "--list-methods", e2e_server.url)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{SERVICE}/ValidateSession" in listed.stdout.split()
+    assert "grpc.health.v1.Health/Check" in listed.stdout.split()
+    reply = _buf_curl(run_tool, e2e_server, "Health", "--reflect-protocol", protocol).json()
+    assert "sessionCache" in reply

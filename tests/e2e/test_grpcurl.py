@@ -191,9 +191,113 @@ def test_health_without_emit_defaults_keeps_scalars(grpcurl: Grpcurl) -> None:
     assert doc["breaker"]["state"] == "closed"
 
 
+def test_health_names_the_process_that_answered(
+    grpcurl: Grpcurl, e2e_server: ServerProcess
+) -> None:
+    doc = grpcurl.call("Health")
+    assert doc["worker"] == {"index": 0, "count": 1, "pid": e2e_server.process.pid}
+
+
 def test_standard_health_check(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
     result = grpcurl.run(e2e_server.target, f"{HEALTH_SERVICE}/Check")
     assert result.json() == {"status": "SERVING"}
     body = json.dumps({"service": SERVICE})
     named = grpcurl.run("-d", body, e2e_server.target, f"{HEALTH_SERVICE}/Check")
     assert named.json() == {"status": "SERVING"}
+
+
+# Every grpcurl form an operator types, for every service the server lists:
+# ours, the standard health service, and both versions of reflection itself.
+_REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
+_METHODS = {
+    SERVICE: ("CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health"),
+    HEALTH_SERVICE: ("Check", "Watch"),
+    _REFLECTION_V1: ("ServerReflectionInfo",),
+    _REFLECTION_V1ALPHA: ("ServerReflectionInfo",),
+}
+_MESSAGES = {
+    SERVICE: "session_authority.v1.ValidateSessionRequest",
+    HEALTH_SERVICE: "grpc.health.v1.HealthCheckRequest",
+    _REFLECTION_V1: "grpc.reflection.v1.ServerReflectionRequest",
+    _REFLECTION_V1ALPHA: "grpc.reflection.v1alpha.ServerReflectionRequest",
+}
+
+
+def test_list_shows_both_reflection_versions(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    result = grpcurl.run(e2e_server.target, "list")
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) >= set(_METHODS)
+
+
+@pytest.mark.parametrize("service", list(_METHODS))
+def test_list_service_methods(grpcurl: Grpcurl, e2e_server: ServerProcess, service: str) -> None:
+    result = grpcurl.run(e2e_server.target, "list", service)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) >= {f"{service}.{m}" for m in _METHODS[service]}
+
+
+@pytest.mark.parametrize("service", list(_METHODS))
+def test_describe_each_service(grpcurl: Grpcurl, e2e_server: ServerProcess, service: str) -> None:
+    result = grpcurl.run(e2e_server.target, "describe", service)
+    assert result.returncode == 0, result.stderr
+    assert f"{service} is a service" in result.stdout
+    for method in _METHODS[service]:
+        assert f"rpc {method} (" in result.stdout, method
+
+
+@pytest.mark.parametrize(
+    "method", [f"{service}.{m}" for service, methods in _METHODS.items() for m in methods]
+)
+def test_describe_method(grpcurl: Grpcurl, e2e_server: ServerProcess, method: str) -> None:
+    result = grpcurl.run(e2e_server.target, "describe", method)
+    assert result.returncode == 0, result.stderr
+    assert f"{method} is a method" in result.stdout
+    assert f"rpc {method.rsplit('.', 1)[1]} (" in result.stdout
+
+
+@pytest.mark.parametrize("message", list(_MESSAGES.values()))
+def test_describe_each_message(grpcurl: Grpcurl, e2e_server: ServerProcess, message: str) -> None:
+    result = grpcurl.run(e2e_server.target, "describe", message)
+    assert result.returncode == 0, result.stderr
+    assert f"{message} is a message" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("symbol", "kind"),
+    [
+        ("session_authority.v1.Source", "an enum"),
+        ("session_authority.v1.ValidateSessionRequest.token", "a field"),
+    ],
+)
+def test_describe_enum_and_field(
+    grpcurl: Grpcurl, e2e_server: ServerProcess, symbol: str, kind: str
+) -> None:
+    result = grpcurl.run(e2e_server.target, "describe", symbol)
+    assert result.returncode == 0, result.stderr
+    assert f"{symbol} is {kind}" in result.stdout
+
+
+def test_describe_shows_proto_comments(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    """The proto's comments reach grpcurl: reflection serves our file with its source info."""
+    method = grpcurl.run(e2e_server.target, "describe", f"{SERVICE}.ValidateSession")
+    assert method.returncode == 0, method.stderr
+    assert "// ValidateSession answers whether a token names a live session." in method.stdout
+    service = grpcurl.run(e2e_server.target, "describe", SERVICE)
+    assert "// SessionAuthority creates, validates and revokes sessions." in service.stdout
+    enum = grpcurl.run(e2e_server.target, "describe", "session_authority.v1.Source")
+    assert "// Source says which tier answered a validation." in enum.stdout
+
+
+@pytest.mark.parametrize("service", [_REFLECTION_V1, _REFLECTION_V1ALPHA])
+def test_invoke_reflection_itself(
+    grpcurl: Grpcurl, e2e_server: ServerProcess, service: str
+) -> None:
+    """Each reflection version answers a call, its schema also found by reflection."""
+    body = json.dumps({"list_services": ""})
+    reply = grpcurl.run("-d", body, e2e_server.target, f"{service}/ServerReflectionInfo").json()
+    listed = {s["name"] for s in reply["list_services_response"]["service"]}
+    assert listed >= set(_METHODS)
+    symbol = json.dumps({"file_containing_symbol": f"{SERVICE}.ValidateSession"})
+    found = grpcurl.run("-d", symbol, e2e_server.target, f"{service}/ServerReflectionInfo").json()
+    assert "file_descriptor_response" in found, found

@@ -146,9 +146,24 @@ def test_two_workers_share_the_port_and_drain_on_sigterm(served: _Served) -> Non
     pids = [worker["pid"] for worker in doc["workers"]]
     assert len(set(pids)) == 2
     assert served.process.pid not in pids
-    started = {e["pid"] for e in served.entries() if "of 2 starting" in str(e["message"])}
+    starts = [e for e in served.entries() if "of 2 starting" in str(e["message"])]
+    started = {e["pid"] for e in starts}
     listening = {e["pid"] for e in served.entries() if "listening on" in str(e["message"])}
     assert started == listening == set(pids)
+    # Each worker says what it has of its own, and what that makes for the replica.
+    for entry in starts:
+        assert "per worker: Redis pool up to REDIS_POOL_MAX=10" in entry["message"]
+        assert "per replica (2 workers): up to 20 Redis and 20 Postgres" in entry["message"]
+
+    # A Health call names the worker that answered: its numbers are that worker's.
+    seen: dict[int, int] = {}
+    for _ in range(CALLS):
+        with grpc.insecure_channel(served.target, options=[_NO_PROXY, _OWN_CONNECTION]) as ch:
+            health = pb_grpc.SessionAuthorityStub(ch).Health(pb.HealthRequest(), timeout=10)
+        assert health.worker.count == 2
+        seen[health.worker.pid] = health.worker.index
+    assert set(seen) == set(pids)
+    assert sorted(seen.values()) == [0, 1]
 
     code = stop_process(served.process)  # SIGTERM; None if it had to be killed
     assert code == 0, served.log.read_text()

@@ -99,9 +99,10 @@ def _denied(app: App, method: str, reason: str) -> float:
     return app.telemetry.registry.get_sample_value(DENIED, labels) or 0.0
 
 
-async def _list_services(channel: grpc.aio.Channel) -> list[str]:
+async def _list_services(channel: grpc.aio.Channel, version: str = "v1alpha") -> list[str]:
+    """Reflection's list of services; v1 and v1alpha are the same messages."""
     call = channel.stream_stream(
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
     )
@@ -274,6 +275,7 @@ async def test_probes_and_reflection_need_no_credentials(pg_dsn: str, pki: Pki) 
     async with _serving(pg_dsn, **_keys(pki)) as app, _channel(app, pki.ca) as channel:
         assert await _probe(channel) == Code.OK
         assert SVC in await _list_services(channel)
+        assert SVC in await _list_services(channel, "v1")
 
 
 async def test_reflection_can_be_turned_off(pg_dsn: str, pki: Pki) -> None:
@@ -282,6 +284,7 @@ async def test_reflection_can_be_turned_off(pg_dsn: str, pki: Pki) -> None:
         _channel(app, pki.ca) as channel,
     ):
         assert await _code(lambda: _list_services(channel)) == Code.UNIMPLEMENTED
+        assert await _code(lambda: _list_services(channel, "v1")) == Code.UNIMPLEMENTED
         assert await _probe(channel) == Code.OK
 
 

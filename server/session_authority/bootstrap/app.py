@@ -13,8 +13,6 @@ from typing import cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
@@ -35,7 +33,8 @@ from session_authority.logs import quiet_grpc_client_gone
 from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.auth import ApiKeys, AuthInterceptor
 from session_authority.transport.drain import DrainInterceptor
-from session_authority.transport.handler import add_to_server
+from session_authority.transport.handler import SERVICE_DESCRIPTOR, add_to_server
+from session_authority.transport.reflection import add_reflection
 from session_authority.transport.servicer import SessionAuthorityServicer
 
 __all__ = ["App"]
@@ -68,13 +67,19 @@ class App:
 
     @classmethod
     async def start(
-        cls, settings: Settings, *, reuse_port: bool = False, admin_socket: str | None = None
+        cls,
+        settings: Settings,
+        *,
+        reuse_port: bool = False,
+        admin_socket: str | None = None,
+        worker: tuple[int, int] = (0, 1),
     ) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers.
 
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
-        the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
+        the same port), ``admin_socket`` (its admin app, for the supervisor) and
+        ``worker``: its index and the count (named in the Health document)."""
         quiet_grpc_client_gone()
         credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
         tracer_provider = install_tracing(settings)
@@ -110,19 +115,14 @@ class App:
         # It implements the two registration methods the generated code calls.
         services = cast(grpc.aio.Server, decorating)
         # Requests are decoded inside the call: garbage is INVALID_ARGUMENT, not UNKNOWN.
-        add_to_server(SessionAuthorityServicer(core), services)
+        servicer = SessionAuthorityServicer(core, worker=worker[0], workers=worker[1])
+        add_to_server(servicer, services)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, services)
         if settings.grpc_reflection:
-            names = [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ]
-            # What reflection.enable_server_reflection does for an aio server,
-            # through ``services`` so that its handlers are decorated too.
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-                ReflectionServicer(names), services
+            # Through ``services``, so that its handlers are decorated too.
+            add_reflection(
+                services, [SERVICE_DESCRIPTOR, health_pb2.DESCRIPTOR.services_by_name["Health"]]
             )
         address = f"{settings.host}:{settings.port}"
         if credentials is None:

@@ -25,9 +25,9 @@ from google.protobuf.message import DecodeError, Message
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
 
-__all__ = ["PRE_ENCODED", "SERVICE_NAME", "add_to_server", "service_handler"]
+__all__ = ["PRE_ENCODED", "SERVICE_DESCRIPTOR", "SERVICE_NAME", "add_to_server", "service_handler"]
 
-_SERVICE = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
+_SERVICE = SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
 SERVICE_NAME = _SERVICE.full_name
 #: Methods whose servicer answers the reply's bytes (encoded once per L1 copy).
 PRE_ENCODED = frozenset({"ValidateSession"})

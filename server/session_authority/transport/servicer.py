@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,8 +36,11 @@ _WIRE_MAX = 10_000
 
 
 class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
-    def __init__(self, core: SessionAuthority) -> None:
+    def __init__(self, core: SessionAuthority, *, worker: int = 0, workers: int = 1) -> None:
+        """``worker`` of ``workers``: which process this is (``serve --workers``),
+        named in every Health reply, whose numbers are this process's own."""
         self._core = core
+        self._worker = pb.WorkerInfo(index=worker, count=workers, pid=os.getpid())
         self._validate_local = core.validate_local  # bound once: the hot path's first call
         # id(answer) -> (answer, its encoded reply). The core hands out the same
         # Validation for every hit on one L1 copy, so its reply is encoded once;
@@ -140,7 +144,9 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.HealthResponse:
         async def work() -> pb.HealthResponse:
-            return health_to_pb(await self._core.health())
+            reply = health_to_pb(await self._core.health())
+            reply.worker.CopyFrom(self._worker)
+            return reply
 
         return await _run(context, work)
 

@@ -414,6 +414,7 @@ class HealthResponse(_message.Message):
     BREAKER_FIELD_NUMBER: _builtins.int
     POSTGRES_BREAKER_FIELD_NUMBER: _builtins.int
     LOCAL_CACHE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"healthy", "degraded" (Redis unavailable, Postgres serving) or "unhealthy"
     (Postgres unavailable).
@@ -448,6 +449,17 @@ class HealthResponse(_message.Message):
     def local_cache(self) -> Global___LocalCacheHealth:
         """This process's in-process (L1) cache; absent without Redis."""
 
+    @_builtins.property
+    def worker(self) -> Global___WorkerInfo:
+        """Which process answered. Per worker (with `serve --workers N`, each worker
+        is a process of its own): session_cache (counters and pool), postgres.pool,
+        performance, breaker, postgres_breaker and local_cache. Per replica (the
+        servers every worker shares): redis, postgres.connected and
+        postgres.version. The admin port's /health and /api/health/redis answer
+        for the whole replica: counters and pools summed, the worst state of each
+        breaker, and each worker's pid in "workers".
+        """
+
     def __init__(
         self,
         *,
@@ -461,16 +473,57 @@ class HealthResponse(_message.Message):
         breaker: Global___BreakerHealth | None = ...,
         postgres_breaker: Global___BreakerHealth | None = ...,
         local_cache: Global___LocalCacheHealth | None = ...,
+        worker: Global___WorkerInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "local_cache", b"local_cache", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "local_cache", b"local_cache", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp", "worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "errors", b"errors", "local_cache", b"local_cache", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "breaker", b"breaker", "errors", b"errors", "local_cache", b"local_cache", "performance", b"performance", "postgres", b"postgres", "postgres_breaker", b"postgres_breaker", "redis", b"redis", "session_cache", b"session_cache", "status", b"status", "timestamp", b"timestamp", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__status: _TypeAlias = _typing.Literal["status"]  # noqa: Y015
     _WhichOneofArgType__status: _TypeAlias = _typing.Literal["_status", b"_status"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__status) -> _WhichOneofReturnType__status | None: ...
 
 Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
+class WorkerInfo(_message.Message):
+    """WorkerInfo names the process that answered a Health call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """This worker's index, from 0."""
+    count: _builtins.int
+    """How many workers the replica runs (1: a single process)."""
+    pid: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int | None = ...,
+        count: _builtins.int | None = ...,
+        pid: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "_index", b"_index", "_pid", b"_pid", "count", b"count", "index", b"index", "pid", b"pid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "_index", b"_index", "_pid", b"_pid", "count", b"count", "index", b"index", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    _WhichOneofReturnType__index: _TypeAlias = _typing.Literal["index"]  # noqa: Y015
+    _WhichOneofArgType__index: _TypeAlias = _typing.Literal["_index", b"_index"]  # noqa: Y015
+    _WhichOneofReturnType__pid: _TypeAlias = _typing.Literal["pid"]  # noqa: Y015
+    _WhichOneofArgType__pid: _TypeAlias = _typing.Literal["_pid", b"_pid"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__index) -> _WhichOneofReturnType__index | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pid) -> _WhichOneofReturnType__pid | None: ...
+
+Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
 
 @_typing.final
 class LocalCacheHealth(_message.Message):
