@@ -71,6 +71,7 @@ def assemble_core(
             metrics=metrics,
             clock=clock,
             rng=rng,
+            monotonic=monotonic,
             limiter=(
                 MissLimiter(policy.unknown_token_rate, policy.unknown_token_burst, clock=monotonic)
                 if policy.unknown_token_rate > 0

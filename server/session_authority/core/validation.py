@@ -89,6 +89,7 @@ class Validator:
         metrics: CoreMetrics,
         clock: Callable[[], datetime],
         rng: Callable[[], float],
+        monotonic: Callable[[], float],
         limiter: MissLimiter | None = None,
         local: LocalCache | None = None,
         feed: RevocationFeed | None = None,
@@ -106,7 +107,10 @@ class Validator:
             time.time if clock is utcnow else (lambda: clock().timestamp())
         )
         self._rng = rng
-        self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight()
+        # Seconds, for the age of reads: ``max_fill_lag`` and the single-flight's
+        # ``since`` (the same clock, so the two compare).
+        self._monotonic = monotonic
+        self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight(clock=monotonic)
         # The L1 cache needs the revocation feed that keeps it honest.
         self._local = local if feed is not None else None
         self._feed = feed
@@ -210,7 +214,7 @@ class Validator:
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
             return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
-        looked_at = time.monotonic()
+        looked_at = self._monotonic()
         with span("session_cache.lookup") as current:
             current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             result, hit = await self._lookup(token_hash)
@@ -363,7 +367,7 @@ class Validator:
         """Miss path: ask Postgres, then (with ``fill``) fill the cache conditionally."""
         opened = self._breaker.opened_count
         flight.begin()
-        read_started = time.monotonic()
+        read_started = self._monotonic()
         with span("session_store.find") as current:
             current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             session = await self._store.find(token_hash)
@@ -371,7 +375,7 @@ class Validator:
         answer = self._judge(entry, Source.DATABASE)
         if not fill:
             return Loaded(answer, False, opened)
-        if time.monotonic() - read_started > self._policy.max_fill_lag:
+        if self._monotonic() - read_started > self._policy.max_fill_lag:
             return Loaded(answer, False, opened)  # too old to trust against an expired tombstone
         filled = await self._fill(token_hash, entry, ttl)
         if filled is False:
