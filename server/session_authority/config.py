@@ -212,16 +212,6 @@ class Settings(BaseSettings):
             slow_call=timeout,
         )
 
-    def describe(self) -> dict[str, object]:
-        """The settings with credentials redacted, for start-up logs."""
-        shown = self.model_dump()
-        shown["database_url"] = redact_url(self.database_url)
-        shown["redis_url"] = redact_url(self.redis_url)
-        shown["auth_api_keys"] = sorted(self.api_key_hashes())  # names only
-        for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
-            shown[name] = redact_url(getattr(self, name))
-        return shown
-
     # Transport security and authorisation.
 
     @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before")

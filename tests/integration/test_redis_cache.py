@@ -160,7 +160,6 @@ async def test_without_legacy_keys_only_this_release_keys_are_used(
 ) -> None:
     cache = RedisSessionCache.from_url(
         redis_server.url,
-        ttl=60,
         min_connections=1,
         max_connections=2,
         timeout=1.0,
@@ -284,7 +283,7 @@ async def test_errors_become_cache_unavailable(tmp_path: object) -> None:
     server = EmbeddedRedis(Path(str(tmp_path)))
     server.start()
     cache = RedisSessionCache.from_url(
-        server.url, ttl=60, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
+        server.url, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
     )
     try:
         await cache.warm()
@@ -307,7 +306,7 @@ async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
     timeout is only a backstop (3 timeouts): each health command is bounded
     by the per-call timeout itself."""
     cache = RedisSessionCache.from_url(
-        own_redis.url, ttl=60, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
+        own_redis.url, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
     )
     try:
         await cache.warm()
@@ -330,7 +329,6 @@ async def test_waiting_out_the_pool_is_cache_busy(redis_server: EmbeddedRedis) -
     breaker judges as slowness), not a plain failure of Redis."""
     cache = RedisSessionCache.from_url(
         redis_server.url,
-        ttl=60,
         min_connections=0,
         max_connections=1,
         timeout=1.0,

@@ -48,7 +48,6 @@ def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
     if settings.redis_url:
         cache = RedisSessionCache.from_url(
             settings.redis_url,
-            ttl=settings.cache_ttl_seconds,
             min_connections=settings.redis_pool_min,
             max_connections=settings.redis_pool_max,
             timeout=settings.breaker_timeout_ms / 1000,

@@ -26,7 +26,7 @@ from session_authority.core.issuance import Issuer
 from session_authority.core.policy import CorePolicy
 from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
-from session_authority.core.validation import Caller, Validator
+from session_authority.core.validation import CallerKey, Validator
 
 __all__ = ["CorePolicy", "SessionAuthority"]
 
@@ -48,7 +48,7 @@ class SessionAuthority:
     ) -> tuple[str, Session]:
         return await self.issuer.create(user_id, ttl, metadata)
 
-    async def validate(self, token: str, caller: Caller = "") -> Validation:
+    async def validate(self, token: str, caller: CallerKey = "") -> Validation:
         """``caller``: who asks, for the per-caller limit on unknown tokens."""
         return await self.validator.validate(token, caller)
 

@@ -54,11 +54,11 @@ from session_authority.core.telemetry import (
     span,
 )
 
-__all__ = ["Caller", "Loaded", "Validator"]
+__all__ = ["CallerKey", "Loaded", "Validator"]
 
 #: Who asks, for the per-caller limit on unknown tokens: a name, or a function
 #: that tells it (the transport's is only worth calling on a cache miss).
-Caller = str | Callable[[], str]
+CallerKey = str | Callable[[], str]
 
 _log = logging.getLogger("session_authority.cache")
 
@@ -127,7 +127,7 @@ class Validator:
         """How many validations await the load in flight for this hash."""
         return self._loads.callers(token_hash)
 
-    async def validate(self, token: str, caller: Caller = "") -> Validation:
+    async def validate(self, token: str, caller: CallerKey = "") -> Validation:
         """Whether ``token`` names a live session. Raises ``InvalidArgument`` for
         malformed input, ``StoreUnavailable`` when the answer is not in the
         cache and Postgres cannot be asked (never a guess), and ``RateLimited``
@@ -205,7 +205,7 @@ class Validator:
             local.drop(None)  # not sure any more: forget everything
         return None
 
-    async def _validate(self, token: str, caller: Caller) -> Validation:
+    async def _validate(self, token: str, caller: CallerKey) -> Validation:
         token_hash = parse_token(token)
         # ``validate`` asked the L1 copy first; from here on a copy read is
         # stored only if no drop came since (``version``).

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError, Message
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.v1 import session_authority_pb2 as pb
 
-__all__ = ["PRE_ENCODED", "SERVICE_NAME", "add_to_server", "service_handler"]
+__all__ = ["PRE_ENCODED", "SERVICE_NAME", "add_to_server"]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
 SERVICE_NAME = _SERVICE.full_name
@@ -75,11 +75,6 @@ def _method_handlers(
             ),
         )
     return handlers
-
-
-def service_handler(servicer: SessionAuthorityServicer) -> grpc.GenericRpcHandler:
-    """The service's handler: each RPC takes raw bytes and decodes them itself."""
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer))
 
 
 def add_to_server(servicer: SessionAuthorityServicer, server: grpc.aio.Server) -> None:
