@@ -236,6 +236,22 @@ class Validator:
         # After a failed or refused lookup the rest of this request skips the
         # cache: one validation pays at most one cache timeout.
         clean = result == "miss"
+        loaded = await self._load_shared(token_hash, caller, clean=clean, looked_at=looked_at)
+        answer = loaded.answer
+        if local is not None and loaded.confirmed and answer.session is not None:
+            local.put(token_hash, answer.session, local.ttl, version)  # Redis holds it too
+        if answer.valid and answer.session is not None:
+            # A shared answer was judged at its load's time: judge expiry
+            # again at ours (a caller starting just after expires_at).
+            return self._judge(answer.session, answer.source)
+        return answer
+
+    async def _load_shared(
+        self, token_hash: TokenHash, caller: CallerKey, *, clean: bool, looked_at: float
+    ) -> Loaded:
+        """The miss path's Postgres answer: charged to ``caller``'s unknown-token
+        budget, shared through the single-flight, read again when what was
+        shared may predate a revocation that returned before we looked."""
         # Only a caller that starts a Postgres read is charged: joining a load in
         # flight costs Postgres nothing (1,000 callers of one token: one credit).
         limiter = self._limiter if token_hash not in self._loads else None
@@ -267,15 +283,8 @@ class Validator:
             # began (a revocation whose tombstone failed trips it, and leaves
             # no tombstone to refuse anything): a revocation that returned
             # before we started may postdate that read. Read for ourselves.
-            loaded = await self._load(token_hash, Flight(), fill=clean)
-        answer = loaded.answer
-        if local is not None and loaded.confirmed and answer.session is not None:
-            local.put(token_hash, answer.session, local.ttl, version)  # Redis holds it too
-        if answer.valid and answer.session is not None:
-            # A shared answer was judged at its load's time: judge expiry
-            # again at ours (a caller starting just after expires_at).
-            return self._judge(answer.session, answer.source)
-        return answer
+            return await self._load(token_hash, Flight(), fill=clean)
+        return loaded
 
     async def _lookup(self, token_hash: TokenHash) -> tuple[str, Cached | None]:
         cache = self._cache
