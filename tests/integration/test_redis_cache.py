@@ -304,7 +304,9 @@ async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
 ) -> None:
     """Health is the one call no breaker times, and redis-py's own read
     timeout is only a backstop (3 timeouts): each health command is bounded
-    by the per-call timeout itself."""
+    by the per-call timeout itself. Which of the two gave up is told by what
+    it raised, not by the clock: the per-call bound is asyncio's bare
+    ``TimeoutError``, the backstop redis-py's "Timeout reading from socket"."""
     cache = RedisSessionCache.from_url(
         own_redis.url, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
     )
@@ -315,10 +317,9 @@ async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
         started = time.monotonic()
         health = await cache.health()
         waited = time.monotonic() - started
-        assert health.connected is False and health.error
-        # One command's timeout (0.3 s), not the backstop's 0.9 s; the rest is
-        # room for a stall of a noisy host (a hypervisor can take 0.3 s).
-        assert waited < 0.85, waited
+        assert health.connected is False
+        assert health.error == "TimeoutError"  # the per-call bound, not the driver's backstop
+        assert waited < 10, waited  # a backstop against a hang only
     finally:
         own_redis.resume()
         await cache.aclose()
