@@ -1,7 +1,7 @@
-"""``WrappingInterceptor``, importable from its former place: the machinery
-lives in ``session_authority.rpc``, the one copy the transport and
-observability share."""
+"""``WrappingInterceptor`` and ``Handler``, importable from their former place:
+the machinery lives in ``session_authority.rpc``, the one copy the transport
+and observability share."""
 
-from session_authority.rpc import WrappingInterceptor
+from session_authority.rpc import Handler, WrappingInterceptor
 
-__all__ = ["WrappingInterceptor"]
+__all__ = ["Handler", "WrappingInterceptor"]
