@@ -482,6 +482,22 @@ async def test_store_down_and_cache_miss_raises_never_answers_valid(w: World) ->
     assert w.cache.calls["fill"] == 0
 
 
+async def test_the_facade_store_is_the_guarded_one(build: Build) -> None:
+    """Use cases that are one store read go through the facade's ``store``:
+    behind the Postgres breaker (refused at once while it is open)."""
+    store = InMemorySessionStore()
+    postgres = Breaker(BREAKER, name="postgres", error=StoreUnavailable)
+    svc = assemble_core(
+        store, None, breaker=Breaker(BREAKER), store_breaker=postgres, rng=random.random
+    )
+    assert await svc.store.find(TokenHash.of(new_token())) is None
+    postgres.trip("test")
+    with pytest.raises(StoreUnavailable):
+        await svc.store.find(TokenHash.of(new_token()))
+    assert store.calls["find"] == 1  # the refused call never reached the store
+    await svc.aclose()
+
+
 async def test_store_down_and_cache_hit_still_answers(w: World) -> None:
     live, revoked = await w.create(), await w.create()
     await w.svc.validate(live)

@@ -100,5 +100,6 @@ def assemble_core(
         ),
         stats=stats,
         breaker=breaker,
+        store=guarded_store,
         store_breaker=store_breaker,
     )
