@@ -16,6 +16,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from session_authority.core.breaker import BreakerPolicy
 from session_authority.core.policy import CorePolicy
 
+#: The core's defaults are written once, in ``CorePolicy`` and ``BreakerPolicy``:
+#: the settings that feed them default to them (in the settings' units).
+_CORE = CorePolicy()
+_BREAKER = BreakerPolicy()
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 __all__ = ["Settings", "redact_url"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -51,23 +61,25 @@ class Settings(BaseSettings):
     port: int = Field(default=50051, ge=0, le=65535)
     """gRPC listen port."""
 
-    cache_ttl_seconds: float = Field(default=300.0, gt=0)
+    cache_ttl_seconds: float = Field(default=_CORE.cache_ttl, gt=0)
     """Seconds a live session stays cached (below TOMBSTONE_TTL_SECONDS)."""
-    negative_cache_ttl_seconds: float = Field(default=5.0, gt=0)
-    tombstone_ttl_seconds: float = Field(default=600.0, gt=0)
-    cache_early_refresh_seconds: float = Field(default=3.0, ge=0)
+    negative_cache_ttl_seconds: float = Field(default=_CORE.negative_ttl, gt=0)
+    tombstone_ttl_seconds: float = Field(default=_CORE.tombstone_ttl, gt=0)
+    cache_early_refresh_seconds: float = Field(default=_CORE.early_refresh, ge=0)
     """XFetch: hot entries are refreshed this close to expiry (0: never)."""
     revocation_sweep_seconds: float = Field(default=1.0, ge=0)
     """Every replica checks Redis still holds its state and drains pending
     revocations into it this often (0: never)."""
-    revocation_skew_seconds: float = Field(default=60.0, ge=0)
+    revocation_skew_seconds: float = Field(default=_CORE.revocation_skew, ge=0)
     """Clock difference allowed between Redis's host and Postgres's when
     revocations are replayed into a replaced Redis."""
-    unknown_token_rate: float = Field(default=20.0, ge=0)
+    unknown_token_rate: float = Field(default=_CORE.unknown_token_rate, ge=0)
     """Per caller (peer address), unknown tokens per second that may reach Postgres (0: off)."""
-    unknown_token_burst: int = Field(default=200, ge=1)
-    session_ttl_default_seconds: int = Field(default=86_400, gt=0)
-    session_ttl_max_seconds: int = Field(default=30 * 86_400, gt=0)
+    unknown_token_burst: int = Field(default=_CORE.unknown_token_burst, ge=1)
+    session_ttl_default_seconds: int = Field(
+        default=int(_CORE.default_session_ttl.total_seconds()), gt=0
+    )
+    session_ttl_max_seconds: int = Field(default=int(_CORE.max_session_ttl.total_seconds()), gt=0)
 
     redis_pool_min: int = Field(default=2, ge=0)
     redis_pool_max: int = Field(default=10, ge=1)
@@ -80,14 +92,16 @@ class Settings(BaseSettings):
     pg_pool_timeout_ms: int = Field(default=2000, gt=0)
     pg_command_timeout_ms: int = Field(default=5000, gt=0)
 
-    breaker_timeout_ms: int = Field(default=1000, gt=0)
-    breaker_error_threshold_percentage: float = Field(default=70.0, gt=0, le=100)
-    breaker_volume_threshold: int = Field(default=10, ge=1)
-    breaker_reset_timeout_ms: int = Field(default=15_000, gt=0)
-    breaker_rolling_window_ms: int = Field(default=10_000, gt=0)
-    breaker_consecutive_failures: int = Field(default=5, ge=0)
+    breaker_timeout_ms: int = Field(default=_ms(_BREAKER.timeout), gt=0)
+    breaker_error_threshold_percentage: float = Field(
+        default=_BREAKER.error_threshold_percentage, gt=0, le=100
+    )
+    breaker_volume_threshold: int = Field(default=_BREAKER.volume_threshold, ge=1)
+    breaker_reset_timeout_ms: int = Field(default=_ms(_BREAKER.reset_timeout), gt=0)
+    breaker_rolling_window_ms: int = Field(default=_ms(_BREAKER.rolling_window), gt=0)
+    breaker_consecutive_failures: int = Field(default=_BREAKER.consecutive_failures, ge=0)
     """Open after this many failed or slow Redis calls in a row (0: window rule only)."""
-    breaker_slow_call_ms: int = Field(default=100, gt=0)
+    breaker_slow_call_ms: int = Field(default=_ms(_BREAKER.slow_call), gt=0)
     """A Redis call cut short by the caller's deadline after this long counts as a failure."""
 
     pg_breaker_enabled: bool = True
@@ -242,16 +256,6 @@ class Settings(BaseSettings):
             consecutive_failures=self.pg_breaker_volume_threshold,
             slow_call=timeout,
         )
-
-    def describe(self) -> dict[str, object]:
-        """The settings with credentials redacted, for start-up logs."""
-        shown = self.model_dump()
-        shown["database_url"] = redact_url(self.database_url)
-        shown["redis_url"] = redact_url(self.redis_url)
-        shown["auth_api_keys"] = sorted(self.api_key_hashes())  # names only
-        for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
-            shown[name] = redact_url(getattr(self, name))
-        return shown
 
     # Transport security and authorisation.
 

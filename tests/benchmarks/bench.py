@@ -581,7 +581,6 @@ class Bench:
         settings = Settings(redis_url=self.redis_url)
         cache = RedisSessionCache.from_url(
             self.redis_url,
-            ttl=settings.cache_ttl_seconds,
             min_connections=settings.redis_pool_min,
             max_connections=settings.redis_pool_max,
             timeout=settings.breaker_timeout_ms / 1000,

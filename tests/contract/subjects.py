@@ -112,7 +112,7 @@ class RedisCacheSubject:
 
 def _redis_cache(url: str) -> RedisSessionCache:
     return RedisSessionCache.from_url(
-        url, ttl=60, min_connections=1, max_connections=4, timeout=1.0, pool_timeout=1.0
+        url, min_connections=1, max_connections=4, timeout=1.0, pool_timeout=1.0
     )
 
 

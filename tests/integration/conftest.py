@@ -61,7 +61,6 @@ async def cache(
 ) -> AsyncIterator[RedisSessionCache]:
     c = RedisSessionCache.from_url(
         redis_server.url,
-        ttl=CACHE_TTL,
         min_connections=2,
         max_connections=10,
         timeout=1.0,

@@ -3,16 +3,18 @@ through a real gRPC server: Redis killed or frozen after seconds of healthy
 traffic (a window full of successes), and callers whose deadlines are shorter
 than the breaker's timeout.
 
-Bounds are generous multiples of the knobs (timeout 1 s), not benchmarks: what
-they catch is a breaker that never opens (the window rule alone, measured in
-issue 10: never within a 6-8 s outage) or a validation that pays two or three
-Redis timeouts (3 s measured before)."""
+What they catch is a breaker that never opens (the window rule alone, measured
+in issue 10: never within a 6-8 s outage), one that lets many failing Redis
+calls through before it opens or after, or a validation that pays two or three
+Redis timeouts (3 s measured before). Opening is judged by counts (Redis
+failures counted by the server before and after it opened) and order, not by
+how many seconds a busy machine took; the one time bound left is the
+per-validation backstop of one timeout plus room."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,7 @@ import pytest
 import pytest_asyncio
 
 from session_authority.bootstrap import App
-from session_authority.core.breaker import BreakerState
+from session_authority.core.breaker import BreakerPolicy, BreakerState
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -33,7 +35,8 @@ from .support import NO_PROXY, app_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
-TIMEOUT = 1.0  # the runbook's breaker timeout (the default)
+BREAKER = BreakerPolicy()  # every knob at its default (the runbook's)
+TIMEOUT = BREAKER.timeout
 CONCURRENCY = 16
 
 
@@ -52,6 +55,12 @@ class World:
     stub: pb_grpc.SessionAuthorityAsyncStub
     live: list[str]
     opened_at: list[float] = field(default_factory=list)
+    #: The server's count of failed Redis calls (``CacheStats.errors``) when the
+    #: breaker opened, and when the fault was injected.
+    errors_at_open: list[int] = field(default_factory=list)
+    #: Redis calls still running through the breaker when it opened.
+    in_flight_at_open: list[int] = field(default_factory=list)
+    errors_at_fault: list[int] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
@@ -68,11 +77,14 @@ async def _world(
         (await stub.CreateSession(pb.CreateSessionRequest(user_id=user))).token for _ in range(32)
     ]
     w = World(app, redis, stub, live)
-    app.core.breaker.add_listener(
-        lambda _old, new, _cause: (
-            w.opened_at.append(time.monotonic()) if new is BreakerState.OPEN else None
-        )
-    )
+
+    def opened(_old: BreakerState, new: BreakerState, _cause: str) -> None:
+        if new is BreakerState.OPEN:
+            w.opened_at.append(time.monotonic())
+            w.errors_at_open.append(app.core.stats.errors)
+            w.in_flight_at_open.append(app.core.breaker.calls_in_flight)
+
+    app.core.breaker.add_listener(opened)
     try:
         yield w
     finally:
@@ -125,6 +137,7 @@ async def drive(
     async def fault() -> None:
         await asyncio.sleep(seconds / 3)
         fault_at[0] = time.monotonic()
+        w.errors_at_fault.append(w.app.core.stats.errors)
         if at is not None:
             await asyncio.to_thread(at)
 
@@ -138,14 +151,19 @@ def _check_shielded(w: World, calls: list[Call], fault_at: float) -> None:
     assert all(c.valid for c in calls)  # zero wrong answers
     assert w.opened_at, "the breaker never opened"
     assert w.opened_at[0] >= fault_at, "the breaker opened under healthy load, before the fault"
-    opened_after = w.opened_at[0] - fault_at
-    assert opened_after < 2.0, f"breaker opened {opened_after:.2f}s after the fault"
+    # It opened on the run of failures: at most the calls in flight when Redis
+    # went (one per caller) and the run itself failed before it did.
+    failed_before = w.errors_at_open[0] - w.errors_at_fault[0]
+    assert 1 <= failed_before <= CONCURRENCY + BREAKER.consecutive_failures, failed_before
+    # Once open, no call reaches Redis: the only failures counted since are the
+    # calls that were in flight when it opened (and the call that opened it,
+    # counted just after), never a call that started later.
+    failed_after = w.app.core.stats.errors - w.errors_at_open[0]
+    assert failed_after <= w.in_flight_at_open[0] + 1, (failed_after, w.in_flight_at_open)
     slowest = max(c.seconds for c in calls)
     assert slowest < TIMEOUT + 0.75, f"a validation took {slowest:.2f}s: more than one timeout"
-    once_open = [c.seconds for c in calls if c.started > w.opened_at[0] + 0.2]
+    once_open = [c for c in calls if c.started > w.opened_at[0]]
     assert len(once_open) > 100
-    # Postgres speed (a few ms here) rather than a Redis timeout per call.
-    assert statistics.median(once_open) < 0.1, statistics.median(once_open)
 
 
 async def test_redis_killed_after_a_healthy_window_opens_the_breaker_within_two_seconds(

@@ -154,7 +154,7 @@ async def _replica(
 ) -> tuple[SessionAuthority, PostgresSessionStore, RedisSessionCache]:
     store = PostgresSessionStore(dsn, min_size=1, max_size=4, command_timeout=5, acquire_timeout=5)
     cache = RedisSessionCache.from_url(
-        redis_url, ttl=300, min_connections=1, max_connections=4, timeout=1, pool_timeout=1
+        redis_url, min_connections=1, max_connections=4, timeout=1, pool_timeout=1
     )
     core = assemble_core(store, cache, breaker=Breaker(BreakerPolicy()), clock=clock)
     await core.replay_revocations()  # adopt Redis, as App.start does
@@ -196,7 +196,7 @@ async def test_the_drain_ignores_how_far_the_revokers_clock_is_off(
         own_postgres.url, min_size=1, max_size=4, command_timeout=5, acquire_timeout=5
     )
     cut_off = RedisSessionCache.from_url(
-        dead_redis, ttl=300, min_connections=0, max_connections=2, timeout=0.2, pool_timeout=0.2
+        dead_redis, min_connections=0, max_connections=2, timeout=0.2, pool_timeout=0.2
     )
     closing += [store, cut_off]
     slow = assemble_core(store, cut_off, breaker=Breaker(BreakerPolicy()), clock=_skewed(-20))

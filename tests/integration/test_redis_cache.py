@@ -160,7 +160,6 @@ async def test_without_legacy_keys_only_this_release_keys_are_used(
 ) -> None:
     cache = RedisSessionCache.from_url(
         redis_server.url,
-        ttl=60,
         min_connections=1,
         max_connections=2,
         timeout=1.0,
@@ -284,7 +283,7 @@ async def test_errors_become_cache_unavailable(tmp_path: object) -> None:
     server = EmbeddedRedis(Path(str(tmp_path)))
     server.start()
     cache = RedisSessionCache.from_url(
-        server.url, ttl=60, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
+        server.url, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
     )
     try:
         await cache.warm()
@@ -305,9 +304,11 @@ async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
 ) -> None:
     """Health is the one call no breaker times, and redis-py's own read
     timeout is only a backstop (3 timeouts): each health command is bounded
-    by the per-call timeout itself."""
+    by the per-call timeout itself. Which of the two gave up is told by what
+    it raised, not by the clock: the per-call bound is asyncio's bare
+    ``TimeoutError``, the backstop redis-py's "Timeout reading from socket"."""
     cache = RedisSessionCache.from_url(
-        own_redis.url, ttl=60, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
+        own_redis.url, min_connections=1, max_connections=2, timeout=0.3, pool_timeout=0.3
     )
     try:
         await cache.warm()
@@ -316,10 +317,9 @@ async def test_health_of_a_frozen_redis_answers_within_the_call_timeout(
         started = time.monotonic()
         health = await cache.health()
         waited = time.monotonic() - started
-        assert health.connected is False and health.error
-        # One command's timeout (0.3 s), not the backstop's 0.9 s; the rest is
-        # room for a stall of a noisy host (a hypervisor can take 0.3 s).
-        assert waited < 0.85, waited
+        assert health.connected is False
+        assert health.error == "TimeoutError"  # the per-call bound, not the driver's backstop
+        assert waited < 10, waited  # a backstop against a hang only
     finally:
         own_redis.resume()
         await cache.aclose()
@@ -330,7 +330,6 @@ async def test_waiting_out_the_pool_is_cache_busy(redis_server: EmbeddedRedis) -
     breaker judges as slowness), not a plain failure of Redis."""
     cache = RedisSessionCache.from_url(
         redis_server.url,
-        ttl=60,
         min_connections=0,
         max_connections=1,
         timeout=1.0,

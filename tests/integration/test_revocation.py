@@ -134,7 +134,7 @@ async def test_concurrent_validations_of_one_uncached_token_make_one_query(
     # unconfirmed load is (rightly) not shared, so every caller read Postgres.
     # Timeouts are not what this test is about: generous ones.
     cache = RedisSessionCache.from_url(
-        redis_server.url, ttl=60, min_connections=2, max_connections=10, timeout=10, pool_timeout=10
+        redis_server.url, min_connections=2, max_connections=10, timeout=10, pool_timeout=10
     )
     core, metrics = _core(store, cache, timeout=10.0)
     _CACHES.append(cache)
@@ -217,7 +217,7 @@ async def test_revocation_while_redis_is_down_is_replayed_before_redis_is_read(
         pg_dsn, min_size=1, max_size=5, command_timeout=5, acquire_timeout=5
     )
     cache = RedisSessionCache.from_url(
-        redis.url, ttl=300, min_connections=1, max_connections=5, timeout=0.3, pool_timeout=0.3
+        redis.url, min_connections=1, max_connections=5, timeout=0.3, pool_timeout=0.3
     )
     core, _ = _core(store, cache, timeout=0.3, reset_timeout=0.2)
     try:
@@ -264,7 +264,6 @@ async def test_a_drain_heals_a_partial_outage_seen_only_by_the_revoking_replica(
     reader, _ = _core(store, cache)
     cut_off = RedisSessionCache.from_url(  # the revoking replica cannot reach Redis
         f"redis://127.0.0.1:{find_free_port()}/0",
-        ttl=300,
         min_connections=0,
         max_connections=2,
         timeout=0.2,

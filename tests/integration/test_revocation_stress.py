@@ -80,7 +80,7 @@ async def _replica(pg_dsn: str, redis_url: str, revoked: set[str], l1: bool) -> 
     store = JitteryStore(pg_dsn, min_size=2, max_size=10, command_timeout=5, acquire_timeout=5)
     store.revoked = revoked
     cache = RedisSessionCache.from_url(
-        redis_url, ttl=300, min_connections=2, max_connections=10, timeout=1, pool_timeout=1
+        redis_url, min_connections=2, max_connections=10, timeout=1, pool_timeout=1
     )
     # A short cache TTL keeps misses (and so fill races) frequent; early
     # refresh stays well inside it.

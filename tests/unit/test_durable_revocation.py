@@ -23,7 +23,7 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from session_authority.bootstrap import assemble_core
+from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import Reason, Revocation, Session, Source, TokenHash
 from session_authority.core.policy import CorePolicy

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from session_authority.bootstrap import assemble_core
+from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Reason, Source, TokenHash
 from session_authority.core.policy import CorePolicy

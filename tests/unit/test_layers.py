@@ -63,6 +63,7 @@ EDGES = "edges-below-the-root"
 GENERATED = "generated-stops-at-transport"
 OBSERVABILITY = "observability-at-the-edge"
 EMBEDDED = "embedded-is-dev-tooling"
+RPC = "rpc-is-low"
 
 PLANTS = [
     # --- the core is pure
@@ -151,6 +152,19 @@ PLANTS = [
         "observability/__init__.py",
         "import session_authority.bootstrap",
         "session_authority.bootstrap",
+    ),
+    # --- the wrapping machinery sits below the transport and observability
+    Plant(
+        RPC,
+        "rpc.py",
+        "from session_authority.observability import metrics",
+        "session_authority.observability.metrics",
+    ),
+    Plant(
+        RPC,
+        "rpc.py",
+        "def _planted() -> None:\n    from session_authority.transport import status",
+        "session_authority.transport.status",
     ),
     # --- embedded is dev/test tooling
     Plant(

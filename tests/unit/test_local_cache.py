@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from session_authority.bootstrap import assemble_core
+from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import Reason, Revocation, Source, TokenHash
 from session_authority.core.local import LocalCache

@@ -44,7 +44,8 @@ import session_authority.observability
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash, new_token
-from session_authority.core.errors import CacheUnavailable, StoreUnavailable
+from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
+from session_authority.core.guarded import GuardedCache, GuardedStore
 from session_authority.core.health import (
     BreakerReport,
     CacheHealth,
@@ -64,14 +65,11 @@ from session_authority.observability.health_json import (
     health_http_status,
     rfc3339,
 )
-from session_authority.observability.instrumented import (
-    InstrumentedSessionCache,
-    InstrumentedSessionStore,
-)
 from session_authority.observability.interceptor import RpcMetricsInterceptor
 from session_authority.observability.metrics import Instruments, PrometheusMetrics
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.server_spans import ServerSpans, pure_sampler
+from session_authority.observability.timings import CacheTimings, StoreTimings
 from session_authority.observability.tracing import breaker_event
 from session_authority.transport.mapping import health_to_pb
 from tests.third_party import generate_openmetrics, parse_openmetrics
@@ -346,14 +344,16 @@ def test_watch_breaker_counts_and_records_each_transition_once(
     ]
 
 
-# --- the timing proxy ------------------------------------------------------------------
+# --- the port guards' timing ------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
-async def test_instrumented_cache_times_every_call_and_changes_nothing() -> None:
+async def test_the_cache_guard_times_every_call_and_changes_nothing() -> None:
     registry = CollectorRegistry()
     inner = InMemorySessionCache()
-    cache: SessionCache = InstrumentedSessionCache(inner, Instruments(registry).redis_latency)
+    cache: SessionCache = GuardedCache(
+        inner, None, observer=CacheTimings(Instruments(registry).redis_latency)
+    )
     token_hash = TokenHash.of(new_token())
     now = datetime.now(UTC)
     session = Session("s", "u", token_hash, now, now + timedelta(hours=1))
@@ -378,14 +378,14 @@ async def test_instrumented_cache_times_every_call_and_changes_nothing() -> None
 
 
 @pytest.mark.asyncio
-async def test_instrumented_cache_observes_the_health_probes_round_trips() -> None:
+async def test_the_cache_guard_observes_the_health_probes_round_trips() -> None:
     class Probed(InMemorySessionCache):
         async def health(self) -> CacheHealth:
             await super().health()
             return CacheHealth(connected=True, ping_ms=0.4, set_ms=0.6, get_ms=12.0)
 
     registry = CollectorRegistry()
-    cache = InstrumentedSessionCache(Probed(), Instruments(registry).redis_latency)
+    cache = GuardedCache(Probed(), None, observer=CacheTimings(Instruments(registry).redis_latency))
     await cache.health()
     lines = _lines(registry)
     # PING, SET and GET: three samples; the slow GET lands above the 10 ms bucket.
@@ -395,10 +395,12 @@ async def test_instrumented_cache_observes_the_health_probes_round_trips() -> No
 
 
 @pytest.mark.asyncio
-async def test_instrumented_store_times_every_call_and_changes_nothing() -> None:
+async def test_the_store_guard_times_every_call_and_changes_nothing() -> None:
     registry = CollectorRegistry()
     inner = InMemorySessionStore()
-    store: SessionStore = InstrumentedSessionStore(inner, Instruments(registry).store_query)
+    store: SessionStore = GuardedStore(
+        inner, None, observer=StoreTimings(Instruments(registry).store_query)
+    )
     token_hash = TokenHash.of(new_token())
     now = datetime.now(UTC)
     sid = str(uuid.uuid4())
@@ -445,6 +447,36 @@ async def test_instrumented_store_times_every_call_and_changes_nothing() -> None
         "confirm_purged": 1,
         "health": 1,
     }  # every call reached the real port
+
+
+@pytest.mark.asyncio
+async def test_behind_open_breakers_both_guards_time_only_what_reached_the_port() -> None:
+    """The same guard for both ports: calls through the breaker are timed; a
+    call the open breaker refuses is neither timed nor sent; the cache probe's
+    ``inner`` is timed without the breaker."""
+    registry = CollectorRegistry()
+    instruments = Instruments(registry)
+    cache_port, store_port = InMemorySessionCache(), InMemorySessionStore()
+    redis = Breaker(BreakerPolicy(timeout=1.0), name="redis")
+    postgres = Breaker(BreakerPolicy(timeout=1.0), name="postgres", error=StoreUnavailable)
+    cache = GuardedCache(cache_port, redis, observer=CacheTimings(instruments.redis_latency))
+    store = GuardedStore(store_port, postgres, observer=StoreTimings(instruments.store_query))
+    token_hash = TokenHash.of(new_token())
+    assert await cache.get(token_hash) is None
+    assert await store.find(token_hash) is None
+    redis.trip("test")
+    postgres.trip("test")
+    with pytest.raises(CircuitOpen):
+        await cache.get(token_hash)
+    with pytest.raises(StoreUnavailable):
+        await store.find(token_hash)
+    await cache.inner.ping()  # the probe's way: past the open breaker, still timed
+    lines = _lines(registry)
+    assert 'redis_latency_count{operation="get"} 1.0' in lines
+    assert 'redis_latency_count{operation="ping"} 1.0' in lines
+    sample = 'postgres_query_duration_seconds_count{operation="find",outcome="ok"} 1.0'
+    assert sample in lines
+    assert (cache_port.calls["get"], store_port.calls["find"]) == (1, 1)
 
 
 # --- the health document ------------------------------------------------------------
@@ -744,8 +776,6 @@ def test_admin_and_log_settings() -> None:
         Settings(log_level="chatty")
     with pytest.raises(ValidationError):
         Settings(admin_port=70000)
-    shown = Settings(otel_exporter_otlp_endpoint="https://u:secret@collector:4318").describe()
-    assert "secret" not in str(shown)
 
 
 def test_the_loop_histogram_is_exposed_exactly_as_a_prometheus_histogram() -> None:

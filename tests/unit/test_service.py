@@ -18,7 +18,7 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from session_authority.bootstrap import assemble_core
+from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import (
     Reason,
@@ -91,6 +91,7 @@ async def build() -> AsyncIterator[Build]:
             clock=clock.now,
             rng=random.Random(7).random,
             token_factory=token_factory,
+            monotonic=clock.monotonic,
         )
         world = World(clock, store, cache, breaker, svc)
         worlds.append(world)
@@ -391,6 +392,32 @@ async def test_a_caller_that_starts_after_a_failed_purge_never_shares_a_live_ans
     assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
 
 
+async def test_a_read_older_than_max_fill_lag_answers_but_is_not_cached(w: World) -> None:
+    # A tombstone lives tombstone_ttl; a read that took longer than max_fill_lag
+    # could outlive a tombstone written meanwhile, so its fill is dropped.
+    token = await w.create()
+    w.store.gate = asyncio.Event()
+    reader = asyncio.create_task(w.svc.validate(token))
+    await w.store.wait_parked(1)  # read: live
+    w.clock.advance(POLICY.max_fill_lag + 0.001)
+    w.store.gate.set()
+    answer = await reader
+    assert (answer.valid, answer.source) == (True, Source.DATABASE)
+    assert w.cache.peek(TokenHash.of(token)) is None
+    assert w.cache.calls["fill"] == 0
+
+
+async def test_a_read_within_max_fill_lag_is_cached(w: World) -> None:
+    token = await w.create()
+    w.store.gate = asyncio.Event()
+    reader = asyncio.create_task(w.svc.validate(token))
+    await w.store.wait_parked(1)
+    w.clock.advance(POLICY.max_fill_lag - 0.001)
+    w.store.gate.set()
+    assert (await reader).valid
+    assert isinstance(w.cache.peek(TokenHash.of(token)), Session)
+
+
 async def test_a_slow_unknown_fill_cannot_hide_a_session_created_meanwhile(
     build: Build,
 ) -> None:
@@ -405,6 +432,9 @@ async def test_a_slow_unknown_fill_cannot_hide_a_session_created_meanwhile(
     answer = await early
     assert (answer.valid, answer.reason) == (False, Reason.UNKNOWN)
     assert w.cache.peek(TokenHash.of(token)) is None  # the "unknown" was not written
+    # Later, as a real clock would say: the single-flight shares a load that settled
+    # at the very instant a miss looked (``since``), and this clock stands still.
+    w.clock.advance(0.001)
     assert (await w.svc.validate(token)).valid
 
 
@@ -450,6 +480,22 @@ async def test_store_down_and_cache_miss_raises_never_answers_valid(w: World) ->
         await w.svc.validate(token)
     assert w.cache.peek(TokenHash.of(token)) is None
     assert w.cache.calls["fill"] == 0
+
+
+async def test_the_facade_store_is_the_guarded_one(build: Build) -> None:
+    """Use cases that are one store read go through the facade's ``store``:
+    behind the Postgres breaker (refused at once while it is open)."""
+    store = InMemorySessionStore()
+    postgres = Breaker(BREAKER, name="postgres", error=StoreUnavailable)
+    svc = assemble_core(
+        store, None, breaker=Breaker(BREAKER), store_breaker=postgres, rng=random.random
+    )
+    assert await svc.store.find(TokenHash.of(new_token())) is None
+    postgres.trip("test")
+    with pytest.raises(StoreUnavailable):
+        await svc.store.find(TokenHash.of(new_token()))
+    assert store.calls["find"] == 1  # the refused call never reached the store
+    await svc.aclose()
 
 
 async def test_store_down_and_cache_hit_still_answers(w: World) -> None:
@@ -607,6 +653,7 @@ async def test_a_session_created_for_a_negatively_cached_token_is_valid(build: B
     assert (await w.svc.validate(token)).reason is Reason.UNKNOWN
     assert w.cache.peek(TokenHash.of(token)) == CachedVerdict(Reason.UNKNOWN)
     assert await w.create() == token
+    w.clock.advance(0.001)  # later (see the slow-unknown-fill test: this clock stands still)
     answer = await w.svc.validate(token)
     assert (answer.valid, answer.source) == (True, Source.DATABASE)
 

@@ -171,7 +171,6 @@ class RedisSessionCache:
         self,
         client: aioredis.Redis,
         pool: CountingPool,
-        ttl: float,
         identity: ServerIdentity | None = None,
         *,
         legacy_keys: bool = True,
@@ -179,7 +178,6 @@ class RedisSessionCache:
     ) -> None:
         self._redis = client
         self._pool = pool
-        self._ttl = ttl
         #: Bounds each health command (the only calls no breaker times).
         self._op_timeout = op_timeout
         self._identity = identity or ServerIdentity()
@@ -199,7 +197,6 @@ class RedisSessionCache:
         cls,
         url: str,
         *,
-        ttl: float,
         min_connections: int,
         max_connections: int,
         timeout: float,
@@ -230,7 +227,7 @@ class RedisSessionCache:
             redis_connect_func=identity.on_connect,
         )
         client = aioredis.Redis(connection_pool=pool)
-        return cls(client, pool, ttl, identity, legacy_keys=legacy_keys, op_timeout=timeout)
+        return cls(client, pool, identity, legacy_keys=legacy_keys, op_timeout=timeout)
 
     async def warm(self) -> None:
         """Open the minimum number of connections (best effort)."""

@@ -35,7 +35,6 @@ __all__ = [
     "IntegrityError",
     "decode_entry",
     "encode_entry",
-    "encode_marker",
     "epoch_us",
     "state_of",
 ]
@@ -90,11 +89,6 @@ def encode_entry(token_hash: TokenHash, entry: CacheEntry) -> list[str]:
     if entry.metadata:
         fields += ["m", json.dumps(dict(entry.metadata), separators=(",", ":"))]
     return fields
-
-
-def encode_marker(token_hash: TokenHash) -> list[str]:
-    """A creation marker (read as a miss; stops a racing "unknown" fill)."""
-    return ["state", "created", "h", _check(token_hash)]
 
 
 def state_of(token_hash: TokenHash, fields: dict[str, str]) -> str:

@@ -132,20 +132,34 @@ class App:
         if port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
         app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
-        await app._set_serving(False)
+        await app._begin(telemetry, admin_socket)
+        return app
+
+    async def _begin(self, telemetry: Telemetry, admin_socket: str | None) -> None:
+        """``start``'s second half, once the port is bound: the admin port,
+        the cache trusted and the bus subscribed, then the server started and
+        the background tasks running."""
+        settings, core, cache, bus, server = (
+            self.settings,
+            self.core,
+            self.cache,
+            self.bus,
+            self.server,
+        )
+        await self._set_serving(False)
         try:
-            await telemetry.start(lambda: app.serving, admin_socket=admin_socket)
+            await telemetry.start(lambda: self.serving, admin_socket=admin_socket)
         except BaseException:
             await server.stop(None)  # releases the bound gRPC port
             await telemetry.stop()
             raise
         if cache is not None:
             await cache.warm()
-            await app._trust_cache()
-        if built.bus is not None:
-            built.bus.start()
+            await self._trust_cache()
+        if bus is not None:
+            bus.start()
             with contextlib.suppress(TimeoutError):  # no L1 hits until it is subscribed
-                await asyncio.wait_for(built.bus.subscribed_once.wait(), 1.0)
+                await asyncio.wait_for(bus.subscribed_once.wait(), 1.0)
         # Everything built so far lives as long as the process: move it out of
         # the collector's sight, so that the collections the hot path's
         # allocations trigger do not walk it again and again (gc.freeze; +10 %
@@ -153,9 +167,9 @@ class App:
         gc.collect()
         gc.freeze()
         await server.start()
-        app._tasks.append(asyncio.create_task(app._watch_health(), name="health-watch"))
+        self._tasks.append(asyncio.create_task(self._watch_health(), name="health-watch"))
         if cache is not None and settings.revocation_sweep_seconds > 0:
-            app._tasks.append(
+            self._tasks.append(
                 asyncio.create_task(
                     core.run_drain(settings.revocation_sweep_seconds), name="revocation-drain"
                 )
@@ -163,12 +177,11 @@ class App:
         _log.info(
             "session-authority listening on %s:%d (postgres %s, redis %s)",
             settings.host,
-            port,
+            self.port,
             redact_url(settings.database_url),
             redact_url(settings.redis_url) or "disabled",
         )
-        log_security(settings, port, app.admin_port)
-        return app
+        log_security(settings, self.port, self.admin_port)
 
     async def _trust_cache(self) -> None:
         """No cache read before revocations are re-applied to it: before the

@@ -1,4 +1,4 @@
-"""The core on real adapters: pools, timing wrappers, breakers, the L1 cache and its bus."""
+"""The core on real adapters: pools, breakers and their timing, the L1 cache and its bus."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
-from session_authority.bootstrap.assembly import assemble_core
 from session_authority.config import Settings
+from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import TokenHash
 from session_authority.core.errors import StoreUnavailable
 from session_authority.core.local import LocalCache
-from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.service import SessionAuthority
 from session_authority.observability import Telemetry
 
@@ -32,9 +31,9 @@ class Built:
 
 def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
     """The core on real adapters. With ``telemetry``, the core reports to its
-    metrics and reaches Redis and Postgres through timing wrappers (the
-    returned store and cache are the adapters themselves, for pool numbers,
-    warming and closing), and each breaker has its listener."""
+    metrics, its port guards time every Redis and Postgres call into its
+    histograms, and each breaker has its listener. The returned store and
+    cache are the adapters themselves, for pool numbers, warming and closing."""
     if not settings.database_url:
         raise ValueError("DATABASE_URL is required")
     store = PostgresSessionStore(
@@ -48,7 +47,6 @@ def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
     if settings.redis_url:
         cache = RedisSessionCache.from_url(
             settings.redis_url,
-            ttl=settings.cache_ttl_seconds,
             min_connections=settings.redis_pool_min,
             max_connections=settings.redis_pool_max,
             timeout=settings.breaker_timeout_ms / 1000,
@@ -61,23 +59,20 @@ def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
         if settings.pg_breaker_enabled
         else None
     )
-    store_port: SessionStore = store
-    port: SessionCache | None = cache
     if telemetry is not None:
-        store_port = telemetry.instrument_store(store)
-        if cache is not None:
-            port = telemetry.instrument_cache(cache)
         telemetry.watch_breaker(breaker)
         if store_breaker is not None:
             telemetry.watch_breaker(store_breaker)
     local, bus = _local_cache(settings)
     core = assemble_core(
-        store_port,
-        port,
+        store,
+        cache,
         breaker=breaker,
         store_breaker=store_breaker,
         policy=settings.core_policy(),
         metrics=None if telemetry is None else telemetry.core_metrics,
+        cache_observer=None if telemetry is None else telemetry.cache_observer(),
+        store_observer=None if telemetry is None else telemetry.store_observer(),
         local=local,
         feed=bus,
     )

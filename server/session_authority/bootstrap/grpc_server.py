@@ -1,13 +1,11 @@
-"""The gRPC server's options and its handlers decorated once at registration."""
+"""The gRPC server's options. Handlers decorated once at registration
+(``DecoratingServer`` and its kin) live in ``session_authority.rpc``, with the
+wrap-once machinery they register; they are importable from here too."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
-
-import grpc
-
 from session_authority.config import Settings
+from session_authority.rpc import DecoratedGeneric, DecoratingServer, HandlerDecorator, split_chain
 
 __all__ = [
     "DecoratedGeneric",
@@ -16,84 +14,6 @@ __all__ = [
     "server_options",
     "split_chain",
 ]
-
-
-@runtime_checkable
-class HandlerDecorator(Protocol):
-    """An interceptor that can also wrap a method's handler once, when it is
-    registered (``WrappingInterceptor``s: drain, auth; ``RpcMetricsInterceptor``)."""
-
-    def decorate(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]: ...
-
-
-class DecoratingServer:
-    """Stands for the server while the generated ``add_*Servicer_to_server``
-    functions register their handlers, and registers each one decorated by
-    ``decorators`` (the first outermost). grpc.aio runs every interceptor's
-    ``intercept_service`` on every call (measured with h2load: two of them
-    cost ~45 us a call, a fifth of what the framework itself takes); a
-    handler decorated at registration costs only its wrapper. Registered
-    handlers take precedence over the generic ones registered beside them.
-    Per-call interceptors (tracing) still run outside the decorated ones."""
-
-    def __init__(self, server: grpc.aio.Server, decorators: list[HandlerDecorator]) -> None:
-        self._server = server
-        self._decorators = decorators
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        # Decorated too: a method served by a generic handler (reflection, or one
-        # grpc matches there) must not skip authorisation or the drain.
-        self._server.add_generic_rpc_handlers(
-            [DecoratedGeneric(h, self._decorators) for h in handlers]
-        )
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        decorated = {}
-        for name, handler in handlers.items():
-            for decorator in reversed(self._decorators):
-                handler = decorator.decorate(f"/{service}/{name}", handler)
-            decorated[name] = handler
-        self._server.add_registered_method_handlers(service, decorated)
-
-
-class DecoratedGeneric(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, decorators: list[HandlerDecorator]) -> None:
-        self._inner = inner
-        self._decorators = decorators
-        self._done: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = self._inner.service(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        done = self._done.get(method)
-        if done is not None and done[0] is handler:
-            return done[1]
-        decorated = handler
-        for decorator in reversed(self._decorators):
-            decorated = decorator.decorate(method, decorated)
-        self._done[method] = (handler, decorated)
-        return decorated
-
-
-def split_chain(
-    chain: list[grpc.aio.ServerInterceptor],
-) -> tuple[list[grpc.aio.ServerInterceptor], list[HandlerDecorator]]:
-    """The per-call interceptors (run first, outermost) and the handler
-    decorators (applied at registration, inside them), keeping ``chain``'s
-    order: no per-call interceptor may come after a decorator."""
-    per_call = [i for i in chain if not isinstance(i, HandlerDecorator)]
-    decorators: list[HandlerDecorator] = [i for i in chain if isinstance(i, HandlerDecorator)]
-    if chain != [*per_call, *decorators]:
-        raise ValueError("per-call interceptors must come before handler decorators")
-    return per_call, decorators
 
 
 def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:

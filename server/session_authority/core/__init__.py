@@ -1,5 +1,6 @@
 """The core: domain, policy and the cache-aside service. No transport or driver imports."""
 
+from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
 from session_authority.core.domain import Reason, Revocation, Session, Source, TokenHash, Validation
 from session_authority.core.errors import (
@@ -11,7 +12,7 @@ from session_authority.core.errors import (
     StoreUnavailable,
     Unavailable,
 )
-from session_authority.core.guarded import GuardedCache, GuardedStore
+from session_authority.core.guarded import GuardedCache, GuardedStore, PortObserver
 from session_authority.core.issuance import Issuer
 from session_authority.core.miss_limit import MissLimiter
 from session_authority.core.policy import CorePolicy
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidArgument",
     "Issuer",
     "MissLimiter",
+    "PortObserver",
     "RateLimited",
     "Reason",
     "Revocation",
@@ -46,4 +48,5 @@ __all__ = [
     "Unavailable",
     "Validation",
     "Validator",
+    "assemble_core",
 ]

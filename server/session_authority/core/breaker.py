@@ -1,8 +1,9 @@
-"""Circuit breaker with the runbook's semantics, built on aiobreaker's states.
+"""Circuit breaker with the runbook's semantics (aiobreaker's model, our own code).
 
-aiobreaker 1.2.0 holds the state (closed / open / half-open) and notifies its
-listeners of transitions; the policy is ours, because aiobreaker's own falls
-short of the runbook (see DESIGN-NOTES):
+The design card named aiobreaker 1.2.0; its states (closed / open / half-open)
+are the model here, but no part of it is used: its policy falls short of the
+runbook (see DESIGN-NOTES), and importing it loads redis-py (its package
+imports its Redis storage), which the core must not load. Where it falls short:
 
 * it counts *consecutive* failures only; the runbook opens on an error
   percentage over a rolling window (10 s in 10 buckets) with a minimum
@@ -17,8 +18,7 @@ short of the runbook (see DESIGN-NOTES):
   reads the state sees the old one; ours are called after, and are told the
   cause.
 
-So aiobreaker's ``call`` machinery is never used: we drive its state with
-``open()`` / ``half_open()`` / ``close()``.
+So the state is a plain ``BreakerState`` here, changed only by ``_transition``.
 
 When it opens: see ``breaker_policy.py``.
 """
@@ -30,8 +30,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-
-import aiobreaker
 
 from session_authority.core.breaker_policy import BreakerPolicy, BreakerState, OpeningRule
 from session_authority.core.errors import (
@@ -46,13 +44,6 @@ __all__ = ["Breaker", "BreakerPolicy", "BreakerState"]
 
 _log = logging.getLogger("session_authority.breaker")
 T = TypeVar("T")
-
-
-_FROM_AIOBREAKER = {
-    aiobreaker.CircuitBreakerState.CLOSED: BreakerState.CLOSED,
-    aiobreaker.CircuitBreakerState.OPEN: BreakerState.OPEN,
-    aiobreaker.CircuitBreakerState.HALF_OPEN: BreakerState.HALF_OPEN,
-}
 
 
 Listener = Callable[[BreakerState, BreakerState, str], None]
@@ -106,7 +97,7 @@ class Breaker:
         self.answered = 0
         #: Slow calls not counted as failures because others were answered meanwhile.
         self.slow_excused = 0
-        self._state = aiobreaker.CircuitBreaker(name=name)
+        self._state = BreakerState.CLOSED
         #: ``state is CLOSED``, kept by ``_transition`` (the hot path asks it on every call).
         self.closed = True
 
@@ -114,7 +105,7 @@ class Breaker:
 
     @property
     def state(self) -> BreakerState:
-        return _FROM_AIOBREAKER[self._state.current_state]
+        return self._state
 
     def seconds_until_half_open(self) -> float:
         if self.state is not BreakerState.OPEN:
@@ -163,18 +154,15 @@ class Breaker:
         self._cause = cause
         self._generation += 1  # a probe of an earlier generation can no longer act
         self._probing = False
+        self._state = new
         if new is BreakerState.OPEN:
             self._opened_at = self._clock()
             self.opened_count += 1
-            self._state.open()
             self._schedule_wakeup()
-        elif new is BreakerState.HALF_OPEN:
-            self._state.half_open()
-        else:
+        elif new is BreakerState.CLOSED:
             self._rule.reset()
-            self._state.close()
         self.closed = new is BreakerState.CLOSED
-        # Notify after aiobreaker has stored the new state, so listeners see it.
+        # Notify after the new state is stored, so listeners see it.
         if old is not new:
             self._notify(old, new)
 

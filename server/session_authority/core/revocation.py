@@ -49,7 +49,7 @@ from session_authority.core.domain import (
     parse_token,
 )
 from session_authority.core.errors import CacheUnavailable, StoreUnavailable
-from session_authority.core.guarded import GuardedCache
+from session_authority.core.guarded import BreakerCache
 from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionCache, SessionStore
@@ -78,7 +78,7 @@ class Revoker:
     def __init__(
         self,
         store: SessionStore,
-        cache: GuardedCache | None,
+        cache: BreakerCache | None,
         breaker: Breaker,
         policy: CorePolicy,
         *,

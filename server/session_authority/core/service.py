@@ -4,6 +4,7 @@ Each job lives in its own collaborator, all sharing the same ports and
 breakers, wired by the composition root (``bootstrap.assemble_core``):
 
 =================  ===========================================================
+``store``          the guarded ``SessionStore``, for use cases that are one read
 ``Issuer``         create: token, Postgres row, creation marker (issuance.py)
 ``Validator``      cache-aside validation, single-flight, early refresh
 ``Revoker``        invalidate / invalidate_user, breaker probe replay, drain
@@ -24,9 +25,10 @@ from session_authority.core.domain import Revocation, Session, Validation
 from session_authority.core.health import CacheStats, HealthReport, StoreHealth
 from session_authority.core.issuance import Issuer
 from session_authority.core.policy import CorePolicy
+from session_authority.core.ports import SessionStore
 from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
-from session_authority.core.validation import Caller, Validator
+from session_authority.core.validation import CallerKey, Validator
 
 __all__ = ["CorePolicy", "SessionAuthority"]
 
@@ -41,6 +43,10 @@ class SessionAuthority:
     stats: CacheStats
     #: The Redis breaker, and the Postgres one when enabled.
     breaker: Breaker
+    #: The store behind its breaker and timing (``GuardedStore``): a use case
+    #: that is one store read (no cache, no revocation rule) is a method here
+    #: over it, with no collaborator of its own.
+    store: SessionStore
     store_breaker: Breaker | None = None
 
     async def create(
@@ -48,7 +54,7 @@ class SessionAuthority:
     ) -> tuple[str, Session]:
         return await self.issuer.create(user_id, ttl, metadata)
 
-    async def validate(self, token: str, caller: Caller = "") -> Validation:
+    async def validate(self, token: str, caller: CallerKey = "") -> Validation:
         """``caller``: who asks, for the per-caller limit on unknown tokens."""
         return await self.validator.validate(token, caller)
 

@@ -54,11 +54,11 @@ from session_authority.core.telemetry import (
     span,
 )
 
-__all__ = ["Caller", "Loaded", "Validator"]
+__all__ = ["CallerKey", "Loaded", "Validator"]
 
 #: Who asks, for the per-caller limit on unknown tokens: a name, or a function
 #: that tells it (the transport's is only worth calling on a cache miss).
-Caller = str | Callable[[], str]
+CallerKey = str | Callable[[], str]
 
 _log = logging.getLogger("session_authority.cache")
 
@@ -89,6 +89,7 @@ class Validator:
         metrics: CoreMetrics,
         clock: Callable[[], datetime],
         rng: Callable[[], float],
+        monotonic: Callable[[], float],
         limiter: MissLimiter | None = None,
         local: LocalCache | None = None,
         feed: RevocationFeed | None = None,
@@ -106,7 +107,10 @@ class Validator:
             time.time if clock is utcnow else (lambda: clock().timestamp())
         )
         self._rng = rng
-        self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight()
+        # Seconds, for the age of reads: ``max_fill_lag`` and the single-flight's
+        # ``since`` (the same clock, so the two compare).
+        self._monotonic = monotonic
+        self._loads: SingleFlight[TokenHash, Loaded] = SingleFlight(clock=monotonic)
         # The L1 cache needs the revocation feed that keeps it honest.
         self._local = local if feed is not None else None
         self._feed = feed
@@ -123,7 +127,7 @@ class Validator:
         """How many validations await the load in flight for this hash."""
         return self._loads.callers(token_hash)
 
-    async def validate(self, token: str, caller: Caller = "") -> Validation:
+    async def validate(self, token: str, caller: CallerKey = "") -> Validation:
         """Whether ``token`` names a live session. Raises ``InvalidArgument`` for
         malformed input, ``StoreUnavailable`` when the answer is not in the
         cache and Postgres cannot be asked (never a guess), and ``RateLimited``
@@ -201,7 +205,7 @@ class Validator:
             local.drop(None)  # not sure any more: forget everything
         return None
 
-    async def _validate(self, token: str, caller: Caller) -> Validation:
+    async def _validate(self, token: str, caller: CallerKey) -> Validation:
         token_hash = parse_token(token)
         # ``validate`` asked the L1 copy first; from here on a copy read is
         # stored only if no drop came since (``version``).
@@ -210,7 +214,7 @@ class Validator:
         if not is_well_formed(token):
             self._metrics.cache_lookup("malformed")
             return Validation.invalid(Reason.UNKNOWN, Source.TOKEN_FORMAT)
-        looked_at = time.monotonic()
+        looked_at = self._monotonic()
         with span("session_cache.lookup") as current:
             current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             result, hit = await self._lookup(token_hash)
@@ -232,6 +236,22 @@ class Validator:
         # After a failed or refused lookup the rest of this request skips the
         # cache: one validation pays at most one cache timeout.
         clean = result == "miss"
+        loaded = await self._load_shared(token_hash, caller, clean=clean, looked_at=looked_at)
+        answer = loaded.answer
+        if local is not None and loaded.confirmed and answer.session is not None:
+            local.put(token_hash, answer.session, local.ttl, version)  # Redis holds it too
+        if answer.valid and answer.session is not None:
+            # A shared answer was judged at its load's time: judge expiry
+            # again at ours (a caller starting just after expires_at).
+            return self._judge(answer.session, answer.source)
+        return answer
+
+    async def _load_shared(
+        self, token_hash: TokenHash, caller: CallerKey, *, clean: bool, looked_at: float
+    ) -> Loaded:
+        """The miss path's Postgres answer: charged to ``caller``'s unknown-token
+        budget, shared through the single-flight, read again when what was
+        shared may predate a revocation that returned before we looked."""
         # Only a caller that starts a Postgres read is charged: joining a load in
         # flight costs Postgres nothing (1,000 callers of one token: one credit).
         limiter = self._limiter if token_hash not in self._loads else None
@@ -263,15 +283,8 @@ class Validator:
             # began (a revocation whose tombstone failed trips it, and leaves
             # no tombstone to refuse anything): a revocation that returned
             # before we started may postdate that read. Read for ourselves.
-            loaded = await self._load(token_hash, Flight(), fill=clean)
-        answer = loaded.answer
-        if local is not None and loaded.confirmed and answer.session is not None:
-            local.put(token_hash, answer.session, local.ttl, version)  # Redis holds it too
-        if answer.valid and answer.session is not None:
-            # A shared answer was judged at its load's time: judge expiry
-            # again at ours (a caller starting just after expires_at).
-            return self._judge(answer.session, answer.source)
-        return answer
+            return await self._load(token_hash, Flight(), fill=clean)
+        return loaded
 
     async def _lookup(self, token_hash: TokenHash) -> tuple[str, Cached | None]:
         cache = self._cache
@@ -363,7 +376,7 @@ class Validator:
         """Miss path: ask Postgres, then (with ``fill``) fill the cache conditionally."""
         opened = self._breaker.opened_count
         flight.begin()
-        read_started = time.monotonic()
+        read_started = self._monotonic()
         with span("session_store.find") as current:
             current.set_attribute(ATTR_TOKEN_PREFIX, token_hash.prefix)
             session = await self._store.find(token_hash)
@@ -371,7 +384,7 @@ class Validator:
         answer = self._judge(entry, Source.DATABASE)
         if not fill:
             return Loaded(answer, False, opened)
-        if time.monotonic() - read_started > self._policy.max_fill_lag:
+        if self._monotonic() - read_started > self._policy.max_fill_lag:
             return Loaded(answer, False, opened)  # too old to trust against an expired tombstone
         filled = await self._fill(token_hash, entry, ttl)
         if filled is False:

@@ -217,6 +217,44 @@ def combine_health(
     worker ``i``'s, None when it did not answer). Rules: the module docstring."""
     answered = [doc for doc in docs if doc is not None]
     silent = [worker for worker, doc in enumerate(docs) if doc is None]
+    workers = _worker_entries(docs, pids)
+    stamp = rfc3339(now or datetime.now(UTC))
+    unanswered = [f"worker {w} (pid {pids[w]}) did not answer" for w in silent]
+    if not answered:
+        return {"status": "unhealthy", "timestamp": stamp, "errors": unanswered, "workers": workers}
+    statuses = [doc["status"] for doc in answered] + ["unhealthy"] * len(silent)
+    combined = dict(answered[0])
+    combined["status"] = _worst(statuses, _STATUS_RANK)
+    combined["timestamp"] = stamp
+    reached = [doc["redis"] for doc in answered if doc["redis"]["connected"]]
+    combined["redis"] = dict(reached[0] if reached else answered[0]["redis"])
+    combined["redis"]["connected"] = len(reached) == len(docs)
+    combined["sessionCache"] = _combined_cache([doc["sessionCache"] for doc in answered], silent)
+    combined["performance"] = {
+        name: max(_number(doc["performance"][name]) for doc in answered)
+        for name in ("ping", "set", "get")
+    }
+    errors: list[str] = []
+    for doc in answered:
+        errors += [e for e in doc["errors"] if e not in errors]
+    combined["errors"] = errors + unanswered
+    combined["postgres"] = _combined_store([doc["postgres"] for doc in answered], silent)
+    l1 = [doc["localCache"] for doc in answered if "localCache" in doc]
+    if l1:
+        combined["localCache"] = _combined_local(l1, len(docs))
+    for key in ("breaker", "postgresBreaker"):
+        breakers = [doc[key] for doc in answered if key in doc]
+        if breakers:
+            state = _worst([b["state"] for b in breakers], _BREAKER_RANK)
+            combined[key] = next(b for b in breakers if b["state"] == state)
+    combined["workers"] = workers
+    return combined
+
+
+def _worker_entries(
+    docs: Sequence[dict[str, Any] | None], pids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Each worker's status and breaker states (unhealthy when it did not answer)."""
     workers: list[dict[str, Any]] = []
     for worker, (doc, pid) in enumerate(zip(docs, pids, strict=True)):
         entry: dict[str, Any] = {"worker": worker, "pid": pid, "status": "unhealthy"}
@@ -226,23 +264,13 @@ def combine_health(
                 if key in doc:
                     entry[key] = doc[key]["state"]
         workers.append(entry)
-    stamp = rfc3339(now or datetime.now(UTC))
-    unanswered = [f"worker {w} (pid {pids[w]}) did not answer" for w in silent]
-    if not answered:
-        return {"status": "unhealthy", "timestamp": stamp, "errors": unanswered, "workers": workers}
-    statuses = [doc["status"] for doc in answered] + ["unhealthy"] * len(silent)
-    combined = dict(answered[0])
-    combined["status"] = _worst(statuses, _STATUS_RANK)
-    combined["timestamp"] = stamp
+    return workers
 
-    reached = [doc["redis"] for doc in answered if doc["redis"]["connected"]]
-    combined["redis"] = dict(reached[0] if reached else answered[0]["redis"])
-    combined["redis"]["connected"] = len(reached) == len(docs)
 
-    caches = [doc["sessionCache"] for doc in answered]
+def _combined_cache(caches: list[dict[str, Any]], silent: list[int]) -> dict[str, Any]:
     hits = sum(int(c["metrics"]["hits"]) for c in caches)
     misses = sum(int(c["metrics"]["misses"]) for c in caches)
-    combined["sessionCache"] = {
+    return {
         "enabled": any(c["enabled"] for c in caches),
         "healthy": all(c["healthy"] for c in caches) and not silent,
         "metrics": {
@@ -255,34 +283,21 @@ def combine_health(
         },
         "pool": _sum_pools([c["pool"] for c in caches]),
     }
-    combined["performance"] = {
-        name: max(_number(doc["performance"][name]) for doc in answered)
-        for name in ("ping", "set", "get")
-    }
-    errors: list[str] = []
-    for doc in answered:
-        errors += [e for e in doc["errors"] if e not in errors]
-    combined["errors"] = errors + unanswered
 
-    stores = [doc["postgres"] for doc in answered]
-    combined["postgres"] = {
+
+def _combined_store(stores: list[dict[str, Any]], silent: list[int]) -> dict[str, Any]:
+    return {
         "connected": all(s["connected"] for s in stores) and not silent,
         "version": next((s["version"] for s in stores if s["version"]), stores[0]["version"]),
         "pool": _sum_pools([s["pool"] for s in stores]),
         "ping": max(_number(s["ping"]) for s in stores),
     }
-    l1 = [doc["localCache"] for doc in answered if "localCache" in doc]
-    if l1:
-        combined["localCache"] = {
-            **l1[0],
-            "enabled": any(c["enabled"] for c in l1),
-            "live": all(c["live"] for c in l1) and len(l1) == len(docs),
-            "entries": sum(int(c["entries"]) for c in l1),
-        }
-    for key in ("breaker", "postgresBreaker"):
-        breakers = [doc[key] for doc in answered if key in doc]
-        if breakers:
-            state = _worst([b["state"] for b in breakers], _BREAKER_RANK)
-            combined[key] = next(b for b in breakers if b["state"] == state)
-    combined["workers"] = workers
-    return combined
+
+
+def _combined_local(l1: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    return {
+        **l1[0],
+        "enabled": any(c["enabled"] for c in l1),
+        "live": all(c["live"] for c in l1) and len(l1) == workers,
+        "entries": sum(int(c["entries"]) for c in l1),
+    }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from session_authority.core.health import HealthReport
@@ -28,13 +27,10 @@ class HealthSampler:
         self._probe = probe
         self._interval = interval
         self.latest: HealthReport | None = None
-        self.sampled_at: float | None = None
-        """``time.monotonic()`` of the latest sample."""
 
     async def sample(self) -> HealthReport:
         report = await self._probe()
         self.latest = report
-        self.sampled_at = time.monotonic()
         return report
 
     async def run(self) -> None:

@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from session_authority.observability.interceptor import Behavior, UnaryDecorator
+from session_authority.rpc import Behavior, UnaryDecorator
 
 __all__ = ["ServerSpans", "pure_sampler"]
 
@@ -139,7 +139,7 @@ class ServerSpans(UnaryDecorator):
         """Whether calls are sampled here (``pure_sampler``), not by the tracer."""
         return self._sampler is not None
 
-    def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
+    def _wrap_unary(self, behavior: Behavior, service: str, method: str) -> Behavior:
         name = f"/{service}/{method}"
         start_span = self._tracer.start_span
         # Shared by every call's span: the SDK copies a sampled span's attributes.

@@ -2,10 +2,10 @@
 
 Built in the serving process when the server starts (never at import time). It
 owns a Prometheus registry of its own, the core's ``CoreMetrics``, the timing
-wrappers for both ports, the breaker listeners, the gRPC interceptors, the
+observers of both ports, the breaker listeners, the gRPC interceptors, the
 background health sampler and the admin HTTP server.
 
-It knows no concrete class: the composition root hands it ports to wrap,
+It knows no concrete class: the composition root asks it for port observers,
 breakers to watch, and callables to read (cache counters, pool numbers, the
 health report). Nor does it install the tracer provider: the composition root
 calls ``install_tracing`` and passes the provider (or ``None``) in.
@@ -29,14 +29,10 @@ from prometheus_client import (
 
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker
+from session_authority.core.guarded import PortObserver
 from session_authority.core.health import CacheStats, HealthReport, PoolStats
-from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.observability.admin import AdminServer
 from session_authority.observability.collector import StateCollector
-from session_authority.observability.instrumented import (
-    InstrumentedSessionCache,
-    InstrumentedSessionStore,
-)
 from session_authority.observability.interceptor import RpcMetricsInterceptor
 from session_authority.observability.metrics import (
     Instruments,
@@ -45,6 +41,7 @@ from session_authority.observability.metrics import (
 )
 from session_authority.observability.sampler import HealthSampler
 from session_authority.observability.server_spans import ServerSpans
+from session_authority.observability.timings import CacheTimings, StoreTimings
 from session_authority.observability.tracing import flush_tracing
 
 __all__ = ["Telemetry"]
@@ -74,13 +71,13 @@ class Telemetry:
         self._watched: list[Breaker] = []
         self._task: asyncio.Task[None] | None = None
 
-    def instrument_cache(self, cache: SessionCache) -> SessionCache:
-        """``cache``, timed into ``redis_latency``."""
-        return InstrumentedSessionCache(cache, self.instruments.redis_latency)
+    def cache_observer(self) -> PortObserver:
+        """Times every cache call into ``redis_latency`` (the guard calls it)."""
+        return CacheTimings(self.instruments.redis_latency)
 
-    def instrument_store(self, store: SessionStore) -> SessionStore:
-        """``store``, timed into ``postgres_query_duration_seconds``."""
-        return InstrumentedSessionStore(store, self.instruments.store_query)
+    def store_observer(self) -> PortObserver:
+        """Times every store call into ``postgres_query_duration_seconds``."""
+        return StoreTimings(self.instruments.store_query)
 
     def watch_breaker(self, breaker: Breaker) -> None:
         """The one place a breaker gets its listener: each transition is

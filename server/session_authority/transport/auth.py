@@ -36,7 +36,7 @@ __all__ = [
     "AuthInterceptor",
     "AuthPolicy",
     "Caller",
-    "Reason",
+    "Refusal",
     "hash_api_key",
 ]
 
@@ -45,11 +45,11 @@ _log = logging.getLogger("session_authority.auth")
 API_KEY_PREFIX = "apikey:"
 """An API key's identity is this prefix and the key's name (``apikey:login``)."""
 
-Reason: TypeAlias = Literal["no_credentials", "invalid_credentials", "not_allowed"]
+Refusal: TypeAlias = Literal["no_credentials", "invalid_credentials", "not_allowed"]
 """Why a call was denied; also the ``reason`` label of the denial counter."""
 
 #: The one table from a denial to its status and the message the caller sees.
-_STATUS: dict[Reason, tuple[grpc.StatusCode, str]] = {
+_STATUS: dict[Refusal, tuple[grpc.StatusCode, str]] = {
     "no_credentials": (
         grpc.StatusCode.UNAUTHENTICATED,
         "credentials required: a client certificate or an API key "
@@ -130,7 +130,7 @@ class AuthPolicy:
         """True when no call of ``method`` needs checking."""
         return not self.enforced or _service_of(method) in self.public_services
 
-    def decide(self, method: str, caller: Caller) -> Reason | None:
+    def decide(self, method: str, caller: Caller) -> Refusal | None:
         """None when ``caller`` may call ``method``, else why not."""
         if self.is_public(method):
             return None
@@ -165,7 +165,7 @@ class AuthInterceptor(WrappingInterceptor):
         keys: ApiKeys,
         *,
         trust_client_certificates: bool,
-        on_denied: Callable[[str, Reason], None] = lambda method, reason: None,
+        on_denied: Callable[[str, Refusal], None] = lambda method, reason: None,
     ) -> None:
         """``trust_client_certificates``: the port verifies client
         certificates against a CA (mTLS); only then are their SANs identities."""

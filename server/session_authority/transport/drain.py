@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from session_authority.transport.wrapping import WrappingInterceptor
+from session_authority.rpc import WrappingInterceptor
 
 __all__ = ["DrainInterceptor"]
 

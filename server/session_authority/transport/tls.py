@@ -37,8 +37,6 @@ class CertificateFiles:
         self._paths = [p for p in (cert, key, client_ca) if p is not None]
         self._loaded: _Stamp | None = None
         self._rejected: _Stamp | None = None
-        self.reloads = 0
-        """How many times changed files were taken up (not counting the first load)."""
 
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials that follow the files. Raises ``OSError``
@@ -77,7 +75,6 @@ class CertificateFiles:
             return None
         self._loaded = stamp
         self._rejected = None
-        self.reloads += 1
         _log.info("TLS: reloaded %s", self._describe())
         return config
 

@@ -1,4 +1,8 @@
-"""The core assembled from its collaborators over given ports (no I/O, no adapters)."""
+"""The core assembled from its collaborators over given ports (no I/O, no adapters).
+
+Importing it loads no driver, gRPC, Prometheus or OpenTelemetry SDK (a test
+imports it alone in a fresh interpreter): the unit tests assemble their cores
+here on fakes, and ``bootstrap.build_core`` on the real adapters."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from datetime import datetime
 
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import new_token
-from session_authority.core.guarded import GuardedCache, GuardedStore
+from session_authority.core.guarded import GuardedCache, GuardedStore, PortObserver
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
 from session_authority.core.local import LocalCache, RevocationFeed
@@ -33,6 +37,8 @@ def assemble_core(
     store_breaker: Breaker | None = None,
     policy: CorePolicy | None = None,
     metrics: CoreMetrics | None = None,
+    cache_observer: PortObserver | None = None,
+    store_observer: PortObserver | None = None,
     clock: Callable[[], datetime] = utcnow,
     rng: Callable[[], float] = random.random,
     token_factory: Callable[[], str] = new_token,
@@ -41,16 +47,17 @@ def assemble_core(
     feed: RevocationFeed | None = None,
 ) -> SessionAuthority:
     """The core's collaborators over the given ports (no I/O). Both ports go
-    behind their breakers the same way; the Redis breaker's half-open probe is
-    the revoker's replay. Tests assemble their cores here too, on fakes."""
+    behind their breakers the same way (``core/guarded.py``), each timed into
+    its observer when one is given; the Redis breaker's half-open probe is the
+    revoker's replay. Tests assemble their cores here too, on fakes."""
     policy = policy or CorePolicy()
     metrics = metrics or NoMetrics()
     stats = CacheStats()
-    guarded_store: SessionStore = (
-        store if store_breaker is None else GuardedStore(store, store_breaker)
-    )
+    guarded_store = GuardedStore(store, store_breaker, observer=store_observer)
     guarded_cache = (
-        None if cache is None else GuardedCache(cache, breaker, stats=stats, metrics=metrics)
+        None
+        if cache is None
+        else GuardedCache(cache, breaker, stats=stats, metrics=metrics, observer=cache_observer)
     )
     if cache is None:
         local = feed = None  # L1 and its revocation feed live on Redis
@@ -71,6 +78,7 @@ def assemble_core(
             metrics=metrics,
             clock=clock,
             rng=rng,
+            monotonic=monotonic,
             limiter=(
                 MissLimiter(policy.unknown_token_rate, policy.unknown_token_burst, clock=monotonic)
                 if policy.unknown_token_rate > 0
@@ -81,9 +89,17 @@ def assemble_core(
         ),
         revoker=revoker,
         reporter=HealthReporter(
-            store, cache, breaker, store_breaker, policy, stats, local=local, feed=feed
+            guarded_store,
+            guarded_cache,
+            breaker,
+            store_breaker,
+            policy,
+            stats,
+            local=local,
+            feed=feed,
         ),
         stats=stats,
         breaker=breaker,
+        store=guarded_store,
         store_breaker=store_breaker,
     )
