@@ -278,6 +278,10 @@ def combine_health(
             "enabled": any(c["enabled"] for c in l1),
             "live": all(c["live"] for c in l1) and len(l1) == len(docs),
             "entries": sum(int(c["entries"]) for c in l1),
+            # A worker whose bus is not live names the fleet's state.
+            "bus": next((c["bus"] for c in l1 if c.get("bus") != "live"), l1[0].get("bus", "")),
+            "busRestarts": sum(int(c.get("busRestarts", 0)) for c in l1),
+            "malformedMessages": sum(int(c.get("malformedMessages", 0)) for c in l1),
         }
     for key in ("breaker", "postgresBreaker"):
         breakers = [doc[key] for doc in answered if key in doc]
