@@ -140,7 +140,7 @@ async def test_a_registration_that_disappears_drops_every_copy(
     await _until(lambda: feed.live, 2)
     raw = aioredis.Redis.from_url(own_redis.url)
     try:
-        assert await raw.zscore(REGISTRY, feed.process_id) is not None  # registered
+        assert await raw.hget(REGISTRY, feed.process_id) is not None  # registered
         await raw.delete(REGISTRY)
         await _until(lambda: len(told) == 2, 2 * LIVENESS)  # at the next heartbeat
         assert told == [None, None]

@@ -14,11 +14,15 @@ Keys and channels:
   requests that process published, ``<acker>|<request>,<request>,…`` (one
   message acknowledges every request an acker has pending for that publisher:
   batched under load);
-* ``session-authority:revocations:live``: a sorted set of the processes that
-  may answer from L1, scored by the Redis server's clock (ms) of their latest
-  heartbeat. The publisher's script drops members older than ``REGISTRY_TTL``
-  (``4 * liveness``), publishes and returns the rest, in one atomic step; it
-  then waits for an acknowledgement from each of those (itself excepted).
+* ``session-authority:revocations:live:<process>``: that process's
+  registration, a key that Redis expires ``REGISTRY_TTL`` (``4 * liveness``)
+  after its latest heartbeat (by the Redis server's clock), and
+  ``session-authority:revocations:live``, a hash naming the processes that
+  registered. The publisher's script keeps the registered processes whose key
+  has not expired (forgetting the others), publishes and returns them, in one
+  atomic step; it then waits for an acknowledgement from each of those
+  (itself excepted). Only commands the runbook's ACL user already has
+  (``GET SET HGET HSET HGETALL DEL PEXPIRE PUBLISH``, through ``EVALSHA``).
   Subscribers that are not ours (an operator's ``PSUBSCRIBE *``) are never
   waited for: ``PUBLISH``'s receiver count and ``PUBSUB NUMSUB`` are not read.
 
@@ -42,9 +46,9 @@ registration, written less than ``REGISTRY_TTL / 2`` ago by its own clock
   usually ``1.25 * liveness`` plus a round trip;
 * a process that dies while registered: ``propagated: false`` until its
   registration is older than ``REGISTRY_TTL`` (it answers nothing any more);
-* a registration that disappeared while its owner believed in it (flushed,
-  or dropped by a publisher after a lapse: ``ZADD`` adds it anew) means some
-  publisher may not have waited for us: every copy is dropped before the
+* a registration that disappeared while its owner believed in it (expired,
+  forgotten by a publisher, flushed: the heartbeat finds it missing) means
+  some publisher may not have waited for us: every copy is dropped before the
   renewed registration counts;
 * after any (re)subscription every copy is dropped (messages may have been
   missed in between), before the process registers.
@@ -91,21 +95,36 @@ POOL_SIZE = 8
 _ALL = "*"
 _HEX = frozenset("0123456789abcdef")
 
-#: Drop stale registrations, publish, return the registered processes: atomic.
+#: Forget expired registrations, publish, return the registered processes: atomic.
+#: KEYS[1] the registry hash; ARGV: channel, message, registration key prefix, hash TTL.
 _PUBLISH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+local found = redis.call('HGETALL', KEYS[1])
+local live, dead = {}, false
+for i = 1, #found, 2 do
+  if redis.call('GET', ARGV[3] .. found[i]) then
+    live[#live + 1] = found[i]
+  else
+    dead = true
+  end
+end
+if dead then
+  redis.call('DEL', KEYS[1])
+  for _, id in ipairs(live) do redis.call('HSET', KEYS[1], id, '1') end
+  if #live > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return live
 """
-#: Register (or renew) a process at the server's time; 1 when it was not registered.
+#: Register (or renew) a process; 1 when it was not registered (expired, forgotten
+#: by a publisher, flushed). KEYS: the registry hash, the process's key;
+#: ARGV: its id, the registration TTL, the hash TTL (all ms).
 _REGISTER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local added = redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return added
+local known = redis.call('HGET', KEYS[1], ARGV[1]) and redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if known then return 0 end
+return 1
 """
 
 
@@ -127,6 +146,7 @@ class RedisRevocationBus:
         self._clock = clock
         self.process_id = uuid.uuid4().hex[:16]
         self._ack_channel = ACK_PREFIX + self.process_id
+        self._registration = f"{REGISTRY}:{self.process_id}"
         self._publish_script = client.register_script(_PUBLISH)
         self._register_script = client.register_script(_REGISTER)
         # The current subscription: confirmed by Redis, when last heard from,
@@ -240,7 +260,8 @@ class RedisRevocationBus:
                         args=[
                             CHANNEL,
                             f"{self.process_id}|{','.join(requests)}|{body}",
-                            self._ttl_ms(),
+                            REGISTRY + ":",
+                            2 * self._ttl_ms(),
                         ],
                     )
             except (RedisError, OSError, TimeoutError) as exc:
@@ -386,7 +407,8 @@ class RedisRevocationBus:
         try:
             async with asyncio.timeout(self._liveness):
                 added = await self._register_script(
-                    keys=[REGISTRY], args=[self.process_id, 2 * self._ttl_ms()]
+                    keys=[REGISTRY, self._registration],
+                    args=[self.process_id, self._ttl_ms(), 2 * self._ttl_ms()],
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             _log.warning("Revocation bus registration Error: %s", str(exc) or type(exc).__name__)
@@ -394,7 +416,7 @@ class RedisRevocationBus:
         if not self._subscribed:
             return
         if int(added) and self._registered:
-            # Dropped while we counted on it (flushed, or lapsed and removed by
+            # Gone while we counted on it (flushed, or expired and forgotten by
             # a publisher that then did not wait for us): forget everything.
             _log.warning("Revocation bus registration was lost; L1 copies dropped")
             self._on_revoked(None)
@@ -405,7 +427,7 @@ class RedisRevocationBus:
     async def _unregister(self) -> None:
         try:
             async with asyncio.timeout(self._ack_timeout):
-                await self._client.zrem(REGISTRY, self.process_id)
+                await self._client.delete(self._registration)  # publishers forget it
         except (RedisError, OSError, TimeoutError):
             pass  # it lapses within REGISTRY_TTL anyway
 
