@@ -198,3 +198,26 @@ async def test_malformed_messages_are_counted_in_the_metrics(
         assert feed.live and feed.restarts == 0
     finally:
         await raw.aclose()
+
+
+async def test_a_process_whose_registration_cannot_be_renewed_stops_answering_from_l1(
+    own_redis: EmbeddedRedis, bus: tuple[RedisRevocationBus, Told, Jumps]
+) -> None:
+    """Redis refuses writes for a while (``CLIENT PAUSE … WRITE``): pongs keep
+    arriving on the subscription, but the registration cannot be renewed, so
+    publishers may soon stop waiting for this process. It must stop answering
+    from L1 within half the registration's life (``2 * liveness``) of the
+    last renewal it sent, before any publisher can ignore it (``4 * liveness``)."""
+    feed, _, _ = bus
+    await _until(lambda: feed.live, 2)
+    raw = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await raw.client_pause(int(4 * LIVENESS * 1000), all=False)  # writes only
+        # Not live before a publisher could ignore it: the wait below is that bound.
+        await _until(lambda: not feed.live, 4 * LIVENESS)
+        assert feed.state == "registering"  # heard from all along, not registered
+        await raw.client_unpause()
+        await _until(lambda: feed.live, 2 * LIVENESS)
+        assert feed.subscriptions == 1
+    finally:
+        await raw.aclose()
