@@ -80,6 +80,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from session_authority.adapters.redis_bus_wire import (
+    ALL,
+    PUBLISH_SCRIPT,
+    REGISTER_SCRIPT,
+    Acks,
+    as_bytes,
+    as_text,
+    batch,
+    parse,
+    valid_hashes,
+)
 from session_authority.core.domain import TokenHash
 
 __all__ = ["ACK_PREFIX", "CHANNEL", "POOL_SIZE", "REGISTRY", "RedisRevocationBus"]
@@ -92,40 +103,6 @@ REGISTRY = "session-authority:revocations:live"
 #: The bus's connections: the subscription, the acknowledgements, the heartbeat
 #: and the publishes. Callers wait for a free one (up to ``ack_timeout``).
 POOL_SIZE = 8
-_ALL = "*"
-_HEX = frozenset("0123456789abcdef")
-
-#: Forget expired registrations, publish, return the registered processes: atomic.
-#: KEYS[1] the registry hash; ARGV: channel, message, registration key prefix, hash TTL.
-_PUBLISH = """
-local found = redis.call('HGETALL', KEYS[1])
-local live, dead = {}, false
-for i = 1, #found, 2 do
-  if redis.call('GET', ARGV[3] .. found[i]) then
-    live[#live + 1] = found[i]
-  else
-    dead = true
-  end
-end
-if dead then
-  redis.call('DEL', KEYS[1])
-  for _, id in ipairs(live) do redis.call('HSET', KEYS[1], id, '1') end
-  if #live > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return live
-"""
-#: Register (or renew) a process; 1 when it was not registered (expired, forgotten
-#: by a publisher, flushed). KEYS: the registry hash, the process's key;
-#: ARGV: its id, the registration TTL, the hash TTL (all ms).
-_REGISTER = """
-local known = redis.call('HGET', KEYS[1], ARGV[1]) and redis.call('GET', KEYS[2])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[1], '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if known then return 0 end
-return 1
-"""
 
 
 class RedisRevocationBus:
@@ -147,8 +124,8 @@ class RedisRevocationBus:
         self.process_id = uuid.uuid4().hex[:16]
         self._ack_channel = ACK_PREFIX + self.process_id
         self._registration = f"{REGISTRY}:{self.process_id}"
-        self._publish_script = client.register_script(_PUBLISH)
-        self._register_script = client.register_script(_REGISTER)
+        self._publish_script = client.register_script(PUBLISH_SCRIPT)
+        self._register_script = client.register_script(REGISTER_SCRIPT)
         # The current subscription: confirmed by Redis, when last heard from,
         # until when our registration is sure to count, and so until when L1
         # may be trusted (the minimum; -inf: not at all).
@@ -158,7 +135,7 @@ class RedisRevocationBus:
         self._registered_until = -math.inf
         self._live_until = -math.inf
         self._restarting = False
-        self._waiting: dict[str, _Acks] = {}
+        self._waiting: dict[str, Acks] = {}
         self._acks_due: dict[str, list[str]] = {}
         self._acks_wake = asyncio.Event()
         self._outbox: list[tuple[str, list[str] | None]] = []
@@ -217,7 +194,7 @@ class RedisRevocationBus:
     async def publish(self, token_hashes: Iterable[TokenHash] | None) -> bool:
         request = uuid.uuid4().hex[:16]
         hashes = None if token_hashes is None else [h.hex for h in token_hashes]
-        acks = self._waiting[request] = _Acks()
+        acks = self._waiting[request] = Acks()
         self._outbox.append((request, hashes))
         self._outbox_wake.set()
         try:
@@ -244,15 +221,15 @@ class RedisRevocationBus:
         while True:
             await self._outbox_wake.wait()
             self._outbox_wake.clear()
-            batch, merged = _batch(self._outbox)
-            if not batch:
+            taken, merged = batch(self._outbox)
+            if not taken:
                 continue
             if self._outbox:
                 self._outbox_wake.set()  # the rest: next round
-            requests = [r for r in batch if r in self._waiting]  # not given up yet
+            requests = [r for r in taken if r in self._waiting]  # not given up yet
             if not requests:
                 continue
-            body = _ALL if merged is None else ",".join(merged)
+            body = ALL if merged is None else ",".join(merged)
             try:
                 async with asyncio.timeout(self._ack_timeout):
                     members = await self._publish_script(
@@ -275,7 +252,7 @@ class RedisRevocationBus:
                     if (acks := self._waiting.get(request)) is not None:
                         acks.fail(RedisError(type(exc).__name__))
                 continue
-            expected = {_text(m) for m in members} - {self.process_id}
+            expected = {as_text(m) for m in members} - {self.process_id}
             for request in requests:
                 if (acks := self._waiting.get(request)) is not None:
                     acks.expect(expected)
@@ -339,7 +316,7 @@ class RedisRevocationBus:
                     last_heard = now
                     unanswered = None
                     if message.get("type") == "subscribe":
-                        confirmed.add(_bytes(message.get("channel")))
+                        confirmed.add(as_bytes(message.get("channel")))
                         if not self._subscribed and confirmed >= wanted:
                             self._confirmed()
                     self._heard(now)
@@ -436,9 +413,9 @@ class RedisRevocationBus:
     def _handle(self, message: dict[str, Any]) -> None:
         if message.get("type") != "message":
             return  # subscribe confirmations, pongs: they only prove we are heard
-        channel = _bytes(message.get("channel"))
+        channel = as_bytes(message.get("channel"))
         data = message.get("data")
-        parsed = _parse(data)
+        parsed = parse(data)
         if channel == self._ack_channel.encode():
             if parsed is None or len(parsed) != 2:
                 self._malformed(channel, data)
@@ -454,8 +431,8 @@ class RedisRevocationBus:
             self._on_revoked(None)  # it may have been meant as a revocation
             return
         sender, requests, body = parsed
-        hashes = None if body == _ALL else body.split(",")
-        if hashes is not None and not all(len(h) == 64 and _HEX.issuperset(h) for h in hashes):
+        hashes = None if body == ALL else body.split(",")
+        if hashes is not None and not valid_hashes(hashes):
             self._malformed(channel, data)
             self._on_revoked(None)
             return
@@ -497,86 +474,3 @@ class RedisRevocationBus:
                 _log.warning("Revocation ack Error: %s", str(exc) or type(exc).__name__)
             except Exception:
                 _log.exception("Revocation ack Error")
-
-
-#: Most hashes merged into one message; a bigger batch waits for the next one.
-_BATCH_HASHES = 1000
-
-
-def _batch(
-    outbox: list[tuple[str, list[str] | None]],
-) -> tuple[list[str], list[str] | None]:
-    """Take requests off the front of ``outbox`` (in place) for one message:
-    their ids and merged hashes (``None``: one of them drops everything)."""
-    requests: list[str] = []
-    merged: set[str] | None = set()
-    taken = 0
-    for request, hashes in outbox:
-        if (
-            requests
-            and merged is not None
-            and (hashes is None or len(merged) + len(hashes) > _BATCH_HASHES)
-        ):
-            break
-        requests.append(request)
-        taken += 1
-        if hashes is None or merged is None:
-            merged = None
-        else:
-            merged.update(hashes)
-    del outbox[:taken]
-    return requests, None if merged is None else sorted(merged)
-
-
-def _bytes(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode()
-
-
-def _text(value: object) -> str:
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _parse(data: object) -> list[str] | None:
-    """``a|b|…`` as ASCII fields, each non-empty; None when it is not that."""
-    if isinstance(data, str):
-        data = data.encode("utf-8", "surrogateescape")
-    if not isinstance(data, bytes):
-        return None
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    fields = text.split("|")
-    if any(not field for field in fields):
-        return None
-    return fields
-
-
-class _Acks:
-    """Acknowledgements of one published request; ``done`` once every
-    expected process has acknowledged (those heard before the expectation
-    was known count too)."""
-
-    def __init__(self) -> None:
-        self.heard: set[str] = set()
-        self.expected: set[str] | None = None
-        self.error: Exception | None = None
-        self.done = asyncio.Event()
-
-    def fail(self, error: Exception) -> None:
-        self.error = error
-        self.done.set()
-
-    def add(self, acker: str) -> None:
-        self.heard.add(acker)
-        self._check()
-
-    def expect(self, processes: set[str]) -> None:
-        self.expected = processes
-        self._check()
-
-    def _check(self) -> None:
-        if self.expected is not None and self.expected <= self.heard:
-            self.done.set()
