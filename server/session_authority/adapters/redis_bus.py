@@ -53,6 +53,15 @@ registration, written less than ``REGISTRY_TTL / 2`` ago by its own clock
 * after any (re)subscription every copy is dropped (messages may have been
   missed in between), before the process registers.
 
+Known gap: the registry flushed (FLUSHALL, or a restore without it) while
+every process is healthy. Until each process's next heartbeat (at most a
+quarter of the liveness) publishers wait for nobody, so ``propagated: true``
+may come before another process has read the message from its subscription
+(normally under a millisecond; it drops the copy when it does, and every copy
+at that heartbeat). A call that passed the ``live`` check just before its
+process froze answers when it wakes: that answer was decided before the
+revocation it may race.
+
 Silence alone does not give a subscription up: a process frozen for longer
 than the liveness (a machine stall) wakes up to silence on a connection that
 lost nothing. It answers no L1 hit until its ping is answered (Redis delivers
