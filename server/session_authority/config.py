@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     """In-process cache: most entries kept (least recently used go first)."""
     l1_ack_timeout_ms: int = Field(default=250, gt=0)
     """How long Invalidate waits for every process to drop its L1 copies."""
+    l1_bus_liveness_ms: int = Field(default=500, ge=50, le=10_000)
+    """The revocation bus: a process answers from L1 only while its subscription
+    delivered data (a message or a pong) within this long; it pings every quarter
+    of it. Its registration counts for publishers 4x this long (see redis_bus.py)."""
 
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

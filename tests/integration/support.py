@@ -72,3 +72,103 @@ async def wait_serving(stub: pb_grpc.SessionAuthorityAsyncStub, log: Path) -> No
         except grpc.aio.AioRpcError:
             assert time.monotonic() < deadline, f"not serving; see {log}"
             await asyncio.sleep(0.1)
+
+
+class RedisProxy:
+    """A TCP proxy in the test's event loop between a ``serve`` process and
+    Redis, that can fail one kind of connection on demand: a connection that has
+    sent SUBSCRIBE is a *subscriber*.
+
+    * ``cut_subscribers()``: Redis's side is closed (Redis forgets the
+      subscription), the process's side stays open and silent: what a cut
+      network does to a process that never hears of it.
+    * ``hold_subscribers()``: both sides stay open and nothing more is
+      forwarded either way (the bytes are dropped for good).
+
+    Every other connection (the process's cache and bus commands) is untouched.
+    """
+
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
+        self._upstream = (host, upstream_port)
+        self._links: list[_Link] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def cut_subscribers(self) -> int:
+        """Cut every subscriber connection now; how many were cut."""
+        return self._stop(close_upstream=True)
+
+    def hold_subscribers(self) -> int:
+        """Stop forwarding on every subscriber connection now; how many."""
+        return self._stop(close_upstream=False)
+
+    def _stop(self, *, close_upstream: bool) -> int:
+        stopped = 0
+        for link in self._links:
+            if link.subscriber and not link.stopped:
+                link.stopped = True
+                if close_upstream:
+                    link.upstream.close()
+                stopped += 1
+        return stopped
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in self._links:
+            link.upstream.close()
+            link.downstream.close()
+            for task in link.tasks:
+                task.cancel()
+        tasks = [task for link in self._links for task in link.tasks]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.close()
+            return
+        link = _Link(up_writer, writer)
+        self._links.append(link)
+        link.tasks = [
+            asyncio.create_task(self._pump(link, reader, up_writer, upward=True)),
+            asyncio.create_task(self._pump(link, up_reader, writer, upward=False)),
+        ]
+
+    @staticmethod
+    async def _pump(
+        link: _Link, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, upward: bool
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                if upward and b"SUBSCRIBE" in data.upper():
+                    link.subscriber = True
+                if link.stopped:
+                    continue  # dropped for good
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            # The process hanging up is passed on; Redis hanging up on a
+            # stopped connection is not (the process must not hear of it).
+            if upward or not link.stopped:
+                sink.close()
+
+
+class _Link:
+    def __init__(self, upstream: asyncio.StreamWriter, downstream: asyncio.StreamWriter) -> None:
+        self.upstream = upstream
+        self.downstream = downstream
+        self.subscriber = False
+        self.stopped = False
+        self.tasks: list[asyncio.Task[None]] = []

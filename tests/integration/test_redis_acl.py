@@ -129,6 +129,8 @@ async def test_lifecycle_and_outage_replay_under_the_runbook_acl(
             assert health.redis.connected and health.redis.total_keys > 0
             assert health.session_cache.metrics.errors == 0
             assert health.breaker.opened_count == 0
+            # The revocation bus registers and publishes through its scripts too.
+            assert (health.local_cache.live, health.local_cache.bus) == (True, "live")
             assert await _denials(admin, user) == []
 
             # --- outage: revoke while Redis is down, replay once it is back --------------

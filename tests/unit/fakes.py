@@ -500,10 +500,16 @@ class InMemoryRevocationFeed:
         self._local = local
         self._subscribed = True
         self.deaf = False
+        self.restarts = 0
+        self.malformed = 0
 
     @property
     def live(self) -> bool:
         return self._subscribed
+
+    @property
+    def state(self) -> str:
+        return "live" if self._subscribed else "subscribing"
 
     @property
     def subscribed(self) -> bool:

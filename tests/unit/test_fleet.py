@@ -137,7 +137,15 @@ def _report(
         breaker=BreakerReport(breaker, 1000, 70.0, 15000, 0.0, opened_count=1),
         store_breaker=BreakerReport("closed", 7000, 50.0, 5000, 0.0, opened_count=0),
         errors=errors,
-        local_cache=LocalCacheReport(enabled=True, live=l1_live, entries=l1_entries, ttl_ms=500),
+        local_cache=LocalCacheReport(
+            enabled=True,
+            live=l1_live,
+            entries=l1_entries,
+            ttl_ms=500,
+            bus="live" if l1_live else "silent",
+            bus_restarts=1,
+            malformed_messages=2,
+        ),
     )
     return health_document(report)
 
@@ -163,7 +171,15 @@ def test_health_of_healthy_workers_sums_counters_and_pools() -> None:
         "maxSize": 20,
     }
     assert doc["postgres"]["pool"]["maxSize"] == 20
-    assert doc["localCache"] == {"enabled": True, "live": True, "entries": 6, "ttlMs": 500}
+    assert doc["localCache"] == {
+        "enabled": True,
+        "live": True,
+        "entries": 6,
+        "ttlMs": 500,
+        "bus": "live",
+        "busRestarts": 2,
+        "malformedMessages": 4,
+    }
     assert doc["redis"]["connected"] is True
     assert doc["errors"] == []
     assert doc["workers"] == [
@@ -202,6 +218,7 @@ def test_health_shows_the_worst_worker() -> None:
     assert doc["sessionCache"]["healthy"] is False
     assert doc["errors"] == ["redis: Connection refused"]
     assert doc["localCache"]["live"] is False
+    assert doc["localCache"]["bus"] == "silent"  # the worker whose bus is not live
 
 
 def test_a_silent_worker_makes_the_replica_unhealthy() -> None:

@@ -64,6 +64,8 @@ def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
         if store_breaker is not None:
             telemetry.watch_breaker(store_breaker)
     local, bus = _local_cache(settings)
+    if telemetry is not None and bus is not None:
+        telemetry.watch_bus(bus)
     core = assemble_core(
         store,
         cache,
@@ -100,5 +102,6 @@ def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocation
         timeout=settings.breaker_timeout_ms / 1000,
         on_revoked=dropped,
         ack_timeout=settings.l1_ack_timeout_ms / 1000,
+        liveness=settings.l1_bus_liveness_ms / 1000,
     )
     return local, bus

@@ -86,6 +86,9 @@ class LocalCacheReport:
     live: bool
     entries: int
     ttl_ms: int
+    bus: str = ""
+    bus_restarts: int = 0
+    malformed_messages: int = 0
 
 
 @dataclass(frozen=True, slots=True)

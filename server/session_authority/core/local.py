@@ -39,14 +39,29 @@ class RevocationFeed(Protocol):
 
     @property
     def live(self) -> bool:
-        """Whether this process is sure to hear every revocation published from
-        now on (subscribed, and its subscription answered recently)."""
+        """Whether this process is sure to hear, and is waited for by, every
+        revocation published from now on (subscribed as Redis confirmed, its
+        subscription heard from recently, and registered with publishers)."""
+
+    @property
+    def state(self) -> str:
+        """``live``, or a word saying why not (shown in Health)."""
+
+    @property
+    def restarts(self) -> int:
+        """How many times the feed's listener ended and was started again."""
+
+    @property
+    def malformed(self) -> int:
+        """Messages received that did not parse (ignored; each dropped every copy)."""
 
     async def publish(self, token_hashes: Iterable[TokenHash] | None) -> bool:
-        """Tell every subscribing process to drop these hashes (``None``: drop
-        everything). True once every subscriber counted at publish time has
-        acknowledged, False when the bounded wait ran out or publishing failed.
-        Never raises for the cache's failures."""
+        """Tell every process that may hold copies to drop these hashes
+        (``None``: drop everything). True once every process registered as
+        possibly answering from its copies at publish time has acknowledged
+        (one that is not registered has stopped answering from them), False
+        when the bounded wait ran out or publishing failed. Never raises for
+        the cache's failures."""
 
 
 #: The share of a copy's life after which a hit asks for a fresh one (``on_due``).

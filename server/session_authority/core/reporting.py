@@ -91,6 +91,9 @@ class HealthReporter:
             live=self._feed.live,
             entries=0 if local is None else len(local),
             ttl_ms=0 if local is None else int(local.ttl * 1000),
+            bus=self._feed.state,
+            bus_restarts=self._feed.restarts,
+            malformed_messages=self._feed.malformed,
         )
 
     async def _cache_health(self) -> CacheHealth:

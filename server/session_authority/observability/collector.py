@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -35,7 +36,14 @@ from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.health import CacheStats, PoolStats
 from session_authority.observability.sampler import HealthSampler
 
-__all__ = ["BREAKER_STATE_VALUES", "RUNBOOK_COUNTERS", "StateCollector", "openmetrics_view"]
+__all__ = [
+    "BREAKER_STATE_VALUES",
+    "RUNBOOK_COUNTERS",
+    "BusCollector",
+    "BusCounters",
+    "StateCollector",
+    "openmetrics_view",
+]
 
 #: ``circuit_breaker_state``: 0 closed, 1 half-open, 2 open.
 BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -167,3 +175,51 @@ def openmetrics_view(registry: CollectorRegistry) -> CollectorRegistry:
     view = CollectorRegistry(support_collectors_without_names=True)
     view.register(_OpenMetricsView(registry))
     return view
+
+
+class BusCounters(Protocol):
+    """What the revocation bus counts (adapters/redis_bus.py)."""
+
+    @property
+    def live(self) -> bool: ...
+
+    restarts: int
+    malformed: int
+    incomplete: int
+
+
+class BusCollector(Collector):
+    """The revocation bus's counters, read at scrape time:
+    ``revocation_bus_live`` (0/1: this process answers from L1),
+    ``revocation_bus_restarts_total`` (its listener ended and was started
+    again), ``revocation_bus_malformed_messages_total`` (ignored; each dropped
+    every L1 copy) and ``revocation_bus_incomplete_total`` (revocations not
+    acknowledged in time by every registered process: ``propagated: false``)."""
+
+    def __init__(self, bus: BusCounters) -> None:
+        self._bus = bus
+
+    def collect(self) -> Iterator[Metric]:
+        bus = self._bus
+        yield _gauge(
+            "revocation_bus_live",
+            "1 while this process's revocation subscription is confirmed, heard from and "
+            "registered (only then does it answer from its L1 cache).",
+            float(bus.live),
+        )
+        yield CounterMetricFamily(
+            "revocation_bus_restarts",
+            "Times the revocation bus's listener ended (error, silence, crash) and restarted.",
+            value=bus.restarts,
+        )
+        yield CounterMetricFamily(
+            "revocation_bus_malformed_messages",
+            "Malformed messages on the revocation channels, ignored (each dropped every L1 copy).",
+            value=bus.malformed,
+        )
+        yield CounterMetricFamily(
+            "revocation_bus_incomplete",
+            "Revocations not acknowledged in time by every registered process "
+            "(Invalidate answered propagated: false).",
+            value=bus.incomplete,
+        )

@@ -300,4 +300,8 @@ def _combined_local(l1: list[dict[str, Any]], workers: int) -> dict[str, Any]:
         "enabled": any(c["enabled"] for c in l1),
         "live": all(c["live"] for c in l1) and len(l1) == workers,
         "entries": sum(int(c["entries"]) for c in l1),
+        # A worker whose bus is not live names the fleet's state.
+        "bus": next((c["bus"] for c in l1 if c.get("bus") != "live"), l1[0].get("bus", "")),
+        "busRestarts": sum(int(c.get("busRestarts", 0)) for c in l1),
+        "malformedMessages": sum(int(c.get("malformedMessages", 0)) for c in l1),
     }

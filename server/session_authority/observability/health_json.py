@@ -80,6 +80,9 @@ def health_document(
             "live": local.live,
             "entries": local.entries,
             "ttlMs": local.ttl_ms,
+            "bus": local.bus,
+            "busRestarts": local.bus_restarts,
+            "malformedMessages": local.malformed_messages,
         }
     return doc
 

@@ -32,7 +32,7 @@ from session_authority.core.breaker import Breaker
 from session_authority.core.guarded import PortObserver
 from session_authority.core.health import CacheStats, HealthReport, PoolStats
 from session_authority.observability.admin import AdminServer
-from session_authority.observability.collector import StateCollector
+from session_authority.observability.collector import BusCollector, BusCounters, StateCollector
 from session_authority.observability.interceptor import RpcMetricsInterceptor
 from session_authority.observability.metrics import (
     Instruments,
@@ -88,6 +88,10 @@ class Telemetry:
             return
         self._watched.append(breaker)
         breaker.add_listener(breaker_listener(self.instruments, breaker.name))
+
+    def watch_bus(self, bus: BusCounters) -> None:
+        """The revocation bus's counters, exported at scrape time (``BusCollector``)."""
+        self.registry.register(BusCollector(bus))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """The server spans outermost, so the RPC's span is current inside (only

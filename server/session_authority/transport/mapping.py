@@ -125,7 +125,13 @@ def health_to_pb(report: HealthReport) -> pb.HealthResponse:
     if local is not None:
         reply.local_cache.CopyFrom(
             pb.LocalCacheHealth(
-                enabled=local.enabled, live=local.live, entries=local.entries, ttl_ms=local.ttl_ms
+                enabled=local.enabled,
+                live=local.live,
+                entries=local.entries,
+                ttl_ms=local.ttl_ms,
+                bus=local.bus,
+                bus_restarts=local.bus_restarts,
+                malformed_messages=local.malformed_messages,
             )
         )
     reply.timestamp.GetCurrentTime()

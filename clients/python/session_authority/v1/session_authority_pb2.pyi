@@ -533,14 +533,30 @@ class LocalCacheHealth(_message.Message):
     LIVE_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
+    BUS_FIELD_NUMBER: _builtins.int
+    BUS_RESTARTS_FIELD_NUMBER: _builtins.int
+    MALFORMED_MESSAGES_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """L1_CACHE_TTL_MS > 0."""
     live: _builtins.bool
-    """Subscribed to the revocation feed and heard from recently: only then does
-    it serve hits (and only with the Redis breaker closed).
+    """Subscribed to the revocation feed (confirmed by Redis), heard from within
+    L1_BUS_LIVENESS_MS and registered as a process that must acknowledge
+    revocations: only then does it serve hits (and only with the Redis
+    breaker closed).
     """
     entries: _builtins.int
     ttl_ms: _builtins.int
+    bus: _builtins.str
+    """The revocation bus: "live", or why not: "subscribing" (not confirmed by
+    Redis yet), "registering", "silent" (no data within the liveness),
+    "restarting" (its listener ended and is being started again).
+    """
+    bus_restarts: _builtins.int
+    """Times the bus's listener ended (error, silence, crash) and was restarted."""
+    malformed_messages: _builtins.int
+    """Malformed messages on the revocation channels, ignored (each dropped
+    every L1 copy of this process).
+    """
     def __init__(
         self,
         *,
@@ -548,25 +564,40 @@ class LocalCacheHealth(_message.Message):
         live: _builtins.bool | None = ...,
         entries: _builtins.int | None = ...,
         ttl_ms: _builtins.int | None = ...,
+        bus: _builtins.str | None = ...,
+        bus_restarts: _builtins.int | None = ...,
+        malformed_messages: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_entries", b"_entries", "_live", b"_live", "_ttl_ms", b"_ttl_ms", "enabled", b"enabled", "entries", b"entries", "live", b"live", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bus", b"_bus", "_bus_restarts", b"_bus_restarts", "_enabled", b"_enabled", "_entries", b"_entries", "_live", b"_live", "_malformed_messages", b"_malformed_messages", "_ttl_ms", b"_ttl_ms", "bus", b"bus", "bus_restarts", b"bus_restarts", "enabled", b"enabled", "entries", b"entries", "live", b"live", "malformed_messages", b"malformed_messages", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_entries", b"_entries", "_live", b"_live", "_ttl_ms", b"_ttl_ms", "enabled", b"enabled", "entries", b"entries", "live", b"live", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bus", b"_bus", "_bus_restarts", b"_bus_restarts", "_enabled", b"_enabled", "_entries", b"_entries", "_live", b"_live", "_malformed_messages", b"_malformed_messages", "_ttl_ms", b"_ttl_ms", "bus", b"bus", "bus_restarts", b"bus_restarts", "enabled", b"enabled", "entries", b"entries", "live", b"live", "malformed_messages", b"malformed_messages", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__bus: _TypeAlias = _typing.Literal["bus"]  # noqa: Y015
+    _WhichOneofArgType__bus: _TypeAlias = _typing.Literal["_bus", b"_bus"]  # noqa: Y015
+    _WhichOneofReturnType__bus_restarts: _TypeAlias = _typing.Literal["bus_restarts"]  # noqa: Y015
+    _WhichOneofArgType__bus_restarts: _TypeAlias = _typing.Literal["_bus_restarts", b"_bus_restarts"]  # noqa: Y015
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
     _WhichOneofReturnType__entries: _TypeAlias = _typing.Literal["entries"]  # noqa: Y015
     _WhichOneofArgType__entries: _TypeAlias = _typing.Literal["_entries", b"_entries"]  # noqa: Y015
     _WhichOneofReturnType__live: _TypeAlias = _typing.Literal["live"]  # noqa: Y015
     _WhichOneofArgType__live: _TypeAlias = _typing.Literal["_live", b"_live"]  # noqa: Y015
+    _WhichOneofReturnType__malformed_messages: _TypeAlias = _typing.Literal["malformed_messages"]  # noqa: Y015
+    _WhichOneofArgType__malformed_messages: _TypeAlias = _typing.Literal["_malformed_messages", b"_malformed_messages"]  # noqa: Y015
     _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
     _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bus) -> _WhichOneofReturnType__bus | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bus_restarts) -> _WhichOneofReturnType__bus_restarts | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__entries) -> _WhichOneofReturnType__entries | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__live) -> _WhichOneofReturnType__live | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__malformed_messages) -> _WhichOneofReturnType__malformed_messages | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
 
