@@ -24,6 +24,13 @@ configuration comes from the environment (see README "Configuration"):
   AUTH_ALLOWED_IDENTITIES  who may call CreateSession, Invalidate, InvalidateUser:
                  certificate SAN URIs / DNS names, apikey:<name>
   AUTH_ANONYMOUS_READS, ALLOW_UNAUTHENTICATED, GRPC_REFLECTION (true/false)
+  limits per process, decided from a call's metadata before its request is read:
+    MAX_CONCURRENT_RPCS       calls of authenticated callers (1000)
+    MAX_PUBLIC_RPCS           calls without credentials: health, reflection,
+                              anonymous reads (100; never counted in the above)
+    MAX_PUBLIC_RPCS_PER_PEER  of those, from one IP address (20)
+    REQUEST_IDLE_TIMEOUT_MS   a call's request message must arrive within (2000)
+    GRPC_MAX_CONCURRENT_STREAMS  calls on one client connection (100)
   OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT  traces (otlp, console or none)
   CACHE_TTL_SECONDS, REDIS_POOL_MIN/MAX, PG_POOL_MIN/MAX, BREAKER_*, LOG_LEVEL, ...
 """

@@ -33,7 +33,8 @@ from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import set_tracing
 from session_authority.logs import quiet_grpc_client_gone
 from session_authority.observability import Telemetry, install_tracing
-from session_authority.transport.auth import ApiKeys, AuthInterceptor
+from session_authority.transport.admission import AdmissionGate, Budget
+from session_authority.transport.auth import ApiKeys, Authoriser
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.handler import add_to_server
 from session_authority.transport.servicer import SessionAuthorityServicer
@@ -92,18 +93,28 @@ class App:
             health=core.health,
         )
         drain = DrainInterceptor()
-        auth = AuthInterceptor(
+        authoriser = Authoriser(
             auth_policy(settings),
             ApiKeys(settings.api_key_hashes()),
             trust_client_certificates=settings.tls_client_ca_file is not None,
             on_denied=telemetry.auth_denied,
         )
-        # Tracing and metrics outside authorisation and the drain, so refused calls show.
-        chain = [*telemetry.interceptors(), auth, drain]
+        # The gate outermost: it decides on metadata and peer before the request
+        # is read (its refusals are counted by telemetry.rpc_refused and
+        # auth_denied); tracing and metrics then outside the drain.
+        gate = AdmissionGate(
+            authoriser,
+            authenticated=Budget(settings.max_concurrent_rpcs),
+            public=Budget(settings.max_public_rpcs, settings.max_public_rpcs_per_peer),
+            idle=settings.request_idle_timeout_ms / 1000,
+            on_refused=telemetry.rpc_refused,
+        )
+        chain = [gate, *telemetry.interceptors(), drain]
         per_call, decorators = split_chain(chain)
         server = grpc.aio.server(
             interceptors=per_call or None,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            # None: grpc's one budget for every call is replaced by the gate's two.
+            maximum_concurrent_rpcs=None,
             options=server_options(settings, reuse_port=reuse_port),
         )
         decorating = DecoratingServer(server, decorators)

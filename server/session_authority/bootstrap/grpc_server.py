@@ -106,6 +106,8 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.max_receive_message_length", 64 * 1024),
+        # Per connection; the admission gate bounds calls per process and per peer.
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
     ]
     if settings.grpc_max_connection_age_ms:
         options += [

@@ -107,6 +107,13 @@ class Telemetry:
         service, _, name = method.lstrip("/").rpartition("/")
         self.instruments.auth_denied.labels(service, name, reason).inc()
 
+    def rpc_refused(self, method: str, reason: str, code: grpc.StatusCode) -> None:
+        """Counts a call the admission gate ended (``method``: ``/pkg.Service/Method``):
+        by reason, and with the other calls in ``grpc_server_handled_total``."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        self.instruments.rpc_shed.labels(reason).inc()
+        self.instruments.rpc_handled.labels(service, name, code.name).inc()
+
     def attach(
         self,
         *,

@@ -1,5 +1,6 @@
 """Who may call what: each call's caller is identified (mTLS certificate, API
-key) and the ``AuthPolicy`` decides; ``AuthInterceptor`` applies it.
+key) and the ``AuthPolicy`` decides; ``Authoriser`` applies it, asked by the
+admission gate before the request message is read.
 
 Invariant: with authentication configured, nothing is open by omission. A
 method is answered to a caller without credentials only when its service is
@@ -20,21 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import grpc
 
-from session_authority.transport.wrapping import WrappingInterceptor
-
 __all__ = [
     "API_KEY_PREFIX",
     "ApiKeys",
-    "AuthInterceptor",
     "AuthPolicy",
+    "Authoriser",
     "Caller",
     "Reason",
     "hash_api_key",
@@ -128,7 +126,12 @@ class AuthPolicy:
 
     def is_public(self, method: str) -> bool:
         """True when no call of ``method`` needs checking."""
-        return not self.enforced or _service_of(method) in self.public_services
+        return not self.enforced or self.is_public_service(method)
+
+    def is_public_service(self, method: str) -> bool:
+        """True when ``method``'s service is open to every caller (health,
+        reflection), whether or not authentication is enforced."""
+        return _service_of(method) in self.public_services
 
     def decide(self, method: str, caller: Caller) -> Reason | None:
         """None when ``caller`` may call ``method``, else why not."""
@@ -149,15 +152,10 @@ def _service_of(method: str) -> str:
     return method.lstrip("/").rpartition("/")[0]
 
 
-Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]"
-
-
-class AuthInterceptor(WrappingInterceptor):
-    """Identifies the caller of each checked call and applies the policy.
-
-    grpc.aio interceptors see the method and metadata but not the
-    connection's certificate, so the check runs inside a wrapper around the
-    handler (as ``DrainInterceptor`` counts), where the context is at hand."""
+class Authoriser:
+    """Identifies the caller of a call and applies the policy. The admission
+    gate (``transport.admission``) asks it first, from the call's metadata and
+    connection, before the call's request message is read."""
 
     def __init__(
         self,
@@ -169,14 +167,10 @@ class AuthInterceptor(WrappingInterceptor):
     ) -> None:
         """``trust_client_certificates``: the port verifies client
         certificates against a CA (mTLS); only then are their SANs identities."""
-        super().__init__()
         self.policy = policy
         self._keys = keys
         self._mtls = trust_client_certificates
         self._on_denied = on_denied
-
-    def _applies(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> bool:
-        return not self.policy.is_public(method)
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         identities: set[str] = set()
@@ -199,11 +193,13 @@ class AuthInterceptor(WrappingInterceptor):
                 identities.add(API_KEY_PREFIX + name)
         return Caller(frozenset(identities), authenticated, invalid)
 
-    async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """The caller, when it may call ``method``; otherwise the call is
+        aborted (``context.abort`` raises), counted and logged."""
         caller = self.identify(context)
         reason = self.policy.decide(method, caller)
         if reason is None:
-            return
+            return caller
         self._on_denied(method, reason)
         code, message = _STATUS[reason]
         _log.warning(
@@ -215,46 +211,7 @@ class AuthInterceptor(WrappingInterceptor):
             context.peer(),
         )
         await context.abort(code, message.format(method=method))
-
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        # The stubs type the behaviours as sync handlers; in grpc.aio they are coroutines.
-        kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]]]] = [
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-        ]
-        for inner, make in kinds:
-            if inner is not None:
-                return make(
-                    self._guard(inner, method),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
-
-    def _guard(self, inner: Behavior, method: str) -> Behavior:
-        """``inner`` behind the check, in the same form: grpc.aio runs an
-        async generator as a stream of replies and awaits anything else."""
-        check = self._check
-        if inspect.isasyncgenfunction(inner):
-
-            async def guarded_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                await check(method, context)
-                async for reply in inner(request, context):
-                    yield reply
-
-            return guarded_stream
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await check(method, context)
-            return await inner(request, context)
-
-        return guarded
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 def _presented_keys(metadata: Iterable[tuple[str, str | bytes]]) -> Iterable[str | None]:
