@@ -216,6 +216,27 @@ async def test_client_ca_rotation_reaches_new_connections(pg_dsn: str, pki: Pki)
             assert await _probe(channel) == Code.OK
 
 
+async def test_a_certificate_cannot_pose_as_an_api_key(pg_dsn: str, pki: Pki) -> None:
+    """Certificate identities and API keys are two namespaces: a client
+    certificate whose SAN URI reads ``apikey:login`` gets a certificate's
+    rights (reads), never the ``login`` key's (mutations)."""
+    settings = _mtls(pki) | {
+        "auth_api_keys": f"login:{hash_api_key(LOGIN_KEY)}",
+        "auth_allowed_identities": "apikey:login",
+    }
+    async with _serving(pg_dsn, **settings) as app:
+        posing = pki.client(uris=("apikey:login",))
+        async with _channel(app, pki.ca, posing) as channel:
+            stub = pb_grpc.SessionAuthorityStub(channel)
+            create = stub.CreateSession(pb.CreateSessionRequest(user_id="pose"), timeout=5)
+            assert await _code(lambda: create) == Code.PERMISSION_DENIED
+            assert (await stub.Health(pb.HealthRequest(), timeout=5)).status  # a reader
+            # The same connection with the key itself: allowed.
+            key = (("x-api-key", LOGIN_KEY),)
+            await stub.CreateSession(pb.CreateSessionRequest(user_id="pose"), metadata=key)
+    assert _denied(app, "CreateSession", "not_allowed") == 1
+
+
 # --- API keys ------------------------------------------------------------------------------
 
 

@@ -9,12 +9,15 @@ with ``anonymous_reads``, when it is one of ``reads``. Every other method,
 including one added to the service later, needs an identity on the
 allow-list: the policy denies by default.
 
-Identities are strings: a client certificate's SAN URIs
+Two kinds of identity, kept apart: a client certificate's SAN URIs
 (``spiffe://example.org/ns/prod/sa/login``) and DNS names
-(``login.internal``), and ``apikey:<name>`` for an API key. Certificate
-identities are trusted only when the port verifies client certificates
-(mTLS); API keys are compared as SHA-256 digests in constant time and are
-never logged (their names are).
+(``login.internal``) in ``Caller.identities``, and the names of the API keys
+presented in ``Caller.keys``. The allow-list spells a key ``apikey:<name>``;
+that entry matches only ``Caller.keys``, never a certificate, so a
+certificate whose SAN reads ``apikey:login`` is a certificate identity that
+no allow-list entry can name. Certificate identities are trusted only when
+the port verifies client certificates (mTLS); API keys are compared as
+SHA-256 digests in constant time and are never logged (their names are).
 """
 
 from __future__ import annotations
@@ -94,11 +97,14 @@ class Caller:
     """A verified client certificate (with or without SANs) or a valid API key."""
     invalid_credentials: bool = False
     """An API key was presented that is not one of ours (or not in a form we read)."""
+    keys: frozenset[str] = frozenset()
+    """Names of the valid API keys presented (``identities`` are certificates' only)."""
 
     def describe(self) -> str:
         """For log lines: identities only, never a credential."""
-        if self.identities:
-            return ",".join(sorted(self.identities))
+        if self.identities or self.keys:
+            shown = [*sorted(self.identities), *(API_KEY_PREFIX + k for k in sorted(self.keys))]
+            return ",".join(shown)
         if self.invalid_credentials:
             return "invalid credentials"
         return "authenticated, no identity" if self.authenticated else "anonymous"
@@ -115,7 +121,8 @@ class AuthPolicy:
     reads: frozenset[str] = frozenset()
     """Methods any authenticated caller may call."""
     allowed: frozenset[str] = frozenset()
-    """Identities that may call every other method (the mutating ones)."""
+    """Who may call every other method (the mutating ones): certificate
+    identities, and API keys as ``apikey:<name>``."""
     anonymous_reads: bool = False
     """``reads`` are open to callers without credentials too."""
 
@@ -143,9 +150,21 @@ class AuthPolicy:
             return None
         if not caller.authenticated:
             return "no_credentials"
-        if caller.identities & self.allowed:
+        if caller.identities & self._allowed_certificates:
+            return None
+        if caller.keys & self._allowed_keys:
             return None
         return "not_allowed"
+
+    @property
+    def _allowed_certificates(self) -> frozenset[str]:
+        return frozenset(i for i in self.allowed if not i.startswith(API_KEY_PREFIX))
+
+    @property
+    def _allowed_keys(self) -> frozenset[str]:
+        return frozenset(
+            i.removeprefix(API_KEY_PREFIX) for i in self.allowed if i.startswith(API_KEY_PREFIX)
+        )
 
 
 def _service_of(method: str) -> str:
@@ -184,14 +203,15 @@ class Authoriser:
                 for prop in ("peer_uri", "peer_dns"):
                     identities.update(v.decode(errors="replace") for v in auth.get(prop, ()))
         invalid = False
+        keys: set[str] = set()
         for key in _presented_keys(context.invocation_metadata() or ()):
             name = None if key is None else self._keys.identify(key)
             if name is None:
                 invalid = True
             else:
                 authenticated = True
-                identities.add(API_KEY_PREFIX + name)
-        return Caller(frozenset(identities), authenticated, invalid)
+                keys.add(name)
+        return Caller(frozenset(identities), authenticated, invalid, frozenset(keys))
 
     async def authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """The caller, when it may call ``method``; otherwise the call is
