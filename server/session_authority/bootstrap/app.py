@@ -20,7 +20,12 @@ from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.bootstrap.building import build_core
-from session_authority.bootstrap.grpc_server import DecoratingServer, server_options, split_chain
+from session_authority.bootstrap.grpc_server import (
+    DecoratingServer,
+    listen_address,
+    server_options,
+    split_chain,
+)
 from session_authority.bootstrap.security import (
     SERVICE_NAME,
     auth_policy,
@@ -135,13 +140,13 @@ class App:
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
                 ReflectionServicer(names), services
             )
-        address = f"{settings.host}:{settings.port}"
+        address = listen_address(settings.host, settings.port)
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
         if port == 0:
-            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+            raise OSError(f"cannot bind {address}")
         app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
         await app._set_serving(False)
         try:
@@ -172,9 +177,8 @@ class App:
                 )
             )
         _log.info(
-            "session-authority listening on %s:%d (postgres %s, redis %s)",
-            settings.host,
-            port,
+            "session-authority listening on %s (postgres %s, redis %s)",
+            listen_address(settings.host, port),
             redact_url(settings.database_url),
             redact_url(settings.redis_url) or "disabled",
         )

@@ -13,6 +13,7 @@ __all__ = [
     "DecoratedGeneric",
     "DecoratingServer",
     "HandlerDecorator",
+    "listen_address",
     "server_options",
     "split_chain",
 ]
@@ -117,3 +118,11 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
     if reuse_port:
         options.append(("grpc.so_reuseport", 1))
     return options
+
+
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC parses it: an IPv6 literal in brackets
+    (``[::]:50051``; ``:::50051`` does not bind)."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
