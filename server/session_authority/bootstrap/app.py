@@ -29,8 +29,8 @@ from session_authority.bootstrap.grpc_server import (
 from session_authority.bootstrap.security import (
     SERVICE_NAME,
     auth_policy,
+    certificate_files,
     log_security,
-    server_credentials,
 )
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
@@ -82,7 +82,9 @@ class App:
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
         the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
         quiet_grpc_client_gone()
-        credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
+        tls = certificate_files(settings)
+        # First: unusable TLS files (mismatched, expired) stop start-up.
+        credentials = None if tls is None else tls.credentials()
         tracer_provider = install_tracing(settings)
         set_tracing(tracer_provider is not None)  # none: the hit path looks for no span
         telemetry = Telemetry(settings, tracer_provider=tracer_provider)
@@ -97,6 +99,8 @@ class App:
             cache_pool=None if cache is None else cache.pool_stats,
             health=core.health,
         )
+        if tls is not None:
+            tls.on_rejected = telemetry.tls_reload_rejected
         drain = DrainInterceptor()
         authoriser = Authoriser(
             auth_policy(settings),

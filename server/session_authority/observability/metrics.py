@@ -270,6 +270,12 @@ class Instruments:
             ["reason"],
             registry=registry,
         )
+        self.tls_reload_rejected = Counter(
+            "session_authority_tls_reload_rejected",
+            "Rotated TLS files refused (mismatched key, unreadable, certificate not valid "
+            "now); the previous certificate stays in use.",
+            registry=registry,
+        )
         for reason in ("authenticated_full", "public_full", "peer_full", "idle"):
             self.rpc_shed.labels(reason)
         # Series that exist from the start read 0 rather than being absent,

@@ -107,6 +107,10 @@ class Telemetry:
         service, _, name = method.lstrip("/").rpartition("/")
         self.instruments.auth_denied.labels(service, name, reason).inc()
 
+    def tls_reload_rejected(self) -> None:
+        """Counts a refused TLS rotation (called on gRPC's thread)."""
+        self.instruments.tls_reload_rejected.inc()
+
     def rpc_refused(self, method: str, reason: str, code: grpc.StatusCode) -> None:
         """Counts a call the admission gate ended (``method``: ``/pkg.Service/Method``):
         by reason, and with the other calls in ``grpc_server_handled_total``."""
