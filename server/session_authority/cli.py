@@ -21,7 +21,7 @@ from session_authority.adapters.migrate import apply_migrations
 from session_authority.bootstrap import App
 from session_authority.cli_args import parser, refuse_open, security_overrides
 from session_authority.config import Settings, redact_url
-from session_authority.logs import configure_logging
+from session_authority.logs import NativeStderr, configure_logging
 from session_authority.workers import WorkerSlot, default_workers, run_workers
 
 __all__ = ["main"]
@@ -125,11 +125,30 @@ async def _serve(
 ) -> int:
     if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
         return 1
+    # JSON logs: gRPC core's own stderr lines become JSON lines too (and its
+    # handshake failures a metric). In the serving process: after the fork.
+    native = NativeStderr() if settings.log_format == "json" else None
+    if native is not None:
+        native.start()
+    try:
+        return await _serve_app(settings, native, on_started, worker)
+    finally:
+        if native is not None:
+            native.stop()
+
+
+async def _serve_app(
+    settings: Settings,
+    native: NativeStderr | None,
+    on_started: Callable[[App], None] | None,
+    worker: WorkerSlot | None,
+) -> int:
     try:
         app = await App.start(
             settings,
             reuse_port=worker is not None,
             admin_socket=None if worker is None else worker.admin_socket,
+            handshake_failures=None if native is None else (lambda: native.handshake_failures),
         )
     except OSError as exc:  # a port that cannot be bound
         _log.error("cannot start: %s", exc)

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -74,13 +75,20 @@ class App:
 
     @classmethod
     async def start(
-        cls, settings: Settings, *, reuse_port: bool = False, admin_socket: str | None = None
+        cls,
+        settings: Settings,
+        *,
+        reuse_port: bool = False,
+        admin_socket: str | None = None,
+        handshake_failures: Callable[[], int] | None = None,
     ) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers.
 
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
-        the same port) and ``admin_socket`` (its admin app, for the supervisor)."""
+        the same port) and ``admin_socket`` (its admin app, for the supervisor).
+        ``handshake_failures``: reads the count of failed TLS handshakes
+        (``logs.NativeStderr``), exported as a metric."""
         quiet_grpc_client_gone()
         tls = certificate_files(settings)
         # First: unusable TLS files (mismatched, expired) stop start-up.
@@ -101,6 +109,8 @@ class App:
         )
         if tls is not None:
             tls.on_rejected = telemetry.tls_reload_rejected
+        if handshake_failures is not None:
+            telemetry.count_handshake_failures(handshake_failures)
         drain = DrainInterceptor()
         authoriser = Authoriser(
             auth_policy(settings),
