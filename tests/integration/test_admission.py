@@ -254,3 +254,27 @@ async def test_authenticated_calls_without_a_message_are_ended(serve: Serve) -> 
         hold.set()
     assert codes == [Code.UNAVAILABLE] * 50
     assert created.token
+
+
+async def test_calls_per_connection_are_bounded(serve: Serve) -> None:
+    """GRPC_MAX_CONCURRENT_STREAMS: one connection holds at most that many
+    calls; the next waits (client side) until one of them ends."""
+    server = serve(GRPC_MAX_CONCURRENT_STREAMS="5")
+    await _ready(server)
+    async with server.channel() as channel:
+        watch = channel.unary_stream(
+            WATCH,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        held = [watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(5)]
+        assert [await _first_reply(w) for w in held] == [Code.OK] * 5
+        sixth = watch(health_pb2.HealthCheckRequest(), timeout=30)
+        waiting = asyncio.ensure_future(_first_reply(sixth))
+        # Not answered while five are open (a wait that can only pass falsely, never fail).
+        done, _ = await asyncio.wait({waiting}, timeout=1.0)
+        assert not done
+        held[0].cancel()
+        assert await asyncio.wait_for(waiting, 20) == Code.OK
+        for w in [*held[1:], sixth]:
+            w.cancel()
