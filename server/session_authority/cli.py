@@ -31,7 +31,7 @@ from session_authority.cli_args import (
     settings_error,
 )
 from session_authority.config import Settings, redact_url
-from session_authority.logs import configure_logging
+from session_authority.logs import NativeStderr, configure_logging
 
 if TYPE_CHECKING:
     from session_authority.bootstrap import App
@@ -154,16 +154,34 @@ async def _serve(
     on_started: Callable[[App], None] | None = None,
     worker: WorkerSlot | None = None,
 ) -> int:
-    from session_authority.bootstrap import App
 
     if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
         return 1
+    # JSON logs: gRPC core's own stderr lines become JSON lines too (and its
+    # handshake failures a metric). In the serving process: after the fork.
+    native = NativeStderr() if settings.log_format == "json" else None
+    if native is not None:
+        native.start()
+    try:
+        return await _serve_app(settings, native, on_started, worker)
+    finally:
+        if native is not None:
+            native.stop()
+
+
+async def _serve_app(
+    settings: Settings,
+    native: NativeStderr | None,
+    on_started: Callable[[App], None] | None,
+    worker: WorkerSlot | None,
+) -> int:
     try:
         app = await App.start(
             settings,
             reuse_port=worker is not None,
             admin_socket=None if worker is None else worker.admin_socket,
             worker=(0, 1) if worker is None else (worker.index, worker.count),
+            handshake_failures=None if native is None else (lambda: native.handshake_failures),
         )
     except OSError as exc:  # a port that cannot be bound
         _log.error("cannot start: %s", exc)

@@ -121,6 +121,18 @@ class Settings(BaseSettings):
     of it. Its registration counts for publishers 4x this long (see redis_bus.py)."""
 
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
+    """Concurrent calls of authenticated callers (with no authentication
+    configured: every non-public call) per process; beyond: RESOURCE_EXHAUSTED."""
+    max_public_rpcs: int = Field(default=100, ge=1)
+    """Concurrent calls from callers without credentials (health, reflection,
+    anonymous reads) per process; never counted against MAX_CONCURRENT_RPCS."""
+    max_public_rpcs_per_peer: int = Field(default=20, ge=1)
+    """Of those, at most this many from one address."""
+    request_idle_timeout_ms: int = Field(default=2000, gt=0)
+    """A call whose request message has not arrived this long after its
+    headers is ended (UNAVAILABLE), freeing its slot."""
+    grpc_max_concurrent_streams: int = Field(default=100, ge=1)
+    """Concurrent calls on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     workers: int = Field(default=0, ge=0)
     """``serve`` worker processes sharing the port (0: one per core; ``--workers`` overrides)."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 from datetime import UTC, datetime
 
 from opentelemetry import trace
 
-__all__ = ["JsonFormatter", "configure_logging", "quiet_grpc_client_gone"]
+__all__ = ["JsonFormatter", "NativeStderr", "configure_logging", "quiet_grpc_client_gone"]
 
 #: Libraries whose chatter would drown the runbook's lines; their errors reach
 #: us as ours (or, for the exporters, matter only at WARNING and above).
@@ -90,3 +92,83 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+#: gRPC core's (absl's) severity letters, first character of its lines.
+_NATIVE_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
+#: What gRPC core writes when a TLS handshake fails (absl, at INFO or above).
+_HANDSHAKE_FAILED = b"Handshake failed"
+
+
+class NativeStderr:
+    """Every line written to this process's stderr as one JSON object.
+
+    gRPC core (C++, absl logging) writes its own lines to file descriptor 2,
+    not through Python's logging: handshake failures
+    (``PEER_DID_NOT_RETURN_A_CERTIFICATE``), for instance. ``start`` points
+    descriptor 2 at a pipe and moves Python's log handlers to a duplicate of
+    the original stderr; a thread reads the pipe and writes each line there,
+    as it is when it already is a JSON object, else wrapped as one (logger
+    ``grpc.core``; level from absl's severity letter; anything else written
+    there, a traceback's lines included, as ERROR). It also counts the
+    handshake failures gRPC reports, which no Python API exposes: with
+    ``GRPC_VERBOSITY`` set to hide them (``NONE``), they are not counted."""
+
+    def __init__(self) -> None:
+        self.handshake_failures = 0
+        self._out: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Idempotent; call before gRPC starts serving."""
+        if self._out is not None:
+            return
+        sys.stderr.flush()
+        self._out = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        out = os.fdopen(os.dup(self._out), "w", buffering=1, encoding="utf-8")
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (
+                sys.stderr,
+                sys.__stderr__,
+            ):
+                handler.setStream(out)
+        self._thread = threading.Thread(
+            target=self._pump, args=(read, self._out), name="native-stderr", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Give descriptor 2 back and forward what is still in the pipe."""
+        if self._out is None or self._thread is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self._out, 2)  # the pipe's last writer closed: the thread sees EOF
+        self._thread.join(timeout)
+
+    def _pump(self, read: int, out: int) -> None:
+        with os.fdopen(read, "rb") as lines:
+            for raw in lines:
+                if _HANDSHAKE_FAILED in raw:
+                    self.handshake_failures += 1
+                os.write(out, _as_json_line(raw))
+
+
+def _as_json_line(raw: bytes) -> bytes:
+    text = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+    if text.startswith("{"):
+        try:
+            if isinstance(json.loads(text), dict):
+                return text.encode() + b"\n"
+        except ValueError:
+            pass
+    entry = {
+        "time": datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
+        "level": _NATIVE_LEVELS.get(text[:1], "ERROR") if text[1:5].isdigit() else "ERROR",
+        "logger": "grpc.core",
+        "pid": os.getpid(),
+        "message": text,
+    }
+    return json.dumps(entry, ensure_ascii=False).encode() + b"\n"

@@ -5,6 +5,7 @@ running server."""
 
 from __future__ import annotations
 
+import datetime
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -217,6 +218,27 @@ async def test_client_ca_rotation_reaches_new_connections(pg_dsn: str, pki: Pki)
             assert await _probe(channel) == Code.OK
 
 
+async def test_a_certificate_cannot_pose_as_an_api_key(pg_dsn: str, pki: Pki) -> None:
+    """Certificate identities and API keys are two namespaces: a client
+    certificate whose SAN URI reads ``apikey:login`` gets a certificate's
+    rights (reads), never the ``login`` key's (mutations)."""
+    settings = _mtls(pki) | {
+        "auth_api_keys": f"login:{hash_api_key(LOGIN_KEY)}",
+        "auth_allowed_identities": "apikey:login",
+    }
+    async with _serving(pg_dsn, **settings) as app:
+        posing = pki.client(uris=("apikey:login",))
+        async with _channel(app, pki.ca, posing) as channel:
+            stub = pb_grpc.SessionAuthorityStub(channel)
+            create = stub.CreateSession(pb.CreateSessionRequest(user_id="pose"), timeout=5)
+            assert await _code(lambda: create) == Code.PERMISSION_DENIED
+            assert (await stub.Health(pb.HealthRequest(), timeout=5)).status  # a reader
+            # The same connection with the key itself: allowed.
+            key = (("x-api-key", LOGIN_KEY),)
+            await stub.CreateSession(pb.CreateSessionRequest(user_id="pose"), metadata=key)
+    assert _denied(app, "CreateSession", "not_allowed") == 1
+
+
 # --- API keys ------------------------------------------------------------------------------
 
 
@@ -322,5 +344,35 @@ async def test_half_written_rotation_keeps_the_old_certificate(
         warnings = [r for r in caplog.records if "cannot reload" in r.getMessage()]
         assert len(warnings) == 1
         write_atomically(pki.key, rotated.key)
+        async with _channel(app, pki.other_ca) as channel:
+            assert await _probe(channel) == Code.OK
+
+
+async def test_an_expired_certificate_is_refused_on_rotation(
+    pg_dsn: str, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotation to a certificate that matches its key but is no longer valid
+    is refused: the server keeps serving the one in use, says so once, and
+    counts it; a valid one written next is taken up."""
+    async with _serving(pg_dsn, tls_cert_file=pki.cert, tls_key_file=pki.key) as app:
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+        leaf = pki.other_ca.issue_cert(
+            "localhost", not_before=past - datetime.timedelta(days=30), not_after=past
+        )
+        expired = KeyPair(
+            b"".join(p.bytes() for p in leaf.cert_chain_pems), leaf.private_key_pem.bytes()
+        )
+        expired.write(pki.cert.parent, "server")
+        for _ in range(3):  # each new connection: the old certificate, still valid
+            async with _channel(app, pki.ca) as channel:
+                assert await _probe(channel) == Code.OK
+        assert app.telemetry is not None
+        rejected = "session_authority_tls_reload_rejected_total"
+        assert app.telemetry.registry.get_sample_value(rejected) == 1
+        warnings = [r.getMessage() for r in caplog.records if "cannot reload" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "expired" in warnings[0]
+
+        issue_server(pki.other_ca, "localhost").write(pki.cert.parent, "server")
         async with _channel(app, pki.other_ca) as channel:
             assert await _probe(channel) == Code.OK

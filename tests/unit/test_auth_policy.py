@@ -41,8 +41,12 @@ READER = Caller(frozenset({"spiffe://example.org/ns/prod/sa/gateway"}), authenti
 NO_SAN = Caller(authenticated=True)
 WRITER = Caller(frozenset({LOGIN}), authenticated=True)
 WRITER_DNS = Caller(frozenset({"admin.internal"}), authenticated=True)
-WRITER_KEY = Caller(frozenset({"apikey:login"}), authenticated=True)
-READER_KEY = Caller(frozenset({"apikey:gateway"}), authenticated=True)
+WRITER_KEY = Caller(authenticated=True, keys=frozenset({"login"}))
+READER_KEY = Caller(authenticated=True, keys=frozenset({"gateway"}))
+#: A certificate whose SAN spells the key's allow-list entry.
+POSING_CERT = Caller(frozenset({"apikey:login"}), authenticated=True)
+#: A key named like a certificate identity on the allow-list.
+POSING_KEY = Caller(authenticated=True, keys=frozenset({"admin.internal"}))
 
 
 @pytest.mark.parametrize("method", [PROBE, REFLECTION])
@@ -65,7 +69,7 @@ def test_every_other_method_needs_the_allow_list(method: str) -> None:
     """Mutating RPCs, and any method nobody classified: denied by default."""
     for caller in (WRITER, WRITER_DNS, WRITER_KEY):
         assert POLICY.decide(method, caller) is None
-    for caller in (READER, NO_SAN, READER_KEY):
+    for caller in (READER, NO_SAN, READER_KEY, POSING_CERT, POSING_KEY):
         assert POLICY.decide(method, caller) == "not_allowed"
     assert POLICY.decide(method, ANONYMOUS) == "no_credentials"
     assert POLICY.decide(method, WRONG_KEY) == "invalid_credentials"

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -18,12 +19,17 @@ from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.bootstrap.building import build_core
-from session_authority.bootstrap.grpc_server import DecoratingServer, server_options, split_chain
+from session_authority.bootstrap.grpc_server import (
+    DecoratingServer,
+    listen_address,
+    server_options,
+    split_chain,
+)
 from session_authority.bootstrap.security import (
     SERVICE_NAME,
     auth_policy,
+    certificate_files,
     log_security,
-    server_credentials,
 )
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
@@ -31,7 +37,8 @@ from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import set_tracing
 from session_authority.logs import quiet_grpc_client_gone
 from session_authority.observability import Telemetry, install_tracing
-from session_authority.transport.auth import ApiKeys, AuthInterceptor
+from session_authority.transport.admission import AdmissionGate, Budget
+from session_authority.transport.auth import ApiKeys, Authoriser
 from session_authority.transport.drain import DrainInterceptor
 from session_authority.transport.handler import SERVICE_DESCRIPTOR, add_to_server
 from session_authority.transport.reflection import add_reflection
@@ -73,15 +80,20 @@ class App:
         reuse_port: bool = False,
         admin_socket: str | None = None,
         worker: tuple[int, int] = (0, 1),
+        handshake_failures: Callable[[], int] | None = None,
     ) -> App:
         """Build everything, bind, and start serving. Postgres may still be
         down: the standard health service says NOT_SERVING until it answers.
 
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
         the same port), ``admin_socket`` (its admin app, for the supervisor) and
-        ``worker``: its index and the count (named in the Health document)."""
+        ``worker``: its index and the count (named in the Health document).
+        ``handshake_failures``: reads the count of failed TLS handshakes
+        (``logs.NativeStderr``), exported as a metric."""
         quiet_grpc_client_gone()
-        credentials = server_credentials(settings)  # first: unusable TLS files stop start-up
+        tls = certificate_files(settings)
+        # First: unusable TLS files (mismatched, expired) stop start-up.
+        credentials = None if tls is None else tls.credentials()
         tracer_provider = install_tracing(settings)
         set_tracing(tracer_provider is not None)  # none: the hit path looks for no span
         telemetry = Telemetry(settings, tracer_provider=tracer_provider)
@@ -96,19 +108,33 @@ class App:
             cache_pool=None if cache is None else cache.pool_stats,
             health=core.health,
         )
+        if tls is not None:
+            tls.on_rejected = telemetry.tls_reload_rejected
+        if handshake_failures is not None:
+            telemetry.count_handshake_failures(handshake_failures)
         drain = DrainInterceptor()
-        auth = AuthInterceptor(
+        authoriser = Authoriser(
             auth_policy(settings),
             ApiKeys(settings.api_key_hashes()),
             trust_client_certificates=settings.tls_client_ca_file is not None,
             on_denied=telemetry.auth_denied,
         )
-        # Tracing and metrics outside authorisation and the drain, so refused calls show.
-        chain = [*telemetry.interceptors(), auth, drain]
+        # The gate outermost: it decides on metadata and peer before the request
+        # is read (its refusals are counted by telemetry.rpc_refused and
+        # auth_denied); tracing and metrics then outside the drain.
+        gate = AdmissionGate(
+            authoriser,
+            authenticated=Budget(settings.max_concurrent_rpcs),
+            public=Budget(settings.max_public_rpcs, settings.max_public_rpcs_per_peer),
+            idle=settings.request_idle_timeout_ms / 1000,
+            on_refused=telemetry.rpc_refused,
+        )
+        chain = [gate, *telemetry.interceptors(), drain]
         per_call, decorators = split_chain(chain)
         server = grpc.aio.server(
             interceptors=per_call or None,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            # None: grpc's one budget for every call is replaced by the gate's two.
+            maximum_concurrent_rpcs=None,
             options=server_options(settings, reuse_port=reuse_port),
         )
         decorating = DecoratingServer(server, decorators)
@@ -124,13 +150,13 @@ class App:
             add_reflection(
                 services, [SERVICE_DESCRIPTOR, health_pb2.DESCRIPTOR.services_by_name["Health"]]
             )
-        address = f"{settings.host}:{settings.port}"
+        address = listen_address(settings.host, settings.port)
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
         if port == 0:
-            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+            raise OSError(f"cannot bind {address}")
         app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
         await app._begin(telemetry, admin_socket)
         return app
@@ -175,9 +201,8 @@ class App:
                 )
             )
         _log.info(
-            "session-authority listening on %s:%d (postgres %s, redis %s)",
-            settings.host,
-            self.port,
+            "session-authority listening on %s (postgres %s, redis %s)",
+            listen_address(settings.host, self.port),
             redact_url(settings.database_url),
             redact_url(settings.redis_url) or "disabled",
         )

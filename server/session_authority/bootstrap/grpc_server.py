@@ -11,6 +11,7 @@ __all__ = [
     "DecoratedGeneric",
     "DecoratingServer",
     "HandlerDecorator",
+    "listen_address",
     "server_options",
     "split_chain",
 ]
@@ -26,6 +27,8 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.max_receive_message_length", 64 * 1024),
+        # Per connection; the admission gate bounds calls per process and per peer.
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
     ]
     if settings.grpc_max_connection_age_ms:
         options += [
@@ -35,3 +38,11 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
     if reuse_port:
         options.append(("grpc.so_reuseport", 1))
     return options
+
+
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC parses it: an IPv6 literal in brackets
+    (``[::]:50051``; ``:::50051`` does not bind)."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -13,7 +12,7 @@ from session_authority.transport.auth import AuthPolicy
 from session_authority.transport.tls import CertificateFiles
 from session_authority.v1 import session_authority_pb2 as pb
 
-__all__ = ["auth_policy", "log_security", "server_credentials"]
+__all__ = ["auth_policy", "certificate_files", "log_security"]
 
 _log = logging.getLogger("session_authority")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
@@ -41,14 +40,14 @@ def auth_policy(settings: Settings) -> AuthPolicy:
     )
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS (and mTLS) credentials that follow their files; None: plaintext."""
+def certificate_files(settings: Settings) -> CertificateFiles | None:
+    """The gRPC port's TLS (and mTLS) files; None: plaintext. Their
+    ``credentials()`` follow the files (rotation without a restart)."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    files = CertificateFiles(
+    return CertificateFiles(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )
-    return files.credentials()
 
 
 def log_security(settings: Settings, port: int, admin_port: int | None) -> None:

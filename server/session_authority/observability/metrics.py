@@ -262,6 +262,22 @@ class Instruments:
             ["grpc_service", "grpc_method", "reason"],
             registry=registry,
         )
+        self.rpc_shed = Counter(
+            "session_authority_rpc_shed",
+            "Calls ended by the admission gate before their request was read, by reason "
+            "(authenticated_full, public_full, peer_full: RESOURCE_EXHAUSTED; idle: "
+            "UNAVAILABLE, no request message within REQUEST_IDLE_TIMEOUT_MS).",
+            ["reason"],
+            registry=registry,
+        )
+        self.tls_reload_rejected = Counter(
+            "session_authority_tls_reload_rejected",
+            "Rotated TLS files refused (mismatched key, unreadable, certificate not valid "
+            "now); the previous certificate stays in use.",
+            registry=registry,
+        )
+        for reason in ("authenticated_full", "public_full", "peer_full", "idle"):
+            self.rpc_shed.labels(reason)
         # Series that exist from the start read 0 rather than being absent,
         # so rate() and alerts see the first increment.
         for result in CACHE_RESULTS:

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import grpc
 from opentelemetry import trace
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
+    Metric,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker
@@ -108,6 +111,23 @@ class Telemetry:
         service, _, name = method.lstrip("/").rpartition("/")
         self.instruments.auth_denied.labels(service, name, reason).inc()
 
+    def count_handshake_failures(self, read: Callable[[], int]) -> None:
+        """``session_authority_tls_handshake_failures_total``: what ``read``
+        says at scrape time (the failures gRPC core reported on stderr,
+        counted by ``logs.NativeStderr``)."""
+        self.registry.register(_HandshakeFailures(read))
+
+    def tls_reload_rejected(self) -> None:
+        """Counts a refused TLS rotation (called on gRPC's thread)."""
+        self.instruments.tls_reload_rejected.inc()
+
+    def rpc_refused(self, method: str, reason: str, code: grpc.StatusCode) -> None:
+        """Counts a call the admission gate ended (``method``: ``/pkg.Service/Method``):
+        by reason, and with the other calls in ``grpc_server_handled_total``."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        self.instruments.rpc_shed.labels(reason).inc()
+        self.instruments.rpc_handled.labels(service, name, code.name).inc()
+
     def attach(
         self,
         *,
@@ -174,3 +194,18 @@ class Telemetry:
             await self.admin.stop()
         # Off the event loop: an OTLP export may take a moment.
         await asyncio.to_thread(flush_tracing, self.tracer_provider)
+
+
+class _HandshakeFailures(Collector):
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "session_authority_tls_handshake_failures",
+            "TLS handshakes on the gRPC port that failed (no or untrusted client "
+            "certificate, protocol mismatch, plaintext on a TLS port), as gRPC core "
+            "reported them on stderr.",
+        )
+        family.add_metric([], self._read())
+        yield family

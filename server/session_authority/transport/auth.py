@@ -1,5 +1,6 @@
 """Who may call what: each call's caller is identified (mTLS certificate, API
-key) and the ``AuthPolicy`` decides; ``AuthInterceptor`` applies it.
+key) and the ``AuthPolicy`` decides; ``Authoriser`` applies it, asked by the
+admission gate before the request message is read.
 
 Invariant: with authentication configured, nothing is open by omission. A
 method is answered to a caller without credentials only when its service is
@@ -8,33 +9,33 @@ with ``anonymous_reads``, when it is one of ``reads``. Every other method,
 including one added to the service later, needs an identity on the
 allow-list: the policy denies by default.
 
-Identities are strings: a client certificate's SAN URIs
+Two kinds of identity, kept apart: a client certificate's SAN URIs
 (``spiffe://example.org/ns/prod/sa/login``) and DNS names
-(``login.internal``), and ``apikey:<name>`` for an API key. Certificate
-identities are trusted only when the port verifies client certificates
-(mTLS); API keys are compared as SHA-256 digests in constant time and are
-never logged (their names are).
+(``login.internal``) in ``Caller.identities``, and the names of the API keys
+presented in ``Caller.keys``. The allow-list spells a key ``apikey:<name>``;
+that entry matches only ``Caller.keys``, never a certificate, so a
+certificate whose SAN reads ``apikey:login`` is a certificate identity that
+no allow-list entry can name. Certificate identities are trusted only when
+the port verifies client certificates (mTLS); API keys are compared as
+SHA-256 digests in constant time and are never logged (their names are).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import grpc
 
-from session_authority.transport.wrapping import WrappingInterceptor
-
 __all__ = [
     "API_KEY_PREFIX",
     "ApiKeys",
-    "AuthInterceptor",
     "AuthPolicy",
+    "Authoriser",
     "Caller",
     "Refusal",
     "hash_api_key",
@@ -96,11 +97,14 @@ class Caller:
     """A verified client certificate (with or without SANs) or a valid API key."""
     invalid_credentials: bool = False
     """An API key was presented that is not one of ours (or not in a form we read)."""
+    keys: frozenset[str] = frozenset()
+    """Names of the valid API keys presented (``identities`` are certificates' only)."""
 
     def describe(self) -> str:
         """For log lines: identities only, never a credential."""
-        if self.identities:
-            return ",".join(sorted(self.identities))
+        if self.identities or self.keys:
+            shown = [*sorted(self.identities), *(API_KEY_PREFIX + k for k in sorted(self.keys))]
+            return ",".join(shown)
         if self.invalid_credentials:
             return "invalid credentials"
         return "authenticated, no identity" if self.authenticated else "anonymous"
@@ -117,7 +121,8 @@ class AuthPolicy:
     reads: frozenset[str] = frozenset()
     """Methods any authenticated caller may call."""
     allowed: frozenset[str] = frozenset()
-    """Identities that may call every other method (the mutating ones)."""
+    """Who may call every other method (the mutating ones): certificate
+    identities, and API keys as ``apikey:<name>``."""
     anonymous_reads: bool = False
     """``reads`` are open to callers without credentials too."""
 
@@ -128,7 +133,12 @@ class AuthPolicy:
 
     def is_public(self, method: str) -> bool:
         """True when no call of ``method`` needs checking."""
-        return not self.enforced or _service_of(method) in self.public_services
+        return not self.enforced or self.is_public_service(method)
+
+    def is_public_service(self, method: str) -> bool:
+        """True when ``method``'s service is open to every caller (health,
+        reflection), whether or not authentication is enforced."""
+        return _service_of(method) in self.public_services
 
     def decide(self, method: str, caller: Caller) -> Refusal | None:
         """None when ``caller`` may call ``method``, else why not."""
@@ -140,24 +150,31 @@ class AuthPolicy:
             return None
         if not caller.authenticated:
             return "no_credentials"
-        if caller.identities & self.allowed:
+        if caller.identities & self._allowed_certificates:
+            return None
+        if caller.keys & self._allowed_keys:
             return None
         return "not_allowed"
+
+    @property
+    def _allowed_certificates(self) -> frozenset[str]:
+        return frozenset(i for i in self.allowed if not i.startswith(API_KEY_PREFIX))
+
+    @property
+    def _allowed_keys(self) -> frozenset[str]:
+        return frozenset(
+            i.removeprefix(API_KEY_PREFIX) for i in self.allowed if i.startswith(API_KEY_PREFIX)
+        )
 
 
 def _service_of(method: str) -> str:
     return method.lstrip("/").rpartition("/")[0]
 
 
-Behavior: TypeAlias = "Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]"
-
-
-class AuthInterceptor(WrappingInterceptor):
-    """Identifies the caller of each checked call and applies the policy.
-
-    grpc.aio interceptors see the method and metadata but not the
-    connection's certificate, so the check runs inside a wrapper around the
-    handler (as ``DrainInterceptor`` counts), where the context is at hand."""
+class Authoriser:
+    """Identifies the caller of a call and applies the policy. The admission
+    gate (``transport.admission``) asks it first, from the call's metadata and
+    connection, before the call's request message is read."""
 
     def __init__(
         self,
@@ -169,14 +186,10 @@ class AuthInterceptor(WrappingInterceptor):
     ) -> None:
         """``trust_client_certificates``: the port verifies client
         certificates against a CA (mTLS); only then are their SANs identities."""
-        super().__init__()
         self.policy = policy
         self._keys = keys
         self._mtls = trust_client_certificates
         self._on_denied = on_denied
-
-    def _applies(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> bool:
-        return not self.policy.is_public(method)
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         identities: set[str] = set()
@@ -190,20 +203,23 @@ class AuthInterceptor(WrappingInterceptor):
                 for prop in ("peer_uri", "peer_dns"):
                     identities.update(v.decode(errors="replace") for v in auth.get(prop, ()))
         invalid = False
+        keys: set[str] = set()
         for key in _presented_keys(context.invocation_metadata() or ()):
             name = None if key is None else self._keys.identify(key)
             if name is None:
                 invalid = True
             else:
                 authenticated = True
-                identities.add(API_KEY_PREFIX + name)
-        return Caller(frozenset(identities), authenticated, invalid)
+                keys.add(name)
+        return Caller(frozenset(identities), authenticated, invalid, frozenset(keys))
 
-    async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """The caller, when it may call ``method``; otherwise the call is
+        aborted (``context.abort`` raises), counted and logged."""
         caller = self.identify(context)
         reason = self.policy.decide(method, caller)
         if reason is None:
-            return
+            return caller
         self._on_denied(method, reason)
         code, message = _STATUS[reason]
         _log.warning(
@@ -215,46 +231,7 @@ class AuthInterceptor(WrappingInterceptor):
             context.peer(),
         )
         await context.abort(code, message.format(method=method))
-
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        # The stubs type the behaviours as sync handlers; in grpc.aio they are coroutines.
-        kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]]]] = [
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-        ]
-        for inner, make in kinds:
-            if inner is not None:
-                return make(
-                    self._guard(inner, method),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
-
-    def _guard(self, inner: Behavior, method: str) -> Behavior:
-        """``inner`` behind the check, in the same form: grpc.aio runs an
-        async generator as a stream of replies and awaits anything else."""
-        check = self._check
-        if inspect.isasyncgenfunction(inner):
-
-            async def guarded_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                await check(method, context)
-                async for reply in inner(request, context):
-                    yield reply
-
-            return guarded_stream
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await check(method, context)
-            return await inner(request, context)
-
-        return guarded
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 def _presented_keys(metadata: Iterable[tuple[str, str | bytes]]) -> Iterable[str | None]:

@@ -19,6 +19,7 @@ from session_authority.transport.mapping import (
     ttl_from_pb,
     validation_to_pb,
 )
+from session_authority.transport.peers import peer_address
 from session_authority.transport.status import status_for
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -152,11 +153,10 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
 
 def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
-    """The caller's address without its port ("ipv4:10.0.0.7:53412" → "ipv4:10.0.0.7"):
-    what the per-caller limits count by. Behind a proxy that is the proxy."""
-    peer: str = context.peer() or ""
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
+    """The caller's address without its port, one spelling per address
+    (``peers.peer_address``: an IPv4 caller on a dual-stack socket is its IPv4
+    address): what the per-caller limits count by. Behind a proxy that is the proxy."""
+    return peer_address(context.peer())
 
 
 #: Seconds before the caller's deadline at which the work is given up (at most

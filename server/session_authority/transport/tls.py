@@ -7,8 +7,10 @@ inode), so replacing them on disk is all a rotation takes: new connections
 get the new certificate, open ones keep theirs until they reconnect.
 
 A half-written rotation (a new certificate beside the old key) is checked
-with Python's ``ssl`` before gRPC sees it; until the files agree again, the
-certificate in use stays in use and the problem is logged once.
+with Python's ``ssl`` before gRPC sees it, and a certificate that is not valid
+now (expired, or not yet valid) is refused too: until the files are usable
+again, the certificate in use stays in use, the problem is logged once and
+counted (``on_rejected``). At start-up the same checks stop the server.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 __all__ = ["CertificateFiles"]
 
@@ -28,9 +33,20 @@ _Stamp = tuple[tuple[int, int, int], ...]
 
 
 class CertificateFiles:
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        client_ca: Path | None = None,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         """``client_ca``: when given, every client must present a certificate
-        issued by one of the CAs in this PEM bundle (mTLS)."""
+        issued by one of the CAs in this PEM bundle (mTLS). ``now``: the
+        clock a certificate's validity is judged by."""
+        self._now = now
+        self.on_rejected: Callable[[], None] = lambda: None
+        """Called (on gRPC's thread) once per rotation refused."""
         self.cert = cert
         self.key = key
         self.client_ca = client_ca
@@ -67,6 +83,7 @@ class CertificateFiles:
         except Exception as exc:  # never into gRPC's C core
             if stamp != self._rejected:
                 self._rejected = stamp
+                self.on_rejected()
                 _log.warning(
                     "TLS: cannot reload %s (%s); still serving the previous certificate",
                     self._describe(),
@@ -90,7 +107,18 @@ class CertificateFiles:
         check.load_cert_chain(self.cert, self.key)
         if client_ca is not None:
             check.load_verify_locations(cadata=client_ca.decode())
+        self._check_valid_now(cert)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def _check_valid_now(self, cert: bytes) -> None:
+        """Raises ``ValueError`` unless the leaf certificate is valid now: a
+        certificate gRPC would serve but every client would refuse."""
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+        now = self._now()
+        if now < leaf.not_valid_before_utc:
+            raise ValueError(f"certificate not valid before {leaf.not_valid_before_utc}")
+        if now > leaf.not_valid_after_utc:
+            raise ValueError(f"certificate expired {leaf.not_valid_after_utc}")
 
     def _describe(self) -> str:
         shown = f"certificate {self.cert}, key {self.key}"
