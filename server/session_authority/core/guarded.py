@@ -39,6 +39,7 @@ from session_authority.core.ports import (
     StoreRevocation,
 )
 from session_authority.core.telemetry import CoreMetrics
+from session_authority.core.watermark import RevocationMarks
 
 __all__ = ["GuardedCache", "GuardedStore"]
 
@@ -104,6 +105,16 @@ class GuardedCache:
             self._count_failure("tombstone", exc)
             raise
 
+    async def watermark(self) -> str:
+        return await self._call("watermark", self.inner.watermark)
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        return await self._call(
+            "seal", lambda: self.inner.seal(token_hashes, ttl, floor=floor, mark=mark)
+        )
+
     def _count_failure(self, operation: str, exc: CacheUnavailable) -> None:
         self._stats.errors += 1
         self._metrics.cache_error(operation)
@@ -152,6 +163,17 @@ class GuardedStore:
 
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         await self._call(lambda: self.inner.confirm_purged(token_hashes))
+
+    async def revocation_marks(self) -> RevocationMarks:
+        return await self._call(self.inner.revocation_marks)
+
+    async def revocations_after(
+        self, after: str, limit: int, window: float
+    ) -> list[tuple[str, TokenHash]]:
+        return await self._call(lambda: self.inner.revocations_after(after, limit, window))
+
+    async def confirm_watermark(self, mark: str) -> None:
+        await self._call(lambda: self.inner.confirm_watermark(mark))
 
     async def health(self) -> StoreHealth:
         return await self.inner.health()

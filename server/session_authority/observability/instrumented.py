@@ -39,6 +39,7 @@ from session_authority.core.ports import (
     SessionStore,
     StoreRevocation,
 )
+from session_authority.core.watermark import RevocationMarks
 
 __all__ = ["InstrumentedSessionCache", "InstrumentedSessionStore"]
 
@@ -115,6 +116,16 @@ class InstrumentedSessionCache:
         with self._timed("tombstone"):
             await self._inner.tombstone(token_hashes, ttl)
 
+    async def watermark(self) -> str:
+        with self._timed("watermark"):
+            return await self._inner.watermark()
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        with self._timed("seal"):
+            return await self._inner.seal(token_hashes, ttl, floor=floor, mark=mark)
+
     async def health(self) -> CacheHealth:
         health = await self._inner.health()
         if health.connected:
@@ -162,6 +173,20 @@ class InstrumentedSessionStore:
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         with self._timed("confirm_purged"):
             await self._inner.confirm_purged(token_hashes)
+
+    async def revocation_marks(self) -> RevocationMarks:
+        with self._timed("revocation_marks"):
+            return await self._inner.revocation_marks()
+
+    async def revocations_after(
+        self, after: str, limit: int, window: float
+    ) -> list[tuple[str, TokenHash]]:
+        with self._timed("revocations_after"):
+            return await self._inner.revocations_after(after, limit, window)
+
+    async def confirm_watermark(self, mark: str) -> None:
+        with self._timed("confirm_watermark"):
+            await self._inner.confirm_watermark(mark)
 
     async def health(self) -> StoreHealth:
         return await self._inner.health()
