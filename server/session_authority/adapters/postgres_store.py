@@ -20,8 +20,22 @@ from session_authority.core.watermark import RevocationMarks, horizon_below, mar
 __all__ = ["STORE_ERRORS", "PostgresSessionStore"]
 
 #: Everything that means "the store failed", mapped to StoreUnavailable in
-#: one place (``_connection``). CancelledError is not among them.
-STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: one place (``_connection``). CancelledError is not among them. asyncpg's
+#: exceptions are three trees: ``PostgresError`` (the server's errors, and
+#: ``PostgresConnectionError`` such as ``ConnectionDoesNotExistError``),
+#: ``InterfaceError`` (misuse, and a closed connection), and
+#: ``InternalClientError`` (``ProtocolError``, ``OutdatedSchemaCacheError``,
+#: and what the pool raises when a connection dies mid-protocol: "release()
+#: called on a free connection holder"). Sockets fail with ``OSError``
+#: (``ConnectionResetError``...) or ``EOFError`` (``IncompleteReadError``).
+STORE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    EOFError,
+    TimeoutError,
+)
 
 # Revocations are stamped by Postgres's clock (now()), never a replica's, and
 # revoke whatever is not yet revoked, expired or not: a replica whose clock runs
