@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
@@ -77,6 +79,10 @@ TOMBSTONE_CHUNK = 2000
 DRAIN_BATCH = 5000
 #: Revocations pushed to L1 caches by hash; above this, "drop everything".
 PUSH_LIMIT = 1000
+#: A replay's time per probe, in breaker timeouts: half the probe's own limit
+#: (``Breaker._run_probe``: ten timeouts), so a large replay is never cut off
+#: mid-way; it stops at a sealed chunk and the next probe resumes.
+REPLAY_BUDGET = 5.0
 
 #: A cache's ``tombstone`` (guarded, guarded-anyway, or the probe's inner one).
 _Write = Callable[[Sequence[TokenHash], float], Awaitable[None]]
@@ -95,7 +101,9 @@ class Revoker:
         metrics: CoreMetrics,
         local: LocalCache | None = None,
         feed: RevocationFeed | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._monotonic = monotonic
         self._store = store
         self._cache = cache
         self._breaker = breaker
@@ -193,9 +201,20 @@ class Revoker:
         cache = self._cache.inner
         await cache.adopt()  # also proves Redis answers, even with nothing to replay
         held = await cache.watermark()
+        # Its cost per probe is bounded: past half the probe's time it stops,
+        # sealed as far as it got, and the next probe (at once) resumes there.
+        until = self._monotonic() + self._breaker.policy.timeout * REPLAY_BUDGET
         try:
             marks = await self._store.revocation_marks()
-            replayed = await self._reseal(cache, held, marks.horizon)
+            replayed, sealed = await self._reseal(cache, held, marks.horizon, until=until)
+            if sealed < marks.horizon:
+                cause = (
+                    f"replay continues: {replayed} revocations written from watermark "
+                    f"{held[:29] or 'nothing'} to {sealed[:29]}, resuming there"
+                )
+                _log.info("SessionCache %s", cause)
+                self._breaker.trip(cause, probe_in=0.0)
+                raise CacheUnavailable(cause)
             drained = await self._drain_into(cache)
         except StoreUnavailable as exc:
             raise CacheUnavailable(f"cannot replay revocations: store unavailable: {exc}") from exc
@@ -213,32 +232,57 @@ class Revoker:
             drained,
         )
 
-    async def _reseal(self, cache: SessionCache, after: str, horizon: str) -> int:
+    async def _reseal(
+        self, cache: SessionCache, after: str, horizon: str, *, until: float | None = None
+    ) -> tuple[int, str]:
         """Tombstone every revocation of the replay window with a mark above
         ``after`` (a watermark ``cache`` held or was confirmed to hold), in
         chunks of ``TOMBSTONE_CHUNK``, each sealed with the watermark it
-        completes (never past ``horizon``) and then confirmed in the store;
-        finally raise the watermark to ``horizon``. ``CacheReplaced`` if the
-        cache turns out to hold less than it did (it went back in time)."""
-        policy = self._policy
+        completes (never past ``horizon``), the next page read from the store
+        while one is written; then confirm in the store what was sealed.
+        Stops after the chunk that ends past ``until`` (the monotonic clock)
+        if given. Returns how many were written and the watermark sealed
+        (``horizon`` or beyond once done). ``CacheReplaced`` if the cache turns
+        out to hold less than it did (it went back in time)."""
+        policy, store = self._policy, self._store
         window = policy.cache_ttl + policy.max_fill_lag + policy.revocation_skew
-        floor, written = after, 0
-        while True:
-            page = await self._store.revocations_after(after, TOMBSTONE_CHUNK, window)
-            last = len(page) < TOMBSTONE_CHUNK
-            if page:
-                after = page[-1][0]
-            # The last page leaves nothing below the horizon unwritten (every
-            # transaction under it had ended before the page was read).
-            mark = max(floor, horizon if last else min(after, horizon))
-            if page or mark != floor:
-                hashes = [h for _, h in page]
-                await cache.seal(hashes, policy.tombstone_ttl, floor=floor, mark=mark)
-            if mark != floor:
-                await self._store.confirm_watermark(mark)
-            floor, written = mark, written + len(page)
-            if last:
-                return written
+        floor, written, confirmed = after, 0, after
+
+        def read(after: str) -> asyncio.Future[list[tuple[str, TokenHash]]]:
+            return asyncio.ensure_future(store.revocations_after(after, TOMBSTONE_CHUNK, window))
+
+        fetch = read(after)
+        try:
+            while True:
+                page = await fetch
+                last = len(page) < TOMBSTONE_CHUNK
+                if page:
+                    after = page[-1][0]
+                if not last:
+                    fetch = read(after)
+                # The last page leaves nothing below the horizon unwritten (every
+                # transaction under it had ended before the page was read).
+                mark = max(floor, horizon if last else min(after, horizon))
+                held = floor
+                if page or mark != floor:
+                    hashes = [h for _, h in page]
+                    held = await cache.seal(hashes, policy.tombstone_ttl, floor=floor, mark=mark)
+                floor, written = mark, written + len(page)
+                if last:
+                    break
+                if held > after:
+                    # Another process (its sweep, or its own replay) has sealed
+                    # further: what lies below is in Redis already.
+                    _abandon(fetch)
+                    floor = after = held
+                    fetch = read(after)
+                if until is not None and self._monotonic() >= until:
+                    break
+        finally:
+            _abandon(fetch)
+        if floor > confirmed:
+            await store.confirm_watermark(floor)
+        return written, floor
 
     async def drain(self) -> int:
         """Check that Redis still holds its state, then write every pending
@@ -314,3 +358,10 @@ class Revoker:
                 await self.drain()
             except StoreUnavailable as exc:
                 _log.warning("SessionCache drain Error: %s", exc)
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel a read nobody will use, and retrieve its outcome when it ends."""
+    if not task.done():
+        task.cancel()
+    task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
