@@ -142,6 +142,9 @@ class InMemorySessionStore:
         """Insert or replace a session directly (e.g. one revoked long ago),
         without the checks ``create`` makes."""
         self._by_hash[session.token_hash.hex] = _copied(session)
+        if session.revoked_at is not None and session.token_hash.hex not in self._xid:
+            self._next_xid += 1  # the trigger's transaction id, as Postgres stamps an INSERT
+            self._xid[session.token_hash.hex] = self._next_xid
         try:
             id_key = _canonical_id(session.session_id)
         except StoreUnavailable:
@@ -199,9 +202,9 @@ class InMemorySessionStore:
 
     def _revoke(self, session: Session) -> StoreRevocation:
         now = self._now()
+        self._xid[session.token_hash.hex] = self._next_xid
         self.put(replace(session, revoked_at=now))
         self._pending.add(session.token_hash.hex)
-        self._xid[session.token_hash.hex] = self._next_xid
         return StoreRevocation(session.token_hash, revoked_now=session.expires_at > now)
 
     async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
