@@ -460,3 +460,17 @@ async def test_seal_below_its_floor_writes_the_tombstones_and_reports_a_rewind(
         await cache.seal([token_hash], LONG_TTL, floor=_mark(4), mark=_mark(9))
     assert await _entry(cache, token_hash) == TOMBSTONE  # written all the same
     assert await cache.watermark() == _mark(3)  # left alone: the rewind stays visible
+
+
+async def test_the_replay_lease_is_held_by_one_until_given_back(
+    cache_subject: CacheSubject,
+) -> None:
+    cache = cache_subject.cache
+    await cache_subject.flush()
+    assert await cache.lease(LONG_TTL) is True
+    assert await cache.lease(LONG_TTL) is False  # another process, meanwhile
+    await cache.release()
+    assert await cache.lease(SHORT_TTL) is True
+    await cache_subject.wait(SHORT_TTL * 2)  # a holder that died: it lapses
+    assert await cache.lease(LONG_TTL) is True
+    await cache.release()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -347,6 +348,7 @@ class InMemorySessionCache:
         self._trusted: int | None = None
         self._marker: int | None = None
         self._watermark = NOTHING
+        self._lease_until = -math.inf
 
     async def _enter(self, method: str) -> None:
         self.calls[method] += 1
@@ -513,6 +515,17 @@ class InMemorySessionCache:
     async def watermark(self) -> str:
         await self._enter("watermark")
         return self._watermark
+
+    async def lease(self, seconds: float) -> bool:
+        await self._enter("lease")
+        if self._clock() < self._lease_until:
+            return False
+        self._lease_until = self._clock() + seconds
+        return True
+
+    async def release(self) -> None:
+        await self._enter("release")
+        self._lease_until = -math.inf
 
     async def seal(
         self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str

@@ -81,6 +81,7 @@ KEY_PREFIX = "session:"
 _HEALTH_KEY = "session-authority:health-probe"
 MARKER_KEY = "session-authority:epoch"
 WATERMARK_KEY = "session-authority:watermark"
+LEASE_KEY = "session-authority:replay-lease"
 
 # Every script takes the session's key, and with CACHE_LEGACY_KEYS on also the
 # key the previous release used for it (KEYS[2]); see "Keys" in the module doc.
@@ -400,6 +401,15 @@ class RedisSessionCache:
                 "(a backup restored, DEBUG RELOAD, SWAPDB or a lagging replica)"
             )
         return str(held)
+
+    async def lease(self, seconds: float) -> bool:
+        with _MAPPED:
+            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(_ms(seconds)))
+        return bool(taken)
+
+    async def release(self) -> None:
+        with _MAPPED:
+            await self._redis.delete(LEASE_KEY)
 
     async def _within(self, call: Awaitable[T]) -> T:
         """``call``, given up after the per-call timeout (a ``TimeoutError``,

@@ -115,6 +115,12 @@ class GuardedCache:
             "seal", lambda: self.inner.seal(token_hashes, ttl, floor=floor, mark=mark)
         )
 
+    async def lease(self, seconds: float) -> bool:
+        return await self._call("lease", lambda: self.inner.lease(seconds))
+
+    async def release(self) -> None:
+        await self._call("release", self.inner.release)
+
     def _count_failure(self, operation: str, exc: CacheUnavailable) -> None:
         self._stats.errors += 1
         self._metrics.cache_error(operation)

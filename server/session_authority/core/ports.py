@@ -165,5 +165,13 @@ class SessionCache(Protocol):
         cache held less than ``floor`` (it went back in time), the tombstones
         are written, the watermark is left alone and ``CacheReplaced`` is raised."""
 
+    async def lease(self, seconds: float) -> bool:
+        """Take the replay lease for ``seconds`` unless another process holds
+        it; True when taken. Advisory: it spares a second process from writing
+        the same revocations alongside the first, correctness never depends on it."""
+
+    async def release(self) -> None:
+        """Give the replay lease back (whoever holds it: it is advisory)."""
+
     async def health(self) -> CacheHealth:
         """Server facts, pool numbers and live PING/SET/GET timings. Never raises."""

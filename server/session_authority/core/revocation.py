@@ -83,6 +83,8 @@ PUSH_LIMIT = 1000
 #: (``Breaker._run_probe``: ten timeouts), so a large replay is never cut off
 #: mid-way; it stops at a sealed chunk and the next probe resumes.
 REPLAY_BUDGET = 5.0
+#: How often a process waiting for another's replay looks again (seconds).
+LEASE_POLL = 0.1
 
 #: A cache's ``tombstone`` (guarded, guarded-anyway, or the probe's inner one).
 _Write = Callable[[Sequence[TokenHash], float], Awaitable[None]]
@@ -200,13 +202,19 @@ class Revoker:
             return
         cache = self._cache.inner
         await cache.adopt()  # also proves Redis answers, even with nothing to replay
-        held = await cache.watermark()
         # Its cost per probe is bounded: past half the probe's time it stops,
         # sealed as far as it got, and the next probe (at once) resumes there.
-        until = self._monotonic() + self._breaker.policy.timeout * REPLAY_BUDGET
+        budget = self._breaker.policy.timeout * REPLAY_BUDGET
+        until = self._monotonic() + budget
         try:
             marks = await self._store.revocation_marks()
-            replayed, sealed = await self._reseal(cache, held, marks.horizon, until=until)
+            leased = await self._lease(cache, budget, marks.horizon, until)
+            held = await cache.watermark()
+            try:
+                replayed, sealed = await self._reseal(cache, held, marks.horizon, until=until)
+            finally:
+                if leased:
+                    await cache.release()
             if sealed < marks.horizon:
                 cause = (
                     f"replay continues: {replayed} revocations written from watermark "
@@ -231,6 +239,19 @@ class Revoker:
             held[:29] or "nothing",
             drained,
         )
+
+    async def _lease(self, cache: SessionCache, budget: float, horizon: str, until: float) -> bool:
+        """Take the replay lease; while another process holds it, wait for its
+        watermark to reach ``horizon`` (or the lease to come free, or
+        ``until``) rather than write the same revocations alongside it.
+        Whether this process took it."""
+        # Held past the budget, so it does not lapse under a holder finishing its
+        # last chunk; the holder gives it back, and a waiter gives up at ``until``.
+        while not await cache.lease(budget * 2):
+            if self._monotonic() >= until or await cache.watermark() >= horizon:
+                return False
+            await asyncio.sleep(LEASE_POLL)
+        return True
 
     async def _reseal(
         self, cache: SessionCache, after: str, horizon: str, *, until: float | None = None

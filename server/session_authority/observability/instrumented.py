@@ -126,6 +126,14 @@ class InstrumentedSessionCache:
         with self._timed("seal"):
             return await self._inner.seal(token_hashes, ttl, floor=floor, mark=mark)
 
+    async def lease(self, seconds: float) -> bool:
+        with self._timed("lease"):
+            return await self._inner.lease(seconds)
+
+    async def release(self) -> None:
+        with self._timed("release"):
+            await self._inner.release()
+
     async def health(self) -> CacheHealth:
         health = await self._inner.health()
         if health.connected:
