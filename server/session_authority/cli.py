@@ -154,7 +154,6 @@ async def _serve(
     on_started: Callable[[App], None] | None = None,
     worker: WorkerSlot | None = None,
 ) -> int:
-
     if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
         return 1
     # JSON logs: gRPC core's own stderr lines become JSON lines too (and its
@@ -175,6 +174,8 @@ async def _serve_app(
     on_started: Callable[[App], None] | None,
     worker: WorkerSlot | None,
 ) -> int:
+    from session_authority.bootstrap import App
+
     try:
         app = await App.start(
             settings,

@@ -10,6 +10,8 @@ The rules, as the Lua in adapters/redis_cache.py implements them:
   nothing is cached (True either way); a live session or a tombstone replaces the rest.
 * ``mark_created``: a marker, written by the same script as a live fill.
 * ``tombstone``: unconditional, for every hash given.
+* ``seal``: tombstones like ``tombstone``, and raises the watermark (never lowers it), unless
+  it holds less than the floor: then ``CacheReplaced``, tombstones written, watermark untouched.
 * Every write sets the TTL it was given; entries vanish when it runs out.
 """
 
@@ -413,3 +415,62 @@ async def test_a_flushed_cache_is_refused_until_adopted_again(cache_subject: Cac
     await cache.adopt()
     await cache.verify()
     assert await cache.get(token_hash) is None  # adopting restores nothing: replay does
+
+
+# --- the revocation watermark: seal -----------------------------------------------------------
+
+
+def _mark(xid: int) -> str:
+    return f"{xid:020d}:~"
+
+
+async def test_a_cache_without_a_watermark_holds_nothing(cache_subject: CacheSubject) -> None:
+    await cache_subject.flush()
+    assert await cache_subject.cache.watermark() == ""
+
+
+async def test_seal_writes_tombstones_and_raises_the_watermark_never_lowers_it(
+    cache_subject: CacheSubject,
+) -> None:
+    cache, first, second = cache_subject.cache, _hash(), _hash()
+    await cache_subject.flush()
+    await cache.fill(first, _live(first), TTL)
+    assert await cache.seal([first, second], LONG_TTL, floor="", mark=_mark(7)) == _mark(7)
+    assert await _entry(cache, first) == TOMBSTONE
+    assert await _entry(cache, second) == TOMBSTONE
+    assert await cache.watermark() == _mark(7)
+    # A lower mark (another process, behind) leaves it; what is held is returned.
+    assert await cache.seal([], LONG_TTL, floor="", mark=_mark(5)) == _mark(7)
+    assert await cache.seal([], LONG_TTL, floor=_mark(7), mark=_mark(12)) == _mark(12)
+    # Marks compare byte by byte: "~" (every hash of transaction 12) is above any one
+    # hash of it, and below the first of transaction 13.
+    assert await cache.seal([], LONG_TTL, floor="", mark=f"{12:020d}:{'f' * 64}") == _mark(12)
+    next_one = f"{13:020d}:{'0' * 64}"
+    assert await cache.seal([], LONG_TTL, floor="", mark=next_one) == next_one
+
+
+async def test_seal_below_its_floor_writes_the_tombstones_and_reports_a_rewind(
+    cache_subject: CacheSubject,
+) -> None:
+    cache, token_hash = cache_subject.cache, _hash()
+    await cache_subject.flush()
+    await cache.seal([], LONG_TTL, floor="", mark=_mark(3))
+    await cache.fill(token_hash, _live(token_hash), TTL)
+    with pytest.raises(CacheReplaced):
+        await cache.seal([token_hash], LONG_TTL, floor=_mark(4), mark=_mark(9))
+    assert await _entry(cache, token_hash) == TOMBSTONE  # written all the same
+    assert await cache.watermark() == _mark(3)  # left alone: the rewind stays visible
+
+
+async def test_the_replay_lease_is_held_by_one_until_given_back(
+    cache_subject: CacheSubject,
+) -> None:
+    cache = cache_subject.cache
+    await cache_subject.flush()
+    assert await cache.lease(LONG_TTL) is True
+    assert await cache.lease(LONG_TTL) is False  # another process, meanwhile
+    await cache.release()
+    assert await cache.lease(SHORT_TTL) is True
+    await cache_subject.wait(SHORT_TTL * 2)  # a holder that died: it lapses
+    assert await cache.lease(LONG_TTL) is True
+    await cache.release()

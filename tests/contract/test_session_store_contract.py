@@ -328,3 +328,47 @@ async def test_an_unreachable_store_raises_store_unavailable(store_subject: Stor
     health = await store.health()  # never raises
     assert health.connected is False
     assert health.error
+
+
+# --- the revocation watermark -------------------------------------------------------------
+
+
+async def test_revocations_after_walks_the_window_in_mark_order(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    user = f"user-{uuid4().hex[:8]}"
+    first = await _created(store, _session(now))
+    together = [await _created(store, _session(now, user_id=user)) for _ in range(2)]
+    await _created(store, _session(now, revoked_at=now - HOUR))  # outside the window
+    await store.revoke(token_hash=first.token_hash)
+    await store.revoke_user(user)  # one transaction: one mark prefix
+
+    walked = await store.revocations_after("", 10, 60)
+    marks = [mark for mark, _ in walked]
+    assert marks == sorted(marks) and len(set(marks)) == 3
+    assert walked[0][1] == first.token_hash  # its transaction came first
+    assert _hexes([h for _, h in walked[1:]]) == _hexes([s.token_hash for s in together])
+    assert marks[1][:20] == marks[2][:20] > marks[0][:20]
+    assert all(mark.endswith(":" + h.hex) for mark, h in walked)
+    # Resumable: after a mark comes what follows it; a page holds at most ``limit``.
+    assert await store.revocations_after(marks[0], 10, 60) == walked[1:]
+    assert await store.revocations_after("", 2, 60) == walked[:2]
+    assert await store.revocations_after(marks[2], 10, 60) == []
+    assert len(await store.revocations_after("", 10, 2 * 3600)) == 4
+
+
+async def test_the_horizon_covers_every_ended_revocation_and_confirmed_only_rises(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    session = await _created(store, _session(now))
+    await store.revoke(token_hash=session.token_hash)
+    (mark, _), *_ = await store.revocations_after("", 10, 60)
+    marks = await store.revocation_marks()
+    assert mark < marks.horizon  # its transaction has ended
+    before = marks.confirmed
+    await store.confirm_watermark(marks.horizon)
+    assert (await store.revocation_marks()).confirmed == max(before, marks.horizon)
+    await store.confirm_watermark("")  # never lowered
+    assert (await store.revocation_marks()).confirmed == max(before, marks.horizon)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -266,3 +269,103 @@ async def test_invalidate_user_of_50000_sessions_confirms_its_purge(
         await raw.aclose()
         await conn.close()
         await channel.close()
+
+
+# --- 5. a replay of 200,000 revocations -------------------------------------------------------
+
+
+async def test_a_replay_of_200000_revocations_closes_each_workers_breaker_at_its_first_probe(
+    tmp_path: Path, own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
+) -> None:
+    """200,000 revocations in the replay window and a flushed Redis: both
+    workers must replay them into it. Each probe's cost is bounded (sealed
+    chunks; a worker skips what another has sealed meanwhile), so each
+    worker's first probe closes its breaker; before, each re-wrote all of them
+    and ran out of its 10 s, twice ("probe failed: " with no cause)."""
+    count = 200_000
+    port, log = find_free_port(), tmp_path / "serve.log"
+    server = spawn_serve(
+        port, log, "--workers", "2", DATABASE_URL=own_postgres.url, REDIS_URL=own_redis.url
+    )
+    conn = await asyncpg.connect(own_postgres.url)
+    raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) as ch:
+            stub: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(ch)
+            await wait_serving(stub, log)
+            # One statement, not 200,000 calls: revoked a moment ago, not expired.
+            await conn.execute(
+                """INSERT INTO sessions (session_id, token_hash, user_id, created_at,
+                                         expires_at, revoked_at)
+                   SELECT gen_random_uuid(), sha256(int8send(g) || $1::bytea), 'mass',
+                          now(), now() + interval '1 hour', now()
+                   FROM generate_series(1, $2::bigint) g""",
+                uuid4().bytes,
+                count,
+            )
+            newest = await conn.fetchval(
+                """SELECT lpad(max(revocation_xid)::text, 20, '0') || ':~' FROM sessions"""
+            )
+            deadline = time.monotonic() + 120
+            while await conn.fetchval("SELECT confirmed FROM revocation_watermark") < newest:
+                assert time.monotonic() < deadline, "the sweeps did not seal them"
+                await asyncio.sleep(0.2)
+            before = len(_lines(log))
+            started = time.monotonic()
+            await raw.flushall()  # the cache lost: both workers must replay all of them
+
+            closed: set[int] = set()
+            while len(closed) < 2:
+                assert time.monotonic() < started + 120, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+                after = _lines(log)[before:]
+                # A probe may stop past its budget, sealed ("replay continues"),
+                # and the next resumes; none may run out of time or fail.
+                failed = [str(x["message"]) for x in after if "probe failed" in str(x["message"])]
+                assert failed == [], failed
+                closed = {
+                    int(line["pid"])  # type: ignore[call-overload]
+                    for line in after
+                    if "probe succeeded" in str(line["message"])
+                }
+            took = time.monotonic() - started
+            replays = [
+                f"{line['time']} {line['pid']} {line['message']}"
+                for line in _lines(log)[before:]
+                if "SessionCache" in str(line["message"]) or "breaker" in str(line["message"])
+            ]
+            print(f"\n200,000 revocations: both breakers closed {took:.2f}s after FLUSHALL")
+            print("\n".join(replays))
+            # One worker writes them (the replay lease); the other waits and
+            # writes what is left, not all of them again.
+            written = sum(
+                int(found.group(1))
+                for text in replays
+                if "SessionCache replay" in text
+                and (found := re.search(r"(?:replayed|continues:) (\d+) revocations", text))
+            )
+            assert count <= written <= count * 1.25, replays
+            hashes = await conn.fetch(
+                "SELECT token_hash FROM sessions WHERE user_id = 'mass' ORDER BY random() LIMIT 50"
+            )
+            keys = [cache_key(TokenHash(bytes(r[0]).hex())) for r in hashes]
+            states = [await raw.hget(key, "state") for key in keys]
+            assert states == ["revoked"] * len(hashes)
+    finally:
+        await raw.aclose()
+        await conn.close()
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+
+
+def _lines(log: Path) -> list[dict[str, object]]:
+    """The server's log, one JSON object per line."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(line))
+    return found

@@ -236,3 +236,57 @@ async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> 
     after = await drive(w, 1.0, tokens=tokens)
     assert after.codes["OK"] == after.calls, after.codes
     assert after.wrong == []
+
+
+async def test_postgres_killed_mid_call_answers_unavailable_never_internal(world: World) -> None:
+    """Postgres SIGKILLed while many calls are inside it, 3 rounds: whatever
+    the driver raises as the connection dies mid-protocol (asyncpg's
+    InternalClientError among others) is "unavailable", never INTERNAL or
+    UNKNOWN, for every call that reaches Postgres."""
+    w = world
+    codes: Counter[str] = Counter()
+
+    async def call(kind: int) -> None:
+        try:
+            if kind == 0:  # never cached: a Postgres read
+                request = pb.ValidateSessionRequest(token=new_token())
+                await w.stub.ValidateSession(request, timeout=CALL_TIMEOUT)
+            elif kind == 1:
+                request_i = pb.InvalidateRequest(token=new_token())
+                await w.stub.Invalidate(request_i, timeout=CALL_TIMEOUT)
+            else:
+                request_u = pb.InvalidateUserRequest(user_id=f"gone-{uuid4().hex[:8]}")
+                await w.stub.InvalidateUser(request_u, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            codes[exc.code().name] += 1
+        else:
+            codes["OK"] += 1
+
+    async def load(stop: asyncio.Event, offset: int) -> None:
+        n = offset
+        while not stop.is_set():
+            await call(n % 3)
+            n += 1
+
+    for _ in range(3):
+        stop = asyncio.Event()
+        callers = [asyncio.create_task(load(stop, n)) for n in range(24)]
+        await asyncio.sleep(0.5)  # calls in flight inside Postgres
+        await asyncio.to_thread(w.postgres.kill)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*callers)
+        w.postgres.restart()
+        deadline = time.monotonic() + 15
+        while True:  # the Postgres breaker closes again once its probe call succeeds
+            try:
+                await w.stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()))
+                break
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert codes["INTERNAL"] == 0 and codes["UNKNOWN"] == 0, codes
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert codes["OK"] > 0 and codes["UNAVAILABLE"] > 0, codes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -30,6 +31,7 @@ from session_authority.core.ports import (
     SessionStore,
     StoreRevocation,
 )
+from session_authority.core.watermark import NOTHING, RevocationMarks, horizon_below, mark_of
 
 __all__ = [
     "FakeClock",
@@ -117,6 +119,10 @@ class InMemorySessionStore:
         self._by_hash: dict[str, Session] = {}
         self._hash_by_id: dict[str, str] = {}
         self._pending: set[str] = set()
+        #: Per revoked hash, the "transaction" that revoked it (one per call).
+        self._xid: dict[str, int] = {}
+        self._next_xid = 1
+        self._confirmed = NOTHING
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.gate: asyncio.Event | None = None
@@ -137,6 +143,9 @@ class InMemorySessionStore:
         """Insert or replace a session directly (e.g. one revoked long ago),
         without the checks ``create`` makes."""
         self._by_hash[session.token_hash.hex] = _copied(session)
+        if session.revoked_at is not None and session.token_hash.hex not in self._xid:
+            self._next_xid += 1  # the trigger's transaction id, as Postgres stamps an INSERT
+            self._xid[session.token_hash.hex] = self._next_xid
         try:
             id_key = _canonical_id(session.session_id)
         except StoreUnavailable:
@@ -189,16 +198,19 @@ class InMemorySessionStore:
             return None
         if session.revoked_at is not None:
             return StoreRevocation(session.token_hash, revoked_now=False)
+        self._next_xid += 1
         return self._revoke(session)
 
     def _revoke(self, session: Session) -> StoreRevocation:
         now = self._now()
+        self._xid[session.token_hash.hex] = self._next_xid
         self.put(replace(session, revoked_at=now))
         self._pending.add(session.token_hash.hex)
         return StoreRevocation(session.token_hash, revoked_now=session.expires_at > now)
 
     async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
         self._enter("revoke_user")
+        self._next_xid += 1
         return [
             self._revoke(session)
             for session in list(self._by_hash.values())
@@ -225,6 +237,27 @@ class InMemorySessionStore:
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         self._enter("confirm_purged")
         self._pending.difference_update(h.hex for h in token_hashes)
+
+    async def revocation_marks(self) -> RevocationMarks:
+        self._enter("revocation_marks")
+        # Every "transaction" here has ended: the horizon is past the latest.
+        return RevocationMarks(self._confirmed, horizon_below(self._next_xid + 1))
+
+    async def revocations_after(
+        self, after: str, limit: int, window: float
+    ) -> list[tuple[str, TokenHash]]:
+        self._enter("revocations_after")
+        since = self._now() - timedelta(seconds=window)
+        marked = sorted(
+            (mark_of(self._xid.get(s.token_hash.hex, 0), s.token_hash), s.token_hash)
+            for s in self._by_hash.values()
+            if s.revoked_at is not None and s.revoked_at >= since
+        )
+        return [(mark, h) for mark, h in marked if mark > after][:limit]
+
+    async def confirm_watermark(self, mark: str) -> None:
+        self._enter("confirm_watermark")
+        self._confirmed = max(self._confirmed, mark)
 
     def pending(self) -> set[TokenHash]:
         """Test helper: every revocation not confirmed yet."""
@@ -262,6 +295,10 @@ class _Slot:
 def _copy(entry: _Stored) -> _Stored:
     """What Redis keeps is a copy: later changes to the caller's metadata do not reach it."""
     return replace(entry, metadata=dict(entry.metadata)) if isinstance(entry, Session) else entry
+
+
+#: What ``InMemorySessionCache.snapshot`` copies: entries, marker, watermark.
+_Snapshot = tuple[dict[str, _Slot], int | None, str]
 
 
 class InMemorySessionCache:
@@ -310,6 +347,8 @@ class InMemorySessionCache:
         self._server = 1  # the run_id of the server process
         self._trusted: int | None = None
         self._marker: int | None = None
+        self._watermark = NOTHING
+        self._lease_until = -math.inf
 
     async def _enter(self, method: str) -> None:
         self.calls[method] += 1
@@ -353,21 +392,27 @@ class InMemorySessionCache:
 
     # --- test helpers (not part of the port, not counted) -------------------
 
-    def snapshot(self) -> tuple[dict[str, _Slot], int | None]:
-        """The keys as an RDB would hold them: entries (expiry times included)
-        and the marker."""
-        return dict(self._entries), self._marker
+    def snapshot(self) -> _Snapshot:
+        """The keys as an RDB would hold them: entries (expiry times included),
+        the marker and the watermark."""
+        return dict(self._entries), self._marker, self._watermark
 
-    def restart(self, snapshot: tuple[dict[str, _Slot], int | None] | None = None) -> None:
+    def restart(self, snapshot: _Snapshot | None = None) -> None:
         """A new server process, loaded from ``snapshot`` if given."""
         self._server += 1
-        entries, marker = snapshot or ({}, None)
-        self._entries, self._marker = dict(entries), marker
+        self.rewind(snapshot or ({}, None, NOTHING))
+
+    def rewind(self, snapshot: _Snapshot) -> None:
+        """The same server process back at ``snapshot`` (a backup restored into
+        it, DEBUG RELOAD, SWAPDB): the marker comes back with the data."""
+        entries, marker, watermark = snapshot
+        self._entries, self._marker, self._watermark = dict(entries), marker, watermark
 
     def flush(self) -> None:
         """FLUSHALL: same server, nothing in it."""
         self._entries.clear()
         self._marker = None
+        self._watermark = NOTHING
 
     def peek(self, token_hash: TokenHash) -> CacheEntry | None:
         """What ``get`` would answer, without counting a call."""
@@ -466,6 +511,32 @@ class InMemorySessionCache:
         await self._enter("tombstone")
         for token_hash in token_hashes:
             self._write(token_hash.hex, CachedVerdict(Reason.REVOKED), ttl)
+
+    async def watermark(self) -> str:
+        await self._enter("watermark")
+        return self._watermark
+
+    async def lease(self, seconds: float) -> bool:
+        await self._enter("lease")
+        if self._clock() < self._lease_until:
+            return False
+        self._lease_until = self._clock() + seconds
+        return True
+
+    async def release(self) -> None:
+        await self._enter("release")
+        self._lease_until = -math.inf
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        await self._enter("seal")
+        for token_hash in token_hashes:
+            self._write(token_hash.hex, CachedVerdict(Reason.REVOKED), ttl)
+        if self._watermark < floor:
+            raise CacheReplaced(f"watermark {self._watermark!r} below {floor!r}: went back in time")
+        self._watermark = max(self._watermark, mark)
+        return self._watermark
 
     async def health(self) -> CacheHealth:
         self.calls["health"] += 1

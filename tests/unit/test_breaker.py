@@ -739,3 +739,39 @@ async def test_closed_follows_every_transition(make: Make) -> None:
 
 def _closed(breaker: Breaker) -> bool:
     return breaker.closed  # a call: mypy would narrow the attribute between asserts
+
+
+@pytest.mark.asyncio
+async def test_a_failed_probe_logs_its_cause_with_type_and_origin(make: Make) -> None:
+    """Issue 20 (9): "probe failed: " was logged with nothing after it when
+    the probe timed out (``str(TimeoutError())`` is empty)."""
+    error = CacheUnavailable("cannot replay revocations")
+    error.__cause__ = ConnectionResetError("reset by peer")
+    breaker, clock = make(probe=Op(result=None, error=error))
+    seen = Transitions(breaker)
+    breaker.trip("test")
+    clock.advance(POLICY.reset_timeout)
+    assert not breaker.allows()
+    await until(lambda: breaker.state is OPEN)
+    assert seen.seen[-1][2] == (
+        "probe failed: CacheUnavailable: cannot replay revocations "
+        "(from ConnectionResetError: reset by peer)"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_probe_past_its_time_logs_a_timeout_naming_the_limit(make: Make) -> None:
+    async def endless() -> None:
+        await asyncio.Event().wait()
+
+    policy = BreakerPolicy(timeout=0.005)  # the probe's limit: ten timeouts, 50 ms
+    breaker, clock = make(policy=policy, probe=endless)
+    seen = Transitions(breaker)
+    breaker.trip("test")
+    clock.advance(policy.reset_timeout)
+    assert not breaker.allows()
+    for _ in range(500):  # a backstop of 5 s for a 50 ms limit
+        if breaker.state is OPEN:
+            break
+        await asyncio.sleep(0.01)
+    assert seen.seen[-1][2] == "probe failed: TimeoutError: not done within 0.05s"

@@ -123,6 +123,39 @@ async def test_redis_restarted_from_a_snapshot_older_than_the_revocation(world: 
     await never_valid(r, token)
 
 
+async def test_a_redis_rewound_in_place_is_caught_by_the_next_drain(world: World) -> None:
+    """Same server, same marker (it comes back with the data): only the
+    watermark, below what Postgres confirmed, tells (issue 20, finding 2)."""
+    r = await world.started()
+    token = await cached_session(r)
+    backup = world.cache.snapshot()
+    assert await r.svc.invalidate(token=token) == Revocation(1, True)
+    await r.svc.drain_revocations()  # a sweep seals the revocation
+    world.cache.rewind(backup)  # FLUSHALL + RESTORE, DEBUG RELOAD, SWAPDB
+    assert isinstance(world.cache.peek(TokenHash.of(token)), Session)
+    assert await r.svc.drain_revocations() == 0
+    assert r.state() is not BreakerState.CLOSED  # nothing reads it from now on
+    await never_valid(r, token)
+    await until(lambda: r.state() is BreakerState.CLOSED, rounds=1000)
+    assert world.cache.peek(TokenHash.of(token)) == TOMBSTONE  # replayed
+    await never_valid(r, token)
+
+
+async def test_a_rewind_right_after_a_revocation_is_repaired_by_the_next_drain(
+    world: World,
+) -> None:
+    """Rewound before any sweep sealed the revocation: the watermarks agree,
+    and the drain writes what was revoked since the confirmed one."""
+    r = await world.started()
+    token = await cached_session(r)
+    backup = world.cache.snapshot()
+    assert await r.svc.invalidate(token=token) == Revocation(1, True)
+    world.cache.rewind(backup)
+    await r.svc.drain_revocations()
+    assert world.cache.peek(TokenHash.of(token)) == TOMBSTONE
+    await never_valid(r, token)
+
+
 async def test_a_flushed_redis_is_repaired_by_the_next_drain(world: World) -> None:
     r = await world.started()
     token = await cached_session(r)

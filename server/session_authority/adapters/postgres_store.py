@@ -15,12 +15,27 @@ from session_authority.core.domain import Session, TokenHash
 from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation
+from session_authority.core.watermark import RevocationMarks, horizon_below, mark_of, parse_mark
 
 __all__ = ["STORE_ERRORS", "PostgresSessionStore"]
 
 #: Everything that means "the store failed", mapped to StoreUnavailable in
-#: one place (``_connection``). CancelledError is not among them.
-STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: one place (``_connection``). CancelledError is not among them. asyncpg's
+#: exceptions are three trees: ``PostgresError`` (the server's errors, and
+#: ``PostgresConnectionError`` such as ``ConnectionDoesNotExistError``),
+#: ``InterfaceError`` (misuse, and a closed connection), and
+#: ``InternalClientError`` (``ProtocolError``, ``OutdatedSchemaCacheError``,
+#: and what the pool raises when a connection dies mid-protocol: "release()
+#: called on a free connection holder"). Sockets fail with ``OSError``
+#: (``ConnectionResetError``...) or ``EOFError`` (``IncompleteReadError``).
+STORE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    EOFError,
+    TimeoutError,
+)
 
 # Revocations are stamped by Postgres's clock (now()), never a replica's, and
 # revoke whatever is not yet revoked, expired or not: a replica whose clock runs
@@ -195,6 +210,58 @@ class PostgresSessionStore:
                 """UPDATE sessions SET purge_pending = false
                    WHERE token_hash = ANY($1::bytea[]) AND purge_pending""",
                 [bytes.fromhex(h.hex) for h in token_hashes],
+            )
+
+    async def revocation_marks(self) -> RevocationMarks:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """SELECT confirmed,
+                          pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
+                   FROM revocation_watermark"""
+            )
+        confirmed = "" if row is None else str(row["confirmed"])
+        xmin = 0 if row is None else int(row["xmin"])
+        return RevocationMarks(confirmed=confirmed, horizon=horizon_below(xmin))
+
+    async def revocations_after(
+        self, after: str, limit: int, window: float
+    ) -> list[tuple[str, TokenHash]]:
+        xid, token_hash = parse_mark(after)
+        async with self._connection() as conn:
+            if xid < 0:
+                # From the window's oldest, not from the first revocation ever.
+                oldest = await conn.fetchval(
+                    """SELECT min(COALESCE(revocation_xid, 0)) FROM sessions
+                       WHERE revoked_at >= now() - make_interval(secs => $1)""",
+                    window,
+                )
+                if oldest is None:
+                    return []
+                xid, token_hash = int(oldest) - 1, b"\xff" * 33
+            rows = await conn.fetch(
+                """SELECT COALESCE(revocation_xid, 0) AS xid, token_hash FROM sessions
+                   WHERE revoked_at IS NOT NULL
+                     AND (COALESCE(revocation_xid, 0), token_hash) > ($1::bigint, $2::bytea)
+                     AND revoked_at >= now() - make_interval(secs => $3)
+                   ORDER BY COALESCE(revocation_xid, 0), token_hash
+                   LIMIT $4""",
+                xid,
+                token_hash,
+                window,
+                limit,
+            )
+        found = []
+        for r in rows:
+            row_hash = _hash(r)
+            found.append((mark_of(int(r["xid"]), row_hash), row_hash))
+        return found
+
+    async def confirm_watermark(self, mark: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                """UPDATE revocation_watermark
+                   SET confirmed = greatest(confirmed, $1 COLLATE "C")""",
+                mark,
             )
 
     async def health(self) -> StoreHealth:

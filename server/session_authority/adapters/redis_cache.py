@@ -20,6 +20,11 @@ different slots in one script).
 
 ``session-authority:epoch`` holds the ``run_id`` of the server this process
 adopted (``adopt``); ``verify`` finds it gone after a FLUSHALL or a restore.
+``session-authority:watermark`` holds the revocation watermark
+(``core/watermark.py``), raised only by ``seal``, in the script that writes the
+tombstones it covers: a backup, a reload, a swapped database or a replica
+brings back the watermark of the data it brings back, which the marker's
+value (a ``run_id``, restored with the data) cannot tell.
 Errors: every driver error becomes ``CacheUnavailable`` (``CacheReplaced`` for
 another server) in one place, ``_ErrorMap``.
 """
@@ -55,10 +60,12 @@ from session_authority.core.domain import Reason, TokenHash
 from session_authority.core.errors import CacheBusy, CacheReplaced, CacheUnavailable
 from session_authority.core.health import CacheHealth, PoolStats
 from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
+from session_authority.core.watermark import NOTHING
 
 __all__ = [
     "KEY_PREFIX",
     "MARKER_KEY",
+    "WATERMARK_KEY",
     "CountingPool",
     "RedisSessionCache",
     "cache_key",
@@ -73,6 +80,8 @@ _READ_BACKSTOP = 3.0
 KEY_PREFIX = "session:"
 _HEALTH_KEY = "session-authority:health-probe"
 MARKER_KEY = "session-authority:epoch"
+WATERMARK_KEY = "session-authority:watermark"
+LEASE_KEY = "session-authority:replay-lease"
 
 # Every script takes the session's key, and with CACHE_LEGACY_KEYS on also the
 # key the previous release used for it (KEYS[2]); see "Keys" in the module doc.
@@ -136,6 +145,44 @@ return 1
 """
 
 
+# Seal: the tombstones of ``_STAMP`` (KEYS[2..], ARGV[4] keys a hash, ARGV[5..]
+# the check and full hex of each hash), then the watermark (KEYS[1]) raised to
+# ARGV[3] unless it holds less than the floor ARGV[2]. One script, so atomic:
+# no snapshot or replica can have the new watermark without the tombstones.
+# Marks compare byte by byte (Lua's ``<`` on strings follows the server's locale).
+# Returns {1, held} or {0, held} when below the floor.
+_SEAL = """
+local function less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local per = tonumber(ARGV[4])
+for i = 0, (#KEYS - 1) / per - 1 do
+  for j = 1, per do
+    local key = KEYS[2 + i * per + j - 1]
+    redis.call('DEL', key)
+    if j == 1 then
+      redis.call('HSET', key, 'state', 'revoked', 'h', ARGV[5 + 2 * i])
+    else
+      redis.call('HSET', key, 'state', 'revoked', 'token_hash', ARGV[6 + 2 * i])
+    end
+    redis.call('PEXPIRE', key, ARGV[1])
+  end
+end
+local held = redis.call('GET', KEYS[1]) or ''
+if less(held, ARGV[2]) then return {0, held} end
+if less(held, ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[3])
+  held = ARGV[3]
+end
+return {1, held}
+"""
+
+
 def cache_key(token_hash: TokenHash) -> str:
     """``session:`` and the token's SHA-256 in unpadded base64url (43 characters)."""
     raw = bytes.fromhex(token_hash.hex)
@@ -186,6 +233,7 @@ class RedisSessionCache:
         self._fill = client.register_script(_FILL)
         self._get = client.register_script(_GET)
         self._stamp = client.register_script(_STAMP)
+        self._seal = client.register_script(_SEAL)
 
     def _keys(self, token_hash: TokenHash) -> list[str]:
         if self.legacy_keys:
@@ -328,6 +376,38 @@ class RedisSessionCache:
                     )
                 await pipe.execute()
 
+    async def watermark(self) -> str:
+        with _MAPPED:
+            held = await self._redis.get(WATERMARK_KEY)
+        return str(held or NOTHING)
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        keys = [WATERMARK_KEY]
+        args: list[str] = [_ms(ttl), floor, mark, "2" if self.legacy_keys else "1"]
+        for token_hash in token_hashes:
+            keys += self._keys(token_hash)
+            args += [token_hash.hex[:CHECK_HEX], token_hash.hex]
+        with _MAPPED:
+            sealed, held = await self._seal(keys=keys, args=args)
+        if not int(sealed):
+            raise CacheReplaced(
+                f"redis went back in time: it holds revocation watermark {_short(held)}, "
+                f"below {_short(floor)} it was confirmed to hold "
+                "(a backup restored, DEBUG RELOAD, SWAPDB or a lagging replica)"
+            )
+        return str(held)
+
+    async def lease(self, seconds: float) -> bool:
+        with _MAPPED:
+            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(_ms(seconds)))
+        return bool(taken)
+
+    async def release(self) -> None:
+        with _MAPPED:
+            await self._redis.delete(LEASE_KEY)
+
     async def _within(self, call: Awaitable[T]) -> T:
         """``call``, given up after the per-call timeout (a ``TimeoutError``,
         which ``_MAPPED`` maps): health is not timed by the breaker, and
@@ -366,6 +446,11 @@ class RedisSessionCache:
             set_ms=round(set_ * 1000, 3),
             get_ms=round(get * 1000, 3),
         )
+
+
+def _short(mark: str) -> str:
+    """A watermark for a log line: its transaction id and hash prefix."""
+    return "nothing" if not mark else mark[:29]
 
 
 def _ms(seconds: float) -> str:

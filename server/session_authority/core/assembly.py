@@ -62,7 +62,14 @@ def assemble_core(
     if cache is None:
         local = feed = None  # L1 and its revocation feed live on Redis
     revoker = Revoker(
-        guarded_store, guarded_cache, breaker, policy, metrics=metrics, local=local, feed=feed
+        guarded_store,
+        guarded_cache,
+        breaker,
+        policy,
+        metrics=metrics,
+        local=local,
+        feed=feed,
+        monotonic=monotonic,
     )
     breaker.set_probe(revoker.replay_revocations)
     return SessionAuthority(

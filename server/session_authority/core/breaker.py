@@ -286,8 +286,11 @@ class Breaker:
         try:
             async with asyncio.timeout(self.policy.timeout * 10):
                 await probe()
-        except (self._error, TimeoutError) as exc:
-            self._failure(f"probe failed: {exc or 'timeout'}", generation)
+        except TimeoutError:
+            limit = self.policy.timeout * 10
+            self._failure(f"probe failed: TimeoutError: not done within {limit:g}s", generation)
+        except self._error as exc:
+            self._failure(f"probe failed: {_cause(exc)}", generation)
         except Exception as exc:  # a bug in the probe must not wedge the breaker
             _log.exception("Circuit breaker probe crashed")
             self._failure(f"probe crashed: {type(exc).__name__}", generation)
@@ -326,6 +329,16 @@ class Breaker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _cause(exc: BaseException) -> str:
+    """``exc`` for a log line: its type and message, and what it was raised
+    from (our errors' messages never carry a token)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause) not in text:
+        text += f" (from {type(cause).__name__}{': ' if str(cause) else ''}{cause})"
+    return text
 
 
 #: After a timeout that fired late (``_bounded``), how long the call may still

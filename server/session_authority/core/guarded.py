@@ -54,6 +54,7 @@ from session_authority.core.ports import (
     StoreRevocation,
 )
 from session_authority.core.telemetry import CoreMetrics
+from session_authority.core.watermark import RevocationMarks
 
 __all__ = ["BreakerCache", "GuardedCache", "GuardedStore", "PortObserver"]
 
@@ -215,6 +216,22 @@ class GuardedCache(_Guarded):
             self._failed("tombstone", exc)
             raise
 
+    async def watermark(self) -> str:
+        return await self._call("watermark", self._cache.watermark)
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        return await self._call(
+            "seal", lambda: self._cache.seal(token_hashes, ttl, floor=floor, mark=mark)
+        )
+
+    async def lease(self, seconds: float) -> bool:
+        return await self._call("lease", lambda: self._cache.lease(seconds))
+
+    async def release(self) -> None:
+        await self._call("release", self._cache.release)
+
     async def health(self) -> CacheHealth:
         health = await self._cache.health()
         if health.connected and self._observer is not None:
@@ -267,6 +284,19 @@ class GuardedStore(_Guarded):
 
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         await self._call("confirm_purged", lambda: self.inner.confirm_purged(token_hashes))
+
+    async def revocation_marks(self) -> RevocationMarks:
+        return await self._call("revocation_marks", self.inner.revocation_marks)
+
+    async def revocations_after(
+        self, after: str, limit: int, window: float
+    ) -> list[tuple[str, TokenHash]]:
+        return await self._call(
+            "revocations_after", lambda: self.inner.revocations_after(after, limit, window)
+        )
+
+    async def confirm_watermark(self, mark: str) -> None:
+        await self._call("confirm_watermark", lambda: self.inner.confirm_watermark(mark))
 
     async def health(self) -> StoreHealth:
         return await self.inner.health()

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from session_authority.core.domain import Reason, Session, TokenHash
 from session_authority.core.health import CacheHealth, StoreHealth
+from session_authority.core.watermark import RevocationMarks
 
 __all__ = [
     "CacheEntry",
@@ -94,6 +95,20 @@ class SessionStore(Protocol):
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         """Record that these revocations' tombstones are in the cache."""
 
+    async def revocation_marks(self) -> RevocationMarks:
+        """The watermark confirmed so far and the horizon that may be sealed
+        now (``core/watermark.py``), read together in one query."""
+
+    async def revocations_after(
+        self, after: str, limit: int, window: float
+    ) -> list[tuple[str, TokenHash]]:
+        """Up to ``limit`` revocations with a mark above ``after``, in mark
+        order, as ``(mark, hash)``: only those revoked in the last ``window``
+        seconds (the store's clock), expired sessions included."""
+
+    async def confirm_watermark(self, mark: str) -> None:
+        """Record that the cache holds the watermark ``mark`` (never lowers it)."""
+
     async def health(self) -> StoreHealth:
         """Connection state, version, pool numbers and a live ping. Never raises."""
 
@@ -136,6 +151,27 @@ class SessionCache(Protocol):
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         """Replace each entry with a revocation tombstone, in one pipelined
         round trip. Succeeds only when every tombstone was written."""
+
+    async def watermark(self) -> str:
+        """The revocation watermark the cache holds (``core/watermark.py``);
+        ``NOTHING`` when it holds none."""
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        """Tombstone ``token_hashes`` and raise the watermark to ``mark`` (never
+        lower it), atomically: no copy of the cache can hold the new watermark
+        without these tombstones. Returns the watermark held afterwards. If the
+        cache held less than ``floor`` (it went back in time), the tombstones
+        are written, the watermark is left alone and ``CacheReplaced`` is raised."""
+
+    async def lease(self, seconds: float) -> bool:
+        """Take the replay lease for ``seconds`` unless another process holds
+        it; True when taken. Advisory: it spares a second process from writing
+        the same revocations alongside the first, correctness never depends on it."""
+
+    async def release(self) -> None:
+        """Give the replay lease back (whoever holds it: it is advisory)."""
 
     async def health(self) -> CacheHealth:
         """Server facts, pool numbers and live PING/SET/GET timings. Never raises."""

@@ -30,6 +30,16 @@ Redis, whatever misses or fills were in flight:
    flushed). The probe adopts the server, tombstones every revocation of the
    last ``cache_ttl + max_fill_lag + REVOCATION_SKEW_SECONDS`` (Postgres
    clock) and drains what is pending, before the breaker closes.
+5. Nothing keeps reading a Redis that went back in time with the same
+   ``run_id`` and marker (a backup restored into it, ``DEBUG RELOAD``,
+   ``SWAPDB``, a lagging replica promoted): every sweep first compares the
+   revocation watermark Redis holds with the one Postgres confirmed it held
+   (``core/watermark.py``); less trips the breaker at once, with an
+   immediate probe that replays. Each sweep then seals what was revoked since
+   the confirmed watermark, so a copy of Redis taken after a revocation was
+   written holds a watermark that says so. Bound: a rewound Redis is read for
+   at most one ``REVOCATION_SWEEP_SECONDS`` (plus the sweep's own calls) by
+   each process.
 
 What remains is written next to the promise in README ("Revocation").
 """
@@ -38,7 +48,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from session_authority.core.breaker import Breaker, BreakerState
 from session_authority.core.domain import (
@@ -48,7 +60,7 @@ from session_authority.core.domain import (
     check_user_id,
     parse_token,
 )
-from session_authority.core.errors import CacheUnavailable, StoreUnavailable
+from session_authority.core.errors import CacheReplaced, CacheUnavailable, StoreUnavailable
 from session_authority.core.guarded import BreakerCache
 from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
@@ -67,6 +79,12 @@ TOMBSTONE_CHUNK = 2000
 DRAIN_BATCH = 5000
 #: Revocations pushed to L1 caches by hash; above this, "drop everything".
 PUSH_LIMIT = 1000
+#: A replay's time per probe, in breaker timeouts: half the probe's own limit
+#: (``Breaker._run_probe``: ten timeouts), so a large replay is never cut off
+#: mid-way; it stops at a sealed chunk and the next probe resumes.
+REPLAY_BUDGET = 5.0
+#: How often a process waiting for another's replay looks again (seconds).
+LEASE_POLL = 0.1
 
 #: A cache's ``tombstone`` (guarded, guarded-anyway, or the probe's inner one).
 _Write = Callable[[Sequence[TokenHash], float], Awaitable[None]]
@@ -85,7 +103,9 @@ class Revoker:
         metrics: CoreMetrics,
         local: LocalCache | None = None,
         feed: RevocationFeed | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._monotonic = monotonic
         self._store = store
         self._cache = cache
         self._breaker = breaker
@@ -173,42 +193,151 @@ class Revoker:
         was filled from a read at most ``max_fill_lag`` older, so tombstoning
         the revocations of that window (plus the skew allowance between the
         Redis and Postgres clocks) leaves no stale entry, whatever snapshot
-        the server came back from. It talks to the cache directly: the breaker
-        runs it, and would refuse it."""
+        the server came back from. Of those, the ones under the watermark this
+        Redis holds are in it already (``core/watermark.py``): only the rest
+        are written, in sealed chunks, so a replay cut short (or run by
+        another worker meanwhile) resumes where the watermark got to. It talks
+        to the cache directly: the breaker runs it, and would refuse it."""
         if self._cache is None:
             return
         cache = self._cache.inner
         await cache.adopt()  # also proves Redis answers, even with nothing to replay
-        policy = self._policy
-        window = policy.cache_ttl + policy.max_fill_lag + policy.revocation_skew
+        # Its cost per probe is bounded: past half the probe's time it stops,
+        # sealed as far as it got, and the next probe (at once) resumes there.
+        budget = self._breaker.policy.timeout * REPLAY_BUDGET
+        until = self._monotonic() + budget
         try:
-            hashes = await self._store.revoked_since(window)
-            await self._tombstone(cache.tombstone, hashes)
+            marks = await self._store.revocation_marks()
+            leased = await self._lease(cache, budget, marks.horizon, until)
+            held = await cache.watermark()
+            try:
+                replayed, sealed = await self._reseal(cache, held, marks.horizon, until=until)
+            finally:
+                if leased:
+                    await cache.release()
+            if sealed < marks.horizon:
+                cause = (
+                    f"replay continues: {replayed} revocations written from watermark "
+                    f"{held[:29] or 'nothing'} to {sealed[:29]}, resuming there"
+                )
+                _log.info("SessionCache %s", cause)
+                self._breaker.trip(cause, probe_in=0.0)
+                raise CacheUnavailable(cause)
             drained = await self._drain_into(cache)
         except StoreUnavailable as exc:
-            raise CacheUnavailable("cannot replay revocations: store unavailable") from exc
+            raise CacheUnavailable(f"cannot replay revocations: store unavailable: {exc}") from exc
+        if (replayed or drained) and self._feed is not None:
+            # Other processes may have copied entries this Redis held before the
+            # replay (a rewound Redis is read until each one's sweep sees it).
+            if self._local is not None:
+                self._local.drop(None)
+            await self._feed.publish(None)
         _log.info(
-            "SessionCache replayed %d revocations and %d pending before closing the breaker",
-            len(hashes),
+            "SessionCache replayed %d revocations above watermark %s and %d pending "
+            "before closing the breaker",
+            replayed,
+            held[:29] or "nothing",
             drained,
         )
+
+    async def _lease(self, cache: SessionCache, budget: float, horizon: str, until: float) -> bool:
+        """Take the replay lease; while another process holds it, wait for its
+        watermark to reach ``horizon`` (or the lease to come free, or
+        ``until``) rather than write the same revocations alongside it.
+        Whether this process took it."""
+        # Held past the budget, so it does not lapse under a holder finishing its
+        # last chunk; the holder gives it back, and a waiter gives up at ``until``.
+        while not await cache.lease(budget * 2):
+            if self._monotonic() >= until or await cache.watermark() >= horizon:
+                return False
+            await asyncio.sleep(LEASE_POLL)
+        return True
+
+    async def _reseal(
+        self, cache: SessionCache, after: str, horizon: str, *, until: float | None = None
+    ) -> tuple[int, str]:
+        """Tombstone every revocation of the replay window with a mark above
+        ``after`` (a watermark ``cache`` held or was confirmed to hold), in
+        chunks of ``TOMBSTONE_CHUNK``, each sealed with the watermark it
+        completes (never past ``horizon``), the next page read from the store
+        while one is written; then confirm in the store what was sealed.
+        Stops after the chunk that ends past ``until`` (the monotonic clock)
+        if given. Returns how many were written and the watermark sealed
+        (``horizon`` or beyond once done). ``CacheReplaced`` if the cache turns
+        out to hold less than it did (it went back in time)."""
+        policy, store = self._policy, self._store
+        window = policy.cache_ttl + policy.max_fill_lag + policy.revocation_skew
+        floor, written, confirmed = after, 0, after
+
+        def read(after: str) -> asyncio.Future[list[tuple[str, TokenHash]]]:
+            return asyncio.ensure_future(store.revocations_after(after, TOMBSTONE_CHUNK, window))
+
+        fetch = read(after)
+        try:
+            while True:
+                page = await fetch
+                last = len(page) < TOMBSTONE_CHUNK
+                if page:
+                    after = page[-1][0]
+                if not last:
+                    fetch = read(after)
+                # The last page leaves nothing below the horizon unwritten (every
+                # transaction under it had ended before the page was read).
+                mark = max(floor, horizon if last else min(after, horizon))
+                held = floor
+                if page or mark != floor:
+                    hashes = [h for _, h in page]
+                    held = await cache.seal(hashes, policy.tombstone_ttl, floor=floor, mark=mark)
+                floor, written = mark, written + len(page)
+                if last:
+                    break
+                if held > after:
+                    # Another process (its sweep, or its own replay) has sealed
+                    # further: what lies below is in Redis already.
+                    _abandon(fetch)
+                    floor = after = held
+                    fetch = read(after)
+                if until is not None and self._monotonic() >= until:
+                    break
+        finally:
+            _abandon(fetch)
+        if floor > confirmed:
+            await store.confirm_watermark(floor)
+        return written, floor
 
     async def drain(self) -> int:
         """Check that Redis still holds its state, then write every pending
         revocation to it. Run periodically by every replica: it finishes what
         a revoker that lost Redis, or died, left undone. Its cost is what is
-        pending, not every revocation in a window."""
+        pending, and what was revoked since the last sweep, not every
+        revocation in a window.
+
+        "Its state" is two things: the marker ``adopt`` left (gone after a
+        flush or a replacement), and the revocation watermark (lower than
+        Postgres confirmed after Redis went back in time: a backup restored
+        into it, DEBUG RELOAD, SWAPDB, a lagging replica promoted). Either
+        opens the breaker at once, with an immediate probe that replays."""
         cache = self._cache
         if cache is None or self._breaker.state is not BreakerState.CLOSED:
             return 0  # an open breaker drains in its probe
+        # Postgres first: a watermark is confirmed there only after Redis holds
+        # it, so Redis read afterwards holds at least as much unless rewound.
+        marks = await self._store.revocation_marks()
         try:
             await cache.verify()
+            held = await cache.watermark()
         except CacheUnavailable:
             # Counted by the breaker like any failed call; a flushed or replaced
             # Redis (CacheReplaced) has already tripped it, with an immediate probe.
             return 0
+        if held < marks.confirmed:
+            self._rewound(held, marks.confirmed)
+            return 0
         try:
             drained = await self._drain_into(cache)
+            await self._reseal(cache, marks.confirmed, marks.horizon)
+        except CacheReplaced:
+            return 0  # went back in time meanwhile: the guard tripped the breaker
         except CacheUnavailable:
             # Pending revocations this replica cannot write: stop reading Redis.
             self._breaker.trip("pending revocations could not be written to the cache")
@@ -219,6 +348,16 @@ class Revoker:
                 self._local.drop(None)
             await self._feed.publish(None)
         return drained
+
+    def _rewound(self, held: str, confirmed: str) -> None:
+        cause = (
+            f"redis went back in time: it holds revocation watermark {held[:29] or 'nothing'}, "
+            f"below {confirmed[:29]} it was confirmed to hold "
+            "(a backup restored, DEBUG RELOAD, SWAPDB or a lagging replica)"
+        )
+        self._metrics.cache_error("watermark")
+        _log.warning("SessionCache watermark Error: %s", cause)
+        self._breaker.trip(cause, probe_in=0.0)
 
     async def _drain_into(self, cache: SessionCache) -> int:
         drained = 0
@@ -240,3 +379,10 @@ class Revoker:
                 await self.drain()
             except StoreUnavailable as exc:
                 _log.warning("SessionCache drain Error: %s", exc)
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel a read nobody will use, and retrieve its outcome when it ends."""
+    if not task.done():
+        task.cancel()
+    task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
