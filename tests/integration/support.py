@@ -62,6 +62,19 @@ def spawn_serve(port: int, log: Path, *args: str, **env: str) -> subprocess.Pope
         )
 
 
+def stop_serve(process: subprocess.Popen[bytes], grace: float = 20) -> int | None:
+    """SIGTERM (``serve`` drains), then wait up to ``grace`` seconds; SIGKILL
+    and None when it has not exited by then. Its exit code otherwise."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+
+
 async def wait_serving(stub: pb_grpc.SessionAuthorityAsyncStub, log: Path) -> None:
     """Until the server answers Health (30 s at most; its log is named if not)."""
     deadline = time.monotonic() + 30

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import signal
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,7 +32,7 @@ from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.pki import issue_server
 from tests.third_party import aio_health_stub
 
-from .support import NO_PROXY, spawn_serve
+from .support import NO_PROXY, spawn_serve, stop_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -95,12 +94,7 @@ def serve(tmp_path: Path, pg_dsn: str) -> Iterator[Serve]:
 
     yield start
     for process in processes:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_serve(process)
 
 
 async def _ready(server: Server) -> None:

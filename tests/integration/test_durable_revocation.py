@@ -16,7 +16,6 @@ import contextlib
 import json
 import re
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -40,7 +39,7 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, app_settings, spawn_serve, wait_serving
+from .support import NO_PROXY, app_settings, spawn_serve, stop_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -354,12 +353,7 @@ async def test_a_replay_of_200000_revocations_closes_each_workers_breaker_at_its
     finally:
         await raw.aclose()
         await conn.close()
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        stop_serve(server)
 
 
 def _lines(log: Path) -> list[dict[str, object]]:

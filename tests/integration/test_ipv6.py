@@ -3,8 +3,6 @@ answers on IPv6 loopback and (dual-stack) IPv4 loopback."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -14,7 +12,7 @@ from session_authority.embedded import find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, spawn_serve, wait_serving
+from .support import NO_PROXY, spawn_serve, stop_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -33,10 +31,5 @@ async def test_serve_binds_an_ipv6_host(tmp_path: Path, pg_dsn: str) -> None:
                 assert reply.valid, target
         assert process.poll() is None, log.read_text()
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
+        code = stop_serve(process)
     assert code == 0, log.read_text()[-3000:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, spawn_serve, wait_serving
+from .support import NO_PROXY, spawn_serve, stop_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -77,9 +76,4 @@ async def test_calls_in_flight_through_a_machine_stall_are_answered_from_redis(
             server.send_signal(signal.SIGCONT)
         with contextlib.suppress(RuntimeError):
             own_redis.resume()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        stop_serve(server)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +21,7 @@ from session_authority.embedded import find_free_port
 from tests.pki import issue_client, issue_server, write_atomically
 from tests.third_party import aio_health_stub
 
-from .support import NO_PROXY, server_env
+from .support import NO_PROXY, server_env, stop_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -102,12 +101,7 @@ async def test_grpc_core_lines_are_json_and_handshake_failures_counted(
             await asyncio.sleep(0.1)
         assert counted >= ATTEMPTS, log.read_text()[-3000:]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
+        code = stop_serve(process)
     assert code == 0
     lines = log.read_text(encoding="utf-8").splitlines()
     not_json = []

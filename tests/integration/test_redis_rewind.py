@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_fre
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, spawn_serve, wait_serving
+from .support import NO_PROXY, spawn_serve, stop_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -127,12 +126,7 @@ async def served(
         await raw.aclose()
         for channel in channels:
             await channel.close()
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        stop_serve(server)
 
 
 async def _rewind_after_revocation(
@@ -347,11 +341,6 @@ async def test_a_lagging_replica_promoted(
         await raw.aclose()
         for channel in channels:
             await channel.close()
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        stop_serve(server)
         await switch.aclose()
         replica.stop()
