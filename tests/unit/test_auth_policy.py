@@ -13,7 +13,16 @@ from pydantic import ValidationError
 from session_authority import cli, cli_args
 from session_authority.bootstrap import auth_policy
 from session_authority.config import Settings
-from session_authority.transport.auth import ApiKeys, AuthPolicy, Caller, hash_api_key
+from session_authority.transport.auth import (
+    ApiKeys,
+    AuthPolicy,
+    Caller,
+    declared,
+    hash_api_key,
+    mutation,
+)
+from session_authority.transport.servicer import SessionAuthorityServicer
+from session_authority.v1 import session_authority_pb2 as pb
 
 SVC = "/session_authority.v1.SessionAuthority"
 VALIDATE, HEALTH = f"{SVC}/ValidateSession", f"{SVC}/Health"
@@ -22,7 +31,7 @@ CREATE, INVALIDATE, INVALIDATE_USER = (
     f"{SVC}/Invalidate",
     f"{SVC}/InvalidateUser",
 )
-FUTURE = f"{SVC}/SomeMutationAddedLater"
+FUTURE = f"{SVC}/SomeMethodAddedLater"
 PROBE = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 LOGIN = "spiffe://example.org/ns/prod/sa/login"
@@ -33,6 +42,7 @@ POLICY = AuthPolicy(
         {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     ),
     reads=frozenset({VALIDATE, HEALTH}),
+    mutations=frozenset({CREATE, INVALIDATE, INVALIDATE_USER}),
     allowed=frozenset({LOGIN, "admin.internal", "apikey:login"}),
 )
 ANONYMOUS = Caller()
@@ -64,15 +74,44 @@ def test_reads_need_any_authenticated_caller(method: str) -> None:
     assert POLICY.decide(method, WRONG_KEY) == "invalid_credentials"
 
 
-@pytest.mark.parametrize("method", [CREATE, INVALIDATE, INVALIDATE_USER, FUTURE])
-def test_every_other_method_needs_the_allow_list(method: str) -> None:
-    """Mutating RPCs, and any method nobody classified: denied by default."""
+@pytest.mark.parametrize("method", [CREATE, INVALIDATE, INVALIDATE_USER])
+def test_mutations_need_the_allow_list(method: str) -> None:
     for caller in (WRITER, WRITER_DNS, WRITER_KEY):
         assert POLICY.decide(method, caller) is None
     for caller in (READER, NO_SAN, READER_KEY, POSING_CERT, POSING_KEY):
         assert POLICY.decide(method, caller) == "not_allowed"
     assert POLICY.decide(method, ANONYMOUS) == "no_credentials"
     assert POLICY.decide(method, WRONG_KEY) == "invalid_credentials"
+
+
+def test_a_method_nobody_classified_is_denied_to_every_caller() -> None:
+    for caller in (WRITER, WRITER_DNS, WRITER_KEY, READER, NO_SAN, READER_KEY):
+        assert POLICY.decide(FUTURE, caller) == "unclassified"
+    assert POLICY.decide(FUTURE, ANONYMOUS) == "no_credentials"
+    assert POLICY.decide(FUTURE, WRONG_KEY) == "invalid_credentials"
+
+
+def test_every_rpc_of_the_service_is_declared_on_the_servicer() -> None:
+    """A new RPC in the proto without ``@read`` or ``@mutation`` on its servicer
+    method fails here (and is denied to every caller until it has one)."""
+    service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
+    access = SessionAuthorityServicer.access()
+    assert sorted(access) == sorted(f"{SVC}/{m.name}" for m in service.methods)
+    assert {m for m, kind in access.items() if kind == "read"} == {VALIDATE, HEALTH}
+
+
+def test_an_undeclared_servicer_method_is_left_out_of_the_policy() -> None:
+    class Grown(SessionAuthorityServicer):
+        async def SomeMethodAddedLater(self) -> None:  # declared neither way
+            pass
+
+        @mutation
+        async def AnotherAddedLater(self) -> None:
+            pass
+
+    names = ["ValidateSession", "SomeMethodAddedLater", "AnotherAddedLater"]
+    access = declared(Grown, SVC.lstrip("/"), names)
+    assert access == {VALIDATE: "read", f"{SVC}/AnotherAddedLater": "mutation"}
 
 
 def test_a_wrong_key_is_refused_even_beside_a_good_certificate() -> None:
@@ -83,7 +122,11 @@ def test_a_wrong_key_is_refused_even_beside_a_good_certificate() -> None:
 
 def test_anonymous_reads_open_reads_only() -> None:
     policy = AuthPolicy(
-        enforced=True, reads=POLICY.reads, allowed=POLICY.allowed, anonymous_reads=True
+        enforced=True,
+        reads=POLICY.reads,
+        mutations=POLICY.mutations,
+        allowed=POLICY.allowed,
+        anonymous_reads=True,
     )
     assert policy.decide(VALIDATE, ANONYMOUS) is None
     assert policy.decide(HEALTH, ANONYMOUS) is None
@@ -149,6 +192,7 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     assert policy.enforced
     assert policy.allowed == {LOGIN, "apikey:login"}
     assert policy.reads == {VALIDATE, HEALTH}
+    assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"
     assert policy.decide(PROBE, ANONYMOUS) is None
 

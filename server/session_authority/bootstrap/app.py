@@ -25,12 +25,7 @@ from session_authority.bootstrap.grpc_server import (
     server_options,
     split_chain,
 )
-from session_authority.bootstrap.security import (
-    SERVICE_NAME,
-    auth_policy,
-    certificate_files,
-    log_security,
-)
+from session_authority.bootstrap.security import auth_policy, certificate_files, log_security
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.service import SessionAuthority
@@ -40,7 +35,7 @@ from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.admission import AdmissionGate, Budget
 from session_authority.transport.auth import ApiKeys, Authoriser
 from session_authority.transport.drain import DrainInterceptor
-from session_authority.transport.handler import SERVICE_DESCRIPTOR, add_to_server
+from session_authority.transport.handler import SERVICE_DESCRIPTOR, SERVICE_NAME, add_to_server
 from session_authority.transport.reflection import add_reflection
 from session_authority.transport.servicer import SessionAuthorityServicer
 

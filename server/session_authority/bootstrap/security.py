@@ -9,13 +9,12 @@ from grpc_reflection.v1alpha import reflection
 
 from session_authority.config import Settings
 from session_authority.transport.auth import AuthPolicy
+from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.transport.tls import CertificateFiles
-from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = ["auth_policy", "certificate_files", "log_security"]
 
 _log = logging.getLogger("session_authority")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
 
 
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -23,18 +22,17 @@ _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _PUBLIC_SERVICES = frozenset(
     {_HEALTH_SERVICE, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"}
 )
-#: What any authenticated caller may call; every other SessionAuthority
-#: method (CreateSession, Invalidate, InvalidateUser, any added later) needs
-#: an identity in AUTH_ALLOWED_IDENTITIES.
-_READS = ("ValidateSession", "Health")
 
 
 def auth_policy(settings: Settings) -> AuthPolicy:
-    """Who may call what, from AUTH_* and TLS_CLIENT_CA_FILE (README "Security")."""
+    """Who may call what, from AUTH_* and TLS_CLIENT_CA_FILE (README "Security"),
+    and each RPC's ``@read`` / ``@mutation`` on the servicer."""
+    access = SessionAuthorityServicer.access()
     return AuthPolicy(
         enforced=settings.authentication_configured,
         public_services=_PUBLIC_SERVICES,
-        reads=frozenset(f"/{SERVICE_NAME}/{name}" for name in _READS),
+        reads=frozenset(m for m, kind in access.items() if kind == "read"),
+        mutations=frozenset(m for m, kind in access.items() if kind == "mutation"),
         allowed=settings.allowed_identities(),
         anonymous_reads=settings.auth_anonymous_reads,
     )

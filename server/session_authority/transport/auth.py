@@ -5,9 +5,11 @@ admission gate before the request message is read.
 Invariant: with authentication configured, nothing is open by omission. A
 method is answered to a caller without credentials only when its service is
 listed in ``public_services`` (grpc.health.v1 and reflection, for probes) or,
-with ``anonymous_reads``, when it is one of ``reads``. Every other method,
-including one added to the service later, needs an identity on the
-allow-list: the policy denies by default.
+with ``anonymous_reads``, when it is one of ``reads``. A ``mutation`` needs an
+identity on the allow-list. A method of ours that is neither (one added to the
+service and not yet classified) is denied to every caller. Each method is
+classified where it is written, by ``@read`` or ``@mutation`` on the servicer's
+method (``declared``), not in a list kept elsewhere.
 
 Two kinds of identity, kept apart: a client certificate's SAN URIs
 (``spiffe://example.org/ns/prod/sa/login``) and DNS names
@@ -27,7 +29,7 @@ import hmac
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import grpc
 
@@ -38,7 +40,10 @@ __all__ = [
     "Authoriser",
     "Caller",
     "Refusal",
+    "declared",
     "hash_api_key",
+    "mutation",
+    "read",
 ]
 
 _log = logging.getLogger("session_authority.auth")
@@ -46,8 +51,38 @@ _log = logging.getLogger("session_authority.auth")
 API_KEY_PREFIX = "apikey:"
 """An API key's identity is this prefix and the key's name (``apikey:login``)."""
 
-Refusal: TypeAlias = Literal["no_credentials", "invalid_credentials", "not_allowed"]
+Refusal: TypeAlias = Literal["no_credentials", "invalid_credentials", "not_allowed", "unclassified"]
 """Why a call was denied; also the ``reason`` label of the denial counter."""
+
+Access: TypeAlias = Literal["read", "mutation"]
+_ACCESS = "__session_authority_access__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def read(method: F) -> F:
+    """Declares a servicer method a read: any authenticated caller may call it
+    (and anyone, with ``AUTH_ANONYMOUS_READS``)."""
+    setattr(method, _ACCESS, "read")
+    return method
+
+
+def mutation(method: F) -> F:
+    """Declares a servicer method a mutation: only identities on the allow-list
+    (``AUTH_ALLOWED_IDENTITIES``) may call it."""
+    setattr(method, _ACCESS, "mutation")
+    return method
+
+
+def declared(servicer: type, service: str, methods: Iterable[str]) -> dict[str, Access]:
+    """``/service/Method`` -> its declared access, for each of ``methods`` the
+    servicer class declares; an undeclared one is left out (and so denied)."""
+    found: dict[str, Access] = {}
+    for name in methods:
+        access = getattr(getattr(servicer, name, None), _ACCESS, None)
+        if access is not None:
+            found[f"/{service}/{name}"] = access
+    return found
+
 
 #: The one table from a denial to its status and the message the caller sees.
 _STATUS: dict[Refusal, tuple[grpc.StatusCode, str]] = {
@@ -58,6 +93,10 @@ _STATUS: dict[Refusal, tuple[grpc.StatusCode, str]] = {
     ),
     "invalid_credentials": (grpc.StatusCode.UNAUTHENTICATED, "invalid API key"),
     "not_allowed": (grpc.StatusCode.PERMISSION_DENIED, "caller not allowed to call {method}"),
+    "unclassified": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "{method} is not classified as a read or a mutation: nobody may call it",
+    ),
 }
 
 
@@ -120,14 +159,17 @@ class AuthPolicy:
     public_services: frozenset[str] = frozenset()
     reads: frozenset[str] = frozenset()
     """Methods any authenticated caller may call."""
+    mutations: frozenset[str] = frozenset()
+    """Methods only the allow-list may call. A method outside the public
+    services, ``reads`` and ``mutations`` is denied to everyone."""
     allowed: frozenset[str] = frozenset()
-    """Who may call every other method (the mutating ones): certificate
-    identities, and API keys as ``apikey:<name>``."""
+    """Who may call the mutations: certificate identities, and API keys as
+    ``apikey:<name>``."""
     anonymous_reads: bool = False
     """``reads`` are open to callers without credentials too."""
 
     def __post_init__(self) -> None:
-        for method in self.reads:
+        for method in self.reads | self.mutations:
             if not method.startswith("/") or method.count("/") != 2:
                 raise ValueError(f"not a full method name: {method!r}")
 
@@ -150,6 +192,8 @@ class AuthPolicy:
             return None
         if not caller.authenticated:
             return "no_credentials"
+        if method not in self.mutations:
+            return "unclassified"
         if caller.identities & self._allowed_certificates:
             return None
         if caller.keys & self._allowed_keys:

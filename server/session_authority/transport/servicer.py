@@ -13,6 +13,7 @@ import grpc
 from session_authority.core.domain import Validation
 from session_authority.core.errors import InvalidArgument, SessionAuthorityError
 from session_authority.core.service import SessionAuthority
+from session_authority.transport.auth import declared, mutation, read
 from session_authority.transport.mapping import (
     health_to_pb,
     session_to_pb,
@@ -37,6 +38,17 @@ _WIRE_MAX = 10_000
 
 
 class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
+    """Each RPC is declared ``@read`` or ``@mutation`` here, where it is
+    written: that is who may call it (``access``); an RPC declared neither is
+    denied to every caller."""
+
+    @classmethod
+    def access(cls) -> dict[str, str]:
+        """``/session_authority.v1.SessionAuthority/Method`` -> ``read`` or
+        ``mutation``, for every RPC of the service this class declares."""
+        service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
+        return dict(declared(cls, service.full_name, (m.name for m in service.methods)))
+
     def __init__(self, core: SessionAuthority, *, worker: int = 0, workers: int = 1) -> None:
         """``worker`` of ``workers``: which process this is (``serve --workers``),
         named in every Health reply, whose numbers are this process's own."""
@@ -48,6 +60,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         # holding the answer keeps its id from being reused while it is here.
         self._wire: dict[int, tuple[Validation, bytes]] = {}
 
+    @mutation
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateSessionResponse:
@@ -85,6 +98,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         cannot, with None): the handler tries it first."""
         return {"ValidateSession": self.validate_cached}
 
+    @read
     async def ValidateSession(  # type: ignore[override]  # answers the encoded reply
         self, request: pb.ValidateSessionRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> bytes:
@@ -109,6 +123,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             self._wire[id(answer)] = (answer, wire)
         return wire
 
+    @mutation
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.InvalidateResponse:
@@ -128,6 +143,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
         return await _run(context, work)
 
+    @mutation
     async def InvalidateUser(
         self, request: pb.InvalidateUserRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.InvalidateUserResponse:
@@ -141,6 +157,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
         return await _run(context, work)
 
+    @read
     async def Health(
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.HealthResponse:
