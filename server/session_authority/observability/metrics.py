@@ -258,7 +258,7 @@ class Instruments:
         self.auth_denied = Counter(
             "session_authority_auth_denied",
             "Calls refused by authorisation, by service, method and reason (no_credentials, "
-            "invalid_credentials: UNAUTHENTICATED; not_allowed: PERMISSION_DENIED).",
+            "invalid_credentials: UNAUTHENTICATED; not_allowed, unclassified: PERMISSION_DENIED).",
             ["grpc_service", "grpc_method", "reason"],
             registry=registry,
         )
