@@ -182,6 +182,7 @@ async def _serve_app(
             reuse_port=worker is not None,
             admin_socket=None if worker is None else worker.admin_socket,
             worker=(0, 1) if worker is None else (worker.index, worker.count),
+            miss_limit=None if worker is None else worker.miss_limit,
             handshake_failures=None if native is None else (lambda: native.handshake_failures),
         )
     except OSError as exc:  # a port that cannot be bound

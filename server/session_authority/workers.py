@@ -23,6 +23,10 @@ The supervisor stays small: it holds no pool and serves no gRPC.
   ``observability.fleet.FleetAdmin`` answers for all of them.
 * Workers ask the kernel for SIGTERM if the supervisor dies (Linux), so none
   is left serving without it.
+* The unknown-token limit (UNKNOWN_TOKEN_RATE, UNKNOWN_TOKEN_BURST) is the
+  replica's: the supervisor makes one ``SharedMissLimiter`` table before it
+  forks and every worker draws on it, so a caller whose connections land on
+  several workers still gets one budget.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 
 from session_authority.config import Settings
 from session_authority.observability.fleet import FleetAdmin
+from session_authority.shared_limit import SharedMissLimiter
 
 __all__ = ["WorkerSlot", "default_workers", "run_workers", "scope_note", "usable_cores"]
 
@@ -53,12 +58,14 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True, slots=True)
 class WorkerSlot:
-    """Who a worker is: ``index`` of ``count``, and where its admin app listens
-    (None: no admin port)."""
+    """Who a worker is: ``index`` of ``count``, where its admin app listens
+    (None: no admin port), and the unknown-token limit its siblings share
+    (None: UNKNOWN_TOKEN_RATE is 0, no limit)."""
 
     index: int
     count: int
     admin_socket: str | None
+    miss_limit: SharedMissLimiter | None = None
 
 
 def scope_note(settings: Settings, count: int) -> str:
@@ -69,11 +76,13 @@ def scope_note(settings: Settings, count: int) -> str:
     return (
         f"per worker: Redis pool up to REDIS_POOL_MAX={s.redis_pool_max}, Postgres pool up to "
         f"PG_POOL_MAX={s.pg_pool_max}, MAX_CONCURRENT_RPCS={s.max_concurrent_rpcs}, "
-        f"L1_CACHE_SIZE={s.l1_cache_size} entries, its own breakers, UNKNOWN_TOKEN_RATE="
-        f"{s.unknown_token_rate:g}/s per caller and Health counters; per replica ({count} "
-        f"workers): up to {count * s.redis_pool_max} Redis and {count * s.pg_pool_max} Postgres "
-        f"connections, {count * s.max_concurrent_rpcs} concurrent RPCs, one gRPC port "
-        "and one admin port (the supervisor's, whose /health sums the workers)"
+        f"L1_CACHE_SIZE={s.l1_cache_size} entries, its own breakers and Health counters; "
+        f"per replica ({count} workers): up to {count * s.redis_pool_max} Redis and "
+        f"{count * s.pg_pool_max} Postgres connections, {count * s.max_concurrent_rpcs} "
+        f"concurrent RPCs, one unknown-token limit (UNKNOWN_TOKEN_RATE="
+        f"{s.unknown_token_rate:g}/s, UNKNOWN_TOKEN_BURST={s.unknown_token_burst} per caller, "
+        "shared by the workers), one gRPC port and one admin port (the supervisor's, whose "
+        "/health sums the workers)"
     )
 
 
@@ -107,9 +116,15 @@ def run_workers(settings: Settings, count: int, serve_one: Callable[[WorkerSlot]
     blocked = {*_STOP_SIGNALS, signal.SIGCHLD}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     pids: list[int] = []
+    # Before any fork: the workers must all inherit the same shared memory and locks.
+    miss_limit = (
+        SharedMissLimiter(settings.unknown_token_rate, settings.unknown_token_burst)
+        if settings.unknown_token_rate > 0
+        else None
+    )
     try:
         for index in range(count):
-            slot = WorkerSlot(index, count, sockets[index] if admin else None)
+            slot = WorkerSlot(index, count, sockets[index] if admin else None, miss_limit)
             pid = os.fork()
             if pid == 0:
                 _worker(slot, serve_one, previous)  # never returns

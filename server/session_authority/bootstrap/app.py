@@ -28,6 +28,7 @@ from session_authority.bootstrap.grpc_server import (
 from session_authority.bootstrap.security import auth_policy, certificate_files, log_security
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
+from session_authority.core.miss_limit import MissLimit
 from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import set_tracing
 from session_authority.logs import quiet_grpc_client_gone
@@ -75,6 +76,7 @@ class App:
         reuse_port: bool = False,
         admin_socket: str | None = None,
         worker: tuple[int, int] = (0, 1),
+        miss_limit: MissLimit | None = None,
         handshake_failures: Callable[[], int] | None = None,
     ) -> App:
         """Build everything, bind, and start serving. Postgres may still be
@@ -82,7 +84,8 @@ class App:
 
         A worker of ``serve --workers`` passes ``reuse_port`` (its siblings bind
         the same port), ``admin_socket`` (its admin app, for the supervisor) and
-        ``worker``: its index and the count (named in the Health document).
+        ``worker``: its index and the count (named in the Health document), and
+        ``miss_limit``: the unknown-token limit the workers share.
         ``handshake_failures``: reads the count of failed TLS handshakes
         (``logs.NativeStderr``), exported as a metric."""
         quiet_grpc_client_gone()
@@ -92,7 +95,7 @@ class App:
         tracer_provider = install_tracing(settings)
         set_tracing(tracer_provider is not None)  # none: the hit path looks for no span
         telemetry = Telemetry(settings, tracer_provider=tracer_provider)
-        built = build_core(settings, telemetry)
+        built = build_core(settings, telemetry, miss_limit=miss_limit)
         core, store, cache = built.core, built.store, built.cache
         telemetry.attach(
             stats=lambda: core.stats,

@@ -13,6 +13,7 @@ from session_authority.core.breaker import Breaker
 from session_authority.core.domain import TokenHash
 from session_authority.core.errors import StoreUnavailable
 from session_authority.core.local import LocalCache
+from session_authority.core.miss_limit import MissLimit
 from session_authority.core.service import SessionAuthority
 from session_authority.observability import Telemetry
 
@@ -29,11 +30,15 @@ class Built:
     bus: RedisRevocationBus | None
 
 
-def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
+def build_core(
+    settings: Settings, telemetry: Telemetry | None = None, *, miss_limit: MissLimit | None = None
+) -> Built:
     """The core on real adapters. With ``telemetry``, the core reports to its
     metrics, its port guards time every Redis and Postgres call into its
     histograms, and each breaker has its listener. The returned store and
-    cache are the adapters themselves, for pool numbers, warming and closing."""
+    cache are the adapters themselves, for pool numbers, warming and closing.
+    ``miss_limit``: the unknown-token limit shared by ``serve``'s workers
+    (default: this process's own)."""
     if not settings.database_url:
         raise ValueError("DATABASE_URL is required")
     store = PostgresSessionStore(
@@ -77,6 +82,7 @@ def build_core(settings: Settings, telemetry: Telemetry | None = None) -> Built:
         store_observer=None if telemetry is None else telemetry.store_observer(),
         local=local,
         feed=bus,
+        miss_limit=miss_limit,
     )
     return Built(core, store, cache, bus)
 

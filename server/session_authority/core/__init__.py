@@ -14,7 +14,7 @@ from session_authority.core.errors import (
 )
 from session_authority.core.guarded import GuardedCache, GuardedStore, PortObserver
 from session_authority.core.issuance import Issuer
-from session_authority.core.miss_limit import MissLimiter
+from session_authority.core.miss_limit import MissLimit, MissLimiter
 from session_authority.core.policy import CorePolicy
 from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
@@ -33,6 +33,7 @@ __all__ = [
     "HealthReporter",
     "InvalidArgument",
     "Issuer",
+    "MissLimit",
     "MissLimiter",
     "PortObserver",
     "RateLimited",

@@ -17,7 +17,7 @@ from session_authority.core.guarded import GuardedCache, GuardedStore, PortObser
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
 from session_authority.core.local import LocalCache, RevocationFeed
-from session_authority.core.miss_limit import MissLimiter
+from session_authority.core.miss_limit import MissLimit, MissLimiter
 from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.reporting import HealthReporter
@@ -45,11 +45,16 @@ def assemble_core(
     monotonic: Callable[[], float] = time.monotonic,
     local: LocalCache | None = None,
     feed: RevocationFeed | None = None,
+    miss_limit: MissLimit | None = None,
 ) -> SessionAuthority:
     """The core's collaborators over the given ports (no I/O). Both ports go
     behind their breakers the same way (``core/guarded.py``), each timed into
     its observer when one is given; the Redis breaker's half-open probe is the
-    revoker's replay. Tests assemble their cores here too, on fakes."""
+    revoker's replay. Tests assemble their cores here too, on fakes.
+
+    ``miss_limit``: the unknown-token limit to use (``serve --workers``' table
+    shared by the workers); by default a ``MissLimiter`` of this process's own.
+    None either way when ``policy.unknown_token_rate`` is 0 (no limit)."""
     policy = policy or CorePolicy()
     metrics = metrics or NoMetrics()
     stats = CacheStats()
@@ -86,11 +91,7 @@ def assemble_core(
             clock=clock,
             rng=rng,
             monotonic=monotonic,
-            limiter=(
-                MissLimiter(policy.unknown_token_rate, policy.unknown_token_burst, clock=monotonic)
-                if policy.unknown_token_rate > 0
-                else None
-            ),
+            limiter=_miss_limit(policy, miss_limit, monotonic),
             local=local,
             feed=feed,
         ),
@@ -110,3 +111,14 @@ def assemble_core(
         store=guarded_store,
         store_breaker=store_breaker,
     )
+
+
+def _miss_limit(
+    policy: CorePolicy, given: MissLimit | None, monotonic: Callable[[], float]
+) -> MissLimit | None:
+    """The unknown-token limit: none at rate 0, else ``given`` or one of our own."""
+    if policy.unknown_token_rate <= 0:
+        return None
+    if given is not None:
+        return given
+    return MissLimiter(policy.unknown_token_rate, policy.unknown_token_burst, clock=monotonic)

@@ -10,6 +10,11 @@ tokens, however many and however stale, is never limited.
 
 ``caller`` is whatever the transport identifies a caller by (the peer address). Idle
 callers are forgotten once their bucket is full again, so memory stays bounded.
+
+``MissLimit`` is what the core asks of a limiter. ``MissLimiter`` is the one-process
+default; ``serve --workers N`` hands its workers one table shared by all of them
+(``session_authority.shared_limit``), so that a caller whose connections the kernel
+spreads over N workers still gets one budget, not N.
 """
 
 from __future__ import annotations
@@ -17,8 +22,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["MissLimiter"]
+__all__ = ["MissLimit", "MissLimiter"]
+
+
+class MissLimit(Protocol):
+    """A token bucket per caller: ``take`` a credit before a Postgres lookup
+    (False: none left), ``refund`` it when Postgres knew the token (or could not
+    be asked), ``limited``: whether ``take`` would refuse now (takes nothing)."""
+
+    def take(self, caller: str) -> bool: ...
+
+    def refund(self, caller: str) -> None: ...
+
+    def limited(self, caller: str) -> bool: ...
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from session_authority.core.errors import (
 )
 from session_authority.core.health import CacheStats
 from session_authority.core.local import LocalCache, RevocationFeed
-from session_authority.core.miss_limit import MissLimiter
+from session_authority.core.miss_limit import MissLimit
 from session_authority.core.policy import CorePolicy, utcnow
 from session_authority.core.ports import (
     Cached,
@@ -90,7 +90,7 @@ class Validator:
         clock: Callable[[], datetime],
         rng: Callable[[], float],
         monotonic: Callable[[], float],
-        limiter: MissLimiter | None = None,
+        limiter: MissLimit | None = None,
         local: LocalCache | None = None,
         feed: RevocationFeed | None = None,
     ) -> None:
