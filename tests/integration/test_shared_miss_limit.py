@@ -5,8 +5,6 @@ UNKNOWN_TOKEN_BURST (plus the rate) once, not once per worker."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from session_authority.embedded import find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from .support import NO_PROXY, spawn_serve, wait_serving
+from .support import NO_PROXY, spawn_serve, stop_serve, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -81,10 +79,5 @@ async def test_one_caller_over_both_workers_gets_one_burst(tmp_path: Path, pg_ds
     finally:
         for channel in channels:
             await channel.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
+        code = stop_serve(process, grace=30)
     assert code == 0, log.read_text()[-3000:]
