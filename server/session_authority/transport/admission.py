@@ -206,12 +206,6 @@ class AdmissionGate(WrappingInterceptor):
 
             return admitted_stream
 
-        async def admitted_writer(requests: AsyncIterator[Any], context: Ctx) -> Any:
-            budget, peer = await admit(method, context)
-            try:
-                request = await first(method, requests, context) if read_first else requests
-                return await inner(request, context)
-            finally:
-                budget.leave(peer)
-
-        return admitted_writer
+        # A coroutine that writes its replies (grpc's health Watch) is admitted
+        # as a unary behaviour is: what it returns is not a reply.
+        return self._unary(method, inner, read_first=read_first)
