@@ -222,16 +222,7 @@ async def test_postgres_killed_cached_sessions_keep_validating(world: World) -> 
             await asyncio.sleep(0.1)
     # After its reset timeout the Postgres breaker lets one trial call through;
     # once that succeeds it closes and full service is back, with no manual step.
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            await w.stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=5)
-            break
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-        assert code == grpc.StatusCode.UNAVAILABLE
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
+    await _until_postgres_answers(w)
     assert w.app.core.store_breaker.state is BreakerState.CLOSED
     after = await drive(w, 1.0, tokens=tokens)
     assert after.codes["OK"] == after.calls, after.codes
@@ -277,16 +268,21 @@ async def test_postgres_killed_mid_call_answers_unavailable_never_internal(world
         stop.set()
         await asyncio.gather(*callers)
         w.postgres.restart()
-        deadline = time.monotonic() + 15
-        while True:  # the Postgres breaker closes again once its probe call succeeds
-            try:
-                await w.stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()))
-                break
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-            assert code == grpc.StatusCode.UNAVAILABLE
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await _until_postgres_answers(w)  # its breaker closes once its probe call succeeds
     assert codes["INTERNAL"] == 0 and codes["UNKNOWN"] == 0, codes
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
     assert codes["OK"] > 0 and codes["UNAVAILABLE"] > 0, codes
+
+
+async def _until_postgres_answers(w: World) -> None:
+    """Validate until one call succeeds (within 15 s); until then, only UNAVAILABLE."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await w.stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=5)
+            return
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        assert code == grpc.StatusCode.UNAVAILABLE, code
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)

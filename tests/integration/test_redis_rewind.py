@@ -98,22 +98,27 @@ async def served(
 ) -> AsyncIterator[Served]:
     """``no-l1``: every validation reads Redis, so the rewound entry is read at
     once; ``l1``: the default, where copies are kept in-process too."""
-    port, log = find_free_port(), tmp_path / "serve.log"
     l1 = {} if request.param == "l1" else {"L1_CACHE_TTL_MS": "0"}
+    async with _serving(tmp_path, own_postgres.url, own_redis.url, **l1) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    tmp_path: Path, database_url: str, redis_url: str, raw_url: str | None = None, **env: str
+) -> AsyncIterator[Served]:
+    """``serve --workers 2`` on ``redis_url``, serving on every channel, with a
+    raw client of ``raw_url`` (default: that Redis) and a Postgres connection;
+    all closed after."""
+    port, log = find_free_port(), tmp_path / "serve.log"
     server = spawn_serve(
-        port,
-        log,
-        "--workers",
-        "2",
-        DATABASE_URL=own_postgres.url,
-        REDIS_URL=own_redis.url,
-        **l1,
+        port, log, "--workers", "2", DATABASE_URL=database_url, REDIS_URL=redis_url, **env
     )
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) for _ in range(CHANNELS)
     ]
-    raw = aioredis.Redis.from_url(own_redis.url)
-    pg = await asyncpg.connect(own_postgres.url)
+    raw = aioredis.Redis.from_url(raw_url or redis_url)
+    pg = await asyncpg.connect(database_url)
     try:
         stubs: list[pb_grpc.SessionAuthorityAsyncStub] = [
             pb_grpc.SessionAuthorityStub(c) for c in channels
@@ -300,47 +305,26 @@ async def test_a_lagging_replica_promoted(
     replica.start()
     switch = _Switch(own_redis.port)
     await switch.start()
-    port, log = find_free_port(), tmp_path / "serve.log"
-    redis_url = f"redis://127.0.0.1:{switch.port}/0"
-    server = spawn_serve(
-        port,
-        log,
-        "--workers",
-        "2",
-        DATABASE_URL=own_postgres.url,
-        REDIS_URL=redis_url,
-        L1_CACHE_TTL_MS="0",
-    )
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) for _ in range(CHANNELS)
-    ]
     raw = aioredis.Redis.from_url(own_redis.url)
     promoted = aioredis.Redis.from_url(replica.url)
-    pg = await asyncpg.connect(own_postgres.url)
+    redis_url = f"redis://127.0.0.1:{switch.port}/0"
     try:
-        stubs: list[pb_grpc.SessionAuthorityAsyncStub] = [
-            pb_grpc.SessionAuthorityStub(c) for c in channels
-        ]
-        for stub in stubs:
-            await wait_serving(stub, log)
-        s = Served(port, log, stubs, raw, pg)
+        async with _serving(
+            tmp_path, own_postgres.url, redis_url, own_redis.url, L1_CACHE_TTL_MS="0"
+        ) as s:
 
-        async def copy() -> None:
-            await _copied_by(promoted, raw)
-            await promoted.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+            async def copy() -> None:
+                await _copied_by(promoted, raw)
+                await promoted.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
 
-        async def rewind() -> None:
-            switch.to(replica.port)  # the failover: the replica, behind the same address
+            async def rewind() -> None:
+                switch.to(replica.port)  # the failover: the replica, behind the same address
 
-        await _rewind_after_revocation(
-            s, copy, rewind, raw=promoted, seen_as="redis server changed|" + REWOUND
-        )
+            await _rewind_after_revocation(
+                s, copy, rewind, raw=promoted, seen_as="redis server changed|" + REWOUND
+            )
     finally:
-        await pg.close()
         await promoted.aclose()
         await raw.aclose()
-        for channel in channels:
-            await channel.close()
-        stop_serve(server)
         await switch.aclose()
         replica.stop()
