@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, repr=False)
     """Postgres DSN, the source of truth (required by serve and migrate)."""
     redis_url: str | None = Field(default=None, repr=False)
-    """Redis URL for the cache (unset: no cache, every validation reads Postgres)."""
+    """Redis URL for the cache (unset: no cache, every validation reads Postgres):
+    redis://, rediss://, unix://, or a Sentinel set,
+    redis+sentinel://[user:pass@]host:26379,host:26379/<master-name>[/db] (rediss+sentinel: TLS)."""
 
     host: str = "0.0.0.0"  # noqa: S104  (a service listens on every interface; `dev` binds loopback)
     """gRPC listen address."""
@@ -332,8 +334,9 @@ def _split_list(text: str) -> list[str]:
 
 
 #: Query parameters that carry secrets: libpq's/asyncpg's ``password`` and ``sslpassword``
-#: (a client key's passphrase), redis-py's ``password`` and ``ssl_password``.
-_SECRET_PARAMS = frozenset({"password", "sslpassword", "ssl_password"})
+#: (a client key's passphrase), redis-py's ``password`` and ``ssl_password``, and a
+#: Sentinel URL's ``sentinel_password`` (adapters/redis_sentinel.py).
+_SECRET_PARAMS = frozenset({"password", "sslpassword", "ssl_password", "sentinel_password"})
 
 
 def redact_url(url: str | None) -> str | None:

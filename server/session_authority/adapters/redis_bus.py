@@ -87,6 +87,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from session_authority.adapters.redis_bus_wire import (
@@ -100,6 +101,7 @@ from session_authority.adapters.redis_bus_wire import (
     parse,
     valid_hashes,
 )
+from session_authority.adapters.redis_sentinel import SentinelCountingPool, counting_pool
 from session_authority.core.domain import TokenHash
 
 __all__ = ["ACK_PREFIX", "CHANNEL", "POOL_SIZE", "REGISTRY", "RedisRevocationBus"]
@@ -166,8 +168,10 @@ class RedisRevocationBus:
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kwargs: Any) -> RedisRevocationBus:
         ack_timeout = float(kwargs["ack_timeout"])
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = counting_pool(
             url,
+            identity=None,  # a Sentinel URL's connections still check they reach the master
+            min_size=0,
             max_connections=POOL_SIZE,
             timeout=ack_timeout,  # wait for a connection, as long as an ack may take
             socket_timeout=None,  # the subscription idles; liveness is ours
@@ -283,6 +287,8 @@ class RedisRevocationBus:
         self._lost()
         await self._unregister()
         await self._client.aclose()
+        if isinstance(pool := self._client.connection_pool, SentinelCountingPool):
+            await pool.aclose()  # its connections to the sentinels too
 
     async def _run(self) -> None:
         """The supervisor: the listener is started again whatever ended it."""
@@ -315,7 +321,9 @@ class RedisRevocationBus:
             await pubsub.subscribe(CHANNEL, self._ack_channel)  # sent: not confirmed yet
             confirmed: set[bytes] = set()
             wanted = {CHANNEL.encode(), self._ack_channel.encode()}
-            last_heard = last_ping = self._clock()
+            last_heard = last_ping = last_asked = self._clock()
+            pool = self._client.connection_pool
+            sentinel = pool if isinstance(pool, SentinelCountingPool) else None
             # When the oldest ping not answered yet was sent (None: all answered).
             unanswered: float | None = None
             while True:
@@ -341,6 +349,13 @@ class RedisRevocationBus:
                     # that lost nothing. It is not live until the next message,
                     # and the ping below asks for one.
                     raise TimeoutError("the subscription went silent")
+                if sentinel is not None and now - last_asked >= self._liveness:
+                    # A coordinated failover leaves the old master running:
+                    # publishers moved to the new one would not be heard here.
+                    last_asked = now
+                    await sentinel.follow(self._liveness / 4)
+                    if not sentinel.reaches_master(pubsub.connection):
+                        raise RedisConnectionError("the master moved (Sentinel): resubscribing")
                 if now - last_ping >= self._liveness / 4:
                     await pubsub.ping()
                     last_ping = now

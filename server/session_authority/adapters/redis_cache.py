@@ -56,6 +56,7 @@ from session_authority.adapters.redis_pool import (
     ServerReplaced,
     run_id_of,
 )
+from session_authority.adapters.redis_sentinel import SentinelCountingPool, counting_pool
 from session_authority.core.domain import Reason, TokenHash
 from session_authority.core.errors import CacheBusy, CacheReplaced, CacheUnavailable
 from session_authority.core.health import CacheHealth, PoolStats
@@ -260,8 +261,9 @@ class RedisSessionCache:
         the breaker's after a stall and turned every late timer into a Redis
         *error*, which opened the breaker (tests/integration/test_machine_stall.py)."""
         identity = ServerIdentity()
-        pool = CountingPool.from_url(
+        pool = counting_pool(
             url,
+            identity=identity,
             min_size=min_connections,
             max_connections=max_connections,
             timeout=pool_timeout,
@@ -272,7 +274,6 @@ class RedisSessionCache:
             retry=None,
             protocol=2,
             decode_responses=True,
-            redis_connect_func=identity.on_connect,
         )
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, pool, identity, legacy_keys=legacy_keys, op_timeout=timeout)
@@ -300,7 +301,7 @@ class RedisSessionCache:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
-        await self._pool.disconnect()
+        await self._pool.aclose()
 
     # --- SessionCache ----------------------------------------------------------
 
@@ -352,6 +353,10 @@ class RedisSessionCache:
 
     async def verify(self) -> None:
         trusted = self._identity.trusted
+        if isinstance(self._pool, SentinelCountingPool):
+            # Where the sentinels say the master is now: if it moved, the read
+            # below runs on a new connection, and the identity check tells.
+            await self._pool.follow(None if self._op_timeout is None else self._op_timeout / 2)
         with _MAPPED:
             marker = await self._redis.get(MARKER_KEY)
         if trusted is None:

@@ -20,7 +20,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from session_authority.core.health import PoolStats
 
-__all__ = ["CountingPool", "PoolExhausted", "ServerIdentity", "ServerReplaced", "run_id_of"]
+__all__ = [
+    "CountingPool",
+    "NotMaster",
+    "PoolExhausted",
+    "ServerIdentity",
+    "ServerReplaced",
+    "run_id_of",
+]
 
 
 class PoolExhausted(RedisConnectionError):
@@ -29,6 +36,11 @@ class PoolExhausted(RedisConnectionError):
 
 class ServerReplaced(RedisConnectionError):
     """A new connection reached a Redis server other than the trusted one."""
+
+
+class NotMaster(RedisConnectionError):
+    """A new connection reached a server that is not a master (a Sentinel URL
+    only: the sentinels named a replica, or a master that has been demoted)."""
 
 
 def run_id_of(info: object) -> str:
@@ -44,14 +56,25 @@ def run_id_of(info: object) -> str:
 
 class ServerIdentity:
     """The trusted server's ``run_id`` (None until one is adopted: then any
-    server is accepted, and nothing reads the cache before adoption anyway)."""
+    server is accepted, and nothing reads the cache before adoption anyway).
+    With ``require_master`` (a Sentinel URL), a server whose ``ROLE`` is not
+    ``master`` is refused first, trusted or not."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, require_master: bool = False) -> None:
         self.trusted: str | None = None
+        self.require_master = require_master
 
     async def on_connect(self, connection: AbstractConnection) -> None:
-        """redis-py's ``redis_connect_func``: the usual handshake, then the check."""
+        """redis-py's ``redis_connect_func``: the usual handshake, then the checks."""
         await connection.on_connect()
+        if self.require_master:
+            await connection.send_command("ROLE")
+            role = await connection.read_response()
+            name = role[0] if isinstance(role, list) and role else b""
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != "master":
+                where = f"{getattr(connection, 'host', '?')}:{getattr(connection, 'port', '?')}"
+                raise NotMaster(f"redis server at {where} is a {name or 'replica'}, not the master")
         await connection.send_command("INFO", "server")
         run_id = run_id_of(await connection.read_response())
         trusted = self.trusted
