@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -93,7 +94,7 @@ class SentinelSet:
     async def master_address(self) -> tuple[str, int]:
         """The master as the first sentinel names it now."""
         async with self.client(self.sentinels[0]) as raw:
-            state = await raw.sentinel_master(self.service)
+            state = await _state(raw, self.service)
         return str(state["ip"]), int(state["port"])
 
     async def wait_ready(self) -> None:
@@ -103,7 +104,7 @@ class SentinelSet:
         for sentinel in self.sentinels:
             async with self.client(sentinel) as raw:
                 while True:
-                    state = await raw.sentinel_master(self.service)
+                    state = await _state(raw, self.service)
                     if int(state["num-other-sentinels"]) == 2 and int(state["num-slaves"]) == 1:
                         break
                     assert time.monotonic() < deadline, f"sentinels not ready: {state}"
@@ -130,7 +131,7 @@ class SentinelSet:
         for sentinel in self.sentinels:
             async with self.client(sentinel) as raw:
                 while True:
-                    state = await raw.sentinel_master(self.service)
+                    state = await _state(raw, self.service)
                     if int(state["port"]) == to.port and state.get("is_master"):
                         break
                     assert time.monotonic() < deadline, f"no failover to {to.port}: {state}"
@@ -140,6 +141,13 @@ class SentinelSet:
     async def run_id(self, server: EmbeddedRedis) -> str:
         async with self.client(server) as raw:
             return str((await raw.info("server"))["run_id"])
+
+
+async def _state(sentinel: aioredis.Redis, service: str) -> dict[str, Any]:
+    """``SENTINEL MASTER <service>``, parsed by redis-py."""
+    state = await sentinel.sentinel_master(service)
+    assert isinstance(state, dict), state
+    return state
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,7 @@ from tests.benchmarks.harness import (
     validate_request,
     wait_ready,
 )
+from tests.sentinel_failover import FailoverLoad, SentinelSet
 
 REQUIRED_KEYS = (
     "ceiling_rps",
@@ -689,6 +690,69 @@ class Bench:
         self.report["revocation_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
         self.report["revocation_stale_answers"] = stale
 
+    async def sentinel_failover(self) -> None:
+        """``sentinel_failover_error_window_ms``: a ``serve`` on a Redis Sentinel set
+        (tests/sentinel_failover.py), validated by 8 callers, its master SIGKILLed:
+        from the kill to the end of the last call that failed or was not answered
+        by the cache (answered from Postgres while there was no master, or until
+        the promoted replica was adopted). Full mode only (~10 s)."""
+        sentinels = SentinelSet(self.base / "sentinel-set")
+        sentinels.start()
+        try:
+            await sentinels.wait_ready()
+            server = self._serve("sentinel", REDIS_URL=sentinels.url)
+            try:
+                await wait_ready(server)
+                async with grpc.aio.insecure_channel(server.target, options=NO_PROXY) as channel:
+                    await self._fail_over(sentinels, pb_grpc.SessionAuthorityStub(channel))
+            finally:
+                if (code := await server.stop()) != 0:
+                    self.problems.append(f"sentinel: exited {code} on SIGTERM:\n{server.tail()}")
+        finally:
+            sentinels.stop()
+
+    async def _fail_over(
+        self, sentinels: SentinelSet, stub: pb_grpc.SessionAuthorityAsyncStub
+    ) -> None:
+        tokens = [
+            (await stub.CreateSession(pb.CreateSessionRequest(user_id=f"failover-{i % 4}"))).token
+            for i in range(32)
+        ]
+        for token in tokens[:4]:
+            await stub.Invalidate(pb.InvalidateRequest(token=token))
+        for _ in range(2):
+            for token in tokens:
+                await stub.ValidateSession(pb.ValidateSessionRequest(token=token))
+        await sentinels.wait_synced()
+        load = FailoverLoad(stub, tokens)
+        load.revoked_at |= dict.fromkeys(tokens[:4], 0.0)
+        load.start()
+        try:
+            await asyncio.sleep(1.0)
+            killed = time.monotonic()
+            await asyncio.to_thread(sentinels.master.kill)
+            switched = await sentinels.wait_switched(sentinels.replica)
+            # Until the last 200 calls, all made after the switch, came from the cache.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                recent = load.calls[-200:]
+                if len(recent) == 200 and all(
+                    c.started > switched and c.source == "SOURCE_CACHE" for c in recent
+                ):
+                    break
+            else:
+                self.problems.append("sentinel: the cache did not answer again after the failover")
+        finally:
+            await load.stop()
+        if wrong := load.wrong():
+            self.problems.append(f"sentinel: {len(wrong)} revoked sessions answered valid")
+        failed, degraded = load.failed(), load.degraded(killed)
+        self.report["sentinel_failover_error_window_ms"] = load.window_ms(degraded, killed)
+        self.report["sentinel_failover_failed_calls"] = len(failed)
+        self.report["sentinel_failover_failed_window_ms"] = load.window_ms(failed, killed)
+        self.report["sentinel_failover_switch_ms"] = round((switched - killed) * 1000, 1)
+
     # --- helpers ------------------------------------------------------------------------
 
     async def _insert_sessions(self, user: str, count: int) -> list[str]:
@@ -772,6 +836,8 @@ class Bench:
             await self.misses()
             await self.invalidation()
             await self.propagation()
+            if not self.args.quick:
+                await self.sentinel_failover()
         finally:
             await self.stop_servers()
         self.report["bench_seconds"] = round(time.monotonic() - started, 1)

@@ -129,7 +129,7 @@ class SentinelCountingPool(CountingPool, SentinelConnectionPool):
         # master's before it is used (the master moved while it was in use).
         if connection.is_connected and not self.reaches_master(connection):
             await connection.disconnect()
-        await super().ensure_connection(connection)  # type: ignore[no-untyped-call]
+        await super().ensure_connection(connection)
 
     async def follow(self, bound: float | None) -> bool:
         """Ask the sentinels where the master is now (within ``bound`` seconds);
@@ -142,17 +142,19 @@ class SentinelCountingPool(CountingPool, SentinelConnectionPool):
         before = self.master_address
         try:
             async with asyncio.timeout(bound):
-                address = await self.get_master_address()
+                address = await self.get_master_address()  # type: ignore[no-untyped-call]
         except (RedisError, OSError, TimeoutError):
             return False
-        return before is not None and address != before
+        return before is not None and bool(address != before)
 
     def reaches_master(self, connection: AbstractConnection | None) -> bool:
         """Whether ``connection`` goes to the master as last named (True when unknown)."""
         address = self.master_address
         if connection is None or address is None:
             return True
-        return (getattr(connection, "host", None), getattr(connection, "port", None)) == address
+        return bool(
+            (getattr(connection, "host", None), getattr(connection, "port", None)) == address
+        )
 
     async def aclose(self) -> None:
         try:
