@@ -428,7 +428,7 @@ async def test_list_user_sessions_pages_in_creation_order_live_or_all(
     expired = await _created(store, _session(now, user_id=user, expires_in=-HOUR))
     await _created(store, _session(now))  # another user's
 
-    order = sorted(made + [expired], key=lambda s: Position(s.created_at, s.session_id))
+    order = sorted([*made, expired], key=lambda s: Position(s.created_at, s.session_id))
     everything = await store.list_user_sessions(user, include_revoked=True, after=None, limit=10)
     assert [s.session_id for s in everything] == [s.session_id for s in order]
     assert [s.revoked_at is not None for s in everything] == [s is made[1] for s in order]
