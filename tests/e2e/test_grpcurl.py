@@ -162,8 +162,6 @@ def test_list_user_sessions_and_log_out_everywhere_else(grpcurl: Grpcurl) -> Non
     for created in made:
         answer = grpcurl.call("ValidateSession", {"token": created["token"]}, "-emit-defaults")
         assert answer["valid"] is (created is kept)
-    live = grpcurl.call("ListUserSessions", {"user_id": user})
-    assert [s["session_id"] for s in live["sessions"]] == [ids[1]]
     history = grpcurl.call("ListUserSessions", {"user_id": user, "include_revoked": True})
     assert ["revoked_at" in s for s in history["sessions"]] == [True, False, True]
 
