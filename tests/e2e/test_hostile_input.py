@@ -441,7 +441,11 @@ def test_list_user_sessions_fields(
         if page_size < 0:
             raise InvalidArgument("page_size", "negative")
 
-    checks: list[Callable[[], object]] = [lambda: check_user_id(user_id), page_size_ok, made_up_token]
+    checks: list[Callable[[], object]] = [
+        lambda: check_user_id(user_id),
+        page_size_ok,
+        made_up_token,
+    ]
     field = _first_problem(checks)
     code, details = _code(lambda: hostile.stub.ListUserSessions(request, timeout=10))
     _expect(code, details, field, request.ByteSize())
