@@ -1003,6 +1003,8 @@ Global___BreakerHealth: _TypeAlias = BreakerHealth  # noqa: Y015
 
 @_typing.final
 class ListUserSessionsRequest(_message.Message):
+    """ListUserSessionsRequest asks for one page of a user's sessions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
@@ -1041,6 +1043,8 @@ Global___ListUserSessionsRequest: _TypeAlias = ListUserSessionsRequest  # noqa: 
 
 @_typing.final
 class ListUserSessionsResponse(_message.Message):
+    """ListUserSessionsResponse is one page of a user's sessions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSIONS_FIELD_NUMBER: _builtins.int
