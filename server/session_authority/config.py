@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     auth_anonymous_reads: bool = False
     """ValidateSession and Health answer callers without credentials too."""
     grpc_reflection: bool = True
+    page_token_key: str = Field(default="", repr=False)
+    """Signs ListUserSessions' page tokens (at least 32 characters; every replica
+    the same). Unset: a random secret made once in Postgres by ``migrate``."""
 
     @field_validator("log_level")
     @classmethod
@@ -197,6 +200,8 @@ class Settings(BaseSettings):
             raise ValueError("PG_POOL_MIN must not exceed PG_POOL_MAX")
         if self.session_ttl_default_seconds > self.session_ttl_max_seconds:
             raise ValueError("SESSION_TTL_DEFAULT_SECONDS must not exceed SESSION_TTL_MAX_SECONDS")
+        if self.page_token_key and len(self.page_token_key.encode()) < 32:
+            raise ValueError("PAGE_TOKEN_KEY must be at least 32 bytes (or unset)")
         self._check_cache_ttls()
         self.core_policy()  # validates the TTL relations
         return self
@@ -231,6 +236,7 @@ class Settings(BaseSettings):
             unknown_token_burst=self.unknown_token_burst,
             default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
             max_session_ttl=timedelta(seconds=self.session_ttl_max_seconds),
+            page_token_key=self.page_token_key.encode() or None,
         )
 
     def breaker_policy(self) -> BreakerPolicy:

@@ -10,13 +10,14 @@ clock is passed in, so no replica's skew can change what is revoked.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Literal
 from uuid import uuid4
 
 import pytest
 
-from session_authority.core.domain import Session, TokenHash, new_token
+from session_authority.core.domain import Position, Session, TokenHash, new_token
 from session_authority.core.errors import StoreUnavailable
 from session_authority.core.ports import SessionStore, StoreRevocation
 
@@ -372,3 +373,78 @@ async def test_the_horizon_covers_every_ended_revocation_and_confirmed_only_rise
     assert (await store.revocation_marks()).confirmed == max(before, marks.horizon)
     await store.confirm_watermark("")  # never lowered
     assert (await store.revocation_marks()).confirmed == max(before, marks.horizon)
+
+
+# --- revoke_user_except, list_user_sessions, page_token_key (ListUserSessions, issue 22) ------
+
+
+async def test_revoke_user_except_spares_the_kept_session_and_nothing_else(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    user = f"user-{uuid4().hex[:8]}"
+    kept = await _created(store, _session(now, user_id=user))
+    others = [await _created(store, _session(now, user_id=user)) for _ in range(2)]
+    expired = await _created(store, _session(now, user_id=user, expires_in=-HOUR))
+    bystander = await _created(store, _session(now))
+
+    revoked = await store.revoke_user_except(user, kept.session_id)
+
+    assert revoked is not None
+    assert sorted((r.token_hash.hex, r.revoked_now) for r in revoked) == sorted(
+        [(s.token_hash.hex, True) for s in others] + [(expired.token_hash.hex, False)]
+    )
+    assert await _revoked_at(store, kept) is None
+    assert await _revoked_at(store, bystander) is None
+    assert await store.revoke_user_except(user, kept.session_id) == []
+
+
+async def test_revoke_user_except_of_a_session_not_the_users_revokes_nothing(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    user = f"user-{uuid4().hex[:8]}"
+    mine = [await _created(store, _session(now, user_id=user)) for _ in range(2)]
+    foreign = await _created(store, _session(now))
+    assert await store.revoke_user_except(user, foreign.session_id) is None
+    assert await store.revoke_user_except(user, str(uuid4())) is None
+    for session in [*mine, foreign]:
+        assert await _revoked_at(store, session) is None
+    assert await store.pending_purges(100) == []
+
+
+async def test_list_user_sessions_pages_in_creation_order_live_or_all(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    user = f"user-{uuid4().hex[:8]}"
+    made = []
+    for i in range(5):  # two share a creation time: the id breaks the tie
+        session = _session(now, user_id=user)
+        made.append(replace(session, created_at=now - DAY + min(i, 3) * MICROSECOND))
+    for session in made:
+        await store.create(session)
+    await store.revoke(session_id=made[1].session_id)
+    expired = await _created(store, _session(now, user_id=user, expires_in=-HOUR))
+    await _created(store, _session(now))  # another user's
+
+    order = sorted([*made, expired], key=lambda s: Position(s.created_at, s.session_id))
+    everything = await store.list_user_sessions(user, include_revoked=True, after=None, limit=10)
+    assert [s.session_id for s in everything] == [s.session_id for s in order]
+    assert [s.revoked_at is not None for s in everything] == [s is made[1] for s in order]
+    live = [s for s in order if s is not made[1] and s is not expired]
+    first = await store.list_user_sessions(user, include_revoked=False, after=None, limit=2)
+    assert [s.session_id for s in first] == [s.session_id for s in live[:2]]
+    after = Position(first[-1].created_at, first[-1].session_id)
+    rest = await store.list_user_sessions(user, include_revoked=False, after=after, limit=10)
+    assert [s.session_id for s in rest] == [s.session_id for s in live[2:]]
+    assert first[0].metadata == {"device": "laptop"} and first[0].last_seen_at is None
+    assert not hasattr(first[0], "token_hash")
+    nobody = f"user-{uuid4().hex[:8]}"
+    assert await store.list_user_sessions(nobody, include_revoked=True, after=None, limit=5) == []
+
+
+async def test_page_token_key_is_a_stable_secret(store_subject: StoreSubject) -> None:
+    key = await store_subject.store.page_token_key()
+    assert len(key) >= 16
+    assert await store_subject.store.page_token_key() == key

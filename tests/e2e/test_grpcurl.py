@@ -63,7 +63,8 @@ def test_describe_service(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
     result = grpcurl.run(e2e_server.target, "describe", SERVICE)
     assert result.returncode == 0, result.stderr
     assert f"{SERVICE} is a service" in result.stdout
-    for method in ("CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health"):
+    methods = ("CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health")
+    for method in (*methods, "ListUserSessions"):
         assert f"rpc {method} (" in result.stdout, method
 
 
@@ -133,6 +134,38 @@ def test_invalidate_by_session_id_and_user(grpcurl: Grpcurl) -> None:
         assert answer["reason"] == "REASON_REVOKED"
 
 
+def test_list_user_sessions_and_log_out_everywhere_else(grpcurl: Grpcurl) -> None:
+    """ListUserSessions page by page, then InvalidateUser with except_session_id."""
+    user = f"frank-{uuid.uuid4()}"
+    made = [grpcurl.create({"user_id": user, "metadata": {"n": str(i)}}) for i in range(3)]
+    ids = [m["session"]["session_id"] for m in made]
+
+    first = grpcurl.call("ListUserSessions", {"user_id": user, "page_size": 2})
+    assert [s["session_id"] for s in first["sessions"]] == ids[:2]
+    assert set(first["sessions"][0]) == {
+        "session_id",
+        "user_id",
+        "created_at",
+        "expires_at",
+        "metadata",
+    }
+    token = first["next_page_token"]
+    rest = grpcurl.call("ListUserSessions", {"user_id": user, "page_size": 2, "page_token": token})
+    assert [s["session_id"] for s in rest["sessions"]] == ids[2:]
+    assert "next_page_token" not in rest  # empty: the last page
+
+    kept = made[1]
+    reply = grpcurl.call(
+        "InvalidateUser", {"user_id": user, "except_session_id": ids[1]}, "-emit-defaults"
+    )
+    assert reply == {"revoked_count": 2, "cache_purged": True, "propagated": True}
+    for created in made:
+        answer = grpcurl.call("ValidateSession", {"token": created["token"]}, "-emit-defaults")
+        assert answer["valid"] is (created is kept)
+    history = grpcurl.call("ListUserSessions", {"user_id": user, "include_revoked": True})
+    assert ["revoked_at" in s for s in history["sessions"]] == [True, False, True]
+
+
 def test_unknown_token(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
     token = e2e_server.presented(secrets.token_urlsafe(32))
     answer = grpcurl.call("ValidateSession", {"token": token}, "-emit-defaults")
@@ -149,8 +182,21 @@ def test_unknown_token(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
         ("CreateSession", {"user_id": "carol", "ttl": "0s"}, "ttl"),
         ("Invalidate", {}, "session_id"),
         ("Invalidate", {"session_id": "not-a-uuid"}, "session_id"),
+        ("ListUserSessions", {"user_id": "erin", "page_token": "forged"}, "page_token"),
+        ("ListUserSessions", {"user_id": "erin", "page_size": -1}, "page_size"),
+        ("InvalidateUser", {"user_id": "erin", "except_session_id": "x"}, "except_session_id"),
     ],
-    ids=["empty-token", "non-ascii-token", "empty-user", "zero-ttl", "no-target", "bad-uuid"],
+    ids=[
+        "empty-token",
+        "non-ascii-token",
+        "empty-user",
+        "zero-ttl",
+        "no-target",
+        "bad-uuid",
+        "forged-page-token",
+        "negative-page-size",
+        "bad-except-session-id",
+    ],
 )
 def test_invalid_argument(
     grpcurl: Grpcurl, e2e_server: ServerProcess, method: str, data: dict[str, str], field: str

@@ -73,9 +73,27 @@ from .hostile import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 SERVICE = "/session_authority.v1.SessionAuthority/"
-METHODS = ["CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health"]
+METHODS = [
+    "CreateSession",
+    "ValidateSession",
+    "Invalidate",
+    "InvalidateUser",
+    "Health",
+    "ListUserSessions",
+]
 MAX_MESSAGE = 64 * 1024  # bootstrap's grpc.max_receive_message_length
-FIELDS = ("request", "token", "user_id", "metadata", "ttl", "session_id", "target")
+FIELDS = (
+    "request",
+    "token",
+    "user_id",
+    "metadata",
+    "ttl",
+    "session_id",
+    "target",
+    "page_size",
+    "page_token",
+    "except_session_id",
+)
 REFUSAL = re.compile(rf"^({'|'.join(FIELDS)}): [\x20-\x7e]+$")
 DEFAULT_TTL, MAX_TTL = timedelta(days=1), timedelta(days=30)
 OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 1 << 22)]
@@ -238,6 +256,15 @@ STRING_FIELDS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "Invalidate.token": ("Invalidate", lambda b: length_delimited(1, b)),
     "Invalidate.session_id": ("Invalidate", lambda b: length_delimited(2, b)),
     "InvalidateUser.user_id": ("InvalidateUser", lambda b: length_delimited(1, b)),
+    "InvalidateUser.except_session_id": (
+        "InvalidateUser",
+        lambda b: length_delimited(1, b"u") + length_delimited(2, b),
+    ),
+    "ListUserSessions.user_id": ("ListUserSessions", lambda b: length_delimited(1, b)),
+    "ListUserSessions.page_token": (
+        "ListUserSessions",
+        lambda b: length_delimited(1, b"u") + length_delimited(3, b),
+    ),
 }
 
 
@@ -391,6 +418,36 @@ def test_invalidate_user_id(hostile: Hostile, user_id: str) -> None:
     request = pb.InvalidateUserRequest(user_id=user_id)
     field = _first_problem([lambda: check_user_id(user_id)])
     code, details = _code(lambda: hostile.stub.InvalidateUser(request, timeout=10))
+    _expect(code, details, field, request.ByteSize())
+
+
+@settings(CASE_SETTINGS, max_examples=25)
+@given(user_id=TEXT, page_size=st.integers(-(2**31), 2**31 - 1), page_token=SMALL_TEXT)
+def test_list_user_sessions_fields(
+    hostile: Hostile, user_id: str, page_size: int, page_token: str
+) -> None:
+    """Any user id, page size and (never issued) page token: answered, or refused
+    naming the first bad field; a made-up token is never accepted."""
+    CASES["ListUserSessions fields"] += 1
+    request = pb.ListUserSessionsRequest(
+        user_id=user_id, page_size=page_size, page_token=page_token
+    )
+
+    def made_up_token() -> None:
+        if page_token:
+            raise InvalidArgument("page_token", "made up")
+
+    def page_size_ok() -> None:
+        if page_size < 0:
+            raise InvalidArgument("page_size", "negative")
+
+    checks: list[Callable[[], object]] = [
+        lambda: check_user_id(user_id),
+        page_size_ok,
+        made_up_token,
+    ]
+    field = _first_problem(checks)
+    code, details = _code(lambda: hostile.stub.ListUserSessions(request, timeout=10))
     _expect(code, details, field, request.ByteSize())
 
 

@@ -127,6 +127,40 @@ def test_invalidate_user_revokes_every_session(
     assert again.revoked_count == 0
 
 
+def test_list_user_sessions_and_invalidate_user_except_session_id(
+    stub: pb_grpc.SessionAuthorityStub, create: Create
+) -> None:
+    user = _user()
+    made = [create(user) for _ in range(3)]
+    pages: list[str] = []
+    token = ""
+    while True:
+        page: pb.ListUserSessionsResponse = stub.ListUserSessions(
+            pb.ListUserSessionsRequest(user_id=user, page_size=1, page_token=token), timeout=10
+        )
+        pages += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [m.session.session_id for m in made]
+
+    kept = made[2]
+    reply: pb.InvalidateUserResponse = stub.InvalidateUser(
+        pb.InvalidateUserRequest(user_id=user, except_session_id=kept.session.session_id),
+        timeout=10,
+    )
+    assert (reply.revoked_count, reply.cache_purged, reply.propagated) == (2, True, True)
+    assert [_validate(stub, m.token).valid for m in made] == [False, False, True]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.InvalidateUser(
+            pb.InvalidateUserRequest(user_id=_user(), except_session_id=kept.session.session_id),
+            timeout=10,
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "except_session_id" in (caught.value.details() or "")
+    assert _validate(stub, kept.token).valid
+
+
 @pytest.mark.parametrize("kind", ["random", "well-formed"])
 def test_unknown_token_is_a_normal_answer(
     stub: pb_grpc.SessionAuthorityStub, e2e_server: ServerProcess, kind: str

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from session_authority.core.domain import Reason, Session, TokenHash
+from session_authority.core.domain import Position, Reason, Session, SessionSummary, TokenHash
 from session_authority.core.errors import CacheReplaced, CacheUnavailable, StoreUnavailable
 from session_authority.core.health import CacheHealth, StoreHealth
 from session_authority.core.local import LocalCache, RevocationFeed
@@ -123,6 +123,8 @@ class InMemorySessionStore:
         self._xid: dict[str, int] = {}
         self._next_xid = 1
         self._confirmed = NOTHING
+        #: What migration 0004 makes in Postgres: one random secret per store.
+        self._page_token_key = uuid.uuid4().bytes + uuid.uuid4().bytes
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.gate: asyncio.Event | None = None
@@ -216,6 +218,54 @@ class InMemorySessionStore:
             for session in list(self._by_hash.values())
             if session.user_id == user_id and session.revoked_at is None
         ]
+
+    async def revoke_user_except(
+        self, user_id: str, session_id: str
+    ) -> list[StoreRevocation] | None:
+        self._enter("revoke_user_except")
+        kept_key = self._hash_by_id.get(_canonical_id(session_id))
+        kept = self._by_hash.get(kept_key) if kept_key is not None else None
+        if kept is None or kept.user_id != user_id:
+            return None
+        self._next_xid += 1
+        return [
+            self._revoke(session)
+            for session in list(self._by_hash.values())
+            if session.user_id == user_id
+            and session.revoked_at is None
+            and session.token_hash != kept.token_hash
+        ]
+
+    async def list_user_sessions(
+        self, user_id: str, *, include_revoked: bool, after: Position | None, limit: int
+    ) -> list[SessionSummary]:
+        self._enter("list_user_sessions")
+        now = self._now()
+        found = sorted(
+            (
+                s
+                for s in self._by_hash.values()
+                if s.user_id == user_id
+                and (include_revoked or (s.revoked_at is None and s.expires_at > now))
+                and (after is None or Position(s.created_at, s.session_id) > after)
+            ),
+            key=lambda s: Position(s.created_at, s.session_id),
+        )
+        return [
+            SessionSummary(
+                session_id=s.session_id,
+                user_id=s.user_id,
+                created_at=s.created_at,
+                expires_at=s.expires_at,
+                metadata=dict(s.metadata),
+                revoked_at=s.revoked_at,
+            )
+            for s in found[:limit]
+        ]
+
+    async def page_token_key(self) -> bytes:
+        self._enter("page_token_key")
+        return self._page_token_key
 
     async def revoked_since(self, seconds: float) -> list[TokenHash]:
         self._enter("revoked_since")

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from session_authority.core.domain import Session, TokenHash
+from session_authority.core.domain import Position, Session, SessionSummary, TokenHash
 from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation
@@ -55,6 +55,36 @@ SELECT t.token_hash, COALESCE((SELECT live FROM upd), false) AS revoked_now
 FROM target t
 """
 _REVOKE_BY_HASH = _REVOKE_ONE.format(column="token_hash")
+
+# "Log out everywhere else": one statement checks that the kept session is the user's and
+# revokes the others, so a kept id of another user (or none) revokes nothing. Its snapshot is
+# taken when it starts: a session committed after that is not revoked (as with revoke_user).
+# A data-modifying CTE runs exactly once, however often it is read.
+_REVOKE_USER_EXCEPT = """
+WITH kept AS (
+    SELECT 1 FROM sessions WHERE session_id = $2 AND user_id = $1
+), upd AS (
+    UPDATE sessions SET revoked_at = now(), purge_pending = true
+    WHERE user_id = $1 AND revoked_at IS NULL AND session_id <> $2
+      AND EXISTS (SELECT 1 FROM kept)
+    RETURNING token_hash, expires_at > now() AS revoked_now
+)
+SELECT EXISTS (SELECT 1 FROM kept) AS kept,
+       COALESCE((SELECT array_agg(token_hash) FROM upd), '{}') AS hashes,
+       COALESCE((SELECT array_agg(revoked_now) FROM upd), '{}') AS live
+"""
+
+# Keyset pages in (created_at, session_id) order; the partial index serves live listings, the
+# full one listings with revoked sessions (migration 0004). "Live" is judged by Postgres's clock.
+_LIST_USER = """
+SELECT session_id, user_id, created_at, expires_at, revoked_at, last_seen_at, metadata
+FROM sessions
+WHERE user_id = $1 {live} {after}
+ORDER BY created_at, session_id
+LIMIT $2
+"""
+_LIVE = "AND revoked_at IS NULL AND expires_at > now()"
+_AFTER = "AND (created_at, session_id) > ($3, $4)"
 _REVOKE_BY_ID = _REVOKE_ONE.format(column="session_id")
 
 
@@ -263,6 +293,51 @@ class PostgresSessionStore:
                    SET confirmed = greatest(confirmed, $1 COLLATE "C")""",
                 mark,
             )
+
+    async def list_user_sessions(
+        self, user_id: str, *, include_revoked: bool, after: Position | None, limit: int
+    ) -> list[SessionSummary]:
+        query = _LIST_USER.format(
+            live="" if include_revoked else _LIVE, after="" if after is None else _AFTER
+        )
+        args: list[object] = [user_id, limit]
+        if after is not None:
+            args += [after.created_at, after.session_id]
+        async with self._connection() as conn:
+            rows = await conn.fetch(query, *args)
+        return [
+            SessionSummary(
+                session_id=str(r["session_id"]),
+                user_id=r["user_id"],
+                created_at=r["created_at"],
+                expires_at=r["expires_at"],
+                metadata=r["metadata"],
+                last_seen_at=r["last_seen_at"],
+                revoked_at=r["revoked_at"],
+            )
+            for r in rows
+        ]
+
+    async def revoke_user_except(
+        self, user_id: str, session_id: str
+    ) -> list[StoreRevocation] | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_REVOKE_USER_EXCEPT, user_id, session_id)
+        if not row["kept"]:
+            return None
+        return [
+            StoreRevocation(TokenHash(bytes(h).hex()), live)
+            for h, live in zip(row["hashes"], row["live"], strict=True)
+        ]
+
+    async def page_token_key(self) -> bytes:
+        async with self._connection() as conn:
+            secret = await conn.fetchval(
+                "SELECT secret FROM service_secrets WHERE name = 'page_token'"
+            )
+        if secret is None:  # the migration makes it: missing means not migrated
+            raise StoreUnavailable("no page token secret in Postgres: run `migrate`")
+        return bytes(secret)
 
     async def health(self) -> StoreHealth:
         stats = self.pool_stats()

@@ -16,6 +16,7 @@ from session_authority.core.domain import new_token
 from session_authority.core.guarded import GuardedCache, GuardedStore, PortObserver
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
+from session_authority.core.listing import Lister
 from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.miss_limit import MissLimit, MissLimiter
 from session_authority.core.policy import CorePolicy, utcnow
@@ -106,6 +107,7 @@ def assemble_core(
             local=local,
             feed=feed,
         ),
+        lister=Lister(guarded_store, key=policy.page_token_key),
         stats=stats,
         breaker=breaker,
         store=guarded_store,

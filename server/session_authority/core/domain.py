@@ -26,9 +26,11 @@ except ImportError:
 
 __all__ = [
     "MAX_TOKEN_LENGTH",
+    "Position",
     "Reason",
     "Revocation",
     "Session",
+    "SessionSummary",
     "Source",
     "TokenHash",
     "Validation",
@@ -135,6 +137,30 @@ class Session:
         if self.expires_at <= now:
             return Reason.EXPIRED
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """What a listing shows of a session: never its token or the token's hash
+    (there is no field for either)."""
+
+    session_id: str
+    user_id: str
+    created_at: datetime
+    expires_at: datetime
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: When it was last seen (TouchSession); None when not known.
+    last_seen_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in a user's sessions, ordered by creation then id (canonical
+    lower-case UUID text sorts as Postgres sorts ``uuid``: byte by byte)."""
+
+    created_at: datetime
+    session_id: str
 
 
 @dataclass(frozen=True, slots=True)

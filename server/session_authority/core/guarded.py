@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from session_authority.core.breaker import Breaker
-from session_authority.core.domain import Session, TokenHash
+from session_authority.core.domain import Position, Session, SessionSummary, TokenHash
 from session_authority.core.errors import (
     CacheReplaced,
     CacheUnavailable,
@@ -300,3 +300,23 @@ class GuardedStore(_Guarded):
 
     async def health(self) -> StoreHealth:
         return await self.inner.health()
+
+    async def list_user_sessions(
+        self, user_id: str, *, include_revoked: bool, after: Position | None, limit: int
+    ) -> list[SessionSummary]:
+        return await self._call(
+            "list_user_sessions",
+            lambda: self.inner.list_user_sessions(
+                user_id, include_revoked=include_revoked, after=after, limit=limit
+            ),
+        )
+
+    async def revoke_user_except(
+        self, user_id: str, session_id: str
+    ) -> list[StoreRevocation] | None:
+        return await self._call(
+            "revoke_user_except", lambda: self.inner.revoke_user_except(user_id, session_id)
+        )
+
+    async def page_token_key(self) -> bytes:
+        return await self._call("page_token_key", self.inner.page_token_key)

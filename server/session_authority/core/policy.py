@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -39,6 +39,9 @@ class CorePolicy:
     """Per caller, how many unknown tokens may reach Postgres at once before the rate applies."""
     default_session_ttl: timedelta = timedelta(hours=24)
     max_session_ttl: timedelta = timedelta(days=30)
+    page_token_key: bytes | None = field(default=None, repr=False)
+    """Signs ListUserSessions' page tokens (``core/listing.py``); None: the
+    secret the store keeps for every replica."""
 
     def __post_init__(self) -> None:
         if min(self.cache_ttl, self.negative_ttl, self.max_fill_lag) <= 0:

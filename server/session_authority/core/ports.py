@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from session_authority.core.domain import Reason, Session, TokenHash
+from session_authority.core.domain import Position, Reason, Session, SessionSummary, TokenHash
 from session_authority.core.health import CacheHealth, StoreHealth
 from session_authority.core.watermark import RevocationMarks
 
@@ -111,6 +111,29 @@ class SessionStore(Protocol):
 
     async def health(self) -> StoreHealth:
         """Connection state, version, pool numbers and a live ping. Never raises."""
+
+    async def list_user_sessions(
+        self, user_id: str, *, include_revoked: bool, after: Position | None, limit: int
+    ) -> list[SessionSummary]:
+        """Up to ``limit`` sessions of ``user_id`` in ``Position`` order
+        (``created_at``, then ``session_id``), only those strictly after
+        ``after`` when given. Only live ones (not revoked, expiring after the
+        store's clock) unless ``include_revoked``, then every one, with its
+        ``revoked_at``. Read from the store itself, never a cache; an unknown
+        user has none. Never reads or returns a token hash."""
+
+    async def revoke_user_except(
+        self, user_id: str, session_id: str
+    ) -> list[StoreRevocation] | None:
+        """``revoke_user`` sparing the one session ``session_id`` (a canonical
+        UUID), in one atomic step, provided it is a session of ``user_id``
+        (revoked, expired or live). ``None``, with nothing revoked, when no
+        session of that user has this id. A session created while the step runs
+        (committed after it began) is not revoked."""
+
+    async def page_token_key(self) -> bytes:
+        """The secret every replica shares to sign page tokens (made once with
+        the store's schema, kept across restarts). At least 16 bytes."""
 
 
 class SessionCache(Protocol):

@@ -60,7 +60,12 @@ from session_authority.core.domain import (
     check_user_id,
     parse_token,
 )
-from session_authority.core.errors import CacheReplaced, CacheUnavailable, StoreUnavailable
+from session_authority.core.errors import (
+    CacheReplaced,
+    CacheUnavailable,
+    InvalidArgument,
+    StoreUnavailable,
+)
 from session_authority.core.guarded import BreakerCache
 from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
@@ -129,9 +134,26 @@ class Revoker:
         purged = await self._purge(hashes)
         return self._revoked(int(found.revoked_now), purged, await self._propagate(hashes))
 
-    async def invalidate_user(self, user_id: str) -> Revocation:
-        """Revoke every session of ``user_id`` not revoked yet."""
-        rows = await self._store.revoke_user(check_user_id(user_id))
+    async def invalidate_user(
+        self, user_id: str, *, except_session_id: str | None = None
+    ) -> Revocation:
+        """Revoke every session of ``user_id`` not revoked yet; with
+        ``except_session_id``, every one but that session ("log out everywhere
+        else"), which must be the user's: otherwise ``InvalidArgument`` naming
+        it, and nothing is revoked (the store checks and revokes in one step).
+        Either way the same path keeps the invariant: Postgres first, then
+        tombstones, then the L1 push, for exactly the revoked rows (the kept
+        session is never among them). Sessions created after the store's
+        statement began are not revoked, with or without the exception."""
+        user = check_user_id(user_id)
+        if except_session_id is None:
+            rows = await self._store.revoke_user(user)
+        else:
+            kept = check_session_id(except_session_id, "except_session_id")
+            spared = await self._store.revoke_user_except(user, kept)
+            if spared is None:
+                raise InvalidArgument("except_session_id", "names no session of this user_id")
+            rows = spared
         hashes = [r.token_hash for r in rows]
         purged = await self._purge(hashes)
         propagated = await self._propagate(hashes)

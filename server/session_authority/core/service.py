@@ -9,6 +9,7 @@ breakers, wired by the composition root (``bootstrap.assemble_core``):
 ``Validator``      cache-aside validation, single-flight, early refresh
 ``Revoker``        invalidate / invalidate_user, breaker probe replay, drain
 ``HealthReporter`` the health document (reporting.py)
+``Lister``         a user's sessions, in signed keyset pages (listing.py)
 =================  ===========================================================
 
 The revocation invariant that all of them keep is stated in ``revocation.py``.
@@ -24,6 +25,7 @@ from session_authority.core.breaker import Breaker
 from session_authority.core.domain import Revocation, Session, Validation
 from session_authority.core.health import CacheStats, HealthReport, StoreHealth
 from session_authority.core.issuance import Issuer
+from session_authority.core.listing import Lister, SessionPage
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionStore
 from session_authority.core.reporting import HealthReporter
@@ -39,6 +41,7 @@ class SessionAuthority:
     validator: Validator
     revoker: Revoker
     reporter: HealthReporter
+    lister: Lister
     #: Counters shared by the collaborators (the runbook's cache metrics).
     stats: CacheStats
     #: The Redis breaker, and the Postgres one when enabled.
@@ -70,8 +73,17 @@ class SessionAuthority:
     ) -> Revocation:
         return await self.revoker.invalidate(token=token, session_id=session_id)
 
-    async def invalidate_user(self, user_id: str) -> Revocation:
-        return await self.revoker.invalidate_user(user_id)
+    async def invalidate_user(
+        self, user_id: str, *, except_session_id: str | None = None
+    ) -> Revocation:
+        return await self.revoker.invalidate_user(user_id, except_session_id=except_session_id)
+
+    async def list_user_sessions(
+        self, user_id: str, *, page_size: int = 0, page_token: str = "", include_revoked: bool
+    ) -> SessionPage:
+        return await self.lister.list(
+            user_id, page_size=page_size, page_token=page_token, include_revoked=include_revoked
+        )
 
     async def replay_revocations(self) -> None:
         await self.revoker.replay_revocations()

@@ -7,12 +7,19 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from session_authority.core.domain import Reason, Session, Source, Validation
+from session_authority.core.domain import Reason, Session, SessionSummary, Source, Validation
 from session_authority.core.errors import InvalidArgument
 from session_authority.core.health import BreakerReport, HealthReport, PoolStats
+from session_authority.core.listing import SessionPage
 from session_authority.v1 import session_authority_pb2 as pb
 
-__all__ = ["health_to_pb", "session_to_pb", "ttl_from_pb", "validation_to_pb"]
+__all__ = [
+    "health_to_pb",
+    "page_to_pb",
+    "session_to_pb",
+    "ttl_from_pb",
+    "validation_to_pb",
+]
 
 _REASON = {
     Reason.UNKNOWN: pb.REASON_UNKNOWN,
@@ -64,6 +71,27 @@ def session_to_pb(session: Session) -> pb.Session:
     message = pb.Session()
     _fill_session(message, session)
     return message
+
+
+def page_to_pb(page: SessionPage) -> pb.ListUserSessionsResponse:
+    """A listing's page. ``SessionSummary`` has no token or hash to leak."""
+    reply = pb.ListUserSessionsResponse(next_page_token=page.next_page_token)
+    for session in page.sessions:
+        _fill_summary(reply.sessions.add(), session)
+    return reply
+
+
+def _fill_summary(out: pb.Session, session: SessionSummary) -> None:
+    out.session_id = session.session_id
+    out.user_id = session.user_id
+    _set_ts(out.created_at, session.created_at)
+    _set_ts(out.expires_at, session.expires_at)
+    if session.metadata:
+        out.metadata.update(session.metadata)
+    if session.last_seen_at is not None:
+        _set_ts(out.last_seen_at, session.last_seen_at)
+    if session.revoked_at is not None:
+        _set_ts(out.revoked_at, session.revoked_at)
 
 
 def validation_to_pb(result: Validation) -> pb.ValidateSessionResponse:

@@ -16,6 +16,7 @@ from session_authority.core.service import SessionAuthority
 from session_authority.transport.auth import declared, mutation, read
 from session_authority.transport.mapping import (
     health_to_pb,
+    page_to_pb,
     session_to_pb,
     ttl_from_pb,
     validation_to_pb,
@@ -148,7 +149,9 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self, request: pb.InvalidateUserRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.InvalidateUserResponse:
         async def work() -> pb.InvalidateUserResponse:
-            result = await self._core.invalidate_user(request.user_id)
+            result = await self._core.invalidate_user(
+                request.user_id, except_session_id=request.except_session_id or None
+            )
             return pb.InvalidateUserResponse(
                 revoked_count=result.revoked_count,
                 cache_purged=result.cache_purged,
@@ -165,6 +168,23 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             reply = health_to_pb(await self._core.health())
             reply.worker.CopyFrom(self._worker)
             return reply
+
+        return await _run(context, work)
+
+    @read
+    async def ListUserSessions(
+        self,
+        request: pb.ListUserSessionsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pb.ListUserSessionsResponse:
+        async def work() -> pb.ListUserSessionsResponse:
+            page = await self._core.list_user_sessions(
+                request.user_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                include_revoked=request.include_revoked,
+            )
+            return page_to_pb(page)
 
         return await _run(context, work)
 

@@ -113,6 +113,8 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Server-assigned identifier (UUID), safe to log and to pass around."""
     user_id: _builtins.str
@@ -122,6 +124,18 @@ class Session(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def last_seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session was last seen (TouchSession), when known; unset
+        otherwise. Set by ListUserSessions only.
+        """
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session was revoked (Postgres's clock). Set by ListUserSessions
+        with include_revoked, for revoked sessions only.
+        """
+
     def __init__(
         self,
         *,
@@ -130,10 +144,12 @@ class Session(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        last_seen_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_seen_at", b"last_seen_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "metadata", b"metadata", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_seen_at", b"last_seen_at", "metadata", b"metadata", "revoked_at", b"revoked_at", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,16 +353,24 @@ class InvalidateUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
+    EXCEPT_SESSION_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Required."""
+    except_session_id: _builtins.str
+    """Optional: "log out everywhere else". The id (UUID) of one session of this
+    user to keep; every other session of the user is revoked, with the same
+    guarantees. A session that is not this user's (or does not exist) is
+    INVALID_ARGUMENT naming except_session_id, and nothing is revoked.
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
+        except_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["except_session_id", b"except_session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -976,3 +1000,75 @@ class BreakerHealth(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__volume_threshold) -> _WhichOneofReturnType__volume_threshold | None: ...
 
 Global___BreakerHealth: _TypeAlias = BreakerHealth  # noqa: Y015
+
+@_typing.final
+class ListUserSessionsRequest(_message.Message):
+    """ListUserSessionsRequest asks for one page of a user's sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required. The same rules as InvalidateUserRequest.user_id."""
+    page_size: _builtins.int
+    """Sessions per page: 0 means the default (50); above the maximum (500) it
+    is lowered to 500; negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Empty for the first page; otherwise next_page_token from the previous
+    reply, with the same user_id and include_revoked. Opaque and signed: a
+    token that was altered, made up, or issued for another user_id or
+    include_revoked is INVALID_ARGUMENT naming page_token.
+    """
+    include_revoked: _builtins.bool
+    """Also list revoked sessions (with revoked_at) and expired ones."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUserSessionsRequest: _TypeAlias = ListUserSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListUserSessionsResponse(_message.Message):
+    """ListUserSessionsResponse is one page of a user's sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page. Pages continue after
+    the last session returned, so a session created meanwhile appears on a
+    later page (or not at all, if created before that position) and none is
+    repeated or skipped.
+    """
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """At most page_size sessions, oldest first (created_at, then session_id)."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___Session] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUserSessionsResponse: _TypeAlias = ListUserSessionsResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class SessionAuthorityStub:
                 request_serializer=session__authority_dot_v1_dot_session__authority__pb2.HealthRequest.SerializeToString,
                 response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.ListUserSessions = channel.unary_unary(
+                '/session_authority.v1.SessionAuthority/ListUserSessions',
+                request_serializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsRequest.SerializeToString,
+                response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionAuthorityServicer:
@@ -106,6 +111,16 @@ class SessionAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUserSessions(self, request, context):
+        """ListUserSessions lists a user's sessions, read from Postgres (the source
+        of truth), oldest first (created_at, then session_id), one page at a time.
+        Live sessions only (not revoked, not expired by Postgres's clock) unless
+        include_revoked. Never returns a token or its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +148,11 @@ def add_SessionAuthorityServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.HealthRequest.FromString,
                     response_serializer=session__authority_dot_v1_dot_session__authority__pb2.HealthResponse.SerializeToString,
+            ),
+            'ListUserSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUserSessions,
+                    request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsRequest.FromString,
+                    response_serializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +291,33 @@ class SessionAuthority:
             '/session_authority.v1.SessionAuthority/Health',
             session__authority_dot_v1_dot_session__authority__pb2.HealthRequest.SerializeToString,
             session__authority_dot_v1_dot_session__authority__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUserSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_authority.v1.SessionAuthority/ListUserSessions',
+            session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsRequest.SerializeToString,
+            session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

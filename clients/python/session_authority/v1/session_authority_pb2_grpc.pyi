@@ -55,6 +55,12 @@ class SessionAuthorityStub:
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
     """
+    ListUserSessions: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.ListUserSessionsRequest, _session_authority_pb2.ListUserSessionsResponse]
+    """ListUserSessions lists a user's sessions, read from Postgres (the source
+    of truth), oldest first (created_at, then session_id), one page at a time.
+    Live sessions only (not revoked, not expired by Postgres's clock) unless
+    include_revoked. Never returns a token or its hash.
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -79,6 +85,12 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     Health: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.HealthRequest, _session_authority_pb2.HealthResponse]  # type: ignore[assignment]
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
+    """
+    ListUserSessions: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.ListUserSessionsRequest, _session_authority_pb2.ListUserSessionsResponse]  # type: ignore[assignment]
+    """ListUserSessions lists a user's sessions, read from Postgres (the source
+    of truth), oldest first (created_at, then session_id), one page at a time.
+    Live sessions only (not revoked, not expired by Postgres's clock) unless
+    include_revoked. Never returns a token or its hash.
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +143,18 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_authority_pb2.HealthResponse, _abc.Awaitable[_session_authority_pb2.HealthResponse]]:
         """Health returns the operations health document (see deploy/runbook.md). Its
         proto3 JSON form is the runbook's /api/health/redis document.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUserSessions(
+        self,
+        request: _session_authority_pb2.ListUserSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_authority_pb2.ListUserSessionsResponse, _abc.Awaitable[_session_authority_pb2.ListUserSessionsResponse]]:
+        """ListUserSessions lists a user's sessions, read from Postgres (the source
+        of truth), oldest first (created_at, then session_id), one page at a time.
+        Live sessions only (not revoked, not expired by Postgres's clock) unless
+        include_revoked. Never returns a token or its hash.
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
