@@ -41,15 +41,15 @@ def _fatal(exc: BaseException, policy: Hedging) -> bool:
 
 
 def hedge_sync(
-    start: Callable[[float], grpc.Future],
+    start: Callable[[float], grpc.Future[Any]],
     policy: Hedging,
-    timeout: float,
+    seconds: float,
 ) -> Any:
     """The first answer of up to ``policy.max_attempts`` attempts; ``start(remaining)`` sends
     one attempt with ``remaining`` seconds of deadline and returns its future."""
-    deadline = time.monotonic() + timeout
-    done: queue.SimpleQueue[grpc.Future] = queue.SimpleQueue()
-    in_flight: list[grpc.Future] = []
+    deadline = time.monotonic() + seconds
+    done: queue.SimpleQueue[grpc.Future[Any]] = queue.SimpleQueue()
+    in_flight: list[grpc.Future[Any]] = []
 
     def send() -> None:
         future = start(max(deadline - time.monotonic(), 0.0))
@@ -87,11 +87,11 @@ def hedge_sync(
 async def hedge_async(
     start: Callable[[float], Awaitable[T]],
     policy: Hedging,
-    timeout: float,
+    seconds: float,
 ) -> T:
     """As ``hedge_sync``, on the event loop: ``start(remaining)`` is one attempt's coroutine."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + seconds
     in_flight: set[asyncio.Future[T]] = set()
 
     def send() -> None:

@@ -38,6 +38,7 @@ def invalidate(token: str | None, session_id: str | None) -> pb.InvalidateReques
         raise ValueError("invalidate takes exactly one of token= and session_id=")
     if token is not None:
         return pb.InvalidateRequest(token=token)
+    assert session_id is not None
     return pb.InvalidateRequest(session_id=session_id)
 
 

@@ -86,7 +86,7 @@ class SessionAuthorityClient:
             reply = self._call(self._stub.ValidateSession, request, seconds, (token,))
         else:
             method = self._stub.ValidateSession
-            start: Callable[[float], grpc.Future] = lambda remaining: method.future(  # noqa: E731
+            start: Callable[[float], grpc.Future[Any]] = lambda remaining: method.future(  # noqa: E731
                 request, timeout=remaining, metadata=self._metadata
             )
             try:
