@@ -76,6 +76,9 @@ def run_verb(
 
 def _client(args: argparse.Namespace, environ: Mapping[str, str]) -> SessionAuthorityClient:
     ca, cert, key = (read_flag_file(args, name) for name in ("ca_file", "cert_file", "key_file"))
+    for name, pem in (("ca-file", ca), ("cert-file", cert), ("key-file", key)):
+        if pem is not None and not pem.strip():
+            raise Usage(f"--{name}: {getattr(args, name.replace('-', '_'))} is empty")
     if (cert is None) != (key is None):
         raise Usage("--cert-file and --key-file go together")
     tls = None
