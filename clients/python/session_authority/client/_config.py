@@ -64,7 +64,7 @@ class Tls:
 
     def __post_init__(self) -> None:
         if (self.certificate_chain is None) != (self.private_key is None):
-            raise ValueError("certificate_chain and private_key go together (mTLS)")
+            raise ValueError("Tls: certificate_chain and private_key go together (mTLS)")
         # gRPC's C core aborts the whole process on an empty PEM: refuse it here.
         for name in ("root_certificates", "certificate_chain", "private_key"):
             value = getattr(self, name)
