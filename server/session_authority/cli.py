@@ -32,8 +32,8 @@ from session_authority.cli_args import (
     settings_error,
 )
 from session_authority.config import Settings, redact_url
-from session_authority.ops_args import VERBS
 from session_authority.logs import NativeStderr, configure_logging
+from session_authority.ops_args import VERBS
 
 if TYPE_CHECKING:
     from session_authority.bootstrap import App

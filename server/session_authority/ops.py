@@ -109,11 +109,7 @@ def _token(args: argparse.Namespace, stdin: TextIO, verb: str) -> str:
     terminal)."""
     if args.token not in (None, "-"):
         return str(args.token)
-    if stdin.isatty():
-        token = getpass.getpass("token: ")
-    else:
-        token = stdin.readline()
-    token = token.strip()
+    token = (getpass.getpass("token: ") if stdin.isatty() else stdin.readline()).strip()
     if not token:
         raise Usage(f'no token: give it on stdin (echo "$TOKEN" | session-authority {verb})')
     return token

@@ -27,7 +27,7 @@ EXIT_CODES = """exit codes:
 """
 
 _TOKEN_STDIN = (
-    "Tokens are secrets: give the token on stdin (echo \"$TOKEN\" | session-authority {verb}), "
+    'Tokens are secrets: give the token on stdin (echo "$TOKEN" | session-authority {verb}), '
     "not as an argument, which shell history and ps keep."
 )
 

@@ -76,9 +76,7 @@ class Serving:
             kw.pop("target", self.target), tls=self.tls, api_key=api_key, **kw
         )
 
-    def async_client(
-        self, api_key: str | None = OPS_KEY, **kw: Any
-    ) -> AsyncSessionAuthorityClient:
+    def async_client(self, api_key: str | None = OPS_KEY, **kw: Any) -> AsyncSessionAuthorityClient:
         kw.setdefault("channel_options", [("grpc.enable_http_proxy", 0)])
         return AsyncSessionAuthorityClient(
             kw.pop("target", self.target), tls=self.tls, api_key=api_key, **kw
@@ -112,10 +110,10 @@ class Serving:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             assert process.poll() is None, log.read_text()
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return process
+            ready = f"http://127.0.0.1:{admin}/readyz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(ready, timeout=2) as r:
+                if r.status == 200:
+                    return process
             assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT}s:\n{log.read_text()}"
             time.sleep(0.1)
 
@@ -175,8 +173,12 @@ class FreezableProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self._upstream))
             self._sockets += [downstream, upstream]
-            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(downstream, upstream, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, downstream, False), daemon=True
+            ).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         with contextlib.suppress(OSError):

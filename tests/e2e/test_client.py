@@ -104,9 +104,9 @@ def test_every_method_async(server: Serving) -> None:
 def test_refusals_are_the_mapped_errors_and_never_carry_the_token(server: Serving) -> None:
     with server.client() as ops:
         token = ops.create("carol").token
-    with server.client(api_key="not-one-of-our-keys-" + "x" * 24) as wrong:
-        with pytest.raises(Unauthenticated) as refused:
-            wrong.validate(token)
+    wrong_key = "not-one-of-our-keys-" + "x" * 24
+    with server.client(api_key=wrong_key) as wrong, pytest.raises(Unauthenticated) as refused:
+        wrong.validate(token)
     assert refused.value.code.name == "UNAUTHENTICATED"
     assert refused.value.details == "invalid API key"
     _secret_free(token, refused.value)

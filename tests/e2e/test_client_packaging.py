@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,7 @@ def _run(*argv: str | Path, cwd: Path = ROOT) -> str:
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("wheels")
     builds = [
         subprocess.Popen(
@@ -62,7 +61,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pat
         assert build.returncode == 0, err.decode()
     (client,) = out.glob("session_authority_client-*.whl")
     (server,) = out.glob("session_authority-*.whl")
-    yield server, client
+    return server, client
 
 
 def _venv(path: Path) -> Path:

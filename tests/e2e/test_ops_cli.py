@@ -39,7 +39,9 @@ class Cli:
         self._capsys = capsys
         monkeypatch.setenv(KEY_ENV, OPS_KEY)
 
-    def __call__(self, *argv: str, stdin: str = "", target: str | None = None) -> tuple[int, str, str]:
+    def __call__(
+        self, *argv: str, stdin: str = "", target: str | None = None
+    ) -> tuple[int, str, str]:
         verb, *rest = argv
         self._monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         flags = ["--target", target or self.server.target, *self.server.tls_flags()]
@@ -142,14 +144,19 @@ def test_no_answer_exits_3(cli: Cli) -> None:
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_each_verb_documents_its_exit_codes(
-    verb: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_each_verb_documents_its_exit_codes(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         parser().parse_args([verb, "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--target", "--json", "--ca-file", "--api-key-file", "exit codes:", "3  no answer"):
+    for flag in (
+        "--target",
+        "--json",
+        "--ca-file",
+        "--api-key-file",
+        "exit codes:",
+        "3  no answer",
+    ):
         assert flag in text, flag
 
 

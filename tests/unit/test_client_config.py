@@ -42,7 +42,9 @@ def test_keepalive_stays_within_the_server_s_ping_policy() -> None:
     closes the connection (GOAWAY too_many_pings)."""
     server = dict(server_options(Settings(database_url="postgresql://x/y")))
     client = _options()
-    assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
+    assert (
+        client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
+    )
     if not server.get("grpc.keepalive_permit_without_calls"):
         assert client["grpc.keepalive_permit_without_calls"] == 0
 
@@ -99,4 +101,4 @@ def test_results_and_errors_never_show_a_token() -> None:
 )
 def test_tls_refuses_what_would_abort_grpc(kw: dict[str, bytes]) -> None:
     with pytest.raises(ValueError, match="Tls"):
-        Tls(**kw)
+        Tls(kw.get("root_certificates"), kw.get("certificate_chain"), kw.get("private_key"))
