@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ OPS_KEY = "client-ops-key-0123456789abcdef0123456789"  # allowed to mutate
 READER_KEY = "client-reader-key-0123456789abcdef01234567"  # reads only
 CALLER = "spiffe://example.org/ns/test/sa/client"  # the client certificate's identity
 READY_TIMEOUT = 60.0
+_TOKEN = re.compile(r"sat_[A-Za-z0-9_-]{48}")
 
 
 def cli_argv() -> list[str]:
@@ -149,6 +151,10 @@ def serving(workdir: Path) -> Iterator[Serving]:
                 server.thaw()
                 code = stop_process(server.process)
                 assert code == 0, server.log_text()[-3000:]
+        # Every serve's log (the killed one's too): no token, no API key.
+        text = server.log_text()
+        assert not _TOKEN.search(text), _TOKEN.sub("sat_<redacted>", text)[-2000:]
+        assert OPS_KEY not in text and READER_KEY not in text
 
 
 class FreezableProxy:

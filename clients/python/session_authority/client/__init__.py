@@ -8,6 +8,12 @@ in ``_errors``); an invalid session is a normal answer, never an error.
 
 A new RPC is a request builder (``_requests``), a result type (``_results``), its name in
 ``_config.IDEMPOTENT`` when it may be retried, and one small method on each client.
+
+Room kept for the revocation-safe local cache (``local_cache=True``, fed by WatchRevocations):
+it answers in ``validate`` before the remote call (the one place both clients call the server
+for a validation), keyed by the token's SHA-256, and steps aside (asks the server) whenever its
+stream is not live; the stream is one more long call on the same channel, whose keepalive
+(``Keepalive``, pings during calls) already suits a server stream.
 """
 
 from session_authority.client._aio import AsyncSessionAuthorityClient
