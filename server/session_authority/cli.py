@@ -1,4 +1,5 @@
-"""``session-authority``: serve, migrate, dev, health.
+"""``session-authority``: serve, migrate, dev, health, and the operator verbs (create, validate,
+invalidate, invalidate-user).
 
 The server, its drivers and the workers' supervisor are imported when a
 command needs them, not at import: ``--help``, ``--version`` and a refused
@@ -32,6 +33,7 @@ from session_authority.cli_args import (
 )
 from session_authority.config import Settings, redact_url
 from session_authority.logs import NativeStderr, configure_logging
+from session_authority.ops_args import VERBS
 
 if TYPE_CHECKING:
     from session_authority.bootstrap import App
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from session_authority.probe import run_health
 
             return run_health(args)
+        if args.command in VERBS:
+            from session_authority.ops import run_verb
+
+            return run_verb(args)
         return _dev(args.port, args.admin_port, args.data_dir, use_redis=not args.no_redis)
     except ValidationError as exc:
         print(f"session-authority: invalid configuration:\n{settings_error(exc)}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The command line's arguments: ``session-authority serve | migrate | dev | health``, and the
-security flags mapped onto Settings."""
+"""The command line's arguments: ``session-authority serve | migrate | dev | health | create |
+validate | invalidate | invalidate-user``, and the security flags mapped onto Settings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from session_authority.config import Settings
+from session_authority.ops_args import add_ops_parsers
 from session_authority.probe_args import add_health_parser
 
 __all__ = [
@@ -147,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--no-redis", action="store_true", help="run without the Redis cache")
     add_health_parser(sub)
+    add_ops_parsers(sub)
     return parser
 
 

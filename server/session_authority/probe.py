@@ -49,8 +49,11 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_UNHEALTHY",
     "EXIT_USAGE",
+    "Usage",
     "add_health_parser",
+    "api_key",
     "main",
+    "read_flag_file",
     "run_health",
 ]
 
@@ -72,14 +75,14 @@ class _Connection:
     api_key: str | None
 
 
-class _Usage(Exception):
+class Usage(Exception):
     """A flag or file that cannot be used: exit 2."""
 
 
 def run_health(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
     try:
         connection = _connection(args, environ)
-    except _Usage as exc:
+    except Usage as exc:
         print(f"session-authority health: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.timeout <= 0:
@@ -158,39 +161,39 @@ def _document(channel: grpc.Channel, connection: _Connection, timeout: float) ->
 def _connection(args: argparse.Namespace, environ: Mapping[str, str]) -> _Connection:
     host, sep, port = str(args.target).rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise _Usage(f"--target must be host:port, not {args.target!r}")
-    ca, cert, key = (_read(args, name) for name in ("ca_file", "cert_file", "key_file"))
+        raise Usage(f"--target must be host:port, not {args.target!r}")
+    ca, cert, key = (read_flag_file(args, name) for name in ("ca_file", "cert_file", "key_file"))
     if (cert is None) != (key is None):
-        raise _Usage("--cert-file and --key-file go together")
+        raise Usage("--cert-file and --key-file go together")
     credentials = None
     if args.tls or ca is not None or cert is not None:
         credentials = grpc.ssl_channel_credentials(ca, key, cert)
     options: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0)]
     if args.server_name:
         if credentials is None:
-            raise _Usage("--server-name needs TLS (--tls or --ca-file)")
+            raise Usage("--server-name needs TLS (--tls or --ca-file)")
         options.append(("grpc.ssl_target_name_override", args.server_name))
-    return _Connection(credentials, tuple(options), _api_key(args, environ))
+    return _Connection(credentials, tuple(options), api_key(args, environ))
 
 
-def _read(args: argparse.Namespace, name: str) -> bytes | None:
+def read_flag_file(args: argparse.Namespace, name: str) -> bytes | None:
     path: Path | None = getattr(args, name)
     if path is None:
         return None
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise _Usage(f"--{name.replace('_', '-')}: cannot read {path}: {exc.strerror}") from exc
+        raise Usage(f"--{name.replace('_', '-')}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     """The key from the file, else the environment; stripped of the newline an
     editor or ``echo`` leaves. Never printed."""
     if args.api_key_file is not None:
-        raw = _read(args, "api_key_file")
+        raw = read_flag_file(args, "api_key_file")
         key = (raw or b"").decode("utf-8", errors="replace").strip()
         if not key:
-            raise _Usage(f"--api-key-file: {args.api_key_file} is empty")
+            raise Usage(f"--api-key-file: {args.api_key_file} is empty")
         return key
     return environ.get(f"{_ENV}API_KEY", "").strip() or None
 

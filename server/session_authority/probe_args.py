@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV", "add_health_parser"]
+__all__ = ["ENV", "add_connection_arguments", "add_health_parser"]
 
 #: The prefix of every flag's environment default.
 ENV = "SESSION_AUTHORITY_"
@@ -19,8 +19,6 @@ _ENV = ENV
 
 def add_health_parser(sub: Any) -> None:
     """The ``health`` sub-command on ``session-authority``'s sub-parsers."""
-    env = os.environ
-    port = env.get("PORT", "50051")
     health = sub.add_parser(
         "health",
         help="ask a server whether it is healthy (exit 0 healthy, 1 unhealthy, 2 usage, "
@@ -31,20 +29,29 @@ def add_health_parser(sub: Any) -> None:
         "(SessionAuthority/Health), which needs credentials when authentication is on. "
         "Every flag defaults to $SESSION_AUTHORITY_<FLAG> (e.g. SESSION_AUTHORITY_CA_FILE).",
     )
-    health.add_argument(
+    add_connection_arguments(health, timeout_default="5")
+
+
+def add_connection_arguments(verb: Any, *, timeout_default: str | None) -> None:
+    """The flags every client verb shares (``health`` and the operator verbs): where the
+    server is, ``--json``, ``--timeout``, TLS and the API key's file."""
+    env = os.environ
+    port = env.get("PORT", "50051")
+    verb.add_argument(
         "--target",
         default=env.get(f"{_ENV}TARGET") or f"127.0.0.1:{port}",
-        help="host:port (default: $SESSION_AUTHORITY_TARGET, else 127.0.0.1:$PORT, "
-        "else 127.0.0.1:50051)",
+        help="host:port, or dns:///host:port for every address of a name "
+        "(default: $SESSION_AUTHORITY_TARGET, else 127.0.0.1:$PORT, else 127.0.0.1:50051)",
     )
-    health.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    health.add_argument(
+    verb.add_argument("--json", action="store_true", help="print the answer as JSON")
+    shown = timeout_default or "each call's own: 1 for validate, 10 for invalidate-user, ..."
+    verb.add_argument(
         "--timeout",
         type=float,
-        default=env.get(f"{_ENV}TIMEOUT") or "5",
-        help="seconds for each call (default: 5)",
+        default=env.get(f"{_ENV}TIMEOUT") or timeout_default,
+        help=f"seconds for each call (default: $SESSION_AUTHORITY_TIMEOUT, else {shown})",
     )
-    tls = health.add_argument_group(
+    tls = verb.add_argument_group(
         "TLS and credentials",
         "TLS is used when --tls or any of --ca-file/--cert-file/--key-file is given. "
         "The API key comes from $SESSION_AUTHORITY_API_KEY or --api-key-file, never a flag.",

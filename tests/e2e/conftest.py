@@ -34,6 +34,7 @@ from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.third_party import health_stub
 
+from .client_support import Serving, serving
 from .e2e_support import (
     BIN,
     STOP_TIMEOUT,
@@ -175,6 +176,14 @@ def e2e_server(
         for path in (log_path, migrate_log):
             leaks = server.leaks(path.read_text(errors="replace"))
             assert not leaks, f"secrets in {path}: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def client_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
+    """A ``serve`` with mTLS and API keys (client_support.Serving) for the Python client's and
+    the operator verbs' tests, which may freeze, kill and replace it."""
+    with serving(tmp_path_factory.mktemp("client")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

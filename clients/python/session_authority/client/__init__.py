@@ -1,0 +1,69 @@
+"""The Python client of session-authority.
+
+``SessionAuthorityClient`` (blocking) and ``AsyncSessionAuthorityClient`` (asyncio) call the
+service with safe defaults (a deadline on every call, retries of idempotent calls on
+UNAVAILABLE, keepalive matched to the server, round robin over ``dns:///`` targets) and answer
+with frozen dataclasses. Failures raise a ``SessionAuthorityError`` subclass (the tree is drawn
+in ``_errors``); an invalid session is a normal answer, never an error.
+
+A new RPC is a request builder (``_requests``), a result type (``_results``), its name in
+``_config.IDEMPOTENT`` when it may be retried, and one small method on each client.
+
+Room kept for the revocation-safe local cache (``local_cache=True``, fed by WatchRevocations):
+it answers in ``validate`` before the remote call (the one place both clients call the server
+for a validation), keyed by the token's SHA-256, and steps aside (asks the server) whenever its
+stream is not live; the stream is one more long call on the same channel, whose keepalive
+(``Keepalive``, pings during calls) already suits a server stream.
+"""
+
+from session_authority.client._aio import AsyncSessionAuthorityClient
+from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
+from session_authority.client._errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServerError,
+    SessionAuthorityError,
+    Unauthenticated,
+    Unavailable,
+)
+from session_authority.client._results import (
+    CreatedSession,
+    HealthReport,
+    Reason,
+    Revocation,
+    Session,
+    Source,
+    UserRevocation,
+    Validation,
+)
+from session_authority.client._sync import SessionAuthorityClient
+
+__all__ = [
+    "AsyncSessionAuthorityClient",
+    "Cancelled",
+    "CreatedSession",
+    "DeadlineExceeded",
+    "Deadlines",
+    "HealthReport",
+    "Hedging",
+    "InvalidArgument",
+    "Keepalive",
+    "PermissionDenied",
+    "Reason",
+    "ResourceExhausted",
+    "Retry",
+    "Revocation",
+    "ServerError",
+    "Session",
+    "SessionAuthorityClient",
+    "SessionAuthorityError",
+    "Source",
+    "Tls",
+    "Unauthenticated",
+    "Unavailable",
+    "UserRevocation",
+    "Validation",
+]

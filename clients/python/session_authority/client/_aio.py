@@ -1,0 +1,139 @@
+"""``AsyncSessionAuthorityClient``: the asyncio client (grpc.aio). Create it inside the event
+loop it will be used on; ``async with`` it, or ``await client.close()``."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Awaitable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from session_authority.client import _config, _requests, _results
+from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
+from session_authority.client._errors import mapped
+from session_authority.client._hedging import hedge_async
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncSessionAuthorityClient"]
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+
+class AsyncSessionAuthorityClient:
+    """The asyncio twin of ``SessionAuthorityClient``: the same arguments, methods, answers
+    and errors, each method a coroutine."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: Tls | None = None,
+        api_key: str | None = None,
+        deadlines: Deadlines | None = None,
+        retry: Retry | None = None,
+        hedging: Hedging | None = None,
+        keepalive: Keepalive | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        options = _config.channel_options(
+            retry or Retry(), keepalive or Keepalive(), tls, channel_options
+        )
+        self.target = target
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options)
+            if tls is None
+            else grpc.aio.secure_channel(target, _config.credentials(tls), options=options)
+        )
+        self._stub = pb_grpc.SessionAuthorityStub(self._channel)
+        self._metadata = _config.metadata(api_key)
+        self._deadlines = deadlines or Deadlines()
+        self._hedging = hedging
+
+    def __repr__(self) -> str:
+        return f"AsyncSessionAuthorityClient(target={self.target!r})"
+
+    async def __aenter__(self) -> AsyncSessionAuthorityClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def validate(self, token: str, *, timeout: float | None = None) -> _results.Validation:
+        request = _requests.validate(token)
+        seconds = timeout or self._deadlines.validate
+        if self._hedging is None:
+            reply = await self._call(self._stub.ValidateSession, request, seconds, (token,))
+            return _results.validation(reply)
+        method = self._stub.ValidateSession
+
+        def start(remaining: float) -> Awaitable[pb.ValidateSessionResponse]:
+            return method(request, timeout=remaining, metadata=self._metadata)
+
+        try:
+            reply = await hedge_async(start, self._hedging, seconds)
+        except grpc.RpcError as exc:
+            raise mapped(exc, (token,)) from None
+        return _results.validation(reply)
+
+    async def create(
+        self,
+        user_id: str,
+        *,
+        ttl: float | datetime.timedelta | None = None,
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> _results.CreatedSession:
+        request = _requests.create(user_id, ttl, metadata)
+        seconds = timeout or self._deadlines.create
+        return _results.created(await self._call(self._stub.CreateSession, request, seconds, ()))
+
+    async def invalidate(
+        self,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> _results.Revocation:
+        request = _requests.invalidate(token, session_id)
+        seconds = timeout or self._deadlines.invalidate
+        secrets = (token,) if token else ()
+        reply = await self._call(self._stub.Invalidate, request, seconds, secrets)
+        return _results.revocation(reply)
+
+    async def invalidate_user(
+        self, user_id: str, *, timeout: float | None = None
+    ) -> _results.UserRevocation:
+        request = _requests.invalidate_user(user_id)
+        seconds = timeout or self._deadlines.invalidate_user
+        reply = await self._call(self._stub.InvalidateUser, request, seconds, ())
+        return _results.user_revocation(reply)
+
+    async def health(self, *, timeout: float | None = None) -> _results.HealthReport:
+        seconds = timeout or self._deadlines.health
+        reply = await self._call(self._stub.Health, _requests.health(), seconds, ())
+        return _results.health(reply)
+
+    async def _call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Rep],
+        request: Req,
+        timeout: float,
+        secrets: tuple[str, ...],
+    ) -> Rep:
+        try:
+            return await method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise mapped(exc, secrets) from None

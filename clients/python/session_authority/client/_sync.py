@@ -1,0 +1,151 @@
+"""``SessionAuthorityClient``: the blocking client (thread-safe: one per process is enough)."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from session_authority.client import _config, _requests, _results
+from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
+from session_authority.client._errors import mapped
+from session_authority.client._hedging import hedge_sync
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+__all__ = ["SessionAuthorityClient"]
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+
+class SessionAuthorityClient:
+    """A client of one session-authority service.
+
+    ``target``: ``host:port``, or ``dns:///host:port`` to spread calls over every address the
+    name resolves to (round robin). ``tls``: None for plaintext (local use only); ``Tls()`` for
+    the system's roots; ``Tls.from_files(ca_file=..., cert_file=..., key_file=...)`` for a
+    private CA and mTLS. ``api_key``: sent as ``authorization: Bearer`` on every call.
+
+    Every method raises a ``SessionAuthorityError`` subclass on failure; an invalid session is a
+    normal answer (``Validation.valid`` False). See ``_config`` for the defaults and why.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: Tls | None = None,
+        api_key: str | None = None,
+        deadlines: Deadlines | None = None,
+        retry: Retry | None = None,
+        hedging: Hedging | None = None,
+        keepalive: Keepalive | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        options = _config.channel_options(
+            retry or Retry(), keepalive or Keepalive(), tls, channel_options
+        )
+        self.target = target
+        self._channel = (
+            grpc.insecure_channel(target, options=options)
+            if tls is None
+            else grpc.secure_channel(target, _config.credentials(tls), options=options)
+        )
+        self._stub = pb_grpc.SessionAuthorityStub(self._channel)
+        self._metadata = _config.metadata(api_key)
+        self._deadlines = deadlines or Deadlines()
+        self._hedging = hedging
+
+    def __repr__(self) -> str:
+        return f"SessionAuthorityClient(target={self.target!r})"
+
+    def __enter__(self) -> SessionAuthorityClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def validate(self, token: str, *, timeout: float | None = None) -> _results.Validation:
+        """Whether ``token`` names a live session. Hedged when the client was given
+        ``hedging``; retried on UNAVAILABLE."""
+        request = _requests.validate(token)
+        seconds = timeout or self._deadlines.validate
+        if self._hedging is None:
+            reply = self._call(self._stub.ValidateSession, request, seconds, (token,))
+        else:
+            method = self._stub.ValidateSession
+            start: Callable[[float], grpc.Future[Any]] = lambda remaining: method.future(  # noqa: E731
+                request, timeout=remaining, metadata=self._metadata
+            )
+            try:
+                reply = hedge_sync(start, self._hedging, seconds)
+            except grpc.RpcError as exc:
+                raise mapped(exc, (token,)) from None
+        return _results.validation(reply)
+
+    def create(
+        self,
+        user_id: str,
+        *,
+        ttl: float | datetime.timedelta | None = None,
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> _results.CreatedSession:
+        """A new session for ``user_id`` (``ttl`` in seconds; the server's default when None).
+        Never retried: a lost reply may have created a session."""
+        request = _requests.create(user_id, ttl, metadata)
+        seconds = timeout or self._deadlines.create
+        return _results.created(self._call(self._stub.CreateSession, request, seconds, ()))
+
+    def invalidate(
+        self,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> _results.Revocation:
+        """Revoke one session, named by exactly one of ``token`` and ``session_id``.
+        Idempotent (``revoked`` False: nothing live was left to revoke)."""
+        request = _requests.invalidate(token, session_id)
+        seconds = timeout or self._deadlines.invalidate
+        secrets = (token,) if token else ()
+        return _results.revocation(self._call(self._stub.Invalidate, request, seconds, secrets))
+
+    def invalidate_user(
+        self, user_id: str, *, timeout: float | None = None
+    ) -> _results.UserRevocation:
+        """Revoke every live session of ``user_id``."""
+        request = _requests.invalidate_user(user_id)
+        seconds = timeout or self._deadlines.invalidate_user
+        reply = self._call(self._stub.InvalidateUser, request, seconds, ())
+        return _results.user_revocation(reply)
+
+    def health(self, *, timeout: float | None = None) -> _results.HealthReport:
+        """The service's health document (the Health RPC)."""
+        seconds = timeout or self._deadlines.health
+        reply = self._call(self._stub.Health, _requests.health(), seconds, ())
+        return _results.health(reply)
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Req, Rep],
+        request: Req,
+        timeout: float,
+        secrets: tuple[str, ...],
+    ) -> Rep:
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise mapped(exc, secrets) from None

@@ -1,0 +1,244 @@
+"""The Python client (``session_authority.client``) against a real ``serve``: mTLS and API keys
+on the port, Postgres behind it. Every method sync and async, the error tree on real refusals,
+a frozen server (deadline), hedging past a stalled replica, and a server replaced mid-call (the
+service config's retry reconnects to the replacement). The restart test leaves the
+replacement serving (``client_server`` follows it)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from session_authority.client import (
+    DeadlineExceeded,
+    Hedging,
+    InvalidArgument,
+    PermissionDenied,
+    Reason,
+    Retry,
+    Source,
+    Unauthenticated,
+    Unavailable,
+    Validation,
+)
+
+from .client_support import READER_KEY, FreezableProxy, Serving
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def server(client_server: Serving) -> Serving:
+    return client_server
+
+
+def _secret_free(token: str, *texts: object) -> None:
+    for text in texts:
+        assert token not in str(text) and token not in repr(text)
+
+
+def test_every_method_sync(server: Serving) -> None:
+    # dns:/// resolves localhost to every address it has (::1 too, where nothing listens):
+    # round robin serves from those that answer.
+    with server.client(target=f"dns:///localhost:{server.port}") as client:
+        created = client.create("alice", ttl=datetime.timedelta(hours=1), metadata={"ip": "x"})
+        assert created.token.startswith("sat_")
+        _secret_free(created.token, created, created.session)
+        session = created.session
+        assert session.user_id == "alice" and session.metadata == {"ip": "x"}
+        assert session.expires_at - session.created_at == datetime.timedelta(hours=1)
+
+        answer = client.validate(created.token)
+        assert answer.valid and answer.reason is None and answer.session == session
+        _secret_free(created.token, answer)
+
+        other = client.create("alice")
+        revoked = client.invalidate(token=created.token)
+        assert revoked.revoked and revoked.cache_purged and revoked.propagated
+        assert client.invalidate(token=created.token).revoked is False  # idempotent
+        after = client.validate(created.token)
+        assert (after.valid, after.reason, after.session) == (False, Reason.REVOKED, None)
+
+        by_id = client.invalidate(session_id=other.session.session_id)
+        assert by_id.revoked
+        assert client.validate(other.token).reason == Reason.REVOKED
+
+        client.create("alice")
+        client.create("alice")
+        assert client.invalidate_user("alice").revoked_count == 2
+        assert client.invalidate_user("alice").revoked_count == 0
+
+        malformed = client.validate("not-a-token")
+        assert (malformed.valid, malformed.reason, malformed.source) == (
+            False, Reason.UNKNOWN, Source.TOKEN_FORMAT,
+        )  # fmt: skip
+        health = client.health()
+        assert health.status == "healthy" and health.healthy
+        assert health.document["postgres"]["connected"] is True
+
+
+def test_every_method_async(server: Serving) -> None:
+    async def scenario() -> None:
+        async with server.async_client() as client:
+            created = await client.create("bob", ttl=600, metadata={"k": "v"})
+            assert created.session.user_id == "bob"
+            assert (await client.validate(created.token)).valid
+            assert (await client.invalidate(token=created.token)).revoked
+            assert (await client.validate(created.token)).reason == Reason.REVOKED
+            other = await client.create("bob")
+            assert (await client.invalidate(session_id=other.session.session_id)).revoked
+            await client.create("bob")
+            assert (await client.invalidate_user("bob")).revoked_count == 1
+            assert (await client.health()).status == "healthy"
+            with pytest.raises(InvalidArgument):
+                await client.create("")
+
+    asyncio.run(scenario())
+
+
+def test_refusals_are_the_mapped_errors_and_never_carry_the_token(server: Serving) -> None:
+    with server.client() as ops:
+        token = ops.create("carol").token
+    wrong_key = "not-one-of-our-keys-" + "x" * 24
+    with server.client(api_key=wrong_key) as wrong, pytest.raises(Unauthenticated) as refused:
+        wrong.validate(token)
+    assert refused.value.code.name == "UNAUTHENTICATED"
+    assert refused.value.details == "invalid API key"
+    _secret_free(token, refused.value)
+    with server.client(api_key=READER_KEY) as reader:
+        assert reader.validate(token).valid  # a read: any authenticated caller
+        with pytest.raises(PermissionDenied):
+            reader.invalidate(token=token)  # a mutation: the allow-list only
+    with server.client() as ops, pytest.raises(InvalidArgument, match="user_id"):
+        ops.create("")
+    with server.client(api_key=None) as certificate_only:  # mTLS identity, not allowed to mutate
+        assert certificate_only.validate(token).valid
+        with pytest.raises(PermissionDenied):
+            certificate_only.invalidate_user("carol")
+
+    async def wrong_key_async() -> None:
+        async with server.async_client(api_key="wrong-" + "y" * 30) as client:
+            with pytest.raises(Unauthenticated) as caught:
+                await client.validate(token)
+            _secret_free(token, caught.value)
+
+    asyncio.run(wrong_key_async())
+
+
+def test_a_frozen_server_is_deadline_exceeded(server: Serving) -> None:
+    with server.client() as client:
+        token = client.create("dave").token
+        server.freeze()
+        try:
+            with pytest.raises(DeadlineExceeded):
+                client.validate(token, timeout=0.5)
+
+            async def frozen_async() -> None:
+                async with server.async_client() as aclient:
+                    with pytest.raises(DeadlineExceeded):
+                        await aclient.validate(token, timeout=0.5)
+
+            asyncio.run(frozen_async())
+        finally:
+            server.thaw()
+        assert client.validate(token).valid
+
+
+def test_hedging_answers_past_a_stalled_replica(server: Serving) -> None:
+    """Two addresses, round robin: the server itself, and a proxy to it that stalls every call
+    once frozen. A hedged validate whose first attempt lands on the stalled proxy is answered
+    by its hedge, sent to the other address; without hedging, those calls time out."""
+    proxy = FreezableProxy(server.port)
+    target = f"ipv4:127.0.0.1:{proxy.port},127.0.0.1:{server.port}"
+    hedging = Hedging(max_attempts=2, delay=0.05)
+    try:
+        with (
+            server.client(target=target, hedging=hedging) as hedged,
+            server.client(target=target) as plain,
+        ):
+            token = hedged.create("erin").token
+            for client in (hedged, plain):  # both addresses connected and in the rotation
+                for _ in range(4):
+                    assert client.validate(token).valid
+            proxy.frozen.set()
+            answers = [hedged.validate(token, timeout=5).valid for _ in range(6)]
+            assert answers == [True] * 6
+            assert proxy.held > 0  # some first attempts did go to the stalled address
+
+            async def hedged_async() -> list[bool]:
+                async with server.async_client(target=target, hedging=hedging) as aclient:
+                    for _ in range(4):  # the warm-up goes through the stall too: hedged
+                        await aclient.validate(token, timeout=5)
+                    return [(await aclient.validate(token, timeout=5)).valid for _ in range(6)]
+
+            assert asyncio.run(hedged_async()) == [True] * 6
+
+            outcomes: list[str] = []
+            for _ in range(4):  # the control: the same calls without hedging
+                try:
+                    outcomes.append(str(plain.validate(token, timeout=0.5).valid))
+                except DeadlineExceeded:
+                    outcomes.append("deadline")
+            assert "deadline" in outcomes and "True" in outcomes, outcomes
+    finally:
+        proxy.close()
+
+
+def test_a_call_in_flight_when_its_server_dies_is_retried_on_the_replacement(
+    server: Serving,
+) -> None:
+    """A rolling restart in place: a replacement ``serve`` binds the same port (SO_REUSEPORT)
+    and is ready; the old one is frozen with a validate in flight on its connection, then
+    killed. The reset fails that attempt with UNAVAILABLE; the service config's retry sends it
+    again, on a new connection, to the replacement. The control client (retries off) sees the
+    UNAVAILABLE: proof that its call was in flight on the old server."""
+    with server.client() as retried, server.client(retry=Retry(max_attempts=1)) as control:
+        token = retried.create("frank").token
+        assert retried.validate(token).valid and control.validate(token).valid  # on the old one
+        old = server.process
+        assert old is not None
+        replacement = server.start()
+        server.freeze()
+        with ThreadPoolExecutor(2) as pool:
+            calls: list[Future[Validation]] = [
+                pool.submit(client.validate, token, timeout=20) for client in (retried, control)
+            ]
+            # Both calls wait, unread, in the frozen server's sockets; then it dies.
+            _until_unread(server.port, connections=2)
+            old.kill()
+            old.wait()
+            server.process = replacement
+            assert calls[0].result().valid
+            with pytest.raises(Unavailable):
+                calls[1].result()
+        assert control.validate(token).valid  # the control reconnects to the replacement too
+    assert old.returncode is not None
+
+
+def _until_unread(port: int, *, connections: int) -> None:
+    """Until ``connections`` established connections to ``port`` hold bytes their (frozen)
+    server has not read (rx_queue in /proc/net/tcp6: gRPC's sockets are IPv6, 127.0.0.1 mapped,
+    and /proc/net/tcp): the calls were sent."""
+    deadline = time.monotonic() + 30
+    while True:
+        unread = 0
+        lines = [
+            line
+            for table in ("tcp", "tcp6")
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        ]
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rpartition(":")[2], 16)
+            rx_queue = int(fields[4].partition(":")[2], 16)
+            if local_port == port and fields[3] == "01" and rx_queue > 0:
+                unread += 1
+        if unread >= connections:
+            return
+        assert time.monotonic() < deadline, f"{unread} of {connections} calls reached the server"
+        time.sleep(0.05)
