@@ -97,8 +97,10 @@ def test_every_rpc_of_the_service_is_declared_on_the_servicer() -> None:
     service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
     access = SessionAuthorityServicer.access()
     assert sorted(access) == sorted(f"{SVC}/{m.name}" for m in service.methods)
-    reads = {VALIDATE, HEALTH, f"{SVC}/ListUserSessions"}
-    assert {m for m, kind in access.items() if kind == "read"} == reads
+    assert {m for m, kind in access.items() if kind == "read"} == {VALIDATE, HEALTH}
+    # Reads that show other users' sessions: never anonymous.
+    sensitive = {f"{SVC}/ListUserSessions"}
+    assert {m for m, kind in access.items() if kind == "sensitive_read"} == sensitive
 
 
 def test_an_undeclared_servicer_method_is_left_out_of_the_policy() -> None:
@@ -133,6 +135,18 @@ def test_anonymous_reads_open_reads_only() -> None:
     assert policy.decide(HEALTH, ANONYMOUS) is None
     assert policy.decide(CREATE, ANONYMOUS) == "no_credentials"
     assert policy.decide(VALIDATE, WRONG_KEY) == "invalid_credentials"
+
+
+def test_anonymous_reads_never_open_sensitive_reads() -> None:
+    """AUTH_ANONYMOUS_READS opens ValidateSession and Health, never a listing of
+    someone's sessions: the policy built from the servicer says so."""
+    settings = Settings(auth_api_keys=f"login:{HASH}", auth_anonymous_reads=True)
+    policy = auth_policy(settings)
+    listing = f"{SVC}/ListUserSessions"
+    assert listing in policy.reads
+    assert policy.decide(VALIDATE, ANONYMOUS) is None
+    assert policy.decide(listing, ANONYMOUS) == "no_credentials"
+    assert policy.decide(listing, READER_KEY) is None
 
 
 def test_without_authentication_everything_is_open() -> None:
@@ -193,6 +207,7 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     assert policy.enforced
     assert policy.allowed == {LOGIN, "apikey:login"}
     assert policy.reads == {VALIDATE, HEALTH, f"{SVC}/ListUserSessions"}
+    assert policy.sensitive_reads == {f"{SVC}/ListUserSessions"}
     assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"
     assert policy.decide(PROBE, ANONYMOUS) is None

@@ -31,7 +31,8 @@ def auth_policy(settings: Settings) -> AuthPolicy:
     return AuthPolicy(
         enforced=settings.authentication_configured,
         public_services=_PUBLIC_SERVICES,
-        reads=frozenset(m for m, kind in access.items() if kind == "read"),
+        reads=frozenset(m for m, kind in access.items() if kind in ("read", "sensitive_read")),
+        sensitive_reads=frozenset(m for m, kind in access.items() if kind == "sensitive_read"),
         mutations=frozenset(m for m, kind in access.items() if kind == "mutation"),
         allowed=settings.allowed_identities(),
         anonymous_reads=settings.auth_anonymous_reads,

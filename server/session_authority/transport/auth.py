@@ -5,10 +5,11 @@ admission gate before the request message is read.
 Invariant: with authentication configured, nothing is open by omission. A
 method is answered to a caller without credentials only when its service is
 listed in ``public_services`` (grpc.health.v1 and reflection, for probes) or,
-with ``anonymous_reads``, when it is one of ``reads``. A ``mutation`` needs an
+with ``anonymous_reads``, when it is one of ``reads`` and not a sensitive read
+(one that shows other users' sessions: listings, the revocation stream). A ``mutation`` needs an
 identity on the allow-list. A method of ours that is neither (one added to the
 service and not yet classified) is denied to every caller. Each method is
-classified where it is written, by ``@read`` or ``@mutation`` on the servicer's
+classified where it is written, by ``@read``, ``@sensitive_read`` or ``@mutation`` on the servicer's
 method (``declared``), not in a list kept elsewhere.
 
 Two kinds of identity, kept apart: a client certificate's SAN URIs
@@ -44,6 +45,7 @@ __all__ = [
     "hash_api_key",
     "mutation",
     "read",
+    "sensitive_read",
 ]
 
 _log = logging.getLogger("session_authority.auth")
@@ -54,7 +56,7 @@ API_KEY_PREFIX = "apikey:"
 Refusal: TypeAlias = Literal["no_credentials", "invalid_credentials", "not_allowed", "unclassified"]
 """Why a call was denied; also the ``reason`` label of the denial counter."""
 
-Access: TypeAlias = Literal["read", "mutation"]
+Access: TypeAlias = Literal["read", "sensitive_read", "mutation"]
 _ACCESS = "__session_authority_access__"
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,6 +65,15 @@ def read(method: F) -> F:
     """Declares a servicer method a read: any authenticated caller may call it
     (and anyone, with ``AUTH_ANONYMOUS_READS``)."""
     setattr(method, _ACCESS, "read")
+    return method
+
+
+def sensitive_read(method: F) -> F:
+    """Declares a servicer method a read that shows more than the caller
+    brought (another user's sessions, every revocation): any authenticated
+    caller may call it, never a caller without credentials, whatever
+    ``AUTH_ANONYMOUS_READS`` says."""
+    setattr(method, _ACCESS, "sensitive_read")
     return method
 
 
@@ -166,7 +177,9 @@ class AuthPolicy:
     """Who may call the mutations: certificate identities, and API keys as
     ``apikey:<name>``."""
     anonymous_reads: bool = False
-    """``reads`` are open to callers without credentials too."""
+    """``reads`` but ``sensitive_reads`` are open to callers without credentials too."""
+    sensitive_reads: frozenset[str] = frozenset()
+    """Of ``reads``, those never open to callers without credentials."""
 
     def __post_init__(self) -> None:
         for method in self.reads | self.mutations:
@@ -188,7 +201,10 @@ class AuthPolicy:
             return None
         if caller.invalid_credentials:
             return "invalid_credentials"
-        if method in self.reads and (caller.authenticated or self.anonymous_reads):
+        if method in self.reads and (
+            caller.authenticated
+            or (self.anonymous_reads and method not in self.sensitive_reads)
+        ):
             return None
         if not caller.authenticated:
             return "no_credentials"

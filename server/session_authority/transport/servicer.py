@@ -13,7 +13,7 @@ import grpc
 from session_authority.core.domain import Validation
 from session_authority.core.errors import InvalidArgument, SessionAuthorityError
 from session_authority.core.service import SessionAuthority
-from session_authority.transport.auth import declared, mutation, read
+from session_authority.transport.auth import declared, mutation, read, sensitive_read
 from session_authority.transport.mapping import (
     health_to_pb,
     page_to_pb,
@@ -171,7 +171,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
         return await _run(context, work)
 
-    @read
+    @sensitive_read
     async def ListUserSessions(
         self,
         request: pb.ListUserSessionsRequest,
