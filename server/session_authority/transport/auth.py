@@ -202,8 +202,7 @@ class AuthPolicy:
         if caller.invalid_credentials:
             return "invalid_credentials"
         if method in self.reads and (
-            caller.authenticated
-            or (self.anonymous_reads and method not in self.sensitive_reads)
+            caller.authenticated or (self.anonymous_reads and method not in self.sensitive_reads)
         ):
             return None
         if not caller.authenticated:
