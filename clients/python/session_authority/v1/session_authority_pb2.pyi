@@ -113,6 +113,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Server-assigned identifier (UUID), safe to log and to pass around."""
     user_id: _builtins.str
@@ -122,6 +123,13 @@ class Session(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def last_seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session was last touched (TouchSession) or seen, by Postgres's
+        clock; absent when never. Set by TouchSession's answer (and by listings);
+        validation answers leave it unset.
+        """
+
     def __init__(
         self,
         *,
@@ -130,10 +138,11 @@ class Session(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        last_seen_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_seen_at", b"last_seen_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "metadata", b"metadata", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_seen_at", b"last_seen_at", "metadata", b"metadata", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -976,3 +985,71 @@ class BreakerHealth(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__volume_threshold) -> _WhichOneofReturnType__volume_threshold | None: ...
 
 Global___BreakerHealth: _TypeAlias = BreakerHealth  # noqa: Y015
+
+@_typing.final
+class TouchSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EXTEND_BY_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The session's token."""
+    session_id: _builtins.str
+    """The session's id, as returned in Session.session_id."""
+    @_builtins.property
+    def extend_by(self) -> _duration_pb2.Duration:
+        """Optional. How far from now the expiry moves: expires_at becomes
+        now + extend_by (never earlier than it was, never past created_at +
+        SESSION_MAX_LIFETIME). Defaults to the server's default session TTL
+        (SESSION_TTL_DEFAULT_SECONDS); positive and at most SESSION_TTL_MAX_SECONDS.
+        """
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        extend_by: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["token", "session_id"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___TouchSessionRequest: _TypeAlias = TouchSessionRequest  # noqa: Y015
+
+@_typing.final
+class TouchSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    WRITTEN_FIELD_NUMBER: _builtins.int
+    written: _builtins.bool
+    """True when this call wrote the new expiry to Postgres; false when it was
+    coalesced with a write made within TOUCH_INTERVAL (by any caller, on any
+    replica) or with one in flight.
+    """
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session with its expiry after this call (and last_seen_at when the
+        server knows it). Within TOUCH_INTERVAL of the last write the expiry is the
+        one that write set, as the cache holds it.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        written: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "written", b"written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TouchSessionResponse: _TypeAlias = TouchSessionResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class SessionAuthorityStub:
                 request_serializer=session__authority_dot_v1_dot_session__authority__pb2.HealthRequest.SerializeToString,
                 response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.TouchSession = channel.unary_unary(
+                '/session_authority.v1.SessionAuthority/TouchSession',
+                request_serializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.SerializeToString,
+                response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionAuthorityServicer:
@@ -106,6 +111,20 @@ class SessionAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TouchSession(self, request, context):
+        """TouchSession slides a live session's expiry forward (sliding expiry), only
+        when called: validation never slides anything. The new expiry is
+        now + extend_by (Postgres's clock), never earlier than the current one and
+        never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+        one Postgres write per session per TOUCH_INTERVAL; a touch inside that
+        interval answers the session as it stands (written=false). An unknown
+        session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+        is never revived. A mutation (callers on the allow-list only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +152,11 @@ def add_SessionAuthorityServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.HealthRequest.FromString,
                     response_serializer=session__authority_dot_v1_dot_session__authority__pb2.HealthResponse.SerializeToString,
+            ),
+            'TouchSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.TouchSession,
+                    request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.FromString,
+                    response_serializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +295,33 @@ class SessionAuthority:
             '/session_authority.v1.SessionAuthority/Health',
             session__authority_dot_v1_dot_session__authority__pb2.HealthRequest.SerializeToString,
             session__authority_dot_v1_dot_session__authority__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TouchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_authority.v1.SessionAuthority/TouchSession',
+            session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.SerializeToString,
+            session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,16 @@ class SessionAuthorityStub:
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
     """
+    TouchSession: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.TouchSessionRequest, _session_authority_pb2.TouchSessionResponse]
+    """TouchSession slides a live session's expiry forward (sliding expiry), only
+    when called: validation never slides anything. The new expiry is
+    now + extend_by (Postgres's clock), never earlier than the current one and
+    never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+    one Postgres write per session per TOUCH_INTERVAL; a touch inside that
+    interval answers the session as it stands (written=false). An unknown
+    session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+    is never revived. A mutation (callers on the allow-list only).
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -79,6 +89,16 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     Health: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.HealthRequest, _session_authority_pb2.HealthResponse]  # type: ignore[assignment]
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
+    """
+    TouchSession: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.TouchSessionRequest, _session_authority_pb2.TouchSessionResponse]  # type: ignore[assignment]
+    """TouchSession slides a live session's expiry forward (sliding expiry), only
+    when called: validation never slides anything. The new expiry is
+    now + extend_by (Postgres's clock), never earlier than the current one and
+    never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+    one Postgres write per session per TOUCH_INTERVAL; a touch inside that
+    interval answers the session as it stands (written=false). An unknown
+    session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+    is never revived. A mutation (callers on the allow-list only).
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +151,22 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_authority_pb2.HealthResponse, _abc.Awaitable[_session_authority_pb2.HealthResponse]]:
         """Health returns the operations health document (see deploy/runbook.md). Its
         proto3 JSON form is the runbook's /api/health/redis document.
+        """
+
+    @_abc_1.abstractmethod
+    def TouchSession(
+        self,
+        request: _session_authority_pb2.TouchSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_authority_pb2.TouchSessionResponse, _abc.Awaitable[_session_authority_pb2.TouchSessionResponse]]:
+        """TouchSession slides a live session's expiry forward (sliding expiry), only
+        when called: validation never slides anything. The new expiry is
+        now + extend_by (Postgres's clock), never earlier than the current one and
+        never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+        one Postgres write per session per TOUCH_INTERVAL; a touch inside that
+        interval answers the session as it stands (written=false). An unknown
+        session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+        is never revived. A mutation (callers on the allow-list only).
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
