@@ -108,9 +108,13 @@ async def _create(
 
 
 async def _touch(
-    stub: pb_grpc.SessionAuthorityAsyncStub, extend: int | None = 3600, **target: str
+    stub: pb_grpc.SessionAuthorityAsyncStub,
+    extend: int | None = 3600,
+    *,
+    token: str | None = None,
+    session_id: str | None = None,
 ) -> pb.TouchSessionResponse:
-    request = pb.TouchSessionRequest(**target)
+    request = pb.TouchSessionRequest(token=token, session_id=session_id)
     if extend is not None:
         request.extend_by.FromSeconds(extend)
     return await stub.TouchSession(request, timeout=20)
@@ -369,17 +373,65 @@ async def test_the_new_expiry_reaches_another_process_within_the_l1_bound(
     assert seen_b.valid and seen_b.session.expires_at == new_expiry
 
 
+async def test_a_touch_that_joins_a_statement_begun_before_an_invalidate_is_refused(
+    pg: asyncpg.Connection, postgres_server: EmbeddedPostgres, redis_server: EmbeddedRedis
+) -> None:
+    """A's statement (coalesced: written recently elsewhere, so no fill to be
+    refused) read the session live; Invalidate returns; then B's touch joins
+    A's statement still in flight. B started after the revocation returned:
+    it must not be told the session is live."""
+    store = _PausableTouchStore(postgres_server.url)
+    cache = RedisSessionCache.from_url(
+        redis_server.url, min_connections=1, max_connections=10, timeout=5, pool_timeout=5
+    )
+    core = assemble_core(store, cache, breaker=Breaker(BreakerPolicy(timeout=5.0)))
+    try:
+        token, _ = await core.create(f"late-{uuid4().hex[:8]}", None, {})
+        hash_ = TokenHash.of(token)
+        # Another replica wrote it just now: this process's statement writes nothing.
+        written = await PostgresSessionStore.touch(
+            store,
+            token_hash=hash_,
+            extend_by=timedelta(hours=1),
+            max_lifetime=MAX_LIFETIME,
+            interval=60.0,
+        )
+        assert written is not None and written.written
+        store.gate.clear()
+        first = asyncio.create_task(core.touch(token=token))
+        await store.read.wait()
+        assert (await core.invalidate(token=token)).cache_purged
+        late = asyncio.create_task(core.touch(token=token))
+        flights = core.toucher._flights
+        for _ in range(100):  # a few turns of the loop: no I/O before it joins
+            if flights.callers("h:" + hash_.hex) == 2:
+                break
+            await asyncio.sleep(0)
+        assert flights.callers("h:" + hash_.hex) == 2, "B did not join A's statement"
+        store.gate.set()
+        assert not (await first).written  # it began before the revocation: either answer
+        with pytest.raises(SessionNotLive, match="revoked"):
+            await late
+    finally:
+        store.gate.set()
+        await core.aclose()
+        await cache.aclose()
+        await store.aclose()
+
+
 class _PausableTouchStore(PostgresSessionStore):
     """The real store, with a gate after a touch's statement has committed."""
 
     def __init__(self, dsn: str) -> None:
         super().__init__(dsn, min_size=1, max_size=5, command_timeout=5, acquire_timeout=5)
+        self.read = asyncio.Event()
         self.written = asyncio.Event()
         self.gate = asyncio.Event()
         self.gate.set()
 
     async def touch(self, **kwargs: Any) -> Touched | None:
         found = await super().touch(**kwargs)
+        self.read.set()
         if found is not None and found.written:
             self.written.set()
         await self.gate.wait()

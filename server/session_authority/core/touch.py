@@ -123,11 +123,11 @@ class Toucher:
         ``SessionNotLive`` (revoked or expired: never revived), and
         ``StoreUnavailable`` when the store would have to be asked and cannot."""
         policy = self._policy
+        token_hash: TokenHash | None = None
         if token is not None:
-            token_hash: TokenHash | None = parse_token(token)
+            token_hash = parse_token(token)
             key = "h:" + token_hash.hex
         else:
-            token_hash = None
             session_id = check_session_id(session_id or "")
             key = "i:" + session_id
         extend = check_ttl(
