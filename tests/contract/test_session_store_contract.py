@@ -386,12 +386,19 @@ async def _touch(
     max_lifetime: timedelta = 30 * DAY,
     interval: float = 60.0,
 ) -> Touched | None:
-    name = (
-        {"token_hash": session.token_hash} if by == "hash" else {"session_id": session.session_id}
-    )
+    if by == "hash":
+        return await store.touch(
+            token_hash=session.token_hash,
+            extend_by=extend_by,
+            max_lifetime=max_lifetime,
+            interval=interval,
+        )
     return await store.touch(
-        **name, extend_by=extend_by, max_lifetime=max_lifetime, interval=interval
-    )  # type: ignore[arg-type]
+        session_id=session.session_id,
+        extend_by=extend_by,
+        max_lifetime=max_lifetime,
+        interval=interval,
+    )
 
 
 @pytest.mark.parametrize("by", ["hash", "id"])
