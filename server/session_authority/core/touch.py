@@ -58,6 +58,7 @@ from session_authority.core.domain import (
     TokenHash,
     check_session_id,
     check_ttl,
+    is_well_formed,
     parse_token,
 )
 from session_authority.core.errors import CacheUnavailable, SessionNotFound, SessionNotLive
@@ -123,16 +124,18 @@ class Toucher:
         ``SessionNotLive`` (revoked or expired: never revived), and
         ``StoreUnavailable`` when the store would have to be asked and cannot."""
         policy = self._policy
+        extend = check_ttl(
+            extend_by, policy.default_session_ttl, policy.max_session_ttl, "extend_by"
+        )
         token_hash: TokenHash | None = None
         if token is not None:
             token_hash = parse_token(token)
+            if not is_well_formed(token):  # not one of ours: no store statement for it
+                raise SessionNotFound("session: no such session")
             key = "h:" + token_hash.hex
         else:
             session_id = check_session_id(session_id or "")
             key = "i:" + session_id
-        extend = check_ttl(
-            extend_by, policy.default_session_ttl, policy.max_session_ttl, "extend_by"
-        )
         quiet = self._quiet.get(key)
         if quiet is not None:
             if self._monotonic() < quiet[0]:
