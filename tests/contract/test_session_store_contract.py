@@ -424,7 +424,8 @@ async def test_touch_slides_a_live_session_by_the_store_clock_once_per_interval(
         if later.written:
             break
         await store_subject.wait(0.025)
-    assert later.written and later.session.expires_at > touched.session.expires_at
+    assert later is not None and later.written
+    assert later.session.expires_at > touched.session.expires_at
 
 
 async def test_touch_is_capped_by_the_lifetime_and_never_shortens(

@@ -114,7 +114,11 @@ async def _touch(
     token: str | None = None,
     session_id: str | None = None,
 ) -> pb.TouchSessionResponse:
-    request = pb.TouchSessionRequest(token=token, session_id=session_id)
+    request = pb.TouchSessionRequest()
+    if token is not None:
+        request.token = token
+    if session_id is not None:
+        request.session_id = session_id
     if extend is not None:
         request.extend_by.FromSeconds(extend)
     return await stub.TouchSession(request, timeout=20)
