@@ -19,7 +19,7 @@ from session_authority.core.errors import InvalidArgument, SessionNotFound, Sess
 from session_authority.core.policy import CorePolicy
 from session_authority.core.service import SessionAuthority
 
-from .fakes import FakeClock, InMemorySessionCache, InMemorySessionStore
+from .fakes import FakeClock, InMemorySessionCache, InMemorySessionStore, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(5)]
 
@@ -64,10 +64,16 @@ async def test_touches_within_the_interval_are_answered_by_the_cache(w: World) -
     # The cache holds the new expiry (the fill), not the creation-time one.
     hit = await w.cache.get(TokenHash.of(token))
     assert hit is not None and getattr(hit.entry, "expires_at", None) == first.session.expires_at
-    w.clock.advance(61)  # the interval is over: the store is asked, and writes
+    w.clock.advance(61)  # the interval is over: answered at once, written behind the answer
     later = await w.svc.touch(token=token, extend_by=timedelta(hours=30))
-    assert later.written and w.store.calls["touch"] == 2
-    assert later.session.expires_at > first.session.expires_at
+    assert not later.written and later.session.expires_at == first.session.expires_at
+    await until(lambda: w.store.calls["touch"] == 2)
+    stored = w.store.peek(TokenHash.of(token))
+    assert stored is not None and stored.expires_at > first.session.expires_at
+    await until(lambda: not w.svc.toucher._behind)
+    seen = await w.svc.touch(token=token)  # the cache holds the new expiry
+    assert seen.session.expires_at == stored.expires_at
+    assert w.store.calls["touch"] == 2
 
 
 async def test_a_tombstone_in_the_cache_sends_the_touch_to_the_store(w: World) -> None:

@@ -103,6 +103,7 @@ class SessionAuthority:
     async def aclose(self) -> None:
         """Stop background work: refreshes, the breakers' timers and probes."""
         await self.validator.aclose()
+        await self.toucher.aclose()
         await self.breaker.aclose()
         if self.store_breaker is not None:
             await self.store_breaker.aclose()

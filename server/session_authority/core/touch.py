@@ -16,7 +16,11 @@ Coalescing, in three layers:
    any replica), this process answers touches of that session until then from
    what the cache holds (the L1 copy while trusted, else Redis), asking the
    store nothing. A tombstone, a verdict or a miss there sends the call to the
-   store instead, so a revoked session is never answered as touched.
+   store instead, so a revoked session is never answered as touched. Once the
+   interval is over, a touch the cache can answer is answered so, and the next
+   write goes on behind it (one in flight per session): a hot session's
+   callers never wait for Postgres. Only a touch the cache cannot answer (the
+   first one in this process, or after a miss) waits for the statement.
 3. **Across replicas**: the statement's condition (``last_seen_at`` an
    interval old) and ``SKIP LOCKED``: one write per interval at most, and no
    lock waits however many replicas touch at once.
@@ -44,6 +48,7 @@ once the fill landed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -111,6 +116,7 @@ class Toucher:
         self._flights: SingleFlight[str, Touch] = SingleFlight(clock=monotonic)
         # target key -> (monotonic time until which no write is due, its token hash)
         self._quiet: OrderedDict[str, tuple[float, TokenHash]] = OrderedDict()
+        self._behind: set[asyncio.Task[tuple[Touch, bool]]] = set()
 
     async def touch(
         self,
@@ -138,12 +144,16 @@ class Toucher:
             key = "i:" + session_id
         quiet = self._quiet.get(key)
         if quiet is not None:
-            if self._monotonic() < quiet[0]:
-                answer = await self._from_cache(quiet[1])
-                if answer is not None:
-                    return answer
-            else:
-                del self._quiet[key]
+            answer = await self._from_cache(quiet[1])
+            if answer is not None:
+                if self._monotonic() >= quiet[0]:
+                    # The interval is over: the next write goes on behind this
+                    # answer (one at a time per session), so a hot session's
+                    # callers never wait for Postgres; its expiry moves once
+                    # the write lands, as every other answer then shows.
+                    self._write_behind(key, token_hash, session_id, extend)
+                return answer
+            self._quiet.pop(key, None)  # the cache cannot vouch: the store decides now
         joining = key in self._flights
         answer, late = await self._flights.do(
             key, lambda flight: self._write(key, flight, token_hash, session_id, extend)
@@ -159,6 +169,35 @@ class Toucher:
                 return Touch(answer.session, False)
             return await self._write(key, Flight(), token_hash, session_id, extend)
         return answer
+
+    def _write_behind(
+        self, key: str, token_hash: TokenHash | None, session_id: str | None, extend: timedelta
+    ) -> None:
+        """Start the write of a session whose interval is over, unless one is
+        in flight; nobody waits for it. Its failure is logged; the quiet
+        period stays over, so the next touch tries again (a revoked or
+        expired session's is forgotten: the next touch asks the store)."""
+        if key in self._flights:
+            return
+        task = asyncio.ensure_future(
+            self._flights.do(
+                key, lambda flight: self._write(key, flight, token_hash, session_id, extend)
+            )
+        )
+        self._behind.add(task)
+        task.add_done_callback(self._written_behind)
+
+    def _written_behind(self, task: asyncio.Task[tuple[Touch, bool]]) -> None:
+        self._behind.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            _log.debug("touch written behind failed: %s", exc)
+
+    async def aclose(self) -> None:
+        """Cancel writes still running behind answers."""
+        tasks = list(self._behind)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _write(
         self,

@@ -1029,9 +1029,11 @@ class TouchSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     WRITTEN_FIELD_NUMBER: _builtins.int
     written: _builtins.bool
-    """True when this call wrote the new expiry to Postgres; false when it was
-    coalesced with a write made within TOUCH_INTERVAL (by any caller, on any
-    replica) or with one in flight.
+    """True when this call wrote the new expiry to Postgres before answering;
+    false when it was coalesced with a write made within TOUCH_INTERVAL (by any
+    caller, on any replica) or with one in flight. Once a hot session's
+    interval is over, the next write runs behind an answer from the cache
+    (written=false, the expiry as it stood); later answers show the new one.
     """
     @_builtins.property
     def session(self) -> Global___Session:

@@ -60,8 +60,8 @@ class SessionAuthorityStub:
     when called: validation never slides anything. The new expiry is
     now + extend_by (Postgres's clock), never earlier than the current one and
     never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
-    one Postgres write per session per TOUCH_INTERVAL; a touch inside that
-    interval answers the session as it stands (written=false). An unknown
+    one Postgres write per session per TOUCH_INTERVAL; other touches answer
+    the session as it stands (written=false). An unknown
     session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
     is never revived. A mutation (callers on the allow-list only).
     """
@@ -95,8 +95,8 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     when called: validation never slides anything. The new expiry is
     now + extend_by (Postgres's clock), never earlier than the current one and
     never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
-    one Postgres write per session per TOUCH_INTERVAL; a touch inside that
-    interval answers the session as it stands (written=false). An unknown
+    one Postgres write per session per TOUCH_INTERVAL; other touches answer
+    the session as it stands (written=false). An unknown
     session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
     is never revived. A mutation (callers on the allow-list only).
     """
@@ -163,8 +163,8 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
         when called: validation never slides anything. The new expiry is
         now + extend_by (Postgres's clock), never earlier than the current one and
         never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
-        one Postgres write per session per TOUCH_INTERVAL; a touch inside that
-        interval answers the session as it stands (written=false). An unknown
+        one Postgres write per session per TOUCH_INTERVAL; other touches answer
+        the session as it stands (written=false). An unknown
         session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
         is never revived. A mutation (callers on the allow-list only).
         """
