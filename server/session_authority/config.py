@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         default=int(_CORE.default_session_ttl.total_seconds()), gt=0
     )
     session_ttl_max_seconds: int = Field(default=int(_CORE.max_session_ttl.total_seconds()), gt=0)
+    touch_interval: float = Field(default=_CORE.touch_interval, ge=0)
+    """Seconds: TouchSession writes a session to Postgres at most once per
+    interval; touches in between answer its current expiry (0: every touch writes)."""
+    session_max_lifetime: float = Field(default=_CORE.session_max_lifetime.total_seconds(), gt=0)
+    """Seconds: TouchSession never moves a session's expiry past its creation
+    plus this (default 30 days)."""
 
     redis_pool_min: int = Field(default=2, ge=0)
     redis_pool_max: int = Field(default=10, ge=1)
@@ -237,6 +243,8 @@ class Settings(BaseSettings):
             default_session_ttl=timedelta(seconds=self.session_ttl_default_seconds),
             max_session_ttl=timedelta(seconds=self.session_ttl_max_seconds),
             page_token_key=self.page_token_key.encode() or None,
+            touch_interval=self.touch_interval,
+            session_max_lifetime=timedelta(seconds=self.session_max_lifetime),
         )
 
     def breaker_policy(self) -> BreakerPolicy:

@@ -49,6 +49,15 @@ Report keys (stable; other tools read them):
   redis_bytes_per_session                        MEMORY USAGE of a cached session's key(s)
   revocation_propagation_p99_ms                  Invalidate sent to one replica until the other
                                                  answers revoked
+  touch_hot_session_writes                       Postgres writes of one session (counted by a
+                                                 trigger in Postgres) caused by TOUCH_RATE
+                                                 TouchSession calls/s on it for the run (10,000
+                                                 in 10 s; the measured replica runs
+                                                 TOUCH_INTERVAL=1, so the bound is seconds + 1)
+  touch_p99_ms, touch_max_ms, touch_hit_p99_ms   those calls' p99 and slowest, and a cache hit's
+                                                 p99 at the same rate, paced alike, in the same
+                                                 run (the target: touch_max_ms <= 3 x
+                                                 touch_hit_p99_ms; touch_max_vs_hit_p99 says it)
   workers, load_generator, cores
 Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
@@ -102,6 +111,7 @@ from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.benchmarks.harness import (
     BIN,
     NO_PROXY,
+    TOUCH,
     Samples,
     Server,
     clean_env,
@@ -135,11 +145,31 @@ REQUIRED_KEYS = (
     "invalidate_user_speedup",
     "redis_bytes_per_session",
     "revocation_propagation_p99_ms",
+    "touch_hot_session_writes",
+    "touch_p99_ms",
+    "touch_max_ms",
+    "touch_hit_p99_ms",
     "workers",
     "load_generator",
     "cores",
 )
 PYTHON_GENERATOR = "python grpc.aio client (tests/benchmarks/loadgen.py, own process)"
+#: TouchSession calls a second on one session (``touch_hot_session_writes``).
+TOUCH_RATE = 1000
+#: The measured replica's TOUCH_INTERVAL (seconds): ten intervals in a 10 s run.
+TOUCH_INTERVAL = 1
+# Counts the writes of the session named in `bench_touch_writes` (one row), in Postgres.
+_COUNT_TOUCH_WRITES = """
+CREATE TABLE IF NOT EXISTS bench_touch_writes (session_id uuid PRIMARY KEY, n bigint NOT NULL);
+CREATE OR REPLACE FUNCTION bench_touch_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE bench_touch_writes SET n = n + 1 WHERE session_id = NEW.session_id;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS bench_touch_count ON sessions;
+CREATE TRIGGER bench_touch_count AFTER UPDATE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION bench_touch_count();
+"""
 
 
 class Bench:
@@ -211,7 +241,8 @@ class Bench:
         sink_port, self.sink_report = self._sink("sink")
         sampled_port, self.sampled_report = self._sink("sink_1pct")
         cached = {"REDIS_URL": self.redis_url}
-        self.servers["hit"] = self._serve("hit", **cached)
+        # TOUCH_INTERVAL matters to TouchSession alone (``touch``).
+        self.servers["hit"] = self._serve("hit", **cached, TOUCH_INTERVAL=str(TOUCH_INTERVAL))
         self.servers["replica"] = self._serve("replica", **cached)
         self.servers["pg_only"] = self._serve("pg_only")
         self.servers["traced"] = self._serve(
@@ -550,6 +581,86 @@ class Bench:
         )
         return round(_pct(sorted(result.latencies_ms), 0.99), 3)
 
+    async def touch(self) -> None:
+        """``TOUCH_RATE`` TouchSession calls a second on one session for a run
+        (10 s in a full run: 10,000 calls) on the measured replica, paced as
+        the hit latency run is; the session's Postgres writes counted by a
+        trigger in Postgres. Beside it, in the same conditions, ValidateSession
+        hits of that session: the p99 the slowest touch is compared with."""
+        seconds = 3.0 if self.args.quick else 10.0
+        server = self.servers["hit"]
+        async with grpc.aio.insecure_channel(server.target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            created = await stub.CreateSession(pb.CreateSessionRequest(user_id="bench-touch"))
+        request = pb.TouchSessionRequest(token=created.token)
+        request.extend_by.FromSeconds(3600)
+        body = self.base / "touch.bin"
+        body.write_bytes(grpc_frame(request.SerializeToString()))
+        hit_body = self.base / "touch-hit.bin"
+        hit_body.write_bytes(grpc_frame(validate_request(created.token)))
+        conn = await asyncpg.connect(self.pg)
+        try:
+            await conn.execute(_COUNT_TOUCH_WRITES)
+            await conn.execute(
+                "INSERT INTO bench_touch_writes VALUES ($1, 0)", created.session.session_id
+            )
+            before = await scrape(server)
+            if self.h2load:
+                hit_ms = (
+                    await run_h2load_paced(
+                        server.target,
+                        hit_body,
+                        rate=TOUCH_RATE,
+                        seconds=seconds,
+                        log_file=self.base / "touch-hit.log",
+                    )
+                ).latencies_ms
+                touch_ms = (
+                    await run_h2load_paced(
+                        server.target,
+                        body,
+                        rate=TOUCH_RATE,
+                        seconds=seconds,
+                        log_file=self.base / "touch.log",
+                        method=TOUCH,
+                    )
+                ).latencies_ms
+            else:
+                validate = pb.ValidateSessionRequest(token=created.token)
+                hit_ms = await _paced_calls(server.target, "ValidateSession", validate, seconds)
+                touch_ms = await _paced_calls(server.target, "TouchSession", request, seconds)
+            after = await scrape(server)
+            writes = await conn.fetchval(
+                "SELECT n FROM bench_touch_writes WHERE session_id = $1",
+                created.session.session_id,
+            )
+        finally:
+            await conn.execute("DROP TRIGGER IF EXISTS bench_touch_count ON sessions")
+            await conn.close()
+        codes = delta(before, after, "grpc_server_handled_total", grpc_method="TouchSession")
+        ok = codes.pop("grpc_code=OK,grpc_service=session_authority.v1.SessionAuthority", 0)
+        if codes or not ok:
+            self.problems.append(f"touch: calls that were not OK: {codes} ({ok} OK)")
+        statements = delta(
+            before, after, "postgres_query_duration_seconds_count", operation="touch"
+        )
+        times, hits = sorted(touch_ms), sorted(hit_ms)
+        self.report["touch_calls"] = int(ok)
+        self.report["touch_seconds"] = seconds
+        self.report["touch_hot_session_writes"] = int(writes)
+        self.report["touch_write_bound"] = int(seconds / TOUCH_INTERVAL) + 1
+        self.report["touch_statements"] = int(sum(statements.values()))
+        self.report["touch_p99_ms"] = round(_pct(times, 0.99), 3)
+        self.report["touch_max_ms"] = round(times[-1] if times else 0.0, 3)
+        self.report["touch_hit_p99_ms"] = round(_pct(hits, 0.99), 3)
+        self.report["touch_max_vs_hit_p99"] = round(
+            self.report["touch_max_ms"] / max(self.report["touch_hit_p99_ms"], 0.001), 2
+        )
+        if writes > self.report["touch_write_bound"]:
+            self.problems.append(
+                f"touch: {writes} Postgres writes, over {self.report['touch_write_bound']}"
+            )
+
     async def misses(self) -> None:
         """Every call a token no cache has seen: Redis miss, Postgres, fill."""
         count = 4000 if self.args.quick else 15000
@@ -833,6 +944,7 @@ class Bench:
                 )
             await self.traced(body, tokens)
             await self.latency(body, tokens)
+            await self.touch()
             await self.misses()
             await self.invalidation()
             await self.propagation()
@@ -849,6 +961,28 @@ class Bench:
         self.report["problems"] = self.problems
         self.report["warnings"] = self.warnings
         return self.report
+
+
+async def _paced_calls(target: str, method: str, request: Any, seconds: float) -> list[float]:
+    """Without h2load: ``TOUCH_RATE`` calls a second of ``method`` from this
+    process, one started every 1/rate s; each call's milliseconds."""
+    times: list[float] = []
+    async with grpc.aio.insecure_channel(target, options=NO_PROXY) as ch:
+        stub = pb_grpc.SessionAuthorityStub(ch)
+        call = getattr(stub, method)
+
+        async def one() -> None:
+            started = time.perf_counter()
+            await call(request, timeout=10)
+            times.append((time.perf_counter() - started) * 1000)
+
+        pending = []
+        began = time.monotonic()
+        for i in range(int(TOUCH_RATE * seconds)):
+            await asyncio.sleep(max(0.0, began + i / TOUCH_RATE - time.monotonic()))
+            pending.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*pending)
+    return times
 
 
 def _pct(ordered: list[float], q: float) -> float:

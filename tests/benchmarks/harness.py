@@ -30,6 +30,7 @@ from tests.third_party import aio_health_stub
 
 __all__ = [
     "REPO",
+    "TOUCH",
     "VALIDATE",
     "H2load",
     "Server",
@@ -46,6 +47,7 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VALIDATE = "/session_authority.v1.SessionAuthority/ValidateSession"
+TOUCH = "/session_authority.v1.SessionAuthority/TouchSession"
 NO_PROXY = [("grpc.enable_http_proxy", 0)]
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "no_proxy")
 
@@ -242,7 +244,13 @@ async def run_h2load(
 
 
 async def run_h2load_paced(
-    target: str, body: Path, *, rate: float, seconds: float, log_file: Path
+    target: str,
+    body: Path,
+    *,
+    rate: float,
+    seconds: float,
+    log_file: Path,
+    method: str = VALIDATE,
 ) -> H2load:
     """``rate`` calls a second in all, open loop, spread out: as many
     connections as it takes to send at most ``PACED_RPS_PER_CONNECTION``
@@ -260,11 +268,16 @@ async def run_h2load_paced(
         "--rate=1",
         "--rate-period=1ms",
     ]
-    return await _h2load(target, body, argv, seconds, log_file)
+    return await _h2load(target, body, argv, seconds, log_file, method)
 
 
 async def _h2load(
-    target: str, body: Path, options: list[str], seconds: float, log_file: Path | None
+    target: str,
+    body: Path,
+    options: list[str],
+    seconds: float,
+    log_file: Path | None,
+    method: str = VALIDATE,
 ) -> H2load:
     argv = [
         "h2load",
@@ -276,7 +289,7 @@ async def _h2load(
     if log_file is not None:
         await asyncio.to_thread(log_file.unlink, missing_ok=True)  # h2load appends
         argv.append(f"--log-file={log_file}")
-    argv.append(f"http://{target}{VALIDATE}")
+    argv.append(f"http://{target}{method}")
     done = await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, timeout=seconds + 60
     )

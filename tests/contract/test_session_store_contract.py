@@ -19,7 +19,7 @@ import pytest
 
 from session_authority.core.domain import Position, Session, TokenHash, new_token
 from session_authority.core.errors import StoreUnavailable
-from session_authority.core.ports import SessionStore, StoreRevocation
+from session_authority.core.ports import SessionStore, StoreRevocation, Touched
 
 from .subjects import StoreSubject
 
@@ -448,3 +448,86 @@ async def test_page_token_key_is_a_stable_secret(store_subject: StoreSubject) ->
     key = await store_subject.store.page_token_key()
     assert len(key) >= 16
     assert await store_subject.store.page_token_key() == key
+
+
+# --- touch (sliding expiry) ----------------------------------------------------------------------
+
+
+async def _touch(
+    store: SessionStore,
+    session: Session,
+    by: Name,
+    *,
+    extend_by: timedelta = HOUR,
+    max_lifetime: timedelta = 30 * DAY,
+    interval: float = 60.0,
+) -> Touched | None:
+    if by == "hash":
+        return await store.touch(
+            token_hash=session.token_hash,
+            extend_by=extend_by,
+            max_lifetime=max_lifetime,
+            interval=interval,
+        )
+    return await store.touch(
+        session_id=session.session_id,
+        extend_by=extend_by,
+        max_lifetime=max_lifetime,
+        interval=interval,
+    )
+
+
+@pytest.mark.parametrize("by", ["hash", "id"])
+async def test_touch_slides_a_live_session_by_the_store_clock_once_per_interval(
+    store_subject: StoreSubject, by: Name
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    session = await _created(store, _session(now, expires_in=timedelta(minutes=5)))
+    touched = await _touch(store, session, by, interval=0.5)
+    assert touched is not None and touched.written and touched.live
+    assert _near(touched.session.expires_at - HOUR, now)
+    assert _near(touched.session.last_seen_at, now)
+    assert 0 < touched.quiet_for <= 0.5
+    found = await store.find(session.token_hash)
+    assert found is not None and found.expires_at == touched.session.expires_at
+    again = await _touch(store, session, by, extend_by=2 * HOUR, interval=0.5)
+    assert again is not None and (again.written, again.live) == (False, True)
+    assert again.session.expires_at == touched.session.expires_at  # within the interval
+    await store_subject.wait(0.5)
+    for _ in range(40):  # bounded poll: Postgres's now() is its own reading of the clock
+        later = await _touch(store, session, by, extend_by=2 * HOUR, interval=0.5)
+        assert later is not None
+        if later.written:
+            break
+        await store_subject.wait(0.025)
+    assert later is not None and later.written
+    assert later.session.expires_at > touched.session.expires_at
+
+
+async def test_touch_is_capped_by_the_lifetime_and_never_shortens(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    session = await _created(store, _session(now))  # created two days ago, expires in a day
+    capped = await _touch(store, session, "hash", extend_by=3 * DAY, max_lifetime=4 * DAY)
+    assert capped is not None and capped.written
+    assert capped.session.expires_at == session.created_at + 4 * DAY
+    other = await _created(store, _session(now))
+    kept = await _touch(store, other, "id", extend_by=HOUR)
+    assert kept is not None and kept.written  # written (last seen), the expiry kept
+    assert kept.session.expires_at == other.expires_at
+
+
+async def test_touch_never_revives_and_answers_none_for_the_unknown(
+    store_subject: StoreSubject,
+) -> None:
+    store, now = store_subject.store, store_subject.now()
+    revoked = await _created(store, _session(now, revoked_at=now - HOUR))
+    expired = await _created(store, _session(now, expires_in=-HOUR))
+    for session in (revoked, expired):
+        touched = await _touch(store, session, "hash")
+        assert touched is not None and (touched.written, touched.live) == (False, False)
+        assert touched.session.expires_at == session.expires_at
+        assert touched.session.last_seen_at is None
+    assert await _touch(store, _session(now), "hash") is None
+    assert await _touch(store, _session(now), "id") is None

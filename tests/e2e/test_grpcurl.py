@@ -64,7 +64,7 @@ def test_describe_service(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{SERVICE} is a service" in result.stdout
     methods = ("CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health")
-    for method in (*methods, "ListUserSessions"):
+    for method in (*methods, "ListUserSessions", "TouchSession"):
         assert f"rpc {method} (" in result.stdout, method
 
 
@@ -347,3 +347,27 @@ def test_invoke_reflection_itself(
     symbol = json.dumps({"file_containing_symbol": f"{SERVICE}.ValidateSession"})
     found = grpcurl.run("-d", symbol, e2e_server.target, f"{service}/ServerReflectionInfo").json()
     assert "file_descriptor_response" in found, found
+
+
+def test_touch_session(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    """TouchSession by token, then by id (coalesced: written within TOUCH_INTERVAL),
+    then refused for an unknown and for a revoked session."""
+    created = grpcurl.create({"user_id": f"erin-{uuid.uuid4()}", "ttl": "600s"})
+    token, session_id = created["token"], created["session"]["session_id"]
+    touched = grpcurl.call("TouchSession", {"token": token, "extend_by": "3600s"})
+    assert touched["written"] is True
+    assert touched["session"]["session_id"] == session_id
+    assert touched["session"]["expires_at"] > created["session"]["expires_at"]
+    assert "last_seen_at" in touched["session"]
+    again = grpcurl.call("TouchSession", {"session_id": session_id}, "-emit-defaults")
+    assert again["written"] is False
+    assert again["session"]["expires_at"] == touched["session"]["expires_at"]
+    grpcurl.call("Invalidate", {"token": token})
+    for data, code in (({"session_id": str(uuid.uuid4())}, 5), ({"token": token}, 9)):
+        body = json.dumps(data)
+        result = grpcurl.run(
+            "-format-error", "-d", body, e2e_server.target, f"{SERVICE}/TouchSession"
+        )
+        assert result.returncode == 64 + code, (result.stdout, result.stderr)
+        assert json.loads(result.stderr)["code"] == code  # NOT_FOUND, FAILED_PRECONDITION
+        assert token not in result.stdout + result.stderr

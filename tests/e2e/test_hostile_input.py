@@ -80,6 +80,7 @@ METHODS = [
     "InvalidateUser",
     "Health",
     "ListUserSessions",
+    "TouchSession",
 ]
 MAX_MESSAGE = 64 * 1024  # bootstrap's grpc.max_receive_message_length
 FIELDS = (
@@ -93,6 +94,7 @@ FIELDS = (
     "page_size",
     "page_token",
     "except_session_id",
+    "extend_by",
 )
 REFUSAL = re.compile(rf"^({'|'.join(FIELDS)}): [\x20-\x7e]+$")
 DEFAULT_TTL, MAX_TTL = timedelta(days=1), timedelta(days=30)
@@ -206,6 +208,9 @@ def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 
 def _check_refusal(code: grpc.StatusCode, details: str, *secrets_sent: str) -> None:
+    if code is grpc.StatusCode.NOT_FOUND:  # TouchSession of a well-formed unknown session
+        assert details == "session: no such session", details
+        return
     assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, details)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         assert REFUSAL.match(details), details
@@ -265,6 +270,8 @@ STRING_FIELDS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
         "ListUserSessions",
         lambda b: length_delimited(1, b"u") + length_delimited(3, b),
     ),
+    "TouchSession.token": ("TouchSession", lambda b: length_delimited(1, b)),
+    "TouchSession.session_id": ("TouchSession", lambda b: length_delimited(2, b)),
 }
 
 

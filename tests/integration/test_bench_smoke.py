@@ -43,5 +43,8 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     # Read from /proc/stat: what the host took from our vCPUs during each paced latency run.
     assert report["hit_latency_steal_seconds"] >= 0
     assert report["ceiling_latency_steal_seconds"] >= 0
+    # TouchSession on one hot session: at most one Postgres write per TOUCH_INTERVAL.
+    assert report["touch_calls"] > 0
+    assert 1 <= report["touch_hot_session_writes"] <= report["touch_write_bound"]
     # Revocations were acknowledged by the two replicas' workers, and by nothing else.
     assert report["revocation_subscribers"] == 2 * report["workers"]

@@ -30,6 +30,7 @@ from session_authority.core.ports import (
     SessionCache,
     SessionStore,
     StoreRevocation,
+    Touched,
 )
 from session_authority.core.watermark import NOTHING, RevocationMarks, horizon_below, mark_of
 
@@ -318,6 +319,40 @@ class InMemorySessionStore:
         if self.unavailable:
             return StoreHealth(connected=False, error="in-memory store switched off")
         return StoreHealth(connected=True, version="in-memory")
+
+    async def touch(
+        self,
+        *,
+        token_hash: TokenHash | None = None,
+        session_id: str | None = None,
+        extend_by: timedelta,
+        max_lifetime: timedelta,
+        interval: float,
+    ) -> Touched | None:
+        """As the SQL does it, by the injected clock (Postgres's ``now()``);
+        no row is ever locked here, so nothing is skipped for a lock."""
+        if (token_hash is None) == (session_id is None):
+            raise ValueError("name exactly one of token_hash or session_id")
+        self._enter("touch")
+        if token_hash is not None:
+            key: str | None = token_hash.hex
+        else:
+            key = self._hash_by_id.get(_canonical_id(session_id or ""))
+        session = self._by_hash.get(key) if key is not None else None
+        if session is None:
+            return None
+        now = self._now()
+        seen = session.last_seen_at
+        due = seen is None or seen <= now - timedelta(seconds=interval)
+        live = session.revoked_at is None and session.expires_at > now
+        written = live and due
+        if written:
+            wanted = min(session.created_at + max_lifetime, now + extend_by)
+            session = replace(session, expires_at=max(session.expires_at, wanted), last_seen_at=now)
+            self.put(session)
+        seen = session.last_seen_at
+        quiet = 0.0 if seen is None else max(0.0, interval - (now - seen).total_seconds())
+        return Touched(_copied(session), written, live, quiet)
 
 
 class _CreatedMarker:

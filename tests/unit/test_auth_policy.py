@@ -31,6 +31,7 @@ CREATE, INVALIDATE, INVALIDATE_USER = (
     f"{SVC}/Invalidate",
     f"{SVC}/InvalidateUser",
 )
+TOUCH = f"{SVC}/TouchSession"
 FUTURE = f"{SVC}/SomeMethodAddedLater"
 PROBE = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -208,7 +209,7 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     assert policy.allowed == {LOGIN, "apikey:login"}
     assert policy.reads == {VALIDATE, HEALTH, f"{SVC}/ListUserSessions"}
     assert policy.sensitive_reads == {f"{SVC}/ListUserSessions"}
-    assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER}
+    assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER, TOUCH}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"
     assert policy.decide(PROBE, ANONYMOUS) is None
 

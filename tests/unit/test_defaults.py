@@ -23,6 +23,8 @@ POLICY_SETTINGS = {
     "unknown_token_burst",
     "session_ttl_default_seconds",
     "session_ttl_max_seconds",
+    "touch_interval",
+    "session_max_lifetime",
     "breaker_timeout_ms",
     "breaker_error_threshold_percentage",
     "breaker_volume_threshold",

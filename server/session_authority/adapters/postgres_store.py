@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -14,7 +15,7 @@ import asyncpg
 from session_authority.core.domain import Position, Session, SessionSummary, TokenHash
 from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
-from session_authority.core.ports import StoreRevocation
+from session_authority.core.ports import StoreRevocation, Touched
 from session_authority.core.watermark import RevocationMarks, horizon_below, mark_of, parse_mark
 
 __all__ = ["STORE_ERRORS", "PostgresSessionStore"]
@@ -86,6 +87,44 @@ LIMIT $2
 _LIVE = "AND revoked_at IS NULL AND expires_at > now()"
 _AFTER = "AND (created_at, session_id) > ($3, $4)"
 _REVOKE_BY_ID = _REVOKE_ONE.format(column="session_id")
+
+# Sliding expiry, one statement, one clock (Postgres's now()). `due` picks the
+# row only when a write is due (live, last touch an interval old or never) and
+# locks it with SKIP LOCKED: a row that another touch or a revocation holds is
+# skipped, never queued for, so thousands of touches at once make no lock
+# queue (Kratos #3948: every request updated the row and waited on its lock).
+# The lock also re-reads the newest committed row and re-checks the condition,
+# so a touch that lost the race to another one, or to a revocation, writes
+# nothing. The answer is the written row, else the row as read.
+_TOUCH = """
+WITH target AS (
+    SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at, metadata,
+           last_seen_at
+    FROM sessions WHERE {column} = $1
+), due AS (
+    SELECT session_id FROM sessions
+    WHERE {column} = $1 AND revoked_at IS NULL AND expires_at > now()
+      AND (last_seen_at IS NULL OR last_seen_at <= now() - make_interval(secs => $4))
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE sessions s
+    SET expires_at = greatest(s.expires_at, least(s.created_at + make_interval(secs => $3),
+                                                  now() + make_interval(secs => $2))),
+        last_seen_at = now()
+    FROM due d
+    WHERE s.session_id = d.session_id
+    RETURNING s.expires_at, s.last_seen_at, s.revoked_at
+)
+SELECT t.session_id, t.token_hash, t.user_id, t.created_at, t.metadata,
+       COALESCE(u.expires_at, t.expires_at) AS expires_at,
+       COALESCE(u.last_seen_at, t.last_seen_at) AS last_seen_at,
+       CASE WHEN u.expires_at IS NULL THEN t.revoked_at ELSE u.revoked_at END AS revoked_at,
+       u.expires_at IS NOT NULL AS written,
+       now() AS now
+FROM target t LEFT JOIN upd u ON true
+"""
+_TOUCH_BY_HASH = _TOUCH.format(column="token_hash")
+_TOUCH_BY_ID = _TOUCH.format(column="session_id")
 
 
 class PostgresSessionStore:
@@ -353,6 +392,35 @@ class PostgresSessionStore:
             connected=True, version=str(version), pool=stats, ping_ms=round(ping * 1000, 3)
         )
 
+    async def touch(
+        self,
+        *,
+        token_hash: TokenHash | None = None,
+        session_id: str | None = None,
+        extend_by: timedelta,
+        max_lifetime: timedelta,
+        interval: float,
+    ) -> Touched | None:
+        if (token_hash is None) == (session_id is None):
+            raise ValueError("name exactly one of token_hash or session_id")
+        key: object
+        if token_hash is not None:
+            query, key = _TOUCH_BY_HASH, bytes.fromhex(token_hash.hex)
+        else:
+            query, key = _TOUCH_BY_ID, session_id
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                query, key, extend_by.total_seconds(), max_lifetime.total_seconds(), interval
+            )
+        if row is None:
+            return None
+        session = _session(row, last_seen_at=row["last_seen_at"])
+        now = row["now"]
+        seen = session.last_seen_at
+        quiet = 0.0 if seen is None else max(0.0, interval - (now - seen).total_seconds())
+        live = session.revoked_at is None and session.expires_at > now
+        return Touched(session, bool(row["written"]), live, quiet)
+
     def pool_stats(self) -> PoolStats:
         pool = self._pool
         if pool is None:
@@ -397,7 +465,7 @@ def _hash(row: Any) -> TokenHash:
     return TokenHash(bytes(row["token_hash"]).hex())
 
 
-def _session(row: Any) -> Session:
+def _session(row: Any, last_seen_at: Any = None) -> Session:
     return Session(
         session_id=str(row["session_id"]),
         user_id=row["user_id"],
@@ -406,6 +474,7 @@ def _session(row: Any) -> Session:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         metadata=row["metadata"],
+        last_seen_at=last_seen_at,
     )
 
 

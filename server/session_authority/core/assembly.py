@@ -25,6 +25,7 @@ from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
 from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import CoreMetrics, NoMetrics
+from session_authority.core.touch import Toucher
 from session_authority.core.validation import Validator
 
 __all__ = ["assemble_core"]
@@ -111,6 +112,16 @@ def assemble_core(
         stats=stats,
         breaker=breaker,
         store=guarded_store,
+        toucher=Toucher(
+            guarded_store,
+            guarded_cache,
+            breaker,
+            policy,
+            clock=clock,
+            monotonic=monotonic,
+            local=local,
+            feed=feed,
+        ),
         store_breaker=store_breaker,
     )
 

@@ -129,6 +129,9 @@ class Session:
     expires_at: datetime
     metadata: Mapping[str, str] = field(default_factory=dict)
     revoked_at: datetime | None = None
+    #: When the session was last touched (TouchSession), by the store's clock;
+    #: None when never, or not known (the cache does not keep it).
+    last_seen_at: datetime | None = None
 
     def verdict(self, now: datetime) -> Reason | None:
         """None when the session is live at ``now``; otherwise why not."""
@@ -226,14 +229,16 @@ def check_session_id(session_id: str, field_name: str = "session_id") -> str:
         raise InvalidArgument(field_name, "must be a UUID") from None
 
 
-def check_ttl(ttl: timedelta | None, default: timedelta, maximum: timedelta) -> timedelta:
+def check_ttl(
+    ttl: timedelta | None, default: timedelta, maximum: timedelta, field_name: str = "ttl"
+) -> timedelta:
     """The session lifetime to use: ``default`` when unset, else bounded."""
     if ttl is None:
         return default
     if ttl <= timedelta(0):
-        raise InvalidArgument("ttl", "must be positive")
+        raise InvalidArgument(field_name, "must be positive")
     if ttl > maximum:
-        raise InvalidArgument("ttl", f"must be at most {int(maximum.total_seconds())}s")
+        raise InvalidArgument(field_name, f"must be at most {int(maximum.total_seconds())}s")
     return ttl
 
 

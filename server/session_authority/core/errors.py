@@ -6,6 +6,8 @@ the transport reports it as INTERNAL (logged once). The tree::
     SessionAuthorityError
     ├── InvalidArgument      bad input; names the offending field (never echoes a token)
     ├── RateLimited          this caller sent too many unknown tokens; retry later
+    ├── SessionNotFound      no session has this token or id (TouchSession)
+    ├── SessionNotLive       the session is revoked or expired; it needs a live one
     ├── Unavailable          the authority cannot answer now (fails closed: never "valid")
     │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
     └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
@@ -30,6 +32,8 @@ __all__ = [
     "InvalidArgument",
     "RateLimited",
     "SessionAuthorityError",
+    "SessionNotFound",
+    "SessionNotLive",
     "StoreBusy",
     "StoreTimeout",
     "StoreUnavailable",
@@ -52,6 +56,15 @@ class InvalidArgument(SessionAuthorityError):
 
 class RateLimited(SessionAuthorityError):
     """The caller is over a limit (unknown tokens reaching Postgres); nothing was asked."""
+
+
+class SessionNotFound(SessionAuthorityError):
+    """No session has this token or session id (an operation that needs one)."""
+
+
+class SessionNotLive(SessionAuthorityError):
+    """The session exists but is revoked or expired, and the operation
+    (TouchSession) needs a live one: it is never revived."""
 
 
 class Unavailable(SessionAuthorityError):

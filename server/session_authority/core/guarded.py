@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Protocol, TypeVar
 
 from session_authority.core.breaker import Breaker
@@ -52,6 +53,7 @@ from session_authority.core.ports import (
     SessionCache,
     SessionStore,
     StoreRevocation,
+    Touched,
 )
 from session_authority.core.telemetry import CoreMetrics
 from session_authority.core.watermark import RevocationMarks
@@ -320,3 +322,23 @@ class GuardedStore(_Guarded):
 
     async def page_token_key(self) -> bytes:
         return await self._call("page_token_key", self.inner.page_token_key)
+
+    async def touch(
+        self,
+        *,
+        token_hash: TokenHash | None = None,
+        session_id: str | None = None,
+        extend_by: timedelta,
+        max_lifetime: timedelta,
+        interval: float,
+    ) -> Touched | None:
+        return await self._call(
+            "touch",
+            lambda: self.inner.touch(
+                token_hash=token_hash,
+                session_id=session_id,
+                extend_by=extend_by,
+                max_lifetime=max_lifetime,
+                interval=interval,
+            ),
+        )

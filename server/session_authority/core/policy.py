@@ -42,6 +42,10 @@ class CorePolicy:
     page_token_key: bytes | None = field(default=None, repr=False)
     """Signs ListUserSessions' page tokens (``core/listing.py``); None: the
     secret the store keeps for every replica."""
+    touch_interval: float = 60.0
+    """Seconds: at most one store write per session per interval (TouchSession)."""
+    session_max_lifetime: timedelta = timedelta(days=30)
+    """TouchSession never moves a session's expiry past ``created_at`` plus this."""
 
     def __post_init__(self) -> None:
         if min(self.cache_ttl, self.negative_ttl, self.max_fill_lag) <= 0:
@@ -57,3 +61,5 @@ class CorePolicy:
             raise ValueError("unknown_token_rate must be at least 0 and the burst at least 1")
         if not timedelta(0) < self.default_session_ttl <= self.max_session_ttl:
             raise ValueError("default_session_ttl must be positive and at most max_session_ttl")
+        if self.touch_interval < 0 or self.session_max_lifetime <= timedelta(0):
+            raise ValueError("touch_interval must be at least 0, session_max_lifetime positive")

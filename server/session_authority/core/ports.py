@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 from session_authority.core.domain import Position, Reason, Session, SessionSummary, TokenHash
@@ -21,6 +22,7 @@ __all__ = [
     "SessionCache",
     "SessionStore",
     "StoreRevocation",
+    "Touched",
 ]
 
 
@@ -52,6 +54,22 @@ class StoreRevocation:
     token_hash: TokenHash
     #: True when this call ended a live session; False when it was already revoked.
     revoked_now: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """What a store touch found and did (``SessionStore.touch``)."""
+
+    #: The session as it stands after the call (new expiry and ``last_seen_at``
+    #: when written).
+    session: Session
+    #: This call wrote the row.
+    written: bool
+    #: Live by the store's clock (not revoked, not expired) after the call.
+    live: bool
+    #: Seconds until the row may be written again (the rest of the interval
+    #: since its last write, by the store's clock; 0 when due now).
+    quiet_for: float
 
 
 class SessionStore(Protocol):
@@ -134,6 +152,26 @@ class SessionStore(Protocol):
     async def page_token_key(self) -> bytes:
         """The secret every replica shares to sign page tokens (made once with
         the store's schema, kept across restarts). At least 16 bytes."""
+
+    async def touch(
+        self,
+        *,
+        token_hash: TokenHash | None = None,
+        session_id: str | None = None,
+        extend_by: timedelta,
+        max_lifetime: timedelta,
+        interval: float,
+    ) -> Touched | None:
+        """Slide the expiry of the one session named by exactly one of
+        ``token_hash`` or ``session_id``, in one statement, by the store's
+        clock: only if it is live (not revoked, not expired), its last touch
+        (``last_seen_at``) is at least ``interval`` seconds old or never
+        happened, and no other transaction holds its row (skipped, never
+        waited for: no lock queue however many touch at once). The new expiry
+        is ``now + extend_by``, never earlier than the current one, never past
+        ``created_at + max_lifetime``; ``last_seen_at`` becomes now. Otherwise
+        nothing is written and the session is answered as it stands. ``None``
+        when no such session exists."""
 
 
 class SessionCache(Protocol):

@@ -10,6 +10,7 @@ breakers, wired by the composition root (``bootstrap.assemble_core``):
 ``Revoker``        invalidate / invalidate_user, breaker probe replay, drain
 ``HealthReporter`` the health document (reporting.py)
 ``Lister``         a user's sessions, in signed keyset pages (listing.py)
+``Toucher``        sliding expiry, writes coalesced (touch.py)
 =================  ===========================================================
 
 The revocation invariant that all of them keep is stated in ``revocation.py``.
@@ -30,6 +31,7 @@ from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionStore
 from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
+from session_authority.core.touch import Touch, Toucher
 from session_authority.core.validation import CallerKey, Validator
 
 __all__ = ["CorePolicy", "SessionAuthority"]
@@ -50,6 +52,7 @@ class SessionAuthority:
     #: that is one store read (no cache, no revocation rule) is a method here
     #: over it, with no collaborator of its own.
     store: SessionStore
+    toucher: Toucher
     store_breaker: Breaker | None = None
 
     async def create(
@@ -100,9 +103,19 @@ class SessionAuthority:
     async def store_health(self) -> StoreHealth:
         return await self.reporter.store_health()
 
+    async def touch(
+        self,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        extend_by: timedelta | None = None,
+    ) -> Touch:
+        return await self.toucher.touch(token=token, session_id=session_id, extend_by=extend_by)
+
     async def aclose(self) -> None:
         """Stop background work: refreshes, the breakers' timers and probes."""
         await self.validator.aclose()
+        await self.toucher.aclose()
         await self.breaker.aclose()
         if self.store_breaker is not None:
             await self.store_breaker.aclose()

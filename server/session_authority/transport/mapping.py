@@ -14,6 +14,7 @@ from session_authority.core.listing import SessionPage
 from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = [
+    "duration_from_pb",
     "health_to_pb",
     "page_to_pb",
     "session_to_pb",
@@ -40,9 +41,14 @@ _DURATION_MAX_SECONDS = 315_576_000_000
 def ttl_from_pb(request: pb.CreateSessionRequest) -> timedelta | None:
     if not request.HasField("ttl"):
         return None
-    duration: Duration = request.ttl
+    return duration_from_pb(request.ttl, "ttl")
+
+
+def duration_from_pb(duration: Duration, field_name: str) -> timedelta:
+    """A Duration field as a timedelta; INVALID_ARGUMENT naming the field
+    when it is outside Duration's own range."""
     if abs(duration.seconds) > _DURATION_MAX_SECONDS or abs(duration.nanos) >= 1_000_000_000:
-        raise InvalidArgument("ttl", "is outside google.protobuf.Duration's range")
+        raise InvalidArgument(field_name, "is outside google.protobuf.Duration's range")
     return timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
 
 
@@ -70,6 +76,8 @@ def _fill_session(out: pb.Session, session: Session) -> None:
 def session_to_pb(session: Session) -> pb.Session:
     message = pb.Session()
     _fill_session(message, session)
+    if session.last_seen_at is not None:  # not on ValidateSession's path
+        _set_ts(message.last_seen_at, session.last_seen_at)
     return message
 
 

@@ -15,6 +15,7 @@ from session_authority.core.errors import InvalidArgument, SessionAuthorityError
 from session_authority.core.service import SessionAuthority
 from session_authority.transport.auth import declared, mutation, read, sensitive_read
 from session_authority.transport.mapping import (
+    duration_from_pb,
     health_to_pb,
     page_to_pb,
     session_to_pb,
@@ -185,6 +186,29 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
                 include_revoked=request.include_revoked,
             )
             return page_to_pb(page)
+
+        return await _run(context, work)
+
+    @mutation
+    async def TouchSession(
+        self, request: pb.TouchSessionRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.TouchSessionResponse:
+        async def work() -> pb.TouchSessionResponse:
+            extend_by = (
+                duration_from_pb(request.extend_by, "extend_by")
+                if request.HasField("extend_by")
+                else None
+            )
+            target = request.WhichOneof("target")
+            if target == "token":
+                touch = await self._core.touch(token=request.token, extend_by=extend_by)
+            elif target == "session_id":
+                touch = await self._core.touch(session_id=request.session_id, extend_by=extend_by)
+            else:
+                raise InvalidArgument("target", "set one of token or session_id")
+            return pb.TouchSessionResponse(
+                session=session_to_pb(touch.session), written=touch.written
+            )
 
         return await _run(context, work)
 

@@ -16,6 +16,8 @@ from session_authority.core.errors import (
     InvalidArgument,
     RateLimited,
     SessionAuthorityError,
+    SessionNotFound,
+    SessionNotLive,
     StoreBusy,
     StoreTimeout,
     StoreUnavailable,
@@ -28,6 +30,8 @@ __all__ = ["STATUS_FOR", "status_for"]
 STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    SessionNotLive: grpc.StatusCode.FAILED_PRECONDITION,
     StoreBusy: grpc.StatusCode.UNAVAILABLE,
     StoreTimeout: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,

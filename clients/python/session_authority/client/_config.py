@@ -46,7 +46,15 @@ SERVICE = "session_authority.v1.SessionAuthority"
 
 #: RPCs that may be sent twice with the effect of once: retried on UNAVAILABLE.
 #: (ValidateSessions, ListUserSessions, TouchSession: add them here with their methods.)
-IDEMPOTENT = ("ValidateSession", "Invalidate", "InvalidateUser", "Health")
+IDEMPOTENT = (
+    "ValidateSession",
+    "Invalidate",
+    "InvalidateUser",
+    "Health",
+    "ListUserSessions",
+    # A touch sets the expiry from the server's now, never backwards: a repeat is harmless.
+    "TouchSession",
+)
 #: RPCs never retried: a lost reply may have done the work.
 NOT_RETRIED = ("CreateSession",)
 

@@ -126,8 +126,9 @@ class Session(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def last_seen_at(self) -> _timestamp_pb2.Timestamp:
-        """When the session was last seen (TouchSession), when known; unset
-        otherwise. Set by ListUserSessions only.
+        """When the session was last touched (TouchSession), by Postgres's clock;
+        absent when never. Set by TouchSession's answer and by ListUserSessions;
+        validation answers leave it unset.
         """
 
     @_builtins.property
@@ -1072,3 +1073,77 @@ class ListUserSessionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListUserSessionsResponse: _TypeAlias = ListUserSessionsResponse  # noqa: Y015
+
+@_typing.final
+class TouchSessionRequest(_message.Message):
+    """TouchSessionRequest names the session whose expiry slides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EXTEND_BY_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The session's token."""
+    session_id: _builtins.str
+    """The session's id, as returned in Session.session_id."""
+    @_builtins.property
+    def extend_by(self) -> _duration_pb2.Duration:
+        """Optional. How far from now the expiry moves: expires_at becomes
+        now + extend_by (never earlier than it was, never past created_at +
+        SESSION_MAX_LIFETIME). Defaults to the server's default session TTL
+        (SESSION_TTL_DEFAULT_SECONDS); positive and at most SESSION_TTL_MAX_SECONDS.
+        """
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        extend_by: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["token", "session_id"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___TouchSessionRequest: _TypeAlias = TouchSessionRequest  # noqa: Y015
+
+@_typing.final
+class TouchSessionResponse(_message.Message):
+    """TouchSessionResponse is the touched session as it stands after the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    WRITTEN_FIELD_NUMBER: _builtins.int
+    written: _builtins.bool
+    """True when this call wrote the new expiry to Postgres before answering;
+    false when it was coalesced with a write made within TOUCH_INTERVAL (by any
+    caller, on any replica) or with one in flight. Once a hot session's
+    interval is over, the next write runs behind an answer from the cache
+    (written=false, the expiry as it stood); later answers show the new one.
+    """
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session with its expiry after this call (and last_seen_at when the
+        server knows it). Within TOUCH_INTERVAL of the last write the expiry is the
+        one that write set, as the cache holds it.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        written: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "written", b"written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TouchSessionResponse: _TypeAlias = TouchSessionResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class SessionAuthorityStub:
                 request_serializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsRequest.SerializeToString,
                 response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsResponse.FromString,
                 _registered_method=True)
+        self.TouchSession = channel.unary_unary(
+                '/session_authority.v1.SessionAuthority/TouchSession',
+                request_serializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.SerializeToString,
+                response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionAuthorityServicer:
@@ -121,6 +126,20 @@ class SessionAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TouchSession(self, request, context):
+        """TouchSession slides a live session's expiry forward (sliding expiry), only
+        when called: validation never slides anything. The new expiry is
+        now + extend_by (Postgres's clock), never earlier than the current one and
+        never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+        one Postgres write per session per TOUCH_INTERVAL; other touches answer
+        the session as it stands (written=false). An unknown
+        session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+        is never revived. A mutation (callers on the allow-list only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +172,11 @@ def add_SessionAuthorityServicer_to_server(servicer, server):
                     servicer.ListUserSessions,
                     request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsRequest.FromString,
                     response_serializer=session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsResponse.SerializeToString,
+            ),
+            'TouchSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.TouchSession,
+                    request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.FromString,
+                    response_serializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +342,33 @@ class SessionAuthority:
             '/session_authority.v1.SessionAuthority/ListUserSessions',
             session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsRequest.SerializeToString,
             session__authority_dot_v1_dot_session__authority__pb2.ListUserSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TouchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_authority.v1.SessionAuthority/TouchSession',
+            session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.SerializeToString,
+            session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,16 @@ class SessionAuthorityStub:
     Live sessions only (not revoked, not expired by Postgres's clock) unless
     include_revoked. Never returns a token or its hash.
     """
+    TouchSession: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.TouchSessionRequest, _session_authority_pb2.TouchSessionResponse]
+    """TouchSession slides a live session's expiry forward (sliding expiry), only
+    when called: validation never slides anything. The new expiry is
+    now + extend_by (Postgres's clock), never earlier than the current one and
+    never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+    one Postgres write per session per TOUCH_INTERVAL; other touches answer
+    the session as it stands (written=false). An unknown
+    session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+    is never revived. A mutation (callers on the allow-list only).
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -91,6 +101,16 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     of truth), oldest first (created_at, then session_id), one page at a time.
     Live sessions only (not revoked, not expired by Postgres's clock) unless
     include_revoked. Never returns a token or its hash.
+    """
+    TouchSession: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.TouchSessionRequest, _session_authority_pb2.TouchSessionResponse]  # type: ignore[assignment]
+    """TouchSession slides a live session's expiry forward (sliding expiry), only
+    when called: validation never slides anything. The new expiry is
+    now + extend_by (Postgres's clock), never earlier than the current one and
+    never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+    one Postgres write per session per TOUCH_INTERVAL; other touches answer
+    the session as it stands (written=false). An unknown
+    session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+    is never revived. A mutation (callers on the allow-list only).
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -155,6 +175,22 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
         of truth), oldest first (created_at, then session_id), one page at a time.
         Live sessions only (not revoked, not expired by Postgres's clock) unless
         include_revoked. Never returns a token or its hash.
+        """
+
+    @_abc_1.abstractmethod
+    def TouchSession(
+        self,
+        request: _session_authority_pb2.TouchSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_authority_pb2.TouchSessionResponse, _abc.Awaitable[_session_authority_pb2.TouchSessionResponse]]:
+        """TouchSession slides a live session's expiry forward (sliding expiry), only
+        when called: validation never slides anything. The new expiry is
+        now + extend_by (Postgres's clock), never earlier than the current one and
+        never past created_at + SESSION_MAX_LIFETIME. Writes are coalesced: at most
+        one Postgres write per session per TOUCH_INTERVAL; other touches answer
+        the session as it stands (written=false). An unknown
+        session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
+        is never revived. A mutation (callers on the allow-list only).
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

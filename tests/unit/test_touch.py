@@ -1,0 +1,117 @@
+"""``TouchSession``'s core (``core/touch.py``) on the in-memory fakes, one
+``FakeClock`` driving the service, the store and the cache: when the store is
+asked, and when the cache answers instead."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+
+from session_authority.core.assembly import assemble_core
+from session_authority.core.breaker import Breaker, BreakerPolicy
+from session_authority.core.domain import TokenHash, new_token
+from session_authority.core.errors import InvalidArgument, SessionNotFound, SessionNotLive
+from session_authority.core.policy import CorePolicy
+from session_authority.core.service import SessionAuthority
+
+from .fakes import FakeClock, InMemorySessionCache, InMemorySessionStore, until
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(5)]
+
+POLICY = CorePolicy(touch_interval=60.0, session_max_lifetime=timedelta(days=2))
+
+
+class World:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.store = InMemorySessionStore(self.clock.now)
+        self.cache = InMemorySessionCache(self.clock.monotonic)
+        self.svc: SessionAuthority = assemble_core(
+            self.store,
+            self.cache,
+            breaker=Breaker(BreakerPolicy(timeout=0.05), clock=self.clock.monotonic),
+            policy=POLICY,
+            clock=self.clock.now,
+            rng=random.Random(7).random,
+            monotonic=self.clock.monotonic,
+        )
+
+    async def create(self) -> str:
+        token, _ = await self.svc.create("user-" + uuid.uuid4().hex, None, {})
+        return token
+
+
+@pytest_asyncio.fixture
+async def w() -> AsyncIterator[World]:
+    world = World()
+    yield world
+    await world.svc.aclose()
+
+
+async def test_touches_within_the_interval_are_answered_by_the_cache(w: World) -> None:
+    token = await w.create()
+    first = await w.svc.touch(token=token, extend_by=timedelta(hours=30))
+    assert first.written
+    for _ in range(50):
+        again = await w.svc.touch(token=token, extend_by=timedelta(hours=30))
+        assert not again.written and again.session.expires_at == first.session.expires_at
+    assert w.store.calls["touch"] == 1
+    # The cache holds the new expiry (the fill), not the creation-time one.
+    hit = await w.cache.get(TokenHash.of(token))
+    assert hit is not None and getattr(hit.entry, "expires_at", None) == first.session.expires_at
+    w.clock.advance(61)  # the interval is over: answered at once, written behind the answer
+    later = await w.svc.touch(token=token, extend_by=timedelta(hours=30))
+    assert not later.written and later.session.expires_at == first.session.expires_at
+    await until(lambda: w.store.calls["touch"] == 2)
+    stored = w.store.peek(TokenHash.of(token))
+    assert stored is not None and stored.expires_at > first.session.expires_at
+    await until(lambda: not w.svc.toucher._behind)
+    seen = await w.svc.touch(token=token)  # the cache holds the new expiry
+    assert seen.session.expires_at == stored.expires_at
+    assert w.store.calls["touch"] == 2
+
+
+async def test_a_tombstone_in_the_cache_sends_the_touch_to_the_store(w: World) -> None:
+    token = await w.create()
+    assert (await w.svc.touch(token=token)).written
+    assert (await w.svc.invalidate(token=token)).revoked_count == 1
+    with pytest.raises(SessionNotLive, match="revoked"):
+        await w.svc.touch(token=token)
+    assert w.store.calls["touch"] == 2  # within the interval, yet asked: the cache said revoked
+
+
+async def test_the_expiry_is_capped_and_the_default_extension_is_the_default_ttl(
+    w: World,
+) -> None:
+    token = await w.create()  # the default TTL: a day
+    capped = await w.svc.touch(token=token, extend_by=timedelta(days=29))
+    created = capped.session.created_at
+    assert capped.session.expires_at == created + POLICY.session_max_lifetime
+    other = await w.create()
+    w.clock.advance(3600)
+    slid = await w.svc.touch(token=other)  # no extend_by: the default session TTL
+    assert slid.session.expires_at == w.clock.now() + POLICY.default_session_ttl
+
+
+async def test_bad_input_is_refused_before_any_io(w: World) -> None:
+    fresh = new_token()
+    for kwargs, field in (
+        ({"session_id": "nope"}, "session_id"),
+        ({"token": ""}, "token"),
+        ({"token": fresh, "extend_by": timedelta(0)}, "extend_by"),
+        ({"token": fresh, "extend_by": timedelta(days=31)}, "extend_by"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            await w.svc.touch(**kwargs)
+        assert refused.value.field == field
+    with pytest.raises(SessionNotFound):  # not a token we issue: no statement for it
+        await w.svc.touch(token="sat_" + "A" * 48)
+    assert w.store.calls["touch"] == 0
+    with pytest.raises(SessionNotFound):
+        await w.svc.touch(session_id=str(uuid.uuid4()))
+    assert w.store.calls["touch"] == 1
