@@ -55,6 +55,20 @@ class SessionAuthorityStub:
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
     """
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_session_authority_pb2.WatchRevocationsRequest, _session_authority_pb2.RevocationEvent]
+    """WatchRevocations streams every revocation as it becomes durable in
+    Postgres, in one order (the cursor's), exactly once past the cursor the
+    call resumes after. The first message is always a START event carrying the
+    cursor the stream starts after (the current one when `after` is empty).
+    A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+    database) ends the call with FAILED_PRECONDITION: the caller must drop
+    everything it cached and start again with an empty `after`. A watcher that
+    does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+    a draining server ends its watchers with UNAVAILABLE; resume from the last
+    cursor received on any replica. Authorised like a read.
+    The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -79,6 +93,20 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     Health: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.HealthRequest, _session_authority_pb2.HealthResponse]  # type: ignore[assignment]
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
+    """
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_session_authority_pb2.WatchRevocationsRequest, _session_authority_pb2.RevocationEvent]  # type: ignore[assignment]
+    """WatchRevocations streams every revocation as it becomes durable in
+    Postgres, in one order (the cursor's), exactly once past the cursor the
+    call resumes after. The first message is always a START event carrying the
+    cursor the stream starts after (the current one when `after` is empty).
+    A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+    database) ends the call with FAILED_PRECONDITION: the caller must drop
+    everything it cached and start again with an empty `after`. A watcher that
+    does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+    a draining server ends its watchers with UNAVAILABLE; resume from the last
+    cursor received on any replica. Authorised like a read.
+    The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +159,26 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_authority_pb2.HealthResponse, _abc.Awaitable[_session_authority_pb2.HealthResponse]]:
         """Health returns the operations health document (see deploy/runbook.md). Its
         proto3 JSON form is the runbook's /api/health/redis document.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _session_authority_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_authority_pb2.RevocationEvent], _abc.AsyncIterator[_session_authority_pb2.RevocationEvent]]:
+        """WatchRevocations streams every revocation as it becomes durable in
+        Postgres, in one order (the cursor's), exactly once past the cursor the
+        call resumes after. The first message is always a START event carrying the
+        cursor the stream starts after (the current one when `after` is empty).
+        A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+        database) ends the call with FAILED_PRECONDITION: the caller must drop
+        everything it cached and start again with an empty `after`. A watcher that
+        does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+        a draining server ends its watchers with UNAVAILABLE; resume from the last
+        cursor received on any replica. Authorised like a read.
+        The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
