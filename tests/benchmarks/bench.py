@@ -49,6 +49,9 @@ Report keys (stable; other tools read them):
   redis_bytes_per_session                        MEMORY USAGE of a cached session's key(s)
   revocation_propagation_p99_ms                  Invalidate sent to one replica until the other
                                                  answers revoked
+  watch_propagation_p99_ms                       Invalidate sent to one replica until its
+                                                 WatchRevocations event reaches a watcher on the
+                                                 other (another process sharing Postgres/Redis)
   workers, load_generator, cores
 Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
@@ -134,6 +137,7 @@ REQUIRED_KEYS = (
     "invalidate_user_speedup",
     "redis_bytes_per_session",
     "revocation_propagation_p99_ms",
+    "watch_propagation_p99_ms",
     "workers",
     "load_generator",
     "cores",
@@ -689,6 +693,40 @@ class Bench:
         self.report["revocation_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
         self.report["revocation_stale_answers"] = stale
 
+    async def watch_propagation(self) -> None:
+        """Invalidate on one replica; the event at a watcher of the other, one at a time."""
+        samples = 60 if self.args.quick else 300
+        times: list[float] = []
+        hit, replica = self.servers["hit"].target, self.servers["replica"].target
+        async with (
+            grpc.aio.insecure_channel(hit, options=NO_PROXY) as a,
+            grpc.aio.insecure_channel(replica, options=NO_PROXY) as b,
+        ):
+            one, other = pb_grpc.SessionAuthorityStub(a), pb_grpc.SessionAuthorityStub(b)
+            stream = other.WatchRevocations(pb.WatchRevocationsRequest())
+            start = await stream.read()
+            if start.kind != pb.REVOCATION_EVENT_KIND_START:
+                self.problems.append(f"watch: the first message is not START: {start}")
+            for i in range(samples):
+                created = await one.CreateSession(pb.CreateSessionRequest(user_id=f"watch-{i}"))
+                sid = created.session.session_id
+                started = time.perf_counter()
+                await one.Invalidate(pb.InvalidateRequest(session_id=sid))
+                while True:
+                    event = await asyncio.wait_for(stream.read(), 10)
+                    if event is grpc.aio.EOF:
+                        self.problems.append("watch: the stream ended")
+                        return
+                    if event.session_id == sid:
+                        break
+                times.append((time.perf_counter() - started) * 1000)
+                if event.reason != pb.REVOCATION_REASON_EXPLICIT:
+                    self.problems.append(f"watch: reason {event.reason} for an Invalidate")
+            stream.cancel()
+        times.sort()
+        self.report["watch_propagation_p50_ms"] = round(_pct(times, 0.5), 3)
+        self.report["watch_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
+
     # --- helpers ------------------------------------------------------------------------
 
     async def _insert_sessions(self, user: str, count: int) -> list[str]:
@@ -772,6 +810,7 @@ class Bench:
             await self.misses()
             await self.invalidation()
             await self.propagation()
+            await self.watch_propagation()
         finally:
             await self.stop_servers()
         self.report["bench_seconds"] = round(time.monotonic() - started, 1)

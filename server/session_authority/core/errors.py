@@ -6,6 +6,8 @@ the transport reports it as INTERNAL (logged once). The tree::
     SessionAuthorityError
     ├── InvalidArgument      bad input; names the offending field (never echoes a token)
     ├── RateLimited          this caller sent too many unknown tokens; retry later
+    ├── CursorExpired        a WatchRevocations cursor older than the retention (or
+    │                        another database's): the watcher must start over
     ├── Unavailable          the authority cannot answer now (fails closed: never "valid")
     │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
     └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
@@ -27,6 +29,7 @@ __all__ = [
     "CacheReplaced",
     "CacheUnavailable",
     "CircuitOpen",
+    "CursorExpired",
     "InvalidArgument",
     "RateLimited",
     "SessionAuthorityError",
@@ -52,6 +55,11 @@ class InvalidArgument(SessionAuthorityError):
 
 class RateLimited(SessionAuthorityError):
     """The caller is over a limit (unknown tokens reaching Postgres); nothing was asked."""
+
+
+class CursorExpired(SessionAuthorityError):
+    """A watch cannot resume after this cursor: events after it were pruned,
+    or it is another database's. The watcher must drop what it cached."""
 
 
 class Unavailable(SessionAuthorityError):

@@ -29,6 +29,7 @@ from session_authority.core.ports import SessionStore
 from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
 from session_authority.core.validation import CallerKey, Validator
+from session_authority.core.watch import RevocationWatch
 
 __all__ = ["CorePolicy", "SessionAuthority"]
 
@@ -48,6 +49,8 @@ class SessionAuthority:
     #: over it, with no collaborator of its own.
     store: SessionStore
     store_breaker: Breaker | None = None
+    #: WatchRevocations' reader and watchers (``watch.py``); None: not offered.
+    watch: RevocationWatch | None = None
 
     async def create(
         self, user_id: str, ttl: timedelta | None, metadata: Mapping[str, str]
@@ -90,6 +93,8 @@ class SessionAuthority:
 
     async def aclose(self) -> None:
         """Stop background work: refreshes, the breakers' timers and probes."""
+        if self.watch is not None:
+            self.watch.close()
         await self.validator.aclose()
         await self.breaker.aclose()
         if self.store_breaker is not None:

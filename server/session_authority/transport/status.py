@@ -13,6 +13,7 @@ from session_authority.core.errors import (
     CacheReplaced,
     CacheUnavailable,
     CircuitOpen,
+    CursorExpired,
     InvalidArgument,
     RateLimited,
     SessionAuthorityError,
@@ -28,6 +29,7 @@ __all__ = ["STATUS_FOR", "status_for"]
 STATUS_FOR: dict[type[SessionAuthorityError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    CursorExpired: grpc.StatusCode.FAILED_PRECONDITION,
     StoreBusy: grpc.StatusCode.UNAVAILABLE,
     StoreTimeout: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
