@@ -702,9 +702,11 @@ class Bench:
             grpc.aio.insecure_channel(hit, options=NO_PROXY) as a,
             grpc.aio.insecure_channel(replica, options=NO_PROXY) as b,
         ):
-            one, other = pb_grpc.SessionAuthorityStub(a), pb_grpc.SessionAuthorityStub(b)
+            one: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(a)
+            other: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(b)
             stream = other.WatchRevocations(pb.WatchRevocationsRequest())
             start = await stream.read()
+            assert isinstance(start, pb.RevocationEvent), start
             if start.kind != pb.REVOCATION_EVENT_KIND_START:
                 self.problems.append(f"watch: the first message is not START: {start}")
             for i in range(samples):
@@ -717,6 +719,7 @@ class Bench:
                     if event is grpc.aio.EOF:
                         self.problems.append("watch: the stream ended")
                         return
+                    assert isinstance(event, pb.RevocationEvent)
                     if event.session_id == sid:
                         break
                 times.append((time.perf_counter() - started) * 1000)

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -85,18 +85,19 @@ def replicas(
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stubs(
     replicas: dict[str, Any],
-) -> AsyncIterator[tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub]]:
+) -> AsyncIterator[tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub]]:
     async with (
         grpc.aio.insecure_channel(replicas["a"], options=NO_PROXY) as a,
         grpc.aio.insecure_channel(replicas["b"], options=NO_PROXY) as b,
     ):
-        one, other = pb_grpc.SessionAuthorityStub(a), pb_grpc.SessionAuthorityStub(b)
+        one: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(a)
+        other: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(b)
         await _until_serving(one, replicas["logs"] / "a.log")
         await _until_serving(other, replicas["logs"] / "b.log")
         yield one, other
 
 
-async def _until_serving(stub: pb_grpc.SessionAuthorityStub, log: Path) -> None:
+async def _until_serving(stub: pb_grpc.SessionAuthorityAsyncStub, log: Path) -> None:
     """Until the server answers Health (the machine may be loaded: 120 s at most)."""
     async with asyncio.timeout(120):
         while True:
@@ -126,26 +127,33 @@ async def _insert(dsn: str, user: str, count: int) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-async def _take(stream: Any, count: int, timeout: float = 20) -> list[pb.RevocationEvent]:
+async def _read(stream: Any) -> pb.RevocationEvent:
+    event = await stream.read()
+    assert isinstance(event, pb.RevocationEvent), event
+    return event
+
+
+async def _take(stream: Any, count: int, within: float = 20) -> list[pb.RevocationEvent]:
+    """The next ``count`` REVOKED events of ``stream``."""
     got: list[pb.RevocationEvent] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while len(got) < count:
             event = await stream.read()
-            assert event is not grpc.aio.EOF, f"stream ended after {len(got)}"
+            assert isinstance(event, pb.RevocationEvent), f"stream ended after {len(got)}"
             assert event.kind == REVOKED
             got.append(event)
     return got
 
 
 async def test_events_through_stubs_and_grpcurl(
-    stubs: tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub],
+    stubs: tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub],
     replicas: dict[str, Any],
 ) -> None:
     one, other = stubs
     stream = other.WatchRevocations(pb.WatchRevocationsRequest())
-    start = await stream.read()
+    start = await _read(stream)
     assert start.kind == START and len(start.cursor) == 41 and not start.session_id
-    grpcurl = subprocess.Popen(
+    grpcurl = subprocess.Popen(  # noqa: ASYNC220  (started, then read in a thread)
         [
             tool("grpcurl"),
             "-plaintext",
@@ -223,7 +231,8 @@ if sys.argv[3] == "small-window":  # the transport takes ~16 KB ahead of the app
     options += [("grpc.http2.lookahead_bytes", 16384), ("grpc.http2.bdp_probe", 0)]
 ch = grpc.insecure_channel(sys.argv[1], options=options)
 try:
-    for e in g.SessionAuthorityStub(ch).WatchRevocations(pb.WatchRevocationsRequest(after=sys.argv[2])):
+    request = pb.WatchRevocationsRequest(after=sys.argv[2])
+    for e in g.SessionAuthorityStub(ch).WatchRevocations(request):
         print(e.kind, e.cursor, e.session_id, flush=True)
 except grpc.RpcError as exc:
     print("STATUS", exc.code().name, exc.details(), flush=True)
@@ -243,6 +252,14 @@ def _watcher(
         )
 
 
+async def _until(check: Callable[[], bool], within: float = 20) -> None:
+    for _ in range(round(within / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {within} s")
+
+
 def _lines(out: Path) -> list[list[str]]:
     """The watcher's complete lines (a SIGKILL may cut the last one)."""
     text = out.read_text()
@@ -250,7 +267,7 @@ def _lines(out: Path) -> list[list[str]]:
 
 
 async def test_killed_watcher_resumes_from_its_cursor(
-    stubs: tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub],
+    stubs: tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub],
     replicas: dict[str, Any],
     tmp_path: Path,
 ) -> None:
@@ -260,7 +277,7 @@ async def test_killed_watcher_resumes_from_its_cursor(
     one, other = stubs
     ids = await _insert(replicas["dsn"], "watch-kill", 300)
     start_stream = other.WatchRevocations(pb.WatchRevocationsRequest())
-    start = (await start_stream.read()).cursor
+    start = (await _read(start_stream)).cursor
     start_stream.cancel()
     out = tmp_path / "first.txt"
     first = _watcher(replicas["b"], start, out)
@@ -271,15 +288,13 @@ async def test_killed_watcher_resumes_from_its_cursor(
 
     writer = asyncio.create_task(revoke())
     try:
-        async with asyncio.timeout(20):
-            while sum(1 for line in _lines(out) if line[0] == str(REVOKED)) < 60:
-                await asyncio.sleep(0.02)
+        await _until(lambda: sum(1 for line in _lines(out) if line[0] == str(REVOKED)) >= 60)
         first.kill()
         first.wait()
         seen_first = [line for line in _lines(out) if line[0] == str(REVOKED)]
         cursor = seen_first[-1][1]
         stream = other.WatchRevocations(pb.WatchRevocationsRequest(after=cursor))
-        assert (await stream.read()).cursor == cursor  # START: resumed where asked
+        assert (await _read(stream)).cursor == cursor  # START: resumed where asked
         ours = set(ids)
         second: list[pb.RevocationEvent] = []
         async with asyncio.timeout(20):
@@ -299,7 +314,7 @@ async def test_killed_watcher_resumes_from_its_cursor(
 
 
 async def test_out_of_order_commits_are_delivered_once_in_order(
-    stubs: tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub],
+    stubs: tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub],
     replicas: dict[str, Any],
 ) -> None:
     """T1 writes its event first (lower seq), T2 second; T2 commits first. A
@@ -308,7 +323,7 @@ async def test_out_of_order_commits_are_delivered_once_in_order(
     _, other = stubs
     s1, s2 = await _insert(replicas["dsn"], "watch-order", 2)
     stream = other.WatchRevocations(pb.WatchRevocationsRequest())
-    await stream.read()
+    await _read(stream)
     t1, t2 = await asyncpg.connect(replicas["dsn"]), await asyncpg.connect(replicas["dsn"])
     try:
         tx1, tx2 = t1.transaction(), t2.transaction()
@@ -336,7 +351,7 @@ async def test_out_of_order_commits_are_delivered_once_in_order(
 
 
 async def test_slow_watcher_cut_off_while_a_fast_one_gets_all_5000(
-    stubs: tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub],
+    stubs: tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub],
     replicas: dict[str, Any],
     tmp_path: Path,
 ) -> None:
@@ -350,20 +365,18 @@ async def test_slow_watcher_cut_off_while_a_fast_one_gets_all_5000(
     # Its HTTP/2 window is small, so that a few hundred events fill what the
     # frozen process's transport would take (the default takes megabytes).
     slow = _watcher(replicas["b"], "", out, window="small-window")
-    async with asyncio.timeout(20):
-        while not _lines(out):
-            await asyncio.sleep(0.02)
+    await _until(lambda: bool(_lines(out)))
     os.kill(slow.pid, signal.SIGSTOP)
     server = psutil.Process(replicas["b_pid"])
     fast = other.WatchRevocations(pb.WatchRevocationsRequest())
-    await fast.read()
+    await _read(fast)
     try:
         rss_before = server.memory_info().rss
         got: list[pb.RevocationEvent] = []
         for user in users:
             reply = await one.InvalidateUser(pb.InvalidateUserRequest(user_id=user))
             assert reply.revoked_count == 5000
-            got += await _take(fast, 5000, timeout=30)
+            got += await _take(fast, 5000, within=30)
         rss_after = server.memory_info().rss
     finally:
         os.kill(slow.pid, signal.SIGCONT)
@@ -387,12 +400,12 @@ async def test_slow_watcher_cut_off_while_a_fast_one_gets_all_5000(
 
 
 async def test_resume_past_retention_or_from_elsewhere_is_refused(
-    stubs: tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub],
+    stubs: tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub],
     replicas: dict[str, Any],
 ) -> None:
     one, other = stubs
     stream = other.WatchRevocations(pb.WatchRevocationsRequest())
-    old = (await stream.read()).cursor
+    old = (await _read(stream)).cursor
     stream.cancel()
     [sid] = await _insert(replicas["dsn"], "watch-retention", 1)
     await one.Invalidate(pb.InvalidateRequest(session_id=sid))
@@ -413,7 +426,7 @@ async def test_resume_past_retention_or_from_elsewhere_is_refused(
     async def first_of(after: str) -> pb.RevocationEvent:
         call = other.WatchRevocations(pb.WatchRevocationsRequest(after=after))
         try:
-            return await call.read()
+            return await _read(call)
         finally:
             call.cancel()
 
@@ -433,17 +446,21 @@ async def test_resume_past_retention_or_from_elsewhere_is_refused(
 
 
 async def test_draining_replica_ends_its_watchers_with_their_cursor(
-    stubs: tuple[pb_grpc.SessionAuthorityStub, pb_grpc.SessionAuthorityStub],
+    stubs: tuple[pb_grpc.SessionAuthorityAsyncStub, pb_grpc.SessionAuthorityAsyncStub],
     replicas: dict[str, Any],
 ) -> None:
     _, other = stubs
     stream = other.WatchRevocations(pb.WatchRevocationsRequest())
-    start = await stream.read()
+    start = await _read(stream)
     replicas["b_proc"].send_signal(signal.SIGTERM)
-    with pytest.raises(grpc.aio.AioRpcError) as ended:
+
+    async def to_the_end() -> None:
         async with asyncio.timeout(15):
-            while (await stream.read()) is not grpc.aio.EOF:
-                pass
+            while True:  # the stream ends with an error: _read raises it
+                await _read(stream)
+
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await to_the_end()
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     assert f"resume after {start.cursor}" in (ended.value.details() or "")
     assert await asyncio.to_thread(replicas["b_proc"].wait, 20) == 0
