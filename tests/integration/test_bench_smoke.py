@@ -43,5 +43,7 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     # Read from /proc/stat: what the host took from our vCPUs during each paced latency run.
     assert report["hit_latency_steal_seconds"] >= 0
     assert report["ceiling_latency_steal_seconds"] >= 0
+    # A watcher on the replica saw each Invalidate made on the other server.
+    assert 0 < report["watch_propagation_p50_ms"] <= report["watch_propagation_p99_ms"]
     # Revocations were acknowledged by the two replicas' workers, and by nothing else.
     assert report["revocation_subscribers"] == 2 * report["workers"]
