@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     """Redis URL for the cache (unset: no cache, every validation reads Postgres):
     redis://, rediss://, unix://, or a Sentinel set,
     redis+sentinel://[user:pass@]host:26379,host:26379/<master-name>[/db] (rediss+sentinel: TLS)."""
+    database_listen_url: str | None = Field(default=None, repr=False)
+    """Postgres DSN of the one LISTEN connection per process that wakes
+    WatchRevocations (default: DATABASE_URL). Must reach Postgres or a
+    session-mode pool: PgBouncer's transaction pooling cannot LISTEN."""
 
     host: str = "0.0.0.0"  # noqa: S104  (a service listens on every interface; `dev` binds loopback)
     """gRPC listen address."""
@@ -75,6 +79,21 @@ class Settings(BaseSettings):
     revocation_skew_seconds: float = Field(default=_CORE.revocation_skew, ge=0)
     """Clock difference allowed between Redis's host and Postgres's when
     revocations are replayed into a replaced Redis."""
+    revocation_event_retention_seconds: float = Field(default=86_400.0, gt=0)
+    """WatchRevocations: events are kept this long (Postgres's clock); a watcher
+    resuming from an older cursor is refused (FAILED_PRECONDITION)."""
+    revocation_event_prune_seconds: float = Field(default=60.0, ge=0)
+    """How often each process deletes events past the retention, in batches of
+    10,000 (at most 100 a pass; 0: this process never prunes)."""
+    watch_max_watchers: int = Field(default=1000, ge=1)
+    """Concurrent WatchRevocations streams of authenticated callers per process,
+    counted apart from MAX_CONCURRENT_RPCS; beyond: RESOURCE_EXHAUSTED."""
+    watch_stall_timeout_ms: int = Field(default=10_000, gt=0)
+    """A watcher whose stream takes no message for this long (it stopped
+    reading) is ended with RESOURCE_EXHAUSTED; it resumes from its cursor."""
+    watch_poll_ms: int = Field(default=1000, gt=0)
+    """WatchRevocations reads the event record at least this often, should a
+    NOTIFY be lost (the bound on an event's delay without one)."""
     unknown_token_rate: float = Field(default=_CORE.unknown_token_rate, ge=0)
     """Per caller (peer address), unknown tokens per second that may reach Postgres (0: off)."""
     unknown_token_burst: int = Field(default=_CORE.unknown_token_burst, ge=1)

@@ -58,6 +58,9 @@ Report keys (stable; other tools read them):
                                                  p99 at the same rate, paced alike, in the same
                                                  run (the target: touch_max_ms <= 3 x
                                                  touch_hit_p99_ms; touch_max_vs_hit_p99 says it)
+  watch_propagation_p99_ms                       Invalidate sent to one replica until its
+                                                 WatchRevocations event reaches a watcher on the
+                                                 other (another process sharing Postgres/Redis)
   workers, load_generator, cores
 Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
@@ -149,6 +152,7 @@ REQUIRED_KEYS = (
     "touch_p99_ms",
     "touch_max_ms",
     "touch_hit_p99_ms",
+    "watch_propagation_p99_ms",
     "workers",
     "load_generator",
     "cores",
@@ -864,6 +868,43 @@ class Bench:
         self.report["sentinel_failover_failed_window_ms"] = load.window_ms(failed, killed)
         self.report["sentinel_failover_switch_ms"] = round((switched - killed) * 1000, 1)
 
+    async def watch_propagation(self) -> None:
+        """Invalidate on one replica; the event at a watcher of the other, one at a time."""
+        samples = 60 if self.args.quick else 300
+        times: list[float] = []
+        hit, replica = self.servers["hit"].target, self.servers["replica"].target
+        async with (
+            grpc.aio.insecure_channel(hit, options=NO_PROXY) as a,
+            grpc.aio.insecure_channel(replica, options=NO_PROXY) as b,
+        ):
+            one: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(a)
+            other: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(b)
+            stream = other.WatchRevocations(pb.WatchRevocationsRequest())
+            start = await stream.read()
+            assert isinstance(start, pb.RevocationEvent), start
+            if start.kind != pb.REVOCATION_EVENT_KIND_START:
+                self.problems.append(f"watch: the first message is not START: {start}")
+            for i in range(samples):
+                created = await one.CreateSession(pb.CreateSessionRequest(user_id=f"watch-{i}"))
+                sid = created.session.session_id
+                started = time.perf_counter()
+                await one.Invalidate(pb.InvalidateRequest(session_id=sid))
+                while True:
+                    event = await asyncio.wait_for(stream.read(), 10)
+                    if event is grpc.aio.EOF:
+                        self.problems.append("watch: the stream ended")
+                        return
+                    assert isinstance(event, pb.RevocationEvent)
+                    if event.session_id == sid:
+                        break
+                times.append((time.perf_counter() - started) * 1000)
+                if event.reason != pb.REVOCATION_REASON_EXPLICIT:
+                    self.problems.append(f"watch: reason {event.reason} for an Invalidate")
+            stream.cancel()
+        times.sort()
+        self.report["watch_propagation_p50_ms"] = round(_pct(times, 0.5), 3)
+        self.report["watch_propagation_p99_ms"] = round(_pct(times, 0.99), 3)
+
     # --- helpers ------------------------------------------------------------------------
 
     async def _insert_sessions(self, user: str, count: int) -> list[str]:
@@ -950,6 +991,7 @@ class Bench:
             await self.propagation()
             if not self.args.quick:
                 await self.sentinel_failover()
+            await self.watch_propagation()
         finally:
             await self.stop_servers()
         self.report["bench_seconds"] = round(time.monotonic() - started, 1)

@@ -46,5 +46,7 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     # TouchSession on one hot session: at most one Postgres write per TOUCH_INTERVAL.
     assert report["touch_calls"] > 0
     assert 1 <= report["touch_hot_session_writes"] <= report["touch_write_bound"]
+    # A watcher on the replica saw each Invalidate made on the other server.
+    assert 0 < report["watch_propagation_p50_ms"] <= report["watch_propagation_p99_ms"]
     # Revocations were acknowledged by the two replicas' workers, and by nothing else.
     assert report["revocation_subscribers"] == 2 * report["workers"]

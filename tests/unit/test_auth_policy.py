@@ -100,7 +100,7 @@ def test_every_rpc_of_the_service_is_declared_on_the_servicer() -> None:
     assert sorted(access) == sorted(f"{SVC}/{m.name}" for m in service.methods)
     assert {m for m, kind in access.items() if kind == "read"} == {VALIDATE, HEALTH}
     # Reads that show other users' sessions: never anonymous.
-    sensitive = {f"{SVC}/ListUserSessions"}
+    sensitive = {f"{SVC}/ListUserSessions", f"{SVC}/WatchRevocations"}
     assert {m for m, kind in access.items() if kind == "sensitive_read"} == sensitive
 
 
@@ -207,8 +207,9 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     policy = auth_policy(settings)
     assert policy.enforced
     assert policy.allowed == {LOGIN, "apikey:login"}
-    assert policy.reads == {VALIDATE, HEALTH, f"{SVC}/ListUserSessions"}
-    assert policy.sensitive_reads == {f"{SVC}/ListUserSessions"}
+    sensitive = {f"{SVC}/ListUserSessions", f"{SVC}/WatchRevocations"}
+    assert policy.reads == {VALIDATE, HEALTH, *sensitive}
+    assert policy.sensitive_reads == sensitive
     assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER, TOUCH}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"
     assert policy.decide(PROBE, ANONYMOUS) is None

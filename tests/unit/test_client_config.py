@@ -55,11 +55,11 @@ def test_retries_only_the_idempotent_rpcs_on_unavailable_with_round_robin() -> N
     retried, plain = config["methodConfig"]
     assert {n["method"] for n in retried["name"]} == set(IDEMPOTENT)
     assert retried["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
-    assert [n["method"] for n in plain["name"]] == ["CreateSession"]
+    assert [n["method"] for n in plain["name"]] == ["CreateSession", "WatchRevocations"]
     assert "retryPolicy" not in plain
     # Every RPC of the service is classified: a new one cannot slip in unconsidered.
     methods = set(pb.DESCRIPTOR.services_by_name["SessionAuthority"].methods_by_name)
-    assert methods == set(IDEMPOTENT) | {"CreateSession"}
+    assert methods == set(IDEMPOTENT) | {"CreateSession", "WatchRevocations"}
     assert {n["service"] for n in retried["name"] + plain["name"]} == {SERVICE}
     no_retry = json.loads(_options(retry=Retry(max_attempts=1))["grpc.service_config"])
     assert "retryPolicy" not in no_retry["methodConfig"][0]

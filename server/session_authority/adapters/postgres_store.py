@@ -16,6 +16,7 @@ from session_authority.core.domain import Position, Session, SessionSummary, Tok
 from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation, Touched
+from session_authority.core.watch import MAX_SEQ, Cursor, EventPage, RevocationEvent
 from session_authority.core.watermark import RevocationMarks, horizon_below, mark_of, parse_mark
 
 __all__ = ["STORE_ERRORS", "PostgresSessionStore"]
@@ -38,6 +39,10 @@ STORE_ERRORS = (
     TimeoutError,
 )
 
+# The revocation's reason, for its event (migration 0006): the statement sets the
+# transaction-local `session_authority.revocation_reason` before any row is updated
+# (an uncorrelated subquery is evaluated once, first), and the statement-level
+# trigger reads it at the statement's end. Writers that do not set it are `admin`.
 # Revocations are stamped by Postgres's clock (now()), never a replica's, and
 # revoke whatever is not yet revoked, expired or not: a replica whose clock runs
 # fast must not leave a session unrevoked that another replica still caches.
@@ -50,6 +55,7 @@ WITH target AS (
     UPDATE sessions s SET revoked_at = now(), purge_pending = true
     FROM target t
     WHERE s.session_id = t.session_id AND s.revoked_at IS NULL
+      AND (SELECT set_config('session_authority.revocation_reason', 'explicit', true)) IS NOT NULL
     RETURNING s.session_id, s.expires_at > now() AS live
 )
 SELECT t.token_hash, COALESCE((SELECT live FROM upd), false) AS revoked_now
@@ -125,6 +131,52 @@ FROM target t LEFT JOIN upd u ON true
 """
 _TOUCH_BY_HASH = _TOUCH.format(column="token_hash")
 _TOUCH_BY_ID = _TOUCH.format(column="session_id")
+
+
+# One statement, so one snapshot: the events after the cursor below the horizon
+# (the snapshot's xmin: every older transaction has ended), the floor of what was
+# pruned, the snapshot's xmax, and whether committed events wait above the horizon.
+# Always at least one row (the LEFT JOIN); event columns are NULL when there is none.
+_EVENTS_AFTER = """
+WITH h AS MATERIALIZED (
+    SELECT s.xmin, s.xmax, f.xid AS floor_xid, f.seq AS floor_seq,
+           (SELECT max(xid) FROM revocation_events) >= s.xmin AS pending
+    FROM (SELECT pg_snapshot_xmin(c)::text::bigint AS xmin,
+                 pg_snapshot_xmax(c)::text::bigint AS xmax
+          FROM pg_current_snapshot() AS c) s
+    CROSS JOIN revocation_event_floor f
+)
+SELECT h.xmin, h.xmax, h.floor_xid, h.floor_seq, h.pending,
+       e.xid, e.seq, e.session_id, e.user_id, e.reason, e.revoked_at
+FROM h
+LEFT JOIN LATERAL (
+    SELECT * FROM revocation_events e
+    WHERE (e.xid, e.seq) > ($1::bigint, $2::bigint) AND e.xid < h.xmin
+    ORDER BY e.xid, e.seq
+    LIMIT $3
+) e ON true
+ORDER BY e.xid, e.seq
+"""
+
+# A bounded batch: the oldest events past the retention (Postgres's clock), rows
+# another replica is deleting skipped, and the floor raised to the highest
+# position deleted (never lowered), in one statement.
+_PRUNE_EVENTS = """
+WITH gone AS (
+    DELETE FROM revocation_events WHERE seq IN (
+        SELECT seq FROM revocation_events
+        WHERE recorded_at < now() - make_interval(secs => $1)
+        ORDER BY recorded_at LIMIT $2
+        FOR UPDATE SKIP LOCKED)
+    RETURNING xid, seq
+), top AS (
+    SELECT xid, seq FROM gone ORDER BY xid DESC, seq DESC LIMIT 1
+), raised AS (
+    UPDATE revocation_event_floor f SET xid = top.xid, seq = top.seq
+    FROM top WHERE (top.xid, top.seq) > (f.xid, f.seq)
+)
+SELECT count(*) FROM gone
+"""
 
 
 class PostgresSessionStore:
@@ -250,6 +302,8 @@ class PostgresSessionStore:
             rows = await conn.fetch(
                 """UPDATE sessions SET revoked_at = now(), purge_pending = true
                    WHERE user_id = $1 AND revoked_at IS NULL
+                     AND (SELECT set_config('session_authority.revocation_reason', 'user_wide',
+                                            true)) IS NOT NULL
                    RETURNING token_hash, expires_at > now() AS revoked_now""",
                 user_id,
             )
@@ -377,6 +431,38 @@ class PostgresSessionStore:
         if secret is None:  # the migration makes it: missing means not migrated
             raise StoreUnavailable("no page token secret in Postgres: run `migrate`")
         return bytes(secret)
+
+    # --- RevocationLog (core/watch.py) ------------------------------------------------
+
+    async def revocation_events_after(self, after: Cursor | None, limit: int) -> EventPage:
+        xid, seq = (MAX_SEQ, MAX_SEQ) if after is None else after  # None: no events
+        async with self._connection() as conn:
+            rows = await conn.fetch(_EVENTS_AFTER, xid, seq, 0 if after is None else limit)
+        head = rows[0]
+        xmin = int(head["xmin"])
+        events = [
+            RevocationEvent(
+                cursor=(int(r["xid"]), int(r["seq"])),
+                session_id=str(r["session_id"]),
+                user_id=r["user_id"],
+                reason=r["reason"],
+                revoked_at=r["revoked_at"],
+            )
+            for r in rows
+            if r["seq"] is not None
+        ]
+        return EventPage(
+            events=events,
+            horizon=(xmin - 1, MAX_SEQ),
+            floor=(int(head["floor_xid"]), int(head["floor_seq"])),
+            xmax=int(head["xmax"]),
+            pending=head["pending"] is True,
+        )
+
+    async def prune_revocation_events(self, older_than: float, limit: int) -> int:
+        async with self._connection() as conn:
+            deleted = await conn.fetchval(_PRUNE_EVENTS, older_than, limit)
+        return int(deleted)
 
     async def health(self) -> StoreHealth:
         stats = self.pool_stats()

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from session_authority.adapters.postgres_listener import PostgresRevocationListener
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
@@ -58,6 +59,7 @@ class App:
     port: int = 0
     telemetry: Telemetry | None = None
     bus: RedisRevocationBus | None = None
+    listener: PostgresRevocationListener | None = None
     serving: bool = False
     """What the standard health service says (SERVING); ``/readyz`` answers it."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -123,6 +125,9 @@ class App:
         gate = AdmissionGate(
             authoriser,
             authenticated=Budget(settings.max_concurrent_rpcs),
+            # Long-lived streams hold no slot of the unary calls' budget.
+            streams=Budget(settings.watch_max_watchers, full="streams_full"),
+            stream_methods=frozenset({f"/{SERVICE_NAME}/WatchRevocations"}),
             public=Budget(settings.max_public_rpcs, settings.max_public_rpcs_per_peer),
             idle=settings.request_idle_timeout_ms / 1000,
             on_refused=telemetry.rpc_refused,
@@ -139,7 +144,12 @@ class App:
         # It implements the two registration methods the generated code calls.
         services = cast(grpc.aio.Server, decorating)
         # Requests are decoded inside the call: garbage is INVALID_ARGUMENT, not UNKNOWN.
-        servicer = SessionAuthorityServicer(core, worker=worker[0], workers=worker[1])
+        servicer = SessionAuthorityServicer(
+            core,
+            worker=worker[0],
+            workers=worker[1],
+            watch_stall=settings.watch_stall_timeout_ms / 1000,
+        )
         add_to_server(servicer, services)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, services)
@@ -155,7 +165,19 @@ class App:
             port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot bind {address}")
-        app = cls(settings, core, store, cache, server, health, drain, port, telemetry, built.bus)
+        app = cls(
+            settings,
+            core,
+            store,
+            cache,
+            server,
+            health,
+            drain,
+            port,
+            telemetry,
+            built.bus,
+            built.listener,
+        )
         await app._begin(telemetry, admin_socket)
         return app
 
@@ -192,6 +214,14 @@ class App:
         gc.freeze()
         await server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health-watch"))
+        if core.watch is not None:
+            self._tasks.append(asyncio.create_task(core.watch.run(), name="revocation-watch"))
+            if settings.revocation_event_prune_seconds > 0:
+                self._tasks.append(
+                    asyncio.create_task(core.watch.run_pruning(), name="revocation-event-prune")
+                )
+            if self.listener is not None:
+                self.listener.start()
         if cache is not None and settings.revocation_sweep_seconds > 0:
             self._tasks.append(
                 asyncio.create_task(
@@ -247,6 +277,11 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING first, finish in-flight RPCs, close pools."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        if self.core.watch is not None:
+            # Watchers end at once with UNAVAILABLE and their cursor: they resume elsewhere.
+            self.core.watch.close()
+        if self.listener is not None:
+            await self.listener.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

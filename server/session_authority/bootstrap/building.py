@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from session_authority.adapters.postgres_listener import PostgresRevocationListener
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
@@ -15,6 +16,7 @@ from session_authority.core.errors import StoreUnavailable
 from session_authority.core.local import LocalCache
 from session_authority.core.miss_limit import MissLimit
 from session_authority.core.service import SessionAuthority
+from session_authority.core.watch import RevocationWatch
 from session_authority.observability import Telemetry
 
 __all__ = ["Built", "build_core"]
@@ -28,6 +30,8 @@ class Built:
     store: PostgresSessionStore
     cache: RedisSessionCache | None
     bus: RedisRevocationBus | None
+    #: Wakes ``core.watch`` when a revocation commits (one LISTEN connection).
+    listener: PostgresRevocationListener | None = None
 
 
 def build_core(
@@ -68,6 +72,18 @@ def build_core(
         telemetry.watch_breaker(breaker)
         if store_breaker is not None:
             telemetry.watch_breaker(store_breaker)
+    watch = RevocationWatch(
+        store,
+        poll=settings.watch_poll_ms / 1000,
+        retention=settings.revocation_event_retention_seconds,
+        prune_every=settings.revocation_event_prune_seconds,
+    )
+    listener = PostgresRevocationListener(
+        settings.database_listen_url or settings.database_url,
+        watch.wake,
+        check=settings.watch_poll_ms / 1000,
+        timeout=(settings.pg_pool_timeout_ms + settings.pg_command_timeout_ms) / 1000,
+    )
     local, bus = _local_cache(settings)
     if telemetry is not None and bus is not None:
         telemetry.watch_bus(bus)
@@ -83,8 +99,9 @@ def build_core(
         local=local,
         feed=bus,
         miss_limit=miss_limit,
+        watch=watch,
     )
-    return Built(core, store, cache, bus)
+    return Built(core, store, cache, bus, listener)
 
 
 def _local_cache(settings: Settings) -> tuple[LocalCache | None, RedisRevocationBus | None]:

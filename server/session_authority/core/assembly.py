@@ -27,6 +27,7 @@ from session_authority.core.service import SessionAuthority
 from session_authority.core.telemetry import CoreMetrics, NoMetrics
 from session_authority.core.touch import Toucher
 from session_authority.core.validation import Validator
+from session_authority.core.watch import RevocationWatch
 
 __all__ = ["assemble_core"]
 
@@ -48,6 +49,7 @@ def assemble_core(
     local: LocalCache | None = None,
     feed: RevocationFeed | None = None,
     miss_limit: MissLimit | None = None,
+    watch: RevocationWatch | None = None,
 ) -> SessionAuthority:
     """The core's collaborators over the given ports (no I/O). Both ports go
     behind their breakers the same way (``core/guarded.py``), each timed into
@@ -123,6 +125,7 @@ def assemble_core(
             feed=feed,
         ),
         store_breaker=store_breaker,
+        watch=watch,
     )
 
 

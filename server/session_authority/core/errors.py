@@ -8,6 +8,8 @@ the transport reports it as INTERNAL (logged once). The tree::
     ├── RateLimited          this caller sent too many unknown tokens; retry later
     ├── SessionNotFound      no session has this token or id (TouchSession)
     ├── SessionNotLive       the session is revoked or expired; it needs a live one
+    ├── CursorExpired        a WatchRevocations cursor older than the retention (or
+    │                        another database's): the watcher must start over
     ├── Unavailable          the authority cannot answer now (fails closed: never "valid")
     │   └── StoreUnavailable   Postgres, the source of truth, is unreachable or failing
     └── CacheUnavailable     Redis is unreachable, failing or slow; handled inside the
@@ -29,6 +31,7 @@ __all__ = [
     "CacheReplaced",
     "CacheUnavailable",
     "CircuitOpen",
+    "CursorExpired",
     "InvalidArgument",
     "RateLimited",
     "SessionAuthorityError",
@@ -65,6 +68,11 @@ class SessionNotFound(SessionAuthorityError):
 class SessionNotLive(SessionAuthorityError):
     """The session exists but is revoked or expired, and the operation
     (TouchSession) needs a live one: it is never revived."""
+
+
+class CursorExpired(SessionAuthorityError):
+    """A watch cannot resume after this cursor: events after it were pruned,
+    or it is another database's. The watcher must drop what it cached."""
 
 
 class Unavailable(SessionAuthorityError):

@@ -33,6 +33,7 @@ from session_authority.core.reporting import HealthReporter
 from session_authority.core.revocation import Revoker
 from session_authority.core.touch import Touch, Toucher
 from session_authority.core.validation import CallerKey, Validator
+from session_authority.core.watch import RevocationWatch
 
 __all__ = ["CorePolicy", "SessionAuthority"]
 
@@ -54,6 +55,8 @@ class SessionAuthority:
     store: SessionStore
     toucher: Toucher
     store_breaker: Breaker | None = None
+    #: WatchRevocations' reader and watchers (``watch.py``); None: not offered.
+    watch: RevocationWatch | None = None
 
     async def create(
         self, user_id: str, ttl: timedelta | None, metadata: Mapping[str, str]
@@ -114,6 +117,8 @@ class SessionAuthority:
 
     async def aclose(self) -> None:
         """Stop background work: refreshes, the breakers' timers and probes."""
+        if self.watch is not None:
+            self.watch.close()
         await self.validator.aclose()
         await self.toucher.aclose()
         await self.breaker.aclose()

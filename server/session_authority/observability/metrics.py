@@ -265,7 +265,7 @@ class Instruments:
         self.rpc_shed = Counter(
             "session_authority_rpc_shed",
             "Calls ended by the admission gate before their request was read, by reason "
-            "(authenticated_full, public_full, peer_full: RESOURCE_EXHAUSTED; idle: "
+            "(authenticated_full, public_full, peer_full, streams_full: RESOURCE_EXHAUSTED; idle: "
             "UNAVAILABLE, no request message within REQUEST_IDLE_TIMEOUT_MS).",
             ["reason"],
             registry=registry,
@@ -276,7 +276,7 @@ class Instruments:
             "now); the previous certificate stays in use.",
             registry=registry,
         )
-        for reason in ("authenticated_full", "public_full", "peer_full", "idle"):
+        for reason in ("authenticated_full", "public_full", "peer_full", "streams_full", "idle"):
             self.rpc_shed.labels(reason)
         # Series that exist from the start read 0 rather than being absent,
         # so rate() and alerts see the first increment.

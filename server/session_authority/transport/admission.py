@@ -26,6 +26,11 @@ request stream. The gate decides, takes a slot, reads the one request message
 within the idle bound and calls the method's own behaviour on it. grpc's own
 limit is off; each connection is bounded by ``grpc.max_concurrent_streams``
 (bootstrap's ``server_options``).
+
+Long-lived reply streams of authenticated callers (WatchRevocations, named in
+``stream_methods``) take their slot from a budget of their own, ``streams``
+(``WATCH_MAX_WATCHERS``): a thousand watchers must not hold the slots unary
+calls need, nor unary load keep a watcher out.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from session_authority.transport.wrapping import Handler, WrappingInterceptor
 
 __all__ = ["AdmissionGate", "Budget", "Shed"]
 
-Shed: TypeAlias = Literal["authenticated_full", "public_full", "peer_full", "idle"]
+Shed: TypeAlias = Literal["authenticated_full", "public_full", "peer_full", "streams_full", "idle"]
 """Why the gate ended a call; the ``reason`` label of ``session_authority_rpc_shed_total``."""
 
 #: The one table from a refusal to its status and the message the caller sees.
@@ -57,6 +62,10 @@ _STATUS: dict[Shed, tuple[grpc.StatusCode, str]] = {
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "too many calls without credentials from this address",
     ),
+    "streams_full": (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "too many WatchRevocations streams on this server process (WATCH_MAX_WATCHERS)",
+    ),
     "idle": (grpc.StatusCode.UNAVAILABLE, "request message not received within {idle_ms} ms"),
 }
 _NO_MESSAGE = "request: no message received"
@@ -68,8 +77,13 @@ class Budget:
     """Concurrent calls: at most ``limit`` in all and, when ``per_peer`` is
     given, at most that many from one address."""
 
-    def __init__(self, limit: int, per_peer: int | None = None) -> None:
+    def __init__(
+        self, limit: int, per_peer: int | None = None, *, full: Shed | None = None
+    ) -> None:
+        """``full``: the refusal this budget answers when full (by default
+        ``public_full`` with a per-peer bound, else ``authenticated_full``)."""
         self.limit = limit
+        self._full: Shed = full or ("public_full" if per_peer is not None else "authenticated_full")
         self.per_peer = per_peer
         self.in_use = 0
         self._peers: dict[str, int] = {}
@@ -77,7 +91,7 @@ class Budget:
     def enter(self, peer: str) -> Shed | None:
         """Takes a slot (None), or says why there is none."""
         if self.in_use >= self.limit:
-            return "public_full" if self.per_peer is not None else "authenticated_full"
+            return self._full
         if self.per_peer is not None:
             held = self._peers.get(peer, 0)
             if held >= self.per_peer:
@@ -108,12 +122,18 @@ class AdmissionGate(WrappingInterceptor):
         authenticated: Budget,
         public: Budget,
         idle: float,
+        streams: Budget | None = None,
+        stream_methods: frozenset[str] = frozenset(),
         on_refused: Callable[[str, Shed, grpc.StatusCode], None] = lambda m, r, c: None,
     ) -> None:
         super().__init__()
         self._auth = authoriser
         self.authenticated = authenticated
         self.public = public
+        #: Long-lived reply streams (WatchRevocations) of authenticated callers
+        #: count here, not in ``authenticated``: they must not hold unary slots.
+        self.streams = streams
+        self._stream_methods = stream_methods if streams is not None else frozenset()
         self._idle = idle
         self._idle_message = _STATUS["idle"][1].format(idle_ms=round(idle * 1000))
         self._on_refused = on_refused
@@ -127,6 +147,9 @@ class AdmissionGate(WrappingInterceptor):
         else:
             caller = await self._auth.authorise(method, context)
             budget = self.authenticated if caller.authenticated else self.public
+        if budget is self.authenticated and method in self._stream_methods:
+            assert self.streams is not None
+            budget = self.streams
         peer = peer_address(context.peer()) if budget is self.public else ""
         refusal = budget.enter(peer)
         if refusal is not None:

@@ -78,7 +78,13 @@ def _method_handlers(
         request_type: type[Message] = getattr(pb, method.input_type.name)
         reply_type: type[Message] = getattr(pb, method.output_type.name)
         behavior: Behavior = getattr(servicer, method.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        # A server-streaming method is a coroutine writing its replies (context.write).
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
             _decoding(request_type, behavior, at_once.get(method.name)),
             request_deserializer=None,  # the bytes as received
             response_serializer=(

@@ -11,6 +11,7 @@ from session_authority.core.domain import Reason, Session, SessionSummary, Sourc
 from session_authority.core.errors import InvalidArgument
 from session_authority.core.health import BreakerReport, HealthReport, PoolStats
 from session_authority.core.listing import SessionPage
+from session_authority.core.watch import RevocationEvent, Start, format_cursor
 from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "session_to_pb",
     "ttl_from_pb",
     "validation_to_pb",
+    "watch_item_to_pb",
 ]
 
 _REASON = {
@@ -187,3 +189,29 @@ def _breaker(report: BreakerReport) -> pb.BreakerHealth:
         consecutive_failures=report.consecutive_failures,
         slow_call_ms=report.slow_call_ms,
     )
+
+
+_REVOCATION_REASONS = {
+    "explicit": pb.REVOCATION_REASON_EXPLICIT,
+    "user_wide": pb.REVOCATION_REASON_USER_WIDE,
+    "expired": pb.REVOCATION_REASON_EXPIRED,
+}
+
+
+def watch_item_to_pb(item: Start | RevocationEvent) -> pb.RevocationEvent:
+    """One message of WatchRevocations. A reason this release does not know
+    (an operator's setting) is ``ADMIN``: it was not one of our RPCs."""
+    if isinstance(item, Start):
+        return pb.RevocationEvent(
+            kind=pb.REVOCATION_EVENT_KIND_START, cursor=format_cursor(item.cursor)
+        )
+    out = pb.RevocationEvent(
+        kind=pb.REVOCATION_EVENT_KIND_REVOKED,
+        cursor=format_cursor(item.cursor),
+        session_id=item.session_id,
+        user_id=item.user_id,
+        reason=_REVOCATION_REASONS.get(item.reason, pb.REVOCATION_REASON_ADMIN),
+        sequence=item.sequence,
+    )
+    _set_ts(out.revoked_at, item.revoked_at)
+    return out

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from session_authority.core.domain import Validation
-from session_authority.core.errors import InvalidArgument, SessionAuthorityError
+from session_authority.core.errors import InvalidArgument, SessionAuthorityError, Unavailable
 from session_authority.core.service import SessionAuthority
 from session_authority.transport.auth import declared, mutation, read, sensitive_read
 from session_authority.transport.mapping import (
@@ -21,6 +21,7 @@ from session_authority.transport.mapping import (
     session_to_pb,
     ttl_from_pb,
     validation_to_pb,
+    watch_item_to_pb,
 )
 from session_authority.transport.peers import peer_address
 from session_authority.transport.status import status_for
@@ -51,10 +52,20 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
         return dict(declared(cls, service.full_name, (m.name for m in service.methods)))
 
-    def __init__(self, core: SessionAuthority, *, worker: int = 0, workers: int = 1) -> None:
+    def __init__(
+        self,
+        core: SessionAuthority,
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        watch_stall: float = 10.0,
+    ) -> None:
         """``worker`` of ``workers``: which process this is (``serve --workers``),
-        named in every Health reply, whose numbers are this process's own."""
+        named in every Health reply, whose numbers are this process's own.
+        ``watch_stall``: seconds a WatchRevocations message may wait to be taken
+        by its reader before the stream is ended (``WATCH_STALL_TIMEOUT_MS``)."""
         self._core = core
+        self._watch_stall = watch_stall
         self._worker = pb.WorkerInfo(index=worker, count=workers, pid=os.getpid())
         self._validate_local = core.validate_local  # bound once: the hot path's first call
         # id(answer) -> (answer, its encoded reply). The core hands out the same
@@ -211,6 +222,43 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             )
 
         return await _run(context, work)
+
+    @sensitive_read
+    async def WatchRevocations(  # type: ignore[override]  # a coroutine writing its replies
+        self, request: pb.WatchRevocationsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> None:
+        """Writes each item of ``core.watch`` (``core/watch.py``) with
+        ``context.write``, each write bounded by ``watch_stall``: a reader that
+        stops taking messages is ended with RESOURCE_EXHAUSTED once grpc's
+        flow-control window is full, so this process holds at most one page of
+        events and that window for it. The status goes behind the messages
+        already sent: the reader sees every one of them, then why it was cut."""
+        watch = self._core.watch
+        last = ""
+        try:
+            if watch is None:
+                raise Unavailable("WatchRevocations is not offered by this server")
+            async for item in watch.watch(request.after):
+                message = watch_item_to_pb(item)
+                try:
+                    async with asyncio.timeout(self._watch_stall):
+                        await context.write(message)
+                except TimeoutError:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"watcher too slow: no message taken for {self._watch_stall * 1000:.0f} "
+                        f"ms; resume after {last or 'the last cursor received'}",
+                    )
+                last = message.cursor
+        except SessionAuthorityError as exc:
+            await context.abort(status_for(exc), str(exc))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            _log.exception("unexpected error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:

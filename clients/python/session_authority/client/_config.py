@@ -45,7 +45,6 @@ __all__ = [
 SERVICE = "session_authority.v1.SessionAuthority"
 
 #: RPCs that may be sent twice with the effect of once: retried on UNAVAILABLE.
-#: (ValidateSessions, ListUserSessions, TouchSession: add them here with their methods.)
 IDEMPOTENT = (
     "ValidateSession",
     "Invalidate",
@@ -55,8 +54,9 @@ IDEMPOTENT = (
     # A touch sets the expiry from the server's now, never backwards: a repeat is harmless.
     "TouchSession",
 )
-#: RPCs never retried: a lost reply may have done the work.
-NOT_RETRIED = ("CreateSession",)
+#: RPCs gRPC never retries: CreateSession (a lost reply may have done the work) and
+#: WatchRevocations (a stream: the watcher resumes from its last cursor itself).
+NOT_RETRIED = ("CreateSession", "WatchRevocations")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,70 @@ issues, so no tier was asked (reason is REASON_UNKNOWN).
 """
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
+class _RevocationReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RevocationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevocationReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVOCATION_REASON_UNSPECIFIED: _RevocationReason.ValueType  # 0
+    REVOCATION_REASON_EXPLICIT: _RevocationReason.ValueType  # 1
+    """Invalidate named this session (by token or session id)."""
+    REVOCATION_REASON_USER_WIDE: _RevocationReason.ValueType  # 2
+    """InvalidateUser revoked every session of the user."""
+    REVOCATION_REASON_EXPIRED: _RevocationReason.ValueType  # 3
+    """Reserved: expiry is not sent as an event (a session's expires_at is
+    known to whoever validated it; judge it by that).
+    """
+    REVOCATION_REASON_ADMIN: _RevocationReason.ValueType  # 4
+    """Not revoked through this service's RPCs: an operator's SQL, or a replica
+    of a release older than the revocation stream.
+    """
+
+class RevocationReason(_RevocationReason, metaclass=_RevocationReasonEnumTypeWrapper):
+    """RevocationReason says who or what revoked a session."""
+
+REVOCATION_REASON_UNSPECIFIED: RevocationReason.ValueType  # 0
+REVOCATION_REASON_EXPLICIT: RevocationReason.ValueType  # 1
+"""Invalidate named this session (by token or session id)."""
+REVOCATION_REASON_USER_WIDE: RevocationReason.ValueType  # 2
+"""InvalidateUser revoked every session of the user."""
+REVOCATION_REASON_EXPIRED: RevocationReason.ValueType  # 3
+"""Reserved: expiry is not sent as an event (a session's expires_at is
+known to whoever validated it; judge it by that).
+"""
+REVOCATION_REASON_ADMIN: RevocationReason.ValueType  # 4
+"""Not revoked through this service's RPCs: an operator's SQL, or a replica
+of a release older than the revocation stream.
+"""
+Global___RevocationReason: _TypeAlias = RevocationReason  # noqa: Y015
+
+class _RevocationEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RevocationEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevocationEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVOCATION_EVENT_KIND_UNSPECIFIED: _RevocationEventKind.ValueType  # 0
+    REVOCATION_EVENT_KIND_START: _RevocationEventKind.ValueType  # 1
+    """The first message of every stream: only `cursor` is set, the position the
+    stream starts after (save it to resume even before any revocation).
+    """
+    REVOCATION_EVENT_KIND_REVOKED: _RevocationEventKind.ValueType  # 2
+    """One session was revoked."""
+
+class RevocationEventKind(_RevocationEventKind, metaclass=_RevocationEventKindEnumTypeWrapper):
+    """RevocationEventKind says what a RevocationEvent carries."""
+
+REVOCATION_EVENT_KIND_UNSPECIFIED: RevocationEventKind.ValueType  # 0
+REVOCATION_EVENT_KIND_START: RevocationEventKind.ValueType  # 1
+"""The first message of every stream: only `cursor` is set, the position the
+stream starts after (save it to resume even before any revocation).
+"""
+REVOCATION_EVENT_KIND_REVOKED: RevocationEventKind.ValueType  # 2
+"""One session was revoked."""
+Global___RevocationEventKind: _TypeAlias = RevocationEventKind  # noqa: Y015
+
 @_typing.final
 class Session(_message.Message):
     """Session is what the authority knows about a session. It never carries the
@@ -1147,3 +1211,82 @@ class TouchSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TouchSessionResponse: _TypeAlias = TouchSessionResponse  # noqa: Y015
+
+@_typing.final
+class WatchRevocationsRequest(_message.Message):
+    """WatchRevocationsRequest says where a watch starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Optional. Resume after this cursor (a RevocationEvent.cursor received
+    before, on any replica): every revocation after it is sent, none before.
+    Opaque: keep it as received. Empty: from now.
+    """
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRevocationsRequest: _TypeAlias = WatchRevocationsRequest  # noqa: Y015
+
+@_typing.final
+class RevocationEvent(_message.Message):
+    """RevocationEvent is one message of WatchRevocations. It never carries a token
+    or a token hash.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    kind: Global___RevocationEventKind.ValueType
+    cursor: _builtins.str
+    """Where this message is in the stream: pass it as
+    WatchRevocationsRequest.after to resume after it. Opaque; cursors of one
+    database compare as byte strings in stream order.
+    """
+    session_id: _builtins.str
+    """The revoked session's id (REVOKED only)."""
+    user_id: _builtins.str
+    """The revoked session's user (REVOKED only)."""
+    reason: Global___RevocationReason.ValueType
+    sequence: _builtins.int
+    """Postgres's number for this event (a sequence, assigned when the
+    revocation was written; unique, but transactions commit out of order, so
+    the stream's order is the cursor's, not this number's).
+    """
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session was revoked, by Postgres's clock (REVOKED only)."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___RevocationEventKind.ValueType = ...,
+        cursor: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        reason: Global___RevocationReason.ValueType = ...,
+        sequence: _builtins.int = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "kind", b"kind", "reason", b"reason", "revoked_at", b"revoked_at", "sequence", b"sequence", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevocationEvent: _TypeAlias = RevocationEvent  # noqa: Y015

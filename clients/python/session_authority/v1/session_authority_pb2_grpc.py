@@ -70,6 +70,11 @@ class SessionAuthorityStub:
                 request_serializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.SerializeToString,
                 response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.FromString,
                 _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/session_authority.v1.SessionAuthority/WatchRevocations',
+                request_serializer=session__authority_dot_v1_dot_session__authority__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.RevocationEvent.FromString,
+                _registered_method=True)
 
 
 class SessionAuthorityServicer:
@@ -140,6 +145,24 @@ class SessionAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRevocations(self, request, context):
+        """WatchRevocations streams every revocation as it becomes durable in
+        Postgres, in one order (the cursor's), exactly once past the cursor the
+        call resumes after. The first message is always a START event carrying the
+        cursor the stream starts after (the current one when `after` is empty).
+        A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+        database) ends the call with FAILED_PRECONDITION: the caller must drop
+        everything it cached and start again with an empty `after`. A watcher that
+        does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+        a draining server ends its watchers with UNAVAILABLE; resume from the last
+        cursor received on any replica. Authorised like a read.
+        The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +200,11 @@ def add_SessionAuthorityServicer_to_server(servicer, server):
                     servicer.TouchSession,
                     request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.FromString,
                     response_serializer=session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=session__authority_dot_v1_dot_session__authority__pb2.RevocationEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -369,6 +397,33 @@ class SessionAuthority:
             '/session_authority.v1.SessionAuthority/TouchSession',
             session__authority_dot_v1_dot_session__authority__pb2.TouchSessionRequest.SerializeToString,
             session__authority_dot_v1_dot_session__authority__pb2.TouchSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/session_authority.v1.SessionAuthority/WatchRevocations',
+            session__authority_dot_v1_dot_session__authority__pb2.WatchRevocationsRequest.SerializeToString,
+            session__authority_dot_v1_dot_session__authority__pb2.RevocationEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,20 @@ class SessionAuthorityStub:
     session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
     is never revived. A mutation (callers on the allow-list only).
     """
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_session_authority_pb2.WatchRevocationsRequest, _session_authority_pb2.RevocationEvent]
+    """WatchRevocations streams every revocation as it becomes durable in
+    Postgres, in one order (the cursor's), exactly once past the cursor the
+    call resumes after. The first message is always a START event carrying the
+    cursor the stream starts after (the current one when `after` is empty).
+    A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+    database) ends the call with FAILED_PRECONDITION: the caller must drop
+    everything it cached and start again with an empty `after`. A watcher that
+    does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+    a draining server ends its watchers with UNAVAILABLE; resume from the last
+    cursor received on any replica. Authorised like a read.
+    The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -111,6 +125,20 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     the session as it stands (written=false). An unknown
     session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
     is never revived. A mutation (callers on the allow-list only).
+    """
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_session_authority_pb2.WatchRevocationsRequest, _session_authority_pb2.RevocationEvent]  # type: ignore[assignment]
+    """WatchRevocations streams every revocation as it becomes durable in
+    Postgres, in one order (the cursor's), exactly once past the cursor the
+    call resumes after. The first message is always a START event carrying the
+    cursor the stream starts after (the current one when `after` is empty).
+    A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+    database) ends the call with FAILED_PRECONDITION: the caller must drop
+    everything it cached and start again with an empty `after`. A watcher that
+    does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+    a draining server ends its watchers with UNAVAILABLE; resume from the last
+    cursor received on any replica. Authorised like a read.
+    The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +219,26 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
         the session as it stands (written=false). An unknown
         session is NOT_FOUND; a revoked or expired one is FAILED_PRECONDITION and
         is never revived. A mutation (callers on the allow-list only).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _session_authority_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_authority_pb2.RevocationEvent], _abc.AsyncIterator[_session_authority_pb2.RevocationEvent]]:
+        """WatchRevocations streams every revocation as it becomes durable in
+        Postgres, in one order (the cursor's), exactly once past the cursor the
+        call resumes after. The first message is always a START event carrying the
+        cursor the stream starts after (the current one when `after` is empty).
+        A cursor older than REVOCATION_EVENT_RETENTION_SECONDS (or from another
+        database) ends the call with FAILED_PRECONDITION: the caller must drop
+        everything it cached and start again with an empty `after`. A watcher that
+        does not read for WATCH_STALL_TIMEOUT_MS is ended with RESOURCE_EXHAUSTED;
+        a draining server ends its watchers with UNAVAILABLE; resume from the last
+        cursor received on any replica. Authorised like a read.
+        The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
