@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not settings.database_url:
                 print("session-authority migrate: DATABASE_URL is required", file=sys.stderr)
                 return 2
-            return asyncio.run(_migrate(settings.database_url))
+            return asyncio.run(_migrate(settings.database_url, settings.database_pooler))
         if args.command == "health":
             from session_authority.probe import run_health
 
@@ -79,13 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-async def _migrate(dsn: str) -> int:
+async def _migrate(dsn: str, pooler: str = "none") -> int:
+    """Through a transaction pooler too (``DATABASE_POOLER``): the run is one
+    transaction, its lock ``pg_advisory_xact_lock``."""
     import asyncpg
 
     from session_authority.adapters.migrate import apply_migrations
+    from session_authority.adapters.postgres_store import pool_options
 
+    options = {k: v for k, v in pool_options(pooler).items() if k == "statement_cache_size"}
     try:
-        conn = await asyncpg.connect(dsn, timeout=10)
+        conn = await asyncpg.connect(dsn, timeout=10, **options)
     except (OSError, asyncpg.PostgresError) as exc:
         _log.error("cannot connect to %s: %s", redact_url(dsn), exc)
         return 1
@@ -108,9 +112,14 @@ def _serve_command(settings: Settings, *, migrate: bool, workers: int | None) ->
     if count == 1:
         return _run(settings, _serve(settings, migrate=migrate))
     # Migrations first, once, in the supervisor: before any fork.
-    if migrate and settings.database_url and asyncio.run(_migrate(settings.database_url)) != 0:
+    if migrate and settings.database_url and asyncio.run(_migrate(*_migrate_args(settings))) != 0:
         return 1
     return run_workers(settings, count, lambda slot: _serve_worker(settings, slot))
+
+
+def _migrate_args(settings: Settings) -> tuple[str, str]:
+    assert settings.database_url is not None
+    return settings.database_url, settings.database_pooler
 
 
 def _serve_worker(settings: Settings, slot: WorkerSlot) -> int:
@@ -154,7 +163,7 @@ async def _serve(
     on_started: Callable[[App], None] | None = None,
     worker: WorkerSlot | None = None,
 ) -> int:
-    if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
+    if migrate and settings.database_url and await _migrate(*_migrate_args(settings)) != 0:
         return 1
     # JSON logs: gRPC core's own stderr lines become JSON lines too (and its
     # handshake failures a metric). In the serving process: after the fork.

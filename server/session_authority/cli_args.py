@@ -38,7 +38,7 @@ DEV_FIXED: dict[str, object] = {
 }
 _DEV_OWN = ("port", "database_url", "redis_url")  # --port, its private servers
 #: The variables ``migrate`` uses (it validates the others as ``serve`` would).
-_MIGRATE_READS = ("database_url", "log_level")
+_MIGRATE_READS = ("database_url", "database_pooler", "log_level")
 
 
 def env_help(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> str:

@@ -17,7 +17,10 @@ from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation
 from session_authority.core.watermark import RevocationMarks, horizon_below, mark_of, parse_mark
 
-__all__ = ["STORE_ERRORS", "PostgresSessionStore"]
+__all__ = ["POOLERS", "STORE_ERRORS", "PostgresSessionStore", "pool_options"]
+
+#: ``DATABASE_POOLER``'s values: what stands between us and Postgres.
+POOLERS = ("none", "pgbouncer")
 
 #: Everything that means "the store failed", mapped to StoreUnavailable in
 #: one place (``_connection``). CancelledError is not among them. asyncpg's
@@ -58,10 +61,48 @@ _REVOKE_BY_HASH = _REVOKE_ONE.format(column="token_hash")
 _REVOKE_BY_ID = _REVOKE_ONE.format(column="session_id")
 
 
+def pool_options(pooler: str) -> dict[str, Any]:
+    """asyncpg options for what ``DATABASE_URL`` points at (``POOLERS``).
+
+    ``pgbouncer``: a pooler in *transaction* mode (PgBouncer, or any other
+    that hands each transaction a different server connection). Then every
+    statement must stand alone, and so it does here (audited: no ``LISTEN``,
+    no ``SET``, no session advisory lock, no cursor, no temporary table; each
+    store method is one statement outside any explicit transaction, and the
+    migration runner's lock is ``pg_advisory_xact_lock`` inside its one
+    transaction). Two driver habits do not, and are turned off:
+
+    * named prepared statements, cached per connection
+      (``statement_cache_size=0``): through the pooler, a statement prepared on
+      one server connection is executed on another ("prepared statement
+      "__asyncpg_stmt_5__" does not exist"). asyncpg then parses each query as
+      the unnamed statement: Parse, Describe and Flush, then Bind, Execute and
+      Sync, and a pooler gives the server connection back only at the Sync, so
+      both halves reach the same one (PgBouncer 1.18 has no protocol-level
+      prepared statements; this needs none). The price: two round trips per
+      query instead of one, and a parse each time (measured in the benchmark,
+      ``pgbouncer_vs_direct``).
+    * the reset query asyncpg runs on every release (``pg_advisory_unlock_all();
+      CLOSE ALL; UNLISTEN *; RESET ALL``): it would run on some other client's
+      server connection, and cost a round trip per checkout for state we never
+      create. An open transaction is still rolled back (asyncpg does that before
+      calling ``reset``)."""
+    if pooler not in POOLERS:
+        raise ValueError(f"unknown pooler {pooler!r}: one of {', '.join(POOLERS)}")
+    if pooler == "none":
+        return {}
+    return {"statement_cache_size": 0, "reset": _keep_session}
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset query: see ``pool_options``."""
+
+
 class PostgresSessionStore:
     """Connects lazily: until Postgres first answers, every call raises
     ``StoreUnavailable`` (so the server can start, and report NOT_SERVING,
-    before its database is up)."""
+    before its database is up). ``pooler``: what ``dsn`` points at
+    (``pool_options``)."""
 
     def __init__(
         self,
@@ -72,8 +113,10 @@ class PostgresSessionStore:
         command_timeout: float,
         acquire_timeout: float,
         connect_timeout: float = 5.0,
+        pooler: str = "none",
     ) -> None:
         self._dsn = dsn
+        self._options = pool_options(pooler)
         self._min_size = min_size
         self._max_size = max_size
         self._command_timeout = command_timeout
@@ -98,6 +141,7 @@ class PostgresSessionStore:
                     command_timeout=self._command_timeout,
                     timeout=self._connect_timeout,
                     init=_init_connection,
+                    **self._options,
                 )
             except STORE_ERRORS as exc:
                 raise StoreUnavailable(_describe(exc)) from exc
