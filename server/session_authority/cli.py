@@ -1,4 +1,4 @@
-"""``session-authority``: serve, migrate, dev, health.
+"""``session-authority``: serve, migrate, gc, dev, health.
 
 The server, its drivers and the workers' supervisor are imported when a
 command needs them, not at import: ``--help``, ``--version`` and a refused
@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("session-authority migrate: DATABASE_URL is required", file=sys.stderr)
                 return 2
             return asyncio.run(_migrate(settings.database_url, settings.database_pooler))
+        if args.command == "gc":
+            from session_authority.gc_command import run_gc
+
+            return run_gc(args)
         if args.command == "health":
             from session_authority.probe import run_health
 

@@ -8,7 +8,8 @@ an external load generator, beside a ceiling measured in the same run.
 It starts a private Postgres and Redis, then `session-authority serve`
 processes in the default configuration (workers: one per core unless
 --workers): the replica measured, a second replica (revocation propagation),
-one without REDIS_URL (Postgres only), one tracing every call to a local
+one without REDIS_URL (Postgres only), one through a private PgBouncer in transaction mode
+(DATABASE_POOLER=pgbouncer; Debian's pgbouncer, `make pgbouncer`), one tracing every call to a local
 collector (tests/benchmarks/trace_sink.py) and one tracing 1 % of calls to
 another; and the ceiling: a server on the
 same proto, framework, options, loop and workers whose handler returns canned
@@ -49,8 +50,14 @@ Report keys (stable; other tools read them):
   redis_bytes_per_session                        MEMORY USAGE of a cached session's key(s)
   revocation_propagation_p99_ms                  Invalidate sent to one replica until the other
                                                  answers revoked
+  pgbouncer_miss_rps, pgbouncer_vs_direct        misses through PgBouncer (transaction mode,
+                                                 DATABASE_POOLER=pgbouncer, as many server
+                                                 connections as the replica's pool), and its
+                                                 ratio to misses straight to Postgres, from
+                                                 runs taken in turn (direct, PgBouncer, ...)
   workers, load_generator, cores
-Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
+Extras: direct_miss_runs and pgbouncer_miss_runs (the runs behind pgbouncer_vs_direct),
+the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
 `connections`: it sends each connection's calls in 10 ms bursts, so this is how fast a
 burst drains, which is what earlier versions reported as hit_p99_ms),
@@ -96,6 +103,7 @@ from session_authority.adapters.redis_cache import RedisSessionCache, cache_key,
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.embedded.pgbouncer import EmbeddedPgBouncer
 from session_authority.embedded.process_tree import server_processes
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -134,6 +142,8 @@ REQUIRED_KEYS = (
     "invalidate_user_speedup",
     "redis_bytes_per_session",
     "revocation_propagation_p99_ms",
+    "pgbouncer_miss_rps",
+    "pgbouncer_vs_direct",
     "workers",
     "load_generator",
     "cores",
@@ -150,8 +160,10 @@ class Bench:
         redis_url: str,
         redis_pid: int | None = None,
         pg_pid: int | None = None,
+        pgbouncer: str | None = None,
     ) -> None:
         self.args = args
+        self.pgbouncer = pgbouncer
         self.redis_pid = redis_pid
         self.pg_pid = pg_pid
         self.base = base
@@ -181,9 +193,8 @@ class Bench:
             "--workers",
             str(self.workers),
         ]
-        environment = clean_env(
-            DATABASE_URL=self.pg, HOST="127.0.0.1", PORT=str(port), ADMIN_PORT=str(admin), **env
-        )
+        own = {"DATABASE_URL": self.pg, "HOST": "127.0.0.1", "PORT": str(port)}
+        environment = clean_env(**(own | {"ADMIN_PORT": str(admin)} | env))
         return start(
             name, [*argv, "--port", str(port)], environment, port, self.base, admin_port=admin
         )
@@ -213,6 +224,10 @@ class Bench:
         self.servers["hit"] = self._serve("hit", **cached)
         self.servers["replica"] = self._serve("replica", **cached)
         self.servers["pg_only"] = self._serve("pg_only")
+        if self.pgbouncer is not None:
+            self.servers["pgbouncer"] = self._serve(
+                "pgbouncer", **cached, DATABASE_URL=self.pgbouncer, DATABASE_POOLER="pgbouncer"
+            )
         self.servers["traced"] = self._serve(
             "traced",
             **cached,
@@ -550,12 +565,33 @@ class Bench:
         return round(_pct(sorted(result.latencies_ms), 0.99), 3)
 
     async def misses(self) -> None:
-        """Every call a token no cache has seen: Redis miss, Postgres, fill."""
+        """Every call a token no cache has seen: Redis miss, Postgres, fill. Straight to
+        Postgres (``miss_rps``, the first run) and through PgBouncer, in turn: direct,
+        PgBouncer, then (full runs) PgBouncer, direct, so a drift of the machine falls
+        on both alike."""
+        order = ["hit", "pgbouncer"] if self.args.quick else ["hit", "pgbouncer"] * 2
+        if not self.args.quick:
+            order[2:] = reversed(order[2:])
+        if self.pgbouncer is None:
+            order = [name for name in order if name != "pgbouncer"]
+        runs: dict[str, list[float]] = {"hit": [], "pgbouncer": []}
+        for name in order:
+            runs[name].append(await self._miss_run(name))
+        self.report["miss_rps"] = round(runs["hit"][0])
+        self.report["miss_load_generator"] = PYTHON_GENERATOR
+        if runs["pgbouncer"]:
+            direct, pooled = statistics.mean(runs["hit"]), statistics.mean(runs["pgbouncer"])
+            self.report["pgbouncer_miss_rps"] = round(pooled)
+            self.report["pgbouncer_vs_direct"] = round(pooled / direct, 3)
+            self.report["direct_miss_runs"] = [round(r) for r in runs["hit"]]
+            self.report["pgbouncer_miss_runs"] = [round(r) for r in runs["pgbouncer"]]
+
+    async def _miss_run(self, name: str) -> float:
         count = 4000 if self.args.quick else 15000
-        tokens = await self._insert_sessions("bench-miss", count)
-        path = self.base / "miss-tokens.txt"
+        tokens = await self._insert_sessions(f"bench-miss-{name}", count)
+        path = self.base / f"miss-tokens-{name}.txt"
         path.write_text("\n".join(tokens) + "\n")
-        server = self.servers["hit"]
+        server = self.servers[name]
         before = await scrape(server)
         report = await run_loadgen(
             server.target,
@@ -565,17 +601,17 @@ class Bench:
             streams=self.args.streams,
             once=True,
         )
-        self._expect_outcomes("miss", report, "database")
+        label = "miss" if name == "hit" else f"{name}_miss"
+        self._expect_outcomes(label, report, "database")
         lookups = delta(before, await scrape(server), "session_cache_lookups_total")
-        self.checks["miss_lookups"] = lookups
+        self.checks.setdefault(f"{label}_lookups", []).append(lookups)
         if lookups.get("result=miss", 0) < int(report["calls"]):  # type: ignore[call-overload]
             # Right answers by another road (the breaker refused Redis under the
             # load): a finding, as for hits; a wrong answer is caught above.
-            self.warnings.append(f"miss: fewer cache misses than calls: {lookups} {report}")
-        self.report["miss_rps"] = round(float(report["rps"]))  # type: ignore[arg-type]
-        self.report["miss_load_generator"] = PYTHON_GENERATOR
+            self.warnings.append(f"{label}: fewer cache misses than calls: {lookups} {report}")
         if report["exhausted"]:
-            self.report["miss_tokens_ran_out"] = True
+            self.report[f"{label}_tokens_ran_out"] = True
+        return float(report["rps"])  # type: ignore[arg-type]
 
     async def invalidation(self) -> None:
         settings = Settings(redis_url=self.redis_url)
@@ -862,13 +898,22 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _bench_in(args: argparse.Namespace, base: Path) -> dict[str, Any]:
-    with EmbeddedPostgres(base / "pg") as pg, EmbeddedRedis(base / "redis") as rd:
+    workers = args.workers or os.cpu_count() or 1
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(EmbeddedPostgres(base / "pg"))
+        rd = stack.enter_context(EmbeddedRedis(base / "redis"))
+        # As many server connections as the replica's workers open (PG_POOL_MAX, 10 each):
+        # pgbouncer_vs_direct is the cost of the pooler's protocol, not of a smaller pool.
+        bouncer = stack.enter_context(
+            EmbeddedPgBouncer(base / "pgbouncer", pg_port=pg.port, pool_size=10 * workers)
+        )
         conn = await asyncpg.connect(pg.url)
         try:
             await apply_migrations(conn)
         finally:
             await conn.close()
-        return await Bench(args, base, pg.url, rd.url, rd.pid, pg.pid).run()
+        bench = Bench(args, base, pg.url, rd.url, rd.pid, pg.pid, pgbouncer=bouncer.url)
+        return await bench.run()
 
 
 def main() -> int:
