@@ -5,8 +5,8 @@ of the session's private Postgres, with two server connections (``default_pool_s
 shared by the App's eight client connections, so consecutive transactions of one client run on
 different server connections. The core cases run through it: create, validate (miss, then
 hit), invalidate, invalidate_user, the drain of pending revocations with the watermark,
-health, and migrations (their transaction-level advisory lock). Without the setting, the
-driver's named prepared statements break through the same pooler.
+health, migrations (their transaction-level advisory lock) and gc's batches. Without the
+setting, the driver's named prepared statements break through the same pooler.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest_asyncio
 
 from session_authority.adapters.migrate import apply_migrations, available_migrations
 from session_authority.adapters.postgres_store import PostgresSessionStore
+from session_authority.adapters.retention import collect_garbage
 from session_authority.bootstrap import App
 from session_authority.core.domain import TokenHash
 from session_authority.core.errors import StoreUnavailable
@@ -189,7 +190,7 @@ async def test_pending_revocations_drain_and_the_watermark_advance_through_pgbou
         assert await _validate(stub, c.token) == (False, pb.REASON_REVOKED, pb.SOURCE_CACHE)
 
 
-async def test_migrations_apply_through_pgbouncer_one_runner_at_a_time(
+async def test_migrations_and_gc_run_through_pgbouncer(
     pgbouncer: EmbeddedPgBouncer, postgres_server: EmbeddedPostgres
 ) -> None:
     database = f"pgb_{uuid4().hex[:12]}"
@@ -208,6 +209,23 @@ async def test_migrations_apply_through_pgbouncer_one_runner_at_a_time(
             for c in conns:
                 await c.close()
         assert sorted(len(a) for a in applied) == [0, 0, len(available_migrations())]
+        # gc's batches, each a transaction of its own, through the pooler too.
+        direct = await asyncpg.connect(postgres_server.url.rsplit("/", 1)[0] + f"/{database}")
+        try:
+            await direct.execute(
+                """INSERT INTO sessions (session_id, token_hash, user_id, created_at, expires_at)
+                   SELECT gen_random_uuid(), sha256(i::text::bytea), 'gc', now() - interval '3d',
+                          now() - interval '2d'
+                   FROM generate_series(1, 30) AS i"""
+            )
+        finally:
+            await direct.close()
+        conn = await asyncpg.connect(pgbouncer.url_for(database), statement_cache_size=0)
+        try:
+            report = await collect_garbage(conn, retention=86400, batch_size=7)
+        finally:
+            await conn.close()
+        assert (report.deleted, report.batches) == (30, 5)
     finally:
         await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
         await admin.close()
