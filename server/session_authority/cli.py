@@ -89,12 +89,12 @@ async def _migrate(dsn: str, pooler: str = "none") -> int:
     import asyncpg
 
     from session_authority.adapters.migrate import apply_migrations
-    from session_authority.adapters.postgres_store import pool_options
+    from session_authority.adapters.postgres_store import connect_options
 
-    options = {k: v for k, v in pool_options(pooler).items() if k == "statement_cache_size"}
     try:
-        conn = await asyncpg.connect(dsn, timeout=10, **options)
-    except (OSError, asyncpg.PostgresError) as exc:
+        conn = await asyncpg.connect(dsn, timeout=10, **connect_options(pooler))
+    except (OSError, asyncpg.PostgresError, asyncpg.InternalClientError) as exc:
+        # InternalClientError: TargetServerAttributeNotMatched, a read replica.
         _log.error("cannot connect to %s: %s", redact_url(dsn), exc)
         return 1
     try:

@@ -39,14 +39,13 @@ def run_gc(args: argparse.Namespace) -> int:
 async def _gc(settings: Settings, args: argparse.Namespace, retention: float) -> int:
     import asyncpg
 
-    from session_authority.adapters.postgres_store import STORE_ERRORS, pool_options
+    from session_authority.adapters.postgres_store import STORE_ERRORS, connect_options
     from session_authority.adapters.retention import collect_garbage
 
     assert settings.database_url is not None
-    options = pool_options(settings.database_pooler)
-    cache = {k: v for k, v in options.items() if k == "statement_cache_size"}
+    options = connect_options(settings.database_pooler)
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=10, **cache)
+        conn = await asyncpg.connect(settings.database_url, timeout=10, **options)
     except (*STORE_ERRORS,) as exc:
         _log.error("cannot connect to %s: %s", redact_url(settings.database_url), exc)
         return 1

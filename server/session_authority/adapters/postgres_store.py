@@ -17,7 +17,7 @@ from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation
 from session_authority.core.watermark import RevocationMarks, horizon_below, mark_of, parse_mark
 
-__all__ = ["POOLERS", "STORE_ERRORS", "PostgresSessionStore", "pool_options"]
+__all__ = ["POOLERS", "STORE_ERRORS", "PostgresSessionStore", "connect_options", "pool_options"]
 
 #: ``DATABASE_POOLER``'s values: what stands between us and Postgres.
 POOLERS = ("none", "pgbouncer")
@@ -87,11 +87,28 @@ def pool_options(pooler: str) -> dict[str, Any]:
       server connection, and cost a round trip per checkout for state we never
       create. An open transaction is still rolled back (asyncpg does that before
       calling ``reset``)."""
+    options = connect_options(pooler)
+    if pooler == "pgbouncer":
+        options["reset"] = _keep_session
+    return options
+
+
+def connect_options(pooler: str) -> dict[str, Any]:
+    """The options of ``pool_options`` that one ``asyncpg.connect`` takes too (``migrate``,
+    ``gc``).
+
+    Every connection is to a primary: ``target_session_attrs=read-write``, whatever the URL
+    says, so a read replica (hot standby, or ``default_transaction_read_only``) is refused at
+    connect ("no suitable server"). Validation must read what every revocation wrote, and a
+    replica lags: a miss answered there could call a just-revoked session valid (and a
+    just-created one unknown). A URL naming several hosts (``postgresql://pg-a,pg-b/db``)
+    connects to whichever is the primary, so a failover needs no new URL."""
     if pooler not in POOLERS:
         raise ValueError(f"unknown pooler {pooler!r}: one of {', '.join(POOLERS)}")
-    if pooler == "none":
-        return {}
-    return {"statement_cache_size": 0, "reset": _keep_session}
+    options: dict[str, Any] = {"target_session_attrs": "read-write"}
+    if pooler == "pgbouncer":
+        options["statement_cache_size"] = 0
+    return options
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
