@@ -254,3 +254,36 @@ async def test_without_the_setting_prepared_statements_break_through_pgbouncer(
     assert errors, "every query succeeded without statement_cache_size=0"
     assert all(isinstance(e, StoreUnavailable) for e in errors), errors[:3]
     assert any("prepared statement" in str(e) for e in errors), errors[:3]
+
+
+async def test_pgbouncer_killed_fails_closed_then_the_pool_recovers(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: EmbeddedPostgres
+) -> None:
+    """PgBouncer is one more process between us and the truth: while it is down every
+    store call fails (StoreUnavailable, which health reports as not connected: the core
+    fails closed), and when it is back the pool's dead connections are replaced without a
+    restart."""
+    bouncer = EmbeddedPgBouncer(
+        tmp_path_factory.mktemp("pgbouncer-killed"), pg_port=postgres_server.port
+    )
+    bouncer.start()
+    store = PostgresSessionStore(
+        bouncer.url,
+        min_size=2,
+        max_size=2,
+        command_timeout=5,
+        acquire_timeout=5,
+        pooler="pgbouncer",
+    )
+    try:
+        assert (await store.health()).connected
+        bouncer.kill()
+        outage = await asyncio.gather(*(store.health() for _ in range(10)))
+        assert [h.connected for h in outage] == [False] * 10, outage
+        bouncer.start()
+        # Each dead pooled connection fails once, then is replaced.
+        back = [(await store.health()).connected for _ in range(5)]
+        assert back[-3:] == [True, True, True], back
+    finally:
+        await store.aclose()
+        bouncer.stop()
