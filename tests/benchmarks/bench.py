@@ -793,8 +793,10 @@ class Bench:
             "seconds_per_run": self.seconds,
             "rounds": self.rounds,
         }
-        await self.start_servers()
         try:
+            # Inside: servers already started are stopped when another fails to start
+            # (left running, they load the machine the next run measures).
+            await self.start_servers()
             body, tokens = await self.prepare_token()
             await self.bytes_per_session()
             # How long the stores were runnable but not running during the
