@@ -89,7 +89,7 @@ async def _migrate(dsn: str, pooler: str = "none") -> int:
     import asyncpg
 
     from session_authority.adapters.migrate import apply_migrations
-    from session_authority.adapters.postgres_store import connect_options
+    from session_authority.adapters.postgres_options import connect_options
 
     try:
         conn = await asyncpg.connect(dsn, timeout=10, **connect_options(pooler))

@@ -39,7 +39,8 @@ def run_gc(args: argparse.Namespace) -> int:
 async def _gc(settings: Settings, args: argparse.Namespace, retention: float) -> int:
     import asyncpg
 
-    from session_authority.adapters.postgres_store import STORE_ERRORS, connect_options
+    from session_authority.adapters.postgres_options import connect_options
+    from session_authority.adapters.postgres_store import STORE_ERRORS
     from session_authority.adapters.retention import collect_garbage
 
     assert settings.database_url is not None
