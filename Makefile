@@ -12,7 +12,7 @@ BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -84,10 +84,26 @@ doc-tools:  ## find or install (apt, as root) jq, for the docs' commands
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends jq >/dev/null \
 	  || echo "apt-get install jq failed; tests/e2e/test_docs_commands.py fails without it" >&2
 
+# PgBouncer, for the transaction-pooling tests (tests/integration/test_pgbouncer.py): Debian's
+# pgbouncer (1.18 on bookworm), found on PATH or in /usr/sbin (`session_authority.embedded.pgbouncer`
+# decides), else installed with apt-get as root. The tests start their own pgbouncer process on a
+# private port in front of their private Postgres; the package's own service is not used. Without
+# apt (or not root) it only says so: those tests then fail, they never skip.
+pgbouncer:  ## find or install (apt, as root) Debian's pgbouncer, for the transaction-pooling tests
+	@{ command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "pgbouncer missing: install Debian's pgbouncer (as root); tests/integration/test_pgbouncer.py fails without it" >&2; \
+	  exit 0; fi; \
+	install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; }; \
+	if ! install && ! { apt-get update -qq && install; }; then \
+	  echo "apt-get install pgbouncer failed; tests/integration/test_pgbouncer.py fails without it" >&2; \
+	  exit 0; fi; \
+	echo "installed $$(/usr/sbin/pgbouncer --version | head -1)"
+
 run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(PROMTOOL) tls-servers doc-tools check  ## install, run every check and every test
+test: $(STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -124,7 +140,7 @@ unit: $(STAMP)  ## unit tests only (no I/O)
 contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis and Postgres
 	$(BIN)/python -m pytest tests/contract $(PYTEST_ARGS)
 
-integration: $(STAMP) $(PROMTOOL) tls-servers  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers)
+integration: $(STAMP) $(PROMTOOL) tls-servers pgbouncer  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers; pgbouncer)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: $(STAMP) doc-tools  ## end-to-end tests (real server process, grpcurl)

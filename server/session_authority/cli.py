@@ -1,5 +1,5 @@
-"""``session-authority``: serve, migrate, dev, health, and the operator verbs (create, validate,
-invalidate, invalidate-user).
+"""``session-authority``: serve, migrate, gc, dev, health, and the operator verbs (create,
+validate, invalidate, invalidate-user).
 
 The server, its drivers and the workers' supervisor are imported when a
 command needs them, not at import: ``--help``, ``--version`` and a refused
@@ -70,7 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not settings.database_url:
                 print("session-authority migrate: DATABASE_URL is required", file=sys.stderr)
                 return 2
-            return asyncio.run(_migrate(settings.database_url))
+            return asyncio.run(_migrate(settings.database_url, settings.database_pooler))
+        if args.command == "gc":
+            from session_authority.gc_command import run_gc
+
+            return run_gc(args)
         if args.command == "health":
             from session_authority.probe import run_health
 
@@ -85,14 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-async def _migrate(dsn: str) -> int:
+async def _migrate(dsn: str, pooler: str = "none") -> int:
+    """Through a transaction pooler too (``DATABASE_POOLER``): the run is one
+    transaction, its lock ``pg_advisory_xact_lock``."""
     import asyncpg
 
     from session_authority.adapters.migrate import apply_migrations
+    from session_authority.adapters.postgres_options import connect_options
 
     try:
-        conn = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
+        conn = await asyncpg.connect(dsn, timeout=10, **connect_options(pooler))
+    except (OSError, asyncpg.PostgresError, asyncpg.InternalClientError) as exc:
+        # InternalClientError: TargetServerAttributeNotMatched, a read replica.
         _log.error("cannot connect to %s: %s", redact_url(dsn), exc)
         return 1
     try:
@@ -114,9 +122,14 @@ def _serve_command(settings: Settings, *, migrate: bool, workers: int | None) ->
     if count == 1:
         return _run(settings, _serve(settings, migrate=migrate))
     # Migrations first, once, in the supervisor: before any fork.
-    if migrate and settings.database_url and asyncio.run(_migrate(settings.database_url)) != 0:
+    if migrate and settings.database_url and asyncio.run(_migrate(*_migrate_args(settings))) != 0:
         return 1
     return run_workers(settings, count, lambda slot: _serve_worker(settings, slot))
+
+
+def _migrate_args(settings: Settings) -> tuple[str, str]:
+    assert settings.database_url is not None
+    return settings.database_url, settings.database_pooler
 
 
 def _serve_worker(settings: Settings, slot: WorkerSlot) -> int:
@@ -160,7 +173,7 @@ async def _serve(
     on_started: Callable[[App], None] | None = None,
     worker: WorkerSlot | None = None,
 ) -> int:
-    if migrate and settings.database_url and await _migrate(settings.database_url) != 0:
+    if migrate and settings.database_url and await _migrate(*_migrate_args(settings)) != 0:
         return 1
     # JSON logs: gRPC core's own stderr lines become JSON lines too (and its
     # handshake failures a metric). In the serving process: after the fork.

@@ -1,4 +1,4 @@
-"""The command line's arguments: ``session-authority serve | migrate | dev | health | create |
+"""The command line's arguments: ``session-authority serve | migrate | gc | dev | health | create |
 validate | invalidate | invalidate-user``, and the security flags mapped onto Settings."""
 
 from __future__ import annotations
@@ -39,7 +39,15 @@ DEV_FIXED: dict[str, object] = {
 }
 _DEV_OWN = ("port", "database_url", "redis_url")  # --port, its private servers
 #: The variables ``migrate`` uses (it validates the others as ``serve`` would).
-_MIGRATE_READS = ("database_url", "log_level")
+_MIGRATE_READS = ("database_url", "database_pooler", "log_level")
+#: The variables ``gc`` uses: the database, and the replay window its retention must exceed.
+_GC_READS = (
+    "database_url",
+    "database_pooler",
+    "cache_ttl_seconds",
+    "revocation_skew_seconds",
+    "log_level",
+)
 
 
 def env_help(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> str:
@@ -122,6 +130,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
+    add_gc_parser(sub)
+
     dev = sub.add_parser(
         "dev",
         help="run with a private Postgres and Redis (nothing to install)",
@@ -150,6 +160,42 @@ def parser() -> argparse.ArgumentParser:
     add_health_parser(sub)
     add_ops_parsers(sub)
     return parser
+
+
+def add_gc_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gc = sub.add_parser(
+        "gc",
+        help="delete sessions that ended (expired or revoked) past a retention window",
+        description="Delete sessions whose expiry or revocation is older than --retention "
+        "(Postgres's clock), in batches of --batch-size rows, each a short transaction of its "
+        "own that skips rows other transactions hold: validations are never blocked. Keeps "
+        "revocations still pending for Redis or above the confirmed revocation watermark. "
+        "Prints what it deleted (--json: one JSON object). Safe to run while serving, from "
+        "cron or a Kubernetes CronJob, and through PgBouncer (DATABASE_POOLER=pgbouncer). "
+        "Exit 0: done; 1: Postgres failed; 2: bad arguments or configuration.",
+        epilog=env_help(only=_GC_READS)
+        + "\n  (the other variables serve reads are validated too: an invalid one stops it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gc.add_argument(
+        "--retention",
+        default="30d",
+        metavar="DURATION",
+        help="keep sessions this long after they expired or were revoked: 30d, 12h, 90m or "
+        "seconds (default: 30d; at least the revocation replay window, CACHE_TTL_SECONDS + "
+        "5 s + REVOCATION_SKEW_SECONDS)",
+    )
+    gc.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="rows per DELETE, each its own transaction (default: 1000)",
+    )
+    gc.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    gc.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def _version() -> str:

@@ -8,7 +8,8 @@ an external load generator, beside a ceiling measured in the same run.
 It starts a private Postgres and Redis, then `session-authority serve`
 processes in the default configuration (workers: one per core unless
 --workers): the replica measured, a second replica (revocation propagation),
-one without REDIS_URL (Postgres only), one tracing every call to a local
+one without REDIS_URL (Postgres only), one through a private PgBouncer in transaction mode
+(DATABASE_POOLER=pgbouncer; Debian's pgbouncer, `make pgbouncer`), one tracing every call to a local
 collector (tests/benchmarks/trace_sink.py) and one tracing 1 % of calls to
 another; and the ceiling: a server on the
 same proto, framework, options, loop and workers whose handler returns canned
@@ -61,8 +62,14 @@ Report keys (stable; other tools read them):
   watch_propagation_p99_ms                       Invalidate sent to one replica until its
                                                  WatchRevocations event reaches a watcher on the
                                                  other (another process sharing Postgres/Redis)
+  pgbouncer_miss_rps, pgbouncer_vs_direct        misses through PgBouncer (transaction mode,
+                                                 DATABASE_POOLER=pgbouncer, as many server
+                                                 connections as the replica's pool), and its
+                                                 ratio to misses straight to Postgres, from
+                                                 runs taken in turn (direct, PgBouncer, ...)
   workers, load_generator, cores
-Extras: the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
+Extras: direct_miss_runs and pgbouncer_miss_runs (the runs behind pgbouncer_vs_direct),
+the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
 `connections`: it sends each connection's calls in 10 ms bursts, so this is how fast a
 burst drains, which is what earlier versions reported as hit_p99_ms),
@@ -108,6 +115,7 @@ from session_authority.adapters.redis_cache import RedisSessionCache, cache_key,
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.embedded.pgbouncer import EmbeddedPgBouncer
 from session_authority.embedded.process_tree import server_processes
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -153,6 +161,8 @@ REQUIRED_KEYS = (
     "touch_max_ms",
     "touch_hit_p99_ms",
     "watch_propagation_p99_ms",
+    "pgbouncer_miss_rps",
+    "pgbouncer_vs_direct",
     "workers",
     "load_generator",
     "cores",
@@ -185,8 +195,10 @@ class Bench:
         redis_url: str,
         redis_pid: int | None = None,
         pg_pid: int | None = None,
+        pgbouncer: str | None = None,
     ) -> None:
         self.args = args
+        self.pgbouncer = pgbouncer
         self.redis_pid = redis_pid
         self.pg_pid = pg_pid
         self.base = base
@@ -216,9 +228,8 @@ class Bench:
             "--workers",
             str(self.workers),
         ]
-        environment = clean_env(
-            DATABASE_URL=self.pg, HOST="127.0.0.1", PORT=str(port), ADMIN_PORT=str(admin), **env
-        )
+        own = {"DATABASE_URL": self.pg, "HOST": "127.0.0.1", "PORT": str(port)}
+        environment = clean_env(**(own | {"ADMIN_PORT": str(admin)} | env))
         return start(
             name, [*argv, "--port", str(port)], environment, port, self.base, admin_port=admin
         )
@@ -666,12 +677,42 @@ class Bench:
             )
 
     async def misses(self) -> None:
-        """Every call a token no cache has seen: Redis miss, Postgres, fill."""
+        """Every call a token no cache has seen: Redis miss, Postgres, fill. Straight to
+        Postgres (``miss_rps``, the first run) and through PgBouncer, in turn: direct,
+        PgBouncer, then (full runs) PgBouncer, direct, so a drift of the machine falls
+        on both alike."""
+        order = ["hit", "pgbouncer"] if self.args.quick else ["hit", "pgbouncer"] * 2
+        if not self.args.quick:
+            order[2:] = reversed(order[2:])
+        if self.pgbouncer is None:
+            order = [name for name in order if name != "pgbouncer"]
+        else:
+            # Started only now: one server fewer starting (and idling) beside the others.
+            self.servers["pgbouncer"] = self._serve(
+                "pgbouncer",
+                REDIS_URL=self.redis_url,
+                DATABASE_URL=self.pgbouncer,
+                DATABASE_POOLER="pgbouncer",
+            )
+            await wait_ready(self.servers["pgbouncer"])
+        runs: dict[str, list[float]] = {"hit": [], "pgbouncer": []}
+        for name in order:
+            runs[name].append(await self._miss_run(name))
+        self.report["miss_rps"] = round(runs["hit"][0])
+        self.report["miss_load_generator"] = PYTHON_GENERATOR
+        if runs["pgbouncer"]:
+            direct, pooled = statistics.mean(runs["hit"]), statistics.mean(runs["pgbouncer"])
+            self.report["pgbouncer_miss_rps"] = round(pooled)
+            self.report["pgbouncer_vs_direct"] = round(pooled / direct, 3)
+            self.report["direct_miss_runs"] = [round(r) for r in runs["hit"]]
+            self.report["pgbouncer_miss_runs"] = [round(r) for r in runs["pgbouncer"]]
+
+    async def _miss_run(self, name: str) -> float:
         count = 4000 if self.args.quick else 15000
-        tokens = await self._insert_sessions("bench-miss", count)
-        path = self.base / "miss-tokens.txt"
+        tokens = await self._insert_sessions(f"bench-miss-{name}", count)
+        path = self.base / f"miss-tokens-{name}.txt"
         path.write_text("\n".join(tokens) + "\n")
-        server = self.servers["hit"]
+        server = self.servers[name]
         before = await scrape(server)
         report = await run_loadgen(
             server.target,
@@ -681,17 +722,17 @@ class Bench:
             streams=self.args.streams,
             once=True,
         )
-        self._expect_outcomes("miss", report, "database")
+        label = "miss" if name == "hit" else f"{name}_miss"
+        self._expect_outcomes(label, report, "database")
         lookups = delta(before, await scrape(server), "session_cache_lookups_total")
-        self.checks["miss_lookups"] = lookups
+        self.checks.setdefault(f"{label}_lookups", []).append(lookups)
         if lookups.get("result=miss", 0) < int(report["calls"]):  # type: ignore[call-overload]
             # Right answers by another road (the breaker refused Redis under the
             # load): a finding, as for hits; a wrong answer is caught above.
-            self.warnings.append(f"miss: fewer cache misses than calls: {lookups} {report}")
-        self.report["miss_rps"] = round(float(report["rps"]))  # type: ignore[arg-type]
-        self.report["miss_load_generator"] = PYTHON_GENERATOR
+            self.warnings.append(f"{label}: fewer cache misses than calls: {lookups} {report}")
         if report["exhausted"]:
-            self.report["miss_tokens_ran_out"] = True
+            self.report[f"{label}_tokens_ran_out"] = True
+        return float(report["rps"])  # type: ignore[arg-type]
 
     async def invalidation(self) -> None:
         settings = Settings(redis_url=self.redis_url)
@@ -968,8 +1009,10 @@ class Bench:
             "seconds_per_run": self.seconds,
             "rounds": self.rounds,
         }
-        await self.start_servers()
         try:
+            # Inside: servers already started are stopped when another fails to start
+            # (left running, they load the machine the next run measures).
+            await self.start_servers()
             body, tokens = await self.prepare_token()
             await self.bytes_per_session()
             # How long the stores were runnable but not running during the
@@ -1104,13 +1147,22 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _bench_in(args: argparse.Namespace, base: Path) -> dict[str, Any]:
-    with EmbeddedPostgres(base / "pg") as pg, EmbeddedRedis(base / "redis") as rd:
+    workers = args.workers or os.cpu_count() or 1
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(EmbeddedPostgres(base / "pg"))
+        rd = stack.enter_context(EmbeddedRedis(base / "redis"))
+        # As many server connections as the replica's workers open (PG_POOL_MAX, 10 each):
+        # pgbouncer_vs_direct is the cost of the pooler's protocol, not of a smaller pool.
+        bouncer = stack.enter_context(
+            EmbeddedPgBouncer(base / "pgbouncer", pg_port=pg.port, pool_size=10 * workers)
+        )
         conn = await asyncpg.connect(pg.url)
         try:
             await apply_migrations(conn)
         finally:
             await conn.close()
-        return await Bench(args, base, pg.url, rd.url, rd.pid, pg.pid).run()
+        bench = Bench(args, base, pg.url, rd.url, rd.pid, pg.pid, pgbouncer=bouncer.url)
+        return await bench.run()
 
 
 def main() -> int:

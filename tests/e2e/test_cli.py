@@ -67,6 +67,15 @@ def test_dev_and_migrate_help_name_what_they_read() -> None:
     assert "  LOG_LEVEL=" in migrate
 
 
+def test_gc_help_names_its_flags_and_what_it_reads() -> None:
+    done = _run("gc", "--help")
+    assert done.returncode == 0, done.stderr
+    for flag in ("--retention DURATION", "--batch-size N", "--dry-run", "--json"):
+        assert flag in done.stdout, flag
+    for name in ("DATABASE_URL", "DATABASE_POOLER", "CACHE_TTL_SECONDS", "REVOCATION_SKEW_SECONDS"):
+        assert f"  {name}=" in done.stdout, name
+
+
 @pytest.mark.parametrize("verb", ["serve", "migrate"])
 def test_a_setting_that_makes_another_invalid_names_both(verb: str) -> None:
     done = _run(verb, CACHE_TTL_SECONDS="600", DATABASE_URL="postgresql://127.0.0.1:1/x")

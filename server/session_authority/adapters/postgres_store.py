@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from session_authority.adapters.postgres_options import pool_options
 from session_authority.core.domain import Position, Session, SessionSummary, TokenHash
 from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
 from session_authority.core.health import PoolStats, StoreHealth
@@ -182,7 +183,8 @@ SELECT count(*) FROM gone
 class PostgresSessionStore:
     """Connects lazily: until Postgres first answers, every call raises
     ``StoreUnavailable`` (so the server can start, and report NOT_SERVING,
-    before its database is up)."""
+    before its database is up). ``pooler``: what ``dsn`` points at
+    (``pool_options``)."""
 
     def __init__(
         self,
@@ -193,8 +195,10 @@ class PostgresSessionStore:
         command_timeout: float,
         acquire_timeout: float,
         connect_timeout: float = 5.0,
+        pooler: str = "none",
     ) -> None:
         self._dsn = dsn
+        self._options = pool_options(pooler)
         self._min_size = min_size
         self._max_size = max_size
         self._command_timeout = command_timeout
@@ -219,6 +223,7 @@ class PostgresSessionStore:
                     command_timeout=self._command_timeout,
                     timeout=self._connect_timeout,
                     init=_init_connection,
+                    **self._options,
                 )
             except STORE_ERRORS as exc:
                 raise StoreUnavailable(_describe(exc)) from exc

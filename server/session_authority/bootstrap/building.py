@@ -51,6 +51,7 @@ def build_core(
         max_size=settings.pg_pool_max,
         command_timeout=settings.pg_command_timeout_ms / 1000,
         acquire_timeout=settings.pg_pool_timeout_ms / 1000,
+        pooler=settings.database_pooler,
     )
     cache = None
     if settings.redis_url:

@@ -47,6 +47,14 @@ class CorePolicy:
     session_max_lifetime: timedelta = timedelta(days=30)
     """TouchSession never moves a session's expiry past ``created_at`` plus this."""
 
+    @property
+    def replay_window(self) -> float:
+        """Seconds of revocations (Postgres clock) a replay re-applies to a Redis: an entry
+        written before a revocation lives at most ``cache_ttl``, from a read at most
+        ``max_fill_lag`` older, judged by a Redis clock up to ``revocation_skew`` off.
+        Row retention (``session-authority gc``) never reaches into it."""
+        return self.cache_ttl + self.max_fill_lag + self.revocation_skew
+
     def __post_init__(self) -> None:
         if min(self.cache_ttl, self.negative_ttl, self.max_fill_lag) <= 0:
             raise ValueError("cache TTLs and max_fill_lag must be positive")

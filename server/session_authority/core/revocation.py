@@ -288,7 +288,7 @@ class Revoker:
         (``horizon`` or beyond once done). ``CacheReplaced`` if the cache turns
         out to hold less than it did (it went back in time)."""
         policy, store = self._policy, self._store
-        window = policy.cache_ttl + policy.max_fill_lag + policy.revocation_skew
+        window = policy.replay_window
         floor, written, confirmed = after, 0, after
 
         def read(after: str) -> asyncio.Future[list[tuple[str, TokenHash]]]:

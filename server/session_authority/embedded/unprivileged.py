@@ -13,7 +13,7 @@ import pwd
 import stat
 from pathlib import Path
 
-__all__ = ["prepare_postgres_account"]
+__all__ = ["prepare_postgres_account", "prepare_unprivileged_account"]
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ def prepare_postgres_account(install_dir: Path, base_dir: Path) -> pwd.struct_pa
         return None
     account = _cluster_owner(base_dir / "pgdata") or _unprivileged_account()
     _grant_install(install_dir)
+    _grant_traverse(base_dir)
+    return account
+
+
+def prepare_unprivileged_account(base_dir: Path) -> pwd.struct_passwd | None:
+    """The account to run a daemon that refuses root (pgbouncer) as: None (ourselves) unless
+    we are root, else ``nobody``, given traverse (o+x) on `base_dir` and its parents."""
+    if os.geteuid() != 0:
+        return None
+    account = _unprivileged_account()
     _grant_traverse(base_dir)
     return account
 
