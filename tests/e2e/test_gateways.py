@@ -100,15 +100,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         )
         cli = BIN / "session-authority"
         argv = [str(cli)] if cli.exists() else [sys.executable, "-m", "session_authority.cli"]
-        migrated = subprocess.run(
-            [*argv, "migrate"], env=env, capture_output=True, timeout=60, check=False
-        )
-        assert migrated.returncode == 0, migrated.stderr
         port = find_free_port()
         log_path = workdir / "server.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
-                [*argv, "serve", "--workers", "1", "--port", str(port), "--allow-unauthenticated"],
+                [*argv, "serve", "--migrate", "--workers", "1", "--port", str(port)]
+                + ["--allow-unauthenticated"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -341,9 +338,7 @@ def _get(port: int, headers: dict[str, str]) -> tuple[int, str]:
         return 0, ""
 
 
-def test_nginx_cookie_and_bearer_reach_upstream_with_identity(
-    gateway: Gateway, nginx: int
-) -> None:
+def test_nginx_cookie_and_bearer_reach_upstream_with_identity(gateway: Gateway, nginx: int) -> None:
     created = gateway.create("user-nginx")
     session = created.session.session_id
     assert _get(nginx, {"Cookie": f"a=b; session={created.token}"}) == (
@@ -401,9 +396,9 @@ def test_postgres_down_nothing_cached_is_unavailable_not_denied(
     assert status == 500, (status, body)
     assert "user=" not in body
     # What is cached stays answerable (the same answer ValidateSession gives).
-    assert _identity(gateway.check({"cookie": f"session={cached.token}"}))[
-        "x-session-user-id"
-    ] == ("user-cached")
+    assert _identity(gateway.check({"cookie": f"session={cached.token}"}))["x-session-user-id"] == (
+        "user-cached"
+    )
 
 
 def test_forward_auth_direct_statuses(gateway: Gateway) -> None:
