@@ -41,6 +41,8 @@ pytestmark = pytest.mark.e2e
 _AUTHZ = "envoy.service.auth.v3.Authorization"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _READY = 30.0
+#: Plaintext and open on loopback, as the tier's shared server.
+_OPEN = ("--allow-unauthenticated",)
 
 
 @dataclass
@@ -104,8 +106,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         log_path = workdir / "server.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
-                [*argv, "serve", "--migrate", "--workers", "1", "--port", str(port)]
-                + ["--allow-unauthenticated"],
+                [*argv, "serve", "--migrate", "--workers", "1", "--port", str(port), *_OPEN],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
