@@ -12,7 +12,7 @@ BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools gateway-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -84,10 +84,23 @@ doc-tools:  ## find or install (apt, as root) jq, for the docs' commands
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends jq >/dev/null \
 	  || echo "apt-get install jq failed; tests/e2e/test_docs_commands.py fails without it" >&2
 
+# nginx, for the forward-auth test (tests/e2e/test_gateways.py runs a private nginx with
+# auth_request in front of /auth): found on PATH or in /usr/sbin, else Debian's nginx installed
+# as root (Debian's policy-rc.d, where present, keeps apt from starting the packaged service; the
+# test starts its own, on private ports). Without apt (or not root) it only says so: that test
+# then fails, it never skips.
+gateway-tools:  ## find or install (apt, as root) nginx, for the forward-auth test
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "nginx missing: install Debian's nginx (as root); tests/e2e/test_gateways.py fails without it" >&2; \
+	  exit 0; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null \
+	  || echo "apt-get install nginx failed; tests/e2e/test_gateways.py fails without it" >&2
+
 run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(PROMTOOL) tls-servers doc-tools check  ## install, run every check and every test
+test: $(STAMP) $(PROMTOOL) tls-servers doc-tools gateway-tools check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -127,7 +140,7 @@ contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis a
 integration: $(STAMP) $(PROMTOOL) tls-servers  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-e2e: $(STAMP) doc-tools  ## end-to-end tests (real server process, grpcurl)
+e2e: $(STAMP) doc-tools gateway-tools  ## end-to-end tests (real server process, grpcurl, nginx)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 rules: $(STAMP) $(PROMTOOL)  ## promtool check + test of deploy/observability/prometheus-rules.yml (outage, recovery, keys)
