@@ -28,8 +28,13 @@ $(BIN)/uv: .ci/uv-bootstrap.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r .ci/uv-bootstrap.txt
 	@touch $@
 
-$(STAMP): pyproject.toml uv.lock $(BIN)/uv
+# The second sync and .ci/xds_protos_overlap.py undo what xds-protos' wheel overwrites in
+# opentelemetry-proto and googleapis-common-protos (the script says what and why).
+XDS_OVERLAP := --reinstall-package opentelemetry-proto --reinstall-package googleapis-common-protos
+$(STAMP): pyproject.toml uv.lock $(BIN)/uv .ci/xds_protos_overlap.py
 	$(BIN)/uv sync --locked --extra dev --python $(BIN)/python --quiet
+	$(BIN)/uv sync --locked --extra dev --python $(BIN)/python --quiet $(XDS_OVERLAP)
+	$(BIN)/python .ci/xds_protos_overlap.py
 	@touch $(STAMP)
 
 # Needs uv only, not an installed venv: after a pyproject.toml change the lock is stale, and
