@@ -49,7 +49,7 @@ _OPEN = ("--allow-unauthenticated",)
 class Gateway:
     server: ServerProcess
     postgres: EmbeddedPostgres
-    authz: authz_grpc.AuthorizationStub  # type: ignore[no-any-unimported]
+    authz: authz_grpc.AuthorizationStub
     stub: pb_grpc.SessionAuthorityStub
     forward_auth_port: int
     nginx_port: int = 0
@@ -61,7 +61,7 @@ class Gateway:
         self.server.record(reply.token)
         return reply
 
-    def check(self, headers: dict[str, str]) -> authz_pb.CheckRequest:  # type: ignore[no-any-unimported]
+    def check(self, headers: dict[str, str]) -> authz_pb.CheckRequest:
         request = authz_pb.CheckRequest()
         request.attributes.request.http.headers.update(headers)
         request.attributes.request.http.path = "/app"
@@ -140,7 +140,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         assert not leaks, f"tokens in the server log: {leaks}"
 
 
-def _identity(reply: authz_pb.CheckResponse) -> dict[str, str]:  # type: ignore[no-any-unimported]
+def _identity(reply: authz_pb.CheckResponse) -> dict[str, str]:
     assert reply.status.code == code_pb2.OK, reply
     assert reply.WhichOneof("http_response") == "ok_response"
     for option in reply.ok_response.headers:
@@ -148,7 +148,7 @@ def _identity(reply: authz_pb.CheckResponse) -> dict[str, str]:  # type: ignore[
     return {o.header.key: o.header.value for o in reply.ok_response.headers}
 
 
-def _assert_denied(reply: authz_pb.CheckResponse, *secret: str) -> None:  # type: ignore[no-any-unimported]
+def _assert_denied(reply: authz_pb.CheckResponse, *secret: str) -> None:
     assert reply.status.code == code_pb2.PERMISSION_DENIED, reply
     assert reply.WhichOneof("http_response") == "denied_response"
     assert reply.denied_response.status.code == 401
@@ -211,7 +211,7 @@ def test_revoked_is_denied_once_invalidate_returns(gateway: Gateway) -> None:
 
 def test_garbage_request_is_invalid_argument(gateway: Gateway) -> None:
     with grpc.insecure_channel(gateway.server.target) as channel:
-        call = channel.unary_unary(f"/{_AUTHZ}/Check")
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{_AUTHZ}/Check")
         with pytest.raises(grpc.RpcError) as raised:
             call(b"\xff\xff\xff", timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -83,7 +83,7 @@ class ExtAuthzServicer:
                 return self._denied
             if not answer.valid or answer.session is None:
                 return self._denied
-            return _ok(self._policy.identity(answer.session)).SerializeToString()
+            return bytes(_ok(self._policy.identity(answer.session)).SerializeToString())
 
         return await run_call(context, work)
 
