@@ -191,7 +191,8 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     policy = auth_policy(settings)
     assert policy.enforced
     assert policy.allowed == {LOGIN, "apikey:login"}
-    assert policy.reads == {VALIDATE, HEALTH}
+    # ValidateSession, Health and Envoy's ext_authz Check (tests/unit/test_gateway.py).
+    assert policy.reads == {VALIDATE, HEALTH, "/envoy.service.auth.v3.Authorization/Check"}
     assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"
     assert policy.decide(PROBE, ANONYMOUS) is None
