@@ -12,7 +12,7 @@ BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer gateway-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,8 +28,13 @@ $(BIN)/uv: .ci/uv-bootstrap.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r .ci/uv-bootstrap.txt
 	@touch $@
 
-$(STAMP): pyproject.toml uv.lock $(BIN)/uv
+# The second sync and .ci/xds_protos_overlap.py undo what xds-protos' wheel overwrites in
+# opentelemetry-proto and googleapis-common-protos (the script says what and why).
+XDS_OVERLAP := --reinstall-package opentelemetry-proto --reinstall-package googleapis-common-protos
+$(STAMP): pyproject.toml uv.lock $(BIN)/uv .ci/xds_protos_overlap.py
 	$(BIN)/uv sync --locked --extra dev --python $(BIN)/python --quiet
+	$(BIN)/uv sync --locked --extra dev --python $(BIN)/python --quiet $(XDS_OVERLAP)
+	$(BIN)/python .ci/xds_protos_overlap.py
 	@touch $(STAMP)
 
 # Needs uv only, not an installed venv: after a pyproject.toml change the lock is stale, and
@@ -99,11 +104,23 @@ pgbouncer:  ## find or install (apt, as root) Debian's pgbouncer, for the transa
 	  echo "apt-get install pgbouncer failed; tests/integration/test_pgbouncer.py fails without it" >&2; \
 	  exit 0; fi; \
 	echo "installed $$(/usr/sbin/pgbouncer --version | head -1)"
+# nginx, for the forward-auth test (tests/e2e/test_gateways.py runs a private nginx with
+# auth_request in front of /auth): found on PATH or in /usr/sbin, else Debian's nginx installed
+# as root (Debian's policy-rc.d, where present, keeps apt from starting the packaged service; the
+# test starts its own, on private ports). Without apt (or not root) it only says so: that test
+# then fails, it never skips.
+gateway-tools:  ## find or install (apt, as root) nginx, for the forward-auth test
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "nginx missing: install Debian's nginx (as root); tests/e2e/test_gateways.py fails without it" >&2; \
+	  exit 0; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null \
+	  || echo "apt-get install nginx failed; tests/e2e/test_gateways.py fails without it" >&2
 
 run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer check  ## install, run every check and every test
+test: $(STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -143,7 +160,7 @@ contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis a
 integration: $(STAMP) $(PROMTOOL) tls-servers pgbouncer  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers; pgbouncer)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-e2e: $(STAMP) doc-tools  ## end-to-end tests (real server process, grpcurl)
+e2e: $(STAMP) doc-tools gateway-tools  ## end-to-end tests (real server process, grpcurl, nginx)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 rules: $(STAMP) $(PROMTOOL)  ## promtool check + test of deploy/observability/prometheus-rules.yml (outage, recovery, keys)

@@ -213,6 +213,23 @@ class Settings(BaseSettings):
     """Signs ListUserSessions' page tokens (at least 32 characters; every replica
     the same). Unset: a random secret made once in Postgres by ``migrate``."""
 
+    # Gateways (README "Gateways"): Envoy's ext_authz on the gRPC port, and forward-auth over HTTP.
+    gateway_cookie: str = Field(default="session", pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+    """The cookie that carries the session token (else ``Authorization: Bearer``)."""
+    gateway_user_id_header: str = Field(default="x-session-user-id", pattern="^[a-z0-9-]+$")
+    """The header the upstream receives the session's user id in (percent-encoded
+    UTF-8 beyond printable ASCII); a client's own value under this name is replaced."""
+    gateway_session_id_header: str = Field(default="x-session-id", pattern="^[a-z0-9-]+$")
+    """The header the upstream receives the session id in; likewise replaced."""
+    forward_auth_host: str = "127.0.0.1"
+    """Forward-auth's listener (plaintext): loopback by default, for a gateway on
+    the same host or pod; set a private address for one elsewhere."""
+    forward_auth_port: int = Field(default=0, ge=0, le=65535)
+    """Forward-auth HTTP port (``/auth``, for nginx auth_request, Traefik
+    forwardAuth, Caddy forward_auth); 0: off."""
+    forward_auth_timeout_ms: int = Field(default=1000, gt=0)
+    """A forward-auth check that has no answer after this long is a 503."""
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

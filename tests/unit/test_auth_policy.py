@@ -208,7 +208,10 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     assert policy.enforced
     assert policy.allowed == {LOGIN, "apikey:login"}
     sensitive = {f"{SVC}/ListUserSessions", f"{SVC}/WatchRevocations"}
-    assert policy.reads == {VALIDATE, HEALTH, *sensitive}
+    # ValidateSession, Health, Envoy's ext_authz Check (tests/unit/test_gateway.py) and the
+    # sensitive reads.
+    check = "/envoy.service.auth.v3.Authorization/Check"
+    assert policy.reads == {VALIDATE, HEALTH, check, *sensitive}
     assert policy.sensitive_reads == sensitive
     assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER, TOUCH}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"

@@ -26,7 +26,13 @@ from session_authority.bootstrap.grpc_server import (
     server_options,
     split_chain,
 )
-from session_authority.bootstrap.security import auth_policy, certificate_files, log_security
+from session_authority.bootstrap.security import (
+    auth_policy,
+    certificate_files,
+    forward_auth_keys,
+    gateway_policy,
+    log_security,
+)
 from session_authority.config import Settings, redact_url
 from session_authority.core.errors import CacheUnavailable
 from session_authority.core.miss_limit import MissLimit
@@ -37,6 +43,12 @@ from session_authority.observability import Telemetry, install_tracing
 from session_authority.transport.admission import AdmissionGate, Budget
 from session_authority.transport.auth import ApiKeys, Authoriser
 from session_authority.transport.drain import DrainInterceptor
+from session_authority.transport.ext_authz import (
+    EXT_AUTHZ_DESCRIPTOR,
+    ExtAuthzServicer,
+    add_ext_authz,
+)
+from session_authority.transport.forward_auth import ForwardAuthServer
 from session_authority.transport.handler import SERVICE_DESCRIPTOR, SERVICE_NAME, add_to_server
 from session_authority.transport.reflection import add_reflection
 from session_authority.transport.servicer import SessionAuthorityServicer
@@ -60,6 +72,7 @@ class App:
     telemetry: Telemetry | None = None
     bus: RedisRevocationBus | None = None
     listener: PostgresRevocationListener | None = None
+    forward_auth: ForwardAuthServer | None = None
     serving: bool = False
     """What the standard health service says (SERVING); ``/readyz`` answers it."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -151,12 +164,19 @@ class App:
             watch_stall=settings.watch_stall_timeout_ms / 1000,
         )
         add_to_server(servicer, services)
+        gateways = gateway_policy(settings)
+        add_ext_authz(ExtAuthzServicer(core, gateways), services)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, services)
         if settings.grpc_reflection:
             # Through ``services``, so that its handlers are decorated too.
             add_reflection(
-                services, [SERVICE_DESCRIPTOR, health_pb2.DESCRIPTOR.services_by_name["Health"]]
+                services,
+                [
+                    SERVICE_DESCRIPTOR,
+                    EXT_AUTHZ_DESCRIPTOR,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"],
+                ],
             )
         address = listen_address(settings.host, settings.port)
         if credentials is None:
@@ -178,10 +198,20 @@ class App:
             built.bus,
             built.listener,
         )
-        await app._begin(telemetry, admin_socket)
+        if settings.forward_auth_port:
+            app.forward_auth = ForwardAuthServer(
+                core,
+                gateways,
+                keys=forward_auth_keys(settings),
+                timeout=settings.forward_auth_timeout_ms / 1000,
+                max_concurrent=settings.max_concurrent_rpcs,
+            )
+        await app._begin(telemetry, admin_socket, reuse_port=reuse_port)
         return app
 
-    async def _begin(self, telemetry: Telemetry, admin_socket: str | None) -> None:
+    async def _begin(
+        self, telemetry: Telemetry, admin_socket: str | None, *, reuse_port: bool = False
+    ) -> None:
         """``start``'s second half, once the port is bound: the admin port,
         the cache trusted and the bus subscribed, then the server started and
         the background tasks running."""
@@ -195,6 +225,10 @@ class App:
         await self._set_serving(False)
         try:
             await telemetry.start(lambda: self.serving, admin_socket=admin_socket)
+            if self.forward_auth is not None:  # the workers of one replica share the port
+                await self.forward_auth.start(
+                    settings.forward_auth_host, settings.forward_auth_port, reuse_port=reuse_port
+                )
         except BaseException:
             await server.stop(None)  # releases the bound gRPC port
             await telemetry.stop()
@@ -293,6 +327,8 @@ class App:
                 "%d calls still running after %.1fs; cancelling", self.drain.in_flight, grace
             )
         await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self.forward_auth is not None:
+            await self.forward_auth.stop()
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.core.aclose()

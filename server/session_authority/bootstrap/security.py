@@ -8,11 +8,19 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from session_authority.config import Settings
-from session_authority.transport.auth import AuthPolicy
+from session_authority.transport.auth import ApiKeys, AuthPolicy
+from session_authority.transport.ext_authz import ExtAuthzServicer
+from session_authority.transport.gateway import GatewayPolicy
 from session_authority.transport.servicer import SessionAuthorityServicer
 from session_authority.transport.tls import CertificateFiles
 
-__all__ = ["auth_policy", "certificate_files", "log_security"]
+__all__ = [
+    "auth_policy",
+    "certificate_files",
+    "forward_auth_keys",
+    "gateway_policy",
+    "log_security",
+]
 
 _log = logging.getLogger("session_authority")
 
@@ -26,8 +34,9 @@ _PUBLIC_SERVICES = frozenset(
 
 def auth_policy(settings: Settings) -> AuthPolicy:
     """Who may call what, from AUTH_* and TLS_CLIENT_CA_FILE (README "Security"),
-    and each RPC's ``@read`` / ``@mutation`` on the servicer."""
-    access = SessionAuthorityServicer.access()
+    and each RPC's ``@read`` / ``@mutation`` on the servicers (ours, and
+    Envoy's ext_authz ``Check``, a read)."""
+    access = {**SessionAuthorityServicer.access(), **ExtAuthzServicer.access()}
     return AuthPolicy(
         enforced=settings.authentication_configured,
         public_services=_PUBLIC_SERVICES,
@@ -37,6 +46,26 @@ def auth_policy(settings: Settings) -> AuthPolicy:
         allowed=settings.allowed_identities(),
         anonymous_reads=settings.auth_anonymous_reads,
     )
+
+
+def gateway_policy(settings: Settings) -> GatewayPolicy:
+    """Where gateways' requests carry the token, and the identity headers' names."""
+    return GatewayPolicy(
+        cookie=settings.gateway_cookie,
+        user_id_header=settings.gateway_user_id_header,
+        session_id_header=settings.gateway_session_id_header,
+    )
+
+
+def forward_auth_keys(settings: Settings) -> ApiKeys | None:
+    """The API keys a forward-auth caller must present (``x-api-key``); None
+    when any caller may ask: as a read on the gRPC port, so with no
+    authentication configured, or with AUTH_ANONYMOUS_READS. With client
+    certificates only (no AUTH_API_KEYS) nobody may ask: the HTTP port sees
+    no certificate."""
+    if not settings.authentication_configured or settings.auth_anonymous_reads:
+        return None
+    return ApiKeys(settings.api_key_hashes())
 
 
 def certificate_files(settings: Settings) -> CertificateFiles | None:
@@ -87,6 +116,13 @@ def log_security(settings: Settings, port: int, admin_port: int | None) -> None:
         )
         if settings.auth_api_keys and settings.tls_cert_file is None:
             _log.warning("API keys over a PLAINTEXT port: anyone on the path can read them")
+    if settings.forward_auth_port:
+        _log.info(
+            "forward-auth HTTP (/auth) on %s:%d, plaintext; %s",
+            settings.forward_auth_host,
+            settings.forward_auth_port,
+            "any caller" if forward_auth_keys(settings) is None else "callers with an x-api-key",
+        )
     if admin_port is not None:
         loopback = settings.admin_host in ("127.0.0.1", "::1", "localhost")
         _log.info(

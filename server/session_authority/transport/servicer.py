@@ -28,7 +28,7 @@ from session_authority.transport.status import status_for
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["SessionAuthorityServicer", "caller_of"]
+__all__ = ["SessionAuthorityServicer", "caller_of", "run_call"]
 
 _log = logging.getLogger("session_authority.rpc")
 T = TypeVar("T")
@@ -82,7 +82,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             token, session = await self._core.create(request.user_id, ttl, request.metadata)
             return pb.CreateSessionResponse(token=token, session=session_to_pb(session))
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     def validate_cached(self, raw: bytes) -> bytes | None:
         """ValidateSession's encoded reply when this process's L1 copy gives the
@@ -123,7 +123,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             answer = await self._core.validate(request.token, caller=lambda: caller_of(context))
             return self._encoded(answer)
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     def _encoded(self, answer: Validation) -> bytes:
         memo = self._wire.get(id(answer))
@@ -154,7 +154,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
                 propagated=result.propagated,
             )
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     @mutation
     async def InvalidateUser(
@@ -170,7 +170,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
                 propagated=result.propagated,
             )
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     @read
     async def Health(
@@ -181,7 +181,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             reply.worker.CopyFrom(self._worker)
             return reply
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     @sensitive_read
     async def ListUserSessions(
@@ -198,7 +198,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             )
             return page_to_pb(page)
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     @mutation
     async def TouchSession(
@@ -221,7 +221,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
                 session=session_to_pb(touch.session), written=touch.written
             )
 
-        return await _run(context, work)
+        return await run_call(context, work)
 
     @sensitive_read
     async def WatchRevocations(  # type: ignore[override]  # a coroutine writing its replies
@@ -273,7 +273,7 @@ def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
 _DEADLINE_MARGIN_MAX = 0.005
 
 
-async def _run(
+async def run_call(
     context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
 ) -> T:
     """Bound ``work`` by the caller's deadline and map core errors to statuses.
