@@ -126,6 +126,28 @@ export function retryInterceptor(
   };
 }
 
+/**
+ * A connection lost under a call (reset, closed, a failed TLS handshake) ends
+ * its HTTP/2 stream with CANCEL, which Connect reports as CANCELLED, or fails
+ * with ECONNRESET, which Connect reports as ABORTED (a server's reading of a
+ * client hanging up). Unless the caller cancelled (or the deadline passed),
+ * either is gRPC's UNAVAILABLE, as grpc-js reports it: the server could not be
+ * reached. An ABORTED status sent by a server (no local cause) is left alone.
+ * Innermost, so that the retries see it.
+ */
+export function connectionLossInterceptor(): Interceptor {
+  return (next) => async (req) => {
+    try {
+      return await next(req);
+    } catch (error) {
+      const connect = ConnectError.from(error);
+      const local = connect.code === Code.Canceled || (connect.code === Code.Aborted && connect.cause !== undefined);
+      if (!local || req.signal.aborted) throw error;
+      throw new ConnectError(`connection lost: ${connect.rawMessage}`, Code.Unavailable);
+    }
+  };
+}
+
 export interface BuiltTransport {
   readonly transport: Transport;
   /** Closes the HTTP/2 connection; calls after it fail. */
@@ -150,6 +172,7 @@ export function buildTransport(options: TransportOptions, idempotent: ReadonlySe
     interceptors.push(retryInterceptor(policy, idempotent, options.onRetry));
   }
   if (options.apiKey !== undefined) interceptors.push(apiKeyInterceptor(options.apiKey));
+  interceptors.push(connectionLossInterceptor());
   const nodeOptions = tls === undefined ? {} : { ...tls };
   const sessionManager = new Http2SessionManager(url, {}, nodeOptions);
   const transport = createGrpcTransport({ baseUrl: url, sessionManager, nodeOptions, interceptors });
