@@ -13,6 +13,8 @@ import {
   SessionAuthorityError,
   UnavailableError,
 } from "../src/index.js";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { fromConnectError } from "../src/errors.js";
 import { ResettingProxy, env, record, unique } from "./support.js";
 
 const target = env("SA_TARGET");
@@ -105,6 +107,19 @@ describe("errors", () => {
       assert.ok(!String(error.stack).includes("AAAAAAAA"));
       return true;
     });
+  });
+});
+
+describe("redaction, a second line of defence", () => {
+  it("a token or the API key in a message from below is redacted", () => {
+    const token = `sat_${"b".repeat(48)}`;
+    const error = fromConnectError(
+      new ConnectError(`upstream said ${token} and key-123 and sat_short`, Code.Unavailable),
+      "ValidateSession",
+      ["key-123"],
+    );
+    assert.ok(error instanceof UnavailableError);
+    assert.equal(error.message, "ValidateSession: UNAVAILABLE: upstream said [redacted] and [redacted] and [redacted]");
   });
 });
 
