@@ -12,7 +12,7 @@ BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer gateway-tools clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint node-client unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer gateway-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -117,10 +117,20 @@ gateway-tools:  ## find or install (apt, as root) nginx, for the forward-auth te
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null \
 	  || echo "apt-get install nginx failed; tests/e2e/test_gateways.py fails without it" >&2
 
+# The TypeScript client's dependencies (clients/node), exactly its package-lock.json: `npm ci`,
+# redone when the lock or package.json changes. Needs Node 20+ and npm; the npm registry (or its cache).
+NODE_CLIENT := clients/node
+NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node-client: $(NODE_STAMP)  ## install the TypeScript client's locked dependencies (npm ci in clients/node)
+
 run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test
+test: $(STAMP) $(NODE_STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint  ## static checks only
@@ -139,13 +149,16 @@ fmt: $(STAMP)  ## apply ruff fixes and formatting
 typecheck: $(STAMP)  ## mypy --strict on server, client and test code
 	$(BIN)/mypy server/session_authority clients/python tests
 
-proto: $(STAMP)  ## regenerate the Python stubs (and descriptors.binpb, for reflection) from proto/
+proto: $(STAMP) $(NODE_STAMP)  ## regenerate the Python stubs (and descriptors.binpb, for reflection) and the TypeScript code from proto/
 	PYTHON=$(abspath $(BIN)/python) proto/generate.sh
+	cd $(NODE_CLIENT) && $(abspath $(BIN)/buf) generate ../../proto --template buf.gen.yaml
 
-check-generated: $(STAMP)  ## fail if regenerating the stubs would change them
+check-generated: $(STAMP) $(NODE_STAMP)  ## fail if regenerating the stubs (Python, TypeScript) would change them
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	PYTHON=$(abspath $(BIN)/python) proto/generate.sh $$tmp >/dev/null && \
 	diff -r -x __pycache__ -x '*.typed' $$tmp/session_authority/v1 clients/python/session_authority/v1 && \
+	(cd $(NODE_CLIENT) && $(abspath $(BIN)/buf) generate ../../proto --template buf.gen.yaml -o $$tmp/node) && \
+	diff -r $$tmp/node/src/gen $(NODE_CLIENT)/src/gen && \
 	echo "generated stubs are up to date"
 
 buf-lint: $(STAMP)  ## buf lint (STANDARD rules) on proto/
@@ -160,7 +173,7 @@ contract: $(STAMP)  ## port contract suites, on the fakes and on private Redis a
 integration: $(STAMP) $(PROMTOOL) tls-servers pgbouncer  ## integration tests (private Redis and Postgres; promtool for the alert rules; TLS servers; pgbouncer)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-e2e: $(STAMP) doc-tools gateway-tools  ## end-to-end tests (real server process, grpcurl, nginx)
+e2e: $(STAMP) $(NODE_STAMP) doc-tools gateway-tools  ## end-to-end tests (real server process, grpcurl, nginx, the TypeScript client)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 rules: $(STAMP) $(PROMTOOL)  ## promtool check + test of deploy/observability/prometheus-rules.yml (outage, recovery, keys)

@@ -162,6 +162,7 @@ def e2e_server(
             created_tokens=created_tokens,
             password=password,
             resources=stack,
+            env=env,
         )
         _wait_serving(server, READY_TIMEOUT)
 

@@ -78,6 +78,8 @@ class ServerProcess:
     resources: contextlib.ExitStack = field(repr=False)
     # Every token-like string a test presented (valid or not): never logged either.
     secrets: list[str] = field(default_factory=list)
+    # The server's environment (DATABASE_URL, REDIS_URL, ...), for a second replica.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     exit_code: int | None = None
     stopped: bool = False
 

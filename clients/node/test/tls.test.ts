@@ -1,0 +1,82 @@
+/**
+ * TLS, mTLS and API keys against a live `serve --tls-cert --tls-key
+ * --tls-client-ca` (SA_TLS_TARGET) whose allow-list names one API key
+ * (AUTH_ALLOWED_IDENTITIES=apikey:node): the client certificate gets the
+ * handshake, the key the mutations.
+ */
+
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import {
+  AuthenticationError,
+  PermissionDeniedError,
+  SessionAuthorityClient,
+  UnavailableError,
+  type ClientOptions,
+} from "../src/index.js";
+import { env, read, record, unique } from "./support.js";
+
+const target = env("SA_TLS_TARGET");
+const tls = { ca: read("SA_TLS_CA"), cert: read("SA_TLS_CERT"), key: read("SA_TLS_KEY") };
+const apiKey = env("SA_API_KEY");
+
+async function using<T>(options: ClientOptions, body: (client: SessionAuthorityClient) => Promise<T>): Promise<T> {
+  const client = new SessionAuthorityClient(options);
+  try {
+    return await body(client);
+  } finally {
+    client.close();
+  }
+}
+
+describe("TLS and API keys", () => {
+  it("a lifecycle over mTLS with the API key", async () => {
+    await using({ target, tls, apiKey }, async (client) => {
+      const { token } = await client.create(unique("node-tls"));
+      record(token);
+      assert.equal((await client.validate(token)).valid, true);
+      assert.equal((await client.invalidate({ token })).revoked, true);
+      assert.equal((await client.validate(token)).valid, false);
+      assert.equal((await client.health()).status, "healthy");
+    });
+  });
+
+  it("a wrong API key is AuthenticationError, and the key is not in the message", async () => {
+    const wrong = `wrong-${apiKey}`;
+    await using({ target, tls, apiKey: wrong }, async (client) => {
+      await assert.rejects(client.create(unique("node-tls")), (error: unknown) => {
+        assert.ok(error instanceof AuthenticationError, String(error));
+        assert.equal(error.code, "UNAUTHENTICATED");
+        assert.ok(!error.message.includes(wrong));
+        return true;
+      });
+    });
+  });
+
+  it("without the key: reads pass on the certificate, a mutation is PermissionDeniedError", async () => {
+    await using({ target, tls }, async (client) => {
+      assert.equal((await client.validate("not-a-token")).valid, false);
+      await assert.rejects(client.create(unique("node-tls")), PermissionDeniedError);
+    });
+  });
+
+  it("without a client certificate there is no handshake: UnavailableError", async () => {
+    await using({ target, tls: { ca: tls.ca }, apiKey, retry: false }, async (client) => {
+      await assert.rejects(client.health(), UnavailableError);
+    });
+  });
+
+  it("a server certificate from another CA is refused", async () => {
+    await using({ target, tls: { cert: tls.cert, key: tls.key }, apiKey, retry: false }, async (client) => {
+      await assert.rejects(client.health(), (error: unknown) => {
+        assert.ok(!(error instanceof AuthenticationError));
+        assert.match(String(error), /certificate/i);
+        return true;
+      });
+    });
+  });
+
+  it("an API key without TLS is refused before any call", () => {
+    assert.throws(() => new SessionAuthorityClient({ target, apiKey }), /clear text/);
+  });
+});
