@@ -26,6 +26,7 @@ from session_authority.v1 import session_authority_pb2 as pb
 
 SVC = "/session_authority.v1.SessionAuthority"
 VALIDATE, HEALTH = f"{SVC}/ValidateSession", f"{SVC}/Health"
+VALIDATE_MANY = f"{SVC}/ValidateSessions"
 CREATE, INVALIDATE, INVALIDATE_USER = (
     f"{SVC}/CreateSession",
     f"{SVC}/Invalidate",
@@ -97,7 +98,8 @@ def test_every_rpc_of_the_service_is_declared_on_the_servicer() -> None:
     service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
     access = SessionAuthorityServicer.access()
     assert sorted(access) == sorted(f"{SVC}/{m.name}" for m in service.methods)
-    assert {m for m, kind in access.items() if kind == "read"} == {VALIDATE, HEALTH}
+    reads = {VALIDATE, HEALTH, VALIDATE_MANY}
+    assert {m for m, kind in access.items() if kind == "read"} == reads
 
 
 def test_an_undeclared_servicer_method_is_left_out_of_the_policy() -> None:
@@ -191,7 +193,7 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     policy = auth_policy(settings)
     assert policy.enforced
     assert policy.allowed == {LOGIN, "apikey:login"}
-    assert policy.reads == {VALIDATE, HEALTH}
+    assert policy.reads == {VALIDATE, HEALTH, VALIDATE_MANY}
     assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"
     assert policy.decide(PROBE, ANONYMOUS) is None

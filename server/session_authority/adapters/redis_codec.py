@@ -4,7 +4,13 @@ Under the key ``session:<base64url SHA-256>`` (``redis_cache.cache_key``)::
 
     live session:   h <first 16 hex of the token hash>  i <session id: 22 base64url>
                     u <user id>  c <created_at>  e <expires_at>  [m <metadata JSON, if any>]
-    anything else:  state <revoked|unknown|expired|created>  h <first 16 hex>
+                    [a <filled at>]
+    anything else:  state <revoked|unknown|expired|created>  h <first 16 hex>  [a <filled at>]
+
+``a`` (epoch milliseconds by the filling process's clock) is written by fills
+only; it tells a reader the entry's age (``Cached.age``). Entries without it
+(tombstones and creation markers, written by revocations and creations, and
+entries filled by an older release) have no known age.
 
 A live session has no ``state`` field: its absence is what says "live" (the
 scripts test ``state == 'revoked'`` and key existence, nothing else). Times are
@@ -33,6 +39,7 @@ from session_authority.core.ports import CachedVerdict, CacheEntry
 __all__ = [
     "CHECK_HEX",
     "IntegrityError",
+    "age_of",
     "decode_entry",
     "encode_entry",
     "epoch_us",
@@ -71,9 +78,13 @@ def _check(token_hash: TokenHash) -> str:
     return token_hash.hex[:CHECK_HEX]
 
 
-def encode_entry(token_hash: TokenHash, entry: CacheEntry) -> list[str]:
+def encode_entry(
+    token_hash: TokenHash, entry: CacheEntry, filled_at: float | None = None
+) -> list[str]:
+    """The hash's fields; with ``filled_at`` (epoch seconds) also ``a``."""
+    stamp = [] if filled_at is None else ["a", str(int(filled_at * 1000))]
     if isinstance(entry, CachedVerdict):
-        return ["state", entry.reason.value, "h", _check(token_hash)]
+        return ["state", entry.reason.value, "h", _check(token_hash), *stamp]
     fields = [
         "h",
         _check(token_hash),
@@ -88,7 +99,19 @@ def encode_entry(token_hash: TokenHash, entry: CacheEntry) -> list[str]:
     ]
     if entry.metadata:
         fields += ["m", json.dumps(dict(entry.metadata), separators=(",", ":"))]
-    return fields
+    return fields + stamp
+
+
+def age_of(fields: dict[str, str], now: float) -> float | None:
+    """Seconds since the entry was filled (``now``: epoch seconds), never
+    below zero (another replica's clock may be ahead); None when unknown."""
+    stamp = fields.get("a")
+    if stamp is None:
+        return None
+    try:
+        return max(0.0, now - int(stamp) / 1000)
+    except ValueError:
+        return None
 
 
 def state_of(token_hash: TokenHash, fields: dict[str, str]) -> str:

@@ -35,6 +35,21 @@ T = TypeVar("T")
 _TOKEN_ONLY = 0x0A
 #: Encoded replies kept for L1 answers (see ``ValidateSession``); cleared when full.
 _WIRE_MAX = 10_000
+#: The tag of ValidateSessionsResponse's field 1 (results), length-delimited.
+_RESULTS = b"\x0a"
+
+
+def _framed(wire: bytes) -> bytes:
+    """``wire`` as one element of ``results``: tag, varint length, bytes."""
+    size = len(wire)
+    if size < 0x80:
+        return _RESULTS + bytes((size,)) + wire
+    head = bytearray(_RESULTS)
+    while size >= 0x80:
+        head.append((size & 0x7F) | 0x80)
+        size >>= 7
+    head.append(size)
+    return bytes(head) + wire
 
 
 class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
@@ -165,6 +180,22 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             reply = health_to_pb(await self._core.health())
             reply.worker.CopyFrom(self._worker)
             return reply
+
+        return await _run(context, work)
+
+    @read
+    async def ValidateSessions(  # type: ignore[override]  # answers the encoded reply
+        self, request: pb.ValidateSessionsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> bytes:
+        """Answers the encoded ``ValidateSessionsResponse``: each answer's encoded
+        ``ValidateSessionResponse`` (the memo ``ValidateSession`` uses, so an L1
+        copy's reply is encoded once) framed as one element of ``results``."""
+
+        async def work() -> bytes:
+            answers = await self._core.validate_many(
+                request.tokens, caller=lambda: caller_of(context)
+            )
+            return b"".join([_framed(self._encoded(answer)) for answer in answers])
 
         return await _run(context, work)
 

@@ -55,6 +55,17 @@ class SessionAuthorityStub:
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
     """
+    ValidateSessions: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.ValidateSessionsRequest, _session_authority_pb2.ValidateSessionsResponse]
+    """ValidateSessions validates up to 100 tokens in one call (more is
+    INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+    guarantees for each: one result per token, in request order. A malformed
+    token fails its own entry (valid=false, REASON_UNKNOWN,
+    SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+    from the in-process cache come at once; every Redis lookup of the batch
+    is one round trip and the misses are one Postgres query. The batch fails
+    as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+    would fail for one of its tokens: never a guess.
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -79,6 +90,17 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     Health: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.HealthRequest, _session_authority_pb2.HealthResponse]  # type: ignore[assignment]
     """Health returns the operations health document (see deploy/runbook.md). Its
     proto3 JSON form is the runbook's /api/health/redis document.
+    """
+    ValidateSessions: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.ValidateSessionsRequest, _session_authority_pb2.ValidateSessionsResponse]  # type: ignore[assignment]
+    """ValidateSessions validates up to 100 tokens in one call (more is
+    INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+    guarantees for each: one result per token, in request order. A malformed
+    token fails its own entry (valid=false, REASON_UNKNOWN,
+    SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+    from the in-process cache come at once; every Redis lookup of the batch
+    is one round trip and the misses are one Postgres query. The batch fails
+    as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+    would fail for one of its tokens: never a guess.
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +153,23 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_authority_pb2.HealthResponse, _abc.Awaitable[_session_authority_pb2.HealthResponse]]:
         """Health returns the operations health document (see deploy/runbook.md). Its
         proto3 JSON form is the runbook's /api/health/redis document.
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateSessions(
+        self,
+        request: _session_authority_pb2.ValidateSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_authority_pb2.ValidateSessionsResponse, _abc.Awaitable[_session_authority_pb2.ValidateSessionsResponse]]:
+        """ValidateSessions validates up to 100 tokens in one call (more is
+        INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+        guarantees for each: one result per token, in request order. A malformed
+        token fails its own entry (valid=false, REASON_UNKNOWN,
+        SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+        from the in-process cache come at once; every Redis lookup of the batch
+        is one round trip and the misses are one Postgres query. The batch fails
+        as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+        would fail for one of its tokens: never a guess.
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
