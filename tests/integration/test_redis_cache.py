@@ -115,6 +115,11 @@ async def test_a_tombstone_of_the_previous_release_wins(
     hit = await cache.get(session.token_hash)
     assert hit is not None and hit.entry == CachedVerdict(Reason.REVOKED)
     assert hit.ttl_left > 590
+    # The batch lookup too (ValidateSessions), beside a hash it answers live.
+    other = _session(new_token())
+    await cache.fill(other.token_hash, other, 60)
+    hits = await cache.get_many([session.token_hash, other.token_hash])
+    assert [None if h is None else h.entry for h in hits] == [CachedVerdict(Reason.REVOKED), other]
     assert await cache.fill(session.token_hash, session, 60) is False
 
 
@@ -175,6 +180,11 @@ async def test_without_legacy_keys_only_this_release_keys_are_used(
         await cache.fill(other.token_hash, other, 60)
         await _previous_release_writes(redis_client, other.token_hash, "revoked")
         assert await _entry(cache, other.token_hash) == other  # not honoured any more
+        hits = await cache.get_many([other.token_hash, session.token_hash])
+        assert [None if h is None else h.entry for h in hits] == [
+            other,
+            CachedVerdict(Reason.REVOKED),
+        ]
     finally:
         await cache.aclose()
 
