@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 import session_authority
 from session_authority.core.domain import (
+    MAX_BATCH_TOKENS,
     check_metadata,
     check_session_id,
     check_ttl,
@@ -73,9 +74,16 @@ from .hostile import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 SERVICE = "/session_authority.v1.SessionAuthority/"
-METHODS = ["CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health"]
+METHODS = [
+    "CreateSession",
+    "ValidateSession",
+    "Invalidate",
+    "InvalidateUser",
+    "Health",
+    "ValidateSessions",
+]
 MAX_MESSAGE = 64 * 1024  # bootstrap's grpc.max_receive_message_length
-FIELDS = ("request", "token", "user_id", "metadata", "ttl", "session_id", "target")
+FIELDS = ("request", "token", "user_id", "metadata", "ttl", "session_id", "target", "tokens")
 REFUSAL = re.compile(rf"^({'|'.join(FIELDS)}): [\x20-\x7e]+$")
 DEFAULT_TTL, MAX_TTL = timedelta(days=1), timedelta(days=30)
 OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 1 << 22)]
@@ -235,6 +243,10 @@ STRING_FIELDS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
         ),
     ),
     "ValidateSession.token": ("ValidateSession", lambda b: length_delimited(1, b)),
+    "ValidateSessions.tokens": (
+        "ValidateSessions",
+        lambda b: length_delimited(1, b"sat_") + length_delimited(1, b),
+    ),
     "Invalidate.token": ("Invalidate", lambda b: length_delimited(1, b)),
     "Invalidate.session_id": ("Invalidate", lambda b: length_delimited(2, b)),
     "InvalidateUser.user_id": ("InvalidateUser", lambda b: length_delimited(1, b)),
@@ -345,6 +357,41 @@ def test_validate_session_token(hostile: Hostile, token: str) -> None:
         assert token not in details
 
 
+@settings(CASE_SETTINGS, max_examples=30)
+@given(tokens=st.lists(TEXT, max_size=110))
+def test_validate_sessions_tokens(hostile: Hostile, tokens: list[str]) -> None:
+    """Any batch: refused whole only when over the limit (or the message size);
+    otherwise one answer per token, a malformed one failing its own entry."""
+    CASES["ValidateSessions.tokens"] += 1
+    for token in tokens:
+        if _could_be_secret(token):
+            hostile.server.presented(token)
+    request = pb.ValidateSessionsRequest(tokens=tokens)
+    field = "tokens" if len(tokens) > MAX_BATCH_TOKENS else None
+    replies: list[pb.ValidateSessionsResponse] = []
+
+    def call() -> None:
+        replies.append(hostile.stub.ValidateSessions(request, timeout=10))
+
+    code, details = _code(call)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and request.ByteSize() <= MAX_MESSAGE:
+        assert details.startswith("too many unknown tokens"), details
+        return
+    _expect(code, details, field, request.ByteSize())
+    if code is grpc.StatusCode.OK:
+        [reply] = replies
+        assert len(reply.results) == len(tokens)
+        for token, result in zip(tokens, reply.results, strict=True):
+            assert not result.valid  # none of these was ever issued
+            try:
+                parse_token(token)
+            except InvalidArgument:  # malformed: its own entry says so
+                assert (result.reason, result.source) == (pb.REASON_UNKNOWN, pb.SOURCE_TOKEN_FORMAT)
+    for token in tokens:
+        if len(token) >= 8:
+            assert token not in details
+
+
 _SERVER_SOURCE = "\n".join(
     path.read_text(errors="replace")
     for path in Path(next(iter(session_authority.__path__))).rglob("*.py")
@@ -438,7 +485,7 @@ def test_garbage_frames_after_the_preface(
         conn.close()
 
 
-@settings(CASE_SETTINGS, max_examples=100)
+@settings(CASE_SETTINGS, max_examples=30)
 @given(
     method=st.sampled_from(METHODS),
     body=st.binary(max_size=300),

@@ -113,7 +113,7 @@ class SingleFlight(Generic[K, V]):
             batch.add_done_callback(_retrieve)
             for key, flight in fresh.items():
                 task: asyncio.Task[V] = asyncio.ensure_future(
-                    self._run(key, flight, lambda _, key=key: _part(batch, key))
+                    self._run(key, flight, _part_of(batch, key))
                 )
                 self._inflight[key] = (task, flight)
                 task.add_done_callback(_retrieve)
@@ -162,10 +162,14 @@ class SingleFlight(Generic[K, V]):
                 del self._inflight[key]
 
 
-async def _part(batch: asyncio.Task[Mapping[K, V]], key: K) -> V:
-    """``key``'s value from a shared batch load (shielded: one key's waiters
-    leaving must not cancel the others')."""
-    return (await asyncio.shield(batch))[key]
+def _part_of(batch: asyncio.Task[Mapping[K, V]], key: K) -> Callable[[Flight], Awaitable[V]]:
+    """The load of ``key``'s own flight: its value from the shared batch load
+    (shielded: one key's waiters leaving must not cancel the others')."""
+
+    async def part(_: Flight) -> V:
+        return (await asyncio.shield(batch))[key]
+
+    return part
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:
