@@ -407,7 +407,9 @@ async def test_the_servicer_frames_each_copys_encoded_answer_in_a_batch_reply(
 
     a, b = await world.process(), await world.process()
     servicer = SessionAuthorityServicer(b.svc)
-    token, other = await _token(a), await _token(a)
+    token = await _token(a)
+    # An answer over 127 bytes: its length in the reply takes two bytes.
+    other, _ = await a.svc.create(f"user-{uuid.uuid4().hex}", None, {"note": "x" * 200})
     context: Any = _Context()
     batch = pb.ValidateSessionsRequest(tokens=[token, "not a token", other, token])
     await servicer.ValidateSessions(batch, context)  # Postgres, then fills
