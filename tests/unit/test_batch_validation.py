@@ -258,7 +258,14 @@ async def test_a_batch_over_the_unknown_token_limit_is_refused_whole(build: Buil
 
 async def test_a_malformed_token_fails_its_own_entry_in_request_order(w: World) -> None:
     good = await w.create()
-    tokens = ["", " sat_x", "tök", "x" * 600, f"sat_{uuid.uuid4().hex}{uuid.uuid4().hex[:16]}"]
+    tokens = [
+        "",
+        " sat_x",
+        "tök",
+        "\ud800",
+        "x" * 600,
+        f"sat_{uuid.uuid4().hex}{uuid.uuid4().hex[:16]}",
+    ]
     answers = await w.svc.validate_many([good, *tokens, good])
     assert [(a.valid, a.reason, a.source) for a in answers[1:-1]] == [
         (False, Reason.UNKNOWN, Source.TOKEN_FORMAT)

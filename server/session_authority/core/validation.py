@@ -464,8 +464,7 @@ class Validator:
         raises for one of its tokens (``StoreUnavailable``, ``RateLimited``):
         never a guess for any of them."""
         check_batch(tokens)
-        validate_local = self.validate_local
-        answers = [validate_local(token) for token in tokens]
+        answers = self._local_many(tokens)
         if None not in answers:
             return answers  # type: ignore[return-value]  # every one answered from L1
         # ``validate_local`` has answered what it could; from here on a copy
@@ -497,6 +496,44 @@ class Validator:
                 self._validated(answer)
             done.append(answer)
         return done
+
+    def _local_many(self, tokens: Sequence[str]) -> list[Validation | None]:
+        """``validate_local`` for each token, its checks made once per batch
+        (L1 trusted, tracing on, the clock): a batch of 100 L1 hits must cost
+        far less than 100 calls (the bench's ``batch_vs_hit``). The same rules:
+        keep the two in step."""
+        local, feed = self._local, self._feed
+        if local is None or feed is None:
+            return [None] * len(tokens)
+        if not (feed.live and self._breaker.closed):
+            self._trusted_local()  # not sure any more: it forgets every copy
+            return [None] * len(tokens)
+        traced, now = recording(), self._epoch()
+        lookup, local_hit = local.lookup, self._metrics.local_hit
+        answers: list[Validation | None] = []
+        hits = 0
+        for token in tokens:
+            # A lone surrogate (never from gRPC) hashes to where no copy is
+            # kept (copies are kept under hashes of checked ASCII tokens).
+            found = (
+                lookup(sha256(token.encode("utf-8", "surrogatepass")).hexdigest())
+                if len(token) <= MAX_TOKEN_LENGTH
+                else None
+            )
+            if found is None:
+                answers.append(None)
+                continue
+            entry, live, expires_at = found
+            hits += 1
+            if traced:
+                self._trace_local(TokenHash.of(token).hex)
+            if live is None or now >= expires_at:
+                live = self._judge_local(entry, live)  # a verdict, or expired since stored
+            reason = live.reason
+            local_hit(live.valid, "none" if reason is None else reason.value)
+            answers.append(live)
+        self._stats.hits += hits
+        return answers
 
     async def _validate_hashes(
         self,

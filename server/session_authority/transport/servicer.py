@@ -70,10 +70,11 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._core = core
         self._worker = pb.WorkerInfo(index=worker, count=workers, pid=os.getpid())
         self._validate_local = core.validate_local  # bound once: the hot path's first call
-        # id(answer) -> (answer, its encoded reply). The core hands out the same
-        # Validation for every hit on one L1 copy, so its reply is encoded once;
-        # holding the answer keeps its id from being reused while it is here.
-        self._wire: dict[int, tuple[Validation, bytes]] = {}
+        # id(answer) -> (answer, its encoded reply, the same framed as one of
+        # ValidateSessions' results). The core hands out the same Validation
+        # for every hit on one L1 copy, so its reply is encoded once; holding
+        # the answer keeps its id from being reused while it is here.
+        self._wire: dict[int, tuple[Validation, bytes, bytes]] = {}
 
     @mutation
     async def CreateSession(
@@ -135,7 +136,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         if answer.valid:  # the copies' prepared answers; verdicts are made per call
             if len(self._wire) >= _WIRE_MAX:
                 self._wire.clear()
-            self._wire[id(answer)] = (answer, wire)
+            self._wire[id(answer)] = (answer, wire, _framed(wire))
         return wire
 
     @mutation
@@ -195,7 +196,14 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             answers = await self._core.validate_many(
                 request.tokens, caller=lambda: caller_of(context)
             )
-            return b"".join([_framed(self._encoded(answer)) for answer in answers])
+            memos, parts = self._wire, []
+            for answer in answers:
+                memo = memos.get(id(answer))
+                if memo is not None and memo[0] is answer:
+                    parts.append(memo[2])  # an L1 copy's answer: framed once
+                else:
+                    parts.append(_framed(self._encoded(answer)))
+            return b"".join(parts)
 
         return await _run(context, work)
 
