@@ -36,6 +36,10 @@ Report keys (stable; other tools read them):
   ceiling_rps, hit_rps, miss_rps, pg_only_rps    calls/s (cache hit; miss: new token each call;
                                                  pg_only: no REDIS_URL)
   hit_vs_ceiling, hit_vs_pg_only                 ratios of the above
+  batch_tokens_per_s                             tokens/s validated by ValidateSessions calls of
+                                                 100 cached tokens (the hit server, h2load, in
+                                                 the same rounds as hit_rps)
+  batch_vs_hit                                   batch_tokens_per_s / hit_rps (target >= 10)
   hit_rps_traced_all                             cache hits, every call traced and exported
   hit_rps_traced_1pct, traced_1pct_vs_hit        cache hits, parentbased_traceidratio 0.01
                                                  (calls not sampled start no span)
@@ -123,6 +127,7 @@ from tests.benchmarks.harness import (
     BIN,
     NO_PROXY,
     TOUCH,
+    VALIDATE_MANY,
     Samples,
     Server,
     clean_env,
@@ -146,6 +151,8 @@ REQUIRED_KEYS = (
     "pg_only_rps",
     "hit_vs_ceiling",
     "hit_vs_pg_only",
+    "batch_tokens_per_s",
+    "batch_vs_hit",
     "hit_rps_traced_all",
     "hit_rps_traced_1pct",
     "traced_1pct_vs_hit",
@@ -184,6 +191,8 @@ DROP TRIGGER IF EXISTS bench_touch_count ON sessions;
 CREATE TRIGGER bench_touch_count AFTER UPDATE ON sessions
     FOR EACH ROW EXECUTE FUNCTION bench_touch_count();
 """
+#: Tokens per ValidateSessions call in the batch run (the RPC's maximum).
+BATCH = 100
 
 
 class Bench:
@@ -214,6 +223,7 @@ class Bench:
         self.warnings: list[str] = []  # right answers by an unexpected road
         self.checks: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
+        self.batch_tokens: list[str] = []
 
     # --- processes -----------------------------------------------------------------------
 
@@ -344,11 +354,70 @@ class Bench:
             self._check_server(name, before, await scrape(server))
         return rps
 
-    def _check_server(self, name: str, before: Samples, after: Samples) -> None:
-        """Every ValidateSession the server finished was OK (or CANCELLED: in
+    async def batch_throughput(self, body: Path) -> float:
+        """ValidateSessions calls/s of ``BATCH`` cached tokens each, on the hit
+        server, driven as the hit run is (h2load, same connections and streams)."""
+        server = self.servers["hit"]
+        before = await scrape(server)
+        if self.h2load:
+            result = await run_h2load(
+                server.target,
+                body,
+                seconds=self.seconds,
+                warmup=self.warmup,
+                connections=self.args.connections,
+                streams=self.args.streams,
+                path=VALIDATE_MANY,
+            )
+            if result.failed or result.errored or result.status_2xx != result.succeeded:
+                self.problems.append(f"batch: h2load saw failures: {result}")
+            rps = result.rps
+        else:
+            rps = await self._batches_python(server)
+        self._check_server("batch", before, await scrape(server), method="ValidateSessions")
+        return rps
+
+    async def _batches_python(self, server: Server) -> float:
+        """Without h2load: the same load from grpc.aio in this process (slower)."""
+        request = pb.ValidateSessionsRequest(tokens=self.batch_tokens)
+        done = 0
+        async with grpc.aio.insecure_channel(server.target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            deadline = time.monotonic() + self.seconds
+
+            async def caller() -> None:
+                nonlocal done
+                while time.monotonic() < deadline:
+                    await stub.ValidateSessions(request)
+                    done += 1
+
+            started = time.monotonic()
+            await asyncio.gather(*(caller() for _ in range(self.args.streams)))
+        return done / (time.monotonic() - started)
+
+    async def prepare_batch(self) -> Path:
+        """``BATCH`` live sessions, validated once (cached in Redis), and the
+        h2load body of one ValidateSessions of all of them."""
+        self.batch_tokens = await self._insert_sessions("bench-batch", BATCH)
+        async with grpc.aio.insecure_channel(self.servers["hit"].target, options=NO_PROXY) as ch:
+            stub = pb_grpc.SessionAuthorityStub(ch)
+            request = pb.ValidateSessionsRequest(tokens=self.batch_tokens)
+            for expected in (pb.SOURCE_DATABASE, pb.SOURCE_CACHE):
+                reply = await stub.ValidateSessions(request)
+                answers = {(r.valid, r.source) for r in reply.results}
+                if len(reply.results) != BATCH or answers != {(True, expected)}:
+                    self.problems.append(f"batch: not {BATCH} valid from {expected}: {answers}")
+        body = self.base / "batch.bin"
+        body.write_bytes(grpc_frame(request.SerializeToString()))
+        return body
+
+    def _check_server(
+        self, name: str, before: Samples, after: Samples, method: str = "ValidateSession"
+    ) -> None:
+        """Every ``method`` call the server finished was OK (or CANCELLED: in
         flight when the load generator stopped) and a valid session from
         where it should be."""
-        codes = delta(before, after, "grpc_server_handled_total", grpc_method="ValidateSession")
+        codes = delta(before, after, "grpc_server_handled_total", grpc_method=method)
         answers = delta(before, after, "session_validations_total")
         source = "database" if name == "pg_only" else "cache"
         check = self.checks.setdefault(name, {"calls_ok": 0, "other_codes": {}, "answers": {}})
@@ -439,7 +508,7 @@ class Bench:
                 if not (reply.valid and reply.session.user_id):
                     self.problems.append(f"ceiling: unexpected canned answer {reply}")
 
-    async def throughputs(self, body: Path, tokens: Path) -> None:
+    async def throughputs(self, body: Path, tokens: Path, batch_body: Path) -> None:
         # server -> its report key; the servers are measured in turn, round after round.
         keys = {
             "ceiling": "ceiling_rps",
@@ -448,11 +517,14 @@ class Bench:
             "traced_1pct": "hit_rps_traced_1pct",
         }
         runs: dict[str, list[float]] = {name: [] for name in keys}
+        batches: list[float] = []
         sampled = self.servers["traced_1pct"]
         before = await scrape(sampled)
         for _ in range(self.rounds):
             for name in runs:
                 runs[name].append(await self.throughput(name, body, tokens))
+                if name == "hit":  # right after its hit run: the same machine, nearly
+                    batches.append(await self.batch_throughput(batch_body))
         await self.check_ceiling_answers()
         calls = sum(delta(before, await scrape(sampled), "grpc_server_handled_total").values())
         for name, values in runs.items():
@@ -473,6 +545,11 @@ class Bench:
         )
         self.report["hit_vs_pg_only"] = round(
             self.report["hit_rps"] / self.report["pg_only_rps"], 2
+        )
+        self.report["batch_tokens_per_s"] = round(statistics.median(batches) * BATCH)
+        self.report["batch_tokens_per_s_runs"] = [round(v * BATCH) for v in batches]
+        self.report["batch_vs_hit"] = round(
+            self.report["batch_tokens_per_s"] / self.report["hit_rps"], 2
         )
 
     async def traced(self, body: Path, tokens: Path) -> None:
@@ -1014,13 +1091,14 @@ class Bench:
             # (left running, they load the machine the next run measures).
             await self.start_servers()
             body, tokens = await self.prepare_token()
+            batch_body = await self.prepare_batch()
             await self.bytes_per_session()
             # How long the stores were runnable but not running during the
             # throughput runs: a store the machine's scheduler starves answers
             # late (README, "Performance": hits from Postgres, failing closed).
             stores = {"redis": self._pids(self.redis_pid), "postgres": self._pids(self.pg_pid)}
             waited = {name: _waiting(pids) for name, pids in stores.items()}
-            await self.throughputs(body, tokens)
+            await self.throughputs(body, tokens, batch_body)
             for name, pids in stores.items():
                 after = _waiting(pids)
                 self.report[f"{name}_cpu_wait_seconds"] = round(

@@ -32,6 +32,7 @@ __all__ = [
     "REPO",
     "TOUCH",
     "VALIDATE",
+    "VALIDATE_MANY",
     "H2load",
     "Server",
     "clean_env",
@@ -48,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VALIDATE = "/session_authority.v1.SessionAuthority/ValidateSession"
 TOUCH = "/session_authority.v1.SessionAuthority/TouchSession"
+VALIDATE_MANY = "/session_authority.v1.SessionAuthority/ValidateSessions"
 NO_PROXY = [("grpc.enable_http_proxy", 0)]
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "no_proxy")
 
@@ -225,6 +227,7 @@ async def run_h2load(
     streams: int,
     rps_per_client: float | None = None,
     log_file: Path | None = None,
+    path: str = VALIDATE,
 ) -> H2load:
     """h2load's gRPC call: POST of ``body`` with gRPC's headers, over h2c.
 
@@ -240,7 +243,7 @@ async def run_h2load(
         argv.append(f"--warm-up-time={round(warmup * 1000)}ms")
     if rps_per_client:
         argv.append(f"--rps={rps_per_client:.2f}")
-    return await _h2load(target, body, argv, seconds + warmup, log_file)
+    return await _h2load(target, body, argv, seconds + warmup, log_file, path)
 
 
 async def run_h2load_paced(
@@ -277,7 +280,7 @@ async def _h2load(
     options: list[str],
     seconds: float,
     log_file: Path | None,
-    method: str = VALIDATE,
+    path: str = VALIDATE,
 ) -> H2load:
     argv = [
         "h2load",
@@ -289,7 +292,7 @@ async def _h2load(
     if log_file is not None:
         await asyncio.to_thread(log_file.unlink, missing_ok=True)  # h2load appends
         argv.append(f"--log-file={log_file}")
-    argv.append(f"http://{target}{method}")
+    argv.append(f"http://{target}{path}")
     done = await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, timeout=seconds + 60
     )

@@ -474,3 +474,60 @@ async def test_the_replay_lease_is_held_by_one_until_given_back(
     await cache_subject.wait(SHORT_TTL * 2)  # a holder that died: it lapses
     assert await cache.lease(LONG_TTL) is True
     await cache.release()
+
+
+# --- get_many: the batch lookup (ValidateSessions) ----------------------------------------------
+
+
+async def test_get_many_answers_each_hash_as_get_does_in_order(cache_subject: CacheSubject) -> None:
+    cache = cache_subject.cache
+    live, unknown, revoked, marked, foreign, absent = (_hash() for _ in range(6))
+    session = _live(live)
+    await cache.fill(live, session, TTL)
+    await cache.fill(unknown, CachedVerdict(Reason.UNKNOWN), TTL)
+    await cache.tombstone([revoked], LONG_TTL)
+    await cache.mark_created(marked, TTL)
+    await cache_subject.plant_foreign(foreign, _live(foreign), TTL)
+    asked = [live, unknown, revoked, marked, foreign, absent, live]  # duplicates allowed
+    many = await cache.get_many(asked)
+    assert [None if hit is None else hit.entry for hit in many] == [
+        session,
+        CachedVerdict(Reason.UNKNOWN),
+        TOMBSTONE,
+        None,  # a creation marker is a miss
+        None,  # so is an entry recorded for another hash
+        None,
+        session,
+    ]
+    for token_hash, hit in zip(asked, many, strict=True):
+        single = await cache.get(token_hash)
+        assert (hit is None) == (single is None)
+        if hit is not None and single is not None:
+            assert hit.entry == single.entry
+            assert 0 < hit.ttl_left <= LONG_TTL
+
+
+async def test_get_many_of_no_hashes_asks_nothing(cache_subject: CacheSubject) -> None:
+    assert await cache_subject.cache.get_many([]) == []
+    assert await cache_subject.unreachable.get_many([]) == []
+
+
+async def test_get_many_on_an_unreachable_cache_raises_cache_unavailable(
+    cache_subject: CacheSubject,
+) -> None:
+    with pytest.raises(CacheUnavailable):
+        await cache_subject.unreachable.get_many([_hash(), _hash()])
+
+
+async def test_a_filled_entry_reports_its_age_a_tombstone_none(cache_subject: CacheSubject) -> None:
+    cache = cache_subject.cache
+    session, verdict, revoked = _live(_hash()), _hash(), _hash()
+    await cache.fill(session.token_hash, session, TTL)
+    await cache.fill(verdict, CachedVerdict(Reason.EXPIRED), TTL)
+    await cache.tombstone([revoked], TTL)
+    await cache_subject.wait(0.2)
+    for hit in [await cache.get(session.token_hash), *await cache.get_many([verdict])]:
+        assert hit is not None and hit.age is not None
+        assert 0.2 <= hit.age < TTL  # at least the time waited (a lower bound only)
+    tombstone = await cache.get(revoked)
+    assert tombstone is not None and tombstone.age is None  # written by a revocation: unknown

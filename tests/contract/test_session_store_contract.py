@@ -531,3 +531,31 @@ async def test_touch_never_revives_and_answers_none_for_the_unknown(
         assert touched.session.last_seen_at is None
     assert await _touch(store, _session(now), "hash") is None
     assert await _touch(store, _session(now), "id") is None
+
+
+# --- find_many: the batch read (ValidateSessions) ----------------------------------------------
+
+
+async def test_find_many_answers_each_hash_as_find_does(store_subject: StoreSubject) -> None:
+    store, now = store_subject.store, store_subject.now()
+    live = await _created(store, _session(now))
+    revoked = await _created(store, _session(now, revoked_at=now - HOUR))
+    expired = await _created(store, _session(now, expires_in=-HOUR))
+    never = TokenHash.of(new_token())
+    asked = [live.token_hash, never, revoked.token_hash, expired.token_hash, live.token_hash]
+    found = await store.find_many(asked)
+    assert found == {s.token_hash: s for s in (live, revoked, expired)}  # to the microsecond
+    for token_hash in asked:
+        assert found.get(token_hash) == await store.find(token_hash)
+
+
+async def test_find_many_of_no_hashes_asks_nothing(store_subject: StoreSubject) -> None:
+    assert await store_subject.store.find_many([]) == {}
+    assert await store_subject.unreachable.find_many([]) == {}
+
+
+async def test_find_many_on_an_unreachable_store_raises_store_unavailable(
+    store_subject: StoreSubject,
+) -> None:
+    with pytest.raises(StoreUnavailable):
+        await store_subject.unreachable.find_many([TokenHash.of(new_token())])

@@ -64,7 +64,7 @@ def test_describe_service(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{SERVICE} is a service" in result.stdout
     methods = ("CreateSession", "ValidateSession", "Invalidate", "InvalidateUser", "Health")
-    for method in (*methods, "ListUserSessions", "TouchSession"):
+    for method in (*methods, "ListUserSessions", "TouchSession", "ValidateSessions"):
         assert f"rpc {method} (" in result.stdout, method
 
 
@@ -371,3 +371,63 @@ def test_touch_session(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
         assert result.returncode == 64 + code, (result.stdout, result.stderr)
         assert json.loads(result.stderr)["code"] == code  # NOT_FOUND, FAILED_PRECONDITION
         assert token not in result.stdout + result.stderr
+
+
+def test_validate_sessions_walk_through(grpcurl: Grpcurl, e2e_server: ServerProcess) -> None:
+    """ValidateSessions: answers in request order, a bad token failing its own
+    entry only, provenance on each, a revocation seen at once, and the limit."""
+    user = f"erin-{uuid.uuid4()}"
+    # Metadata long enough that one answer needs a two-byte length in the reply.
+    one = grpcurl.create({"user_id": user, "metadata": {"note": "x" * 200}})
+    two = grpcurl.create({"user_id": user})
+    bad = e2e_server.presented(f"sat_{secrets.token_hex(24)}")  # no checksum: never looked up
+    tokens = [one["token"], bad, two["token"], one["token"]]
+
+    def validate(batch: list[str]) -> list[Any]:
+        reply = grpcurl.call("ValidateSessions", {"tokens": batch}, "-emit-defaults")
+        results: list[Any] = reply["results"]
+        return results
+
+    first = validate(tokens)
+    assert [(r["valid"], r["source"]) for r in first] == [
+        (True, "SOURCE_DATABASE"),
+        (False, "SOURCE_TOKEN_FORMAT"),
+        (True, "SOURCE_DATABASE"),
+        (True, "SOURCE_DATABASE"),
+    ]
+    assert first[1]["reason"] == "REASON_UNKNOWN"
+    assert first[0]["session"] == one["session"]
+    assert first[2]["session"]["session_id"] == two["session"]["session_id"]
+    assert {r["degraded"] for r in first} == {False}
+    assert first[0].get("cache_age") is None  # Postgres answered: no cached copy
+    second = validate(tokens)
+    assert [(r["valid"], r["source"]) for r in second] == [
+        (True, "SOURCE_CACHE"),
+        (False, "SOURCE_TOKEN_FORMAT"),
+        (True, "SOURCE_CACHE"),
+        (True, "SOURCE_CACHE"),
+    ]
+    # From this process's L1 copy, or from Redis once the copy's 1 s is over.
+    assert second[1]["from_local_cache"] is False
+    assert second[0]["cache_age"].endswith("s")  # a google.protobuf.Duration
+    assert second[0]["session"] == one["session"]
+
+    assert grpcurl.call("Invalidate", {"token": two["token"]})["revoked"] is True
+    after = validate(tokens)
+    assert [(r["valid"], r["reason"]) for r in after] == [
+        (True, "REASON_UNSPECIFIED"),
+        (False, "REASON_UNKNOWN"),
+        (False, "REASON_REVOKED"),
+        (True, "REASON_UNSPECIFIED"),
+    ]
+    assert validate([]) == []
+
+    body = json.dumps({"tokens": [one["token"]] * 101})
+    result = grpcurl.run(
+        "-format-error", "-d", body, e2e_server.target, f"{SERVICE}/ValidateSessions"
+    )
+    assert result.returncode == _EXIT_INVALID_ARGUMENT, (result.stdout, result.stderr)
+    error = json.loads(result.stderr)
+    assert error["code"] == 3
+    assert error["message"] == "tokens: must hold at most 100 tokens"
+    assert one["token"] not in result.stdout + result.stderr

@@ -362,3 +362,48 @@ def test_one_millisecond_deadline_is_ok_or_deadline_exceeded(
     assert all(codes <= allowed for codes in seen.values()), seen
     # The server is none the worse for it.
     assert _validate(stub, token).valid
+
+
+def test_validate_sessions_through_the_stubs(
+    stub: pb_grpc.SessionAuthorityStub, create: Create, e2e_server: ServerProcess
+) -> None:
+    user = _user()
+    sessions = [create(user, metadata={"n": str(i) * (i * 90)}) for i in range(3)]
+    tokens = [s.token for s in sessions]
+    bad = e2e_server.presented("not a token")
+    request = pb.ValidateSessionsRequest(tokens=[tokens[0], bad, tokens[1], tokens[2], tokens[0]])
+
+    def validate() -> list[pb.ValidateSessionResponse]:
+        reply: pb.ValidateSessionsResponse = stub.ValidateSessions(request, timeout=10)
+        return list(reply.results)
+
+    first = validate()
+    assert [(r.valid, r.source) for r in first] == [
+        (True, pb.SOURCE_DATABASE),
+        (False, pb.SOURCE_TOKEN_FORMAT),
+        (True, pb.SOURCE_DATABASE),
+        (True, pb.SOURCE_DATABASE),
+        (True, pb.SOURCE_DATABASE),
+    ]
+    assert [r.session for r in first if r.valid] == [
+        sessions[0].session,
+        sessions[1].session,
+        sessions[2].session,
+        sessions[0].session,
+    ]
+    again = validate()
+    assert [(r.valid, r.source, r.degraded) for r in again] == [
+        (True, pb.SOURCE_CACHE, False),
+        (False, pb.SOURCE_TOKEN_FORMAT, False),
+        (True, pb.SOURCE_CACHE, False),
+        (True, pb.SOURCE_CACHE, False),
+        (True, pb.SOURCE_CACHE, False),
+    ]  # from this process's L1 copies (from_local_cache), or Redis once they are 1 s old
+    assert all(r.HasField("cache_age") for r in again if r.valid)
+    assert _invalidate(stub, session_id=sessions[2].session.session_id).revoked
+    assert [(r.valid, r.reason) for r in validate()][3] == (False, pb.REASON_REVOKED)
+
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ValidateSessions(pb.ValidateSessionsRequest(tokens=[tokens[0]] * 101), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "tokens" in (refused.value.details() or "")

@@ -36,6 +36,9 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     numbers = {key: report[key] for key in REQUIRED_KEYS if key != "load_generator"}
     assert all(isinstance(v, int | float) and v > 0 for v in numbers.values()), numbers
     assert report["workers"] >= 1
+    # ValidateSessions of 100 cached tokens, beside hit_rps in the same run.
+    assert report["batch_vs_hit"] == round(report["batch_tokens_per_s"] / report["hit_rps"], 2)
+    assert report["checks"]["batch"]["calls_ok"] > 0
     assert report["cores"] >= 1
     # Read from /proc: how long the stores waited for a CPU during the throughput runs.
     assert report["redis_cpu_wait_seconds"] >= 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypedDict, Unpack, cast
@@ -19,7 +19,14 @@ from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache
 from session_authority.bootstrap import assemble_core
 from session_authority.core.breaker import Breaker, BreakerPolicy, BreakerState
-from session_authority.core.domain import Reason, Session, Source, TokenHash, new_token
+from session_authority.core.domain import (
+    Reason,
+    Session,
+    Source,
+    TokenHash,
+    Validation,
+    new_token,
+)
 from session_authority.core.errors import RateLimited
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionStore
@@ -41,6 +48,12 @@ class PausableStore(PostgresSessionStore):
 
     async def find(self, token_hash: TokenHash) -> Session | None:
         found = await super().find(token_hash)
+        self.read_done.set()
+        await self.gate.wait()
+        return found
+
+    async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
+        found = await super().find_many(token_hashes)
         self.read_done.set()
         await self.gate.wait()
         return found
@@ -101,16 +114,28 @@ def _core(
     return core, counting
 
 
+async def _validated(core: SessionAuthority, token: str, bystander: str | None) -> Validation:
+    """ValidateSession of ``token``, or with a ``bystander`` ValidateSessions of
+    both (whose answer for the bystander must stay live)."""
+    if bystander is None:
+        return await core.validate(token)
+    answer, other = await core.validate_many([token, bystander])
+    assert other.valid, other
+    return answer
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["ValidateSession", "ValidateSessions"])
 @pytest.mark.parametrize("revoke_all", [False, True], ids=["Invalidate", "InvalidateUser"])
 async def test_a_miss_paused_between_read_and_fill_loses_to_revocation(
-    pg_dsn: str, cache: RedisSessionCache, revoke_all: bool
+    pg_dsn: str, cache: RedisSessionCache, revoke_all: bool, batch: bool
 ) -> None:
     store = PausableStore(pg_dsn)
-    core, _ = _core(store, cache)
+    core, counting = _core(store, cache)
     user = f"user-{uuid4().hex[:8]}"
     token, _ = await core.create(user, None, {})
+    bystander = (await core.create(f"user-{uuid4().hex[:8]}", None, {}))[0] if batch else None
     store.gate.clear()
-    miss = asyncio.create_task(core.validate(token))
+    miss = asyncio.create_task(_validated(core, token, bystander))
     await store.read_done.wait()  # Postgres said "valid"; the fill has not happened yet
     if revoke_all:
         assert (await core.invalidate_user(user)).revoked_count == 1
@@ -121,8 +146,9 @@ async def test_a_miss_paused_between_read_and_fill_loses_to_revocation(
     assert answer.valid is False
     assert answer.reason is Reason.REVOKED
     # ...and nothing stale was left behind for the next caller.
-    again = await core.validate(token)
+    again = await _validated(core, token, bystander)
     assert (again.valid, again.reason, again.source) == (False, Reason.REVOKED, Source.CACHE)
+    assert counting.queries["find_many" if batch else "find"] == 1
     await store.aclose()
 
 
@@ -142,6 +168,28 @@ async def test_concurrent_validations_of_one_uncached_token_make_one_query(
     answers = await asyncio.gather(*(core.validate(token) for _ in range(1000)))
     assert all(a.valid for a in answers)
     assert metrics.queries["find"] == 1
+
+
+async def test_concurrent_batches_of_uncached_tokens_make_one_query(
+    store: PostgresSessionStore, redis_server: EmbeddedRedis
+) -> None:
+    # As above: generous timeouts, 50 batches of 40 queue for 10 connections.
+    cache = RedisSessionCache.from_url(
+        redis_server.url, min_connections=2, max_connections=10, timeout=10, pool_timeout=10
+    )
+    core, metrics = _core(store, cache, timeout=10.0)
+    _CACHES.append(cache)
+    tokens = [(await core.create(f"user-{uuid4().hex[:8]}", None, {}))[0] for _ in range(20)]
+    forged = [new_token() for _ in range(20)]
+    batches = await asyncio.gather(*(core.validate_many(tokens + forged) for _ in range(50)))
+    for answers in batches:
+        assert [a.valid for a in answers] == [True] * 20 + [False] * 20
+    assert (metrics.queries["find_many"], metrics.queries["find"]) == (1, 0)
+    # The forged ones are negatively cached: repeats cost no query.
+    for _ in range(5):
+        answers = await core.validate_many(forged)
+        assert {(a.reason, a.source) for a in answers} == {(Reason.UNKNOWN, Source.CACHE)}
+    assert metrics.queries["find_many"] == 1
 
 
 async def test_a_flood_of_random_tokens_costs_bounded_queries(
@@ -307,3 +355,38 @@ async def test_a_revoker_whose_breaker_is_open_still_tombstones_a_healthy_redis(
     assert a.breaker.state is BreakerState.OPEN  # A keeps off Redis until its probe
     answer = await b.validate(token)
     assert (answer.valid, answer.reason, answer.source) == (False, Reason.REVOKED, Source.CACHE)
+
+
+async def test_redis_killed_mid_batch_postgres_answers_degraded_and_fails_closed(
+    store: PostgresSessionStore, own_redis: EmbeddedRedis
+) -> None:
+    cache = RedisSessionCache.from_url(
+        own_redis.url, min_connections=1, max_connections=5, timeout=0.5, pool_timeout=0.5
+    )
+    _CACHES.append(cache)
+    core, _ = _core(store, cache, timeout=0.5, reset_timeout=60.0)
+    await core.replay_revocations()  # trust this Redis, as App.start does
+    user = f"user-{uuid4().hex[:8]}"
+    tokens = [(await core.create(user, None, {}))[0] for _ in range(3)]
+    await core.validate_many(tokens)
+    assert {a.source for a in await core.validate_many(tokens)} == {Source.CACHE}
+    assert (await core.invalidate(token=tokens[1])).cache_purged is True
+    batch = [*tokens, new_token()]
+    own_redis.pause()  # the batch's lookup goes out to a frozen Redis...
+    answering = asyncio.create_task(core.validate_many(batch))
+    await asyncio.sleep(0.1)  # (only to let it go out; nothing is timed)
+    own_redis.kill()  # ...which dies under it: the lookup fails, Postgres answers
+    answers = await answering
+    expected = [
+        (True, None, Source.DATABASE, True),
+        (False, Reason.REVOKED, Source.DATABASE, True),
+        (True, None, Source.DATABASE, True),
+        (False, Reason.UNKNOWN, Source.DATABASE, True),
+    ]
+    assert [(a.valid, a.reason, a.source, a.degraded) for a in answers] == expected
+    # With Redis gone, revocations still hold: Postgres first, the breaker opens.
+    assert (await core.invalidate(token=tokens[2])).cache_purged is False
+    assert core.breaker.state is BreakerState.OPEN
+    answers = await core.validate_many(batch)
+    expected[2] = (False, Reason.REVOKED, Source.DATABASE, True)
+    assert [(a.valid, a.reason, a.source, a.degraded) for a in answers] == expected

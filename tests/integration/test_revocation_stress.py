@@ -66,10 +66,17 @@ class RacedLocalCache(LocalCache):
 
     refused = 0
 
-    def put(self, token_hash: TokenHash, entry: CacheEntry, ttl_left: float, version: int) -> bool:
+    def put(
+        self,
+        token_hash: TokenHash,
+        entry: CacheEntry,
+        ttl_left: float,
+        version: int,
+        age: float | None = None,
+    ) -> bool:
         if version != self.version:
             RacedLocalCache.refused += 1
-        return super().put(token_hash, entry, ttl_left, version)
+        return super().put(token_hash, entry, ttl_left, version, age)
 
 
 #: The adapters of each replica made by ``_replica``, in order, for closing.

@@ -314,6 +314,25 @@ class InMemorySessionStore:
         """Test helper: every revocation not confirmed yet."""
         return {TokenHash(h) for h in self._pending}
 
+    async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
+        """``find`` for each, as one query (one snapshot), gated like ``find``."""
+        if not token_hashes:
+            return {}
+        self._enter("find_many")
+        found = {
+            token_hash: _copied(self._by_hash[token_hash.hex])
+            for token_hash in token_hashes
+            if token_hash.hex in self._by_hash
+        }
+        if self.gate is not None:
+            self.parked += 1
+            self._parked_changed.set()
+            try:
+                await self.gate.wait()
+            finally:
+                self.parked -= 1
+        return found
+
     async def health(self) -> StoreHealth:
         self.calls["health"] += 1
         if self.unavailable:
@@ -375,6 +394,8 @@ class _Slot:
     stored: _Stored
     recorded_as: str
     expires_at: float
+    #: When a fill wrote it, on the cache's clock (None: not written by a fill).
+    filled_at: float | None = None
 
 
 def _copy(entry: _Stored) -> _Stored:
@@ -453,10 +474,21 @@ class InMemorySessionCache:
             return None
         return slot
 
-    def _write(self, key: str, entry: _Stored, ttl: float, recorded_as: str | None = None) -> None:
+    def _write(
+        self,
+        key: str,
+        entry: _Stored,
+        ttl: float,
+        recorded_as: str | None = None,
+        *,
+        filled: bool = False,
+    ) -> None:
         ttl_ms = max(1, int(ttl * 1000))  # as the adapter sends PEXPIRE
-        expires_at = self._clock() + ttl_ms / 1000
-        self._entries[key] = _Slot(_copy(entry), recorded_as or key, expires_at)
+        now = self._clock()
+        expires_at = now + ttl_ms / 1000
+        self._entries[key] = _Slot(
+            _copy(entry), recorded_as or key, expires_at, now if filled else None
+        )
 
     def _answer(self, token_hash: TokenHash, *, report: bool) -> Cached | None:
         """What ``get`` answers: None on a miss, a creation marker, or an entry
@@ -473,7 +505,9 @@ class InMemorySessionCache:
             return None
         if isinstance(slot.stored, _CreatedMarker):
             return None
-        return Cached(slot.stored, slot.expires_at - self._clock())
+        now = self._clock()
+        age = None if slot.filled_at is None else max(0.0, now - slot.filled_at)
+        return Cached(slot.stored, slot.expires_at - now, age)
 
     # --- test helpers (not part of the port, not counted) -------------------
 
@@ -549,7 +583,9 @@ class InMemorySessionCache:
             self._parked_changed.clear()
             await self._parked_changed.wait()
 
-    def _conditional_write(self, key: str, entry: _Stored, ttl: float) -> bool:
+    def _conditional_write(
+        self, key: str, entry: _Stored, ttl: float, *, filled: bool = False
+    ) -> bool:
         """The Lua fill script: it reads the state only, never the recorded hash."""
         slot = self._live(key)
         current = None if slot is None else slot.stored
@@ -558,12 +594,12 @@ class InMemorySessionCache:
         is_plain_verdict = isinstance(entry, CachedVerdict) and entry.reason is not Reason.REVOKED
         if is_plain_verdict and current is not None:
             return True  # not written, but not refused by a tombstone either
-        self._write(key, entry, ttl)
+        self._write(key, entry, ttl, filled=filled)
         return True
 
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         await self._enter("fill")
-        filled = self._conditional_write(token_hash.hex, entry, ttl)
+        filled = self._conditional_write(token_hash.hex, entry, ttl, filled=True)
         if self.fill_gate is not None:
             self.parked_fills += 1
             self._parked_changed.set()
@@ -622,6 +658,21 @@ class InMemorySessionCache:
             raise CacheReplaced(f"watermark {self._watermark!r} below {floor!r}: went back in time")
         self._watermark = max(self._watermark, mark)
         return self._watermark
+
+    async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
+        """``get`` for each, as one call (one snapshot), gated like ``get``."""
+        if not token_hashes:
+            return []
+        await self._enter("get_many")
+        answers = [self._answer(token_hash, report=True) for token_hash in token_hashes]
+        if self.get_gate is not None:
+            self.parked_gets += 1
+            self._parked_changed.set()
+            try:
+                await self.get_gate.wait()
+            finally:
+                self.parked_gets -= 1
+        return answers
 
     async def health(self) -> CacheHealth:
         self.calls["health"] += 1

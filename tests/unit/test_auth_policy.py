@@ -26,6 +26,7 @@ from session_authority.v1 import session_authority_pb2 as pb
 
 SVC = "/session_authority.v1.SessionAuthority"
 VALIDATE, HEALTH = f"{SVC}/ValidateSession", f"{SVC}/Health"
+VALIDATE_MANY = f"{SVC}/ValidateSessions"
 CREATE, INVALIDATE, INVALIDATE_USER = (
     f"{SVC}/CreateSession",
     f"{SVC}/Invalidate",
@@ -98,7 +99,8 @@ def test_every_rpc_of_the_service_is_declared_on_the_servicer() -> None:
     service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
     access = SessionAuthorityServicer.access()
     assert sorted(access) == sorted(f"{SVC}/{m.name}" for m in service.methods)
-    assert {m for m, kind in access.items() if kind == "read"} == {VALIDATE, HEALTH}
+    reads = {VALIDATE, HEALTH, VALIDATE_MANY}
+    assert {m for m, kind in access.items() if kind == "read"} == reads
     # Reads that show other users' sessions: never anonymous.
     sensitive = {f"{SVC}/ListUserSessions", f"{SVC}/WatchRevocations"}
     assert {m for m, kind in access.items() if kind == "sensitive_read"} == sensitive
@@ -211,7 +213,7 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     # ValidateSession, Health, Envoy's ext_authz Check (tests/unit/test_gateway.py) and the
     # sensitive reads.
     check = "/envoy.service.auth.v3.Authorization/Check"
-    assert policy.reads == {VALIDATE, HEALTH, check, *sensitive}
+    assert policy.reads == {VALIDATE, HEALTH, VALIDATE_MANY, check, *sensitive}
     assert policy.sensitive_reads == sensitive
     assert policy.mutations == {CREATE, INVALIDATE, INVALIDATE_USER, TOUCH}
     assert policy.decide(CREATE, READER_KEY) == "not_allowed"

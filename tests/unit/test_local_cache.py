@@ -369,3 +369,66 @@ async def test_a_renewal_that_raced_a_revocation_does_not_land(world: World) -> 
     assert len(b.local) == 0  # the read began before the drop: not stored
     answer = await b.svc.validate(token)
     assert (answer.valid, answer.reason) == (False, Reason.REVOKED)
+
+
+# --- ValidateSessions over L1 -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_batch_of_hot_sessions_is_answered_from_l1_and_never_past_a_revocation(
+    world: World,
+) -> None:
+    a, b = await world.process(), await world.process()
+    tokens = [await _token(a) for _ in range(3)]
+    first = await b.svc.validate_many(tokens)  # one Redis round trip, one query, fills
+    assert [(x.source, x.local) for x in first] == [(Source.DATABASE, False)] * 3
+    world.clock.advance(0.25)
+    gets = world.cache.calls["get_many"]
+    for _ in range(10):
+        answers = await b.svc.validate_many(tokens)
+        assert [(x.valid, x.source, x.local) for x in answers] == [(True, Source.CACHE, True)] * 3
+        assert [x.cache_age for x in answers] == [0.0] * 3  # the age it had when copied
+    assert world.cache.calls["get_many"] == gets  # Redis not asked
+    await a.svc.invalidate(token=tokens[1])  # b drops its copy before this returns
+    answers = await b.svc.validate_many(tokens)
+    assert [(x.valid, x.reason) for x in answers] == [
+        (True, None),
+        (False, Reason.REVOKED),
+        (True, None),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_the_servicer_frames_each_copys_encoded_answer_in_a_batch_reply(
+    world: World,
+) -> None:
+    from session_authority.transport.servicer import SessionAuthorityServicer
+    from session_authority.v1 import session_authority_pb2 as pb
+
+    a, b = await world.process(), await world.process()
+    servicer = SessionAuthorityServicer(b.svc)
+    token = await _token(a)
+    # An answer over 127 bytes: its length in the reply takes two bytes.
+    other, _ = await a.svc.create(f"user-{uuid.uuid4().hex}", None, {"note": "x" * 200})
+    context: Any = _Context()
+    batch = pb.ValidateSessionsRequest(tokens=[token, "not a token", other, token])
+    await servicer.ValidateSessions(batch, context)  # Postgres, then fills
+    raw = await servicer.ValidateSessions(batch, context)
+    single = await servicer.ValidateSession(pb.ValidateSessionRequest(token=token), context)
+    reply = pb.ValidateSessionsResponse.FromString(raw)
+    assert [(r.valid, r.source, r.from_local_cache) for r in reply.results] == [
+        (True, pb.SOURCE_CACHE, True),
+        (False, pb.SOURCE_TOKEN_FORMAT, False),
+        (True, pb.SOURCE_CACHE, True),
+        (True, pb.SOURCE_CACHE, True),
+    ]
+    assert reply.results[0].SerializeToString() == single  # the same encoded answer
+    assert reply.results[0].HasField("cache_age")
+    await a.svc.invalidate(token=token)
+    reply = pb.ValidateSessionsResponse.FromString(await servicer.ValidateSessions(batch, context))
+    assert [(r.valid, r.reason) for r in reply.results] == [
+        (False, pb.REASON_REVOKED),
+        (False, pb.REASON_UNKNOWN),
+        (True, pb.REASON_UNSPECIFIED),
+        (False, pb.REASON_REVOKED),
+    ]

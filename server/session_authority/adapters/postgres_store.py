@@ -469,6 +469,20 @@ class PostgresSessionStore:
             deleted = await conn.fetchval(_PRUNE_EVENTS, older_than, limit)
         return int(deleted)
 
+    async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
+        if not token_hashes:
+            return {}
+        keys = list({bytes.fromhex(token_hash.hex) for token_hash in token_hashes})
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at,
+                          metadata
+                   FROM sessions WHERE token_hash = ANY($1::bytea[])""",
+                keys,
+            )
+        found = (_session(row) for row in rows)
+        return {session.token_hash: session for session in found}
+
     async def health(self) -> StoreHealth:
         stats = self.pool_stats()
         try:

@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 from session_authority.adapters.redis_codec import (
     CHECK_HEX,
     IntegrityError,
+    age_of,
     decode_entry,
     encode_entry,
     state_of,
@@ -120,6 +121,30 @@ if ttl == -2 then return {} end
 local fields = redis.call('HGETALL', KEYS[1])
 table.insert(fields, 1, ttl)
 return fields
+"""
+
+# Get many: ``_GET`` for each hash in one round trip, the answers in KEYS'
+# order; ARGV[1] is how many keys each hash has (2 with the previous release's).
+_GET_MANY = """
+local per = tonumber(ARGV[1])
+local out = {}
+for i = 0, #KEYS / per - 1 do
+  local key, old = KEYS[i * per + 1], nil
+  if per == 2 then old = KEYS[i * per + 2] end
+  local fields = {}
+  if old and redis.call('HGET', old, 'state') == 'revoked' then
+    fields = redis.call('HGETALL', old)
+    table.insert(fields, 1, redis.call('PTTL', old))
+  else
+    local ttl = redis.call('PTTL', key)
+    if ttl ~= -2 then
+      fields = redis.call('HGETALL', key)
+      table.insert(fields, 1, ttl)
+    end
+  end
+  out[i + 1] = fields
+end
+return out
 """
 
 # Stamp: a bare state under both keys, each in its release's layout (``h`` here,
@@ -233,6 +258,7 @@ class RedisSessionCache:
         self.legacy_keys = legacy_keys
         self._fill = client.register_script(_FILL)
         self._get = client.register_script(_GET)
+        self._get_many = client.register_script(_GET_MANY)
         self._stamp = client.register_script(_STAMP)
         self._seal = client.register_script(_SEAL)
 
@@ -308,6 +334,10 @@ class RedisSessionCache:
     async def get(self, token_hash: TokenHash) -> Cached | None:
         with _MAPPED:
             reply: list[Any] = await self._get(keys=self._keys(token_hash))
+        return self._cached(token_hash, reply, time.time())
+
+    def _cached(self, token_hash: TokenHash, reply: list[Any], now: float) -> Cached | None:
+        """What the lookup script answered for ``token_hash``, checked and decoded."""
         if len(reply) < 3:
             return None
         pttl = int(reply[0])
@@ -328,13 +358,13 @@ class RedisSessionCache:
                 "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
             )
             return None
-        return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf)
+        return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf, age_of(fields, now))
 
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         mode = "verdict" if isinstance(entry, CachedVerdict) else "live"
         if isinstance(entry, CachedVerdict) and entry.reason is Reason.REVOKED:
             mode = "live"  # a tombstone replaces anything that is not one already
-        args = [mode, _ms(ttl), *encode_entry(token_hash, entry)]
+        args = [mode, _ms(ttl), *encode_entry(token_hash, entry, time.time())]
         with _MAPPED:
             result = await self._fill(keys=self._keys(token_hash), args=args)
         return int(result) == 1
@@ -412,6 +442,22 @@ class RedisSessionCache:
     async def release(self) -> None:
         with _MAPPED:
             await self._redis.delete(LEASE_KEY)
+
+    async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
+        if not token_hashes:
+            return []
+        keys: list[str] = []
+        for token_hash in token_hashes:
+            keys += self._keys(token_hash)
+        with _MAPPED:
+            replies: list[Any] = await self._get_many(
+                keys=keys, args=["2" if self.legacy_keys else "1"]
+            )
+        now = time.time()
+        return [
+            self._cached(token_hash, reply, now)
+            for token_hash, reply in zip(token_hashes, replies, strict=True)
+        ]
 
     async def _within(self, call: Awaitable[T]) -> T:
         """``call``, given up after the per-call timeout (a ``TimeoutError``,

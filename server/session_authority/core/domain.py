@@ -10,7 +10,7 @@ import secrets
 import unicodedata
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,6 +25,7 @@ except ImportError:
         from hashlib import sha256
 
 __all__ = [
+    "MAX_BATCH_TOKENS",
     "MAX_TOKEN_LENGTH",
     "Position",
     "Reason",
@@ -34,6 +35,7 @@ __all__ = [
     "Source",
     "TokenHash",
     "Validation",
+    "check_batch",
     "check_metadata",
     "check_session_id",
     "check_ttl",
@@ -55,6 +57,10 @@ TOKEN_PREFIX = "sat_"
 #: Longest token accepted on input. Ours are 52 characters; the bound only
 #: keeps hostile input cheap.
 MAX_TOKEN_LENGTH = 512
+#: Most tokens one ValidateSessions call may carry (more is INVALID_ARGUMENT):
+#: the work of one call stays bounded, and one call is one Redis round trip and
+#: one Postgres query of at most this many keys.
+MAX_BATCH_TOKENS = 100
 MAX_USER_ID_LENGTH = 256
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_KEY_BYTES = 64
@@ -174,14 +180,38 @@ class Validation:
     source: Source
     session: Session | None = None
     reason: Reason | None = None
+    #: Provenance. How old the cached entry was when this process read it, in
+    #: seconds (None: not from a cache, or unknown).
+    cache_age: float | None = None
+    #: A dependency was down: the Redis lookup failed or its breaker was open,
+    #: so Postgres answered.
+    degraded: bool = False
+    #: This process's L1 copy answered (``source`` is then ``CACHE``).
+    local: bool = False
 
     @classmethod
-    def live(cls, session: Session, source: Source) -> Validation:
-        return cls(valid=True, source=source, session=session)
+    def live(
+        cls,
+        session: Session,
+        source: Source,
+        *,
+        cache_age: float | None = None,
+        degraded: bool = False,
+        local: bool = False,
+    ) -> Validation:
+        return cls(True, source, session, None, cache_age, degraded, local)
 
     @classmethod
-    def invalid(cls, reason: Reason, source: Source) -> Validation:
-        return cls(valid=False, source=source, reason=reason)
+    def invalid(
+        cls,
+        reason: Reason,
+        source: Source,
+        *,
+        cache_age: float | None = None,
+        degraded: bool = False,
+        local: bool = False,
+    ) -> Validation:
+        return cls(False, source, None, reason, cache_age, degraded, local)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +238,12 @@ def parse_token(token: str, field_name: str = "token") -> TokenHash:
     if not _PRINTABLE_ASCII.fullmatch(token):
         raise InvalidArgument(field_name, "must be printable ASCII without spaces")
     return TokenHash.of(token)
+
+
+def check_batch(tokens: Sized, field_name: str = "tokens") -> None:
+    """Refuse a batch longer than ``MAX_BATCH_TOKENS`` (its tokens are checked one by one)."""
+    if len(tokens) > MAX_BATCH_TOKENS:
+        raise InvalidArgument(field_name, f"must hold at most {MAX_BATCH_TOKENS} tokens")
 
 
 def check_user_id(user_id: str, field_name: str = "user_id") -> str:

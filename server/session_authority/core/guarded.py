@@ -234,6 +234,9 @@ class GuardedCache(_Guarded):
     async def release(self) -> None:
         await self._call("release", self._cache.release)
 
+    async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
+        return await self._call("get_many", lambda: self._cache.get_many(token_hashes))
+
     async def health(self) -> CacheHealth:
         health = await self._cache.health()
         if health.connected and self._observer is not None:
@@ -299,6 +302,9 @@ class GuardedStore(_Guarded):
 
     async def confirm_watermark(self, mark: str) -> None:
         await self._call("confirm_watermark", lambda: self.inner.confirm_watermark(mark))
+
+    async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
+        return await self._call("find_many", lambda: self.inner.find_many(token_hashes))
 
     async def health(self) -> StoreHealth:
         return await self.inner.health()

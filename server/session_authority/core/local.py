@@ -31,6 +31,8 @@ __all__ = ["LocalCache", "LocalCopy", "RevocationFeed"]
 #: One L1 copy: the entry, and for a session that was live when stored, the
 #: answer it gives (made once, not on every hit) until its ``expires_at``, in
 #: seconds since the epoch (a float compares in a fraction of an aware datetime).
+#: A verdict's copy is judged on every hit (``-inf``); its answer, if any, only
+#: carries the provenance (``cache_age``) the judged answer reports.
 LocalCopy = tuple[CacheEntry, Validation | None, float]
 
 
@@ -112,14 +114,27 @@ class LocalCache:
             self.on_due(hex_digest)
         return found[2]
 
-    def put(self, token_hash: TokenHash, entry: CacheEntry, ttl_left: float, version: int) -> bool:
+    def put(
+        self,
+        token_hash: TokenHash,
+        entry: CacheEntry,
+        ttl_left: float,
+        version: int,
+        age: float | None = None,
+    ) -> bool:
         """Keep ``entry`` for ``min(ttl, ttl_left)`` seconds, unless a drop has
-        happened since ``version`` was read. False when refused."""
+        happened since ``version`` was read. False when refused. ``age``: how old
+        the Redis entry was when read, which every answer from this copy reports
+        (one answer per copy, so its encoded reply is made once: the copy's own
+        age would change on every hit; it adds at most ``ttl``)."""
         if version != self.version or ttl_left <= 0:
             return False
         copy: LocalCopy = (entry, None, 0.0)
         if isinstance(entry, Session) and entry.revoked_at is None:
-            copy = (entry, Validation.live(entry, Source.CACHE), entry.expires_at.timestamp())
+            answer = Validation.live(entry, Source.CACHE, cache_age=age, local=True)
+            copy = (entry, answer, entry.expires_at.timestamp())
+        elif age is not None:  # judged on every hit (-inf: "expired"); it keeps the age
+            copy = (entry, Validation(False, Source.CACHE, cache_age=age, local=True), -math.inf)
         entries, key = self._entries, token_hash.hex
         now, life = self._clock(), min(self.ttl, ttl_left)
         entries[key] = (now + life, now + life * _DUE_AFTER, copy)

@@ -45,6 +45,9 @@ class Cached:
 
     entry: CacheEntry
     ttl_left: float
+    #: Seconds since the entry was filled (by the filling process's clock, never
+    #: below zero); None when unknown (a tombstone, an entry of an older release).
+    age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,11 @@ class SessionStore(Protocol):
         nothing is written and the session is answered as it stands. ``None``
         when no such session exists."""
 
+    async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
+        """``find`` for each hash, in one query (one snapshot): the sessions
+        found, revoked and expired ones included, by hash; a hash no session
+        ever had is absent. Duplicates are allowed; none given, nothing asked."""
+
 
 class SessionCache(Protocol):
     """The cache (Redis), keyed by token hash. Every method raises
@@ -236,3 +244,8 @@ class SessionCache(Protocol):
 
     async def health(self) -> CacheHealth:
         """Server facts, pool numbers and live PING/SET/GET timings. Never raises."""
+
+    async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
+        """``get`` for each hash, in request order, in one round trip (one
+        atomic read): each answer follows ``get``'s rules. None given, nothing
+        asked. Raises ``CacheUnavailable`` for the whole batch."""

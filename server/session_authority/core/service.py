@@ -18,7 +18,7 @@ The revocation invariant that all of them keep is stated in ``revocation.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -124,3 +124,9 @@ class SessionAuthority:
         await self.breaker.aclose()
         if self.store_breaker is not None:
             await self.store_breaker.aclose()
+
+    async def validate_many(
+        self, tokens: Sequence[str], caller: CallerKey = ""
+    ) -> list[Validation]:
+        """``validate`` for up to ``MAX_BATCH_TOKENS`` tokens, answers in order."""
+        return await self.validator.validate_many(tokens, caller)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 __all__ = ["Flight", "SingleFlight"]
@@ -81,6 +81,51 @@ class SingleFlight(Generic[K, V]):
         late = flight.begun
         return await self._wait(task, flight), late
 
+    async def do_many(
+        self,
+        keys: Sequence[K],
+        load: Callable[[Mapping[K, Flight]], Awaitable[Mapping[K, V]]],
+        since: float | None = None,
+    ) -> dict[K, tuple[V, bool]]:
+        """``do`` for each of ``keys`` (distinct) at once: a key with a load in
+        flight (or, with ``since``, one that finished since) shares it, as
+        ``do`` would; the others share *one* new ``load(flights)``, which gets a
+        ``Flight`` per key (to ``begin`` before its read) and answers a value
+        for each. Each key of that load is a flight of its own for later
+        callers, joined and settled exactly as one ``do`` starts. Raises what
+        any load raised."""
+        shared: dict[K, tuple[V, bool]] = {}
+        waits: dict[K, tuple[asyncio.Task[V], Flight, bool]] = {}
+        fresh: dict[K, Flight] = {}
+        for key in keys:
+            current = self._inflight.get(key)
+            if current is None and since is not None:
+                recent = self._recent_result(key, since)
+                if recent is not None:
+                    shared[key] = (recent[1], True)
+                    continue
+            if current is None:
+                fresh[key] = Flight()
+            else:
+                waits[key] = (current[0], current[1], current[1].begun)
+        if fresh:
+            batch: asyncio.Task[Mapping[K, V]] = asyncio.ensure_future(load(fresh))
+            batch.add_done_callback(_retrieve)
+            for key, flight in fresh.items():
+                task: asyncio.Task[V] = asyncio.ensure_future(
+                    self._run(key, flight, _part_of(batch, key))
+                )
+                self._inflight[key] = (task, flight)
+                task.add_done_callback(_retrieve)
+                waits[key] = (task, flight, False)
+        if waits:
+            settled = await asyncio.gather(
+                *(self._wait(task, flight) for task, flight, _ in waits.values())
+            )
+            for (key, (_, _, late)), value in zip(waits.items(), settled, strict=True):
+                shared[key] = (value, late)
+        return shared
+
     @staticmethod
     async def _wait(task: asyncio.Task[V], flight: Flight) -> V:
         flight.callers += 1
@@ -115,6 +160,16 @@ class SingleFlight(Generic[K, V]):
             current = self._inflight.get(key)
             if current is not None and current[1] is flight:
                 del self._inflight[key]
+
+
+def _part_of(batch: asyncio.Task[Mapping[K, V]], key: K) -> Callable[[Flight], Awaitable[V]]:
+    """The load of ``key``'s own flight: its value from the shared batch load
+    (shielded: one key's waiters leaving must not cancel the others')."""
+
+    async def part(_: Flight) -> V:
+        return (await asyncio.shield(batch))[key]
+
+    return part
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:

@@ -22,7 +22,10 @@ answers the reply's bytes, encoded once per L1 copy, with no coroutine and
 no decoding. Why: inside a loaded server every Python call costs several
 times what it does in a loop, and this path is most of the traffic (the
 measurements are in the servicer's and ``Validator.validate_local``'s
-docstrings). It lives here and in ``validate_cached``, nowhere else.
+docstrings). It lives here and in ``validate_cached``, nowhere else, but for
+ValidateSessions (also ``PRE_ENCODED``), whose reply is the same encoded
+answers, each framed as one element of ``results`` (``servicer._framed``): a
+batch of 100 L1 hits then costs 100 dictionary reads, not 100 messages built.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ __all__ = ["PRE_ENCODED", "SERVICE_DESCRIPTOR", "SERVICE_NAME", "add_to_server"]
 _SERVICE = SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
 SERVICE_NAME = _SERVICE.full_name
 #: Methods whose servicer answers the reply's bytes (encoded once per L1 copy).
-PRE_ENCODED = frozenset({"ValidateSession"})
+PRE_ENCODED = frozenset({"ValidateSession", "ValidateSessions"})
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 

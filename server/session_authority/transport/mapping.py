@@ -110,6 +110,15 @@ def validation_to_pb(result: Validation) -> pb.ValidateSessionResponse:
         _fill_session(reply.session, result.session)  # in place: no copy
     if result.reason is not None:
         reply.reason = _REASON[result.reason]
+    if result.cache_age is not None:
+        # Milliseconds are all the age means (clocks of two replicas, a TTL in ms).
+        milliseconds = round(result.cache_age * 1000)
+        reply.cache_age.seconds, rest = divmod(milliseconds, 1000)
+        reply.cache_age.nanos = rest * 1_000_000
+    if result.degraded:
+        reply.degraded = True
+    if result.local:
+        reply.from_local_cache = True
     return reply
 
 

@@ -38,6 +38,21 @@ T = TypeVar("T")
 _TOKEN_ONLY = 0x0A
 #: Encoded replies kept for L1 answers (see ``ValidateSession``); cleared when full.
 _WIRE_MAX = 10_000
+#: The tag of ValidateSessionsResponse's field 1 (results), length-delimited.
+_RESULTS = b"\x0a"
+
+
+def _framed(wire: bytes) -> bytes:
+    """``wire`` as one element of ``results``: tag, varint length, bytes."""
+    size = len(wire)
+    if size < 0x80:
+        return _RESULTS + bytes((size,)) + wire
+    head = bytearray(_RESULTS)
+    while size >= 0x80:
+        head.append((size & 0x7F) | 0x80)
+        size >>= 7
+    head.append(size)
+    return bytes(head) + wire
 
 
 class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
@@ -68,10 +83,11 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._watch_stall = watch_stall
         self._worker = pb.WorkerInfo(index=worker, count=workers, pid=os.getpid())
         self._validate_local = core.validate_local  # bound once: the hot path's first call
-        # id(answer) -> (answer, its encoded reply). The core hands out the same
-        # Validation for every hit on one L1 copy, so its reply is encoded once;
-        # holding the answer keeps its id from being reused while it is here.
-        self._wire: dict[int, tuple[Validation, bytes]] = {}
+        # id(answer) -> (answer, its encoded reply, the same framed as one of
+        # ValidateSessions' results). The core hands out the same Validation
+        # for every hit on one L1 copy, so its reply is encoded once; holding
+        # the answer keeps its id from being reused while it is here.
+        self._wire: dict[int, tuple[Validation, bytes, bytes]] = {}
 
     @mutation
     async def CreateSession(
@@ -133,7 +149,7 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         if answer.valid:  # the copies' prepared answers; verdicts are made per call
             if len(self._wire) >= _WIRE_MAX:
                 self._wire.clear()
-            self._wire[id(answer)] = (answer, wire)
+            self._wire[id(answer)] = (answer, wire, _framed(wire))
         return wire
 
     @mutation
@@ -259,6 +275,29 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         except Exception:
             _log.exception("unexpected error")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    @read
+    async def ValidateSessions(  # type: ignore[override]  # answers the encoded reply
+        self, request: pb.ValidateSessionsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> bytes:
+        """Answers the encoded ``ValidateSessionsResponse``: each answer's encoded
+        ``ValidateSessionResponse`` (the memo ``ValidateSession`` uses, so an L1
+        copy's reply is encoded once) framed as one element of ``results``."""
+
+        async def work() -> bytes:
+            answers = await self._core.validate_many(
+                request.tokens, caller=lambda: caller_of(context)
+            )
+            memos, parts = self._wire, []
+            for answer in answers:
+                memo = memos.get(id(answer))
+                if memo is not None and memo[0] is answer:
+                    parts.append(memo[2])  # an L1 copy's answer: framed once
+                else:
+                    parts.append(_framed(self._encoded(answer)))
+            return b"".join(parts)
+
+        return await run_call(context, work)
 
 
 def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:

@@ -47,6 +47,7 @@ SERVICE = "session_authority.v1.SessionAuthority"
 #: RPCs that may be sent twice with the effect of once: retried on UNAVAILABLE.
 IDEMPOTENT = (
     "ValidateSession",
+    "ValidateSessions",
     "Invalidate",
     "InvalidateUser",
     "Health",

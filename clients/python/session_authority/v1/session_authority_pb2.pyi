@@ -328,13 +328,35 @@ class ValidateSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    CACHE_AGE_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    FROM_LOCAL_CACHE_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     reason: Global___Reason.ValueType
     """Set when not valid."""
     source: Global___Source.ValueType
+    """Which tier answered."""
+    degraded: _builtins.bool
+    """True when a dependency was down while answering: the Redis breaker was
+    open or the Redis lookup failed, so Postgres answered. The answer is as
+    correct as ever (the service never guesses); the flag is for dashboards.
+    """
+    from_local_cache: _builtins.bool
+    """True when this process's in-process (L1) copy of a Redis entry answered
+    (source stays SOURCE_CACHE, as before this field existed).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """Set when valid."""
+
+    @_builtins.property
+    def cache_age(self) -> _duration_pb2.Duration:
+        """How old the cached entry was when this process read it (set with
+        SOURCE_CACHE when known; unset for SOURCE_DATABASE and for a tombstone
+        written by a revocation). An answer with from_local_cache may be up to
+        L1_CACHE_TTL_MS older than this. Measured by the clock of the replica
+        that filled the entry, never below zero.
+        """
 
     def __init__(
         self,
@@ -343,10 +365,13 @@ class ValidateSessionResponse(_message.Message):
         session: Global___Session | None = ...,
         reason: Global___Reason.ValueType = ...,
         source: Global___Source.ValueType = ...,
+        cache_age: _duration_pb2.Duration | None = ...,
+        degraded: _builtins.bool = ...,
+        from_local_cache: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_age", b"cache_age", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session", b"session", "source", b"source", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_age", b"cache_age", "degraded", b"degraded", "from_local_cache", b"from_local_cache", "reason", b"reason", "session", b"session", "source", b"source", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1290,3 +1315,49 @@ class RevocationEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevocationEvent: _TypeAlias = RevocationEvent  # noqa: Y015
+
+@_typing.final
+class ValidateSessionsRequest(_message.Message):
+    """ValidateSessionsRequest asks about up to 100 tokens at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required: 0 to 100 tokens, each as in ValidateSessionRequest.token."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateSessionsRequest: _TypeAlias = ValidateSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ValidateSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValidateSessionResponse]:
+        """One answer per token, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ValidateSessionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateSessionsResponse: _TypeAlias = ValidateSessionsResponse  # noqa: Y015

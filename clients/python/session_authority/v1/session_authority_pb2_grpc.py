@@ -75,6 +75,11 @@ class SessionAuthorityStub:
                 request_serializer=session__authority_dot_v1_dot_session__authority__pb2.WatchRevocationsRequest.SerializeToString,
                 response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.RevocationEvent.FromString,
                 _registered_method=True)
+        self.ValidateSessions = channel.unary_unary(
+                '/session_authority.v1.SessionAuthority/ValidateSessions',
+                request_serializer=session__authority_dot_v1_dot_session__authority__pb2.ValidateSessionsRequest.SerializeToString,
+                response_deserializer=session__authority_dot_v1_dot_session__authority__pb2.ValidateSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionAuthorityServicer:
@@ -163,6 +168,21 @@ class SessionAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ValidateSessions(self, request, context):
+        """ValidateSessions validates up to 100 tokens in one call (more is
+        INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+        guarantees for each: one result per token, in request order. A malformed
+        token fails its own entry (valid=false, REASON_UNKNOWN,
+        SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+        from the in-process cache come at once; every Redis lookup of the batch
+        is one round trip and the misses are one Postgres query. The batch fails
+        as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+        would fail for one of its tokens: never a guess.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +225,11 @@ def add_SessionAuthorityServicer_to_server(servicer, server):
                     servicer.WatchRevocations,
                     request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.WatchRevocationsRequest.FromString,
                     response_serializer=session__authority_dot_v1_dot_session__authority__pb2.RevocationEvent.SerializeToString,
+            ),
+            'ValidateSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateSessions,
+                    request_deserializer=session__authority_dot_v1_dot_session__authority__pb2.ValidateSessionsRequest.FromString,
+                    response_serializer=session__authority_dot_v1_dot_session__authority__pb2.ValidateSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -424,6 +449,33 @@ class SessionAuthority:
             '/session_authority.v1.SessionAuthority/WatchRevocations',
             session__authority_dot_v1_dot_session__authority__pb2.WatchRevocationsRequest.SerializeToString,
             session__authority_dot_v1_dot_session__authority__pb2.RevocationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_authority.v1.SessionAuthority/ValidateSessions',
+            session__authority_dot_v1_dot_session__authority__pb2.ValidateSessionsRequest.SerializeToString,
+            session__authority_dot_v1_dot_session__authority__pb2.ValidateSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

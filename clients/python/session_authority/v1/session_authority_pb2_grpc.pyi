@@ -85,6 +85,17 @@ class SessionAuthorityStub:
     The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    ValidateSessions: _grpc.UnaryUnaryMultiCallable[_session_authority_pb2.ValidateSessionsRequest, _session_authority_pb2.ValidateSessionsResponse]
+    """ValidateSessions validates up to 100 tokens in one call (more is
+    INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+    guarantees for each: one result per token, in request order. A malformed
+    token fails its own entry (valid=false, REASON_UNKNOWN,
+    SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+    from the in-process cache come at once; every Redis lookup of the batch
+    is one round trip and the misses are one Postgres query. The batch fails
+    as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+    would fail for one of its tokens: never a guess.
+    """
 
 @_typing.type_check_only
 class SessionAuthorityAsyncStub(SessionAuthorityStub):
@@ -139,6 +150,17 @@ class SessionAuthorityAsyncStub(SessionAuthorityStub):
     cursor received on any replica. Authorised like a read.
     The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    ValidateSessions: _aio.UnaryUnaryMultiCallable[_session_authority_pb2.ValidateSessionsRequest, _session_authority_pb2.ValidateSessionsResponse]  # type: ignore[assignment]
+    """ValidateSessions validates up to 100 tokens in one call (more is
+    INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+    guarantees for each: one result per token, in request order. A malformed
+    token fails its own entry (valid=false, REASON_UNKNOWN,
+    SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+    from the in-process cache come at once; every Redis lookup of the batch
+    is one round trip and the misses are one Postgres query. The batch fails
+    as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+    would fail for one of its tokens: never a guess.
     """
 
 class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -239,6 +261,23 @@ class SessionAuthorityServicer(metaclass=_abc_1.ABCMeta):
         cursor received on any replica. Authorised like a read.
         The reply type is named by the contract (issue 22), not WatchRevocationsResponse.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateSessions(
+        self,
+        request: _session_authority_pb2.ValidateSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_authority_pb2.ValidateSessionsResponse, _abc.Awaitable[_session_authority_pb2.ValidateSessionsResponse]]:
+        """ValidateSessions validates up to 100 tokens in one call (more is
+        INVALID_ARGUMENT naming `tokens`), with ValidateSession's rules and
+        guarantees for each: one result per token, in request order. A malformed
+        token fails its own entry (valid=false, REASON_UNKNOWN,
+        SOURCE_TOKEN_FORMAT), not the batch; duplicates are allowed. Answers
+        from the in-process cache come at once; every Redis lookup of the batch
+        is one round trip and the misses are one Postgres query. The batch fails
+        as a whole (UNAVAILABLE, RESOURCE_EXHAUSTED) only where ValidateSession
+        would fail for one of its tokens: never a guess.
         """
 
 def add_SessionAuthorityServicer_to_server(servicer: SessionAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
