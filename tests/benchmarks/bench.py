@@ -775,6 +775,12 @@ class Bench:
         runs: dict[str, list[float]] = {"hit": [], "pgbouncer": []}
         for name in order:
             runs[name].append(await self._miss_run(name))
+        if "pgbouncer" in self.servers:
+            # Done with it: its workers would otherwise also subscribe to the revocation feed
+            # (revocation_subscribers counts the two replicas' workers) and idle beside the rest.
+            server = self.servers.pop("pgbouncer")
+            if (code := await server.stop()) != 0:
+                self.problems.append(f"pgbouncer: exited {code} on SIGTERM:\n{server.tail()}")
         self.report["miss_rps"] = round(runs["hit"][0])
         self.report["miss_load_generator"] = PYTHON_GENERATOR
         if runs["pgbouncer"]:
