@@ -12,7 +12,7 @@ BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint node-client unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer gateway-tools clean
+.PHONY: help lock run test check lint layers fmt typecheck proto check-generated buf-lint buf-breaking node-client unit contract integration e2e rules h2load bench tls-servers doc-tools pgbouncer gateway-tools clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -133,7 +133,7 @@ run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a p
 test: $(STAMP) $(NODE_STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-check: lint layers typecheck check-generated buf-lint  ## static checks only
+check: lint layers typecheck check-generated buf-lint buf-breaking  ## static checks only
 
 lint: $(STAMP)  ## ruff (lint + format check)
 	$(BIN)/ruff check server clients tests
@@ -163,6 +163,12 @@ check-generated: $(STAMP) $(NODE_STAMP)  ## fail if regenerating the stubs (Pyth
 
 buf-lint: $(STAMP)  ## buf lint (STANDARD rules) on proto/
 	cd proto && $(abspath $(BIN)/buf) lint
+
+# The last release's API, as a buf image (proto/released/): the proto may grow, never break
+# (buf's FILE rules: no field, message or RPC removed, renumbered, renamed or retyped). Made at a
+# release with: git archive <tag> proto | tar -x -C /tmp/rel && (cd /tmp/rel/proto && buf build -o …)
+buf-breaking: $(STAMP)  ## buf breaking: proto/ against the last release's (proto/released/v0.2.binpb)
+	cd proto && $(abspath $(BIN)/buf) breaking --against released/v0.2.binpb
 
 unit: $(STAMP)  ## unit tests only (no I/O)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
