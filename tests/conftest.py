@@ -81,3 +81,18 @@ def no_token_in_any_log() -> Iterator[None]:
     logger.removeHandler(watch)
     logger.setLevel(previous)
     assert watch.leaks == [], watch.leaks[:5]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs on two processes (pytest-xdist, ``--dist loadgroup``): each test
+    file is one unit of work, so its module-scoped servers start once, except that every
+    test using the e2e tier's one server (``e2e_server``) goes to one process together, in
+    collection order: ``tests/e2e/test_logs.py`` runs after the rest of them and stops that
+    server (``tests/e2e/conftest.py``)."""
+    for item in items:
+        if "e2e_server" in getattr(item, "fixturenames", ()):
+            group = "e2e-server"
+        else:
+            group = item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
