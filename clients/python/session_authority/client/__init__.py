@@ -31,22 +31,29 @@ from session_authority.client._errors import (
 )
 from session_authority.client._results import (
     CreatedSession,
+    EventKind,
     HealthReport,
     Reason,
     Revocation,
+    RevocationEvent,
+    RevocationReason,
     Session,
     Source,
+    Touch,
     UserRevocation,
     Validation,
 )
 from session_authority.client._sync import SessionAuthorityClient
+from session_authority.client._watch import AsyncRevocationWatch, RevocationWatch
 
 __all__ = [
+    "AsyncRevocationWatch",
     "AsyncSessionAuthorityClient",
     "Cancelled",
     "CreatedSession",
     "DeadlineExceeded",
     "Deadlines",
+    "EventKind",
     "HealthReport",
     "Hedging",
     "InvalidArgument",
@@ -56,12 +63,16 @@ __all__ = [
     "ResourceExhausted",
     "Retry",
     "Revocation",
+    "RevocationEvent",
+    "RevocationReason",
+    "RevocationWatch",
     "ServerError",
     "Session",
     "SessionAuthorityClient",
     "SessionAuthorityError",
     "Source",
     "Tls",
+    "Touch",
     "Unauthenticated",
     "Unavailable",
     "UserRevocation",
