@@ -3,6 +3,7 @@ loop it will be used on; ``async with`` it, or ``await client.close()``."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from types import TracebackType
@@ -14,6 +15,13 @@ from session_authority.client import _config, _requests, _results
 from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
 from session_authority.client._errors import mapped
 from session_authority.client._hedging import hedge_async
+from session_authority.client._local_cache import (
+    AsyncFeed,
+    Copies,
+    LocalCache,
+    LocalCacheStats,
+    token_key,
+)
 from session_authority.client._watch import AsyncRevocationWatch
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -39,6 +47,7 @@ class AsyncSessionAuthorityClient:
         hedging: Hedging | None = None,
         keepalive: Keepalive | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        local_cache: bool | LocalCache = False,
     ) -> None:
         options = _config.channel_options(
             retry or Retry(), keepalive or Keepalive(), tls, channel_options
@@ -53,11 +62,32 @@ class AsyncSessionAuthorityClient:
         self._metadata = _config.metadata(api_key)
         self._deadlines = deadlines or Deadlines()
         self._hedging = hedging
+        self._cache_settings: LocalCache | None = None
+        self._copies: Copies | None = None
+        self._feed: AsyncFeed | None = None
+        if local_cache:
+            self._cache_settings = (
+                local_cache if isinstance(local_cache, LocalCache) else LocalCache()
+            )
+            self._copies = Copies(self._cache_settings)
+            self._start_feed()
+
+    def _start_feed(self) -> None:
+        """The cache's feed is a task of the running loop: started at once when there is one,
+        else by the first ``validate`` (or ``async with``)."""
+        if self._feed is not None or self._copies is None or self._cache_settings is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._feed = AsyncFeed(self._copies, self.watch_revocations, self._cache_settings)
 
     def __repr__(self) -> str:
         return f"AsyncSessionAuthorityClient(target={self.target!r})"
 
     async def __aenter__(self) -> AsyncSessionAuthorityClient:
+        self._start_feed()
         return self
 
     async def __aexit__(
@@ -70,9 +100,29 @@ class AsyncSessionAuthorityClient:
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
+        if self._feed is not None:
+            await self._feed.close()
         await self._channel.close()
 
+    @property
+    def local_cache_stats(self) -> LocalCacheStats | None:
+        """The local cache's counters (None without ``local_cache``)."""
+        return None if self._copies is None else self._copies.stats()
+
     async def validate(self, token: str, *, timeout: float | None = None) -> _results.Validation:
+        if self._copies is None:
+            return await self._validate(token, timeout)
+        self._start_feed()
+        key = token_key(token)
+        cached = self._copies.get(key)
+        if cached is not None:
+            return cached
+        begun = self._copies.begin()
+        answer = await self._validate(token, timeout)
+        self._copies.put(key, answer, begun)
+        return answer
+
+    async def _validate(self, token: str, timeout: float | None) -> _results.Validation:
         request = _requests.validate(token)
         seconds = timeout or self._deadlines.validate
         if self._hedging is None:

@@ -145,6 +145,8 @@ class Validation:
     """A dependency was down while answering (the answer is as correct as ever)."""
     from_local_cache: bool = False
     """The server process's in-process (L1) copy answered. Not this client's own cache."""
+    from_client_cache: bool = False
+    """This client's own local cache (``local_cache=``) answered, without calling the server."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -155,6 +157,7 @@ class Validation:
             "cache_age": None if self.cache_age is None else self.cache_age.total_seconds(),
             "degraded": self.degraded,
             "from_local_cache": self.from_local_cache,
+            "from_client_cache": self.from_client_cache,
         }
 
 

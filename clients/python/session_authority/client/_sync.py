@@ -13,6 +13,13 @@ from session_authority.client import _config, _requests, _results
 from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
 from session_authority.client._errors import mapped
 from session_authority.client._hedging import hedge_sync
+from session_authority.client._local_cache import (
+    Copies,
+    LocalCache,
+    LocalCacheStats,
+    SyncFeed,
+    token_key,
+)
 from session_authority.client._watch import RevocationWatch
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -46,6 +53,7 @@ class SessionAuthorityClient:
         hedging: Hedging | None = None,
         keepalive: Keepalive | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        local_cache: bool | LocalCache = False,
     ) -> None:
         options = _config.channel_options(
             retry or Retry(), keepalive or Keepalive(), tls, channel_options
@@ -60,6 +68,12 @@ class SessionAuthorityClient:
         self._metadata = _config.metadata(api_key)
         self._deadlines = deadlines or Deadlines()
         self._hedging = hedging
+        self._copies: Copies | None = None
+        self._feed: SyncFeed | None = None
+        if local_cache:
+            settings = local_cache if isinstance(local_cache, LocalCache) else LocalCache()
+            self._copies = Copies(settings)
+            self._feed = SyncFeed(self._copies, self.watch_revocations, settings)
 
     def __repr__(self) -> str:
         return f"SessionAuthorityClient(target={self.target!r})"
@@ -77,11 +91,31 @@ class SessionAuthorityClient:
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
+        if self._feed is not None:
+            self._feed.close()
         self._channel.close()
+
+    @property
+    def local_cache_stats(self) -> LocalCacheStats | None:
+        """The local cache's counters (None without ``local_cache``)."""
+        return None if self._copies is None else self._copies.stats()
 
     def validate(self, token: str, *, timeout: float | None = None) -> _results.Validation:
         """Whether ``token`` names a live session. Hedged when the client was given
-        ``hedging``; retried on UNAVAILABLE."""
+        ``hedging``; retried on UNAVAILABLE. With ``local_cache``, answered in process when a
+        copy can vouch for it (``Validation.from_client_cache``; see ``_local_cache``)."""
+        if self._copies is None:
+            return self._validate(token, timeout)
+        key = token_key(token)
+        cached = self._copies.get(key)
+        if cached is not None:
+            return cached
+        begun = self._copies.begin()
+        answer = self._validate(token, timeout)
+        self._copies.put(key, answer, begun)
+        return answer
+
+    def _validate(self, token: str, timeout: float | None) -> _results.Validation:
         request = _requests.validate(token)
         seconds = timeout or self._deadlines.validate
         if self._hedging is None:
