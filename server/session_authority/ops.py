@@ -1,10 +1,13 @@
-"""The operator verbs, ``session-authority create | validate | invalidate | invalidate-user``,
-built on the Python client (``session_authority.client``). Flags: ``ops_args``.
+"""The operator verbs, ``session-authority create | validate | invalidate | invalidate-user |
+list | touch | watch``, built on the Python client (``session_authority.client``). Flags:
+``ops_args``.
 
-Exit codes scripts can use: 0 done / valid, 1 not valid (validate), 2 usage (including a
-request or credentials the server refused), 3 no answer (unavailable, timed out, or the server
-cannot know). A token is read from stdin when not given as an argument, so that it stays out of
-shell history; no token is ever printed, except the one ``create`` makes.
+Exit codes scripts can use: 0 done / valid, 1 not valid (validate; touch of a session that is
+unknown, revoked or expired), 2 usage (including a request or credentials the server refused),
+3 no answer (unavailable, timed out, or the server cannot know; a watch whose stream ended).
+A token is read from stdin when not given as an argument, so that it stays out of shell
+history; no token is ever printed, except the one ``create`` makes. ``watch`` prints as it
+goes (a line per event, flushed); the others print one answer at the end.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any, TextIO
 
 from session_authority.client import (
     CreatedSession,
     Deadlines,
+    EventKind,
     InvalidArgument,
     PermissionDenied,
     Revocation,
+    RevocationEvent,
+    ServerError,
+    Session,
     SessionAuthorityClient,
     SessionAuthorityError,
     Tls,
+    Touch,
     Unauthenticated,
     UserRevocation,
     Validation,
@@ -70,7 +79,10 @@ def run_verb(
     except SessionAuthorityError as exc:
         print(f"session-authority {verb}: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_UNAVAILABLE
-    print(json.dumps(document, sort_keys=True) if args.json else text)
+    if args.json and document is not None:
+        print(json.dumps(document, sort_keys=True))
+    elif not args.json and text is not None:
+        print(text)
     return code
 
 
@@ -97,10 +109,11 @@ def _client(args: argparse.Namespace, environ: Mapping[str, str]) -> SessionAuth
 
 
 def _every(seconds: float) -> Deadlines:
-    return Deadlines(seconds, seconds, seconds, seconds, seconds)
+    return Deadlines(**{f.name: seconds for f in fields(Deadlines)})
 
 
-Result = tuple[int, str, dict[str, Any]]
+#: The exit code, the text answer and the --json one; None: nothing (more) to print.
+Result = tuple[int, str | None, dict[str, Any] | None]
 Action = Callable[[SessionAuthorityClient], Result]
 
 
@@ -170,12 +183,118 @@ def _invalidate(args: argparse.Namespace, stdin: TextIO) -> Action:
 
 
 def _invalidate_user(args: argparse.Namespace, stdin: TextIO) -> Action:
+    kept = args.except_session_id
+
     def call(client: SessionAuthorityClient) -> Result:
-        answer: UserRevocation = client.invalidate_user(args.user_id)
+        answer: UserRevocation = client.invalidate_user(args.user_id, except_session_id=kept)
         text = f"revoked {answer.revoked_count} session(s) of user {args.user_id}"
+        if kept is not None:
+            text += f" (kept {kept})"
         return EXIT_OK, text + _spread(answer.cache_purged, answer.propagated), answer.as_json()
 
     return call
+
+
+def _list(args: argparse.Namespace, stdin: TextIO) -> Action:
+    if args.page_size < 0:
+        raise Usage("--page-size must not be negative")
+
+    def call(client: SessionAuthorityClient) -> Result:
+        sessions = list(
+            client.list_sessions(
+                args.user_id, include_revoked=args.include_revoked, page_size=args.page_size
+            )
+        )
+        text = "\n".join(_session_line(s) for s in sessions) or None
+        document = {"user_id": args.user_id, "sessions": [s.as_json() for s in sessions]}
+        return EXIT_OK, text, document
+
+    return call
+
+
+def _session_line(s: Session) -> str:
+    line = f"{s.session_id} created {s.created_at.isoformat()} expires {s.expires_at.isoformat()}"
+    if s.last_seen_at is not None:
+        line += f" last_seen {s.last_seen_at.isoformat()}"
+    if s.revoked_at is not None:
+        line += f" revoked {s.revoked_at.isoformat()}"
+    return line
+
+
+#: TouchSession's "no such live session" answers: NOT_FOUND (unknown) and FAILED_PRECONDITION
+#: (revoked or expired, never revived). An answer, not an outage: exit 1, as validate.
+_NOT_TOUCHABLE = {"NOT_FOUND": "unknown", "FAILED_PRECONDITION": "revoked or expired"}
+
+
+def _touch(args: argparse.Namespace, stdin: TextIO) -> Action:
+    if args.session_id is not None and args.token is not None:
+        raise Usage("give a token or --session-id, not both")
+    if args.extend_by is not None and not args.extend_by > 0:
+        raise Usage("--extend-by must be positive")
+    session_id = args.session_id
+    token = None if session_id is not None else _token(args, stdin, "touch")
+
+    def call(client: SessionAuthorityClient) -> Result:
+        try:
+            answer: Touch = client.touch(
+                token=token, session_id=session_id, extend_by=args.extend_by
+            )
+        except ServerError as exc:
+            why = _NOT_TOUCHABLE.get(exc.code.name)
+            if why is None:
+                raise
+            return EXIT_INVALID, f"not touched: {why}", {"touched": False, "reason": why}
+        s = answer.session
+        text = f"touched: session {s.session_id} expires {s.expires_at.isoformat()}"
+        text += "" if answer.written else " (coalesced with a recent touch: not written)"
+        return EXIT_OK, text, {"touched": True, **answer.as_json()}
+
+    return call
+
+
+def _watch(args: argparse.Namespace, stdin: TextIO) -> Action:
+    """Prints each event as it comes (flushed); --count N: done (0) after N revocations (the
+    START line is not counted). An error that ends the stream prints the cursor to resume
+    after (--after) on stderr and exits as any error does (UNAVAILABLE: 3)."""
+    if args.count is not None and args.count < 1:
+        raise Usage("--count must be at least 1")
+
+    def call(client: SessionAuthorityClient) -> Result:
+        try:
+            watch = client.watch_revocations(args.after or "")
+        except ServerError as exc:
+            if exc.code.name == "FAILED_PRECONDITION":  # the cursor is too old or foreign
+                raise Usage(f"{exc}: start again without --after") from None
+            raise
+        revoked = 0
+        try:
+            for event in watch:
+                _print_event(event, args.json)
+                revoked += event.kind == EventKind.REVOKED
+                if args.count is not None and revoked >= args.count:
+                    return EXIT_OK, None, None
+        except SessionAuthorityError:
+            print(f"session-authority watch: resume with --after {watch.cursor}", file=sys.stderr)
+            raise
+        finally:
+            watch.close()
+        return EXIT_UNAVAILABLE, None, None  # a stream that ends without an error: not expected
+
+    return call
+
+
+def _print_event(event: RevocationEvent, as_json: bool) -> None:
+    if as_json:
+        line = json.dumps(event.as_json(), sort_keys=True)
+    elif event.kind == EventKind.START:
+        line = f"start after {event.cursor}"
+    else:
+        at = "" if event.revoked_at is None else f" at {event.revoked_at.isoformat()}"
+        line = (
+            f"{event.kind} session {event.session_id} of user {event.user_id} "
+            f"({event.reason}){at} cursor {event.cursor}"
+        )
+    print(line, flush=True)
 
 
 def _spread(cache_purged: bool, propagated: bool) -> str:
@@ -193,4 +312,7 @@ _ACTIONS: dict[str, Callable[[argparse.Namespace, TextIO], Action]] = {
     "validate": _validate,
     "invalidate": _invalidate,
     "invalidate-user": _invalidate_user,
+    "list": _list,
+    "touch": _touch,
+    "watch": _watch,
 }

@@ -16,11 +16,14 @@ import pytest
 
 from session_authority.client import (
     DeadlineExceeded,
+    EventKind,
     Hedging,
     InvalidArgument,
     PermissionDenied,
     Reason,
     Retry,
+    RevocationReason,
+    ServerError,
     Source,
     Unauthenticated,
     Unavailable,
@@ -97,6 +100,89 @@ def test_every_method_async(server: Serving) -> None:
             assert (await client.health()).status == "healthy"
             with pytest.raises(InvalidArgument):
                 await client.create("")
+
+    asyncio.run(scenario())
+
+
+def test_the_lifecycle_methods_sync(server: Serving) -> None:
+    """validate_many, invalidate_user(except_session_id=), list_sessions across pages, touch,
+    and a watch that sees an Invalidate made by another client."""
+    user = f"lina-{time.monotonic_ns()}"
+    with server.client() as client, server.client() as other:
+        created = [client.create(user, ttl=600) for _ in range(5)]
+        tokens = [c.token for c in created]
+        ids = [c.session.session_id for c in created]
+
+        listed = client.list_sessions(user, page_size=2)  # 3 pages: 2, 2, 1
+        assert [s.session_id for s in listed] == ids  # oldest first, none twice, none lost
+
+        watch = client.watch_revocations()
+        start = next(watch)
+        assert start.kind == EventKind.START and start.cursor and watch.cursor == start.cursor
+        assert other.invalidate(session_id=ids[0]).revoked
+        event = next(watch)
+        assert (event.kind, event.session_id, event.user_id, event.reason) == (
+            EventKind.REVOKED, ids[0], user, RevocationReason.EXPLICIT,
+        )  # fmt: skip
+        assert event.revoked_at is not None and watch.cursor == event.cursor > start.cursor
+        watch.close()
+        assert list(watch) == []  # closed: the iteration ends, no error
+
+        answers = client.validate_many([tokens[1], "not-a-token", tokens[0], tokens[1]])
+        assert [(a.valid, a.reason) for a in answers] == [
+            (True, None), (False, Reason.UNKNOWN), (False, Reason.REVOKED), (True, None),
+        ]  # fmt: skip
+        assert answers[0].session is not None and answers[0].session.session_id == ids[1]
+        assert answers[1].source == Source.TOKEN_FORMAT
+        assert all(not a.degraded and not a.from_local_cache for a in answers)
+        assert len(client.validate_many([tokens[2]] * 250)) == 250  # three calls of <= 100
+        _secret_free(tokens[1], answers)
+
+        touched = client.touch(token=tokens[1], extend_by=3000)
+        assert touched.written and touched.session.session_id == ids[1]
+        assert touched.session.last_seen_at is not None
+        assert touched.session.expires_at > created[1].session.expires_at
+        with pytest.raises(ServerError) as gone:
+            client.touch(session_id=ids[0])  # revoked: never revived
+        assert gone.value.code.name == "FAILED_PRECONDITION"
+
+        spared = client.invalidate_user(user, except_session_id=ids[4])
+        assert spared.revoked_count == 3  # ids[1..3]; ids[0] was already revoked
+        assert [s.session_id for s in client.list_sessions(user)] == [ids[4]]
+        everything = list(client.list_sessions(user, include_revoked=True, page_size=2))
+        assert len(everything) == 5 and everything[0].revoked_at is not None
+
+
+def test_the_lifecycle_methods_async(server: Serving) -> None:
+    user = f"mona-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        async with server.async_client() as client, server.async_client() as other:
+            created = [await client.create(user, ttl=600) for _ in range(5)]
+            ids = [c.session.session_id for c in created]
+            listed = [s.session_id async for s in client.list_sessions(user, page_size=2)]
+            assert listed == ids
+
+            watch = await client.watch_revocations()
+            assert (await anext(watch)).kind == EventKind.START
+            assert (await other.invalidate(session_id=ids[0])).revoked
+            event = await anext(watch)
+            assert (event.kind, event.session_id) == (EventKind.REVOKED, ids[0])
+            resumed = await client.watch_revocations(after=watch.cursor)
+            watch.close()
+            assert [e async for e in watch] == []
+
+            answers = await client.validate_many([created[1].token, created[0].token])
+            assert [a.valid for a in answers] == [True, False]
+            touched = await client.touch(session_id=ids[2], extend_by=1200)
+            assert touched.session.session_id == ids[2] and touched.session.last_seen_at
+            assert (await client.invalidate_user(user, except_session_id=ids[4])).revoked_count == 3
+            # The resumed watch (after the first event) sees the user-wide revocations only.
+            seen = [await anext(resumed) for _ in range(4)]
+            resumed.close()
+            assert seen[0].kind == EventKind.START
+            assert {e.session_id for e in seen[1:]} == set(ids[1:4])
+            assert {e.reason for e in seen[1:]} == {RevocationReason.USER_WIDE}
 
     asyncio.run(scenario())
 

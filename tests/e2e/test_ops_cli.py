@@ -1,4 +1,5 @@
-"""The operator verbs (``session-authority create | validate | invalidate | invalidate-user``)
+"""The operator verbs (``session-authority create | validate | invalidate | invalidate-user |
+list | touch | watch``)
 against a real ``serve`` with mTLS and API keys. The exit code is the contract: 0 done/valid,
 1 not valid, 2 usage (refused requests and credentials included), 3 no answer. Most cases run
 ``cli.main`` in this process (each ``session-authority`` process costs a second of CPU on a busy
@@ -10,6 +11,9 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from session_authority.cli_args import parser
 from session_authority.embedded import find_free_port
 from session_authority.ops_args import VERBS
 
-from .client_support import OPS_KEY, Serving, cli_argv
+from .client_support import OPS_KEY, FreezableProxy, Serving, cli_argv
 from .e2e_support import clean_env
 
 pytestmark = pytest.mark.e2e
@@ -49,6 +53,33 @@ class Cli:
         code = main([verb, *flags, *rest])
         out, err = self._capsys.readouterr()
         return code, out, err
+
+    def in_background(
+        self, *argv: str, target: str | None = None
+    ) -> tuple[threading.Thread, list[int]]:
+        """Run a verb (watch) on a thread; its exit code lands in the list. Its output is
+        captured as the test's, read with ``until_printed``."""
+        verb, *rest = argv
+        flags = ["--target", target or self.server.target, *self.server.tls_flags()]
+        codes: list[int] = []
+        thread = threading.Thread(
+            target=lambda: codes.append(main([verb, *flags, *rest])), daemon=True
+        )
+        self._capsys.readouterr()
+        thread.start()
+        return thread, codes
+
+    def until_printed(self, done: Callable[[str], bool], out: list[str], err: list[str]) -> None:
+        """Read the captured output into ``out``/``err`` until ``done(all of out)``."""
+        deadline = time.monotonic() + 20
+        while True:
+            captured = self._capsys.readouterr()
+            out.append(captured.out)
+            err.append(captured.err)
+            if done("".join(out)):
+                return
+            assert time.monotonic() < deadline, ("".join(out), "".join(err))
+            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -91,6 +122,70 @@ def test_a_session_s_life_through_the_verbs(cli: Cli) -> None:
     code, out, _ = cli("invalidate-user", "grace", "--json")
     assert code == 0
     assert json.loads(out) == {"cache_purged": True, "propagated": True, "revoked_count": 0}
+
+
+def test_list_touch_and_invalidate_user_except(cli: Cli) -> None:
+    user = f"olga-{time.monotonic_ns()}"
+    with cli.server.client() as client:
+        created = [client.create(user, ttl=600) for _ in range(3)]
+    ids = [c.session.session_id for c in created]
+
+    code, out, _ = cli("list", user, "--page-size", "2")  # two pages, one line per session
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ids
+
+    code, out, _ = cli("touch", "--extend-by", "1200", stdin=created[0].token + "\n")
+    assert code == 0 and out.startswith(f"touched: session {ids[0]} expires ")
+    assert created[0].token not in out
+    code, out, _ = cli("touch", "--session-id", ids[1], "--json")
+    assert code == 0 and json.loads(out)["session"]["session_id"] == ids[1]
+
+    code, out, _ = cli("invalidate-user", user, "--except-session-id", ids[2])
+    assert (code, out.strip()) == (0, f"revoked 2 session(s) of user {user} (kept {ids[2]})")
+    code, out, _ = cli("touch", "--session-id", ids[0])
+    assert (code, out.strip()) == (1, "not touched: revoked or expired")
+
+    code, out, _ = cli("list", user, "--json")
+    assert code == 0 and [s["session_id"] for s in json.loads(out)["sessions"]] == [ids[2]]
+    code, out, _ = cli("list", user, "--include-revoked")
+    assert code == 0 and out.count(" revoked ") == 2 and len(out.splitlines()) == 3
+
+
+def test_watch_counts_events_and_exits_3_with_the_cursor_when_cut(cli: Cli) -> None:
+    user = f"pia-{time.monotonic_ns()}"
+    with cli.server.client() as client:
+        first, second = (client.create(user).session.session_id for _ in range(2))
+        out: list[str] = []
+        err: list[str] = []
+        thread, codes = cli.in_background("watch", "--count", "1", "--json")
+        cli.until_printed(lambda text: '"kind": "start"' in text, out, err)
+        client.invalidate(session_id=first)
+        thread.join(20)
+        cli.until_printed(lambda _: True, out, err)
+        lines = [json.loads(line) for line in "".join(out).splitlines() if line]
+        assert codes == [0], err
+        assert [(e["kind"], e["session_id"]) for e in lines] == [("start", ""), ("revoked", first)]
+
+        # Resumed after START, through a proxy the test then closes: UNAVAILABLE ends it.
+        proxy = FreezableProxy(cli.server.port)
+        out, err = [], []
+        target = f"127.0.0.1:{proxy.port}"
+        try:
+            thread, codes = cli.in_background("watch", "--after", lines[0]["cursor"], target=target)
+            cli.until_printed(lambda text: f"session {first} " in text, out, err)  # again
+            client.invalidate(session_id=second)
+            cli.until_printed(lambda text: f"session {second} " in text, out, err)
+        finally:
+            proxy.close()
+        thread.join(20)
+    printed = "".join(out).splitlines()
+    assert printed[0] == f"start after {lines[0]['cursor']}"
+    assert printed[1].startswith(f"revoked session {first} of user {user} (explicit) at ")
+    assert printed[2].startswith(f"revoked session {second} ")
+    cli.until_printed(lambda _: True, out, err)
+    assert codes == [3], err
+    last_cursor = printed[2].rpartition(" cursor ")[2]
+    assert f"resume with --after {last_cursor}\n" in "".join(err)
+    assert "UNAVAILABLE" in "".join(err)
 
 
 def test_the_api_key_from_a_file_or_the_environment(

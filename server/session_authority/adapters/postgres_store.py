@@ -75,6 +75,8 @@ WITH kept AS (
     UPDATE sessions SET revoked_at = now(), purge_pending = true
     WHERE user_id = $1 AND revoked_at IS NULL AND session_id <> $2
       AND EXISTS (SELECT 1 FROM kept)
+      AND (SELECT set_config('session_authority.revocation_reason', 'user_wide', true))
+          IS NOT NULL
     RETURNING token_hash, expires_at > now() AS revoked_now
 )
 SELECT EXISTS (SELECT 1 FROM kept) AS kept,

@@ -106,6 +106,14 @@ class Deadlines:
     invalidate: float = 5.0
     invalidate_user: float = 10.0
     health: float = 2.0
+    validate_many: float = 2.0
+    """Per ValidateSessions call (each slice of up to 100 tokens)."""
+    list_sessions: float = 5.0
+    """Per page."""
+    touch: float = 2.0
+    watch_start: float = 10.0
+    """Until a watch's START event arrives; after it, a watch runs until closed (no
+    deadline: keepalive notices a dead connection)."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

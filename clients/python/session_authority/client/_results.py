@@ -13,18 +13,24 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from session_authority.client._errors import ServerError
 from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = [
     "CreatedSession",
+    "EventKind",
     "HealthReport",
     "Reason",
     "Revocation",
+    "RevocationEvent",
+    "RevocationReason",
     "Session",
     "Source",
+    "Touch",
     "UserRevocation",
     "Validation",
 ]
@@ -49,6 +55,39 @@ class Source(StrEnum):
     UNSPECIFIED = "unspecified"
 
 
+class EventKind(StrEnum):
+    """What a ``RevocationEvent`` carries."""
+
+    START = "start"
+    """The first event of every watch: only ``cursor`` is set (where the watch starts)."""
+    REVOKED = "revoked"
+    """One session was revoked."""
+    UNSPECIFIED = "unspecified"
+
+
+class RevocationReason(StrEnum):
+    """Who or what revoked a session (a ``RevocationEvent``'s ``reason``)."""
+
+    EXPLICIT = "explicit"
+    """Invalidate named the session."""
+    USER_WIDE = "user_wide"
+    """InvalidateUser."""
+    EXPIRED = "expired"
+    ADMIN = "admin"
+    """Not through the RPCs: an operator's SQL, or an older replica."""
+    UNSPECIFIED = "unspecified"
+
+
+_KINDS = {
+    pb.REVOCATION_EVENT_KIND_START: EventKind.START,
+    pb.REVOCATION_EVENT_KIND_REVOKED: EventKind.REVOKED,
+}
+_REVOCATION_REASONS = {
+    pb.REVOCATION_REASON_EXPLICIT: RevocationReason.EXPLICIT,
+    pb.REVOCATION_REASON_USER_WIDE: RevocationReason.USER_WIDE,
+    pb.REVOCATION_REASON_EXPIRED: RevocationReason.EXPIRED,
+    pb.REVOCATION_REASON_ADMIN: RevocationReason.ADMIN,
+}
 _REASONS = {
     pb.REASON_UNKNOWN: Reason.UNKNOWN,
     pb.REASON_EXPIRED: Reason.EXPIRED,
@@ -70,15 +109,24 @@ class Session:
     created_at: datetime.datetime
     expires_at: datetime.datetime
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    last_seen_at: datetime.datetime | None = None
+    """When the session was last touched (``touch``), when the server knows it."""
+    revoked_at: datetime.datetime | None = None
+    """Set on a revoked session (``list_sessions(include_revoked=True)``)."""
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "session_id": self.session_id,
             "user_id": self.user_id,
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat(),
             "metadata": dict(self.metadata),
         }
+        for name in ("last_seen_at", "revoked_at"):
+            value: datetime.datetime | None = getattr(self, name)
+            if value is not None:
+                document[name] = value.isoformat()
+        return document
 
 
 @dataclass(frozen=True)
@@ -91,6 +139,14 @@ class Validation:
     """Set when valid."""
     reason: Reason | None = None
     """Set when not valid."""
+    cache_age: datetime.timedelta | None = None
+    """How old the server's cached entry was (``source`` CACHE, when known)."""
+    degraded: bool = False
+    """A dependency was down while answering (the answer is as correct as ever)."""
+    from_local_cache: bool = False
+    """The server process's in-process (L1) copy answered. Not this client's own cache."""
+    from_client_cache: bool = False
+    """This client's own local cache (``local_cache=``) answered, without calling the server."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +154,10 @@ class Validation:
             "reason": None if self.reason is None else str(self.reason),
             "source": str(self.source),
             "session": None if self.session is None else self.session.as_json(),
+            "cache_age": None if self.cache_age is None else self.cache_age.total_seconds(),
+            "degraded": self.degraded,
+            "from_local_cache": self.from_local_cache,
+            "from_client_cache": self.from_client_cache,
         }
 
 
@@ -148,6 +208,44 @@ class UserRevocation:
 
 
 @dataclass(frozen=True)
+class Touch:
+    """TouchSession's answer: the session as it stands after the call (its expiry, and
+    ``last_seen_at``), and ``written``: this call wrote the new expiry to Postgres (False: it
+    was coalesced with a write made within TOUCH_INTERVAL)."""
+
+    session: Session
+    written: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"session": self.session.as_json(), "written": self.written}
+
+
+@dataclass(frozen=True)
+class RevocationEvent:
+    """One event of ``watch_revocations``. ``cursor``: pass it as ``after=`` to resume after
+    this event (on any replica). A START event carries only its cursor."""
+
+    kind: EventKind
+    cursor: str
+    session_id: str = ""
+    user_id: str = ""
+    reason: RevocationReason = RevocationReason.UNSPECIFIED
+    revoked_at: datetime.datetime | None = None
+    sequence: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": str(self.kind),
+            "cursor": self.cursor,
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "reason": str(self.reason),
+            "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
+            "sequence": self.sequence,
+        }
+
+
+@dataclass(frozen=True)
 class HealthReport:
     """The Health RPC's document. ``status``: "healthy", "degraded" or "unhealthy";
     ``document``: the whole document as the runbook's jq paths read it (proto field names)."""
@@ -172,6 +270,8 @@ def session(message: pb.Session) -> Session:
         created_at=_time(message.created_at),
         expires_at=_time(message.expires_at),
         metadata=MappingProxyType(dict(message.metadata)),
+        last_seen_at=_time(message.last_seen_at) if message.HasField("last_seen_at") else None,
+        revoked_at=_time(message.revoked_at) if message.HasField("revoked_at") else None,
     )
 
 
@@ -182,6 +282,32 @@ def validation(reply: pb.ValidateSessionResponse) -> Validation:
         session=session(reply.session) if reply.valid and reply.HasField("session") else None,
         # A reply that says "not valid" without a reason the client knows is still not valid.
         reason=None if reply.valid else _REASONS.get(reply.reason, Reason.UNKNOWN),
+        cache_age=reply.cache_age.ToTimedelta() if reply.HasField("cache_age") else None,
+        degraded=reply.degraded,
+        from_local_cache=reply.from_local_cache,
+    )
+
+
+def validations(reply: pb.ValidateSessionsResponse, expected: int) -> list[Validation]:
+    if len(reply.results) != expected:  # the contract is one result per token, in order
+        message = f"ValidateSessions answered {len(reply.results)} of {expected} tokens"
+        raise ServerError(grpc.StatusCode.INTERNAL, message)
+    return [validation(result) for result in reply.results]
+
+
+def touch(reply: pb.TouchSessionResponse) -> Touch:
+    return Touch(session(reply.session), reply.written)
+
+
+def revocation_event(message: pb.RevocationEvent) -> RevocationEvent:
+    return RevocationEvent(
+        kind=_KINDS.get(message.kind, EventKind.UNSPECIFIED),
+        cursor=message.cursor,
+        session_id=message.session_id,
+        user_id=message.user_id,
+        reason=_REVOCATION_REASONS.get(message.reason, RevocationReason.UNSPECIFIED),
+        revoked_at=_time(message.revoked_at) if message.HasField("revoked_at") else None,
+        sequence=message.sequence,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,6 +13,15 @@ from session_authority.client import _config, _requests, _results
 from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
 from session_authority.client._errors import mapped
 from session_authority.client._hedging import hedge_sync
+from session_authority.client._local_cache import (
+    Copies,
+    LocalCache,
+    LocalCacheStats,
+    SyncFeed,
+    token_key,
+)
+from session_authority.client._watch import RevocationWatch
+from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
 __all__ = ["SessionAuthorityClient"]
@@ -44,6 +53,7 @@ class SessionAuthorityClient:
         hedging: Hedging | None = None,
         keepalive: Keepalive | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        local_cache: bool | LocalCache = False,
     ) -> None:
         options = _config.channel_options(
             retry or Retry(), keepalive or Keepalive(), tls, channel_options
@@ -58,6 +68,12 @@ class SessionAuthorityClient:
         self._metadata = _config.metadata(api_key)
         self._deadlines = deadlines or Deadlines()
         self._hedging = hedging
+        self._copies: Copies | None = None
+        self._feed: SyncFeed | None = None
+        if local_cache:
+            settings = local_cache if isinstance(local_cache, LocalCache) else LocalCache()
+            self._copies = Copies(settings)
+            self._feed = SyncFeed(self._copies, self.watch_revocations, settings)
 
     def __repr__(self) -> str:
         return f"SessionAuthorityClient(target={self.target!r})"
@@ -75,11 +91,31 @@ class SessionAuthorityClient:
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
+        if self._feed is not None:
+            self._feed.close()
         self._channel.close()
+
+    @property
+    def local_cache_stats(self) -> LocalCacheStats | None:
+        """The local cache's counters (None without ``local_cache``)."""
+        return None if self._copies is None else self._copies.stats()
 
     def validate(self, token: str, *, timeout: float | None = None) -> _results.Validation:
         """Whether ``token`` names a live session. Hedged when the client was given
-        ``hedging``; retried on UNAVAILABLE."""
+        ``hedging``; retried on UNAVAILABLE. With ``local_cache``, answered in process when a
+        copy can vouch for it (``Validation.from_client_cache``; see ``_local_cache``)."""
+        if self._copies is None:
+            return self._validate(token, timeout)
+        key = token_key(token)
+        cached = self._copies.get(key)
+        if cached is not None:
+            return cached
+        begun = self._copies.begin()
+        answer = self._validate(token, timeout)
+        self._copies.put(key, answer, begun)
+        return answer
+
+    def _validate(self, token: str, timeout: float | None) -> _results.Validation:
         request = _requests.validate(token)
         seconds = timeout or self._deadlines.validate
         if self._hedging is None:
@@ -124,13 +160,83 @@ class SessionAuthorityClient:
         return _results.revocation(self._call(self._stub.Invalidate, request, seconds, secrets))
 
     def invalidate_user(
-        self, user_id: str, *, timeout: float | None = None
+        self,
+        user_id: str,
+        *,
+        except_session_id: str | None = None,
+        timeout: float | None = None,
     ) -> _results.UserRevocation:
-        """Revoke every live session of ``user_id``."""
-        request = _requests.invalidate_user(user_id)
+        """Revoke every live session of ``user_id`` (but ``except_session_id``, when given:
+        "log out my other devices")."""
+        request = _requests.invalidate_user(user_id, except_session_id)
         seconds = timeout or self._deadlines.invalidate_user
         reply = self._call(self._stub.InvalidateUser, request, seconds, ())
         return _results.user_revocation(reply)
+
+    def validate_many(
+        self, tokens: Sequence[str], *, timeout: float | None = None
+    ) -> list[_results.Validation]:
+        """One ``Validation`` per token, in order (duplicates allowed). Sent as ValidateSessions
+        calls of up to 100 tokens each, one after another, each with its own deadline; a
+        failed call fails the whole list (no partial answer)."""
+        seconds = timeout or self._deadlines.validate_many
+        answers: list[_results.Validation] = []
+        for at in range(0, len(tokens), _requests.MAX_BATCH):
+            part = tokens[at : at + _requests.MAX_BATCH]
+            request = _requests.validate_many(part)
+            reply = self._call(self._stub.ValidateSessions, request, seconds, tuple(part))
+            answers.extend(_results.validations(reply, len(part)))
+        return answers
+
+    def list_sessions(
+        self,
+        user_id: str,
+        *,
+        include_revoked: bool = False,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[_results.Session]:
+        """The sessions of ``user_id``, oldest first, fetched a page (``page_size``; 0: the
+        server's default) at a time as the iterator is consumed. ``timeout``: per page."""
+        seconds = timeout or self._deadlines.list_sessions
+        first = _requests.list_sessions(user_id, include_revoked, page_size, "")
+        return self._pages(first, seconds)
+
+    def _pages(
+        self, request: pb.ListUserSessionsRequest, seconds: float
+    ) -> Iterator[_results.Session]:
+        while True:
+            reply = self._call(self._stub.ListUserSessions, request, seconds, ())
+            for message in reply.sessions:
+                yield _results.session(message)
+            if not reply.next_page_token:
+                return
+            request.page_token = reply.next_page_token
+
+    def touch(
+        self,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        extend_by: float | datetime.timedelta | None = None,
+        timeout: float | None = None,
+    ) -> _results.Touch:
+        """Slide a live session's expiry to now + ``extend_by`` (seconds; None: the server's
+        default TTL). NOT_FOUND (unknown) and FAILED_PRECONDITION (revoked or expired) raise
+        ``ServerError``."""
+        request = _requests.touch(token, session_id, extend_by)
+        seconds = timeout or self._deadlines.touch
+        secrets = (token,) if token else ()
+        return _results.touch(self._call(self._stub.TouchSession, request, seconds, secrets))
+
+    def watch_revocations(
+        self, after: str = "", *, start_timeout: float | None = None
+    ) -> RevocationWatch:
+        """Open a WatchRevocations stream after the cursor ``after`` (empty: from now). Returns
+        once the START event arrived (within ``start_timeout``); iterate the watch for events,
+        ``close()`` it (or use it in a ``with``) when done. See ``RevocationWatch``."""
+        call = self._stub.WatchRevocations(_requests.watch(after), metadata=self._metadata)
+        return RevocationWatch(call, start_timeout or self._deadlines.watch_start)
 
     def health(self, *, timeout: float | None = None) -> _results.HealthReport:
         """The service's health document (the Health RPC)."""

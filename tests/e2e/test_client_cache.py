@@ -1,0 +1,131 @@
+"""The Python client's revocation-safe local cache (``local_cache=``) against a real ``serve``
+(the ``client_server`` of test_client.py): answers in process from copies of VALID answers,
+an Invalidate made through another client drops the copy once its event arrived, a cut
+stream answers nothing (every validate to the server), and the feed resumes from its cursor.
+Copies live 60 s here, so that only the stream (never the TTL) can explain a dropped copy.
+Order and counts, never timing: each wait is a bounded loop on a counter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from session_authority.client import LocalCache, LocalCacheStats, Reason
+
+from .client_support import Serving
+
+pytestmark = pytest.mark.e2e
+
+LONG = LocalCache(ttl=60.0)
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _stats(stats: LocalCacheStats | None) -> LocalCacheStats:
+    assert stats is not None
+    return stats
+
+
+def test_copies_answer_until_the_revocation_event_and_never_while_cut(
+    client_server: Serving,
+) -> None:
+    user = f"quinn-{time.monotonic_ns()}"
+    with client_server.client(local_cache=LONG) as cached, client_server.client() as other:
+
+        def stats() -> LocalCacheStats:
+            return _stats(cached.local_cache_stats)
+
+        feed = cached._feed  # the test hook: cut() ends the stream, as a broken connection
+        assert feed is not None
+        _until(lambda: stats().live, "the stream's START")
+        a, b, c = (other.create(user, ttl=600).token for _ in range(3))
+
+        first = cached.validate(a)
+        assert first.valid and not first.from_client_cache  # the server's answer, copied
+        again = cached.validate(a)
+        assert again.valid and again.from_client_cache and again.session == first.session
+        assert (stats().hits, stats().misses, stats().entries) == (1, 1, 1)
+
+        seen = stats().events
+        assert other.invalidate(token=a).revoked  # through another client
+        _until(lambda: stats().events > seen, "the REVOKED event")
+        after = [cached.validate(a) for _ in range(3)]
+        assert [(v.valid, v.reason, v.from_client_cache) for v in after] == [
+            (False, Reason.REVOKED, False)
+        ] * 3  # 0 valid answers once the event arrived; invalid answers are never copied
+        assert stats().entries == 0
+
+        assert cached.validate(b).valid and cached.validate(b).from_client_cache
+        hits, cursor = stats().hits, stats().cursor
+        feed.cut(hold=True)
+        assert not stats().live and stats().entries == 0
+        assert other.invalidate(token=c).revoked  # while the stream is cut
+        while_cut = [cached.validate(b) for _ in range(3)]
+        assert all(v.valid and not v.from_client_cache for v in while_cut)
+        assert stats().hits == hits and stats().entries == 0  # nothing answered, nothing kept
+
+        feed.release()
+        _until(lambda: stats().live and stats().events > seen + 1, "resumed after the cut")
+        # Resumed from its cursor (not from now): the revocation made while cut was delivered.
+        assert stats().starts == 2 and stats().cursor > cursor
+        assert cached.validate(c).reason == Reason.REVOKED
+
+        # A session about to expire (by this clock, within the margin) is never answered locally.
+        short = other.create(user, ttl=2).token
+        margin = LocalCache(ttl=60.0, expiry_margin=5.0)
+        with client_server.client(local_cache=margin) as careful:
+            _until(lambda: _stats(careful.local_cache_stats).live, "START")
+            answers = [careful.validate(short) for _ in range(3)]
+            assert all(v.valid and not v.from_client_cache for v in answers)
+            assert _stats(careful.local_cache_stats).hits == 0
+
+
+def test_the_async_client_s_cache(client_server: Serving) -> None:
+    user = f"rosa-{time.monotonic_ns()}"
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        async with (
+            client_server.async_client(local_cache=LONG) as cached,
+            client_server.async_client() as other,
+        ):
+
+            def stats() -> LocalCacheStats:
+                return _stats(cached.local_cache_stats)
+
+            feed = cached._feed
+            assert feed is not None
+            await until(lambda: stats().live, "START")
+            a, b = [(await other.create(user, ttl=600)).token for _ in range(2)]
+            assert not (await cached.validate(a)).from_client_cache
+            assert (await cached.validate(a)).from_client_cache
+            seen = stats().events
+            assert (await other.invalidate(token=a)).revoked
+            await until(lambda: stats().events > seen, "the REVOKED event")
+            assert (await cached.validate(a)).reason == Reason.REVOKED
+
+            assert (await cached.validate(b)).valid and (await cached.validate(b)).from_client_cache
+            hits = stats().hits
+            feed.cut(hold=True)
+            assert not stats().live
+            answers = [await cached.validate(b) for _ in range(3)]
+            assert all(v.valid and not v.from_client_cache for v in answers)
+            assert stats().hits == hits
+            feed.release()
+            await until(lambda: stats().live, "reconnected")
+            assert stats().starts == 2
+
+    asyncio.run(scenario())
