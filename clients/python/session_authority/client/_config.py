@@ -212,6 +212,11 @@ def channel_options(
         # Keep pinging on a long call that sends no data of its own (a server stream): gRPC
         # stops after 2 such pings by default. 30 s apart, they never count as strikes.
         ("grpc.http2.max_pings_without_data", 0),
+        # A replica restarting: gRPC waits 1 s (then longer) before reconnecting after a failed
+        # attempt and fails calls at once meanwhile, longer than the retries' own backoff.
+        # Reconnect after 100 ms instead, so that a retry finds the replacement.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 5000),
     ]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
