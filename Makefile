@@ -131,7 +131,7 @@ run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a p
 	$(BIN)/session-authority dev --port $(PORT)
 
 test: $(STAMP) $(NODE_STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint buf-breaking  ## static checks only
 
