@@ -197,8 +197,12 @@ class FreezableProxy:
             sink.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        """Cut every connection: shutdown first, since a close alone neither wakes a pump
+        blocked in recv on that socket nor sends the peer a FIN while that recv holds it."""
         self._closed = True
         self._listener.close()
         for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
