@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 PROMTOOL := $(BIN)/promtool
 PORT   ?= 50051
 PYTEST_ARGS ?=
+# Test processes for `make test` (pytest-xdist; 0: one process, in collection order).
+PYTEST_JOBS ?= 2
 BENCH_ARGS  ?=
 LOCK_ARGS   ?=
 
@@ -130,8 +132,8 @@ node-client: $(NODE_STAMP)  ## install the TypeScript client's locked dependenci
 run: $(STAMP)  ## install, then serve on 127.0.0.1:PORT (default 50051) with a private Postgres and Redis
 	$(BIN)/session-authority dev --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(NODE_STAMP) $(PROMTOOL) tls-servers doc-tools pgbouncer gateway-tools check  ## install, run every check and every test (PYTEST_JOBS processes, default 2)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 check: lint layers typecheck check-generated buf-lint buf-breaking  ## static checks only
 

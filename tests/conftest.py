@@ -85,14 +85,12 @@ def no_token_in_any_log() -> Iterator[None]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """For a faster local run on two processes (``make test PYTEST_ARGS="-n 2 --dist
-    loadgroup"``, pytest-xdist): each test file is one unit of work, so its module-scoped
-    servers start once, except that every test using the e2e tier's one server
-    (``e2e_server``) goes to one process together, in collection order:
-    ``tests/e2e/test_logs.py`` runs after the rest of them and stops that server
-    (``tests/e2e/conftest.py``). ``make test`` itself runs serially: with two test processes
-    on two cores, tests that count how many calls beat a short deadline (breaker under load,
-    pool exhaustion) failed now and then."""
+    """``make test`` runs on two processes (pytest-xdist, ``--dist loadgroup``): each test
+    file is one unit of work, so its module-scoped servers start once, except that every test
+    using the e2e tier's one server (``e2e_server``) goes to one process together, in
+    collection order: ``tests/e2e/test_logs.py`` runs after the rest of them and stops that
+    server (``tests/e2e/conftest.py``). Tests running beside another test process must not
+    count what beats a short deadline: they assert counts and order."""
     for item in items:
         if "e2e_server" in getattr(item, "fixturenames", ()):
             group = "e2e-server"

@@ -103,6 +103,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -719,8 +720,12 @@ class Bench:
                 ).latencies_ms
             else:
                 validate = pb.ValidateSessionRequest(token=created.token)
-                hit_ms = await _paced_calls(server.target, "ValidateSession", validate, seconds)
-                touch_ms = await _paced_calls(server.target, "TouchSession", request, seconds)
+                hit_ms = await _paced_calls(
+                    server.target, "ValidateSession", validate, seconds, self.problems
+                )
+                touch_ms = await _paced_calls(
+                    server.target, "TouchSession", request, seconds, self.problems
+                )
             after = await scrape(server)
             writes = await conn.fetchval(
                 "SELECT n FROM bench_touch_writes WHERE session_id = $1",
@@ -1132,17 +1137,28 @@ class Bench:
         return self.report
 
 
-async def _paced_calls(target: str, method: str, request: Any, seconds: float) -> list[float]:
+async def _paced_calls(
+    target: str, method: str, request: Any, seconds: float, problems: list[str]
+) -> list[float]:
     """Without h2load: ``TOUCH_RATE`` calls a second of ``method`` from this
-    process, one started every 1/rate s; each call's milliseconds."""
+    process, one started every 1/rate s; each OK call's milliseconds. The
+    channel is connected and has made one call first (a burst on a channel
+    whose SETTINGS have not arrived yet can be refused: RST_STREAM 7); a call
+    that fails is counted into ``problems``, not raised."""
     times: list[float] = []
+    failed: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(target, options=NO_PROXY) as ch:
         stub = pb_grpc.SessionAuthorityStub(ch)
         call = getattr(stub, method)
+        await call(request, timeout=10)
 
         async def one() -> None:
             started = time.perf_counter()
-            await call(request, timeout=10)
+            try:
+                await call(request, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                failed[exc.code().name] += 1
+                return
             times.append((time.perf_counter() - started) * 1000)
 
         pending = []
@@ -1151,6 +1167,8 @@ async def _paced_calls(target: str, method: str, request: Any, seconds: float) -
             await asyncio.sleep(max(0.0, began + i / TOUCH_RATE - time.monotonic()))
             pending.append(asyncio.ensure_future(one()))
         await asyncio.gather(*pending)
+    if failed:
+        problems.append(f"{method} (paced, Python client): calls that failed: {dict(failed)}")
     return times
 
 

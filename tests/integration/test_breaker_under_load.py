@@ -185,13 +185,27 @@ async def test_callers_with_short_deadlines_are_served_once_a_freeze_is_detected
     world: World,
 ) -> None:
     """300 ms deadlines, shorter than the 1 s Redis timeout: each Redis call is
-    cancelled by the caller's deadline, and counts as a slow call."""
+    cancelled by the caller's deadline, and counts as a slow call. The breaker
+    must still open, and once it has, no call waits on Redis again: judged by
+    the server's count of failed Redis calls and by which codes callers got
+    after it opened, not by how many beat 300 ms on a busy machine (a loaded
+    machine misses such deadlines whatever the server does)."""
     calls, fault_at = await drive(world, 7.0, deadline=0.3, at=world.redis.pause)
     assert world.opened_at, "the breaker never opened"
-    settled = [c for c in calls if c.started > fault_at + 3.0]
-    served = sum(c.code == "OK" for c in settled)
-    assert len(settled) > 100
-    assert served / len(settled) >= 0.95, Counter(c.code for c in settled)
+    opened = world.opened_at[0]
+    assert opened >= fault_at, "the breaker opened under healthy load, before the fault"
+    # Once open, no call reaches Redis: the only Redis failures counted since
+    # are the calls in flight when it opened (and the one that opened it).
+    failed_after = world.app.core.stats.errors - world.errors_at_open[0]
+    assert failed_after <= world.in_flight_at_open[0] + 1, (failed_after, world.in_flight_at_open)
+    once_open = [c for c in calls if c.started > opened]
+    assert len(once_open) > 100
+    codes = Counter(c.code for c in once_open)
+    # Served from Postgres (or L1): nothing but answers and, on a busy machine,
+    # a missed 300 ms deadline; and most callers are answered (with the frozen
+    # Redis still in the path, none of them would be).
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
+    assert codes["OK"] > len(once_open) / 2, codes
     assert all(c.valid for c in calls if c.code == "OK")
 
 
