@@ -42,6 +42,8 @@ export interface WatchSettings {
 interface Stream {
   readonly iterator: AsyncIterator<RevocationEventMessage>;
   readonly abort: AbortController;
+  /** Cancels the stream and forgets it (the watch's close no longer needs to reach it). */
+  readonly end: () => void;
 }
 
 export class RevocationWatch implements AsyncIterable<RevocationEvent> {
@@ -102,6 +104,7 @@ export class RevocationWatch implements AsyncIterable<RevocationEvent> {
         const read = await stream.iterator.next();
         if (read.done) {
           this.stream = undefined; // ended by the server without an error: the end
+          stream.end();
           return { value: undefined, done: true };
         }
         return { value: this.received(read.value), done: false };
@@ -110,7 +113,7 @@ export class RevocationWatch implements AsyncIterable<RevocationEvent> {
         failure = this.mapped(error, stream.abort.signal.aborted);
       }
       this.stream = undefined;
-      stream.abort.abort();
+      stream.end();
       if (this.settings.resume === undefined || failure.code !== "UNAVAILABLE") throw failure;
       await this.resume(this.settings.resume, failure); // sets pending to the new START
     }
@@ -144,6 +147,10 @@ export class RevocationWatch implements AsyncIterable<RevocationEvent> {
   private async connect(): Promise<void> {
     const abort = new AbortController();
     const onClose = (): void => abort.abort();
+    const end = (): void => {
+      abort.abort();
+      this.closing.signal.removeEventListener("abort", onClose);
+    };
     this.closing.signal.addEventListener("abort", onClose, { once: true });
     if (this.closed) abort.abort();
     const iterator = this.open(this.cursor, abort.signal)[Symbol.asyncIterator]();
@@ -157,10 +164,10 @@ export class RevocationWatch implements AsyncIterable<RevocationEvent> {
       if (first.done) {
         throw new SessionAuthorityError(`${METHOD}: UNKNOWN: the watch ended before its START event`, "UNKNOWN", METHOD);
       }
-      this.stream = { iterator, abort };
+      this.stream = { iterator, abort, end };
       this.pending = this.received(first.value);
     } catch (error) {
-      abort.abort();
+      end();
       if (expired) {
         const ms = this.settings.startTimeoutMs;
         throw new DeadlineExceededError(`${METHOD}: DEADLINE_EXCEEDED: no START event within ${ms} ms`, "DEADLINE_EXCEEDED", METHOD);
