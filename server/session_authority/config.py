@@ -222,13 +222,22 @@ class Settings(BaseSettings):
     gateway_session_id_header: str = Field(default="x-session-id", pattern="^[a-z0-9-]+$")
     """The header the upstream receives the session id in; likewise replaced."""
     forward_auth_host: str = "127.0.0.1"
-    """Forward-auth's listener (plaintext): loopback by default, for a gateway on
-    the same host or pod; set a private address for one elsewhere."""
+    """Forward-auth's listener: loopback by default, for a gateway on the same
+    host or pod; set a private address for one elsewhere (with its TLS below)."""
     forward_auth_port: int = Field(default=0, ge=0, le=65535)
     """Forward-auth HTTP port (``/auth``, for nginx auth_request, Traefik
     forwardAuth, Caddy forward_auth); 0: off."""
     forward_auth_timeout_ms: int = Field(default=1000, gt=0)
     """A forward-auth check that has no answer after this long is a 503."""
+    # Forward-auth's own TLS, not TLS_*: turning TLS on for the gRPC port must not
+    # switch a gateway's http:// to https:// under it, and its client CA is the
+    # gateways', not the service callers' whose SANs the allow-list names.
+    forward_auth_tls_cert_file: Path | None = None
+    """Forward-auth serves HTTPS with this certificate chain (PEM); re-read when it changes."""
+    forward_auth_tls_key_file: Path | None = None
+    forward_auth_tls_client_ca_file: Path | None = None
+    """Gateways must present a certificate from this CA (mTLS); that authenticates
+    them in place of ``x-api-key``."""
 
     @field_validator("log_level")
     @classmethod
@@ -331,7 +340,15 @@ class Settings(BaseSettings):
 
     # Transport security and authorisation.
 
-    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before")
+    @field_validator(
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "forward_auth_tls_cert_file",
+        "forward_auth_tls_key_file",
+        "forward_auth_tls_client_ca_file",
+        mode="before",
+    )
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if value == "" else value
@@ -342,6 +359,19 @@ class Settings(BaseSettings):
             raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE go together: set both or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TLS_CLIENT_CA_FILE (mTLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+        if (self.forward_auth_tls_cert_file is None) != (self.forward_auth_tls_key_file is None):
+            raise ValueError(
+                "FORWARD_AUTH_TLS_CERT_FILE and FORWARD_AUTH_TLS_KEY_FILE go together: "
+                "set both or neither"
+            )
+        if (
+            self.forward_auth_tls_client_ca_file is not None
+            and self.forward_auth_tls_cert_file is None
+        ):
+            raise ValueError(
+                "FORWARD_AUTH_TLS_CLIENT_CA_FILE (mTLS) needs FORWARD_AUTH_TLS_CERT_FILE "
+                "and FORWARD_AUTH_TLS_KEY_FILE"
+            )
         keys = self.api_key_hashes()  # validates AUTH_API_KEYS
         for identity in self.allowed_identities():
             if identity.startswith(_API_KEY_IDENTITY):

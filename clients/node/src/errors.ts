@@ -9,7 +9,10 @@
  *   ├── PermissionDeniedError        PERMISSION_DENIED: this caller may not call this method
  *   ├── RateLimitedError             RESOURCE_EXHAUSTED: slow down; never read it as "invalid"
  *   ├── DeadlineExceededError        DEADLINE_EXCEEDED: no answer within the call's deadline
- *   └── UnavailableError             UNAVAILABLE: the service cannot answer now (retries spent)
+ *   ├── UnavailableError             UNAVAILABLE: the service cannot answer now (retries spent)
+ *   ├── NotFoundError                NOT_FOUND: `touch` of a session that does not exist
+ *   └── FailedPreconditionError      FAILED_PRECONDITION: `touch` of a revoked or expired session;
+ *                                    a watch's cursor too old (drop what you cached, watch from now)
  *
  * Fail closed: every error means "the service could not say". A caller that
  * gates access on `validate` must deny (or show an error) on any of them, never
@@ -89,6 +92,12 @@ export class DeadlineExceededError extends SessionAuthorityError {
 export class UnavailableError extends SessionAuthorityError {
   override readonly name = "UnavailableError";
 }
+export class NotFoundError extends SessionAuthorityError {
+  override readonly name = "NotFoundError";
+}
+export class FailedPreconditionError extends SessionAuthorityError {
+  override readonly name = "FailedPreconditionError";
+}
 
 type ErrorClass = new (message: string, code: StatusName, method: string) => SessionAuthorityError;
 
@@ -100,6 +109,8 @@ const CLASS_FOR: Partial<Record<Code, ErrorClass>> = {
   [Code.ResourceExhausted]: RateLimitedError,
   [Code.DeadlineExceeded]: DeadlineExceededError,
   [Code.Unavailable]: UnavailableError,
+  [Code.NotFound]: NotFoundError,
+  [Code.FailedPrecondition]: FailedPreconditionError,
 };
 
 // The service's tokens: "sat_" and 48 URL-safe characters. Redacted whatever

@@ -4,9 +4,13 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import {
   Reason,
+  RevocationEventKind,
+  RevocationReason as RevocationReasonNumber,
   Source,
   type HealthResponse,
+  type RevocationEvent as RevocationEventMessage,
   type Session as SessionMessage,
+  type TouchSessionResponse,
 } from "./gen/session_authority/v1/session_authority_pb.js";
 
 /** What the authority knows about a session. Never carries the token. */
@@ -16,6 +20,10 @@ export interface Session {
   readonly createdAt: Date | undefined;
   readonly expiresAt: Date | undefined;
   readonly metadata: Readonly<Record<string, string>>;
+  /** When the session was last touched (`touch`), when the server knows it. */
+  readonly lastSeenAt: Date | undefined;
+  /** Set on a revoked session (`listSessions(userId, { includeRevoked: true })`). */
+  readonly revokedAt: Date | undefined;
 }
 
 /** Which tier answered: the Redis cache, Postgres, or the token's format alone. */
@@ -49,6 +57,39 @@ export interface UserInvalidation {
   readonly propagated: boolean;
 }
 
+/** `touch`'s answer: the session as it stands after the call. */
+export interface Touch {
+  readonly session: Session;
+  /** True: this call wrote the new expiry to Postgres; false: coalesced with a write within TOUCH_INTERVAL. */
+  readonly written: boolean;
+}
+
+/**
+ * What a `RevocationEvent` carries: "start" (the first event of every stream,
+ * only `cursor` set), "revoked" (one session), or the lower-cased name of a
+ * kind added to the proto later ("unknown" when even the generated code does
+ * not know it). Consumers must ignore kinds they do not know.
+ */
+export type RevocationEventKindName = "start" | "revoked" | "unspecified" | (string & {});
+/** Who or what revoked a session. */
+export type RevocationReason = "explicit" | "user_wide" | "expired" | "admin" | "unspecified";
+
+/** One event of `watchRevocations`. Never carries a token or a token hash. */
+export interface RevocationEvent {
+  readonly kind: RevocationEventKindName;
+  /** The kind's number on the wire (for kinds newer than this client). */
+  readonly kindNumber: number;
+  /** Resume after this event with `watchRevocations({ after: cursor })`, on any replica. */
+  readonly cursor: string;
+  /** The revoked session ("revoked" only). */
+  readonly sessionId: string;
+  readonly userId: string;
+  readonly reason: RevocationReason;
+  /** Postgres's number for the event (unique; the stream's order is the cursor's, not this). */
+  readonly sequence: bigint;
+  readonly revokedAt: Date | undefined;
+}
+
 export interface Health {
   /** "healthy", "degraded" (Redis down, Postgres serving) or "unhealthy". */
   readonly status: string;
@@ -69,6 +110,42 @@ export function toSession(message: SessionMessage | undefined): Session {
     createdAt: date(message?.createdAt),
     expiresAt: date(message?.expiresAt),
     metadata: { ...(message?.metadata ?? {}) },
+    lastSeenAt: date(message?.lastSeenAt),
+    revokedAt: date(message?.revokedAt),
+  };
+}
+
+export function toTouch(reply: TouchSessionResponse): Touch {
+  return { session: toSession(reply.session), written: reply.written };
+}
+
+const REVOCATION_REASONS: Partial<Record<number, RevocationReason>> = {
+  [RevocationReasonNumber.EXPLICIT]: "explicit",
+  [RevocationReasonNumber.USER_WIDE]: "user_wide",
+  [RevocationReasonNumber.EXPIRED]: "expired",
+  [RevocationReasonNumber.ADMIN]: "admin",
+};
+
+/**
+ * The kind's name from the generated enum's reverse mapping, so that a kind
+ * added to the proto (and regenerated) gets its name without a change here,
+ * and one newer than the generated code is "unknown", never an error.
+ */
+function kindName(kind: number): RevocationEventKindName {
+  const name: unknown = (RevocationEventKind as unknown as Record<number, unknown>)[kind];
+  return typeof name === "string" ? name.toLowerCase() : "unknown";
+}
+
+export function toRevocationEvent(message: RevocationEventMessage): RevocationEvent {
+  return {
+    kind: kindName(message.kind),
+    kindNumber: message.kind,
+    cursor: message.cursor,
+    sessionId: message.sessionId,
+    userId: message.userId,
+    reason: REVOCATION_REASONS[message.reason] ?? "unspecified",
+    sequence: message.sequence,
+    revokedAt: date(message.revokedAt),
   };
 }
 

@@ -71,7 +71,7 @@ export function apiKeyInterceptor(key: string): Interceptor {
   };
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
+export function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal.aborted) {
       reject(signal.reason);
@@ -140,12 +140,21 @@ export function connectionLossInterceptor(): Interceptor {
     try {
       return await next(req);
     } catch (error) {
-      const connect = ConnectError.from(error);
-      const local = connect.code === Code.Canceled || (connect.code === Code.Aborted && connect.cause !== undefined);
-      if (!local || req.signal.aborted) throw error;
-      throw new ConnectError(`connection lost: ${connect.rawMessage}`, Code.Unavailable);
+      throw asConnectionLoss(error, req.signal.aborted);
     }
   };
+}
+
+/**
+ * The rule above for one error: UNAVAILABLE for a lost connection, unless the
+ * call was aborted on our side (`aborted`); anything else as it was. Streams
+ * need it too: their errors arrive while reading, past the interceptor.
+ */
+export function asConnectionLoss(error: unknown, aborted: boolean): unknown {
+  const connect = ConnectError.from(error);
+  const local = connect.code === Code.Canceled || (connect.code === Code.Aborted && connect.cause !== undefined);
+  if (!local || aborted) return error;
+  return new ConnectError(`connection lost: ${connect.rawMessage}`, Code.Unavailable);
 }
 
 export interface BuiltTransport {
@@ -174,7 +183,14 @@ export function buildTransport(options: TransportOptions, idempotent: ReadonlySe
   if (options.apiKey !== undefined) interceptors.push(apiKeyInterceptor(options.apiKey));
   interceptors.push(connectionLossInterceptor());
   const nodeOptions = tls === undefined ? {} : { ...tls };
-  const sessionManager = new Http2SessionManager(url, {}, nodeOptions);
+  // Keepalive matched to the server's ping policy (bootstrap/grpc_server.py): it accepts a PING
+  // every 10 s at most and only while a call is open. One every 30 s during calls (a long watch)
+  // notices a dead connection; none on an idle one (a strike on the server).
+  const sessionManager = new Http2SessionManager(
+    url,
+    { pingIntervalMs: 30_000, pingTimeoutMs: 15_000, pingIdleConnection: false },
+    nodeOptions,
+  );
   const transport = createGrpcTransport({ baseUrl: url, sessionManager, nodeOptions, interceptors });
   return { transport, close: () => sessionManager.abort() };
 }

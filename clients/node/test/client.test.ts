@@ -127,7 +127,18 @@ describe("deadlines: the server frozen (SIGSTOP)", () => {
   const pid = Number(env("SA_SERVER_PID"));
 
   it("every method ends DEADLINE_EXCEEDED within its deadline, then works again", async () => {
-    const frozen = new SessionAuthorityClient({ target, timeouts: { validate: 300, create: 300, invalidate: 300, invalidateUser: 300, health: 300 } });
+    const timeouts = {
+      validate: 300,
+      create: 300,
+      invalidate: 300,
+      invalidateUser: 300,
+      health: 300,
+      validateMany: 300,
+      listSessions: 300,
+      touch: 300,
+      watchStart: 300,
+    };
+    const frozen = new SessionAuthorityClient({ target, timeouts });
     const { token } = await frozen.create(unique("node-user")); // connected before the freeze
     record(token);
     process.kill(pid, "SIGSTOP");
@@ -138,6 +149,12 @@ describe("deadlines: the server frozen (SIGSTOP)", () => {
         ["Invalidate", () => frozen.invalidate({ token })],
         ["InvalidateUser", () => frozen.invalidateUser(unique("node-user"))],
         ["Health", () => frozen.health()],
+        ["ValidateSessions", () => frozen.validateMany([token, "not-a-token"])],
+        ["ListUserSessions", async () => {
+          for await (const session of frozen.listSessions(unique("node-user"))) void session;
+        }],
+        ["TouchSession", () => frozen.touch({ token })],
+        ["WatchRevocations", () => frozen.watchRevocations()],
       ];
       for (const [method, call] of calls) {
         await assert.rejects(call(), (error: unknown) => {
@@ -158,7 +175,16 @@ describe("deadlines: the server frozen (SIGSTOP)", () => {
 });
 
 describe("retries of idempotent calls on UNAVAILABLE (connections reset, as in a restart)", () => {
-  const timeouts = { validate: 10_000, create: 10_000, invalidate: 10_000, invalidateUser: 10_000, health: 10_000 };
+  const timeouts = {
+    validate: 10_000,
+    create: 10_000,
+    invalidate: 10_000,
+    invalidateUser: 10_000,
+    health: 10_000,
+    validateMany: 10_000,
+    listSessions: 10_000,
+    touch: 10_000,
+  };
 
   it("each idempotent method: the first two connections reset, two retries, then the answer", async () => {
     const { token } = await client.create(unique("node-user"));
@@ -167,6 +193,11 @@ describe("retries of idempotent calls on UNAVAILABLE (connections reset, as in a
       ["ValidateSession", (c) => c.validate(token)],
       ["Health", (c) => c.health()],
       ["InvalidateUser", (c) => c.invalidateUser(unique("node-user"))],
+      ["ValidateSessions", (c) => c.validateMany([token])],
+      ["ListUserSessions", async (c) => {
+        for await (const session of c.listSessions(unique("node-user"))) void session;
+      }],
+      ["TouchSession", (c) => c.touch({ token })],
       ["Invalidate", (c) => c.invalidate({ token })],
     ];
     for (const [method, call] of calls) {

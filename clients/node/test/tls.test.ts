@@ -41,6 +41,43 @@ describe("TLS and API keys", () => {
     });
   });
 
+  it("the lifecycle methods over mTLS with the API key: the same transport", async () => {
+    await using({ target, tls, apiKey }, async (client) => {
+      const user = unique("node-tls");
+      const keep = await client.create(user);
+      const other = await client.create(user);
+      for (const c of [keep, other]) record(c.token);
+      const answers = await client.validateMany([keep.token, other.token]);
+      assert.deepEqual(answers.map((a) => a.valid), [true, true]);
+      assert.equal((await client.touch({ sessionId: keep.session.sessionId, extendBy: 600 })).session.userId, user);
+      const listed: string[] = [];
+      for await (const session of client.listSessions(user)) listed.push(session.sessionId);
+      assert.deepEqual(listed.sort(), [keep.session.sessionId, other.session.sessionId].sort());
+      const watch = await client.watchRevocations();
+      const iterator = watch[Symbol.asyncIterator]();
+      try {
+        assert.equal((await iterator.next()).value?.kind, "start");
+        const result = await client.invalidateUser(user, { exceptSessionId: keep.session.sessionId });
+        assert.equal(result.revokedCount, 1);
+        let event = (await iterator.next()).value;
+        while (event !== undefined && (event.kind !== "revoked" || event.userId !== user)) {
+          event = (await iterator.next()).value; // another test's revocation, or a newer kind
+        }
+        assert.equal(event?.sessionId, other.session.sessionId);
+      } finally {
+        watch.close();
+      }
+    });
+  });
+
+  it("without the key a mutation is refused: touch is PermissionDeniedError; a watch is a read", async () => {
+    await using({ target, tls }, async (client) => {
+      await assert.rejects(client.touch({ sessionId: "00000000-0000-4000-8000-000000000000" }), PermissionDeniedError);
+      const watch = await client.watchRevocations();
+      watch.close();
+    });
+  });
+
   it("a wrong API key is AuthenticationError, and the key is not in the message", async () => {
     const wrong = `wrong-${apiKey}`;
     await using({ target, tls, apiKey: wrong }, async (client) => {

@@ -29,6 +29,7 @@ from session_authority.bootstrap.grpc_server import (
 from session_authority.bootstrap.security import (
     auth_policy,
     certificate_files,
+    forward_auth_certificate_files,
     forward_auth_keys,
     gateway_policy,
     log_security,
@@ -107,6 +108,10 @@ class App:
         tls = certificate_files(settings)
         # First: unusable TLS files (mismatched, expired) stop start-up.
         credentials = None if tls is None else tls.credentials()
+        forward_tls = (
+            forward_auth_certificate_files(settings) if settings.forward_auth_port else None
+        )
+        forward_context = None if forward_tls is None else forward_tls.ssl_context()
         tracer_provider = install_tracing(settings)
         set_tracing(tracer_provider is not None)  # none: the hit path looks for no span
         telemetry = Telemetry(settings, tracer_provider=tracer_provider)
@@ -121,8 +126,9 @@ class App:
             cache_pool=None if cache is None else cache.pool_stats,
             health=core.health,
         )
-        if tls is not None:
-            tls.on_rejected = telemetry.tls_reload_rejected
+        for files in (tls, forward_tls):
+            if files is not None:
+                files.on_rejected = telemetry.tls_reload_rejected
         if handshake_failures is not None:
             telemetry.count_handshake_failures(handshake_failures)
         drain = DrainInterceptor()
@@ -205,6 +211,7 @@ class App:
                 keys=forward_auth_keys(settings),
                 timeout=settings.forward_auth_timeout_ms / 1000,
                 max_concurrent=settings.max_concurrent_rpcs,
+                ssl_context=forward_context,
             )
         await app._begin(telemetry, admin_socket, reuse_port=reuse_port)
         return app

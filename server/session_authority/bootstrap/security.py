@@ -17,6 +17,7 @@ from session_authority.transport.tls import CertificateFiles
 __all__ = [
     "auth_policy",
     "certificate_files",
+    "forward_auth_certificate_files",
     "forward_auth_keys",
     "gateway_policy",
     "log_security",
@@ -60,10 +61,14 @@ def gateway_policy(settings: Settings) -> GatewayPolicy:
 def forward_auth_keys(settings: Settings) -> ApiKeys | None:
     """The API keys a forward-auth caller must present (``x-api-key``); None
     when any caller may ask: as a read on the gRPC port, so with no
-    authentication configured, or with AUTH_ANONYMOUS_READS. With client
-    certificates only (no AUTH_API_KEYS) nobody may ask: the HTTP port sees
-    no certificate."""
+    authentication configured, or with AUTH_ANONYMOUS_READS; and None when
+    the port's own mTLS (FORWARD_AUTH_TLS_CLIENT_CA_FILE) has authenticated
+    every caller in the handshake, as a client certificate does a reader on
+    the gRPC port. With gRPC client certificates only (no AUTH_API_KEYS and
+    no forward-auth mTLS) nobody may ask: nothing could authenticate them."""
     if not settings.authentication_configured or settings.auth_anonymous_reads:
+        return None
+    if settings.forward_auth_tls_client_ca_file is not None:
         return None
     return ApiKeys(settings.api_key_hashes())
 
@@ -75,6 +80,18 @@ def certificate_files(settings: Settings) -> CertificateFiles | None:
         return None
     return CertificateFiles(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+
+
+def forward_auth_certificate_files(settings: Settings) -> CertificateFiles | None:
+    """Forward-auth's TLS (and mTLS) files (FORWARD_AUTH_TLS_*); None:
+    plaintext. Their ``ssl_context()`` follows the files like the gRPC port's."""
+    if settings.forward_auth_tls_cert_file is None or settings.forward_auth_tls_key_file is None:
+        return None
+    return CertificateFiles(
+        settings.forward_auth_tls_cert_file,
+        settings.forward_auth_tls_key_file,
+        settings.forward_auth_tls_client_ca_file,
     )
 
 
@@ -117,12 +134,30 @@ def log_security(settings: Settings, port: int, admin_port: int | None) -> None:
         if settings.auth_api_keys and settings.tls_cert_file is None:
             _log.warning("API keys over a PLAINTEXT port: anyone on the path can read them")
     if settings.forward_auth_port:
+        if settings.forward_auth_tls_cert_file is None:
+            security = "plaintext"
+        elif settings.forward_auth_tls_client_ca_file is None:
+            security = f"TLS (certificate {settings.forward_auth_tls_cert_file})"
+        else:
+            security = (
+                f"mTLS (gateway certificates from {settings.forward_auth_tls_client_ca_file})"
+            )
+        keys = forward_auth_keys(settings)
+        if settings.forward_auth_tls_client_ca_file is not None:
+            callers = "gateways with a client certificate"
+        else:
+            callers = "any caller" if keys is None else "callers with an x-api-key"
         _log.info(
-            "forward-auth HTTP (/auth) on %s:%d, plaintext; %s",
+            "forward-auth HTTP (/auth) on %s:%d, %s; %s",
             settings.forward_auth_host,
             settings.forward_auth_port,
-            "any caller" if forward_auth_keys(settings) is None else "callers with an x-api-key",
+            security,
+            callers,
         )
+        if keys is not None and settings.forward_auth_tls_cert_file is None:
+            _log.warning(
+                "forward-auth: x-api-key over PLAINTEXT HTTP: anyone on the path can read it"
+            )
     if admin_port is not None:
         loopback = settings.admin_host in ("127.0.0.1", "::1", "localhost")
         _log.info(

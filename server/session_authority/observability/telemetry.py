@@ -118,7 +118,7 @@ class Telemetry:
         self.registry.register(_HandshakeFailures(read))
 
     def tls_reload_rejected(self) -> None:
-        """Counts a refused TLS rotation (called on gRPC's thread)."""
+        """Counts a refused TLS rotation (on gRPC's thread, or in a forward-auth handshake)."""
         self.instruments.tls_reload_rejected.inc()
 
     def rpc_refused(self, method: str, reason: str, code: grpc.StatusCode) -> None:

@@ -18,15 +18,23 @@ port is unauthenticated and serves metrics to scrapers, while this one
 answers for tokens, so it is reachable only by the gateways that need it,
 and with ``AUTH_*`` configured (and no ``AUTH_ANONYMOUS_READS``) a caller
 must present an API key in ``x-api-key`` (``Authorization`` carries the
-session token here), as a reader of the gRPC port must. It is plaintext:
-keep it on loopback or a private network (a sidecar or node-local gateway).
-The token is never logged.
+session token here), as a reader of the gRPC port must. The token is never
+logged.
+
+Plaintext unless ``ssl_context`` is given (FORWARD_AUTH_TLS_*, built by
+``tls.CertificateFiles.ssl_context``, rotated without a restart): then only
+TLS is spoken (a plaintext request fails the handshake, no answer), and with
+a client CA every gateway must present a certificate from it, which
+authenticates it in place of ``x-api-key`` (``bootstrap.security``). Without
+TLS keep the port on loopback or a private network (a sidecar or node-local
+gateway): the token and the key cross it in clear.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from aiohttp import web
 
@@ -51,17 +59,20 @@ class ForwardAuthServer:
         keys: ApiKeys | None,
         timeout: float,
         max_concurrent: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """``keys``: the API keys a caller must present one of (``x-api-key``);
         None: any caller may ask. ``timeout``: seconds before an answer that
         cannot be had is given up (503). ``max_concurrent``: checks in
-        progress at once; beyond, 503 at once."""
+        progress at once; beyond, 503 at once. ``ssl_context``: serve HTTPS
+        (its verify mode decides mTLS); None: plaintext."""
         self._core = core
         self._policy = policy
         self._keys = keys
         self._timeout = timeout
         self._limit = max_concurrent
         self._in_flight = 0
+        self._ssl = ssl_context
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -75,7 +86,9 @@ class ForwardAuthServer:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner, host, port, reuse_port=reuse_port or None, ssl_context=self._ssl
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -83,7 +96,13 @@ class ForwardAuthServer:
         self._runner = runner
         bound = runner.addresses
         self.port = int(bound[0][1]) if bound else port
-        _log.info("forward-auth HTTP on %s:%d (/auth), plaintext", host, self.port)
+        if self._ssl is None:
+            security = "plaintext"
+        elif self._ssl.verify_mode == ssl.CERT_REQUIRED:
+            security = "mTLS"
+        else:
+            security = "TLS"
+        _log.info("forward-auth HTTP on %s:%d (/auth), %s", host, self.port, security)
 
     async def stop(self) -> None:
         if self._runner is not None:
