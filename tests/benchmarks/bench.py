@@ -1137,35 +1137,43 @@ class Bench:
         return self.report
 
 
+#: Calls the paced Python client keeps in flight at most: below the server's
+#: GRPC_MAX_CONCURRENT_STREAMS (100), beyond which a busy grpc.aio server
+#: refuses new streams (RST_STREAM 7, UNAVAILABLE).
+PACED_IN_FLIGHT = 64
+
+
 async def _paced_calls(
     target: str, method: str, request: Any, seconds: float, problems: list[str]
 ) -> list[float]:
     """Without h2load: ``TOUCH_RATE`` calls a second of ``method`` from this
-    process, one started every 1/rate s; each OK call's milliseconds. The
-    channel is connected and has made one call first (a burst on a channel
-    whose SETTINGS have not arrived yet can be refused: RST_STREAM 7); a call
-    that fails is counted into ``problems``, not raised."""
+    process, one due every 1/rate s, at most ``PACED_IN_FLIGHT`` at a time;
+    each OK call's milliseconds from when it was due (a call held back by the
+    bound counts its wait: no coordinated omission). The channel has made one
+    call first; a call that fails is counted into ``problems``, not raised."""
     times: list[float] = []
     failed: Counter[str] = Counter()
+    slots = asyncio.Semaphore(PACED_IN_FLIGHT)
     async with grpc.aio.insecure_channel(target, options=NO_PROXY) as ch:
         stub = pb_grpc.SessionAuthorityStub(ch)
         call = getattr(stub, method)
         await call(request, timeout=10)
 
-        async def one() -> None:
-            started = time.perf_counter()
-            try:
-                await call(request, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                failed[exc.code().name] += 1
-                return
-            times.append((time.perf_counter() - started) * 1000)
+        async def one(due: float) -> None:
+            async with slots:
+                try:
+                    await call(request, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    failed[exc.code().name] += 1
+                    return
+            times.append((time.monotonic() - due) * 1000)
 
         pending = []
         began = time.monotonic()
         for i in range(int(TOUCH_RATE * seconds)):
-            await asyncio.sleep(max(0.0, began + i / TOUCH_RATE - time.monotonic()))
-            pending.append(asyncio.ensure_future(one()))
+            due = began + i / TOUCH_RATE
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            pending.append(asyncio.ensure_future(one(due)))
         await asyncio.gather(*pending)
     if failed:
         problems.append(f"{method} (paced, Python client): calls that failed: {dict(failed)}")
