@@ -27,7 +27,7 @@ __all__ = [
 
 ENV_HELP = """
 configuration comes from the environment: each command's --help lists the variables it reads,
-with their defaults (session-authority serve --help); README "Configuration" explains them.
+with their defaults (session-authority serve --help); deploy/configuration.md explains them.
 """
 
 #: What ``dev`` sets itself, whatever the environment says (the rest it reads
@@ -57,7 +57,7 @@ def env_help(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> str
     fields = Settings.model_fields
     names = [n for n in (only if only is not None else fields) if n not in set(skip)]
     lines = [
-        'environment (read once at start-up; names are case-insensitive; README "Configuration"):'
+        "environment (read once at start-up; names are case-insensitive; deploy/configuration.md):"
     ]
     for name in names:
         field = fields[name]

@@ -1,6 +1,7 @@
 """Settings, read once from the environment at start-up (twelve-factor).
 
-Every knob is documented in README.md ("Configuration"); keep the two in step.
+Every knob is documented in deploy/configuration.md; keep the two in step
+(tests/unit/test_settings_documented.py fails on a field without a row there).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
     database_pooler: str = Field(default="none", pattern="^(none|pgbouncer)$")
     """What DATABASE_URL points at: none (Postgres itself) or pgbouncer (a pooler in
     transaction mode, PgBouncer or another): then no prepared-statement cache and no
-    per-checkout reset query (README "Scaling", "PgBouncer")."""
+    per-checkout reset query (deploy/README.md, "PgBouncer" and "Scaling")."""
     redis_url: str | None = Field(default=None, repr=False)
     """Redis URL for the cache (unset: no cache, every validation reads Postgres):
     redis://, rediss://, unix://, or a Sentinel set,
@@ -213,7 +214,7 @@ class Settings(BaseSettings):
     """Signs ListUserSessions' page tokens (at least 32 characters; every replica
     the same). Unset: a random secret made once in Postgres by ``migrate``."""
 
-    # Gateways (README "Gateways"): Envoy's ext_authz on the gRPC port, and forward-auth over HTTP.
+    # Gateways (deploy/gateways.md): Envoy's ext_authz on the gRPC port, and forward-auth over HTTP.
     gateway_cookie: str = Field(default="session", pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
     """The cookie that carries the session token (else ``Authorization: Bearer``)."""
     gateway_user_id_header: str = Field(default="x-session-user-id", pattern="^[a-z0-9-]+$")

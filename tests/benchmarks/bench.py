@@ -1106,7 +1106,7 @@ class Bench:
             await self.bytes_per_session()
             # How long the stores were runnable but not running during the
             # throughput runs: a store the machine's scheduler starves answers
-            # late (README, "Performance": hits from Postgres, failing closed).
+            # late (RESULTS.md, "Hits from Postgres under load").
             stores = {"redis": self._pids(self.redis_pid), "postgres": self._pids(self.pg_pid)}
             waited = {name: _waiting(pids) for name, pids in stores.items()}
             await self.throughputs(body, tokens, batch_body)

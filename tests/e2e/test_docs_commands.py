@@ -1,11 +1,13 @@
 """The docs' commands, run as written against a live ``serve`` set up as the docs say.
 
-Every fenced block whose info string says ``doc-test`` (```` ```bash doc-test ````) in the runbook,
-the README and the observability README is run with bash, in one shell, in this order: the
-runbook's ``setup`` blocks (its Production set-up: certificates and an API key made with openssl,
-``migrate``, ``serve`` over TLS with API keys, the ``sa``/``sab`` helpers), then every other block
-of each document. Each command must exit 0, or, when its comment says ``✗``, must fail; the text
-after ``→`` (or ``✗``) in its comment must appear in what it printed.
+Every fenced block whose info string says ``doc-test`` (```` ```bash doc-test ````) in the
+documents of ``DOCS`` is run with bash, in one shell, in this order: the runbook's ``setup`` blocks
+(its Production set-up: certificates and an API key made with openssl, ``migrate``, ``serve`` over
+TLS with API keys, the ``sa``/``sab`` helpers), then every other block of each document, document
+by document. A document anywhere in the repository with a ``doc-test`` block that is not in
+``DOCS`` fails ``test_every_marked_block_is_run``: a block moved to a new file still runs.
+Each command must exit 0, or, when its comment says ``✗``, must fail; the text after ``→`` (or
+``✗``) in its comment must appear in what it printed.
 
 What is substituted, and nothing else: the ``DATABASE_URL`` and ``REDIS_URL`` the set-up exports
 (this test's private Postgres and Redis), the ports (50051 and 9464, here free ones, also given to
@@ -14,8 +16,9 @@ Conventions (``<redis host>``, port 6379, ``<ops password>`` of an ``ops`` ACL u
 ``<postgres host>``, port 5432, ``<ops user>``, ``<database>``).
 
 So that a new command cannot dodge the test, ``test_every_service_command_is_run`` fails when a
-block that is not marked holds a line that calls the service (grpcurl, buf curl, ``sa``, ``curl``
-of the admin port) and the line is not one of the few listed below with the reason it is not run.
+block of any document in the repository that is not marked holds a line that calls the service
+(grpcurl, buf curl, ``sa``, ``curl`` of the admin port) and the line is not one of the few listed
+below with the reason it is not run.
 """
 
 from __future__ import annotations
@@ -48,9 +51,14 @@ from .e2e_support import BIN, clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose marked blocks run, in the order they run (after the set-up blocks).
-DOCS = ("deploy/runbook.md", "README.md", "deploy/observability/README.md")
-#: Documents only scanned for unmarked service commands.
-SCANNED = (*DOCS, "deploy/SECURITY.md", "deploy/README.md")
+DOCS = (
+    "deploy/runbook.md",
+    "README.md",
+    "deploy/command-line.md",
+    "deploy/observability/README.md",
+)
+#: Directories that hold no documents of ours (tools, caches, installed packages).
+_NOT_DOCS = {".git", ".venv", "node_modules", "build", "dist"}
 RUN_TIMEOUT = 150.0  # seconds for the whole script: a backstop, it takes ~15 s
 _FENCE = re.compile(r"^```(\S*)(.*)$")
 _SERVICE_CALL = re.compile(r"^\s*(sa|sab|grpcurl|buf curl|curl|redis-cli|psql)\s")
@@ -117,6 +125,17 @@ class Block:
     @property
     def setup(self) -> bool:
         return "setup" in self.info.split()
+
+
+def documents() -> list[str]:
+    """Every Markdown file of the repository, relative to its root."""
+    found = []
+    for path in ROOT.rglob("*.md"):
+        parts = path.relative_to(ROOT).parts
+        if any(p in _NOT_DOCS or p.startswith(".") or p.endswith(".egg-info") for p in parts):
+            continue
+        found.append(path.relative_to(ROOT).as_posix())
+    return sorted(found)
 
 
 def blocks(doc: str) -> list[Block]:
@@ -326,7 +345,7 @@ def test_every_service_command_is_run() -> None:
     """A line that calls the service sits in a marked block, or is listed in
     NOT_RUN with its reason."""
     unrun = []
-    for doc in SCANNED:
+    for doc in documents():
         for block in blocks(doc):
             if block.marked:
                 continue
@@ -337,6 +356,21 @@ def test_every_service_command_is_run() -> None:
                 if command not in NOT_RUN:
                     unrun.append(f"{doc}:{n}: {command}")
     assert not unrun, "service commands outside ```bash doc-test blocks:\n" + "\n".join(unrun)
+
+
+def test_every_marked_block_is_run() -> None:
+    """A ``doc-test`` block in a document that is not in DOCS would never run."""
+    docs = documents()
+    assert set(DOCS) <= set(docs), f"DOCS names missing files: {set(DOCS) - set(docs)}"
+    assert "deploy/runbook.md" in docs and "README.md" in docs  # the walk finds the docs
+    unrun = [
+        f"{block.doc}:{block.line}"
+        for doc in docs
+        if doc not in DOCS
+        for block in blocks(doc)
+        if block.marked
+    ]
+    assert not unrun, f"doc-test blocks in documents missing from DOCS: {unrun}"
 
 
 def test_commands_are_parsed_as_the_shell_would() -> None:

@@ -284,8 +284,8 @@ def test_servers_share_the_callers_session_in_a_group_of_their_own(
     killed as one, and a terminal's Ctrl-C does not reach it), in the caller's
     session. In a session of its own it was a scheduling group of its own
     (``kernel.sched_autogroup_enabled``), and on a busy 2-core machine the
-    kernel let a mostly idle Redis wait up to a second for a CPU (README,
-    "Performance")."""
+    kernel let a mostly idle Redis wait up to a second for a CPU
+    (tests/benchmarks/RESULTS.md, "Hits from Postgres under load")."""
     embedded: EmbeddedRedis | EmbeddedPostgres = request.getfixturevalue(server)
     pid = embedded.pid
     assert pid is not None

@@ -41,7 +41,8 @@ Redis, whatever misses or fills were in flight:
    at most one ``REVOCATION_SWEEP_SECONDS`` (plus the sweep's own calls) by
    each process.
 
-What remains is written next to the promise in README ("Revocation").
+What remains is written next to the promise in server/ARCHITECTURE.md ("Revocation: the
+promise and its failure model").
 """
 
 from __future__ import annotations

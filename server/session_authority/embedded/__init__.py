@@ -10,7 +10,7 @@ process leading a process group of its own, in our session, so that
   after the application has had a chance to drain;
 * the kernel schedules it with our processes: in a session of its own it was a scheduling
   group of its own (autogroup), and a mostly idle Redis beside busy workers waited up to a
-  second for a CPU (README, "Performance").
+  second for a CPU (tests/benchmarks/RESULTS.md, "Hits from Postgres under load").
 """
 
 from session_authority.embedded.postgres_server import EmbeddedPostgres
