@@ -75,3 +75,55 @@ def test_the_readme_rows_agree_with_the_reference() -> None:
             f"deploy/configuration.md says {reference.get(name)!r}"
         )
     assert "(deploy/configuration.md)" in section
+
+
+_VALUE = re.compile(r"`([^`]*)`")
+
+
+def defaults(markdown: str) -> dict[str, str]:
+    """Each variable named in a table row's first cell, with its default as a
+    value: the first code span of its part of the second cell (a row naming
+    ``A`` / ``B`` gives ``x`` / ``y``, or ``x``, ``y``), else ``unset``."""
+    found: dict[str, str] = {}
+    for line in markdown.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        names = _NAME.findall(cells[0])
+        cell = cells[1] if len(cells) > 1 else ""
+        parts = [cell] * len(names)
+        for separator in (" / ", ", "):
+            if len(names) > 1 and len(cell.split(separator)) == len(names):
+                parts = cell.split(separator)
+                break
+        for name, part in zip(names, parts, strict=True):
+            value = _VALUE.search(part)
+            found[name] = value.group(1) if value and not part.startswith("unset") else "unset"
+    return found
+
+
+def test_the_runbook_knobs_agree_with_the_reference() -> None:
+    """The runbook's "Configuration knobs" table repeats the settings operators
+    turn most, in the seed's words: each is a setting (or the OpenTelemetry
+    SDK's own ``OTEL_*``), with the reference's default."""
+    section = _section((ROOT / "deploy" / "runbook.md").read_text(), "## Configuration knobs")
+    knobs = defaults(section)
+    assert len(knobs) >= 30, "the runbook's knobs table lost its rows"
+    reference = defaults(REFERENCE.read_text())
+    settings = {name.upper() for name in Settings.model_fields}
+    for name, default in knobs.items():
+        if name not in settings:
+            assert name.startswith("OTEL_"), f"the runbook's knobs name {name}, which is no setting"
+            continue
+        assert reference.get(name) == default, (
+            f"the runbook says {name} defaults to {default!r}, "
+            f"deploy/configuration.md says {reference.get(name)!r}"
+        )
+
+
+def test_a_runbook_default_that_drifted_is_found() -> None:
+    rows_ = "| `PG_POOL_MIN` / `PG_POOL_MAX` | `2` / `12` | bounds |\n| `LOG_LEVEL` | `INFO` | x |"
+    assert defaults(rows_) == {"PG_POOL_MIN": "2", "PG_POOL_MAX": "12", "LOG_LEVEL": "INFO"}
+    assert defaults("| `TLS_CLIENT_CA_FILE` | unset: plaintext | x |") == {
+        "TLS_CLIENT_CA_FILE": "unset"
+    }
