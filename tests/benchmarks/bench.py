@@ -4,6 +4,7 @@ an external load generator, beside a ceiling measured in the same run.
     make bench                                 # full run, 2 to 3 minutes
     make bench BENCH_ARGS=--quick              # smoke run, under a minute
     python -m tests.benchmarks.bench --json out.json [--workers N] [--quick]
+    make bench BENCH_ARGS="--only touch,watch"  # those sections alone (see ONLY)
 
 It starts a private Postgres and Redis, then `session-authority serve`
 processes in the default configuration (workers: one per core unless
@@ -1101,6 +1102,11 @@ class Bench:
             # Inside: servers already started are stopped when another fails to start
             # (left running, they load the machine the next run measures).
             await self.start_servers()
+            if self.args.only:
+                # Sections that stand alone (each measures its own control in its run).
+                for name in self.args.only:
+                    await getattr(self, ONLY[name])()
+                return self._finish(started, stolen)
             body, tokens = await self.prepare_token()
             batch_body = await self.prepare_batch()
             await self.bytes_per_session()
@@ -1126,6 +1132,9 @@ class Bench:
             await self.watch_propagation()
         finally:
             await self.stop_servers()
+        return self._finish(started, stolen)
+
+    def _finish(self, started: float, stolen: float | None) -> dict[str, Any]:
         self.report["bench_seconds"] = round(time.monotonic() - started, 1)
         if stolen is not None and (now := _steal_seconds()) is not None:
             # CPU time the hypervisor gave to others while ours was runnable: a
@@ -1135,6 +1144,17 @@ class Bench:
         self.report["problems"] = self.problems
         self.report["warnings"] = self.warnings
         return self.report
+
+
+#: ``--only``'s sections: each measures what it compares with in its own run.
+ONLY = {
+    "touch": "touch",
+    "misses": "misses",
+    "invalidation": "invalidation",
+    "propagation": "propagation",
+    "sentinel": "sentinel_failover",
+    "watch": "watch_propagation",
+}
 
 
 #: Calls the paced Python client keeps in flight at most: below the server's
@@ -1286,9 +1306,18 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=16, help="calls in flight per connection")
     parser.add_argument("--python-load", action="store_true", help="do not use h2load")
     parser.add_argument(
+        "--only",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=[],
+        help=f"run only these sections, comma-separated ({', '.join(ONLY)}); each measures "
+        "its own control in its run",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the servers' logs and data (path on stderr)"
     )
     args = parser.parse_args()
+    if unknown := [name for name in args.only if name not in ONLY]:
+        parser.error(f"--only: no section {', '.join(unknown)} (sections: {', '.join(ONLY)})")
     report = asyncio.run(_main(args))
     for key, value in report.items():
         if key not in ("checks", "problems", "warnings"):
