@@ -4,6 +4,7 @@ that configure it, and serve's refusal to start open."""
 from __future__ import annotations
 
 import argparse
+import re
 import secrets
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from session_authority import cli, cli_args
-from session_authority.bootstrap import auth_policy
+from session_authority.bootstrap import auth_policy, security
 from session_authority.config import Settings
 from session_authority.transport.auth import (
     ApiKeys,
@@ -332,3 +333,13 @@ def test_serve_refuses_to_start_open(
     assert "CreateSession" in err
     assert cli_args.refuse_open(Settings(allow_unauthenticated=True)) is None
     assert cli_args.refuse_open(Settings(auth_api_keys=f"a:{HASH}")) is None
+
+
+def test_the_start_up_lines_name_what_the_servicer_declares() -> None:
+    """The unauthenticated warning names every mutation, from the declarations (a list
+    written by hand once left TouchSession out)."""
+    access = SessionAuthorityServicer.access()
+    for kind in ("mutation", "read"):
+        names = re.split(r", | and ", security._declared(kind))
+        assert names == [m.rpartition("/")[2] for m, k in access.items() if k == kind]
+    assert "TouchSession" in re.split(r", | and ", security._declared("mutation"))
