@@ -22,11 +22,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
@@ -74,16 +76,11 @@ from .hostile import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 SERVICE = "/session_authority.v1.SessionAuthority/"
-METHODS = [
-    "CreateSession",
-    "ValidateSession",
-    "Invalidate",
-    "InvalidateUser",
-    "Health",
-    "ListUserSessions",
-    "TouchSession",
-    "ValidateSessions",
-]
+_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
+#: Every unary RPC, read from the service's descriptor: an RPC added to the proto is
+#: covered at once by the cases over any RPC (random bytes, invalid UTF-8 in each of its
+#: string fields, the size limit), before it has cases of its own.
+METHODS = [m.name for m in _DESCRIPTOR.methods if not m.server_streaming]
 MAX_MESSAGE = 64 * 1024  # bootstrap's grpc.max_receive_message_length
 FIELDS = (
     "request",
@@ -246,8 +243,21 @@ def _bad_utf8() -> st.SearchStrategy[bytes]:
     return st.binary(min_size=1, max_size=300).filter(invalid)
 
 
-#: Every string field, as (method, how to wrap the bad bytes into a request).
+def _top_level_strings() -> dict[str, tuple[str, Callable[[bytes], bytes]]]:
+    """Each string field (repeated or not) of each unary RPC's request, from the descriptor."""
+    return {
+        f"{method}.{field.name}": (method, partial(length_delimited, field.number))
+        for method in METHODS
+        for field in _DESCRIPTOR.methods_by_name[method].input_type.fields
+        if field.type == FieldDescriptor.TYPE_STRING
+    }
+
+
+#: Every string field, as (method, how to wrap the bad bytes into a request): each
+#: top-level one from the descriptor, then those nested in maps and the ones written
+#: beside another field, by hand.
 STRING_FIELDS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    **_top_level_strings(),
     "CreateSession.user_id": ("CreateSession", lambda b: length_delimited(1, b)),
     "CreateSession.metadata key": (
         "CreateSession",

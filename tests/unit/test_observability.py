@@ -45,7 +45,7 @@ from session_authority.config import Settings
 from session_authority.core.breaker import Breaker, BreakerPolicy
 from session_authority.core.domain import Session, TokenHash, new_token
 from session_authority.core.errors import CacheUnavailable, CircuitOpen, StoreUnavailable
-from session_authority.core.guarded import GuardedCache, GuardedStore
+from session_authority.core.guarded import guard_cache, guard_store
 from session_authority.core.health import (
     BreakerReport,
     CacheHealth,
@@ -351,7 +351,7 @@ def test_watch_breaker_counts_and_records_each_transition_once(
 async def test_the_cache_guard_times_every_call_and_changes_nothing() -> None:
     registry = CollectorRegistry()
     inner = InMemorySessionCache()
-    cache: SessionCache = GuardedCache(
+    cache: SessionCache = guard_cache(
         inner, None, observer=CacheTimings(Instruments(registry).redis_latency)
     )
     token_hash = TokenHash.of(new_token())
@@ -385,7 +385,7 @@ async def test_the_cache_guard_observes_the_health_probes_round_trips() -> None:
             return CacheHealth(connected=True, ping_ms=0.4, set_ms=0.6, get_ms=12.0)
 
     registry = CollectorRegistry()
-    cache = GuardedCache(Probed(), None, observer=CacheTimings(Instruments(registry).redis_latency))
+    cache = guard_cache(Probed(), None, observer=CacheTimings(Instruments(registry).redis_latency))
     await cache.health()
     lines = _lines(registry)
     # PING, SET and GET: three samples; the slow GET lands above the 10 ms bucket.
@@ -398,7 +398,7 @@ async def test_the_cache_guard_observes_the_health_probes_round_trips() -> None:
 async def test_the_store_guard_times_every_call_and_changes_nothing() -> None:
     registry = CollectorRegistry()
     inner = InMemorySessionStore()
-    store: SessionStore = GuardedStore(
+    store: SessionStore = guard_store(
         inner, None, observer=StoreTimings(Instruments(registry).store_query)
     )
     token_hash = TokenHash.of(new_token())
@@ -459,8 +459,8 @@ async def test_behind_open_breakers_both_guards_time_only_what_reached_the_port(
     cache_port, store_port = InMemorySessionCache(), InMemorySessionStore()
     redis = Breaker(BreakerPolicy(timeout=1.0), name="redis")
     postgres = Breaker(BreakerPolicy(timeout=1.0), name="postgres", error=StoreUnavailable)
-    cache = GuardedCache(cache_port, redis, observer=CacheTimings(instruments.redis_latency))
-    store = GuardedStore(store_port, postgres, observer=StoreTimings(instruments.store_query))
+    cache = guard_cache(cache_port, redis, observer=CacheTimings(instruments.redis_latency))
+    store = guard_store(store_port, postgres, observer=StoreTimings(instruments.store_query))
     token_hash = TokenHash.of(new_token())
     assert await cache.get(token_hash) is None
     assert await store.find(token_hash) is None

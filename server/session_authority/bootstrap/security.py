@@ -108,7 +108,7 @@ def log_security(settings: Settings, port: int, admin_port: int | None) -> None:
             "gRPC port: mTLS, client certificates from %s required (reloaded when they change)",
             settings.tls_client_ca_file,
         )
-    mutating = "CreateSession, Invalidate and InvalidateUser"
+    mutating, reading = _declared("mutation"), _declared("read")
     if not settings.authentication_configured:
         _log.warning(
             "NO AUTHENTICATION (ALLOW_UNAUTHENTICATED / --allow-unauthenticated): every caller "
@@ -125,8 +125,9 @@ def log_security(settings: Settings, port: int, admin_port: int | None) -> None:
         ]
         allowed = sorted(settings.allowed_identities())
         _log.info(
-            "authentication: %s; ValidateSession and Health: %s; %s: %s",
+            "authentication: %s; %s: %s; %s: %s",
             " or ".join(means),
+            reading,
             "any caller" if settings.auth_anonymous_reads else "authenticated callers",
             mutating,
             ", ".join(allowed) if allowed else "nobody (AUTH_ALLOWED_IDENTITIES is empty)",
@@ -166,3 +167,10 @@ def log_security(settings: Settings, port: int, admin_port: int | None) -> None:
             admin_port,
             "; loopback only (set ADMIN_HOST to expose it)" if loopback else "",
         )
+
+
+def _declared(kind: str) -> str:
+    """The RPCs declared ``kind`` on the servicer, for a log line: "A, B and C"."""
+    access = SessionAuthorityServicer.access()
+    names = [method.rpartition("/")[2] for method, declared in access.items() if declared == kind]
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1] if names else "")))

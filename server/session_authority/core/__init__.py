@@ -12,7 +12,7 @@ from session_authority.core.errors import (
     StoreUnavailable,
     Unavailable,
 )
-from session_authority.core.guarded import GuardedCache, GuardedStore, PortObserver
+from session_authority.core.guarded import PortObserver, guard_cache, guard_store
 from session_authority.core.issuance import Issuer
 from session_authority.core.miss_limit import MissLimit, MissLimiter
 from session_authority.core.policy import CorePolicy
@@ -28,8 +28,6 @@ __all__ = [
     "CacheUnavailable",
     "CircuitOpen",
     "CorePolicy",
-    "GuardedCache",
-    "GuardedStore",
     "HealthReporter",
     "InvalidArgument",
     "Issuer",
@@ -50,4 +48,6 @@ __all__ = [
     "Validation",
     "Validator",
     "assemble_core",
+    "guard_cache",
+    "guard_store",
 ]

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from session_authority.core.breaker import Breaker
 from session_authority.core.domain import new_token
-from session_authority.core.guarded import GuardedCache, GuardedStore, PortObserver
+from session_authority.core.guarded import PortObserver, guard_cache, guard_store
 from session_authority.core.health import CacheStats
 from session_authority.core.issuance import Issuer
 from session_authority.core.listing import Lister
@@ -62,11 +62,11 @@ def assemble_core(
     policy = policy or CorePolicy()
     metrics = metrics or NoMetrics()
     stats = CacheStats()
-    guarded_store = GuardedStore(store, store_breaker, observer=store_observer)
+    guarded_store = guard_store(store, store_breaker, observer=store_observer)
     guarded_cache = (
         None
         if cache is None
-        else GuardedCache(cache, breaker, stats=stats, metrics=metrics, observer=cache_observer)
+        else guard_cache(cache, breaker, stats=stats, metrics=metrics, observer=cache_observer)
     )
     if cache is None:
         local = feed = None  # L1 and its revocation feed live on Redis

@@ -1,7 +1,7 @@
 """Each port reached through its breaker, both wrapped the same way, once.
 
-``GuardedCache`` and ``GuardedStore`` implement the port they wrap, and are
-the only wrappers of either port: everything that happens around a call of a
+``guard_cache`` and ``guard_store`` wrap the port they are given, and are the
+only wrappers of either port: everything that happens around a call of a
 dependency happens here, in one ``_call``:
 
 * the **breaker**: the call runs through it (per-call timeout, failures
@@ -20,10 +20,22 @@ dependency happens here, in one ``_call``:
 
 The composition root stacks nothing else::
 
-    core → GuardedCache(breaker, observer) → RedisSessionCache
-    core → GuardedStore(breaker, observer) → PostgresSessionStore
+    core → guard_cache(cache, breaker, observer) → RedisSessionCache
+    core → guard_store(store, breaker, observer) → PostgresSessionStore
 
-A new port method is one line here: ``return await self._call("name", lambda: ...)``.
+**The wrappers are generated from the ports.** Each method the Protocol
+declares says how it is reached (``@guarded`` or ``@unguarded``, in
+``core/ports.py``); ``_Guard.__init_subclass__`` reads those declarations
+(``ports.guards``) once, at import, and writes one method per declaration:
+a ``@guarded`` method is ``_call(name, adapter.name(...))``, its operation
+named after the method; an ``@unguarded`` one calls the adapter directly. A
+method written by hand in the class (the cache's ``health``) is kept. A new
+port method needs nothing here, and a port method that declares neither
+stops the import. The wrappers' types are the Protocols themselves
+(``guard_cache`` answers a ``BreakerCache``, ``guard_store`` a
+``SessionStore``): the generated methods take and answer what the adapter's
+do, so the Protocol's signature is theirs.
+
 ``health`` passes through unguarded and untimed as one call: health reports
 the dependency itself, and the cache's probe round trips are observed one by
 one under the operation ``health`` (see ``PortObserver``).
@@ -34,11 +46,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
-from typing import Protocol, TypeVar
+from functools import update_wrapper
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from session_authority.core.breaker import Breaker
-from session_authority.core.domain import Position, Session, SessionSummary, TokenHash
+from session_authority.core.domain import TokenHash
 from session_authority.core.errors import (
     CacheReplaced,
     CacheUnavailable,
@@ -46,19 +58,11 @@ from session_authority.core.errors import (
     SessionAuthorityError,
     StoreUnavailable,
 )
-from session_authority.core.health import CacheHealth, CacheStats, StoreHealth
-from session_authority.core.ports import (
-    Cached,
-    CacheEntry,
-    SessionCache,
-    SessionStore,
-    StoreRevocation,
-    Touched,
-)
+from session_authority.core.health import CacheHealth, CacheStats
+from session_authority.core.ports import Guard, SessionCache, SessionStore, guards
 from session_authority.core.telemetry import CoreMetrics
-from session_authority.core.watermark import RevocationMarks
 
-__all__ = ["BreakerCache", "GuardedCache", "GuardedStore", "PortObserver"]
+__all__ = ["BreakerCache", "PortObserver", "guard_cache", "guard_store"]
 
 _log = logging.getLogger("session_authority.cache")
 T = TypeVar("T")
@@ -90,13 +94,24 @@ class BreakerCache(SessionCache, Protocol):
         timeout and not counted; raises ``CacheUnavailable``."""
 
 
-class _Guarded:
-    """The one ``_call`` both wrappers share."""
+class _Guard:
+    """The one ``_call`` both wrappers share, and the methods each subclass
+    gets from its port's declarations (``port=``)."""
 
-    _refused: type[SessionAuthorityError]
-    _error: type[SessionAuthorityError]
+    _refused: ClassVar[type[SessionAuthorityError]]
+    _error: ClassVar[type[SessionAuthorityError]]
 
-    def __init__(self, breaker: Breaker | None, observer: PortObserver | None) -> None:
+    def __init_subclass__(cls, *, port: type, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, guard in guards(port).items():
+            if name not in vars(cls):  # written by hand: kept
+                setattr(cls, name, _generated(getattr(port, name), guard))
+
+    def __init__(
+        self, adapter: Any, breaker: Breaker | None, observer: PortObserver | None
+    ) -> None:
+        #: The port's adapter (typed by the subclass's port, which ``guards`` read).
+        self._adapter = adapter
         self.breaker = breaker
         self._observer = observer
         self._observers: dict[str, Observe] = {}
@@ -143,12 +158,33 @@ class _Guarded:
         """A call that failed (not one refused): nothing to count by default."""
 
 
-class GuardedCache(_Guarded):
+def _generated(declared: Callable[..., Any], guard: Guard) -> Callable[..., Awaitable[Any]]:
+    """The wrapper's method for the port method ``declared``: through ``_call``
+    under the method's name when ``@guarded``, straight to the adapter when
+    ``@unguarded``. It bears the declaration's name, docstring and signature."""
+    name = declared.__name__
+    if guard == "guarded":
+
+        async def method(self: _Guard, *args: Any, **kwargs: Any) -> Any:
+            op = getattr(self._adapter, name)
+            return await self._call(name, lambda: op(*args, **kwargs))
+
+    else:
+
+        async def method(self: _Guard, *args: Any, **kwargs: Any) -> Any:
+            return await getattr(self._adapter, name)(*args, **kwargs)
+
+    return update_wrapper(method, declared)
+
+
+class GuardedCache(_Guard, port=SessionCache):
     """A ``SessionCache`` behind the Redis breaker (or, with ``breaker=None``,
-    only timed: the ``inner`` it gives the breaker's probe)."""
+    only timed: the ``inner`` it gives the breaker's probe). Built by
+    ``guard_cache``; every ``SessionCache`` method but ``health`` is generated."""
 
     _refused = CircuitOpen
     _error = CacheUnavailable
+    _adapter: SessionCache
 
     def __init__(
         self,
@@ -159,14 +195,13 @@ class GuardedCache(_Guarded):
         metrics: CoreMetrics | None = None,
         observer: PortObserver | None = None,
     ) -> None:
-        super().__init__(breaker, observer)
-        self._cache = cache
+        super().__init__(cache, breaker, observer)
         self._stats = stats
         self._metrics = metrics
         self.inner: SessionCache = (
             cache
             if breaker is None or observer is None
-            else GuardedCache(cache, None, observer=observer)
+            else cast(SessionCache, GuardedCache(cache, None, observer=observer))
         )
 
     def _failed(self, operation: str, exc: SessionAuthorityError) -> None:
@@ -182,33 +217,12 @@ class GuardedCache(_Guarded):
             # probe re-apply revocations at once rather than after the reset.
             self.breaker.trip(f"redis replaced: {exc}", probe_in=0.0)
 
-    async def get(self, token_hash: TokenHash) -> Cached | None:
-        return await self._call("get", lambda: self._cache.get(token_hash))
-
-    async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
-        return await self._call("fill", lambda: self._cache.fill(token_hash, entry, ttl))
-
-    async def ping(self) -> None:
-        await self._call("ping", self._cache.ping)
-
-    async def adopt(self) -> None:
-        await self._call("adopt", self._cache.adopt)
-
-    async def verify(self) -> None:
-        await self._call("verify", self._cache.verify)
-
-    async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
-        await self._call("mark_created", lambda: self._cache.mark_created(token_hash, ttl))
-
-    async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
-        await self._call("tombstone", lambda: self._cache.tombstone(token_hashes, ttl))
-
     async def tombstone_anyway(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         """Tombstone even while the breaker refuses calls, bounded by its timeout
         and not counted (``Breaker.attempt``): this process has stopped reading
         Redis, but the other replicas read it, and a revocation must reach it
         if it can. A failure is counted and logged like any other."""
-        op = self._timed("tombstone", lambda: self._cache.tombstone(token_hashes, ttl))
+        op = self._timed("tombstone", lambda: self._adapter.tombstone(token_hashes, ttl))
         if self.breaker is None:
             await op()
             return
@@ -218,27 +232,8 @@ class GuardedCache(_Guarded):
             self._failed("tombstone", exc)
             raise
 
-    async def watermark(self) -> str:
-        return await self._call("watermark", self._cache.watermark)
-
-    async def seal(
-        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
-    ) -> str:
-        return await self._call(
-            "seal", lambda: self._cache.seal(token_hashes, ttl, floor=floor, mark=mark)
-        )
-
-    async def lease(self, seconds: float) -> bool:
-        return await self._call("lease", lambda: self._cache.lease(seconds))
-
-    async def release(self) -> None:
-        await self._call("release", self._cache.release)
-
-    async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
-        return await self._call("get_many", lambda: self._cache.get_many(token_hashes))
-
     async def health(self) -> CacheHealth:
-        health = await self._cache.health()
+        health = await self._adapter.health()
         if health.connected and self._observer is not None:
             observe = self._observe("health")
             for milliseconds in (health.ping_ms, health.set_ms, health.get_ms):
@@ -246,105 +241,33 @@ class GuardedCache(_Guarded):
         return health
 
 
-class GuardedStore(_Guarded):
+class GuardedStore(_Guard, port=SessionStore):
     """A ``SessionStore`` behind the Postgres breaker (``error=StoreUnavailable``):
     while it is open, calls that need the store fail at once instead of each
     waiting out a dead database's timeouts. With ``breaker=None`` (the
-    Postgres breaker disabled) it only times."""
+    Postgres breaker disabled) it only times. Built by ``guard_store``; every
+    method is generated."""
 
     _refused = StoreUnavailable
     _error = StoreUnavailable
 
-    def __init__(
-        self,
-        store: SessionStore,
-        breaker: Breaker | None,
-        *,
-        observer: PortObserver | None = None,
-    ) -> None:
-        super().__init__(breaker, observer)
-        self.inner = store
 
-    async def create(self, session: Session) -> None:
-        await self._call("create", lambda: self.inner.create(session))
+def guard_cache(
+    cache: SessionCache,
+    breaker: Breaker | None,
+    *,
+    stats: CacheStats | None = None,
+    metrics: CoreMetrics | None = None,
+    observer: PortObserver | None = None,
+) -> BreakerCache:
+    """``cache`` behind ``breaker`` (``None``: only timed), timed into
+    ``observer``; its failures counted in ``stats`` and ``metrics``."""
+    guarded = GuardedCache(cache, breaker, stats=stats, metrics=metrics, observer=observer)
+    return cast(BreakerCache, guarded)
 
-    async def find(self, token_hash: TokenHash) -> Session | None:
-        return await self._call("find", lambda: self.inner.find(token_hash))
 
-    async def revoke(
-        self, *, token_hash: TokenHash | None = None, session_id: str | None = None
-    ) -> StoreRevocation | None:
-        return await self._call(
-            "revoke", lambda: self.inner.revoke(token_hash=token_hash, session_id=session_id)
-        )
-
-    async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
-        return await self._call("revoke_user", lambda: self.inner.revoke_user(user_id))
-
-    async def revoked_since(self, seconds: float) -> list[TokenHash]:
-        return await self._call("revoked_since", lambda: self.inner.revoked_since(seconds))
-
-    async def pending_purges(self, limit: int) -> list[TokenHash]:
-        return await self._call("pending_purges", lambda: self.inner.pending_purges(limit))
-
-    async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
-        await self._call("confirm_purged", lambda: self.inner.confirm_purged(token_hashes))
-
-    async def revocation_marks(self) -> RevocationMarks:
-        return await self._call("revocation_marks", self.inner.revocation_marks)
-
-    async def revocations_after(
-        self, after: str, limit: int, window: float
-    ) -> list[tuple[str, TokenHash]]:
-        return await self._call(
-            "revocations_after", lambda: self.inner.revocations_after(after, limit, window)
-        )
-
-    async def confirm_watermark(self, mark: str) -> None:
-        await self._call("confirm_watermark", lambda: self.inner.confirm_watermark(mark))
-
-    async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
-        return await self._call("find_many", lambda: self.inner.find_many(token_hashes))
-
-    async def health(self) -> StoreHealth:
-        return await self.inner.health()
-
-    async def list_user_sessions(
-        self, user_id: str, *, include_revoked: bool, after: Position | None, limit: int
-    ) -> list[SessionSummary]:
-        return await self._call(
-            "list_user_sessions",
-            lambda: self.inner.list_user_sessions(
-                user_id, include_revoked=include_revoked, after=after, limit=limit
-            ),
-        )
-
-    async def revoke_user_except(
-        self, user_id: str, session_id: str
-    ) -> list[StoreRevocation] | None:
-        return await self._call(
-            "revoke_user_except", lambda: self.inner.revoke_user_except(user_id, session_id)
-        )
-
-    async def page_token_key(self) -> bytes:
-        return await self._call("page_token_key", self.inner.page_token_key)
-
-    async def touch(
-        self,
-        *,
-        token_hash: TokenHash | None = None,
-        session_id: str | None = None,
-        extend_by: timedelta,
-        max_lifetime: timedelta,
-        interval: float,
-    ) -> Touched | None:
-        return await self._call(
-            "touch",
-            lambda: self.inner.touch(
-                token_hash=token_hash,
-                session_id=session_id,
-                extend_by=extend_by,
-                max_lifetime=max_lifetime,
-                interval=interval,
-            ),
-        )
+def guard_store(
+    store: SessionStore, breaker: Breaker | None, *, observer: PortObserver | None = None
+) -> SessionStore:
+    """``store`` behind ``breaker`` (``None``: only timed), timed into ``observer``."""
+    return cast(SessionStore, GuardedStore(store, breaker, observer))

@@ -2,14 +2,23 @@
 
 Adapters implement these by technology (``RedisSessionCache``,
 ``PostgresSessionStore``); tests use in-memory fakes (``InMemory…``).
+
+Each method also says how the core reaches it, where it is declared:
+``@guarded`` (through the port's breaker, timed, its failures counted) or
+``@unguarded`` (straight to the adapter: a method that reports on the
+dependency itself and never raises). ``core/guarded.py`` builds each port's
+wrapper from these declarations, once, at import, and refuses a port with a
+method that declares neither (``guards``), so a new method cannot skip the
+breaker by omission.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 from session_authority.core.domain import Position, Reason, Session, SessionSummary, TokenHash
 from session_authority.core.health import CacheHealth, StoreHealth
@@ -19,11 +28,56 @@ __all__ = [
     "CacheEntry",
     "Cached",
     "CachedVerdict",
+    "Guard",
     "SessionCache",
     "SessionStore",
     "StoreRevocation",
     "Touched",
+    "guarded",
+    "guards",
+    "unguarded",
 ]
+
+Guard: TypeAlias = Literal["guarded", "unguarded"]
+_GUARD = "__session_authority_guard__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """Declares a port method reached through the port's breaker: refused at
+    once while the breaker is open, bounded by its timeout, timed by the
+    port's observer and counted by the breaker when it fails."""
+    setattr(method, _GUARD, "guarded")
+    return method
+
+
+def unguarded(method: F) -> F:
+    """Declares a port method called straight on the adapter, neither through
+    the breaker nor timed as one call: one that reports on the dependency
+    itself and never raises (``health``)."""
+    setattr(method, _GUARD, "unguarded")
+    return method
+
+
+def guards(port: type) -> dict[str, Guard]:
+    """Each method ``port`` declares -> how it is guarded. ``TypeError``
+    naming a method that declares neither ``@guarded`` nor ``@unguarded``, or
+    a data member (a wrapper can only pass methods through)."""
+    if vars(port).get("__annotations__"):
+        raise TypeError(f"{port.__name__} declares data members: a port declares methods only")
+    found: dict[str, Guard] = {}
+    for name, member in vars(port).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        if not inspect.iscoroutinefunction(member):
+            raise TypeError(f"{port.__name__}.{name} is not a coroutine: a port method awaits")
+        guard: Guard | None = getattr(member, _GUARD, None)
+        if guard is None:
+            raise TypeError(
+                f"{port.__name__}.{name} declares no guard: mark it @guarded or @unguarded"
+            )
+        found[name] = guard
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +139,16 @@ class SessionStore(Protocol):
     tombstone reached the cache, so any replica can finish what a revoker that
     died (or lost Redis) left undone."""
 
+    @guarded
     async def create(self, session: Session) -> None:
         """Insert a new session. Session ids and token hashes are unique."""
 
+    @guarded
     async def find(self, token_hash: TokenHash) -> Session | None:
         """The session with this token hash, revoked and expired ones included;
         ``None`` when no session ever had it."""
 
+    @guarded
     async def revoke(
         self, *, token_hash: TokenHash | None = None, session_id: str | None = None
     ) -> StoreRevocation | None:
@@ -101,25 +158,31 @@ class SessionStore(Protocol):
         such session exists; ``revoked_now=False`` when it was revoked before
         or had expired. A newly revoked session is left pending."""
 
+    @guarded
     async def revoke_user(self, user_id: str) -> list[StoreRevocation]:
         """Revoke every session of the user not revoked yet (expired ones too),
         leaving each pending; ``revoked_now`` says which were live."""
 
+    @guarded
     async def revoked_since(self, seconds: float) -> list[TokenHash]:
         """Hashes of sessions revoked in the last ``seconds`` by the store's
         clock, expired or not (to re-apply what a cache may have lost)."""
 
+    @guarded
     async def pending_purges(self, limit: int) -> list[TokenHash]:
         """Up to ``limit`` revocations whose tombstone is not confirmed yet,
         oldest first."""
 
+    @guarded
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         """Record that these revocations' tombstones are in the cache."""
 
+    @guarded
     async def revocation_marks(self) -> RevocationMarks:
         """The watermark confirmed so far and the horizon that may be sealed
         now (``core/watermark.py``), read together in one query."""
 
+    @guarded
     async def revocations_after(
         self, after: str, limit: int, window: float
     ) -> list[tuple[str, TokenHash]]:
@@ -127,12 +190,15 @@ class SessionStore(Protocol):
         order, as ``(mark, hash)``: only those revoked in the last ``window``
         seconds (the store's clock), expired sessions included."""
 
+    @guarded
     async def confirm_watermark(self, mark: str) -> None:
         """Record that the cache holds the watermark ``mark`` (never lowers it)."""
 
+    @unguarded
     async def health(self) -> StoreHealth:
         """Connection state, version, pool numbers and a live ping. Never raises."""
 
+    @guarded
     async def list_user_sessions(
         self, user_id: str, *, include_revoked: bool, after: Position | None, limit: int
     ) -> list[SessionSummary]:
@@ -143,6 +209,7 @@ class SessionStore(Protocol):
         ``revoked_at``. Read from the store itself, never a cache; an unknown
         user has none. Never reads or returns a token hash."""
 
+    @guarded
     async def revoke_user_except(
         self, user_id: str, session_id: str
     ) -> list[StoreRevocation] | None:
@@ -152,10 +219,12 @@ class SessionStore(Protocol):
         session of that user has this id. A session created while the step runs
         (committed after it began) is not revoked."""
 
+    @guarded
     async def page_token_key(self) -> bytes:
         """The secret every replica shares to sign page tokens (made once with
         the store's schema, kept across restarts). At least 16 bytes."""
 
+    @guarded
     async def touch(
         self,
         *,
@@ -176,6 +245,7 @@ class SessionStore(Protocol):
         nothing is written and the session is answered as it stands. ``None``
         when no such session exists."""
 
+    @guarded
     async def find_many(self, token_hashes: Sequence[TokenHash]) -> dict[TokenHash, Session]:
         """``find`` for each hash, in one query (one snapshot): the sessions
         found, revoked and expired ones included, by hash; a hash no session
@@ -186,19 +256,23 @@ class SessionCache(Protocol):
     """The cache (Redis), keyed by token hash. Every method raises
     ``CacheUnavailable`` on any failure; callers treat that as "no cache"."""
 
+    @guarded
     async def get(self, token_hash: TokenHash) -> Cached | None:
         """The cached entry with its remaining lifetime, or ``None`` on a miss
         (including an entry that fails its integrity check, which is reported
         and dropped, and a creation marker)."""
 
+    @guarded
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         """Store ``entry`` for ``ttl`` seconds, atomically and conditionally:
         never over a tombstone; a non-revoked verdict only where nothing is
         cached; a tombstone always. False when the fill was refused."""
 
+    @guarded
     async def ping(self) -> None:
         """One round trip to the cache server; raises ``CacheUnavailable``."""
 
+    @guarded
     async def adopt(self) -> None:
         """Trust the cache server reachable now, whatever it holds: record its
         identity (and leave a marker in it). Until then, and whenever a
@@ -207,24 +281,29 @@ class SessionCache(Protocol):
         ``CacheReplaced``. The breaker's probe adopts, then re-applies every
         revocation the cache may have lost, before anything reads it again."""
 
+    @guarded
     async def verify(self) -> None:
         """One round trip proving the trusted server still holds its state
         (the marker left by ``adopt``); raises ``CacheReplaced`` if not."""
 
+    @guarded
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
         """Record that a session was just created for this hash, replacing
         anything but a tombstone. ``get`` treats the marker as a miss; it
         exists so that a slow "unknown" fill from a read that predates the
         creation is refused (verdicts are only written where nothing is)."""
 
+    @guarded
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
         """Replace each entry with a revocation tombstone, in one pipelined
         round trip. Succeeds only when every tombstone was written."""
 
+    @guarded
     async def watermark(self) -> str:
         """The revocation watermark the cache holds (``core/watermark.py``);
         ``NOTHING`` when it holds none."""
 
+    @guarded
     async def seal(
         self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
     ) -> str:
@@ -234,17 +313,21 @@ class SessionCache(Protocol):
         cache held less than ``floor`` (it went back in time), the tombstones
         are written, the watermark is left alone and ``CacheReplaced`` is raised."""
 
+    @guarded
     async def lease(self, seconds: float) -> bool:
         """Take the replay lease for ``seconds`` unless another process holds
         it; True when taken. Advisory: it spares a second process from writing
         the same revocations alongside the first, correctness never depends on it."""
 
+    @guarded
     async def release(self) -> None:
         """Give the replay lease back (whoever holds it: it is advisory)."""
 
+    @unguarded
     async def health(self) -> CacheHealth:
         """Server facts, pool numbers and live PING/SET/GET timings. Never raises."""
 
+    @guarded
     async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
         """``get`` for each hash, in request order, in one round trip (one
         atomic read): each answer follows ``get``'s rules. None given, nothing

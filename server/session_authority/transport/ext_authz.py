@@ -38,8 +38,9 @@ from google.rpc import code_pb2, status_pb2
 from session_authority.core.errors import InvalidArgument
 from session_authority.core.service import SessionAuthority
 from session_authority.transport.auth import declared, read
+from session_authority.transport.calls import run_call
 from session_authority.transport.gateway import GatewayPolicy
-from session_authority.transport.servicer import caller_of, run_call
+from session_authority.transport.servicer import caller_of
 
 __all__ = ["EXT_AUTHZ_DESCRIPTOR", "EXT_AUTHZ_SERVICE", "ExtAuthzServicer", "add_ext_authz"]
 

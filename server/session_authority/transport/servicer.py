@@ -1,37 +1,32 @@
-"""The gRPC servicer: decode, call the core, encode, map errors. Nothing else."""
+"""The gRPC servicer: decode, call the core, encode, map errors. Nothing else.
+
+The plain unary RPCs are written in ``unary.py``, one method each, which this
+class inherits; it writes only those that are not plain: ValidateSession and
+ValidateSessions (the hot-path exception, ``handler.py``), Health (it names
+this worker) and WatchRevocations (a stream).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from session_authority.core.domain import Validation
-from session_authority.core.errors import InvalidArgument, SessionAuthorityError, Unavailable
+from session_authority.core.errors import Unavailable
 from session_authority.core.service import SessionAuthority
-from session_authority.transport.auth import declared, mutation, read, sensitive_read
-from session_authority.transport.mapping import (
-    duration_from_pb,
-    health_to_pb,
-    page_to_pb,
-    session_to_pb,
-    ttl_from_pb,
-    validation_to_pb,
-    watch_item_to_pb,
-)
+from session_authority.transport.auth import declared, read, sensitive_read
+from session_authority.transport.calls import abort_for, run_call
+from session_authority.transport.mapping import health_to_pb, validation_to_pb, watch_item_to_pb
 from session_authority.transport.peers import peer_address
-from session_authority.transport.status import status_for
+from session_authority.transport.unary import UnaryRPCs
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-__all__ = ["SessionAuthorityServicer", "caller_of", "run_call"]
-
-_log = logging.getLogger("session_authority.rpc")
-T = TypeVar("T")
+__all__ = ["SessionAuthorityServicer", "caller_of"]
 
 
 #: The tag of ValidateSessionRequest's field 1 (token), length-delimited: (1 << 3) | 2.
@@ -55,17 +50,19 @@ def _framed(wire: bytes) -> bytes:
     return bytes(head) + wire
 
 
-class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
-    """Each RPC is declared ``@read`` or ``@mutation`` here, where it is
-    written: that is who may call it (``access``); an RPC declared neither is
-    denied to every caller."""
+_SERVICE = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
+
+
+class SessionAuthorityServicer(UnaryRPCs, pb_grpc.SessionAuthorityServicer):
+    """Each RPC is declared ``@read``, ``@sensitive_read`` or ``@mutation``
+    where it is written (here, or in ``unary.py``): that is who may call it
+    (``access``); an RPC declared neither is denied to every caller."""
 
     @classmethod
     def access(cls) -> dict[str, str]:
         """``/session_authority.v1.SessionAuthority/Method`` -> ``read`` or
         ``mutation``, for every RPC of the service this class declares."""
-        service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
-        return dict(declared(cls, service.full_name, (m.name for m in service.methods)))
+        return dict(declared(cls, _SERVICE.full_name, (m.name for m in _SERVICE.methods)))
 
     def __init__(
         self,
@@ -88,17 +85,6 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
         # for every hit on one L1 copy, so its reply is encoded once; holding
         # the answer keeps its id from being reused while it is here.
         self._wire: dict[int, tuple[Validation, bytes, bytes]] = {}
-
-    @mutation
-    async def CreateSession(
-        self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.CreateSessionResponse:
-        async def work() -> pb.CreateSessionResponse:
-            ttl = ttl_from_pb(request)
-            token, session = await self._core.create(request.user_id, ttl, request.metadata)
-            return pb.CreateSessionResponse(token=token, session=session_to_pb(session))
-
-        return await run_call(context, work)
 
     def validate_cached(self, raw: bytes) -> bytes | None:
         """ValidateSession's encoded reply when this process's L1 copy gives the
@@ -152,42 +138,6 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             self._wire[id(answer)] = (answer, wire, _framed(wire))
         return wire
 
-    @mutation
-    async def Invalidate(
-        self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.InvalidateResponse:
-        async def work() -> pb.InvalidateResponse:
-            target = request.WhichOneof("target")
-            if target == "token":
-                result = await self._core.invalidate(token=request.token)
-            elif target == "session_id":
-                result = await self._core.invalidate(session_id=request.session_id)
-            else:
-                raise InvalidArgument("target", "set one of token or session_id")
-            return pb.InvalidateResponse(
-                revoked=result.revoked_count > 0,
-                cache_purged=result.cache_purged,
-                propagated=result.propagated,
-            )
-
-        return await run_call(context, work)
-
-    @mutation
-    async def InvalidateUser(
-        self, request: pb.InvalidateUserRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.InvalidateUserResponse:
-        async def work() -> pb.InvalidateUserResponse:
-            result = await self._core.invalidate_user(
-                request.user_id, except_session_id=request.except_session_id or None
-            )
-            return pb.InvalidateUserResponse(
-                revoked_count=result.revoked_count,
-                cache_purged=result.cache_purged,
-                propagated=result.propagated,
-            )
-
-        return await run_call(context, work)
-
     @read
     async def Health(
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[object, object]
@@ -196,46 +146,6 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
             reply = health_to_pb(await self._core.health())
             reply.worker.CopyFrom(self._worker)
             return reply
-
-        return await run_call(context, work)
-
-    @sensitive_read
-    async def ListUserSessions(
-        self,
-        request: pb.ListUserSessionsRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> pb.ListUserSessionsResponse:
-        async def work() -> pb.ListUserSessionsResponse:
-            page = await self._core.list_user_sessions(
-                request.user_id,
-                page_size=request.page_size,
-                page_token=request.page_token,
-                include_revoked=request.include_revoked,
-            )
-            return page_to_pb(page)
-
-        return await run_call(context, work)
-
-    @mutation
-    async def TouchSession(
-        self, request: pb.TouchSessionRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.TouchSessionResponse:
-        async def work() -> pb.TouchSessionResponse:
-            extend_by = (
-                duration_from_pb(request.extend_by, "extend_by")
-                if request.HasField("extend_by")
-                else None
-            )
-            target = request.WhichOneof("target")
-            if target == "token":
-                touch = await self._core.touch(token=request.token, extend_by=extend_by)
-            elif target == "session_id":
-                touch = await self._core.touch(session_id=request.session_id, extend_by=extend_by)
-            else:
-                raise InvalidArgument("target", "set one of token or session_id")
-            return pb.TouchSessionResponse(
-                session=session_to_pb(touch.session), written=touch.written
-            )
 
         return await run_call(context, work)
 
@@ -266,15 +176,8 @@ class SessionAuthorityServicer(pb_grpc.SessionAuthorityServicer):
                         f"ms; resume after {last or 'the last cursor received'}",
                     )
                 last = message.cursor
-        except SessionAuthorityError as exc:
-            await context.abort(status_for(exc), str(exc))
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            _log.exception("unexpected error")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as exc:  # CancelledError is not one: it goes on
+            await abort_for(context, exc)
 
     @read
     async def ValidateSessions(  # type: ignore[override]  # answers the encoded reply
@@ -305,36 +208,3 @@ def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
     (``peers.peer_address``: an IPv4 caller on a dual-stack socket is its IPv4
     address): what the per-caller limits count by. Behind a proxy that is the proxy."""
     return peer_address(context.peer())
-
-
-#: Seconds before the caller's deadline at which the work is given up (at most
-#: a tenth of the time left, so a short deadline keeps most of it).
-_DEADLINE_MARGIN_MAX = 0.005
-
-
-async def run_call(
-    context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
-) -> T:
-    """Bound ``work`` by the caller's deadline and map core errors to statuses.
-
-    The deadline cancels the work, so no Redis or Postgres call outlives it
-    (a cancelled asyncpg query is cancelled on the server too)."""
-    remaining: float | None = context.time_remaining()  # None: no deadline (the stubs omit it)
-    try:
-        if remaining is None:  # no deadline: no timer to arm and cancel on every call
-            return await work()
-        # Answer a little before the caller's deadline: a reply racing the
-        # caller's own cancellation makes grpc log an ExecuteBatchError.
-        margin = min(_DEADLINE_MARGIN_MAX, remaining / 10)
-        async with asyncio.timeout(remaining - margin):
-            return await work()
-    except TimeoutError:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-    except SessionAuthorityError as exc:
-        await context.abort(status_for(exc), str(exc))
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        _log.exception("unexpected error")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-    raise AssertionError("unreachable: context.abort raises")
