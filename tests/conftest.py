@@ -47,6 +47,19 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs a CLI verb in process (``configure_logging``) points the
+    root logger at that test's captured stderr, closed once the test ends: put
+    the root's handlers and level back, so a later test in the same process
+    (pytest-xdist runs them in any order) does not log into a closed file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 #: A token as CreateSession issues them (see core/domain.py): never in a log.
 _TOKEN = re.compile(r"sat_[A-Za-z0-9_-]{48}")
 
