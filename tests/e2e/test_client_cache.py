@@ -47,7 +47,7 @@ def test_copies_answer_until_the_revocation_event_and_never_while_cut(
 
         feed = cached._feed  # the test hook: cut() ends the stream, as a broken connection
         assert feed is not None
-        _until(lambda: stats().live, "the stream's START")
+        _until(lambda: stats().answering, "the first heartbeat after START")
         a, b, c = (other.create(user, ttl=600).token for _ in range(3))
 
         first = cached.validate(a)
@@ -110,7 +110,7 @@ def test_the_async_client_s_cache(client_server: Serving) -> None:
 
             feed = cached._feed
             assert feed is not None
-            await until(lambda: stats().live, "START")
+            await until(lambda: stats().answering, "the first heartbeat after START")
             a, b = [(await other.create(user, ttl=600)).token for _ in range(2)]
             assert not (await cached.validate(a)).from_client_cache
             assert (await cached.validate(a)).from_client_cache

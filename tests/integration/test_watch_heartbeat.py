@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from session_authority.client import LocalCache, LocalCacheStats, SessionAuthorityClient
 from session_authority.embedded import EmbeddedPostgres, find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -166,3 +168,54 @@ async def test_no_heartbeat_while_a_revocation_waits_behind_an_older_transaction
             assert first_beat > 0 and after[first_beat].cursor >= after[0].cursor
     finally:
         await held.close()
+
+
+async def test_without_heartbeats_the_client_falls_back_to_the_ttl_or_refuses(
+    own_postgres: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """A server with WATCH_HEARTBEAT_MS=0 (as an older release) announces none: the Python
+    client's copies answer from START on, bounded by their ttl; with require_heartbeats, never."""
+    port = find_free_port()
+    log = tmp_path / "serve.log"
+    proc = spawn_serve(port, log, "--workers", "1", DATABASE_URL=own_postgres.url,
+                       WATCH_HEARTBEAT_MS="0")  # fmt: skip
+    target = f"127.0.0.1:{port}"
+    try:
+        async with grpc.aio.insecure_channel(target, options=NO_PROXY) as channel:
+            stub: pb_grpc.SessionAuthorityAsyncStub = pb_grpc.SessionAuthorityStub(channel)
+            await wait_serving(stub, log)
+            async with watching(stub) as watcher:
+                await watcher.until(1, START)
+                assert not watcher.messages[0].HasField("heartbeat_interval")
+        await asyncio.to_thread(_fallback_and_refusal, target)
+    finally:
+        stop_serve(proc)
+
+
+def _fallback_and_refusal(target: str) -> None:
+    def stats(client: SessionAuthorityClient) -> LocalCacheStats:
+        found = client.local_cache_stats
+        assert found is not None
+        return found
+
+    def until_live(client: SessionAuthorityClient) -> None:
+        for _ in range(3000):
+            if stats(client).live:
+                return
+            time.sleep(0.01)
+        raise AssertionError("no START")
+
+    ttl_only = LocalCache(ttl=60.0)
+    strict = LocalCache(ttl=60.0, require_heartbeats=True)
+    with (
+        SessionAuthorityClient(target, channel_options=NO_PROXY, local_cache=ttl_only) as old,
+        SessionAuthorityClient(target, channel_options=NO_PROXY, local_cache=strict) as refusing,
+    ):
+        until_live(old)
+        until_live(refusing)
+        token = old.create("heartbeat-fallback", ttl=600).token
+        assert stats(old).heartbeat_interval is None and stats(old).answering
+        assert [old.validate(token).from_client_cache for _ in range(3)] == [False, True, True]
+        assert not stats(refusing).answering
+        assert [refusing.validate(token).from_client_cache for _ in range(3)] == [False] * 3
+        assert stats(refusing).hits == 0 and stats(refusing).heartbeats == 0
