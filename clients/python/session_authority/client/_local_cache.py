@@ -142,16 +142,18 @@ class LocalCacheStats:
     covered_age: float | None = None
 
 
+_sha256 = hashlib.sha256
+
+
 def token_key(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    return _sha256(token.encode()).digest()
 
 
 @dataclass(slots=True)
 class _Copy:
     answer: Validation
     session_id: str
-    until: float  # monotonic
-    stale_at: float  # wall clock (POSIX seconds): expires_at - expiry_margin
+    until: float  # monotonic: the ttl, or the expiry less the margin, whichever comes first
 
 
 class Copies:
@@ -187,13 +189,18 @@ class Copies:
             return self._generation, self._monotonic()
 
     def get(self, key: bytes) -> Validation | None:
-        with self._lock:
-            now = self._monotonic()
-            copy = self._copies.get(key) if now < self._answer_until else None
-            if copy is not None and now < copy.until and self._wall() < copy.stale_at:
+        # The hot path takes no lock: each read below is atomic, and a writer (an event, down)
+        # that races it is ordered after this answer, as if the answer had come first. Only
+        # the counters may lose an increment under concurrent callers.
+        now = self._monotonic()
+        if now < self._answer_until:
+            copy = self._copies.get(key)
+            if copy is not None and now < copy.until:
                 self._hits += 1
                 return copy.answer
-            if copy is not None:
+        with self._lock:
+            copy = self._copies.get(key)
+            if copy is not None and not now < copy.until:
                 self._drop(key)
             self._misses += 1
             return None
@@ -214,9 +221,12 @@ class Copies:
                 return
             self._drop(key)
             marked = dataclasses.replace(answer, from_client_cache=True)
-            until = sent + self._settings.ttl
-            stale_at = session.expires_at.timestamp() - self._settings.expiry_margin
-            self._copies[key] = _Copy(marked, session.session_id, until, stale_at)
+            # Both limits on the monotonic clock: ``ttl`` from when the request was sent, and
+            # the expiry (by the wall clock, less the margin) as seen now. A copy lives at most
+            # ``ttl``, so a step of the wall clock in that time is all this can miss.
+            left = session.expires_at.timestamp() - self._settings.expiry_margin - self._wall()
+            until = min(sent + self._settings.ttl, self._monotonic() + left)
+            self._copies[key] = _Copy(marked, session.session_id, until)
             self._by_session.setdefault(session.session_id, set()).add(key)
 
     def _drop(self, key: bytes) -> None:
