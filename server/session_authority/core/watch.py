@@ -222,6 +222,7 @@ class RevocationWatch:
         self._changed = asyncio.Event()
         self._closed = False
         self.watchers = 0
+        self._beating = 0  # watchers that asked for heartbeats
         #: Every revocation committed before this moment is at or before ``_cursor``.
         self.covered: float | None = None
         #: Reads not yet covered: (when it began, its snapshot's xmax).
@@ -263,7 +264,7 @@ class RevocationWatch:
 
     def _idle(self) -> float:
         """How long the reader sleeps with nothing to read (a NOTIFY wakes it)."""
-        if self._heartbeat is not None and self.watchers:
+        if self._heartbeat is not None and self._beating:
             return min(self._poll, self._heartbeat)
         return self._poll
 
@@ -336,6 +337,7 @@ class RevocationWatch:
         position = events[-1].cursor if full else max(start, first.horizon)
         self.watchers += 1
         if beats is not None:
+            self._beating += 1
             self._wake.set()  # read now: the reader may be sleeping its longer ``poll``
         try:
             yield Start(start, None if beats is None else self._heartbeat)
@@ -353,6 +355,8 @@ class RevocationWatch:
                     position = event.cursor
         finally:
             self.watchers -= 1
+            if beats is not None:
+                self._beating -= 1
 
     async def _next(
         self, position: Cursor, beats: _Beats | None
