@@ -177,3 +177,23 @@ def test_a_black_holed_stream_stops_the_answers_before_the_ttl_and_they_resume(
             assert again.valid and again.from_client_cache
     finally:
         proxy.close()
+
+
+def test_the_stream_is_reopened_after_stream_max_age(client_server: Serving) -> None:
+    """Heartbeats' offsets are anchored to when the call was sent; the clock-rate allowance
+    grows with the stream's age, so the feed reopens it (from its cursor) once it is older
+    than ``stream_max_age``, and answers again after the new stream's first heartbeat."""
+    user = f"tove-{time.monotonic_ns()}"
+    short = LocalCache(ttl=60.0, stream_max_age=0.5)
+    with client_server.client(local_cache=short) as cached, client_server.client() as other:
+        _until(lambda: _stats(cached.local_cache_stats).starts >= 3, "reopened twice")
+        token = other.create(user, ttl=600).token
+        _until(lambda: _stats(cached.local_cache_stats).answering, "a heartbeat")
+        assert cached.validate(token).valid
+        seen = _stats(cached.local_cache_stats).events
+        assert other.invalidate(token=token).revoked
+        _until(
+            lambda: _stats(cached.local_cache_stats).events > seen, "the event, across reopenings"
+        )
+        assert cached.validate(token).reason == Reason.REVOKED
+        assert _stats(cached.local_cache_stats).restarts_from_now == 0  # resumed, not from now
