@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
+
 from session_authority.client import EventKind, LocalCache, RevocationEvent, Session, Source
 from session_authority.client._local_cache import Copies, token_key
 from session_authority.client._results import Validation
@@ -179,3 +181,9 @@ def test_a_revoked_session_s_later_valid_answer_is_never_copied() -> None:
     copies.apply(RevocationEvent(EventKind.REVOKED, "c2", "s9", "u"))  # forgets the old ones
     copies.put(KEY, _valid(session_id="s1"), copies.begin())
     assert copies.stats().entries == 1
+
+
+def test_settings_out_of_range_are_refused() -> None:
+    for bad in ({"max_silence": 0.0}, {"max_silence": -1.0}, {"stream_max_age": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LocalCache(**bad)  # type: ignore[arg-type]
