@@ -83,6 +83,9 @@ Report keys (stable; other tools read them):
                                                  runs taken in turn (direct, PgBouncer, ...)
   workers, load_generator, cores
 Extras: direct_miss_runs and pgbouncer_miss_runs (the runs behind pgbouncer_vs_direct),
+client_cached_validate_per_s_runs, client_cached_hit_share (the lowest share of a run's calls
+answered in process), hit_rps_per_core (hit_rps / workers, behind client_cache_vs_hit),
+client_cache_revocation_p50_ms and client_cache_revocation_max_ms,
 the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
 `connections`: it sends each connection's calls in 10 ms bursts, so this is how fast a
