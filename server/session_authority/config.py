@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     watch_poll_ms: int = Field(default=1000, gt=0)
     """WatchRevocations reads the event record at least this often, should a
     NOTIFY be lost (the bound on an event's delay without one)."""
+    watch_heartbeat_ms: int = Field(default=250, ge=0, le=60_000)
+    """WatchRevocations: a watcher that asks for heartbeats gets one at most
+    this often, each time the reader has caught up with Postgres further; while
+    watched, the record is read at least this often (0: no heartbeats)."""
     unknown_token_rate: float = Field(default=_CORE.unknown_token_rate, ge=0)
     """Per caller (peer address), unknown tokens per second that may reach Postgres (0: off)."""
     unknown_token_burst: int = Field(default=_CORE.unknown_token_burst, ge=1)

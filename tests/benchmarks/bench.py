@@ -67,6 +67,16 @@ Report keys (stable; other tools read them):
   watch_propagation_p99_ms                       Invalidate sent to one replica until its
                                                  WatchRevocations event reaches a watcher on the
                                                  other (another process sharing Postgres/Redis)
+  client_cached_validate_per_s                   the Python client's local cache (LocalCache() as
+                                                 shipped, heartbeats on) answering validate of the
+                                                 hit token in process, calls/s on one thread (one
+                                                 core), right after each hit run
+  client_cache_vs_hit                            that / (hit_rps / workers): calls/s per core,
+                                                 in process vs. served (target >= 100)
+  client_cache_revocation_p99_ms                 Invalidate sent to one replica (a second client)
+                                                 until the cached client, fed by the other
+                                                 replica's WatchRevocations, no longer answers
+                                                 from its copy (target <= 50); _p50 and _max too
   pgbouncer_miss_rps, pgbouncer_vs_direct        misses through PgBouncer (transaction mode,
                                                  DATABASE_POOLER=pgbouncer, as many server
                                                  connections as the replica's pool), and its
@@ -74,6 +84,9 @@ Report keys (stable; other tools read them):
                                                  runs taken in turn (direct, PgBouncer, ...)
   workers, load_generator, cores
 Extras: direct_miss_runs and pgbouncer_miss_runs (the runs behind pgbouncer_vs_direct),
+client_cached_validate_per_s_runs, client_cached_hit_share (the lowest share of a run's calls
+answered in process), hit_rps_per_core (hit_rps / workers, behind client_cache_vs_hit),
+client_cache_revocation_p50_ms and client_cache_revocation_max_ms,
 the runs behind each median, invalidate_user_1000_rpc_ms (the whole RPC),
 hit_p99_ms_rps_bursts and ceiling_p99_ms_rps_bursts (the same rate from h2load --rps on
 `connections`: it sends each connection's calls in 10 ms bursts, so this is how fast a
@@ -118,6 +131,7 @@ import redis.asyncio as aioredis
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.adapters.redis_bus import CHANNEL
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
+from session_authority.client import SessionAuthorityClient
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
@@ -125,6 +139,7 @@ from session_authority.embedded.pgbouncer import EmbeddedPgBouncer
 from session_authority.embedded.process_tree import server_processes
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+from tests.benchmarks.client_cache import cached_client, cached_rate, revocation_times
 from tests.benchmarks.harness import (
     BIN,
     NO_PROXY,
@@ -170,6 +185,9 @@ REQUIRED_KEYS = (
     "touch_max_ms",
     "touch_hit_p99_ms",
     "watch_propagation_p99_ms",
+    "client_cached_validate_per_s",
+    "client_cache_vs_hit",
+    "client_cache_revocation_p99_ms",
     "pgbouncer_miss_rps",
     "pgbouncer_vs_direct",
     "workers",
@@ -226,6 +244,7 @@ class Bench:
         self.checks: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
         self.batch_tokens: list[str] = []
+        self.cached: SessionAuthorityClient | None = None  # the local cache's client
 
     # --- processes -----------------------------------------------------------------------
 
@@ -520,6 +539,7 @@ class Bench:
         }
         runs: dict[str, list[float]] = {name: [] for name in keys}
         batches: list[float] = []
+        cached: list[tuple[float, float]] = []
         sampled = self.servers["traced_1pct"]
         before = await scrape(sampled)
         for _ in range(self.rounds):
@@ -527,6 +547,7 @@ class Bench:
                 runs[name].append(await self.throughput(name, body, tokens))
                 if name == "hit":  # right after its hit run: the same machine, nearly
                     batches.append(await self.batch_throughput(batch_body))
+                    cached.append(await self.client_cached_rate())
         await self.check_ceiling_answers()
         calls = sum(delta(before, await scrape(sampled), "grpc_server_handled_total").values())
         for name, values in runs.items():
@@ -553,6 +574,42 @@ class Bench:
         self.report["batch_vs_hit"] = round(
             self.report["batch_tokens_per_s"] / self.report["hit_rps"], 2
         )
+        rate = statistics.median(r for r, _ in cached)
+        self.report["client_cached_validate_per_s"] = round(rate)
+        self.report["client_cached_validate_per_s_runs"] = [round(r) for r, _ in cached]
+        self.report["client_cached_hit_share"] = round(min(s for _, s in cached), 5)
+        per_core = self.report["hit_rps"] / self.workers
+        self.report["hit_rps_per_core"] = round(per_core)
+        self.report["client_cache_vs_hit"] = round(rate / per_core, 1)
+
+    async def client_cached_rate(self) -> tuple[float, float]:
+        """The Python client's local cache answering the hit token (client_cache.py)."""
+        if self.cached is None:
+            target = self.servers["replica"].target
+            self.cached = await asyncio.to_thread(cached_client, target)
+        rate, share = await asyncio.to_thread(cached_rate, self.cached, self.token, self.seconds)
+        if share < 0.99:
+            self.warnings.append(f"client cache: only {share:.1%} of the calls answered locally")
+        return rate, share
+
+    async def client_cache_revocation(self) -> None:
+        """Invalidate through the hit server; the cached client (fed by the replica's stream)
+        asked until its copy no longer answers (client_cache.py)."""
+        samples = 60 if self.args.quick else 300
+        assert self.cached is not None  # made by the throughput rounds
+        other = SessionAuthorityClient(self.servers["hit"].target, channel_options=NO_PROXY)
+        try:
+            found = await asyncio.to_thread(revocation_times, self.cached, other, samples)
+        finally:
+            other.close()
+        self.problems += found.problems
+        times = sorted(found.times)
+        if not times:
+            self.problems.append("client cache: no revocation measured")
+            return
+        self.report["client_cache_revocation_p50_ms"] = round(_pct(times, 0.5), 3)
+        self.report["client_cache_revocation_p99_ms"] = round(_pct(times, 0.99), 3)
+        self.report["client_cache_revocation_max_ms"] = round(times[-1], 3)
 
     async def traced(self, body: Path, tokens: Path) -> None:
         server = self.servers["traced"]
@@ -1130,7 +1187,10 @@ class Bench:
             if not self.args.quick:
                 await self.sentinel_failover()
             await self.watch_propagation()
+            await self.client_cache_revocation()
         finally:
+            if self.cached is not None:
+                self.cached.close()
             await self.stop_servers()
         return self._finish(started, stolen)
 

@@ -159,7 +159,9 @@ def serving(workdir: Path) -> Iterator[Serving]:
 
 class FreezableProxy:
     """A TCP proxy to ``upstream`` on a port of its own. While ``frozen``, what clients send is
-    read and held, not forwarded (``held`` counts it): a replica that took a call and stalls."""
+    read and held, not forwarded (``held`` counts it): a replica that took a call and stalls.
+    ``hold()`` black-holes every connection both ways (no RST, no FIN: what a partitioned
+    network does) but keeps the bytes; ``release()`` delivers them, late, in order."""
 
     def __init__(self, upstream: int) -> None:
         self._upstream = upstream
@@ -169,6 +171,9 @@ class FreezableProxy:
         self.held = 0
         self._closed = False
         self._sockets: list[socket.socket] = []
+        self._holding = False
+        self._hold_lock = threading.Lock()
+        self._backlog: list[tuple[socket.socket, list[bytes]]] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -187,14 +192,34 @@ class FreezableProxy:
             ).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        waiting: list[bytes] = []
+        with self._hold_lock:
+            self._backlog.append((sink, waiting))
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if from_client and self.frozen.is_set():
                     self.held += len(data)
                     continue
+                with self._hold_lock:
+                    if self._holding:
+                        waiting.append(data)
+                        continue
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+    def hold(self) -> None:
+        with self._hold_lock:
+            self._holding = True
+
+    def release(self) -> None:
+        with self._hold_lock:
+            self._holding = False
+            for sink, waiting in self._backlog:
+                with contextlib.suppress(OSError):
+                    for data in waiting:
+                        sink.sendall(data)
+                waiting.clear()
 
     def close(self) -> None:
         """Cut every connection: shutdown first, since a close alone neither wakes a pump

@@ -1,7 +1,9 @@
 """The Python client's revocation-safe local cache (``local_cache=``) against a real ``serve``
 (the ``client_server`` of test_client.py): answers in process from copies of VALID answers,
 an Invalidate made through another client drops the copy once its event arrived, a cut
-stream answers nothing (every validate to the server), and the feed resumes from its cursor.
+stream answers nothing (every validate to the server), and the feed resumes from its cursor;
+a stream black-holed by the network (no RST, no FIN) stops the answers once its heartbeats
+fall silent, long before the TTL, and they resume when it speaks again.
 Copies live 60 s here, so that only the stream (never the TTL) can explain a dropped copy.
 Order and counts, never timing: each wait is a bounded loop on a counter."""
 
@@ -13,9 +15,9 @@ from collections.abc import Callable
 
 import pytest
 
-from session_authority.client import LocalCache, LocalCacheStats, Reason
+from session_authority.client import DeadlineExceeded, LocalCache, LocalCacheStats, Reason
 
-from .client_support import Serving
+from .client_support import FreezableProxy, Serving
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +47,7 @@ def test_copies_answer_until_the_revocation_event_and_never_while_cut(
 
         feed = cached._feed  # the test hook: cut() ends the stream, as a broken connection
         assert feed is not None
-        _until(lambda: stats().live, "the stream's START")
+        _until(lambda: stats().answering, "the first heartbeat after START")
         a, b, c = (other.create(user, ttl=600).token for _ in range(3))
 
         first = cached.validate(a)
@@ -108,7 +110,7 @@ def test_the_async_client_s_cache(client_server: Serving) -> None:
 
             feed = cached._feed
             assert feed is not None
-            await until(lambda: stats().live, "START")
+            await until(lambda: stats().answering, "the first heartbeat after START")
             a, b = [(await other.create(user, ttl=600)).token for _ in range(2)]
             assert not (await cached.validate(a)).from_client_cache
             assert (await cached.validate(a)).from_client_cache
@@ -129,3 +131,69 @@ def test_the_async_client_s_cache(client_server: Serving) -> None:
             assert stats().starts == 2
 
     asyncio.run(scenario())
+
+
+def test_a_black_holed_stream_stops_the_answers_before_the_ttl_and_they_resume(
+    client_server: Serving,
+) -> None:
+    """The cached client reaches the server through a proxy that black-holes the connection
+    (bytes kept, delivered late on release). Its copies stop answering once the heartbeats'
+    covered point is older than ``max_silence`` (0.75 s: 3 x the server's 250 ms), not after
+    the 60 s TTL nor gRPC's keepalive (40 s); a revocation made meanwhile is applied before
+    the copies answer again, on the same stream."""
+    user = f"sage-{time.monotonic_ns()}"
+    proxy = FreezableProxy(client_server.port)
+    try:
+        with (
+            client_server.client(target=f"127.0.0.1:{proxy.port}", local_cache=LONG) as cached,
+            client_server.client() as other,
+        ):
+
+            def stats() -> LocalCacheStats:
+                return _stats(cached.local_cache_stats)
+
+            _until(lambda: stats().answering, "the first heartbeat")
+            assert stats().heartbeat_interval == 0.25
+            b, c = (other.create(user, ttl=600).token for _ in range(2))
+            for token in (b, c):
+                assert not cached.validate(token).from_client_cache
+                assert cached.validate(token).from_client_cache
+            seen, hits = stats().events, stats().hits
+
+            proxy.hold()
+            _until(lambda: not stats().answering, "the silence noticed")
+            # Nothing ended the stream and no copy ran out: only the silence explains it.
+            assert stats().live and stats().starts == 1 and stats().entries == 2
+            assert other.invalidate(token=c).revoked  # while black-holed
+            with pytest.raises(DeadlineExceeded):  # sent to the server (held), not answered here
+                cached.validate(b, timeout=0.5)
+            assert stats().hits == hits
+
+            proxy.release()
+            _until(lambda: stats().answering and stats().events > seen, "the stream speaks again")
+            assert stats().starts == 1  # the same stream, late heartbeats and all
+            assert cached.validate(c).reason == Reason.REVOKED
+            again = cached.validate(b)
+            assert again.valid and again.from_client_cache
+    finally:
+        proxy.close()
+
+
+def test_the_stream_is_reopened_after_stream_max_age(client_server: Serving) -> None:
+    """Heartbeats' offsets are anchored to when the call was sent; the clock-rate allowance
+    grows with the stream's age, so the feed reopens it (from its cursor) once it is older
+    than ``stream_max_age``, and answers again after the new stream's first heartbeat."""
+    user = f"tove-{time.monotonic_ns()}"
+    short = LocalCache(ttl=60.0, stream_max_age=0.5)
+    with client_server.client(local_cache=short) as cached, client_server.client() as other:
+        _until(lambda: _stats(cached.local_cache_stats).starts >= 3, "reopened twice")
+        token = other.create(user, ttl=600).token
+        _until(lambda: _stats(cached.local_cache_stats).answering, "a heartbeat")
+        assert cached.validate(token).valid
+        seen = _stats(cached.local_cache_stats).events
+        assert other.invalidate(token=token).revoked
+        _until(
+            lambda: _stats(cached.local_cache_stats).events > seen, "the event, across reopenings"
+        )
+        assert cached.validate(token).reason == Reason.REVOKED
+        assert _stats(cached.local_cache_stats).restarts_from_now == 0  # resumed, not from now

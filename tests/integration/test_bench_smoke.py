@@ -51,5 +51,17 @@ def test_quick_benchmark_reports_every_key(tmp_path: Path, repo_root: Path) -> N
     assert 1 <= report["touch_hot_session_writes"] <= report["touch_write_bound"]
     # A watcher on the replica saw each Invalidate made on the other server.
     assert 0 < report["watch_propagation_p50_ms"] <= report["watch_propagation_p99_ms"]
+    # The Python client's local cache, beside hit_rps in the same run; its copies dropped.
+    per_core = report["hit_rps"] / report["workers"]
+    assert report["client_cache_vs_hit"] == round(
+        report["client_cached_validate_per_s"] / per_core, 1
+    )
+    assert report["client_cached_hit_share"] > 0.9
+    assert (
+        0
+        < report["client_cache_revocation_p50_ms"]
+        <= report["client_cache_revocation_p99_ms"]
+        <= report["client_cache_revocation_max_ms"]
+    )
     # Revocations were acknowledged by the two replicas' workers, and by nothing else.
     assert report["revocation_subscribers"] == 2 * report["workers"]

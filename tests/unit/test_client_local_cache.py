@@ -1,11 +1,14 @@
 """The client's local cache state (``_local_cache.Copies``) on injected clocks, no I/O: the
 races the e2e test cannot order (an answer that was sent before an event and arrives after
-it; an answer from before START), the TTL counted from when the request was sent, and the
-expiry margin."""
+it; an answer from before START; a heartbeat that arrives late), the TTL counted from when
+the request was sent, the expiry margin, and heartbeats' covered point against
+``max_silence``."""
 
 from __future__ import annotations
 
 import datetime
+
+import pytest
 
 from session_authority.client import EventKind, LocalCache, RevocationEvent, Session, Source
 from session_authority.client._local_cache import Copies, token_key
@@ -22,8 +25,8 @@ class Clock:
     def monotonic(self) -> float:
         return self.seconds
 
-    def wall(self) -> datetime.datetime:
-        return NOW + datetime.timedelta(seconds=self.seconds - 100.0)
+    def wall(self) -> float:
+        return NOW.timestamp() + self.seconds - 100.0
 
 
 def _valid(expires_in: float = 3600.0, session_id: str = "s1") -> Validation:
@@ -31,7 +34,7 @@ def _valid(expires_in: float = 3600.0, session_id: str = "s1") -> Validation:
     return Validation(True, Source.DATABASE, session)
 
 
-def _copies(clock: Clock, **kw: float) -> Copies:
+def _copies(clock: Clock, **kw: float | bool) -> Copies:
     return Copies(LocalCache(**kw), clock.monotonic, clock.wall)  # type: ignore[arg-type]
 
 
@@ -94,3 +97,93 @@ def test_a_revocation_drops_only_its_session_and_invalid_answers_are_never_kept(
     assert copies.get(KEY) is None and copies.get(other) is not None
     copies.put(KEY, Validation(False, Source.DATABASE), copies.begin())
     assert copies.get(KEY) is None
+
+
+def _beat(covered: float) -> RevocationEvent:
+    return RevocationEvent(EventKind.HEARTBEAT, "c-beat", covered=covered)
+
+
+def _started(clock: Clock, interval: float | None = 0.25, **kw: float | bool) -> Copies:
+    copies = _copies(clock, ttl=60.0, **kw)
+    copies.opening()  # the call is sent at 100.0
+    copies.apply(RevocationEvent(EventKind.START, "c0", heartbeat_interval=interval))
+    return copies
+
+
+def test_with_heartbeats_copies_answer_only_while_the_covered_point_is_recent() -> None:
+    clock = Clock()
+    copies = _started(clock)
+    copies.put(KEY, _valid(), copies.begin())
+    assert copies.get(KEY) is None  # START is no heartbeat: nothing covered yet
+    assert copies.stats().entries == 1 and not copies.stats().answering
+    clock.seconds += 0.1
+    copies.apply(_beat(0.05))  # covered: 100.05 by this clock
+    assert copies.get(KEY) is not None
+    clock.seconds = 100.05 + 0.74  # max_silence: 3 x 0.25 s
+    assert copies.get(KEY) is not None
+    clock.seconds = 100.05 + 0.76
+    assert copies.get(KEY) is None  # silent too long: not answered, still kept
+    assert copies.stats().entries == 1 and not copies.stats().answering
+    copies.apply(_beat(0.7))  # the stream speaks again
+    assert copies.get(KEY) is not None
+    stats = copies.stats()
+    assert (stats.heartbeats, stats.heartbeat_interval, stats.answering) == (2, 0.25, True)
+
+
+def test_a_heartbeat_that_arrives_late_vouches_only_for_when_it_was_sent() -> None:
+    clock = Clock()
+    copies = _started(clock)
+    copies.put(KEY, _valid(), copies.begin())
+    clock.seconds += 5.0  # held back in the network for 5 s, then delivered
+    copies.apply(_beat(0.2))  # covered 100.2 by this clock: 4.8 s ago
+    assert copies.get(KEY) is None
+    copies.apply(_beat(4.9))  # a later one, fresh
+    assert copies.get(KEY) is not None
+    copies.apply(_beat(1.0))  # out of date again: never moves the point back
+    assert copies.get(KEY) is not None
+
+
+def test_max_silence_is_the_caller_s_when_given_and_offsets_are_counted_short() -> None:
+    clock = Clock()
+    copies = _started(clock, max_silence=2.0)
+    clock.seconds = 1100.0
+    copies.put(KEY, _valid(), copies.begin())
+    copies.apply(_beat(1000.0))  # 1000 s into the stream: counted 0.2 s short (200 ppm)
+    clock.seconds = 1099.8 + 1.99
+    assert copies.get(KEY) is not None  # covered at 1099.8: 1.99 s ago
+    clock.seconds = 1099.8 + 2.05
+    assert copies.get(KEY) is None  # 2.05 s (uncorrected, it would have been 1.85 s)
+
+
+def test_a_server_without_heartbeats_falls_back_to_the_ttl_unless_required() -> None:
+    clock = Clock()
+    old = _started(clock, interval=None)
+    old.put(KEY, _valid(), old.begin())
+    assert old.get(KEY) is not None  # answers from START on (bounded by ttl alone)
+    assert old.stats().heartbeat_interval is None and old.stats().answering
+    strict = _started(clock, interval=None, require_heartbeats=True)
+    strict.put(KEY, _valid(), strict.begin())
+    clock.seconds += 0.1
+    strict.apply(_beat(0.05))  # not announced: ignored
+    assert strict.get(KEY) is None and not strict.stats().answering
+
+
+def test_a_revoked_session_s_later_valid_answer_is_never_copied() -> None:
+    """A request sent after the event, answered VALID by a replica that had not heard of the
+    revocation yet (Invalidate had not returned): not kept."""
+    clock = Clock()
+    copies = _copies(clock)
+    copies.apply(START)
+    copies.apply(RevocationEvent(EventKind.REVOKED, "c1", "s1", "u"))
+    copies.put(KEY, _valid(session_id="s1"), copies.begin())
+    assert copies.get(KEY) is None and copies.stats().entries == 0
+    clock.seconds += 61.0  # remembered for a minute
+    copies.apply(RevocationEvent(EventKind.REVOKED, "c2", "s9", "u"))  # forgets the old ones
+    copies.put(KEY, _valid(session_id="s1"), copies.begin())
+    assert copies.stats().entries == 1
+
+
+def test_settings_out_of_range_are_refused() -> None:
+    for bad in ({"max_silence": 0.0}, {"max_silence": -1.0}, {"stream_max_age": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LocalCache(**bad)  # type: ignore[arg-type]

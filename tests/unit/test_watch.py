@@ -4,15 +4,17 @@ watchers served from the ring or from the record alike."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
 
-from session_authority.core.errors import CursorExpired, InvalidArgument
+from session_authority.core.errors import CursorExpired, InvalidArgument, StoreUnavailable
 from session_authority.core.watch import (
     MAX_SEQ,
     Cursor,
     EventPage,
+    Heartbeat,
     RevocationEvent,
     RevocationWatch,
     Start,
@@ -66,6 +68,7 @@ async def _collect(watch: RevocationWatch, after: str, count: int) -> list[Start
     items: list[Start | RevocationEvent] = []
     async with asyncio.timeout(5):
         async for item in watch.watch(after):
+            assert not isinstance(item, Heartbeat)  # not asked for
             items.append(item)
             if len(items) == count + 1:
                 break
@@ -115,3 +118,125 @@ async def test_a_cursor_below_the_floor_is_refused() -> None:
         await _collect(watch, format_cursor((9, 4)), 1)
     with pytest.raises(CursorExpired):  # ahead of this database
         await _collect(watch, format_cursor((10_000, 0)), 1)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _next_item(items: AsyncIterator[Start | RevocationEvent | Heartbeat]) -> object:
+    async with asyncio.timeout(5):
+        return await anext(items)
+
+
+@pytest.mark.asyncio
+async def test_heartbeats_claim_only_what_the_reader_covered() -> None:
+    log = InMemoryRevocationLog()
+    clock = _Clock()
+    watch = RevocationWatch(log, poll=0.01, heartbeat=0.25, monotonic=clock)
+    reader = asyncio.create_task(watch.run())
+    items = watch.watch("", heartbeats=True)
+    try:
+        start = await _next_item(items)
+        assert isinstance(start, Start) and start.heartbeat == 0.25
+        # Caught up and nothing pending: covered as of the reader's last read.
+        first = await _next_item(items)
+        assert isinstance(first, Heartbeat) and first.covered == 0.0  # the clock stood still
+        # A transaction (xid 10) holds the horizon while a later one (11) committed:
+        # the reader is behind, so nothing new is covered and no heartbeat goes out.
+        log.commit(11, 1, "b")
+        clock.now += 1.0
+        behind = asyncio.create_task(_next_item(items))
+        await asyncio.sleep(0.2)  # ~20 reads of the record meanwhile
+        assert not behind.done() and log.reads > 5
+        covered_before = watch.covered
+        # It ends: the event first, then a heartbeat covering the reads since it was held.
+        log.xmin = 12
+        clock.now += 1.0
+        watch.wake()
+        event = await behind
+        assert isinstance(event, RevocationEvent) and event.session_id == "b"
+        beat = await _next_item(items)
+        assert isinstance(beat, Heartbeat) and beat.cursor >= event.cursor
+        # Covered up to the first read after the transaction ended (2 s after the watch began).
+        assert covered_before == 100.0 and beat.covered == 2.0
+    finally:
+        watch.close()
+        reader.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_pending_page_covers_reads_its_horizon_passed() -> None:
+    """Reads whose xmax the horizon passed are covered even while later events wait."""
+    log = InMemoryRevocationLog()
+    clock = _Clock()
+    watch = RevocationWatch(log, heartbeat=0.25, monotonic=clock)
+    page = await log.revocation_events_after(None, 10)  # xmin 10, xmax 110, nothing pending
+    watch._advance(page, began=1.0)
+    assert watch.covered == 1.0
+    log.commit(200, 1, "late")  # committed above the horizon: pending from now on
+    log.xmin = 150
+    page = await log.revocation_events_after((9, MAX_SEQ), 10)
+    assert page.pending
+    watch._advance(page, began=2.0)  # its xmax (250) is above its own horizon (149)
+    assert watch.covered == 1.0
+    log.xmin = 251
+    page = await log.revocation_events_after((149, MAX_SEQ), 10)
+    log.commit(300, 2, "later")
+    log.xmin = 260  # this read sees 'later' pending
+    page = await log.revocation_events_after(page.horizon, 10)
+    assert page.pending
+    watch._advance(page, began=3.0)  # horizon 259 passed read 2's xmax (250): 2.0 covered
+    assert watch.covered == 2.0
+
+
+@pytest.mark.asyncio
+async def test_no_heartbeat_while_the_record_cannot_be_read() -> None:
+    log = InMemoryRevocationLog()
+    watch = RevocationWatch(log, poll=0.01, heartbeat=0.02)
+    reader = asyncio.create_task(watch.run())
+    items = watch.watch("", heartbeats=True)
+    try:
+        assert isinstance(await _next_item(items), Start)
+        assert isinstance(await _next_item(items), Heartbeat)
+        assert isinstance(await _next_item(items), Heartbeat)
+
+        async def down(after: Cursor | None, limit: int) -> EventPage:
+            raise StoreUnavailable("down")
+
+        log.revocation_events_after = down  # type: ignore[method-assign]
+        await asyncio.sleep(0.1)  # a read in flight when it went down may still cover
+        silent = asyncio.create_task(_next_item(items))
+        await asyncio.sleep(0.3)  # at least 15 intervals
+        assert not silent.done()
+        del log.revocation_events_after  # up again
+        assert isinstance(await silent, Heartbeat)
+    finally:
+        watch.close()
+        reader.cancel()
+
+
+@pytest.mark.asyncio
+async def test_no_heartbeats_unless_asked_for_and_on() -> None:
+    log = InMemoryRevocationLog()
+    off = RevocationWatch(log, poll=0.01)
+    on = RevocationWatch(log, poll=0.01, heartbeat=0.01)
+    readers = [asyncio.create_task(w.run()) for w in (off, on)]
+    try:
+        for watch, asked in ((off, True), (on, False)):
+            items = watch.watch("", heartbeats=asked)
+            start = await _next_item(items)
+            assert isinstance(start, Start) and start.heartbeat is None
+            quiet = asyncio.create_task(_next_item(items))
+            await asyncio.sleep(0.1)
+            assert not quiet.done()
+            quiet.cancel()
+    finally:
+        for watch in (off, on):
+            watch.close()
+        for reader in readers:
+            reader.cancel()

@@ -78,6 +78,7 @@ def build_core(
         poll=settings.watch_poll_ms / 1000,
         retention=settings.revocation_event_retention_seconds,
         prune_every=settings.revocation_event_prune_seconds,
+        heartbeat=settings.watch_heartbeat_ms / 1000 if settings.watch_heartbeat_ms else None,
     )
     listener = PostgresRevocationListener(
         settings.database_listen_url or settings.database_url,

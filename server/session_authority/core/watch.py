@@ -28,6 +28,23 @@ pruned in batches; the highest pruned position (the *floor*) is kept, and a
 cursor below it is refused with ``CursorExpired``. So is a cursor from
 another database (its transaction id is not assigned here yet).
 
+Heartbeats (a watcher that asks for them). The reader knows up to when it is
+*current*: every revocation committed before a moment ``covered`` (this
+process's monotonic clock) is at or before its cursor. A transaction that
+committed before a read began has an ``xid`` below that read's ``xmax``; so a
+read at ``t`` is covered once a later short page's horizon passes its ``xmax``
+(every such transaction has ended and its events were read), and at once when
+its page had nothing pending (nothing committed waits above the horizon). A
+watcher that has sent everything up to the reader's cursor sends a
+``Heartbeat`` whenever ``covered`` moved on, at most every ``heartbeat``
+seconds, carrying ``covered`` as an offset from when the watch began: the
+client adds it to when it sent the call, which places the point in its own
+clock no later than it was, however late the heartbeat arrives. While the
+reader cannot read, or waits behind a transaction held open, ``covered`` stands
+still and no heartbeat is sent: a client sees silence, never a false claim.
+While heartbeats are on and someone watches, the reader reads at least every
+``heartbeat`` seconds (otherwise every ``poll``).
+
 Expiry is not an event (``REVOCATION_REASON_EXPIRED`` is reserved): every
 validated session carries its ``expires_at``, which a holder judges itself;
 writing an event per expiry would cost a write per session.
@@ -37,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import logging
 import re
 import time
@@ -51,6 +69,7 @@ __all__ = [
     "MAX_SEQ",
     "Cursor",
     "EventPage",
+    "Heartbeat",
     "RevocationEvent",
     "RevocationLog",
     "RevocationWatch",
@@ -104,9 +123,21 @@ class RevocationEvent:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """The first item of every watch: the cursor it starts after."""
+    """The first item of every watch: the cursor it starts after, and how often
+    heartbeats come (None: none were asked for, or they are off)."""
 
     cursor: Cursor
+    heartbeat: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Every revocation committed before ``covered`` seconds after the watch
+    began (negative: before it began; this process's monotonic clock) has been
+    sent before this item. ``cursor``: resume after it."""
+
+    cursor: Cursor
+    covered: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +177,17 @@ RING = 10_000
 #: While events above the horizon are pending, read again after this long, doubling.
 _PENDING_FIRST, _PENDING_MAX = 0.001, 0.025
 _FAILED_FIRST, _FAILED_MAX = 0.05, 1.0
+#: Reads remembered until a later horizon covers them (older ones are forgotten
+#: first: that only makes ``covered`` later news, never wrong).
+_READS = 256
+
+
+@dataclass(slots=True)
+class _Beats:
+    """One watcher's heartbeats: the last one's ``covered`` and when it went."""
+
+    covered: float | None = None
+    sent: float = float("-inf")
 
 
 class RevocationWatch:
@@ -160,10 +202,13 @@ class RevocationWatch:
         prune_every: float = 60.0,
         page: int = PAGE,
         ring: int = RING,
+        heartbeat: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``heartbeat``: seconds between heartbeats (None: never sent)."""
         self._log = log
         self._poll = poll
+        self._heartbeat = heartbeat
         self._retention = retention
         self._prune_every = prune_every
         self._page = page
@@ -177,6 +222,11 @@ class RevocationWatch:
         self._changed = asyncio.Event()
         self._closed = False
         self.watchers = 0
+        self._beating = 0  # watchers that asked for heartbeats
+        #: Every revocation committed before this moment is at or before ``_cursor``.
+        self.covered: float | None = None
+        #: Reads not yet covered: (when it began, its snapshot's xmax).
+        self._reads: collections.deque[tuple[float, int]] = collections.deque(maxlen=_READS)
 
     # --- the reader -----------------------------------------------------------------
 
@@ -196,6 +246,7 @@ class RevocationWatch:
                 except TimeoutError:
                     pass
             self._wake.clear()
+            began = self._monotonic()
             try:
                 page = await self._log.revocation_events_after(self._cursor, self._page)
             except Unavailable as exc:
@@ -203,28 +254,47 @@ class RevocationWatch:
                 delay, failed = failed, min(failed * 2, _FAILED_MAX)
                 continue
             failed = _FAILED_FIRST
-            self._advance(page)
+            self._advance(page, began)
             if len(page.events) >= self._page:
                 delay, pending = 0.0, _PENDING_FIRST
             elif page.pending:  # committed, waiting for an older transaction to end
                 delay, pending = pending, min(pending * 2, _PENDING_MAX)
             else:
-                delay, pending = self._poll, _PENDING_FIRST
+                delay, pending = self._idle(), _PENDING_FIRST
 
-    def _advance(self, page: EventPage) -> None:
+    def _idle(self) -> float:
+        """How long the reader sleeps with nothing to read (a NOTIFY wakes it)."""
+        if self._heartbeat is not None and self._beating:
+            return min(self._poll, self._heartbeat)
+        return self._poll
+
+    def _advance(self, page: EventPage, began: float) -> None:
         if self._cursor is None:
             self._cursor = self._ring_after = page.horizon
         if page.events:
             self._ring.extend(page.events)
             self._cursor = page.events[-1].cursor
+        self._reads.append((began, page.xmax))
         if len(page.events) < self._page:
             self._cursor = max(self._cursor, page.horizon)
+            self._cover(page)
         if len(self._ring) > 2 * self._ring_size:
             cut = len(self._ring) - self._ring_size
             self._ring_after = self._ring[cut - 1].cursor
             del self._ring[:cut]
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    def _cover(self, page: EventPage) -> None:
+        """After a short page (every event below its horizon read): which reads
+        are now covered (module doc, "Heartbeats")."""
+        if not page.pending:  # everything committed before this read is below the horizon
+            self.covered = self._reads[-1][0]
+            self._reads.clear()
+            return
+        reads = self._reads
+        while reads and reads[0][1] - 1 <= page.horizon[0]:
+            self.covered = reads.popleft()[0]
 
     async def run_pruning(self) -> None:
         """Delete events older than the retention, a bounded batch at a time
@@ -246,11 +316,16 @@ class RevocationWatch:
 
     # --- a watcher ------------------------------------------------------------------
 
-    async def watch(self, after: str) -> AsyncIterator[Start | RevocationEvent]:
+    async def watch(
+        self, after: str, *, heartbeats: bool = False
+    ) -> AsyncIterator[Start | RevocationEvent | Heartbeat]:
         """``Start`` with the cursor the stream starts after, then every event
-        after it, in order, for ever. Raises ``InvalidArgument`` (a malformed
+        after it, in order, for ever; with ``heartbeats`` (and heartbeats on),
+        ``Heartbeat``s between them. Raises ``InvalidArgument`` (a malformed
         ``after``), ``CursorExpired`` (pruned past it, or another database's),
         ``StoreUnavailable``, and ``Unavailable`` when this process stops."""
+        began = self._monotonic()
+        beats = _Beats() if heartbeats and self._heartbeat is not None else None
         position = parse_cursor(after) if after else None
         self._check_open(position)
         first = await self._log.revocation_events_after(position, self._page)
@@ -261,20 +336,33 @@ class RevocationWatch:
         full = len(events) >= self._page
         position = events[-1].cursor if full else max(start, first.horizon)
         self.watchers += 1
+        if beats is not None:
+            self._beating += 1
+            self._wake.set()  # read now: the reader may be sleeping its longer ``poll``
         try:
-            yield Start(start)
+            yield Start(start, None if beats is None else self._heartbeat)
             for event in events:
                 yield event
             while True:
                 self._check_open(position)
-                for event in await self._next(position):
+                found = await self._next(position, beats)
+                if isinstance(found, Heartbeat):
+                    yield Heartbeat(found.cursor, found.covered - began)
+                    position = found.cursor
+                    continue
+                for event in found:
                     yield event
                     position = event.cursor
         finally:
             self.watchers -= 1
+            if beats is not None:
+                self._beating -= 1
 
-    async def _next(self, position: Cursor) -> list[RevocationEvent]:
-        """The next events after ``position`` (waits until there are some)."""
+    async def _next(
+        self, position: Cursor, beats: _Beats | None
+    ) -> list[RevocationEvent] | Heartbeat:
+        """The next events after ``position`` (waits until there are some), or
+        a heartbeat (``covered`` by the monotonic clock) when one is due."""
         while True:
             ring_after, cursor = self._ring_after, self._cursor
             if ring_after is not None and cursor is not None and position >= ring_after:
@@ -283,8 +371,16 @@ class RevocationWatch:
                     batch = self._ring[start : start + self._page]
                     if batch:
                         return batch
+                # Everything up to the reader's cursor is sent.
                 changed = self._changed
-                await changed.wait()
+                wait = None if beats is None else self._beat_due(beats)
+                if isinstance(wait, Heartbeat):
+                    return Heartbeat(max(position, cursor), wait.covered)
+                try:
+                    async with asyncio.timeout(wait):
+                        await changed.wait()
+                except TimeoutError:
+                    pass
                 self._check_open(position)
                 continue
             # Behind the ring (or the reader has not read yet): read the record.
@@ -303,6 +399,19 @@ class RevocationWatch:
                 except TimeoutError:
                     pass
                 self._check_open(position)
+
+    def _beat_due(self, beats: _Beats) -> Heartbeat | float | None:
+        """A heartbeat to send now (its cursor filled in by the caller), or how
+        long until one is due (None: not until the reader is covered further)."""
+        covered = self.covered
+        if covered is None or (beats.covered is not None and covered <= beats.covered):
+            return None
+        assert self._heartbeat is not None
+        now = self._monotonic()
+        if now < beats.sent + self._heartbeat:
+            return beats.sent + self._heartbeat - now
+        beats.covered, beats.sent = covered, now
+        return Heartbeat((0, 0), covered)
 
     def _check_open(self, position: Cursor | None) -> None:
         if self._closed:

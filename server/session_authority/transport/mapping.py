@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
@@ -11,7 +12,7 @@ from session_authority.core.domain import Reason, Session, SessionSummary, Sourc
 from session_authority.core.errors import InvalidArgument
 from session_authority.core.health import BreakerReport, HealthReport, PoolStats
 from session_authority.core.listing import SessionPage
-from session_authority.core.watch import RevocationEvent, Start, format_cursor
+from session_authority.core.watch import Heartbeat, RevocationEvent, Start, format_cursor
 from session_authority.v1 import session_authority_pb2 as pb
 
 __all__ = [
@@ -207,13 +208,23 @@ _REVOCATION_REASONS = {
 }
 
 
-def watch_item_to_pb(item: Start | RevocationEvent) -> pb.RevocationEvent:
+def watch_item_to_pb(item: Start | RevocationEvent | Heartbeat) -> pb.RevocationEvent:
     """One message of WatchRevocations. A reason this release does not know
     (an operator's setting) is ``ADMIN``: it was not one of our RPCs."""
     if isinstance(item, Start):
-        return pb.RevocationEvent(
+        start = pb.RevocationEvent(
             kind=pb.REVOCATION_EVENT_KIND_START, cursor=format_cursor(item.cursor)
         )
+        if item.heartbeat is not None:
+            start.heartbeat_interval.FromNanoseconds(round(item.heartbeat * 1e9))
+        return start
+    if isinstance(item, Heartbeat):
+        beat = pb.RevocationEvent(
+            kind=pb.REVOCATION_EVENT_KIND_HEARTBEAT, cursor=format_cursor(item.cursor)
+        )
+        # Rounded down: the point it names may be earlier than it was, never later.
+        beat.covered.FromNanoseconds(math.floor(item.covered * 1e9))
+        return beat
     out = pb.RevocationEvent(
         kind=pb.REVOCATION_EVENT_KIND_REVOKED,
         cursor=format_cursor(item.cursor),

@@ -164,7 +164,7 @@ class SessionAuthorityServicer(UnaryRPCs, pb_grpc.SessionAuthorityServicer):
         try:
             if watch is None:
                 raise Unavailable("WatchRevocations is not offered by this server")
-            async for item in watch.watch(request.after):
+            async for item in watch.watch(request.after, heartbeats=request.heartbeats):
                 message = watch_item_to_pb(item)
                 try:
                     async with asyncio.timeout(self._watch_stall):

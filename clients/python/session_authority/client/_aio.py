@@ -81,7 +81,11 @@ class AsyncSessionAuthorityClient:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._feed = AsyncFeed(self._copies, self.watch_revocations, self._cache_settings)
+        self._feed = AsyncFeed(
+            self._copies,
+            lambda after: self.watch_revocations(after, heartbeats=True),
+            self._cache_settings,
+        )
 
     def __repr__(self) -> str:
         return f"AsyncSessionAuthorityClient(target={self.target!r})"
@@ -228,10 +232,13 @@ class AsyncSessionAuthorityClient:
         return _results.touch(reply)
 
     async def watch_revocations(
-        self, after: str = "", *, start_timeout: float | None = None
+        self, after: str = "", *, start_timeout: float | None = None, heartbeats: bool = False
     ) -> AsyncRevocationWatch:
-        """Open a WatchRevocations stream; returns once its START event arrived."""
-        call = self._stub.WatchRevocations(_requests.watch(after), metadata=self._metadata)
+        """Open a WatchRevocations stream; returns once its START event arrived.
+        ``heartbeats``: as the sync client's."""
+        call = self._stub.WatchRevocations(
+            _requests.watch(after, heartbeats), metadata=self._metadata
+        )
         watch = AsyncRevocationWatch(call)
         await watch._start(start_timeout or self._deadlines.watch_start)
         return watch

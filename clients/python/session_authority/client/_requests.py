@@ -96,8 +96,8 @@ def touch(
     return request
 
 
-def watch(after: str) -> pb.WatchRevocationsRequest:
-    return pb.WatchRevocationsRequest(after=after)
+def watch(after: str, heartbeats: bool = False) -> pb.WatchRevocationsRequest:
+    return pb.WatchRevocationsRequest(after=after, heartbeats=heartbeats)
 
 
 def health() -> pb.HealthRequest:

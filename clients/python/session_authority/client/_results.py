@@ -62,6 +62,8 @@ class EventKind(StrEnum):
     """The first event of every watch: only ``cursor`` is set (where the watch starts)."""
     REVOKED = "revoked"
     """One session was revoked."""
+    HEARTBEAT = "heartbeat"
+    """(Only when asked for.) Every revocation committed before ``covered`` was sent."""
     UNSPECIFIED = "unspecified"
 
 
@@ -81,6 +83,7 @@ class RevocationReason(StrEnum):
 _KINDS = {
     pb.REVOCATION_EVENT_KIND_START: EventKind.START,
     pb.REVOCATION_EVENT_KIND_REVOKED: EventKind.REVOKED,
+    pb.REVOCATION_EVENT_KIND_HEARTBEAT: EventKind.HEARTBEAT,
 }
 _REVOCATION_REASONS = {
     pb.REVOCATION_REASON_EXPLICIT: RevocationReason.EXPLICIT,
@@ -223,7 +226,11 @@ class Touch:
 @dataclass(frozen=True)
 class RevocationEvent:
     """One event of ``watch_revocations``. ``cursor``: pass it as ``after=`` to resume after
-    this event (on any replica). A START event carries only its cursor."""
+    this event (on any replica). A START event carries only its cursor, and with
+    ``heartbeats=True`` ``heartbeat_interval`` (seconds; None: this server sends none). A
+    HEARTBEAT carries its cursor and ``covered``: every revocation committed before the point
+    ``covered`` seconds after the server began the call (its monotonic clock; negative:
+    before) was sent before it."""
 
     kind: EventKind
     cursor: str
@@ -232,6 +239,8 @@ class RevocationEvent:
     reason: RevocationReason = RevocationReason.UNSPECIFIED
     revoked_at: datetime.datetime | None = None
     sequence: int = 0
+    covered: float | None = None
+    heartbeat_interval: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -242,6 +251,8 @@ class RevocationEvent:
             "reason": str(self.reason),
             "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
             "sequence": self.sequence,
+            "covered": self.covered,
+            "heartbeat_interval": self.heartbeat_interval,
         }
 
 
@@ -308,6 +319,12 @@ def revocation_event(message: pb.RevocationEvent) -> RevocationEvent:
         reason=_REVOCATION_REASONS.get(message.reason, RevocationReason.UNSPECIFIED),
         revoked_at=_time(message.revoked_at) if message.HasField("revoked_at") else None,
         sequence=message.sequence,
+        covered=message.covered.ToNanoseconds() / 1e9 if message.HasField("covered") else None,
+        heartbeat_interval=(
+            message.heartbeat_interval.ToNanoseconds() / 1e9
+            if message.HasField("heartbeat_interval")
+            else None
+        ),
     )
 
 

@@ -73,7 +73,11 @@ class SessionAuthorityClient:
         if local_cache:
             settings = local_cache if isinstance(local_cache, LocalCache) else LocalCache()
             self._copies = Copies(settings)
-            self._feed = SyncFeed(self._copies, self.watch_revocations, settings)
+            self._feed = SyncFeed(
+                self._copies,
+                lambda after: self.watch_revocations(after, heartbeats=True),
+                settings,
+            )
 
     def __repr__(self) -> str:
         return f"SessionAuthorityClient(target={self.target!r})"
@@ -230,12 +234,16 @@ class SessionAuthorityClient:
         return _results.touch(self._call(self._stub.TouchSession, request, seconds, secrets))
 
     def watch_revocations(
-        self, after: str = "", *, start_timeout: float | None = None
+        self, after: str = "", *, start_timeout: float | None = None, heartbeats: bool = False
     ) -> RevocationWatch:
         """Open a WatchRevocations stream after the cursor ``after`` (empty: from now). Returns
         once the START event arrived (within ``start_timeout``); iterate the watch for events,
-        ``close()`` it (or use it in a ``with``) when done. See ``RevocationWatch``."""
-        call = self._stub.WatchRevocations(_requests.watch(after), metadata=self._metadata)
+        ``close()`` it (or use it in a ``with``) when done. See ``RevocationWatch``.
+        ``heartbeats``: ask for HEARTBEAT events too (START's ``heartbeat_interval`` says
+        whether the server sends them)."""
+        call = self._stub.WatchRevocations(
+            _requests.watch(after, heartbeats), metadata=self._metadata
+        )
         return RevocationWatch(call, start_timeout or self._deadlines.watch_start)
 
     def health(self, *, timeout: float | None = None) -> _results.HealthReport:

@@ -131,6 +131,14 @@ class _RevocationEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_R
     """
     REVOCATION_EVENT_KIND_REVOKED: _RevocationEventKind.ValueType  # 2
     """One session was revoked."""
+    REVOCATION_EVENT_KIND_HEARTBEAT: _RevocationEventKind.ValueType  # 3
+    """Sent only when the request asked for heartbeats: this server's reader of
+    the record has caught up with Postgres, and every revocation committed
+    before a point in time (`covered`) has been sent before this message. Sent
+    at most every WATCH_HEARTBEAT_MS, and only when that point moved on: while
+    the reader cannot read Postgres, or waits behind a transaction held open,
+    none is sent. Only `cursor` (resume after it) and `covered` are set.
+    """
 
 class RevocationEventKind(_RevocationEventKind, metaclass=_RevocationEventKindEnumTypeWrapper):
     """RevocationEventKind says what a RevocationEvent carries."""
@@ -142,6 +150,14 @@ stream starts after (save it to resume even before any revocation).
 """
 REVOCATION_EVENT_KIND_REVOKED: RevocationEventKind.ValueType  # 2
 """One session was revoked."""
+REVOCATION_EVENT_KIND_HEARTBEAT: RevocationEventKind.ValueType  # 3
+"""Sent only when the request asked for heartbeats: this server's reader of
+the record has caught up with Postgres, and every revocation committed
+before a point in time (`covered`) has been sent before this message. Sent
+at most every WATCH_HEARTBEAT_MS, and only when that point moved on: while
+the reader cannot read Postgres, or waits behind a transaction held open,
+none is sent. Only `cursor` (resume after it) and `covered` are set.
+"""
 Global___RevocationEventKind: _TypeAlias = RevocationEventKind  # noqa: Y015
 
 @_typing.final
@@ -1244,19 +1260,27 @@ class WatchRevocationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_FIELD_NUMBER: _builtins.int
+    HEARTBEATS_FIELD_NUMBER: _builtins.int
     after: _builtins.str
     """Optional. Resume after this cursor (a RevocationEvent.cursor received
     before, on any replica): every revocation after it is sent, none before.
     Opaque: keep it as received. Empty: from now.
     """
+    heartbeats: _builtins.bool
+    """Optional. Ask for HEARTBEAT events (see RevocationEventKind): a server that
+    sends them says so in the START event (heartbeat_interval); an older one
+    ignores this field and sends none. Off by default, so that a watcher
+    written before heartbeats sees no new kind of event.
+    """
     def __init__(
         self,
         *,
         after: _builtins.str = ...,
+        heartbeats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "heartbeats", b"heartbeats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1277,6 +1301,8 @@ class RevocationEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    COVERED_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     kind: Global___RevocationEventKind.ValueType
     cursor: _builtins.str
     """Where this message is in the stream: pass it as
@@ -1297,6 +1323,23 @@ class RevocationEvent(_message.Message):
     def revoked_at(self) -> _timestamp_pb2.Timestamp:
         """When the session was revoked, by Postgres's clock (REVOKED only)."""
 
+    @_builtins.property
+    def covered(self) -> _duration_pb2.Duration:
+        """HEARTBEAT only: every revocation committed before a point in time has been
+        sent before this message; that point is this long after the server began
+        this call, by the server's monotonic clock (negative: before it began).
+        Add it to the moment you sent the call (which came before the server began
+        it) to place that point in your own clock, never later than it was, however
+        late this message arrives. Clocks' rates may differ: allow for it.
+        """
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """START only, when heartbeats were asked for: how often this server sends
+        HEARTBEAT events while it is current (WATCH_HEARTBEAT_MS). Unset: it sends
+        none (an older release, or heartbeats turned off).
+        """
+
     def __init__(
         self,
         *,
@@ -1307,10 +1350,12 @@ class RevocationEvent(_message.Message):
         reason: Global___RevocationReason.ValueType = ...,
         sequence: _builtins.int = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        covered: _duration_pb2.Duration | None = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "heartbeat_interval", b"heartbeat_interval", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "kind", b"kind", "reason", b"reason", "revoked_at", b"revoked_at", "sequence", b"sequence", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "cursor", b"cursor", "heartbeat_interval", b"heartbeat_interval", "kind", b"kind", "reason", b"reason", "revoked_at", b"revoked_at", "sequence", b"sequence", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
