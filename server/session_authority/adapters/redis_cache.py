@@ -71,6 +71,7 @@ __all__ = [
     "CountingPool",
     "RedisSessionCache",
     "cache_key",
+    "cached_of",
     "legacy_key",
 ]
 
@@ -334,31 +335,7 @@ class RedisSessionCache:
     async def get(self, token_hash: TokenHash) -> Cached | None:
         with _MAPPED:
             reply: list[Any] = await self._get(keys=self._keys(token_hash))
-        return self._cached(token_hash, reply, time.time())
-
-    def _cached(self, token_hash: TokenHash, reply: list[Any], now: float) -> Cached | None:
-        """What the lookup script answered for ``token_hash``, checked and decoded."""
-        if len(reply) < 3:
-            return None
-        pttl = int(reply[0])
-        fields = dict(zip(reply[1::2], reply[2::2], strict=True))
-        try:
-            state = state_of(token_hash, fields)
-        except IntegrityError:
-            _log.warning(
-                "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
-            )
-            return None
-        if state == "created":
-            return None  # a creation marker, not an answer
-        try:
-            entry = decode_entry(token_hash, fields)
-        except (KeyError, ValueError) as exc:
-            _log.warning(
-                "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
-            )
-            return None
-        return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf, age_of(fields, now))
+        return cached_of(token_hash, reply, time.time())
 
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         mode = "verdict" if isinstance(entry, CachedVerdict) else "live"
@@ -455,7 +432,7 @@ class RedisSessionCache:
             )
         now = time.time()
         return [
-            self._cached(token_hash, reply, now)
+            cached_of(token_hash, reply, now)
             for token_hash, reply in zip(token_hashes, replies, strict=True)
         ]
 
@@ -497,6 +474,31 @@ class RedisSessionCache:
             set_ms=round(set_ * 1000, 3),
             get_ms=round(get * 1000, 3),
         )
+
+
+def cached_of(token_hash: TokenHash, reply: list[Any], now: float) -> Cached | None:
+    """What the lookup script answered for ``token_hash``, checked and decoded."""
+    if len(reply) < 3:
+        return None
+    pttl = int(reply[0])
+    fields = dict(zip(reply[1::2], reply[2::2], strict=True))
+    try:
+        state = state_of(token_hash, fields)
+    except IntegrityError:
+        _log.warning(
+            "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
+        )
+        return None
+    if state == "created":
+        return None  # a creation marker, not an answer
+    try:
+        entry = decode_entry(token_hash, fields)
+    except (KeyError, ValueError) as exc:
+        _log.warning(
+            "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
+        )
+        return None
+    return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf, age_of(fields, now))
 
 
 def _short(mark: str) -> str:

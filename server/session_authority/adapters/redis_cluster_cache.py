@@ -1,0 +1,386 @@
+"""``RedisClusterSessionCache``: the session cache on a Redis Cluster.
+
+The entries, their scripts and their rules are ``redis_cache``'s; what differs
+is where the keys live (``redis_cluster``: one hash tag per 256th of the token
+hashes) and so how a call that spans sessions runs:
+
+* ``get``, ``fill``, ``mark_created``, ``lease``: one key, one slot, as on one node;
+* ``tombstone`` and ``get_many``: one script per tag, sent in one pipeline that
+  redis-py splits by node (one round trip per master, concurrently). Each tag's
+  script is atomic; a batch spanning tags is not one atomic read (each answer
+  still follows ``get``'s rules);
+* ``seal``: per tag, the tombstones of that tag and that tag's watermark in one
+  script, for every tag (a tag with no tombstone still has its watermark
+  raised): the watermark held is the lowest of the 256;
+* ``adopt``: trust the masters that answer now (``ClusterIdentity``), load the
+  scripts into each (a promoted replica has none) and leave the marker (a digest
+  of the adopted masters) under every tag; ``verify`` reads them all back.
+
+Errors: driver errors become ``CacheUnavailable`` (``CacheReplaced`` for
+another server, ``CacheBusy`` for a node whose connections are all in use) in
+one place, ``_MAPPED_CLUSTER``; ``redis_cache``'s map does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisClusterException, RedisError
+
+from session_authority.adapters.redis_cache import (
+    _FILL,
+    _GET,
+    _GET_MANY,
+    _MAPPED,
+    _READ_BACKSTOP,
+    _SEAL,
+    _STAMP,
+    KEY_PREFIX,
+    LEASE_KEY,
+    MARKER_KEY,
+    WATERMARK_KEY,
+    _describe,
+    _ms,
+    _short,
+    cache_key,
+    cached_of,
+)
+from session_authority.adapters.redis_cluster import (
+    TAGS,
+    ClusterIdentity,
+    cluster_client,
+    cluster_pool_stats,
+    tag_of,
+    tagged,
+)
+from session_authority.adapters.redis_codec import CHECK_HEX, encode_entry
+from session_authority.adapters.redis_pool import run_id_of
+from session_authority.core.domain import Reason, TokenHash
+from session_authority.core.errors import CacheBusy, CacheReplaced, CacheUnavailable
+from session_authority.core.health import CacheHealth, PoolStats
+from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
+from session_authority.core.watermark import NOTHING
+
+__all__ = ["MARKER_PREFIX", "WATERMARK_PREFIX", "RedisClusterSessionCache", "cluster_key"]
+
+_log = logging.getLogger("session_authority.cache")
+MARKER_PREFIX = MARKER_KEY + ":"
+WATERMARK_PREFIX = WATERMARK_KEY + ":"
+_HEALTH_PREFIX = "session-authority:health-probe:"
+
+# Tombstones of one tag: ARGV[1] the TTL (ms), ARGV[1 + i] the check of KEYS[i].
+_TOMBSTONES = """
+for i, key in ipairs(KEYS) do
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'state', 'revoked', 'h', ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return #KEYS
+"""
+
+
+def cluster_key(token_hash: TokenHash) -> str:
+    """``session:{<tag>}`` and the token's SHA-256 in unpadded base64url."""
+    return tagged(KEY_PREFIX, tag_of(token_hash)) + cache_key(token_hash)[len(KEY_PREFIX) :]
+
+
+class _ClusterErrorMap:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, MaxConnectionsError):
+            raise CacheBusy(_describe(exc)) from exc
+        if isinstance(exc, RedisClusterException):  # not a RedisError
+            raise CacheUnavailable(_describe(exc)) from exc
+        _MAPPED.__exit__(kind, exc, tb)
+
+
+_MAPPED_CLUSTER = _ClusterErrorMap()
+
+
+class RedisClusterSessionCache:
+    def __init__(
+        self,
+        client: RedisCluster,
+        identity: ClusterIdentity,
+        *,
+        min_connections: int = 0,
+        op_timeout: float | None = None,
+    ) -> None:
+        self._redis = client
+        self._identity = identity
+        self._min_connections = min_connections
+        self._op_timeout = op_timeout
+        #: Never on a cluster (see ``redis_cluster``); read by the tests.
+        self.legacy_keys = False
+        self._fill = client.register_script(_FILL)
+        self._get = client.register_script(_GET)
+        self._get_many = client.register_script(_GET_MANY)
+        self._stamp = client.register_script(_STAMP)
+        self._seal = client.register_script(_SEAL)
+        self._tombstones = client.register_script(_TOMBSTONES)
+        self._scripts = [
+            self._fill,
+            self._get,
+            self._get_many,
+            self._stamp,
+            self._seal,
+            self._tombstones,
+        ]
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        min_connections: int,
+        max_connections: int,
+        timeout: float,
+        pool_timeout: float,  # a cluster node's pool does not queue
+        legacy_keys: bool = False,  # no previous release on a cluster
+    ) -> RedisClusterSessionCache:
+        """As ``RedisSessionCache.from_url``: no retries, redis-py's read timeout
+        a backstop past the breaker's. ``max_connections`` is per master."""
+        identity = ClusterIdentity()
+        client = cluster_client(
+            url,
+            identity=identity,
+            max_connections=max_connections,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout * _READ_BACKSTOP,
+            socket_keepalive=True,
+            health_check_interval=30,
+            protocol=2,
+            decode_responses=True,
+        )
+        return cls(client, identity, min_connections=min_connections, op_timeout=timeout)
+
+    async def warm(self) -> None:
+        """Learn the slot map and open a connection to each master (best effort)."""
+        try:
+            await self._redis.initialize()
+            await asyncio.gather(
+                *(self._redis.ping(target_nodes=node) for node in self._redis.get_primaries())
+            )
+        except (RedisError, RedisClusterException, OSError) as exc:
+            _log.warning("SessionCache connect Error: %s", _describe(exc))
+
+    def pool_stats(self) -> PoolStats:
+        return cluster_pool_stats(self._redis)
+
+    @property
+    def trusted_server(self) -> str | None:
+        """The adopted masters' digest (what the markers hold), if adopted."""
+        return None if self._identity.trusted is None else self._identity.token
+
+    @property
+    def trusted_masters(self) -> frozenset[str]:
+        return self._identity.trusted or frozenset()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def _each(self, calls: list[tuple[AsyncScript, list[str], list[str]]]) -> list[Any]:
+        """Run scripts (each on keys of one slot) in one pipeline, split by
+        node; once more after loading the scripts if a node had lost them."""
+        for attempt in (0, 1):
+            pipe = self._redis.pipeline(transaction=False)
+            for script, keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+            try:
+                return await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self._load_scripts()
+        raise AssertionError("unreachable")
+
+    async def _load_scripts(self) -> None:
+        for script in self._scripts:
+            await self._redis.script_load(script.script)
+
+    # --- SessionCache ----------------------------------------------------------
+
+    async def get(self, token_hash: TokenHash) -> Cached | None:
+        with _MAPPED_CLUSTER:
+            reply: list[Any] = await self._get(keys=[cluster_key(token_hash)])
+        return cached_of(token_hash, reply, time.time())
+
+    async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
+        mode = "verdict" if isinstance(entry, CachedVerdict) else "live"
+        if isinstance(entry, CachedVerdict) and entry.reason is Reason.REVOKED:
+            mode = "live"
+        args = [mode, _ms(ttl), *encode_entry(token_hash, entry, time.time())]
+        with _MAPPED_CLUSTER:
+            result = await self._fill(keys=[cluster_key(token_hash)], args=args)
+        return int(result) == 1
+
+    async def ping(self) -> None:
+        with _MAPPED_CLUSTER:
+            await self._redis.ping()
+
+    async def adopt(self) -> None:
+        self._identity.trusted = None  # accept whichever masters answer now
+        with _MAPPED_CLUSTER:
+            await self._redis.nodes_manager.initialize()  # the slot map as it is now
+            run_ids = frozenset(
+                [
+                    run_id_of(await self._redis.info("server", target_nodes=node))
+                    for node in self._redis.get_primaries()
+                ]
+            )
+            self._identity.trusted = run_ids
+            await self._load_scripts()
+            pipe = self._redis.pipeline(transaction=False)
+            for tag in TAGS:
+                pipe.set(tagged(MARKER_PREFIX, tag), self._identity.token)
+            await pipe.execute()
+        _log.info(
+            "SessionCache trusts redis cluster %s (%d masters)",
+            self._identity.token[:8],
+            len(run_ids),
+        )
+
+    async def verify(self) -> None:
+        trusted = self._identity.trusted
+        with _MAPPED_CLUSTER:
+            pipe = self._redis.pipeline(transaction=False)
+            for tag in TAGS:
+                pipe.get(tagged(MARKER_PREFIX, tag))
+            markers = await pipe.execute()
+        if trusted is None:
+            raise CacheReplaced("no redis cluster adopted yet")
+        token = self._identity.token
+        lost = sum(1 for marker in markers if marker != token)
+        if lost:
+            raise CacheReplaced(
+                f"redis cluster lost its state under {lost} of {len(TAGS)} tags "
+                "(markers gone: a node flushed or replaced)"
+            )
+
+    async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
+        args = [_ms(ttl), "created", token_hash.hex[:CHECK_HEX], token_hash.hex]
+        with _MAPPED_CLUSTER:
+            await self._stamp(keys=[cluster_key(token_hash)], args=args)
+
+    async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
+        ttl_ms = _ms(ttl)
+        calls: list[tuple[AsyncScript, list[str], list[str]]] = []
+        for hashes in _by_tag(token_hashes).values():
+            keys = [cluster_key(h) for h in hashes]
+            calls.append((self._tombstones, keys, [ttl_ms, *(h.hex[:CHECK_HEX] for h in hashes)]))
+        if not calls:
+            return
+        with _MAPPED_CLUSTER:
+            await self._each(calls)
+
+    async def watermark(self) -> str:
+        with _MAPPED_CLUSTER:
+            pipe = self._redis.pipeline(transaction=False)
+            for tag in TAGS:
+                pipe.get(tagged(WATERMARK_PREFIX, tag))
+            held = await pipe.execute()
+        return min(str(mark or NOTHING) for mark in held)
+
+    async def seal(
+        self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
+    ) -> str:
+        ttl_ms = _ms(ttl)
+        by_tag = _by_tag(token_hashes)
+        calls: list[tuple[AsyncScript, list[str], list[str]]] = []
+        for tag in TAGS:
+            hashes = by_tag.get(tag, [])
+            keys = [tagged(WATERMARK_PREFIX, tag), *(cluster_key(h) for h in hashes)]
+            args = [ttl_ms, floor, mark, "1"]
+            for token_hash in hashes:
+                args += [token_hash.hex[:CHECK_HEX], token_hash.hex]
+            calls.append((self._seal, keys, args))
+        with _MAPPED_CLUSTER:
+            replies = await self._each(calls)
+        below = [str(held) for sealed, held in replies if not int(sealed)]
+        held = min(str(held) for _, held in replies)
+        if below:
+            raise CacheReplaced(
+                f"redis cluster went back in time under {len(below)} of {len(TAGS)} tags: "
+                f"watermark {_short(min(below))}, below {_short(floor)} it was "
+                "confirmed to hold (a lagging replica promoted, a backup restored into a node)"
+            )
+        return held
+
+    async def lease(self, seconds: float) -> bool:
+        with _MAPPED_CLUSTER:
+            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(_ms(seconds)))
+        return bool(taken)
+
+    async def release(self) -> None:
+        with _MAPPED_CLUSTER:
+            await self._redis.delete(LEASE_KEY)
+
+    async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
+        if not token_hashes:
+            return []
+        by_tag = _by_tag(token_hashes)
+        calls = [
+            (self._get_many, [cluster_key(h) for h in hashes], ["1"]) for hashes in by_tag.values()
+        ]
+        with _MAPPED_CLUSTER:
+            replies = await self._each(calls)
+        now, found = time.time(), {}
+        for hashes, answers in zip(by_tag.values(), replies, strict=True):
+            for token_hash, reply in zip(hashes, answers, strict=True):
+                found[token_hash] = cached_of(token_hash, reply, now)
+        return [found[h] for h in token_hashes]
+
+    async def health(self) -> CacheHealth:
+        bound = self._op_timeout
+
+        async def within(call: Any) -> Any:
+            async with asyncio.timeout(bound):
+                return await call
+
+        probe = _HEALTH_PREFIX + TAGS[0]
+        try:
+            with _MAPPED_CLUSTER:
+                started = time.perf_counter()
+                await within(self._redis.ping())
+                ping = time.perf_counter() - started
+                started = time.perf_counter()
+                await within(self._redis.set(probe, "1", px=10_000))
+                set_ = time.perf_counter() - started
+                started = time.perf_counter()
+                await within(self._redis.get(probe))
+                get = time.perf_counter() - started
+                node = self._redis.get_node_from_key(probe)
+                server = await within(self._redis.info("server", target_nodes=node))
+                memory = await within(self._redis.info("memory", target_nodes=node))
+                keys = 0
+                for primary in self._redis.get_primaries():
+                    keys += int(await within(self._redis.dbsize(target_nodes=primary)))
+        except CacheUnavailable as exc:
+            return CacheHealth(connected=False, pool=self.pool_stats(), error=str(exc))
+        return CacheHealth(
+            connected=True,
+            version=str(server.get("redis_version", "")),
+            uptime_seconds=int(server.get("uptime_in_seconds", 0)),
+            used_memory=str(memory.get("used_memory_human", "")),
+            total_keys=int(keys),
+            pool=self.pool_stats(),
+            ping_ms=round(ping * 1000, 3),
+            set_ms=round(set_ * 1000, 3),
+            get_ms=round(get * 1000, 3),
+        )
+
+
+def _by_tag(token_hashes: Sequence[TokenHash]) -> dict[str, list[TokenHash]]:
+    """The hashes grouped by hash tag, each group in the order given (once each)."""
+    groups: dict[str, list[TokenHash]] = {}
+    for token_hash in dict.fromkeys(token_hashes):
+        groups.setdefault(tag_of(token_hash), []).append(token_hash)
+    return groups
