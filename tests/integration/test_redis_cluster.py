@@ -80,6 +80,7 @@ async def _raw(cluster: EmbeddedCluster) -> AsyncIterator[RedisCluster]:
         startup_nodes=[ClusterNode(n.host, n.port) for n in running], decode_responses=True
     )
     try:
+        await raw.initialize()
         yield raw
     finally:
         await raw.aclose()
@@ -89,6 +90,7 @@ async def _raw(cluster: EmbeddedCluster) -> AsyncIterator[RedisCluster]:
 async def _plain(node: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
     raw = aioredis.Redis(host=node.host, port=node.port, decode_responses=True)
     try:
+        await raw.initialize()
         yield raw
     finally:
         await raw.aclose()
@@ -384,3 +386,52 @@ async def test_a_master_killed_under_load_fails_over_to_its_replica(
                 assert await promoted.hget(cluster_key(TokenHash.of(token)), "state") == "revoked"
         for token in [t for t in live if t not in revoked + doomed]:
             assert (await s.validate(token)).valid
+
+
+async def test_a_promoted_replica_holding_a_revoked_session_is_replayed_before_it_is_read(
+    cluster: EmbeddedCluster, own_postgres: EmbeddedPostgres
+) -> None:
+    """No error, so no breaker: only the ``run_id`` check on each new connection
+    tells the promoted replica is another server. The replica is made to hold
+    the revoked session's live entry (a lagging replica's data: its snapshot
+    from before the revocation loaded back, ``DEBUG RELOAD NOSAVE``), then
+    promoted by a coordinated ``CLUSTER FAILOVER`` (no process dies)."""
+    async with _serving(cluster, own_postgres, l1_cache_ttl_ms=0) as s, _raw(cluster) as raw:
+        token = (await s.sessions(1))[0]
+        key = cluster_key(TokenHash.of(token))
+        assert (await s.validate(token)).valid
+        assert (await s.validate(token)).source == pb.SOURCE_CACHE
+        owner = raw.get_node_from_key(key)
+        assert owner is not None
+        master = cluster.node(int(owner.port))
+        (replica,) = cluster.replicas_of(master)
+        await _wait_synced(cluster, master)
+        async with _plain(replica) as r:
+            await r.save()  # the replica's data before the revocation
+            assert (await s.stub.Invalidate(pb.InvalidateRequest(token=token))).cache_purged
+            await _wait_synced(cluster, master)
+            await r.execute_command("DEBUG", "RELOAD", "NOSAVE")  # type: ignore[no-untyped-call]
+            await r.execute_command("READONLY")  # type: ignore[no-untyped-call]
+            assert await r.hexists(key, "i")  # live again, on the replica only
+            promoted_id = str((await r.info("server"))["run_id"])
+            await r.execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+        await _until(lambda: _is_master(replica), "the replica was not promoted")
+        cache = s.app.cache
+        assert isinstance(cache, RedisClusterSessionCache)
+
+        # Until this process has adopted the promoted replica, and after: never valid.
+        answers, deadline = 0, time.monotonic() + WITHIN
+        while promoted_id not in cache.trusted_masters:
+            assert time.monotonic() < deadline, "the promoted replica was never adopted"
+            reply = await s.validate(token)
+            assert (reply.valid, reply.reason) == (False, pb.REASON_REVOKED)
+            answers += 1
+        for _ in range(30):
+            reply = await s.validate(token)
+            assert (reply.valid, reply.reason) == (False, pb.REASON_REVOKED)
+        async with _plain(replica) as promoted:
+            assert await promoted.hget(key, "state") == "revoked"
+        await _until(
+            lambda: s.app.core.breaker.state is BreakerState.CLOSED, "the breaker did not close"
+        )
+        print(f"answers before the promoted replica was adopted: {answers}")

@@ -57,6 +57,8 @@ class EmbeddedCluster:
             *("--cluster-node-timeout", str(node_timeout_ms)),
             # A replica that lost its master a while ago may still be promoted.
             *("--cluster-replica-validity-factor", "0"),
+            # Tests rewind a node's data (DEBUG RELOAD), from loopback only.
+            *("--enable-debug-command", "local"),
         )
         # The cluster bus listens on a port of its own: by default the node's
         # plus 10,000, which a free port above 55,535 does not have.
