@@ -207,6 +207,14 @@ async def test_core_cases_on_a_cluster(
         assert all(r.source == pb.SOURCE_CACHE for r in results)
         assert results[-2].reason == pb.REASON_REVOKED
 
+        # Scripts lost (a promoted replica has none): the pipelines load them and run again.
+        await raw.execute_command("SCRIPT", "FLUSH", target_nodes=RedisCluster.PRIMARIES)
+        reread = (await s.stub.ValidateSessions(pb.ValidateSessionsRequest(tokens=batch))).results
+        assert [(r.valid, r.source) for r in reread] == [(r.valid, r.source) for r in results]
+        gone = others.pop()
+        assert (await s.stub.Invalidate(pb.InvalidateRequest(token=gone))).cache_purged
+        assert (await s.validate(gone)).reason == pb.REASON_REVOKED
+
         # The sweep seals every tag: the watermark is held under each of them.
         marks = [await raw.get(tagged(WATERMARK_PREFIX, tag)) for tag in TAGS[:8]]
         assert all(marks), marks

@@ -15,8 +15,8 @@ revocation by a replica of either release stops a fill and a lookup by
 either, and a previous-release replica never hides a session created by this
 one. Live entries are never written there (that release misses, and reads
 Postgres). Turn it off once no replica of the previous release is left and a
-tombstone TTL has passed; it must be off before Redis Cluster (two keys of
-different slots in one script).
+tombstone TTL has passed. A Redis Cluster never uses it: it has a layout of its
+own (``redis_cluster``, ``redis_cluster_cache``), whose scripts take keys of one slot.
 
 ``session-authority:epoch`` holds the ``run_id`` of the server this process
 adopted (``adopt``); ``verify`` finds it gone after a FLUSHALL or a restore.
