@@ -144,6 +144,22 @@ class EmbeddedCluster:
             if _master_of(rows, node_id) == master_id
         ]
 
+    def master_for(self, key: str) -> EmbeddedRedis:
+        """The master that owns ``key``'s slot, as a running node's ``CLUSTER NODES`` says."""
+        asked = next(n for n in self.nodes if n.pid is not None)
+        slot = int(self.cli(asked, "CLUSTER", "KEYSLOT", key).strip())
+        for row in (line.split() for line in self.cli(asked, "CLUSTER", "NODES").splitlines()):
+            if len(row) < 9 or "master" not in row[2].split(","):
+                continue
+            for owned in row[8:]:
+                first, _, last = owned.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    return self.node(int(row[1].split("@")[0].rsplit(":", 1)[1]))
+        raise RuntimeError(f"no master owns slot {slot}")
+
+    def is_master(self, node: EmbeddedRedis) -> bool:
+        return node.pid is not None and self.cli(node, "ROLE").startswith("master")
+
 
 def _master_of(rows: list[list[str]], node_id: str) -> str:
     row = next(r for r in rows if r and r[0] == node_id)
