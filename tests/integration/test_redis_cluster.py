@@ -9,6 +9,7 @@ app in-process (as tests/integration/test_redis_sentinel.py).
 * the revocation push across two service instances, over sharded pub/sub;
 * a rewound shard (one tag's watermark and a revoked session's live entry put
   back, same ``run_id``): caught by the sweep, replayed, never valid after;
+* the runbook's least-privilege ACL user with deploy/README.md's cluster additions;
 * the master holding the revocation bus's slot SIGKILLed under validation load,
   the cluster failing over to its replica: no revoked session answers valid,
   calls are answered (from Postgres) while the breaker is open, the promoted
@@ -21,6 +22,8 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import re
+import shlex
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +56,8 @@ from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.sentinel_failover import FailoverLoad
 
 from .support import NO_PROXY, app_settings
+from .test_redis_acl import PASSWORD as ACL_PASSWORD
+from .test_redis_acl import TOLERATED_DENIALS, runbook_acl
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -445,3 +450,61 @@ async def test_a_promoted_replica_holding_a_revoked_session_is_replayed_before_i
             lambda: s.app.core.breaker.state is BreakerState.CLOSED, "the breaker did not close"
         )
         print(f"answers before the promoted replica was adopted: {answers}")
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "README.md"
+
+
+def _cluster_acl_additions() -> list[str]:
+    """The rules deploy/README.md ("Redis Cluster") adds to the runbook's ACL user."""
+    text = DEPLOY.read_text()
+    section = text[text.index("## Redis Cluster") :]
+    block = re.search(r"```redis\n(.*?)```", section, re.DOTALL)
+    assert block, "no ```redis block in deploy/README.md's Redis Cluster section"
+    (line,) = [x for x in block.group(1).splitlines() if x.startswith("ACL SETUSER ")]
+    return shlex.split(line)[3:]
+
+
+async def test_the_runbook_acl_with_the_cluster_additions(
+    cluster: EmbeddedCluster, own_postgres: EmbeddedPostgres
+) -> None:
+    user, rules = runbook_acl()
+    extra = _cluster_acl_additions()
+    for node in cluster.nodes:
+        for given in (rules, extra):
+            assert cluster.cli(node, "ACL", "SETUSER", user, *given).strip() == "OK"
+    hosts = ",".join(f"{n.host}:{n.port}" for n in cluster.nodes)
+    url = f"redis+cluster://{user}:{ACL_PASSWORD}@{hosts}"
+    settings = app_settings(own_postgres.url, url, breaker_timeout_ms=300)
+    app = await App.start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY) as ch:
+            s = Served(app, pb_grpc.SessionAuthorityStub(ch))
+            tokens = await s.sessions(6, "acl-cluster")
+            for token in tokens:
+                assert (await s.validate(token)).source == pb.SOURCE_DATABASE
+                assert (await s.validate(token)).source == pb.SOURCE_CACHE
+            done = await s.stub.Invalidate(pb.InvalidateRequest(token=tokens[0]))
+            assert (done.cache_purged, done.propagated) == (True, True)
+            batch = await s.stub.ValidateSessions(pb.ValidateSessionsRequest(tokens=tokens))
+            assert [r.valid for r in batch.results] == [False, *[True] * 5]
+            many = await s.stub.InvalidateUser(pb.InvalidateUserRequest(user_id="acl-cluster"))
+            assert (many.revoked_count, many.cache_purged) == (5, True)
+            await asyncio.sleep(2.5)  # two sweeps: verify, watermark, seal of every tag
+            health = await s.stub.Health(pb.HealthRequest(), timeout=5)
+            assert health.status == "healthy", list(health.errors)
+            assert health.redis.connected and health.redis.total_keys > 0
+            assert health.session_cache.metrics.errors == 0
+            assert health.breaker.opened_count == 0
+            assert (health.local_cache.live, health.local_cache.bus) == (True, "live")
+    finally:
+        await app.stop(0)
+    refused = []
+    for node in cluster.nodes:
+        async with _plain(node) as admin:
+            refused += [
+                f"{node.port} {entry.get('reason')}: {entry.get('object')}"
+                for entry in await admin.acl_log()
+                if entry.get("username") == user and entry.get("object") not in TOLERATED_DENIALS
+            ]
+    assert refused == []

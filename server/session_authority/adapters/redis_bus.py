@@ -90,7 +90,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from session_authority.adapters.redis_bus_wire import (
     ALL,
@@ -122,6 +122,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("session_authority.cache")
+#: What Redis failing looks like (redis-py's cluster client raises some
+#: ``RedisClusterException``s, which are not ``RedisError``s: no node reachable).
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 CHANNEL = "session-authority:revocations"
 ACK_PREFIX = "session-authority:revocations:ack:"
@@ -281,7 +284,7 @@ class RedisRevocationBus:
             if acks.error is not None:
                 raise acks.error
             return True
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             self.incomplete += 1
             _log.warning(
                 "Revocation push incomplete: %d of %s acknowledged (%s)",
@@ -319,7 +322,7 @@ class RedisRevocationBus:
                             2 * self._ttl_ms(),
                         ],
                     )
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _FAILURES as exc:
                 for request in requests:
                     if (acks := self._waiting.get(request)) is not None:
                         acks.fail(exc)
@@ -364,7 +367,7 @@ class RedisRevocationBus:
             subscriptions = self.subscriptions
             try:
                 await self._listen()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _FAILURES as exc:
                 _log.warning("Revocation bus Error: %s (L1 cache off until resubscribed)", exc)
             except Exception:
                 _log.exception("Revocation bus crashed (L1 cache off until resubscribed)")
@@ -502,7 +505,7 @@ class RedisRevocationBus:
                     keys=[self.names.registry, self._registration],
                     args=[self.process_id, self._ttl_ms(), 2 * self._ttl_ms()],
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             _log.warning("Revocation bus registration Error: %s", str(exc) or type(exc).__name__)
             return
         if not self._subscribed:
@@ -520,7 +523,7 @@ class RedisRevocationBus:
         try:
             async with asyncio.timeout(self._ack_timeout):
                 await self._client.delete(self._registration)  # publishers forget it
-        except (RedisError, OSError, TimeoutError):
+        except _FAILURES:
             pass  # it lapses within REGISTRY_TTL anyway
 
     # --- messages -----------------------------------------------------------------------------
@@ -588,7 +591,7 @@ class RedisRevocationBus:
                         else:
                             pipe.publish(channel, ack)
                     await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _FAILURES as exc:
                 _log.warning("Revocation ack Error: %s", str(exc) or type(exc).__name__)
             except Exception:
                 _log.exception("Revocation ack Error")

@@ -55,6 +55,7 @@ from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from session_authority.adapters.redis_pool import NotMaster, ServerReplaced, run_id_of
 from session_authority.core.domain import TokenHash
@@ -236,8 +237,11 @@ class ShardSubscriber:
 
     async def connect(self) -> tuple[redis.asyncio.Redis, tuple[str, int]]:
         """A client of the slot's master, as it is now (the slot map refreshed)."""
-        await self._client.nodes_manager.initialize()
-        node = self._client.get_node_from_key(self._channel)
+        try:
+            await self._client.nodes_manager.initialize()
+            node = self._client.get_node_from_key(self._channel)
+        except RedisClusterException as exc:  # not a RedisError: no node answered
+            raise RedisConnectionError(f"redis cluster unreachable: {exc}") from exc
         if node is None:
             raise RedisConnectionError("no master owns the revocation bus's slot")
         address = (str(node.host), int(node.port))
@@ -250,5 +254,8 @@ class ShardSubscriber:
         return plain, address
 
     def moved(self, address: tuple[str, int]) -> bool:
-        node = self._client.get_node_from_key(self._channel)
+        try:
+            node = self._client.get_node_from_key(self._channel)
+        except RedisClusterException:  # the slot map is gone: a refresh found no node
+            return True
         return node is None or (str(node.host), int(node.port)) != address
