@@ -6,7 +6,8 @@ app in-process (as tests/integration/test_redis_sentinel.py).
 * the integration suite's core cases on the cluster: validate (miss, then hit),
   invalidate, invalidate-user, batch validate; the keys tagged as
   ``redis_cluster`` says, spread over the masters;
-* the revocation push across two service instances, over sharded pub/sub;
+* the revocation push across two service instances, over sharded pub/sub, and
+  again once a coordinated failover has moved the bus's slot;
 * a rewound shard (one tag's watermark and a revoked session's live entry put
   back, same ``run_id``): caught by the sweep, replayed, never valid after;
 * the runbook's least-privilege ACL user with deploy/README.md's cluster additions;
@@ -35,7 +36,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from session_authority.adapters.redis_bus import CLUSTER_NAMES
+from session_authority.adapters.redis_bus import CLUSTER_NAMES, RedisRevocationBus
 from session_authority.adapters.redis_cluster import TAGS, tag_of, tagged
 from session_authority.adapters.redis_cluster_cache import (
     WATERMARK_PREFIX,
@@ -508,3 +509,55 @@ async def test_the_runbook_acl_with_the_cluster_additions(
                 if entry.get("username") == user and entry.get("object") not in TOLERATED_DENIALS
             ]
     assert refused == []
+
+
+async def test_the_push_follows_its_slot_through_a_coordinated_failover(
+    cluster: EmbeddedCluster, own_postgres: EmbeddedPostgres
+) -> None:
+    """The bus's master demoted by ``CLUSTER FAILOVER`` (it stays up and keeps
+    answering pings): each instance's subscription ends (``sunsubscribe``, or
+    its slot map naming the new master), it subscribes on the new one, and
+    Invalidate on one instance again reaches the other's L1 copies."""
+    async with (
+        _serving(cluster, own_postgres, l1_cache_ttl_ms=30_000) as a,
+        _serving(cluster, own_postgres, l1_cache_ttl_ms=30_000) as b,
+    ):
+        buses = [a.app.bus, b.app.bus]
+        for bus in buses:
+            assert bus is not None
+            await _until(functools.partial(getattr, bus, "live"), "bus not live")
+        before = [bus.subscriptions for bus in buses if bus is not None]
+        victim = cluster.master_for(CLUSTER_NAMES.channel)
+        (heir,) = cluster.replicas_of(victim)
+        await _wait_synced(cluster, victim)
+        assert await _plain_command(heir, "CLUSTER", "FAILOVER") == "OK"
+        await _until(lambda: _is_master(heir), "the replica was not promoted")
+        for bus, was in zip(buses, before, strict=True):
+            assert bus is not None
+            await _until(functools.partial(_more, bus, was), "no resubscription")
+            await _until(functools.partial(getattr, bus, "live"), "bus not live again")
+        assert cluster.master_for(CLUSTER_NAMES.channel) is heir
+        for served in (a, b):
+            await _until(functools.partial(_closed, served), "the promoted master was not adopted")
+        tokens = await a.sessions(4)
+        for token in tokens:
+            for _ in range(3):  # Postgres, Redis, then the L1 copy
+                assert (await b.validate(token)).valid
+        for token in tokens:
+            reply = await a.stub.Invalidate(pb.InvalidateRequest(token=token))
+            assert (reply.cache_purged, reply.propagated) == (True, True)
+            answer = await b.validate(token)
+            assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
+
+
+async def _plain_command(node: EmbeddedRedis, *command: str) -> str:
+    async with _plain(node) as raw:
+        return str(await raw.execute_command(*command))  # type: ignore[no-untyped-call]
+
+
+def _more(bus: RedisRevocationBus, than: int) -> bool:
+    return bus.subscriptions > than
+
+
+def _closed(served: Served) -> bool:
+    return served.app.core.breaker.state is BreakerState.CLOSED
