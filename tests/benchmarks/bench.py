@@ -117,6 +117,7 @@ import redis.asyncio as aioredis
 from session_authority.adapters.migrate import apply_migrations
 from session_authority.adapters.redis_bus import CHANNEL, CLUSTER_NAMES
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
+from session_authority.adapters.redis_cluster_cache import RedisClusterSessionCache
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.embedded import (
@@ -1011,6 +1012,7 @@ class Bench:
         cluster = EmbeddedCluster(self.base / "cluster", binary)
         try:
             await asyncio.to_thread(cluster.start)
+            await self.sweep_cost(cluster, binary)
             server = self._serve("cluster", REDIS_URL=cluster.url)
             try:
                 await wait_ready(server)
@@ -1021,6 +1023,53 @@ class Bench:
                     self.problems.append(f"cluster: exited {code} on SIGTERM:\n{server.tail()}")
         finally:
             cluster.stop()
+
+    async def sweep_cost(self, cluster: EmbeddedCluster, binary: Path) -> None:
+        """``cluster_sweep_ms`` beside ``single_sweep_ms``: the median time of a
+        sweep's Redis calls when nothing is pending (verify, watermark, a seal
+        with no tombstone), by the adapter, on the cluster and on one node of
+        the same ``redis-server``, alternated. The cluster's watermark is one key
+        per hash tag (256). The made-up marks are flushed from the cluster after."""
+        single = EmbeddedRedis(self.base / "sweep-redis", binary=binary)
+        await asyncio.to_thread(single.start)
+        try:
+            await self._sweeps(single.url, cluster.url)
+        finally:
+            single.stop()
+            for node in cluster.nodes:
+                if cluster.is_master(node):
+                    cluster.cli(node, "FLUSHALL")
+
+    async def _sweeps(self, single_url: str, cluster_url: str) -> None:
+        adapters: dict[str, RedisSessionCache | RedisClusterSessionCache] = {
+            "single": RedisSessionCache.from_url(
+                single_url,
+                min_connections=1,
+                max_connections=4,
+                timeout=1.0,
+                pool_timeout=1.0,
+                legacy_keys=False,
+            ),
+            "cluster": RedisClusterSessionCache.from_url(
+                cluster_url, min_connections=1, max_connections=4, timeout=1.0, pool_timeout=1.0
+            ),
+        }
+        times: dict[str, list[float]] = {name: [] for name in adapters}
+        try:
+            for cache in adapters.values():
+                await cache.adopt()
+            for i in range(100):
+                for name, cache in adapters.items():
+                    started = time.perf_counter()
+                    await cache.verify()
+                    held = await cache.watermark()
+                    await cache.seal([], 60.0, floor=held, mark=f"{i + 1:020d}:~")
+                    times[name].append(time.perf_counter() - started)
+        finally:
+            for cache in adapters.values():
+                await cache.aclose()
+        for name, samples in times.items():
+            self.report[f"{name}_sweep_ms"] = round(statistics.median(samples) * 1000, 3)
 
     async def _fail_over_cluster(
         self, cluster: EmbeddedCluster, stub: pb_grpc.SessionAuthorityAsyncStub

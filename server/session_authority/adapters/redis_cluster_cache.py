@@ -14,7 +14,8 @@ hashes) and so how a call that spans sessions runs:
   raised): the watermark held is the lowest of the 256;
 * ``adopt``: trust the masters that answer now (``ClusterIdentity``), load the
   scripts into each (a promoted replica has none) and leave the marker (a digest
-  of the adopted masters) under every tag; ``verify`` reads them all back.
+  of the adopted masters) under every tag; ``verify`` reads one back from each
+  master (a flushed node loses every marker it holds).
 
 Errors: driver errors become ``CacheUnavailable`` (``CacheReplaced`` for
 another server, ``CacheBusy`` for a node whose connections are all in use) in
@@ -248,11 +249,26 @@ class RedisClusterSessionCache:
             len(run_ids),
         )
 
+    def _one_tag_per_master(self) -> list[str]:
+        """A tag on each master of the slot map (every tag while it is unknown):
+        a node flushed or replaced loses all its tags' markers, so one of them
+        tells, and the sweep reads 3 keys instead of 256 (a master that is not in
+        the map yet is another server, which the ``run_id`` check refuses)."""
+        chosen: dict[str, str] = {}
+        try:
+            for tag in TAGS:
+                node = self._redis.get_node_from_key(tagged(MARKER_PREFIX, tag))
+                if node is not None:
+                    chosen.setdefault(node.name, tag)
+        except RedisClusterException:  # no slot map yet: the pipeline learns it
+            return list(TAGS)
+        return list(chosen.values()) or list(TAGS)
+
     async def verify(self) -> None:
         trusted = self._identity.trusted
         with _MAPPED_CLUSTER:
             pipe = self._redis.pipeline(transaction=False)
-            for tag in TAGS:
+            for tag in self._one_tag_per_master():
                 pipe.get(tagged(MARKER_PREFIX, tag))
             markers = await pipe.execute()
         if trusted is None:
@@ -261,8 +277,8 @@ class RedisClusterSessionCache:
         lost = sum(1 for marker in markers if marker != token)
         if lost:
             raise CacheReplaced(
-                f"redis cluster lost its state under {lost} of {len(TAGS)} tags "
-                "(markers gone: a node flushed or replaced)"
+                f"redis cluster lost its state on {lost} of {len(markers)} masters "
+                "(markers gone: a node flushed or replaced, or the cluster adopted anew)"
             )
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
