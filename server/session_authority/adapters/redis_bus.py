@@ -25,6 +25,13 @@ Keys and channels:
   (``GET SET HGET HSET HGETALL DEL PEXPIRE PUBLISH``, through ``EVALSHA``).
   Subscribers that are not ours (an operator's ``PSUBSCRIBE *``) are never
   waited for: ``PUBLISH``'s receiver count and ``PUBSUB NUMSUB`` are not read.
+* on a Redis Cluster (``redis+cluster://``) the same names with the hash tag
+  ``{revocations}`` (``CLUSTER_NAMES``): every key the scripts touch is on one
+  slot, and the messages go over sharded pub/sub (``SPUBLISH``, ``SSUBSCRIBE``
+  on a connection to that slot's master, ``redis_cluster.ShardSubscriber``).
+  The subscription also ends when Redis says the node gave the slot up
+  (``sunsubscribe``) or the client's slot map names another master for it;
+  then, as after any resubscription, every copy is dropped.
 
 The invariant: **a process answers from L1 only while (a) Redis has confirmed
 both its subscriptions on the current connection, (b) data (a message or a

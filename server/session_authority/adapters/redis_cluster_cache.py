@@ -35,22 +35,22 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import MaxConnectionsError, NoScriptError, RedisClusterException, RedisError
 
 from session_authority.adapters.redis_cache import (
-    _FILL,
-    _GET,
-    _GET_MANY,
-    _MAPPED,
-    _READ_BACKSTOP,
-    _SEAL,
-    _STAMP,
+    FILL_SCRIPT,
+    GET_MANY_SCRIPT,
+    GET_SCRIPT,
     KEY_PREFIX,
     LEASE_KEY,
+    MAPPED_ERRORS,
     MARKER_KEY,
+    READ_BACKSTOP,
+    SEAL_SCRIPT,
+    STAMP_SCRIPT,
     WATERMARK_KEY,
-    _describe,
-    _ms,
-    _short,
     cache_key,
     cached_of,
+    describe_error,
+    milliseconds,
+    short_mark,
 )
 from session_authority.adapters.redis_cluster import (
     TAGS,
@@ -97,10 +97,10 @@ class _ClusterErrorMap:
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, MaxConnectionsError):
-            raise CacheBusy(_describe(exc)) from exc
+            raise CacheBusy(describe_error(exc)) from exc
         if isinstance(exc, RedisClusterException):  # not a RedisError
-            raise CacheUnavailable(_describe(exc)) from exc
-        _MAPPED.__exit__(kind, exc, tb)
+            raise CacheUnavailable(describe_error(exc)) from exc
+        MAPPED_ERRORS.__exit__(kind, exc, tb)
 
 
 _MAPPED_CLUSTER = _ClusterErrorMap()
@@ -121,11 +121,11 @@ class RedisClusterSessionCache:
         self._op_timeout = op_timeout
         #: Never on a cluster (see ``redis_cluster``); read by the tests.
         self.legacy_keys = False
-        self._fill = client.register_script(_FILL)
-        self._get = client.register_script(_GET)
-        self._get_many = client.register_script(_GET_MANY)
-        self._stamp = client.register_script(_STAMP)
-        self._seal = client.register_script(_SEAL)
+        self._fill = client.register_script(FILL_SCRIPT)
+        self._get = client.register_script(GET_SCRIPT)
+        self._get_many = client.register_script(GET_MANY_SCRIPT)
+        self._stamp = client.register_script(STAMP_SCRIPT)
+        self._seal = client.register_script(SEAL_SCRIPT)
         self._tombstones = client.register_script(_TOMBSTONES)
         self._scripts = [
             self._fill,
@@ -155,7 +155,7 @@ class RedisClusterSessionCache:
             identity=identity,
             max_connections=max_connections,
             socket_connect_timeout=timeout,
-            socket_timeout=timeout * _READ_BACKSTOP,
+            socket_timeout=timeout * READ_BACKSTOP,
             socket_keepalive=True,
             health_check_interval=30,
             protocol=2,
@@ -171,7 +171,7 @@ class RedisClusterSessionCache:
                 *(self._redis.ping(target_nodes=node) for node in self._redis.get_primaries())
             )
         except (RedisError, RedisClusterException, OSError) as exc:
-            _log.warning("SessionCache connect Error: %s", _describe(exc))
+            _log.warning("SessionCache connect Error: %s", describe_error(exc))
 
     def pool_stats(self) -> PoolStats:
         return cluster_pool_stats(self._redis)
@@ -218,7 +218,7 @@ class RedisClusterSessionCache:
         mode = "verdict" if isinstance(entry, CachedVerdict) else "live"
         if isinstance(entry, CachedVerdict) and entry.reason is Reason.REVOKED:
             mode = "live"
-        args = [mode, _ms(ttl), *encode_entry(token_hash, entry, time.time())]
+        args = [mode, milliseconds(ttl), *encode_entry(token_hash, entry, time.time())]
         with _MAPPED_CLUSTER:
             result = await self._fill(keys=[cluster_key(token_hash)], args=args)
         return int(result) == 1
@@ -282,12 +282,12 @@ class RedisClusterSessionCache:
             )
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
-        args = [_ms(ttl), "created", token_hash.hex[:CHECK_HEX], token_hash.hex]
+        args = [milliseconds(ttl), "created", token_hash.hex[:CHECK_HEX], token_hash.hex]
         with _MAPPED_CLUSTER:
             await self._stamp(keys=[cluster_key(token_hash)], args=args)
 
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
-        ttl_ms = _ms(ttl)
+        ttl_ms = milliseconds(ttl)
         calls: list[tuple[AsyncScript, list[str], list[str]]] = []
         for hashes in _by_tag(token_hashes).values():
             keys = [cluster_key(h) for h in hashes]
@@ -308,7 +308,7 @@ class RedisClusterSessionCache:
     async def seal(
         self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
     ) -> str:
-        ttl_ms = _ms(ttl)
+        ttl_ms = milliseconds(ttl)
         by_tag = _by_tag(token_hashes)
         calls: list[tuple[AsyncScript, list[str], list[str]]] = []
         for tag in TAGS:
@@ -325,14 +325,14 @@ class RedisClusterSessionCache:
         if below:
             raise CacheReplaced(
                 f"redis cluster went back in time under {len(below)} of {len(TAGS)} tags: "
-                f"watermark {_short(min(below))}, below {_short(floor)} it was "
+                f"watermark {short_mark(min(below))}, below {short_mark(floor)} it was "
                 "confirmed to hold (a lagging replica promoted, a backup restored into a node)"
             )
         return held
 
     async def lease(self, seconds: float) -> bool:
         with _MAPPED_CLUSTER:
-            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(_ms(seconds)))
+            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(milliseconds(seconds)))
         return bool(taken)
 
     async def release(self) -> None:
