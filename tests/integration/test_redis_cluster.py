@@ -11,6 +11,7 @@ app in-process (as tests/integration/test_redis_sentinel.py).
 * a rewound shard (one tag's watermark and a revoked session's live entry put
   back, same ``run_id``): caught by the sweep, replayed, never valid after;
 * the runbook's least-privilege ACL user with deploy/README.md's cluster additions;
+* every node frozen (SIGSTOP) under load, shorter than the node timeout;
 * the master holding the revocation bus's slot SIGKILLed under validation load,
   the cluster failing over to its replica: no revoked session answers valid,
   calls are answered (from Postgres) while the breaker is open, the promoted
@@ -561,3 +562,51 @@ def _more(bus: RedisRevocationBus, than: int) -> bool:
 
 def _closed(served: Served) -> bool:
     return served.app.core.breaker.state is BreakerState.CLOSED
+
+
+async def test_the_whole_cluster_frozen_under_load(
+    cluster: EmbeddedCluster, own_postgres: EmbeddedPostgres
+) -> None:
+    """Every node SIGSTOPped for less than the node timeout (no failover): calls
+    are answered from Postgres while the breaker is open, none fails for longer
+    than a call in flight, no revoked session answers valid, and the cache and
+    the bus come back on the same masters (no adoption needed: no new server)."""
+    async with _serving(cluster, own_postgres) as s:
+        live = await s.sessions(24)
+        revoked = live[:4]
+        for token in revoked:
+            await s.stub.Invalidate(pb.InvalidateRequest(token=token))
+        for token in live:
+            await s.validate(token)
+        cache = s.app.cache
+        assert isinstance(cache, RedisClusterSessionCache)
+        trusted = cache.trusted_masters
+        load = FailoverLoad(s.stub, live)
+        load.revoked_at |= dict.fromkeys(revoked, 0.0)
+        load.start()
+        await asyncio.sleep(0.3)
+        frozen = time.monotonic()
+        for node in cluster.nodes:
+            node.pause()
+        try:
+            await asyncio.sleep(0.8)
+        finally:
+            for node in cluster.nodes:
+                node.resume()
+        await _until(lambda: s.app.core.breaker.opened_count > 0, "the breaker never opened")
+        await _until(functools.partial(_closed, s), "the breaker did not close")
+        hits = s.app.core.stats.hits
+        await _until(lambda: s.app.core.stats.hits > hits + 200, "no cache hits after the freeze")
+        await _until(lambda: s.app.bus is not None and s.app.bus.live, "the bus did not come back")
+        await load.stop()
+        failed = load.failed()
+        print(
+            f"calls {len(load.calls)}, failed {len(failed)}, not from the cache "
+            f"{len(load.degraded(frozen))}, degraded until "
+            f"{load.window_ms(load.degraded(frozen), frozen)} ms after the freeze"
+        )
+        assert load.wrong() == []
+        assert len(failed) <= load.concurrency, failed[:5]
+        assert cache.trusted_masters == trusted
+        for token in revoked:
+            assert (await s.validate(token)).reason == pb.REASON_REVOKED
