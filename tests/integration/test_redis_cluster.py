@@ -12,6 +12,7 @@ app in-process (as tests/integration/test_redis_sentinel.py).
   back, same ``run_id``): caught by the sweep, replayed, never valid after;
 * the runbook's least-privilege ACL user with deploy/README.md's cluster additions;
 * every node frozen (SIGSTOP) under load, shorter than the node timeout;
+* ``rediss+cluster://``: a TLS-only cluster (Debian's server is built with TLS);
 * the master holding the revocation bus's slot SIGKILLed under validation load,
   the cluster failing over to its replica: no revoked session answers valid,
   calls are answered (from Postgres) while the breaker is open, the promoted
@@ -35,6 +36,7 @@ from uuid import uuid4
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from session_authority.adapters.redis_bus import CLUSTER_NAMES, RedisRevocationBus
@@ -53,6 +55,7 @@ from session_authority.embedded import (
     EmbeddedRedis,
     find_cluster_redis_server,
 )
+from session_authority.embedded.tls import find_tls_redis_server
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.sentinel_failover import FailoverLoad
@@ -60,6 +63,7 @@ from tests.sentinel_failover import FailoverLoad
 from .support import NO_PROXY, app_settings
 from .test_redis_acl import PASSWORD as ACL_PASSWORD
 from .test_redis_acl import TOLERATED_DENIALS, runbook_acl
+from .tls_support import write_tls_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.asyncio]
 
@@ -610,3 +614,40 @@ async def test_the_whole_cluster_frozen_under_load(
         assert cache.trusted_masters == trusted
         for token in revoked:
             assert (await s.validate(token)).reason == pb.REASON_REVOKED
+
+
+async def test_rediss_cluster_over_tls(tmp_path: Path, own_postgres: EmbeddedPostgres) -> None:
+    """``rediss+cluster://``: every node TLS-only (its cluster bus and replication
+    too), the cache, its sweeps and the bus's shard subscription over TLS."""
+    binary = find_tls_redis_server()
+    if binary is None or find_cluster_redis_server() is None:
+        pytest.fail("no redis-server 7 built with TLS on PATH: run `make tls-servers`")
+    tls = write_tls_files(trustme.CA(), tmp_path / "tls", client_cert=False)
+    nodes = EmbeddedCluster(tmp_path / "tls-cluster", binary, tls=tls)
+    try:
+        await asyncio.to_thread(nodes.start)
+        assert nodes.url.startswith("rediss+cluster://")
+        async with (
+            _serving(nodes, own_postgres, l1_cache_ttl_ms=30_000) as a,
+            _serving(nodes, own_postgres, l1_cache_ttl_ms=30_000) as b,
+        ):
+            for served in (a, b):
+                assert isinstance(served.app.cache, RedisClusterSessionCache)
+                bus = served.app.bus
+                assert bus is not None
+                await _until(functools.partial(getattr, bus, "live"), "bus not live over TLS")
+            tokens = await a.sessions(6)
+            for token in tokens:
+                assert (await b.validate(token)).source == pb.SOURCE_DATABASE
+                assert (await b.validate(token)).source == pb.SOURCE_CACHE
+                assert (await b.validate(token)).valid  # now from b's L1 copy
+            for token in tokens[:3]:
+                reply = await a.stub.Invalidate(pb.InvalidateRequest(token=token))
+                assert (reply.cache_purged, reply.propagated) == (True, True)
+                assert (await b.validate(token)).reason == pb.REASON_REVOKED
+            batch = await b.stub.ValidateSessions(pb.ValidateSessionsRequest(tokens=tokens))
+            assert [r.valid for r in batch.results] == [False] * 3 + [True] * 3
+            await asyncio.sleep(1.5)  # a sweep: verify, watermark and seal over TLS
+            assert a.app.core.breaker.opened_count == b.app.core.breaker.opened_count == 0
+    finally:
+        nodes.stop()

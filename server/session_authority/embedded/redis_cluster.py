@@ -10,9 +10,11 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 from session_authority.embedded.process import find_free_port
 from session_authority.embedded.redis_server import EmbeddedRedis
+from session_authority.embedded.tls import TlsFiles
 
 __all__ = ["EmbeddedCluster", "find_cluster_redis_server"]
 
@@ -38,7 +40,9 @@ def find_cluster_redis_server() -> Path | None:
 class EmbeddedCluster:
     """``nodes[:masters]`` start as masters, the rest as their replicas
     (``redis-cli`` pairs them). ``node_timeout_ms`` is the cluster's failure
-    detection: a master unreachable that long is failed over to a replica."""
+    detection: a master unreachable that long is failed over to a replica.
+    With ``tls`` every node listens for TLS only, and the cluster bus and the
+    replication links use it too (``binary`` must be built with TLS)."""
 
     def __init__(
         self,
@@ -48,11 +52,13 @@ class EmbeddedCluster:
         masters: int = 3,
         replicas: int = 1,
         node_timeout_ms: int = 1000,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.binary = binary
+        self.tls = tls
         self.masters = masters
         self.replicas = replicas
-        args = (
+        args: tuple[str, ...] = (
             *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
             *("--cluster-node-timeout", str(node_timeout_ms)),
             # A replica that lost its master a while ago may still be promoted.
@@ -60,12 +66,15 @@ class EmbeddedCluster:
             # Tests rewind a node's data (DEBUG RELOAD), from loopback only.
             *("--enable-debug-command", "local"),
         )
+        if tls is not None:
+            args = (*args, "--tls-cluster", "yes", "--tls-replication", "yes")
         # The cluster bus listens on a port of its own: by default the node's
         # plus 10,000, which a free port above 55,535 does not have.
         self.nodes = [
             EmbeddedRedis(
                 base_dir / f"node-{n}",
                 binary=binary,
+                tls=tls,
                 args=(*args, "--cluster-port", str(find_free_port())),
             )
             for n in range(masters * (1 + replicas))
@@ -73,8 +82,23 @@ class EmbeddedCluster:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://`` naming every node."""
-        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+        """``redis+cluster://`` naming every node (``rediss+cluster://`` with TLS)."""
+        hosts = ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+        if self.tls is None:
+            return f"redis+cluster://{hosts}"
+        query = {"ssl_ca_certs": str(self.tls.ca)}
+        if self.tls.client_cert is not None and self.tls.client_key is not None:
+            query |= {"ssl_certfile": str(self.tls.client_cert)}
+            query |= {"ssl_keyfile": str(self.tls.client_key)}
+        return f"rediss+cluster://{hosts}?{urlencode(query)}"
+
+    def _cli_tls(self) -> list[str]:
+        if self.tls is None:
+            return []
+        flags = ["--tls", "--cacert", str(self.tls.ca)]
+        if self.tls.client_cert is not None and self.tls.client_key is not None:
+            flags += ["--cert", str(self.tls.client_cert), "--key", str(self.tls.client_key)]
+        return flags
 
     def start(self, timeout: float = 60.0) -> None:
         for node in self.nodes:
@@ -85,6 +109,7 @@ class EmbeddedCluster:
         subprocess.run(
             [
                 str(cli),
+                *self._cli_tls(),
                 "--cluster",
                 "create",
                 *(f"{n.host}:{n.port}" for n in self.nodes),
@@ -115,7 +140,7 @@ class EmbeddedCluster:
         """One command to ``node`` through ``redis-cli``; its output."""
         cli = shutil.which("redis-cli") or "redis-cli"
         done = subprocess.run(
-            [cli, "-h", node.host, "-p", str(node.port), *command],
+            [cli, *self._cli_tls(), "-h", node.host, "-p", str(node.port), *command],
             capture_output=True,
             text=True,
             timeout=10,
