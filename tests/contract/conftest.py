@@ -40,7 +40,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded
     """Three masters and three replicas from ``redis-server`` 7 (Debian's)."""
     binary = find_cluster_redis_server()
     if binary is None:
-        pytest.fail("no redis-server 7 (and redis-cli) on PATH: apt-get install redis-server")
+        pytest.fail("no redis-server 7 (and redis-cli) on PATH: run `make tls-servers` (Debian's)")
     cluster = EmbeddedCluster(tmp_path_factory.mktemp("redis-cluster"), binary)
     try:
         cluster.start()

@@ -75,7 +75,7 @@ WITHIN = 30.0
 def cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
     binary = find_cluster_redis_server()
     if binary is None:
-        pytest.fail("no redis-server 7 (and redis-cli) on PATH: apt-get install redis-server")
+        pytest.fail("no redis-server 7 (and redis-cli) on PATH: run `make tls-servers` (Debian's)")
     nodes = EmbeddedCluster(tmp_path / "cluster", binary)
     try:
         nodes.start()
