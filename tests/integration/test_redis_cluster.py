@@ -13,6 +13,8 @@ app in-process (as tests/integration/test_redis_sentinel.py).
 * the runbook's least-privilege ACL user with deploy/README.md's cluster additions;
 * every node frozen (SIGSTOP) under load, shorter than the node timeout;
 * ``rediss+cluster://``: a TLS-only cluster (Debian's server is built with TLS);
+* one tag's slot migrated to another master under load: tombstones written
+  during the migration, the watermark moved with the entries;
 * the master holding the revocation bus's slot SIGKILLed under validation load,
   the cluster failing over to its replica: no revoked session answers valid,
   calls are answered (from Postgres) while the breaker is open, the promoted
@@ -651,3 +653,81 @@ async def test_rediss_cluster_over_tls(tmp_path: Path, own_postgres: EmbeddedPos
             assert a.app.core.breaker.opened_count == b.app.core.breaker.opened_count == 0
     finally:
         nodes.stop()
+
+
+async def test_a_tag_resharded_under_load_moves_with_its_watermark(
+    cluster: EmbeddedCluster, own_postgres: EmbeddedPostgres
+) -> None:
+    """One tag's slot migrated to another master under validation load (by hand:
+    ``SETSLOT IMPORTING/MIGRATING``, ``MIGRATE``, ``SETSLOT NODE``): its entries,
+    tombstones and watermark move together, no server is new (no adoption), and
+    revocations before, during and after are honoured."""
+    async with _serving(cluster, own_postgres, l1_cache_ttl_ms=0) as s, _raw(cluster) as raw:
+        live = await s.sessions(24)
+        tag = tag_of(TokenHash.of(live[0]))
+        while sum(tag_of(TokenHash.of(t)) == tag for t in live) < 4:
+            token = (await s.sessions(1))[0]
+            if tag_of(TokenHash.of(token)) == tag:
+                live.append(token)
+        in_tag = [t for t in live if tag_of(TokenHash.of(t)) == tag]
+        revoked = [in_tag[0], live[1] if live[1] not in in_tag else live[2]]
+        for token in revoked:
+            await s.stub.Invalidate(pb.InvalidateRequest(token=token))
+        for token in live:
+            await s.validate(token)
+        mark_key = tagged(WATERMARK_PREFIX, tag)
+        await _until(lambda: raw.exists(mark_key), "no sweep sealed the tag")
+        source = cluster.master_for(mark_key)
+        target = next(n for n in cluster.nodes if n is not source and cluster.is_master(n))
+        slot = str(raw.keyslot(mark_key))
+        source_id = cluster.cli(source, "CLUSTER", "MYID").strip()
+        target_id = cluster.cli(target, "CLUSTER", "MYID").strip()
+        cache = s.app.cache
+        assert isinstance(cache, RedisClusterSessionCache)
+        trusted = cache.trusted_masters
+
+        load = FailoverLoad(s.stub, live)
+        load.revoked_at |= dict.fromkeys(revoked, 0.0)
+        load.start()
+        await asyncio.sleep(0.3)
+        assert (
+            cluster.cli(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id).strip() == "OK"
+        )
+        assert (
+            cluster.cli(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id).strip() == "OK"
+        )
+        doomed = in_tag[1]
+        during = await load.revoke(doomed)  # mid-migration
+        while keys := cluster.cli(source, "CLUSTER", "GETKEYSINSLOT", slot, "100").split():
+            moved = cluster.cli(
+                source, "MIGRATE", target.host, str(target.port), "", "0", "5000", "KEYS", *keys
+            )
+            assert moved.strip() == "OK", moved
+            await asyncio.sleep(0.05)  # the load runs in between
+        for node in cluster.nodes:
+            if cluster.is_master(node):
+                cluster.cli(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        await asyncio.sleep(0.5)
+        after = await load.revoke(in_tag[2])
+        hits = s.app.core.stats.hits
+        await _until(lambda: s.app.core.stats.hits > hits + 100, "no cache hits after the move")
+        await load.stop()
+
+        failed = load.failed()
+        print(
+            f"calls {len(load.calls)}, failed {len(failed)}, not from the cache "
+            f"{len(load.degraded(0.0))}; purged during {during.cache_purged}, after "
+            f"{after.cache_purged}"
+        )
+        assert load.wrong() == []
+        assert len(failed) <= load.concurrency, failed[:5]
+        # Tombstones are written while the slot migrates (its key on either node).
+        assert (during.cache_purged, after.cache_purged) == (True, True)
+        assert cluster.master_for(mark_key) is target
+        async with _plain(target) as moved_to:
+            assert await moved_to.get(mark_key) is not None  # the watermark moved too
+            for token in [revoked[0], doomed, in_tag[2]]:
+                assert await moved_to.hget(cluster_key(TokenHash.of(token)), "state") == "revoked"
+        for token in [*revoked, doomed, in_tag[2]]:
+            assert (await s.validate(token)).reason == pb.REASON_REVOKED
+        assert cache.trusted_masters == trusted  # no new server, no adoption

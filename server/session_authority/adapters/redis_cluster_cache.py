@@ -43,7 +43,6 @@ from session_authority.adapters.redis_cache import (
     MAPPED_ERRORS,
     MARKER_KEY,
     READ_BACKSTOP,
-    SEAL_SCRIPT,
     STAMP_SCRIPT,
     WATERMARK_KEY,
     cache_key,
@@ -76,13 +75,43 @@ WATERMARK_PREFIX = WATERMARK_KEY + ":"
 _HEALTH_PREFIX = "session-authority:health-probe:"
 
 # Tombstones of one tag: ARGV[1] the TTL (ms), ARGV[1 + i] the check of KEYS[i].
+# No DEL first (``redis_cache``'s scripts empty the hash, then write it): while
+# its slot migrates, a key deleted in a script cannot be written again on that
+# node ("non local key"), and the revocation would fail for the migration's
+# length. Fields a live entry left beside ``state`` are never read: a tombstone
+# is read by its state, and nothing is written over one.
 _TOMBSTONES = """
 for i, key in ipairs(KEYS) do
-  redis.call('DEL', key)
   redis.call('HSET', key, 'state', 'revoked', 'h', ARGV[i + 1])
   redis.call('PEXPIRE', key, ARGV[1])
 end
 return #KEYS
+"""
+
+# Seal of one tag: ``redis_cache``'s ``SEAL_SCRIPT`` for one key per hash (no
+# previous release's keys on a cluster), its tombstones written as
+# ``_TOMBSTONES`` writes them. KEYS[1] the tag's watermark, KEYS[2..] the
+# sessions; ARGV: TTL, floor, mark, then the check of each session's hash.
+_SEAL_TAG = """
+local function less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+for i = 2, #KEYS do
+  redis.call('HSET', KEYS[i], 'state', 'revoked', 'h', ARGV[i + 2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+local held = redis.call('GET', KEYS[1]) or ''
+if less(held, ARGV[2]) then return {0, held} end
+if less(held, ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[3])
+  held = ARGV[3]
+end
+return {1, held}
 """
 
 
@@ -125,7 +154,7 @@ class RedisClusterSessionCache:
         self._get = client.register_script(GET_SCRIPT)
         self._get_many = client.register_script(GET_MANY_SCRIPT)
         self._stamp = client.register_script(STAMP_SCRIPT)
-        self._seal = client.register_script(SEAL_SCRIPT)
+        self._seal = client.register_script(_SEAL_TAG)
         self._tombstones = client.register_script(_TOMBSTONES)
         self._scripts = [
             self._fill,
@@ -314,9 +343,8 @@ class RedisClusterSessionCache:
         for tag in TAGS:
             hashes = by_tag.get(tag, [])
             keys = [tagged(WATERMARK_PREFIX, tag), *(cluster_key(h) for h in hashes)]
-            args = [ttl_ms, floor, mark, "1"]
-            for token_hash in hashes:
-                args += [token_hash.hex[:CHECK_HEX], token_hash.hex]
+            args = [ttl_ms, floor, mark]
+            args += [token_hash.hex[:CHECK_HEX] for token_hash in hashes]
             calls.append((self._seal, keys, args))
         with _MAPPED_CLUSTER:
             replies = await self._each(calls)
