@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, repr=False)
     """Redis URL for the cache (unset: no cache, every validation reads Postgres):
     redis://, rediss://, unix://, or a Sentinel set,
-    redis+sentinel://[user:pass@]host:26379,host:26379/<master-name>[/db] (rediss+sentinel: TLS)."""
+    redis+sentinel://[user:pass@]host:26379,host:26379/<master-name>[/db] (rediss+sentinel: TLS),
+    or a Redis Cluster, redis+cluster://[user:pass@]host:6379,host:6379 (rediss+cluster: TLS)."""
     database_listen_url: str | None = Field(default=None, repr=False)
     """Postgres DSN of the one LISTEN connection per process that wakes
     WatchRevocations (default: DATABASE_URL). Must reach Postgres or a

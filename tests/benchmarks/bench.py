@@ -110,6 +110,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -129,12 +130,19 @@ import grpc
 import redis.asyncio as aioredis
 
 from session_authority.adapters.migrate import apply_migrations
-from session_authority.adapters.redis_bus import CHANNEL
+from session_authority.adapters.redis_bus import CHANNEL, CLUSTER_NAMES
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key, legacy_key
+from session_authority.adapters.redis_cluster_cache import RedisClusterSessionCache
 from session_authority.client import SessionAuthorityClient
 from session_authority.config import Settings
 from session_authority.core.domain import TokenHash, new_token
-from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from session_authority.embedded import (
+    EmbeddedCluster,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    find_cluster_redis_server,
+    find_free_port,
+)
 from session_authority.embedded.pgbouncer import EmbeddedPgBouncer
 from session_authority.embedded.process_tree import server_processes
 from session_authority.v1 import session_authority_pb2 as pb
@@ -1055,6 +1063,123 @@ class Bench:
         self.report["sentinel_failover_failed_window_ms"] = load.window_ms(failed, killed)
         self.report["sentinel_failover_switch_ms"] = round((switched - killed) * 1000, 1)
 
+    async def cluster_failover(self) -> None:
+        """``cluster_failover_error_window_ms``: as ``sentinel_failover``, on a
+        Redis Cluster of three masters and three replicas (Debian's
+        ``redis-server`` 7, ``cluster-node-timeout`` 1 s), the master owning the
+        revocation bus's slot SIGKILLed. Full mode only (~10 s)."""
+        binary = find_cluster_redis_server()
+        if binary is None:
+            self.problems.append("cluster: no redis-server 7 (and redis-cli) on PATH")
+            return
+        cluster = EmbeddedCluster(self.base / "cluster", binary)
+        try:
+            await asyncio.to_thread(cluster.start)
+            await self.sweep_cost(cluster, binary)
+            server = self._serve("cluster", REDIS_URL=cluster.url)
+            try:
+                await wait_ready(server)
+                async with grpc.aio.insecure_channel(server.target, options=NO_PROXY) as channel:
+                    await self._fail_over_cluster(cluster, pb_grpc.SessionAuthorityStub(channel))
+            finally:
+                if (code := await server.stop()) != 0:
+                    self.problems.append(f"cluster: exited {code} on SIGTERM:\n{server.tail()}")
+        finally:
+            cluster.stop()
+
+    async def sweep_cost(self, cluster: EmbeddedCluster, binary: Path) -> None:
+        """``cluster_sweep_ms`` beside ``single_sweep_ms``: the median time of a
+        sweep's Redis calls when nothing is pending (verify, watermark, a seal
+        with no tombstone), by the adapter, on the cluster and on one node of
+        the same ``redis-server``, alternated. The cluster's watermark is one key
+        per hash tag (256). The made-up marks are flushed from the cluster after."""
+        single = EmbeddedRedis(self.base / "sweep-redis", binary=binary)
+        await asyncio.to_thread(single.start)
+        try:
+            await self._sweeps(single.url, cluster.url)
+        finally:
+            single.stop()
+            for node in cluster.nodes:
+                if cluster.is_master(node):
+                    cluster.cli(node, "FLUSHALL")
+
+    async def _sweeps(self, single_url: str, cluster_url: str) -> None:
+        adapters: dict[str, RedisSessionCache | RedisClusterSessionCache] = {
+            "single": RedisSessionCache.from_url(
+                single_url,
+                min_connections=1,
+                max_connections=4,
+                timeout=1.0,
+                pool_timeout=1.0,
+                legacy_keys=False,
+            ),
+            "cluster": RedisClusterSessionCache.from_url(
+                cluster_url, min_connections=1, max_connections=4, timeout=1.0, pool_timeout=1.0
+            ),
+        }
+        times: dict[str, list[float]] = {name: [] for name in adapters}
+        try:
+            for cache in adapters.values():
+                await cache.adopt()
+            for i in range(100):
+                for name, cache in adapters.items():
+                    started = time.perf_counter()
+                    await cache.verify()
+                    held = await cache.watermark()
+                    await cache.seal([], 60.0, floor=held, mark=f"{i + 1:020d}:~")
+                    times[name].append(time.perf_counter() - started)
+        finally:
+            for cache in adapters.values():
+                await cache.aclose()
+        for name, samples in times.items():
+            self.report[f"{name}_sweep_ms"] = round(statistics.median(samples) * 1000, 3)
+
+    async def _fail_over_cluster(
+        self, cluster: EmbeddedCluster, stub: pb_grpc.SessionAuthorityAsyncStub
+    ) -> None:
+        tokens = [
+            (await stub.CreateSession(pb.CreateSessionRequest(user_id=f"failover-{i % 4}"))).token
+            for i in range(32)
+        ]
+        for token in tokens[:4]:
+            await stub.Invalidate(pb.InvalidateRequest(token=token))
+        for _ in range(2):
+            for token in tokens:
+                await stub.ValidateSession(pb.ValidateSessionRequest(token=token))
+        victim = cluster.master_for(CLUSTER_NAMES.channel)
+        (heir,) = cluster.replicas_of(victim)
+        load = FailoverLoad(stub, tokens)
+        load.revoked_at |= dict.fromkeys(tokens[:4], 0.0)
+        load.start()
+        switched = math.inf
+        try:
+            await asyncio.sleep(1.0)
+            killed = time.monotonic()
+            await asyncio.to_thread(victim.kill)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                if switched == math.inf and await asyncio.to_thread(cluster.is_master, heir):
+                    switched = time.monotonic()
+                recent = load.calls[-200:]
+                if (
+                    switched < math.inf
+                    and len(recent) == 200
+                    and all(c.started > switched and c.source == "SOURCE_CACHE" for c in recent)
+                ):
+                    break
+            else:
+                self.problems.append("cluster: the cache did not answer again after the failover")
+        finally:
+            await load.stop()
+        if wrong := load.wrong():
+            self.problems.append(f"cluster: {len(wrong)} revoked sessions answered valid")
+        failed, degraded = load.failed(), load.degraded(killed)
+        self.report["cluster_failover_error_window_ms"] = load.window_ms(degraded, killed)
+        self.report["cluster_failover_failed_calls"] = len(failed)
+        self.report["cluster_failover_failed_window_ms"] = load.window_ms(failed, killed)
+        self.report["cluster_failover_switch_ms"] = round((switched - killed) * 1000, 1)
+
     async def watch_propagation(self) -> None:
         """Invalidate on one replica; the event at a watcher of the other, one at a time."""
         samples = 60 if self.args.quick else 300
@@ -1186,6 +1311,7 @@ class Bench:
             await self.propagation()
             if not self.args.quick:
                 await self.sentinel_failover()
+                await self.cluster_failover()
             await self.watch_propagation()
             await self.client_cache_revocation()
         finally:

@@ -14,9 +14,12 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_cache import RedisSessionCache, cache_key
+from session_authority.adapters.redis_cluster import tag_of
+from session_authority.adapters.redis_cluster_cache import RedisClusterSessionCache, cluster_key
 from session_authority.core.domain import TokenHash, new_token
 from session_authority.core.ports import CacheEntry, SessionCache, SessionStore
 from session_authority.embedded import find_free_port
@@ -29,6 +32,7 @@ __all__ = [
     "FakeStoreSubject",
     "PostgresStoreSubject",
     "RedisCacheSubject",
+    "RedisClusterCacheSubject",
     "StoreSubject",
 ]
 
@@ -108,6 +112,42 @@ class RedisCacheSubject:
     async def aclose(self) -> None:
         await self.adapter.aclose()
         await self._unreachable.aclose()
+
+
+class RedisClusterCacheSubject:
+    """``RedisClusterSessionCache`` on a Redis Cluster (``raw``: a cluster client)."""
+
+    def __init__(self, url: str, raw: RedisCluster) -> None:
+        self.adapter = _cluster_cache(url)
+        self.cache: SessionCache = self.adapter
+        self._unreachable = _cluster_cache(f"redis+cluster://127.0.0.1:{find_free_port()}")
+        self.unreachable: SessionCache = self._unreachable
+        self._raw = raw
+
+    async def wait(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def plant_foreign(self, under: TokenHash, entry: CacheEntry, ttl: float) -> None:
+        # As RedisCacheSubject's, from a hash of the same tag (COPY stays on one slot).
+        other = TokenHash.of(new_token())
+        while tag_of(other) != tag_of(under):
+            other = TokenHash.of(new_token())
+        assert await self.adapter.fill(other, entry, ttl)
+        assert await self._raw.copy(cluster_key(other), cluster_key(under), replace=True)
+        await self._raw.delete(cluster_key(other))
+
+    async def flush(self) -> None:
+        await self._raw.flushall(target_nodes=RedisCluster.PRIMARIES)
+
+    async def aclose(self) -> None:
+        await self.adapter.aclose()
+        await self._unreachable.aclose()
+
+
+def _cluster_cache(url: str) -> RedisClusterSessionCache:
+    return RedisClusterSessionCache.from_url(
+        url, min_connections=1, max_connections=4, timeout=1.0, pool_timeout=1.0
+    )
 
 
 def _redis_cache(url: str) -> RedisSessionCache:

@@ -25,6 +25,13 @@ Keys and channels:
   (``GET SET HGET HSET HGETALL DEL PEXPIRE PUBLISH``, through ``EVALSHA``).
   Subscribers that are not ours (an operator's ``PSUBSCRIBE *``) are never
   waited for: ``PUBLISH``'s receiver count and ``PUBSUB NUMSUB`` are not read.
+* on a Redis Cluster (``redis+cluster://``) the same names with the hash tag
+  ``{revocations}`` (``CLUSTER_NAMES``): every key the scripts touch is on one
+  slot, and the messages go over sharded pub/sub (``SPUBLISH``, ``SSUBSCRIBE``
+  on a connection to that slot's master, ``redis_cluster.ShardSubscriber``).
+  The subscription also ends when Redis says the node gave the slot up
+  (``sunsubscribe``) or the client's slot map names another master for it;
+  then, as after any resubscription, every copy is dropped.
 
 The invariant: **a process answers from L1 only while (a) Redis has confirmed
 both its subscriptions on the current connection, (b) data (a message or a
@@ -84,11 +91,13 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from session_authority.adapters.redis_bus_wire import (
     ALL,
@@ -101,16 +110,55 @@ from session_authority.adapters.redis_bus_wire import (
     parse,
     valid_hashes,
 )
+from session_authority.adapters.redis_cluster import (
+    ShardSubscriber,
+    cluster_client,
+    is_cluster_url,
+)
 from session_authority.adapters.redis_sentinel import SentinelCountingPool, counting_pool
 from session_authority.core.domain import TokenHash
 
-__all__ = ["ACK_PREFIX", "CHANNEL", "POOL_SIZE", "REGISTRY", "RedisRevocationBus"]
+__all__ = [
+    "ACK_PREFIX",
+    "CHANNEL",
+    "CLUSTER_NAMES",
+    "POOL_SIZE",
+    "REGISTRY",
+    "BusNames",
+    "RedisRevocationBus",
+]
 
 _log = logging.getLogger("session_authority.cache")
+#: What Redis failing looks like (redis-py's cluster client raises some
+#: ``RedisClusterException``s, which are not ``RedisError``s: no node reachable).
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 CHANNEL = "session-authority:revocations"
 ACK_PREFIX = "session-authority:revocations:ack:"
 REGISTRY = "session-authority:revocations:live"
+
+
+@dataclass(frozen=True)
+class BusNames:
+    """The bus's channel, acknowledgement channel prefix and registry key."""
+
+    channel: str
+    ack_prefix: str
+    registry: str
+    #: Sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``, a Redis Cluster).
+    sharded: bool = False
+
+
+_SINGLE = BusNames(CHANNEL, ACK_PREFIX, REGISTRY)
+#: On a Redis Cluster (``redis_cluster``) every name carries one hash tag: the
+#: scripts take the registry and the registrations, and publish, on one slot;
+#: the messages go over sharded pub/sub, on that slot's master and its replicas.
+CLUSTER_NAMES = BusNames(
+    "session-authority:{revocations}",
+    "session-authority:{revocations}:ack:",
+    "session-authority:{revocations}:live",
+    sharded=True,
+)
 #: The bus's connections: the subscription, the acknowledgements, the heartbeat
 #: and the publishes. Callers wait for a free one (up to ``ack_timeout``).
 POOL_SIZE = 8
@@ -119,23 +167,29 @@ POOL_SIZE = 8
 class RedisRevocationBus:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         on_revoked: Callable[[list[TokenHash] | None], None],
         ack_timeout: float,
         liveness: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        shards: ShardSubscriber | None = None,
     ) -> None:
         self._client = client
+        #: Where to subscribe on a cluster (None: on ``client``'s server).
+        self._shards = shards
+        names = self.names = CLUSTER_NAMES if shards is not None else _SINGLE
         self._on_revoked = on_revoked
         self._ack_timeout = ack_timeout
         self._liveness = liveness
         self._registry_ttl = 4 * liveness
         self._clock = clock
         self.process_id = uuid.uuid4().hex[:16]
-        self._ack_channel = ACK_PREFIX + self.process_id
-        self._registration = f"{REGISTRY}:{self.process_id}"
-        self._publish_script = client.register_script(PUBLISH_SCRIPT)
+        self._ack_channel = names.ack_prefix + self.process_id
+        self._registration = f"{names.registry}:{self.process_id}"
+        self._publish_script = client.register_script(
+            PUBLISH_SCRIPT.replace("'PUBLISH'", "'SPUBLISH'") if names.sharded else PUBLISH_SCRIPT
+        )
         self._register_script = client.register_script(REGISTER_SCRIPT)
         # The current subscription: confirmed by Redis, when last heard from,
         # until when our registration is sure to count, and so until when L1
@@ -168,6 +222,27 @@ class RedisRevocationBus:
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kwargs: Any) -> RedisRevocationBus:
         ack_timeout = float(kwargs["ack_timeout"])
+        if is_cluster_url(url):
+            cluster = cluster_client(
+                url,
+                identity=None,  # every connection still checks it reaches a master
+                max_connections=POOL_SIZE,
+                socket_connect_timeout=timeout,
+                socket_timeout=None,
+                protocol=2,
+                decode_responses=False,
+            )
+            shards = ShardSubscriber(
+                url,
+                cluster,
+                CLUSTER_NAMES.channel,
+                socket_connect_timeout=timeout,
+                socket_timeout=None,
+                retry=None,
+                protocol=2,
+                decode_responses=False,
+            )
+            return cls(cluster, shards=shards, **kwargs)
         pool = counting_pool(
             url,
             identity=None,  # a Sentinel URL's connections still check they reach the master
@@ -216,7 +291,7 @@ class RedisRevocationBus:
             if acks.error is not None:
                 raise acks.error
             return True
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             self.incomplete += 1
             _log.warning(
                 "Revocation push incomplete: %d of %s acknowledged (%s)",
@@ -246,15 +321,15 @@ class RedisRevocationBus:
             try:
                 async with asyncio.timeout(self._ack_timeout):
                     members = await self._publish_script(
-                        keys=[REGISTRY],
+                        keys=[self.names.registry],
                         args=[
-                            CHANNEL,
+                            self.names.channel,
                             f"{self.process_id}|{','.join(requests)}|{body}",
-                            REGISTRY + ":",
+                            self.names.registry + ":",
                             2 * self._ttl_ms(),
                         ],
                     )
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _FAILURES as exc:
                 for request in requests:
                     if (acks := self._waiting.get(request)) is not None:
                         acks.fail(exc)
@@ -287,7 +362,9 @@ class RedisRevocationBus:
         self._lost()
         await self._unregister()
         await self._client.aclose()
-        if isinstance(pool := self._client.connection_pool, SentinelCountingPool):
+        if isinstance(self._client, aioredis.Redis) and isinstance(
+            pool := self._client.connection_pool, SentinelCountingPool
+        ):
             await pool.aclose()  # its connections to the sentinels too
 
     async def _run(self) -> None:
@@ -297,7 +374,7 @@ class RedisRevocationBus:
             subscriptions = self.subscriptions
             try:
                 await self._listen()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _FAILURES as exc:
                 _log.warning("Revocation bus Error: %s (L1 cache off until resubscribed)", exc)
             except Exception:
                 _log.exception("Revocation bus crashed (L1 cache off until resubscribed)")
@@ -315,14 +392,25 @@ class RedisRevocationBus:
             backoff = min(backoff * 2, 1.0)
 
     async def _listen(self) -> None:
-        pubsub = self._client.pubsub()
+        names, shards = self.names, self._shards
+        shard: tuple[str, int] | None = None  # the master subscribed to, on a cluster
+        if shards is not None:
+            subscriber, shard = await shards.connect()
+        else:
+            assert isinstance(self._client, aioredis.Redis)
+            subscriber = self._client
+        pubsub = subscriber.pubsub()
         registering = asyncio.create_task(self._keep_registered(), name="revocation-bus-register")
         try:
-            await pubsub.subscribe(CHANNEL, self._ack_channel)  # sent: not confirmed yet
+            # Sent: not confirmed yet.
+            if names.sharded:
+                await pubsub.ssubscribe(names.channel, self._ack_channel)
+            else:
+                await pubsub.subscribe(names.channel, self._ack_channel)
             confirmed: set[bytes] = set()
-            wanted = {CHANNEL.encode(), self._ack_channel.encode()}
+            wanted = {names.channel.encode(), self._ack_channel.encode()}
             last_heard = last_ping = last_asked = self._clock()
-            pool = self._client.connection_pool
+            pool = subscriber.connection_pool
             sentinel = pool if isinstance(pool, SentinelCountingPool) else None
             # When the oldest ping not answered yet was sent (None: all answered).
             unanswered: float | None = None
@@ -332,7 +420,11 @@ class RedisRevocationBus:
                 if message is not None:
                     last_heard = now
                     unanswered = None
-                    if message.get("type") == "subscribe":
+                    kind = as_text(message.get("type"))
+                    if kind == "sunsubscribe":
+                        # The node gave the slot up (a failover, a resharding).
+                        raise RedisConnectionError("the shard channel moved: resubscribing")
+                    if kind in ("subscribe", "ssubscribe"):
                         confirmed.add(as_bytes(message.get("channel")))
                         if not self._subscribed and confirmed >= wanted:
                             self._confirmed()
@@ -356,6 +448,12 @@ class RedisRevocationBus:
                     await sentinel.follow(self._liveness / 4)
                     if not sentinel.reaches_master(pubsub.connection):
                         raise RedisConnectionError("the master moved (Sentinel): resubscribing")
+                if shards is not None and shard is not None and now - last_asked >= self._liveness:
+                    last_asked = now
+                    if shards.moved(shard):
+                        raise RedisConnectionError(
+                            "the slot's master moved (Cluster): resubscribing"
+                        )
                 if now - last_ping >= self._liveness / 4:
                     await pubsub.ping()
                     last_ping = now
@@ -367,6 +465,9 @@ class RedisRevocationBus:
                 await registering
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
+            if subscriber is not self._client:
+                with contextlib.suppress(RedisError, OSError):
+                    await subscriber.aclose()
 
     def _confirmed(self) -> None:
         """Both subscriptions confirmed: forget what may have been missed, then register."""
@@ -408,10 +509,10 @@ class RedisRevocationBus:
         try:
             async with asyncio.timeout(self._liveness):
                 added = await self._register_script(
-                    keys=[REGISTRY, self._registration],
+                    keys=[self.names.registry, self._registration],
                     args=[self.process_id, self._ttl_ms(), 2 * self._ttl_ms()],
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             _log.warning("Revocation bus registration Error: %s", str(exc) or type(exc).__name__)
             return
         if not self._subscribed:
@@ -429,13 +530,13 @@ class RedisRevocationBus:
         try:
             async with asyncio.timeout(self._ack_timeout):
                 await self._client.delete(self._registration)  # publishers forget it
-        except (RedisError, OSError, TimeoutError):
+        except _FAILURES:
             pass  # it lapses within REGISTRY_TTL anyway
 
     # --- messages -----------------------------------------------------------------------------
 
     def _handle(self, message: dict[str, Any]) -> None:
-        if message.get("type") != "message":
+        if as_text(message.get("type")) not in ("message", "smessage"):
             return  # subscribe confirmations, pongs: they only prove we are heard
         channel = as_bytes(message.get("channel"))
         data = message.get("data")
@@ -488,13 +589,16 @@ class RedisRevocationBus:
             # that counts for nothing, and a frozen Redis must not hold them.
             try:
                 async with asyncio.timeout(self._ack_timeout):
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for sender, requests in due.items():
-                            pipe.publish(
-                                ACK_PREFIX + sender, f"{self.process_id}|{','.join(requests)}"
-                            )
-                        await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as exc:
+                    pipe = self._client.pipeline(transaction=False)
+                    for sender, requests in due.items():
+                        ack = f"{self.process_id}|{','.join(requests)}"
+                        channel = self.names.ack_prefix + sender
+                        if self.names.sharded:
+                            pipe.spublish(channel, ack)
+                        else:
+                            pipe.publish(channel, ack)
+                    await pipe.execute()
+            except _FAILURES as exc:
                 _log.warning("Revocation ack Error: %s", str(exc) or type(exc).__name__)
             except Exception:
                 _log.exception("Revocation ack Error")

@@ -15,8 +15,8 @@ revocation by a replica of either release stops a fill and a lookup by
 either, and a previous-release replica never hides a session created by this
 one. Live entries are never written there (that release misses, and reads
 Postgres). Turn it off once no replica of the previous release is left and a
-tombstone TTL has passed; it must be off before Redis Cluster (two keys of
-different slots in one script).
+tombstone TTL has passed. A Redis Cluster never uses it: it has a layout of its
+own (``redis_cluster``, ``redis_cluster_cache``), whose scripts take keys of one slot.
 
 ``session-authority:epoch`` holds the ``run_id`` of the server this process
 adopted (``adopt``); ``verify`` finds it gone after a FLUSHALL or a restore.
@@ -65,19 +65,30 @@ from session_authority.core.ports import Cached, CachedVerdict, CacheEntry
 from session_authority.core.watermark import NOTHING
 
 __all__ = [
+    "FILL_SCRIPT",
+    "GET_MANY_SCRIPT",
+    "GET_SCRIPT",
     "KEY_PREFIX",
+    "MAPPED_ERRORS",
     "MARKER_KEY",
+    "READ_BACKSTOP",
+    "SEAL_SCRIPT",
+    "STAMP_SCRIPT",
     "WATERMARK_KEY",
     "CountingPool",
     "RedisSessionCache",
     "cache_key",
+    "cached_of",
+    "describe_error",
     "legacy_key",
+    "milliseconds",
+    "short_mark",
 ]
 
 _log = logging.getLogger("session_authority.cache")
 T = TypeVar("T")
 #: redis-py's read timeout, in breaker timeouts (see ``RedisSessionCache.from_url``).
-_READ_BACKSTOP = 3.0
+READ_BACKSTOP = 3.0
 
 KEY_PREFIX = "session:"
 _HEALTH_KEY = "session-authority:health-probe"
@@ -96,7 +107,7 @@ LEASE_KEY = "session-authority:replay-lease"
 # since; a live entry (or a tombstone, mode "live") replaces anything but a
 # tombstone, and ends the previous release's creation marker, whose work is
 # done. Returns 0 when refused by a tombstone, 1 otherwise.
-_FILL = """
+FILL_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'state') == 'revoked' then return 0 end
 local old = KEYS[2] and redis.call('HGET', KEYS[2], 'state')
 if old == 'revoked' then return 0 end
@@ -110,7 +121,7 @@ return 1
 
 # Get: the entry and its remaining lifetime in one round trip ({} when
 # absent); a tombstone under the previous release's key wins over anything.
-_GET = """
+GET_SCRIPT = """
 if KEYS[2] and redis.call('HGET', KEYS[2], 'state') == 'revoked' then
   local fields = redis.call('HGETALL', KEYS[2])
   table.insert(fields, 1, redis.call('PTTL', KEYS[2]))
@@ -123,9 +134,9 @@ table.insert(fields, 1, ttl)
 return fields
 """
 
-# Get many: ``_GET`` for each hash in one round trip, the answers in KEYS'
+# Get many: ``GET_SCRIPT`` for each hash in one round trip, the answers in KEYS'
 # order; ARGV[1] is how many keys each hash has (2 with the previous release's).
-_GET_MANY = """
+GET_MANY_SCRIPT = """
 local per = tonumber(ARGV[1])
 local out = {}
 for i = 0, #KEYS / per - 1 do
@@ -152,7 +163,7 @@ return out
 # that release reads). A tombstone (state "revoked") replaces whatever was
 # there, or nothing; a creation marker (state "created") never replaces a
 # tombstone under either key (returns 0 then, 1 otherwise).
-_STAMP = """
+STAMP_SCRIPT = """
 if ARGV[2] ~= 'revoked' then
   for _, key in ipairs(KEYS) do
     if redis.call('HGET', key, 'state') == 'revoked' then return 0 end
@@ -171,13 +182,13 @@ return 1
 """
 
 
-# Seal: the tombstones of ``_STAMP`` (KEYS[2..], ARGV[4] keys a hash, ARGV[5..]
+# Seal: the tombstones of ``STAMP_SCRIPT`` (KEYS[2..], ARGV[4] keys a hash, ARGV[5..]
 # the check and full hex of each hash), then the watermark (KEYS[1]) raised to
 # ARGV[3] unless it holds less than the floor ARGV[2]. One script, so atomic:
 # no snapshot or replica can have the new watermark without the tombstones.
 # Marks compare byte by byte (Lua's ``<`` on strings follows the server's locale).
 # Returns {1, held} or {0, held} when below the floor.
-_SEAL = """
+SEAL_SCRIPT = """
 local function less(a, b)
   local n = math.min(#a, #b)
   for i = 1, n do
@@ -221,7 +232,7 @@ def legacy_key(token_hash: TokenHash) -> str:
 
 
 class _ErrorMap:
-    """The one place driver errors become ours (``with _MAPPED:``, no allocation)."""
+    """The one place driver errors become ours (``with MAPPED_ERRORS:``, no allocation)."""
 
     def __enter__(self) -> None:
         return None
@@ -231,12 +242,12 @@ class _ErrorMap:
         if isinstance(exc, ServerReplaced):
             raise CacheReplaced(str(exc)) from exc
         if isinstance(exc, PoolExhausted):
-            raise CacheBusy(_describe(exc)) from exc
+            raise CacheBusy(describe_error(exc)) from exc
         if isinstance(exc, (RedisError, OSError)):
-            raise CacheUnavailable(_describe(exc)) from exc
+            raise CacheUnavailable(describe_error(exc)) from exc
 
 
-_MAPPED = _ErrorMap()
+MAPPED_ERRORS = _ErrorMap()
 
 
 class RedisSessionCache:
@@ -256,11 +267,11 @@ class RedisSessionCache:
         self._identity = identity or ServerIdentity()
         #: Whether the previous release's keys are honoured and written too.
         self.legacy_keys = legacy_keys
-        self._fill = client.register_script(_FILL)
-        self._get = client.register_script(_GET)
-        self._get_many = client.register_script(_GET_MANY)
-        self._stamp = client.register_script(_STAMP)
-        self._seal = client.register_script(_SEAL)
+        self._fill = client.register_script(FILL_SCRIPT)
+        self._get = client.register_script(GET_SCRIPT)
+        self._get_many = client.register_script(GET_MANY_SCRIPT)
+        self._stamp = client.register_script(STAMP_SCRIPT)
+        self._seal = client.register_script(SEAL_SCRIPT)
 
     def _keys(self, token_hash: TokenHash) -> list[str]:
         if self.legacy_keys:
@@ -293,7 +304,7 @@ class RedisSessionCache:
             min_size=min_connections,
             max_connections=max_connections,
             timeout=pool_timeout,
-            socket_timeout=timeout * _READ_BACKSTOP,
+            socket_timeout=timeout * READ_BACKSTOP,
             socket_connect_timeout=timeout,
             socket_keepalive=True,
             health_check_interval=30,
@@ -311,7 +322,7 @@ class RedisSessionCache:
             for _ in range(self._pool.min_size):
                 conns.append(await self._pool.get_connection())
         except (RedisError, OSError) as exc:
-            _log.warning("SessionCache connect Error: %s", _describe(exc))
+            _log.warning("SessionCache connect Error: %s", describe_error(exc))
         finally:
             for conn in conns:
                 await self._pool.release(conn)
@@ -332,50 +343,26 @@ class RedisSessionCache:
     # --- SessionCache ----------------------------------------------------------
 
     async def get(self, token_hash: TokenHash) -> Cached | None:
-        with _MAPPED:
+        with MAPPED_ERRORS:
             reply: list[Any] = await self._get(keys=self._keys(token_hash))
-        return self._cached(token_hash, reply, time.time())
-
-    def _cached(self, token_hash: TokenHash, reply: list[Any], now: float) -> Cached | None:
-        """What the lookup script answered for ``token_hash``, checked and decoded."""
-        if len(reply) < 3:
-            return None
-        pttl = int(reply[0])
-        fields = dict(zip(reply[1::2], reply[2::2], strict=True))
-        try:
-            state = state_of(token_hash, fields)
-        except IntegrityError:
-            _log.warning(
-                "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
-            )
-            return None
-        if state == "created":
-            return None  # a creation marker, not an answer
-        try:
-            entry = decode_entry(token_hash, fields)
-        except (KeyError, ValueError) as exc:
-            _log.warning(
-                "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
-            )
-            return None
-        return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf, age_of(fields, now))
+        return cached_of(token_hash, reply, time.time())
 
     async def fill(self, token_hash: TokenHash, entry: CacheEntry, ttl: float) -> bool:
         mode = "verdict" if isinstance(entry, CachedVerdict) else "live"
         if isinstance(entry, CachedVerdict) and entry.reason is Reason.REVOKED:
             mode = "live"  # a tombstone replaces anything that is not one already
-        args = [mode, _ms(ttl), *encode_entry(token_hash, entry, time.time())]
-        with _MAPPED:
+        args = [mode, milliseconds(ttl), *encode_entry(token_hash, entry, time.time())]
+        with MAPPED_ERRORS:
             result = await self._fill(keys=self._keys(token_hash), args=args)
         return int(result) == 1
 
     async def ping(self) -> None:
-        with _MAPPED:
+        with MAPPED_ERRORS:
             await self._redis.ping()
 
     async def adopt(self) -> None:
         self._identity.trusted = None  # accept whichever server answers now
-        with _MAPPED:
+        with MAPPED_ERRORS:
             run_id = run_id_of(await self._redis.info("server"))
             await self._redis.set(MARKER_KEY, run_id)
         self._identity.trusted = run_id
@@ -387,7 +374,7 @@ class RedisSessionCache:
             # Where the sentinels say the master is now: if it moved, the read
             # below runs on a new connection, and the identity check tells.
             await self._pool.follow(None if self._op_timeout is None else self._op_timeout / 2)
-        with _MAPPED:
+        with MAPPED_ERRORS:
             marker = await self._redis.get(MARKER_KEY)
         if trusted is None:
             raise CacheReplaced("no redis server adopted yet")
@@ -395,13 +382,13 @@ class RedisSessionCache:
             raise CacheReplaced("redis lost its state (marker gone: flushed or replaced)")
 
     async def mark_created(self, token_hash: TokenHash, ttl: float) -> None:
-        args = [_ms(ttl), "created", token_hash.hex[:CHECK_HEX], token_hash.hex]
-        with _MAPPED:
+        args = [milliseconds(ttl), "created", token_hash.hex[:CHECK_HEX], token_hash.hex]
+        with MAPPED_ERRORS:
             await self._stamp(keys=self._keys(token_hash), args=args)
 
     async def tombstone(self, token_hashes: Sequence[TokenHash], ttl: float) -> None:
-        ttl_ms = _ms(ttl)
-        with _MAPPED:
+        ttl_ms = milliseconds(ttl)
+        with MAPPED_ERRORS:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for token_hash in token_hashes:
                     await self._stamp(
@@ -412,7 +399,7 @@ class RedisSessionCache:
                 await pipe.execute()
 
     async def watermark(self) -> str:
-        with _MAPPED:
+        with MAPPED_ERRORS:
             held = await self._redis.get(WATERMARK_KEY)
         return str(held or NOTHING)
 
@@ -420,27 +407,27 @@ class RedisSessionCache:
         self, token_hashes: Sequence[TokenHash], ttl: float, *, floor: str, mark: str
     ) -> str:
         keys = [WATERMARK_KEY]
-        args: list[str] = [_ms(ttl), floor, mark, "2" if self.legacy_keys else "1"]
+        args: list[str] = [milliseconds(ttl), floor, mark, "2" if self.legacy_keys else "1"]
         for token_hash in token_hashes:
             keys += self._keys(token_hash)
             args += [token_hash.hex[:CHECK_HEX], token_hash.hex]
-        with _MAPPED:
+        with MAPPED_ERRORS:
             sealed, held = await self._seal(keys=keys, args=args)
         if not int(sealed):
             raise CacheReplaced(
-                f"redis went back in time: it holds revocation watermark {_short(held)}, "
-                f"below {_short(floor)} it was confirmed to hold "
+                f"redis went back in time: it holds revocation watermark {short_mark(held)}, "
+                f"below {short_mark(floor)} it was confirmed to hold "
                 "(a backup restored, DEBUG RELOAD, SWAPDB or a lagging replica)"
             )
         return str(held)
 
     async def lease(self, seconds: float) -> bool:
-        with _MAPPED:
-            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(_ms(seconds)))
+        with MAPPED_ERRORS:
+            taken = await self._redis.set(LEASE_KEY, "1", nx=True, px=int(milliseconds(seconds)))
         return bool(taken)
 
     async def release(self) -> None:
-        with _MAPPED:
+        with MAPPED_ERRORS:
             await self._redis.delete(LEASE_KEY)
 
     async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
@@ -449,19 +436,19 @@ class RedisSessionCache:
         keys: list[str] = []
         for token_hash in token_hashes:
             keys += self._keys(token_hash)
-        with _MAPPED:
+        with MAPPED_ERRORS:
             replies: list[Any] = await self._get_many(
                 keys=keys, args=["2" if self.legacy_keys else "1"]
             )
         now = time.time()
         return [
-            self._cached(token_hash, reply, now)
+            cached_of(token_hash, reply, now)
             for token_hash, reply in zip(token_hashes, replies, strict=True)
         ]
 
     async def _within(self, call: Awaitable[T]) -> T:
         """``call``, given up after the per-call timeout (a ``TimeoutError``,
-        which ``_MAPPED`` maps): health is not timed by the breaker, and
+        which ``MAPPED_ERRORS`` maps): health is not timed by the breaker, and
         redis-py's own read timeout is only a backstop (``from_url``)."""
         if self._op_timeout is None:
             return await call
@@ -471,7 +458,7 @@ class RedisSessionCache:
     async def health(self) -> CacheHealth:
         bound = self._within
         try:
-            with _MAPPED:
+            with MAPPED_ERRORS:
                 started = time.perf_counter()
                 await bound(self._redis.ping())
                 ping = time.perf_counter() - started
@@ -499,16 +486,41 @@ class RedisSessionCache:
         )
 
 
-def _short(mark: str) -> str:
+def cached_of(token_hash: TokenHash, reply: list[Any], now: float) -> Cached | None:
+    """What the lookup script answered for ``token_hash``, checked and decoded."""
+    if len(reply) < 3:
+        return None
+    pttl = int(reply[0])
+    fields = dict(zip(reply[1::2], reply[2::2], strict=True))
+    try:
+        state = state_of(token_hash, fields)
+    except IntegrityError:
+        _log.warning(
+            "Token mismatch: cache entry for %s holds another hash; dropped", token_hash.prefix
+        )
+        return None
+    if state == "created":
+        return None  # a creation marker, not an answer
+    try:
+        entry = decode_entry(token_hash, fields)
+    except (KeyError, ValueError) as exc:
+        _log.warning(
+            "SessionCache decode Error: malformed entry for %s: %s", token_hash.prefix, exc
+        )
+        return None
+    return Cached(entry, pttl / 1000 if pttl >= 0 else math.inf, age_of(fields, now))
+
+
+def short_mark(mark: str) -> str:
     """A watermark for a log line: its transaction id and hash prefix."""
     return "nothing" if not mark else mark[:29]
 
 
-def _ms(seconds: float) -> str:
+def milliseconds(seconds: float) -> str:
     return str(max(1, int(seconds * 1000)))
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """Error text safe to log and to show in Health: the driver's message
     (redis-py does not put passwords in it) or the type for timeouts."""
     text = str(exc).strip()

@@ -19,6 +19,7 @@ from session_authority.adapters.postgres_listener import PostgresRevocationListe
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.adapters.redis_cluster_cache import RedisClusterSessionCache
 from session_authority.bootstrap.building import build_core
 from session_authority.bootstrap.grpc_server import (
     DecoratingServer,
@@ -65,7 +66,7 @@ class App:
     settings: Settings
     core: SessionAuthority
     store: PostgresSessionStore
-    cache: RedisSessionCache | None
+    cache: RedisSessionCache | RedisClusterSessionCache | None
     server: grpc.aio.Server
     health: HealthServicer
     drain: DrainInterceptor

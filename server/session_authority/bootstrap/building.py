@@ -8,6 +8,8 @@ from session_authority.adapters.postgres_listener import PostgresRevocationListe
 from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.adapters.redis_bus import RedisRevocationBus
 from session_authority.adapters.redis_cache import RedisSessionCache
+from session_authority.adapters.redis_cluster import is_cluster_url
+from session_authority.adapters.redis_cluster_cache import RedisClusterSessionCache
 from session_authority.config import Settings
 from session_authority.core.assembly import assemble_core
 from session_authority.core.breaker import Breaker
@@ -28,7 +30,7 @@ class Built:
 
     core: SessionAuthority
     store: PostgresSessionStore
-    cache: RedisSessionCache | None
+    cache: RedisSessionCache | RedisClusterSessionCache | None
     bus: RedisRevocationBus | None
     #: Wakes ``core.watch`` when a revocation commits (one LISTEN connection).
     listener: PostgresRevocationListener | None = None
@@ -55,7 +57,10 @@ def build_core(
     )
     cache = None
     if settings.redis_url:
-        cache = RedisSessionCache.from_url(
+        adapter = (
+            RedisClusterSessionCache if is_cluster_url(settings.redis_url) else RedisSessionCache
+        )
+        cache = adapter.from_url(
             settings.redis_url,
             min_connections=settings.redis_pool_min,
             max_connections=settings.redis_pool_max,

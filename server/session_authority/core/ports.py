@@ -330,5 +330,8 @@ class SessionCache(Protocol):
     @guarded
     async def get_many(self, token_hashes: Sequence[TokenHash]) -> list[Cached | None]:
         """``get`` for each hash, in request order, in one round trip (one
-        atomic read): each answer follows ``get``'s rules. None given, nothing
-        asked. Raises ``CacheUnavailable`` for the whole batch."""
+        atomic read on a single node; on a Redis Cluster, one script per hash
+        tag, pipelined: atomic per tag only). Each answer follows ``get``'s
+        rules on its own: nothing relies on the batch being read at one
+        instant. None given, nothing asked. Raises ``CacheUnavailable`` for the
+        whole batch."""

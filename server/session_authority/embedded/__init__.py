@@ -15,14 +15,17 @@ process leading a process group of its own, in our session, so that
 
 from session_authority.embedded.postgres_server import EmbeddedPostgres
 from session_authority.embedded.process import embedded_available, find_free_port
+from session_authority.embedded.redis_cluster import EmbeddedCluster, find_cluster_redis_server
 from session_authority.embedded.redis_sentinel import EmbeddedSentinel, sentinel_url
 from session_authority.embedded.redis_server import EmbeddedRedis
 
 __all__ = [
+    "EmbeddedCluster",
     "EmbeddedPostgres",
     "EmbeddedRedis",
     "EmbeddedSentinel",
     "embedded_available",
+    "find_cluster_redis_server",
     "find_free_port",
     "sentinel_url",
 ]
