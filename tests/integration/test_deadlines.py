@@ -10,6 +10,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.bootstrap import App
 from session_authority.core.domain import new_token
 from session_authority.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -101,3 +102,25 @@ async def test_exhausted_pool_fails_cleanly_with_unavailable(
         assert app.store.pool_stats().available == 0  # still held: nobody was served meanwhile
     reply = await stub.ValidateSession(pb.ValidateSessionRequest(token=new_token()), timeout=5)
     assert reply.valid is False
+
+
+async def test_work_done_stands_when_the_connection_reset_after_it_fails(
+    own_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A statement that committed is not turned into an error by the pool's reset of
+    its connection afterwards: Postgres freezes between the two, the reset times out
+    (``PG_COMMAND_TIMEOUT_MS``), the caller's work stands, the connection is replaced."""
+    store = PostgresSessionStore(
+        own_postgres.url, min_size=1, max_size=1, command_timeout=0.5, acquire_timeout=5
+    )
+    try:
+        async with store._connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+            own_postgres.pause()  # the work is done; the reset will find Postgres frozen
+        assert "postgres connection not reset after use, replaced" in caplog.text
+        own_postgres.resume()
+        async with store._connection() as conn:  # the pool opened another connection
+            assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        own_postgres.resume()
+        await store.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ from session_authority.core.health import PoolStats, StoreHealth
 from session_authority.core.ports import StoreRevocation, Touched
 from session_authority.core.watch import MAX_SEQ, Cursor, EventPage, RevocationEvent
 from session_authority.core.watermark import RevocationMarks, horizon_below, mark_of, parse_mark
+
+_log = logging.getLogger("session_authority.store")
 
 __all__ = ["STORE_ERRORS", "PostgresSessionStore"]
 
@@ -251,8 +254,19 @@ class PostgresSessionStore:
             acquired = True
             try:
                 yield conn
-            finally:
-                await _release(self._pool, conn)
+            except BaseException:
+                await _release(self._pool, conn, self._command_timeout)
+                raise
+            # The caller's work is done (and committed, for a write): a reset that
+            # fails or is slow afterwards must not turn it into an error (a
+            # committed CreateSession answered UNAVAILABLE). asyncpg then
+            # terminates the connection and the pool opens another.
+            try:
+                await _release(self._pool, conn, self._command_timeout)
+            except (TimeoutError, *STORE_ERRORS) as exc:
+                _log.warning(
+                    "postgres connection not reset after use, replaced: %s", _describe(exc)
+                )
         except TimeoutError as exc:
             raise StoreTimeout("postgres query timed out") from exc
         except STORE_ERRORS as exc:
@@ -541,7 +555,7 @@ class PostgresSessionStore:
         )
 
 
-async def _release(pool: asyncpg.Pool, conn: Any) -> None:
+async def _release(pool: asyncpg.Pool, conn: Any, reset_within: float | None) -> None:
     """``pool.release(conn)``, whose failure is retrieved even when nobody waits for it.
 
     asyncpg's ``Pool.release`` runs the release as a shielded task of its own.
@@ -553,8 +567,11 @@ async def _release(pool: asyncpg.Pool, conn: Any) -> None:
     that task any more and asyncio logs "Task exception was never retrieved"
     at ERROR with a traceback. So the release runs in a task we own, whose
     outcome is always retrieved; a caller still waiting gets its error as
-    before (a timeout becomes ``StoreUnavailable`` in ``_connection``)."""
-    release = asyncio.ensure_future(pool.release(conn))
+    before (a timeout becomes ``StoreUnavailable`` in ``_connection``).
+    ``reset_within`` bounds the reset, a statement like any other (asyncpg's
+    default is the acquire's timeout, e.g. 300 ms: a busy Postgres then had
+    connections terminated and reopened for being slow to reset)."""
+    release = asyncio.ensure_future(pool.release(conn, timeout=reset_within))
     release.add_done_callback(_retrieve)
     await asyncio.shield(release)
 
