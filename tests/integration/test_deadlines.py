@@ -107,16 +107,19 @@ async def test_exhausted_pool_fails_cleanly_with_unavailable(
 async def test_work_done_stands_when_the_connection_reset_after_it_fails(
     own_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A statement that committed is not turned into an error by the pool's reset of
-    its connection afterwards: Postgres freezes between the two, the reset times out
-    (``PG_COMMAND_TIMEOUT_MS``), the caller's work stands, the connection is replaced."""
+    """What the caller did is not turned into an error by the pool's handling of its
+    connection afterwards: a connection handed back inside a transaction is rolled
+    back by asyncpg (no store method leaves one; the reset query is off, see
+    ``postgres_options``), Postgres freezes between the two, the rollback times out
+    (``PG_COMMAND_TIMEOUT_MS``): the caller gets no error, the connection is replaced."""
     store = PostgresSessionStore(
         own_postgres.url, min_size=1, max_size=1, command_timeout=0.5, acquire_timeout=5
     )
     try:
         async with store._connection() as conn:
+            await conn.execute("BEGIN")
             assert await conn.fetchval("SELECT 1") == 1
-            own_postgres.pause()  # the work is done; the reset will find Postgres frozen
+            own_postgres.pause()  # the caller is done; the rollback will find Postgres frozen
         assert "postgres connection not reset after use, replaced" in caplog.text
         own_postgres.resume()
         async with store._connection() as conn:  # the pool opened another connection

@@ -41,10 +41,15 @@ def pool_options(pooler: str) -> dict[str, Any]:
       CLOSE ALL; UNLISTEN *; RESET ALL``): it would run on some other client's
       server connection, and cost a round trip per checkout for state we never
       create. An open transaction is still rolled back (asyncpg does that before
-      calling ``reset``)."""
+      calling ``reset``).
+
+    The reset query is off for Postgres itself too: the same audit holds (the
+    pooler's tests run every store method without it), and it was a round trip
+    each call waited for after its own statement, a miss's and a touch's
+    included (the one ``LISTEN`` is ``postgres_listener``'s own connection,
+    outside the pool)."""
     options = connect_options(pooler)
-    if pooler == "pgbouncer":
-        options["reset"] = _keep_session
+    options["reset"] = _keep_session
     return options
 
 
