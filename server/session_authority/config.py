@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     """Postgres DSN, the source of truth (required by serve, migrate and gc)."""
     database_pooler: str = Field(default="none", pattern="^(none|pgbouncer)$")
     """What DATABASE_URL points at: none (Postgres itself) or pgbouncer (a pooler in
-    transaction mode, PgBouncer or another): then no prepared-statement cache and no
-    per-checkout reset query (deploy/README.md, "PgBouncer" and "Scaling")."""
+    transaction mode, PgBouncer or another): then no prepared-statement cache, each
+    query parsed as the unnamed statement (deploy/README.md, "PgBouncer" and "Scaling")."""
     redis_url: str | None = Field(default=None, repr=False)
     """Redis URL for the cache (unset: no cache, every validation reads Postgres):
     redis://, rediss://, unix://, or a Sentinel set,
