@@ -269,6 +269,10 @@ def test_the_sync_feed_reopens_a_silent_stream_on_a_fresh_channel_and_only_with_
     finally:
         for feed in feeds:
             feed.close()
+    # Each silence counted once, and followed by one reopening (but perhaps the last, cut by
+    # close()).
+    reopened = sum(opened["beating"])
+    assert reopened <= beating.stats().silent_reopens <= reopened + 1
 
 
 class FakeAsyncWatch:
@@ -319,6 +323,8 @@ def test_the_async_feed_reopens_a_silent_stream_on_a_fresh_channel_and_only_with
         finally:
             for feed in feeds:
                 await feed.close()
+        reopened = sum(opened["beating"])
+        assert reopened <= beating.stats().silent_reopens <= reopened + 1
 
     asyncio.run(scenario())
 

@@ -227,8 +227,9 @@ def channel_options(
 
 def watch_channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """The local cache's stream's channel: the client's options, and subchannels of its own.
-    gRPC shares a subchannel (one connection) between channels of the same target and
-    arguments; a channel made to leave a black-holed connection must not get it back."""
+    gRPC's C core may share a subchannel (one connection) between channels of the same target
+    and arguments (its global subchannel pool); a channel made to leave a black-holed
+    connection must not get it back. (grpcio 1.85 was not seen sharing one: a guard.)"""
     return [*options, ("grpc.use_local_subchannel_pool", 1)]
 
 

@@ -469,14 +469,14 @@ class SyncFeed:
                 self._stop.wait(0.25 if left is None else left)
                 continue
             with self._lock:
-                watch = self._watch
-                if watch is not None and not self._silenced:
+                fire = self._watch is not None and not self._silenced
+                if fire and self._watch is not None:
                     self._silenced = True
-                    watch.close()  # cancels the call: the feed's iteration ends
-            if watch is None:
-                self._stop.wait(0.02)  # ending: down() follows
-            else:
+                    self._watch.close()  # cancels the call: the feed's iteration ends
+            if fire:
                 self._copies.silenced()
+            else:
+                self._stop.wait(0.02)  # already ending: down() follows
 
     def _close_watch(self) -> None:
         with self._lock:
