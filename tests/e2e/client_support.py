@@ -212,6 +212,10 @@ class FreezableProxy:
                         waiting.append(data)
                         continue
                 sink.sendall(data)
+        with self._hold_lock:
+            if self._holding or number in self._held:
+                waiting.append(b"")  # the FIN too is held, as a black hole drops it
+                return
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
@@ -229,7 +233,10 @@ class FreezableProxy:
             for sink, waiting in self._backlog:
                 with contextlib.suppress(OSError):
                     for data in waiting:
-                        sink.sendall(data)
+                        if data:
+                            sink.sendall(data)
+                        else:
+                            sink.shutdown(socket.SHUT_WR)
                 waiting.clear()
 
     def close(self) -> None:
