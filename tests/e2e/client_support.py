@@ -161,7 +161,9 @@ class FreezableProxy:
     """A TCP proxy to ``upstream`` on a port of its own. While ``frozen``, what clients send is
     read and held, not forwarded (``held`` counts it): a replica that took a call and stalls.
     ``hold()`` black-holes every connection both ways (no RST, no FIN: what a partitioned
-    network does) but keeps the bytes; ``release()`` delivers them, late, in order."""
+    network does) but keeps the bytes; ``hold(connections=[i])`` only those (numbered in the
+    order accepted; ``accepted`` counts them), while new ones flow; ``release()`` delivers
+    the bytes, late, in order."""
 
     def __init__(self, upstream: int) -> None:
         self._upstream = upstream
@@ -172,6 +174,8 @@ class FreezableProxy:
         self._closed = False
         self._sockets: list[socket.socket] = []
         self._holding = False
+        self._held: set[int] = set()  # connections held by number
+        self.accepted = 0
         self._hold_lock = threading.Lock()
         self._backlog: list[tuple[socket.socket, list[bytes]]] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -184,14 +188,17 @@ class FreezableProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self._upstream))
             self._sockets += [downstream, upstream]
+            number, self.accepted = self.accepted, self.accepted + 1
             threading.Thread(
-                target=self._pump, args=(downstream, upstream, True), daemon=True
+                target=self._pump, args=(downstream, upstream, True, number), daemon=True
             ).start()
             threading.Thread(
-                target=self._pump, args=(upstream, downstream, False), daemon=True
+                target=self._pump, args=(upstream, downstream, False, number), daemon=True
             ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, from_client: bool, number: int
+    ) -> None:
         waiting: list[bytes] = []
         with self._hold_lock:
             self._backlog.append((sink, waiting))
@@ -201,24 +208,35 @@ class FreezableProxy:
                     self.held += len(data)
                     continue
                 with self._hold_lock:
-                    if self._holding:
+                    if self._holding or number in self._held:
                         waiting.append(data)
                         continue
                 sink.sendall(data)
+        with self._hold_lock:
+            if self._holding or number in self._held:
+                waiting.append(b"")  # the FIN too is held, as a black hole drops it
+                return
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
-    def hold(self) -> None:
+    def hold(self, connections: list[int] | None = None) -> None:
         with self._hold_lock:
-            self._holding = True
+            if connections is None:
+                self._holding = True
+            else:
+                self._held.update(connections)
 
     def release(self) -> None:
         with self._hold_lock:
             self._holding = False
+            self._held.clear()
             for sink, waiting in self._backlog:
                 with contextlib.suppress(OSError):
                     for data in waiting:
-                        sink.sendall(data)
+                        if data:
+                            sink.sendall(data)
+                        else:
+                            sink.shutdown(socket.SHUT_WR)
                 waiting.clear()
 
     def close(self) -> None:

@@ -3,7 +3,8 @@
 an Invalidate made through another client drops the copy once its event arrived, a cut
 stream answers nothing (every validate to the server), and the feed resumes from its cursor;
 a stream black-holed by the network (no RST, no FIN) stops the answers once its heartbeats
-fall silent, long before the TTL, and they resume when it speaks again.
+fall silent, long before the TTL, and they resume when it speaks again, or, when it stays
+silent, on a new stream on a new connection while the old one is still black-holed.
 Copies live 60 s here, so that only the stream (never the TTL) can explain a dropped copy.
 Order and counts, never timing: each wait is a bounded loop on a counter."""
 
@@ -140,12 +141,13 @@ def test_a_black_holed_stream_stops_the_answers_before_the_ttl_and_they_resume(
     (bytes kept, delivered late on release). Its copies stop answering once the heartbeats'
     covered point is older than ``max_silence`` (0.75 s: 3 x the server's 250 ms), not after
     the 60 s TTL nor gRPC's keepalive (40 s); a revocation made meanwhile is applied before
-    the copies answer again, on the same stream."""
+    the copies answer again, on the same stream (``reopen_after`` long: never reopened here)."""
     user = f"sage-{time.monotonic_ns()}"
     proxy = FreezableProxy(client_server.port)
+    patient = LocalCache(ttl=60.0, reopen_after=60.0)
     try:
         with (
-            client_server.client(target=f"127.0.0.1:{proxy.port}", local_cache=LONG) as cached,
+            client_server.client(target=f"127.0.0.1:{proxy.port}", local_cache=patient) as cached,
             client_server.client() as other,
         ):
 
@@ -175,6 +177,109 @@ def test_a_black_holed_stream_stops_the_answers_before_the_ttl_and_they_resume(
             assert cached.validate(c).reason == Reason.REVOKED
             again = cached.validate(b)
             assert again.valid and again.from_client_cache
+    finally:
+        proxy.close()
+
+
+def test_a_silent_stream_is_reopened_on_a_new_connection_while_the_old_is_black_holed(
+    client_server: Serving,
+) -> None:
+    """Only the cache's stream's connection is black-holed (it has a channel of its own; the
+    validations' connection stays healthy). The copies stop answering once the heartbeats are
+    late (``max_silence``); once the stream has been silent for ``reopen_after`` (2 s by
+    default) the feed cancels it and opens a new one from its cursor on a new connection, not
+    waiting for gRPC's keepalive (40 s): the revocation made meanwhile arrives on the new
+    stream before its first heartbeat, so before any copy answers again."""
+    user = f"uma-{time.monotonic_ns()}"
+    proxy = FreezableProxy(client_server.port)
+    try:
+        with (
+            client_server.client(target=f"127.0.0.1:{proxy.port}", local_cache=LONG) as cached,
+            client_server.client() as other,
+        ):
+
+            def stats() -> LocalCacheStats:
+                return _stats(cached.local_cache_stats)
+
+            _until(lambda: stats().answering, "the first heartbeat")
+            assert proxy.accepted == 1  # the stream's own channel; no validation sent yet
+            b, c = (other.create(user, ttl=600).token for _ in range(2))
+            for token in (b, c):
+                assert not cached.validate(token).from_client_cache
+                assert cached.validate(token).from_client_cache
+            assert proxy.accepted == 2  # the validations' connection
+            seen, hits, beats = stats().events, stats().hits, stats().heartbeats
+
+            proxy.hold(connections=[0])  # the stream's connection: black-holed, no RST
+            _until(lambda: not stats().answering, "the silence noticed")
+            assert other.invalidate(token=c).revoked  # while black-holed
+            served = cached.validate(b)  # to the server, over the healthy connection
+            assert served.valid and not served.from_client_cache
+
+            def answering_again() -> bool:
+                now = stats()
+                if now.answering:  # at the first moment seen: the event was applied before
+                    assert now.events > seen and now.hits == hits, now
+                return now.answering
+
+            _until(answering_again, "a new stream on a new connection, heartbeats again")
+            now = stats()
+            assert now.silent_reopens >= 1 and now.starts >= 2 and now.heartbeats > beats
+            assert proxy.accepted >= 3  # a new connection; the old one is still held
+            assert now.restarts_from_now == 0  # resumed from the cursor
+            revoked = cached.validate(c)
+            assert revoked.reason == Reason.REVOKED and not revoked.from_client_cache
+            cached.validate(b)  # copied (again) after the new stream's START
+            again = cached.validate(b)
+            assert again.valid and again.from_client_cache
+    finally:
+        proxy.close()
+
+
+def test_the_async_client_reopens_a_silent_stream_on_a_new_connection(
+    client_server: Serving,
+) -> None:
+    user = f"vera-{time.monotonic_ns()}"
+    proxy = FreezableProxy(client_server.port)
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        async with (
+            client_server.async_client(
+                target=f"127.0.0.1:{proxy.port}", local_cache=LONG
+            ) as cached,
+            client_server.async_client() as other,
+        ):
+
+            def stats() -> LocalCacheStats:
+                return _stats(cached.local_cache_stats)
+
+            await until(lambda: stats().answering, "the first heartbeat")
+            assert proxy.accepted == 1
+            token = (await other.create(user, ttl=600)).token
+            seen = stats().events
+            proxy.hold(connections=[0])
+            await until(lambda: not stats().answering, "the silence noticed")
+            assert (await other.invalidate(token=token)).revoked
+
+            def answering_again() -> bool:
+                now = stats()
+                if now.answering:
+                    assert now.events > seen, now
+                return now.answering
+
+            await until(answering_again, "a new stream on a new connection")
+            assert stats().silent_reopens >= 1 and stats().starts >= 2
+            assert proxy.accepted >= 2
+            assert (await cached.validate(token)).reason == Reason.REVOKED
+
+    try:
+        asyncio.run(scenario())
     finally:
         proxy.close()
 

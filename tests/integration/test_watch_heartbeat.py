@@ -205,7 +205,9 @@ def _fallback_and_refusal(target: str) -> None:
             time.sleep(0.01)
         raise AssertionError("no START")
 
-    ttl_only = LocalCache(ttl=60.0)
+    # Silence is normal without heartbeats: a stream never reopened for it, however short the
+    # bound (a server with heartbeats would be reopened every 0.2 s here).
+    ttl_only = LocalCache(ttl=60.0, reopen_after=0.2)
     strict = LocalCache(ttl=60.0, require_heartbeats=True)
     with (
         SessionAuthorityClient(target, channel_options=NO_PROXY, local_cache=ttl_only) as old,
@@ -219,3 +221,6 @@ def _fallback_and_refusal(target: str) -> None:
         assert not stats(refusing).answering
         assert [refusing.validate(token).from_client_cache for _ in range(3)] == [False] * 3
         assert stats(refusing).hits == 0 and stats(refusing).heartbeats == 0
+        time.sleep(1.0)  # 5 x reopen_after of silence
+        assert (stats(old).starts, stats(old).silent_reopens) == (1, 0)
+        assert (stats(refusing).starts, stats(refusing).silent_reopens) == (1, 0)

@@ -2,16 +2,21 @@
 races the e2e test cannot order (an answer that was sent before an event and arrives after
 it; an answer from before START; a heartbeat that arrives late), the TTL counted from when
 the request was sent, the expiry margin, and heartbeats' covered point against
-``max_silence``."""
+``max_silence``; and the feeds (sync and asyncio) reopening a silent stream on a new channel,
+on fake streams (counts, not timings)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from session_authority.client import EventKind, LocalCache, RevocationEvent, Session, Source
-from session_authority.client._local_cache import Copies, token_key
+from session_authority.client._local_cache import AsyncFeed, Copies, SyncFeed, token_key
 from session_authority.client._results import Validation
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -183,7 +188,149 @@ def test_a_revoked_session_s_later_valid_answer_is_never_copied() -> None:
     assert copies.stats().entries == 1
 
 
+def test_a_stream_silent_for_reopen_after_is_due_to_be_reopened_only_with_heartbeats() -> None:
+    clock = Clock()
+    copies = _copies(clock, ttl=60.0)
+    assert copies.silence_left() is None  # no stream yet
+    copies.opening()
+    assert copies.silence_left() is None  # sent, no START yet
+    copies.apply(RevocationEvent(EventKind.START, "c0", heartbeat_interval=0.25))
+    assert copies.silence_left() == 2.0  # max(2 x max_silence (0.75 s), 2 s)
+    clock.seconds += 1.5
+    assert copies.silence_left() == 0.5
+    copies.apply(_beat(1.4))  # anything the stream delivers counts
+    assert copies.silence_left() == 2.0
+    clock.seconds += 2.5
+    left = copies.silence_left()
+    assert left is not None and left < 0  # silent: due
+    copies.silenced()
+    copies.down()
+    assert copies.silence_left() is None and copies.stats().silent_reopens == 1
+    slow = _started(clock, interval=5.0)  # a server that beats every 5 s: max_silence 15 s
+    assert slow.silence_left() == 30.0
+    assert _started(clock, reopen_after=0.5).silence_left() == 0.5  # the caller's
+    assert _started(clock, max_silence=1.5).silence_left() == 3.0
+    old = _started(clock, interval=None)  # no heartbeats: silence is normal
+    clock.seconds += 3600.0
+    assert old.silence_left() is None
+
+
+class FakeWatch:
+    """A stream that delivers ``events`` and then nothing, until ``close()``."""
+
+    def __init__(self, events: list[RevocationEvent]) -> None:
+        self._events = list(events)
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[RevocationEvent]:
+        yield from self._events
+        self._closed.wait(30)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+QUICK = {"ttl": 60.0, "reopen_after": 0.05, "reconnect_backoff": (0.01, 0.02)}
+BEATING = [RevocationEvent(EventKind.START, "c0", heartbeat_interval=0.25), _beat(0.0)]
+MUTE = [RevocationEvent(EventKind.START, "c0")]  # a server without heartbeats
+
+
+def test_the_sync_feed_reopens_a_silent_stream_on_a_fresh_channel_and_only_with_heartbeats() -> (
+    None
+):
+    opened: dict[str, list[bool]] = {"beating": [], "mute": []}
+
+    def opener(kind: str, events: list[RevocationEvent]) -> Callable[[str, bool], FakeWatch]:
+        def open_watch(after: str, fresh: bool) -> FakeWatch:
+            opened[kind].append(fresh)
+            return FakeWatch(events)
+
+        return open_watch
+
+    beating = Copies(LocalCache(**QUICK))  # type: ignore[arg-type]
+    mute = Copies(LocalCache(**QUICK))  # type: ignore[arg-type]
+    feeds = [
+        SyncFeed(beating, opener("beating", BEATING), beating._settings),  # type: ignore[arg-type]
+        SyncFeed(mute, opener("mute", MUTE), mute._settings),  # type: ignore[arg-type]
+    ]
+    try:
+        _until(lambda: len(opened["beating"]) >= 3, "reopened twice")
+        # Side by side: the stream without heartbeats stays open the while.
+        assert opened["mute"] == [False] and mute.stats().silent_reopens == 0
+        assert opened["beating"][:3] == [False, True, True]  # each reopening on a new channel
+        assert beating.stats().silent_reopens >= 2
+    finally:
+        for feed in feeds:
+            feed.close()
+    # Each silence counted once, and followed by one reopening (but perhaps the last, cut by
+    # close()).
+    reopened = sum(opened["beating"])
+    assert reopened <= beating.stats().silent_reopens <= reopened + 1
+
+
+class FakeAsyncWatch:
+    def __init__(self, events: list[RevocationEvent]) -> None:
+        self._events = list(events)
+        self.closed = asyncio.Event()
+
+    def __aiter__(self) -> FakeAsyncWatch:
+        return self
+
+    async def __anext__(self) -> RevocationEvent:
+        if self._events:
+            return self._events.pop(0)
+        await self.closed.wait()
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_the_async_feed_reopens_a_silent_stream_on_a_fresh_channel_and_only_with_heartbeats() -> (
+    None
+):
+    opened: dict[str, list[bool]] = {"beating": [], "mute": []}
+
+    async def scenario() -> None:
+        def opener(kind: str, events: list[RevocationEvent]) -> Callable[[str, bool], object]:
+            async def open_watch(after: str, fresh: bool) -> FakeAsyncWatch:
+                opened[kind].append(fresh)
+                return FakeAsyncWatch(events)
+
+            return open_watch
+
+        beating = Copies(LocalCache(**QUICK))  # type: ignore[arg-type]
+        mute = Copies(LocalCache(**QUICK))  # type: ignore[arg-type]
+        feeds = [
+            AsyncFeed(beating, opener("beating", BEATING), beating._settings),  # type: ignore[arg-type]
+            AsyncFeed(mute, opener("mute", MUTE), mute._settings),  # type: ignore[arg-type]
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while len(opened["beating"]) < 3:
+                assert time.monotonic() < deadline, "reopened twice"
+                await asyncio.sleep(0.005)
+            assert opened["mute"] == [False] and mute.stats().silent_reopens == 0
+            assert opened["beating"][:3] == [False, True, True]
+            assert beating.stats().silent_reopens >= 2
+        finally:
+            for feed in feeds:
+                await feed.close()
+        reopened = sum(opened["beating"])
+        assert reopened <= beating.stats().silent_reopens <= reopened + 1
+
+    asyncio.run(scenario())
+
+
 def test_settings_out_of_range_are_refused() -> None:
-    for bad in ({"max_silence": 0.0}, {"max_silence": -1.0}, {"stream_max_age": 0.0}):
+    for bad in ({"max_silence": 0.0}, {"max_silence": -1.0}, {"stream_max_age": 0.0},
+                {"reopen_after": 0.0}):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
             LocalCache(**bad)  # type: ignore[arg-type]

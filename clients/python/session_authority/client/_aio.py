@@ -53,11 +53,11 @@ class AsyncSessionAuthorityClient:
             retry or Retry(), keepalive or Keepalive(), tls, channel_options
         )
         self.target = target
-        self._channel = (
-            grpc.aio.insecure_channel(target, options=options)
-            if tls is None
-            else grpc.aio.secure_channel(target, _config.credentials(tls), options=options)
-        )
+        self._tls = tls
+        self._options = options
+        self._channel = self._new_channel(options)
+        # The local cache's stream's own channel (see the sync client's).
+        self._watch_channel: grpc.aio.Channel | None = None
         self._stub = pb_grpc.SessionAuthorityStub(self._channel)
         self._metadata = _config.metadata(api_key)
         self._deadlines = deadlines or Deadlines()
@@ -81,11 +81,26 @@ class AsyncSessionAuthorityClient:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._feed = AsyncFeed(
-            self._copies,
-            lambda after: self.watch_revocations(after, heartbeats=True),
-            self._cache_settings,
-        )
+        self._feed = AsyncFeed(self._copies, self._open_cache_watch, self._cache_settings)
+
+    def _new_channel(self, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        credentials = _config.credentials(self._tls)
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+    async def _open_cache_watch(self, after: str, fresh: bool) -> AsyncRevocationWatch:
+        """The local cache's stream, on its own channel (a new one when ``fresh``)."""
+        if fresh or self._watch_channel is None:
+            old = self._watch_channel
+            self._watch_channel = self._new_channel(_config.watch_channel_options(self._options))
+            if old is not None:
+                await old.close()
+        stub = pb_grpc.SessionAuthorityStub(self._watch_channel)
+        call = stub.WatchRevocations(_requests.watch(after, True), metadata=self._metadata)
+        watch = AsyncRevocationWatch(call)
+        await watch._start(self._deadlines.watch_start)
+        return watch
 
     def __repr__(self) -> str:
         return f"AsyncSessionAuthorityClient(target={self.target!r})"
@@ -106,6 +121,9 @@ class AsyncSessionAuthorityClient:
         """Close the channel; calls in flight are cancelled."""
         if self._feed is not None:
             await self._feed.close()
+        if self._watch_channel is not None:
+            watch_channel, self._watch_channel = self._watch_channel, None
+            await watch_channel.close()
         await self._channel.close()
 
     @property

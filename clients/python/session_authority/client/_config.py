@@ -40,6 +40,7 @@ __all__ = [
     "credentials",
     "metadata",
     "service_config",
+    "watch_channel_options",
 ]
 
 SERVICE = "session_authority.v1.SessionAuthority"
@@ -222,6 +223,14 @@ def channel_options(
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     options.extend(extra)
     return options
+
+
+def watch_channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The local cache's stream's channel: the client's options, and subchannels of its own.
+    gRPC's C core may share a subchannel (one connection) between channels of the same target
+    and arguments (its global subchannel pool); a channel made to leave a black-holed
+    connection must not get it back. (grpcio 1.85 was not seen sharing one: a guard.)"""
+    return [*options, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def credentials(tls: Tls) -> grpc.ChannelCredentials:

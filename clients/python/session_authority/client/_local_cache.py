@@ -16,7 +16,12 @@ Kept by:
   network that held it back, a starved thread). Copies answer only while that point is at most
   ``max_silence`` old: a stream gone silent (server stalled, its reader behind Postgres, the
   network black-holed with no RST) stops the answers within ``max_silence``, without waiting
-  for gRPC's keepalive to declare the connection dead. Offsets are counted short by
+  for gRPC's keepalive to declare the connection dead. A stream silent (no message at all) for
+  ``reopen_after`` (default: ``max(2 x max_silence, 2 s)``) is cancelled and reopened from its
+  cursor on a new connection (the client's watch channel is replaced: a new call on the old
+  channel would go on the same dead connection), with the reconnect backoff; the new stream
+  answers only after its START and first heartbeat, as any. Only with a server that sends
+  heartbeats: without them, silence is normal. Offsets are counted short by
   ``CLOCK_RATE_ALLOWANCE`` (the two machines' clocks may run at slightly different rates) and
   the stream is reopened every ``stream_max_age`` seconds, so that allowance stays small.
 * A server that sends no heartbeats (an older release, or ``WATCH_HEARTBEAT_MS=0``): copies
@@ -56,7 +61,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from session_authority.client._errors import SessionAuthorityError
+from session_authority.client._errors import DeadlineExceeded, SessionAuthorityError
 from session_authority.client._results import EventKind, RevocationEvent, Validation
 from session_authority.client._watch import AsyncRevocationWatch, RevocationWatch
 
@@ -90,7 +95,9 @@ class LocalCache:
     old for copies to answer (None: 3 x the interval the server announces); ``require_heartbeats``:
     never answer from a server that sends no heartbeats (default: answer, bounded by ``ttl``);
     ``stream_max_age``: seconds after which the stream is reopened (the clock-rate allowance
-    grows with it)."""
+    grows with it). ``reopen_after``: seconds a stream with heartbeats may stay silent (no
+    message at all) before it is cancelled and reopened on a new connection (None:
+    ``max(2 x max_silence, 2 s)``)."""
 
     ttl: float = 1.0
     expiry_margin: float = 1.0
@@ -99,6 +106,7 @@ class LocalCache:
     max_silence: float | None = None
     require_heartbeats: bool = False
     stream_max_age: float = 300.0
+    reopen_after: float | None = None
 
     def __post_init__(self) -> None:
         if not self.ttl > 0:
@@ -114,6 +122,8 @@ class LocalCache:
             raise ValueError("LocalCache.max_silence must be positive (or None)")
         if not self.stream_max_age > 0:
             raise ValueError("LocalCache.stream_max_age must be positive")
+        if self.reopen_after is not None and not self.reopen_after > 0:
+            raise ValueError("LocalCache.reopen_after must be positive (or None)")
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,8 @@ class LocalCacheStats:
     ``heartbeats``: HEARTBEAT events received; ``heartbeat_interval``: what this stream's server
     announced (None: it sends none); ``answering``: copies may answer now (live and, with
     heartbeats, the newest covered point recent enough); ``covered_age``: seconds since that
-    point (None: no heartbeat on this stream yet)."""
+    point (None: no heartbeat on this stream yet); ``silent_reopens``: streams cancelled and
+    reopened on a new connection because they fell silent for ``reopen_after``."""
 
     hits: int
     misses: int
@@ -140,6 +151,7 @@ class LocalCacheStats:
     heartbeat_interval: float | None = None
     answering: bool = False
     covered_age: float | None = None
+    silent_reopens: int = 0
 
 
 _sha256 = hashlib.sha256
@@ -181,6 +193,8 @@ class Copies:
         self._opened = -math.inf  # when the current stream's call was sent (monotonic)
         self._interval: float | None = None
         self._covered: float | None = None  # the newest covered point (this clock)
+        self._heard = -math.inf  # when the stream last delivered anything (monotonic)
+        self._silent_reopens = 0
         self._revoked: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def begin(self) -> tuple[int, float]:
@@ -255,6 +269,7 @@ class Copies:
         HEARTBEAT moves the covered point on."""
         with self._lock:
             self._cursor = event.cursor or self._cursor
+            self._heard = self._monotonic()
             if event.kind == EventKind.HEARTBEAT:
                 self._heartbeat(event.covered)
                 return
@@ -295,6 +310,29 @@ class Copies:
     def _max_silence(self, interval: float) -> float:
         chosen = self._settings.max_silence
         return 3 * interval if chosen is None else chosen
+
+    def _reopen_after(self, interval: float) -> float:
+        chosen = self._settings.reopen_after
+        return max(2 * self._max_silence(interval), 2.0) if chosen is None else chosen
+
+    def silence_left(self) -> float | None:
+        """Seconds until the live stream counts as silent (``reopen_after`` since it last
+        delivered anything; <= 0: it is). None when silence means nothing: not live, or a
+        server that sends no heartbeats."""
+        with self._lock:
+            if not self._live or self._interval is None:
+                return None
+            return self._heard + self._reopen_after(self._interval) - self._monotonic()
+
+    def silenced(self) -> None:
+        """The feed cancels the stream for its silence (counted; ``down`` follows)."""
+        with self._lock:
+            self._silent_reopens += 1
+            bound = self._reopen_after(self._interval or 0.0)
+        _log.warning(
+            "the revocation stream has been silent for %.3g s: reopening it on a new connection",
+            bound,
+        )
 
     def _remember(self, session_id: str) -> None:
         now = self._monotonic()
@@ -341,7 +379,15 @@ class Copies:
                 heartbeat_interval=self._interval,
                 answering=now < self._answer_until,
                 covered_age=None if self._covered is None else now - self._covered,
+                silent_reopens=self._silent_reopens,
             )
+
+
+def _proves_live(event: RevocationEvent) -> bool:
+    """Whether the event resets the reconnect backoff: anything after START, or START from a
+    server without heartbeats (with them, a stream that starts and falls silent again, as
+    while the server's reader is stuck behind Postgres, is reopened ever more slowly)."""
+    return event.kind != EventKind.START or event.heartbeat_interval is None
 
 
 def _refused_cursor(exc: SessionAuthorityError) -> bool:
@@ -350,12 +396,14 @@ def _refused_cursor(exc: SessionAuthorityError) -> bool:
 
 class SyncFeed:
     """A daemon thread that keeps a WatchRevocations stream open and feeds ``copies``.
-    ``open_watch(after)`` opens one (``SessionAuthorityClient.watch_revocations``)."""
+    ``open_watch(after, fresh)`` opens one (``SessionAuthorityClient``'s watch channel;
+    ``fresh``: on a new channel, so a new connection). A second thread cancels a stream that
+    fell silent (``Copies.silence_left``); the feed then reopens it on a new connection."""
 
     def __init__(
         self,
         copies: Copies,
-        open_watch: Callable[[str], RevocationWatch],
+        open_watch: Callable[[str, bool], RevocationWatch],
         settings: LocalCache,
     ) -> None:
         self._copies = copies
@@ -365,21 +413,28 @@ class SyncFeed:
         self._hold = threading.Event()  # the test hook: cut() with hold
         self._lock = threading.Lock()
         self._watch: RevocationWatch | None = None
+        self._silenced = False  # the watchdog cancelled the current stream
         self._thread = threading.Thread(
             target=self._run, name="session-authority-cache", daemon=True
         )
+        self._watchdog = threading.Thread(
+            target=self._watch_silence, name="session-authority-cache-silence", daemon=True
+        )
         self._thread.start()
+        self._watchdog.start()
 
     def _run(self) -> None:
         first, most = self._settings.reconnect_backoff
         wait = first
+        fresh = False
         while not self._stop.is_set():
             if self._hold.is_set():
                 self._stop.wait(0.02)
                 continue
             from_now = rotated = False
             try:
-                watch = self._open(self._copies.opening())
+                watch = self._open(self._copies.opening(), fresh)
+                fresh = False
                 with self._lock:
                     self._watch = watch
                 if self._stop.is_set() or self._hold.is_set():  # closed or cut while opening
@@ -387,19 +442,41 @@ class SyncFeed:
                 retire = self._copies.opened_at() + self._settings.stream_max_age
                 for event in watch:
                     self._copies.apply(event)
-                    wait = first
+                    if _proves_live(event):
+                        wait = first
                     if time.monotonic() >= retire:  # reopen: a fresh anchor for the offsets
                         rotated = True
                         break
             except SessionAuthorityError as exc:
                 from_now = _refused_cursor(exc)
+                # No START in time: that connection may be the dead one.
+                fresh = isinstance(exc, DeadlineExceeded)
             finally:
                 self._close_watch()
                 self._copies.down(from_now=from_now)
+            with self._lock:
+                if self._silenced:
+                    self._silenced, fresh = False, True
             if rotated:
                 continue
             self._stop.wait(wait)
             wait = min(wait * 2, most)
+
+    def _watch_silence(self) -> None:
+        while not self._stop.is_set():
+            left = self._copies.silence_left()
+            if left is None or left > 0:
+                self._stop.wait(0.25 if left is None else left)
+                continue
+            with self._lock:
+                fire = self._watch is not None and not self._silenced
+                if fire and self._watch is not None:
+                    self._silenced = True
+                    self._watch.close()  # cancels the call: the feed's iteration ends
+            if fire:
+                self._copies.silenced()
+            else:
+                self._stop.wait(0.02)  # already ending: down() follows
 
     def _close_watch(self) -> None:
         with self._lock:
@@ -422,16 +499,18 @@ class SyncFeed:
         self._stop.set()
         self._close_watch()
         self._thread.join(5)
+        self._watchdog.join(5)
         self._copies.down()
 
 
 class AsyncFeed:
-    """The asyncio twin of ``SyncFeed``: a task on the client's loop."""
+    """The asyncio twin of ``SyncFeed``: a task on the client's loop; each read of the stream
+    is bounded by the time left before it counts as silent."""
 
     def __init__(
         self,
         copies: Copies,
-        open_watch: Callable[[str], Awaitable[AsyncRevocationWatch]],
+        open_watch: Callable[[str, bool], Awaitable[AsyncRevocationWatch]],
         settings: LocalCache,
     ) -> None:
         self._copies = copies
@@ -445,22 +524,36 @@ class AsyncFeed:
     async def _run(self) -> None:
         first, most = self._settings.reconnect_backoff
         wait = first
+        fresh = False
         while True:
             await self._released.wait()
             from_now = rotated = False
             try:
-                self._watch = watch = await self._open(self._copies.opening())
+                self._watch = watch = await self._open(self._copies.opening(), fresh)
+                fresh = False
                 if not self._released.is_set():  # cut while opening
                     continue
                 retire = self._copies.opened_at() + self._settings.stream_max_age
-                async for event in watch:
+                events = aiter(watch)
+                while True:
+                    try:
+                        async with asyncio.timeout(self._copies.silence_left()):
+                            event = await anext(events)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:  # silent: reopen on a new connection
+                        self._copies.silenced()
+                        fresh = True
+                        break
                     self._copies.apply(event)
-                    wait = first
+                    if _proves_live(event):
+                        wait = first
                     if time.monotonic() >= retire:  # reopen: a fresh anchor for the offsets
                         rotated = True
                         break
             except SessionAuthorityError as exc:
                 from_now = _refused_cursor(exc)
+                fresh = isinstance(exc, DeadlineExceeded)  # no START in time
             finally:
                 self._close_watch()
                 self._copies.down(from_now=from_now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -59,25 +60,42 @@ class SessionAuthorityClient:
             retry or Retry(), keepalive or Keepalive(), tls, channel_options
         )
         self.target = target
-        self._channel = (
-            grpc.insecure_channel(target, options=options)
-            if tls is None
-            else grpc.secure_channel(target, _config.credentials(tls), options=options)
-        )
+        self._tls = tls
+        self._options = options
+        self._channel = self._new_channel(options)
         self._stub = pb_grpc.SessionAuthorityStub(self._channel)
         self._metadata = _config.metadata(api_key)
         self._deadlines = deadlines or Deadlines()
         self._hedging = hedging
         self._copies: Copies | None = None
         self._feed: SyncFeed | None = None
+        # The local cache's stream has a channel (so a connection) of its own, replaced when
+        # the stream falls silent: a new call on a black-holed connection would hang too.
+        self._watch_lock = threading.Lock()
+        self._watch_channel: grpc.Channel | None = None
         if local_cache:
             settings = local_cache if isinstance(local_cache, LocalCache) else LocalCache()
             self._copies = Copies(settings)
-            self._feed = SyncFeed(
-                self._copies,
-                lambda after: self.watch_revocations(after, heartbeats=True),
-                settings,
-            )
+            self._feed = SyncFeed(self._copies, self._open_cache_watch, settings)
+
+    def _new_channel(self, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+        if self._tls is None:
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, _config.credentials(self._tls), options=options)
+
+    def _open_cache_watch(self, after: str, fresh: bool) -> RevocationWatch:
+        """The local cache's stream, on its own channel (a new one when ``fresh``)."""
+        with self._watch_lock:
+            old = None
+            if fresh or self._watch_channel is None:
+                old = self._watch_channel
+                options = _config.watch_channel_options(self._options)
+                self._watch_channel = self._new_channel(options)
+            stub = pb_grpc.SessionAuthorityStub(self._watch_channel)
+        if old is not None:
+            old.close()
+        call = stub.WatchRevocations(_requests.watch(after, True), metadata=self._metadata)
+        return RevocationWatch(call, self._deadlines.watch_start)
 
     def __repr__(self) -> str:
         return f"SessionAuthorityClient(target={self.target!r})"
@@ -97,6 +115,10 @@ class SessionAuthorityClient:
         """Close the channel; calls in flight are cancelled."""
         if self._feed is not None:
             self._feed.close()
+        with self._watch_lock:
+            watch_channel, self._watch_channel = self._watch_channel, None
+        if watch_channel is not None:
+            watch_channel.close()
         self._channel.close()
 
     @property
