@@ -302,3 +302,37 @@ def test_the_stream_is_reopened_after_stream_max_age(client_server: Serving) -> 
         )
         assert cached.validate(token).reason == Reason.REVOKED
         assert _stats(cached.local_cache_stats).restarts_from_now == 0  # resumed, not from now
+
+
+def test_closing_a_client_whose_stream_waits_for_its_start_ends_the_feed(
+    client_server: Serving,
+) -> None:
+    """The server is black-holed before the cache's stream has its START: ``close`` cancels
+    that opening (by closing the stream's channel first) and the feed's thread has ended when
+    ``close`` returns, instead of outliving it by its 5 s join while the call waits for START
+    (``watch_start``: 10 s). No channel is opened after ``close``."""
+    proxy = FreezableProxy(client_server.port)
+    try:
+        proxy.hold()  # every connection, the ones to come included: no START will arrive
+        cached = client_server.client(target=f"127.0.0.1:{proxy.port}", local_cache=True)
+        feed = cached._feed
+        assert feed is not None
+        _until(
+            lambda: _stats(cached.local_cache_stats).starts == 0 and feed._thread.is_alive(),
+            "the feed",
+        )
+        time.sleep(0.3)  # the thread is inside its opening, waiting for START
+        thread, alive_after_join = feed._thread, []
+        join = thread.join
+
+        def recorded_join(timeout: float | None = None) -> None:
+            join(timeout)
+            alive_after_join.append(thread.is_alive())
+
+        thread.join = recorded_join  # type: ignore[method-assign]
+        cached.close()
+        assert alive_after_join == [False]  # ended within close's join, not left behind by it
+        assert cached._watch_channel is None
+        assert _stats(cached.local_cache_stats).starts == 0
+    finally:
+        proxy.close()

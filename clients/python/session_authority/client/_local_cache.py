@@ -495,9 +495,13 @@ class SyncFeed:
     def release(self) -> None:
         self._hold.clear()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop without waiting for the thread (``close`` waits)."""
         self._stop.set()
         self._close_watch()
+
+    def close(self) -> None:
+        self.stop()
         self._thread.join(5)
         self._watchdog.join(5)
         self._copies.down()

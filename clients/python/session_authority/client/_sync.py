@@ -12,7 +12,7 @@ import grpc
 
 from session_authority.client import _config, _requests, _results
 from session_authority.client._config import Deadlines, Hedging, Keepalive, Retry, Tls
-from session_authority.client._errors import mapped
+from session_authority.client._errors import Unavailable, mapped
 from session_authority.client._hedging import hedge_sync
 from session_authority.client._local_cache import (
     Copies,
@@ -73,6 +73,7 @@ class SessionAuthorityClient:
         # the stream falls silent: a new call on a black-holed connection would hang too.
         self._watch_lock = threading.Lock()
         self._watch_channel: grpc.Channel | None = None
+        self._closed = False
         if local_cache:
             settings = local_cache if isinstance(local_cache, LocalCache) else LocalCache()
             self._copies = Copies(settings)
@@ -86,6 +87,8 @@ class SessionAuthorityClient:
     def _open_cache_watch(self, after: str, fresh: bool) -> RevocationWatch:
         """The local cache's stream, on its own channel (a new one when ``fresh``)."""
         with self._watch_lock:
+            if self._closed:  # no new channel once closed
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, "client closed")
             old = None
             if fresh or self._watch_channel is None:
                 old = self._watch_channel
@@ -114,11 +117,16 @@ class SessionAuthorityClient:
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         if self._feed is not None:
-            self._feed.close()
+            self._feed.stop()
         with self._watch_lock:
+            self._closed = True
             watch_channel, self._watch_channel = self._watch_channel, None
         if watch_channel is not None:
+            # Cancels the cache's stream, one still waiting for its START included (a
+            # black-holed server): the feed's thread then ends at once.
             watch_channel.close()
+        if self._feed is not None:
+            self._feed.close()
         self._channel.close()
 
     @property
