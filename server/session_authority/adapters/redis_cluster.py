@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -57,7 +56,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
-from session_authority.adapters.redis_pool import NotMaster, ServerReplaced, run_id_of
+from session_authority.adapters.redis_pool import MultiHostUrl, NotMaster, ServerReplaced, run_id_of
 from session_authority.core.domain import TokenHash
 from session_authority.core.health import PoolStats
 
@@ -107,14 +106,8 @@ class ClusterTarget:
 
 def parse_cluster_url(url: str) -> ClusterTarget:
     """Raises ``ValueError`` naming what is wrong (never the password)."""
-    parts = urlsplit(url)
-    plain = _SCHEMES.get(parts.scheme.lower())
-    if plain is None:
-        raise ValueError("REDIS_URL: not a redis+cluster:// or rediss+cluster:// URL")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    nodes = tuple(_host_port(host) for host in hosts.split(",") if host)
-    if not nodes:
-        raise ValueError("REDIS_URL: a Cluster URL names at least one node")
+    split = MultiHostUrl.parse(url, _SCHEMES, host="cluster node", default_port=DEFAULT_PORT)
+    parts, plain, userinfo, nodes = split.parts, split.plain, split.userinfo, split.hosts
     if parts.path.strip("/") not in ("", "0"):
         raise ValueError("REDIS_URL: a Cluster URL's database is 0 (or left out)")
     auth = f"{userinfo}@" if userinfo else ""
@@ -124,18 +117,6 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     if plain == "rediss":
         options["ssl"] = True
     return ClusterTarget(nodes, plain == "rediss", options)
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, port = text, ""
-    if text.startswith("["):  # [IPv6]:port
-        host, _, port = text[1:].partition("]")
-        port = port.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    if not host or (port and not port.isdigit()):
-        raise ValueError("REDIS_URL: a cluster node is host[:port] or [IPv6][:port]")
-    return host, int(port) if port else DEFAULT_PORT
 
 
 class ClusterIdentity:

@@ -12,7 +12,9 @@ revocations.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -20,8 +22,49 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from session_authority.core.health import PoolStats
 
+
+@dataclass(frozen=True)
+class MultiHostUrl:
+    """A ``redis+sentinel://`` or ``redis+cluster://`` URL split: the plain
+    scheme it stands for, its user info (``user:pw`` or empty), its hosts."""
+
+    parts: SplitResult
+    plain: str
+    userinfo: str
+    hosts: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def parse(
+        cls, url: str, schemes: dict[str, str], *, host: str, default_port: int
+    ) -> MultiHostUrl:
+        """``schemes``: accepted scheme -> plain scheme. ``host`` names one host in
+        errors (``"sentinel"``); ``ValueError`` says what is wrong, never the password."""
+        parts = urlsplit(url)
+        plain = schemes.get(parts.scheme.lower())
+        if plain is None:
+            raise ValueError(f"REDIS_URL: not a {' or '.join(f'{s}://' for s in schemes)} URL")
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        found = tuple(_host_port(text, host, default_port) for text in hosts.split(",") if text)
+        if not found:
+            raise ValueError(f"REDIS_URL: the URL names at least one {host}")
+        return cls(parts, plain, userinfo, found)
+
+
+def _host_port(text: str, what: str, default_port: int) -> tuple[str, int]:
+    host, port = text, ""
+    if text.startswith("["):  # [IPv6]:port
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or (port and not port.isdigit()):
+        raise ValueError(f"REDIS_URL: a {what} is host[:port] or [IPv6][:port]")
+    return unquote(host), int(port) if port else default_port
+
+
 __all__ = [
     "CountingPool",
+    "MultiHostUrl",
     "NotMaster",
     "PoolExhausted",
     "ServerIdentity",

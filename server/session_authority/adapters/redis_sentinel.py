@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.sentinel import (
@@ -43,7 +43,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.exceptions import RedisError
 
-from session_authority.adapters.redis_pool import CountingPool, ServerIdentity
+from session_authority.adapters.redis_pool import CountingPool, MultiHostUrl, ServerIdentity
 
 __all__ = [
     "DEFAULT_PORT",
@@ -80,14 +80,8 @@ class SentinelTarget:
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """Raises ``ValueError`` naming what is wrong (never the password)."""
-    parts = urlsplit(url)
-    plain = _SCHEMES.get(parts.scheme.lower())
-    if plain is None:
-        raise ValueError("REDIS_URL: not a redis+sentinel:// or rediss+sentinel:// URL")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    sentinels = tuple(_host_port(host) for host in hosts.split(",") if host)
-    if not sentinels:
-        raise ValueError("REDIS_URL: a Sentinel URL names at least one sentinel host")
+    split = MultiHostUrl.parse(url, _SCHEMES, host="sentinel", default_port=DEFAULT_PORT)
+    parts, plain, userinfo, sentinels = split.parts, split.plain, split.userinfo, split.hosts
     path = [unquote(p) for p in parts.path.split("/") if p]
     if not path or len(path) > 2:
         raise ValueError("REDIS_URL: a Sentinel URL's path is /<master-name>[/<db>]")
@@ -105,18 +99,6 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     if plain == "rediss":
         sentinel["ssl"] = True
     return SentinelTarget(sentinels, path[0], plain == "rediss", master, sentinel | sentinel_auth)
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, port = text, ""
-    if text.startswith("["):  # [IPv6]:port
-        host, _, port = text[1:].partition("]")
-        port = port.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    if not host or (port and not port.isdigit()):
-        raise ValueError("REDIS_URL: a sentinel is host[:port] or [IPv6][:port]")
-    return unquote(host), int(port) if port else DEFAULT_PORT
 
 
 class SentinelCountingPool(CountingPool, SentinelConnectionPool):
