@@ -236,8 +236,8 @@ def _touch(args: argparse.Namespace, stdin: TextIO) -> Action:
 
     def call(client: SessionAuthorityClient) -> Result:
         try:
-            answer: Touch = client.touch(
-                token=token, session_id=session_id, extend_by=args.extend_by
+            answer: Touch = client.touch(  # an operator's extension: show the new expiry
+                token=token, session_id=session_id, extend_by=args.extend_by, write_through=True
             )
         except ServerError as exc:
             why = _NOT_TOUCHABLE.get(exc.code.name)

@@ -116,7 +116,8 @@ def add_ops_parsers(sub: Any) -> None:
         "touch",
         "slide a session's expiry forward, by token (stdin) or --session-id",
         "Call TouchSession: the expiry becomes now + --extend-by (default: the server's "
-        "session TTL), never earlier, never past the session's maximum lifetime. Exit 1 when "
+        "session TTL), never earlier, never past the session's maximum lifetime; answered "
+        "after the write (write_through), with the new expiry. Exit 1 when "
         "the session is unknown, revoked or expired (never revived). "
         + _TOKEN_STDIN.format(verb="touch"),
     )

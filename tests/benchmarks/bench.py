@@ -64,6 +64,10 @@ Report keys (stable; other tools read them):
                                                  p99 at the same rate, paced alike, in the same
                                                  run (the target: touch_max_ms <= 3 x
                                                  touch_hit_p99_ms; touch_max_vs_hit_p99 says it)
+  touch_hit_max_ms                               those hits' slowest: the machine's own spread
+  touch_server_slowest_le_ms,                    the server's histogram bound holding every
+  touch_hit_server_slowest_le_ms                 touch (hit) as its handler timed it: what the
+                                                 slowest calls spent in the service, not queued
   watch_propagation_p99_ms                       Invalidate sent to one replica until its
                                                  WatchRevocations event reaches a watcher on the
                                                  other (another process sharing Postgres/Redis)
@@ -763,6 +767,13 @@ class Bench:
             await conn.execute(
                 "INSERT INTO bench_touch_writes VALUES ($1, 0)", created.session.session_id
             )
+            if self.h2load:
+                # A second of hits first, not counted: the first run of new connections
+                # on a server that served nothing yet (``--only touch``) starts with calls
+                # of 10 ms and more, and the hits are the reference. No touch before.
+                await run_h2load_paced(
+                    server.target, hit_body, rate=TOUCH_RATE, seconds=1.0, log_file=None
+                )
             before = await scrape(server)
             if self.h2load:
                 hit_ms = (
@@ -774,6 +785,7 @@ class Bench:
                         log_file=self.base / "touch-hit.log",
                     )
                 ).latencies_ms
+                between = await scrape(server)
                 touch_ms = (
                     await run_h2load_paced(
                         server.target,
@@ -789,6 +801,7 @@ class Bench:
                 hit_ms = await _paced_calls(
                     server.target, "ValidateSession", validate, seconds, self.problems
                 )
+                between = await scrape(server)
                 touch_ms = await _paced_calls(
                     server.target, "TouchSession", request, seconds, self.problems
                 )
@@ -816,6 +829,13 @@ class Bench:
         self.report["touch_p99_ms"] = round(_pct(times, 0.99), 3)
         self.report["touch_max_ms"] = round(times[-1] if times else 0.0, 3)
         self.report["touch_hit_p99_ms"] = round(_pct(hits, 0.99), 3)
+        self.report["touch_hit_max_ms"] = round(hits[-1] if hits else 0.0, 3)
+        self.report["touch_server_slowest_le_ms"] = _slowest_bound_ms(
+            between, after, "TouchSession"
+        )
+        self.report["touch_hit_server_slowest_le_ms"] = _slowest_bound_ms(
+            before, between, "ValidateSession"
+        )
         self.report["touch_max_vs_hit_p99"] = round(
             self.report["touch_max_ms"] / max(self.report["touch_hit_p99_ms"], 0.001), 2
         )
@@ -1384,6 +1404,23 @@ async def _paced_calls(
     if failed:
         problems.append(f"{method} (paced, Python client): calls that failed: {dict(failed)}")
     return times
+
+
+def _slowest_bound_ms(before: Samples, after: Samples, method: str) -> float | None:
+    """The smallest bucket bound of the server's ``grpc_server_handling_seconds`` (in
+    ms) that holds every call of ``method`` between two scrapes: the slowest call as the
+    handler timed it, not counting what the calls waited before and after it (the
+    machine's scheduling, the transport, the load generator). None: no call."""
+    counts = delta(before, after, "grpc_server_handling_seconds_bucket", grpc_method=method)
+    total = delta(before, after, "grpc_server_handling_seconds_count", grpc_method=method)
+    calls = sum(total.values())
+    if not calls:
+        return None
+    bounds: dict[float, float] = {}
+    for labels, n in counts.items():
+        le = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)["le"]
+        bounds[float(le)] = bounds.get(float(le), 0.0) + n
+    return next((round(le * 1000, 3) for le in sorted(bounds) if bounds[le] >= calls), None)
 
 
 def _pct(ordered: list[float], q: float) -> float:

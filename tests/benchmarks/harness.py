@@ -252,7 +252,7 @@ async def run_h2load_paced(
     *,
     rate: float,
     seconds: float,
-    log_file: Path,
+    log_file: Path | None,
     method: str = VALIDATE,
 ) -> H2load:
     """``rate`` calls a second in all, open loop, spread out: as many

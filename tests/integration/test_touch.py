@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 from uuid import uuid4
 
@@ -113,8 +113,9 @@ async def _touch(
     *,
     token: str | None = None,
     session_id: str | None = None,
+    write_through: bool = False,
 ) -> pb.TouchSessionResponse:
-    request = pb.TouchSessionRequest()
+    request = pb.TouchSessionRequest(write_through=write_through)
     if token is not None:
         request.token = token
     if session_id is not None:
@@ -127,6 +128,25 @@ async def _touch(
 async def _writes(pg: asyncpg.Connection, session_id: str) -> int:
     n = await pg.fetchval("SELECT n FROM test_touch_writes WHERE session_id = $1", session_id)
     return int(n or 0)
+
+
+async def _until(
+    probe: Callable[[], Awaitable[object]], want: object, *, differs: bool = False
+) -> None:
+    """Poll ``probe`` until it returns ``want`` (``differs``: anything else), 10 s at most."""
+    deadline = time.monotonic() + 10
+    while True:
+        got = await probe()
+        if (got != want) if differs else (got == want):
+            return
+        assert time.monotonic() < deadline, f"still {got!r}"
+        await asyncio.sleep(0.01)
+
+
+async def _answered_expiry(stub: pb_grpc.SessionAuthorityAsyncStub, token: str) -> int:
+    """The expiry (µs) that ValidateSession answers for ``token``."""
+    reply = await stub.ValidateSession(pb.ValidateSessionRequest(token=token), timeout=10)
+    return reply.session.expires_at.ToMicroseconds()
 
 
 def _dt(ts: Any) -> datetime:
@@ -224,11 +244,21 @@ async def test_touch_is_capped_by_the_maximum_lifetime_and_never_shortens(
     assert stored.replace(tzinfo=None) == _dt(long.session.expires_at)
 
 
+@pytest.mark.parametrize("write_through", [False, True], ids=["behind", "through"])
 async def test_a_thousand_concurrent_touches_make_one_statement_one_write_no_lock_waits(
-    replicas: Replicas, pg: asyncpg.Connection, postgres_server: EmbeddedPostgres
+    replicas: Replicas,
+    pg: asyncpg.Connection,
+    postgres_server: EmbeddedPostgres,
+    write_through: bool,
 ) -> None:
+    """1,000 touches at once of a cached session. By default every one is
+    answered from the cache (the expiry as it stood) and one write goes on
+    behind them; with ``write_through`` they share one statement and answer
+    its new expiry. Either way: one statement, one write, no lock waits."""
     app, a = replicas[0]
     created = await _create(a)
+    request = pb.ValidateSessionRequest(token=created.token)
+    assert (await a.ValidateSession(request, timeout=10)).valid  # cached
     statements = 0
     inner = app.store.touch
 
@@ -250,14 +280,34 @@ async def test_a_thousand_concurrent_touches_make_one_statement_one_write_no_loc
         stubs = [pb_grpc.SessionAuthorityStub(channel) for channel in channels]
         async with sampler:
             replies = await asyncio.gather(
-                *(_touch(stubs[i % 10], token=created.token) for i in range(1000))
+                *(
+                    _touch(stubs[i % 10], token=created.token, write_through=write_through)
+                    for i in range(1000)
+                )
             )
+            if not write_through:  # the write behind the answers lands
+                await _until(lambda: _writes(pg, created.session.session_id), 1)
+                created_us = created.session.expires_at.ToMicroseconds()
+                await _until(lambda: _answered_expiry(a, created.token), created_us, differs=True)
     finally:
         del app.store.touch
         for channel in channels:
             await channel.close()
-    assert sum(r.written for r in replies) == 1
-    assert len({r.session.expires_at.ToMicroseconds() for r in replies}) == 1
+    expiries = {r.session.expires_at.ToMicroseconds() for r in replies}
+    if write_through:
+        assert sum(r.written for r in replies) == 1
+        assert len(expiries) == 1 and expiries != {created.session.expires_at.ToMicroseconds()}
+    else:
+        # Each answer is the expiry as it stood, or (once the write behind them
+        # landed) the new one; never a third.
+        assert sum(r.written for r in replies) == 0
+        stored = await pg.fetchval(
+            "SELECT expires_at FROM sessions WHERE session_id = $1", created.session.session_id
+        )
+        old_us = created.session.expires_at.ToMicroseconds()
+        new_us = await _answered_expiry(a, created.token)
+        assert new_us == (stored - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        assert old_us in expiries and expiries <= {old_us, new_us}
     assert statements == 1
     assert await _writes(pg, created.session.session_id) == 1
     assert sampler.samples > 0
@@ -327,7 +377,9 @@ async def test_a_touch_racing_invalidate_never_resurrects_the_session(
         token, _ = await core.create(f"race-{uuid4().hex[:8]}", None, {})
         assert (await core.validate(token)).valid  # cached, with the old expiry
         store.gate.clear()
-        touch = asyncio.create_task(core.touch(token=token, extend_by=timedelta(hours=1)))
+        touch = asyncio.create_task(
+            core.touch(token=token, extend_by=timedelta(hours=1), write_through=True)
+        )
         await store.written.wait()  # Postgres holds the new expiry; Redis not yet
         revoked = await core.invalidate(token=token)
         assert (revoked.revoked_count, revoked.cache_purged) == (1, True)
@@ -352,6 +404,48 @@ async def test_a_touch_racing_invalidate_never_resurrects_the_session(
         await client.aclose()
 
 
+async def test_a_write_behind_racing_invalidate_never_resurrects_the_session(
+    postgres_server: EmbeddedPostgres, redis_server: EmbeddedRedis
+) -> None:
+    """The default touch of a cached session: answered from the cache at once,
+    its write behind the answer. That write's statement has committed the new
+    expiry when Invalidate commits and tombstones: its fill is refused, the
+    cache still says revoked, and the next touch is refused."""
+    store = _PausableTouchStore(postgres_server.url)
+    cache = RedisSessionCache.from_url(
+        redis_server.url, min_connections=1, max_connections=10, timeout=5, pool_timeout=5
+    )
+    core = assemble_core(store, cache, breaker=Breaker(BreakerPolicy(timeout=5.0)))
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        token, session = await core.create(f"behind-{uuid4().hex[:8]}", None, {})
+        assert (await core.validate(token)).valid  # cached
+        store.gate.clear()
+        answer = await core.touch(token=token, extend_by=timedelta(hours=1))
+        assert not answer.written and answer.session.expires_at == session.expires_at
+        await store.written.wait()  # the write behind: in Postgres, not yet in Redis
+        revoked = await core.invalidate(token=token)
+        assert (revoked.revoked_count, revoked.cache_purged) == (1, True)
+        store.gate.set()
+        await _until(lambda: _behind(core), 0)
+        verdict = await core.validate(token)
+        assert (verdict.valid, verdict.reason) == (False, Reason.REVOKED)
+        key = cache_key(TokenHash.of(token))
+        assert await client.hget(key, "state") == "revoked"
+        with pytest.raises(SessionNotLive, match="revoked"):
+            await core.touch(token=token)
+    finally:
+        store.gate.set()
+        await core.aclose()
+        await cache.aclose()
+        await store.aclose()
+        await client.aclose()
+
+
+async def _behind(core: Any) -> int:
+    return len(core.toucher._behind)
+
+
 async def test_the_new_expiry_reaches_another_process_within_the_l1_bound(
     replicas: Replicas,
 ) -> None:
@@ -367,7 +461,7 @@ async def test_the_new_expiry_reaches_another_process_within_the_l1_bound(
     found = local_b._entries.get(TokenHash.of(created.token).hex)
     assert found is not None, "B holds no L1 copy"
     copy_dies_at = found[0]
-    touched = await _touch(a, token=created.token)
+    touched = await _touch(a, token=created.token, write_through=True)
     assert touched.written
     new_expiry = touched.session.expires_at
     seen_a = await a.ValidateSession(request, timeout=10)
@@ -405,7 +499,9 @@ async def test_a_touch_that_joins_a_statement_begun_before_an_invalidate_is_refu
         first = asyncio.create_task(core.touch(token=token))
         await store.read.wait()
         assert (await core.invalidate(token=token)).cache_purged
-        late = asyncio.create_task(core.touch(token=token))
+        # write_through: straight to the statement in flight (by default it would ask
+        # the cache first, find the tombstone, and then join it).
+        late = asyncio.create_task(core.touch(token=token, write_through=True))
         flights = core.toucher._flights
         for _ in range(100):  # a few turns of the loop: no I/O before it joins
             if flights.callers("h:" + hash_.hex) == 2:

@@ -115,3 +115,32 @@ async def test_bad_input_is_refused_before_any_io(w: World) -> None:
     with pytest.raises(SessionNotFound):
         await w.svc.touch(session_id=str(uuid.uuid4()))
     assert w.store.calls["touch"] == 1
+
+
+async def test_a_cached_session_is_answered_at_once_and_written_behind(w: World) -> None:
+    token = await w.create()
+    assert (await w.svc.validate(token)).valid  # now cached
+    created = w.store.peek(TokenHash.of(token))
+    assert created is not None
+    answer = await w.svc.touch(token=token, extend_by=timedelta(hours=30))
+    assert not answer.written and answer.session.expires_at == created.expires_at
+    await until(lambda: w.store.calls["touch"] == 1 and not w.svc.toucher._behind)
+    stored = w.store.peek(TokenHash.of(token))
+    assert stored is not None and stored.expires_at > created.expires_at
+    later = await w.svc.touch(token=token, extend_by=timedelta(hours=30))
+    assert not later.written and later.session.expires_at == stored.expires_at
+    assert w.store.calls["touch"] == 1  # within the interval: the cache answers
+
+
+async def test_write_through_answers_after_the_write_with_the_new_expiry(w: World) -> None:
+    token = await w.create()
+    assert (await w.svc.validate(token)).valid  # cached: would be answered from it
+    created = w.store.peek(TokenHash.of(token))
+    assert created is not None
+    answer = await w.svc.touch(token=token, extend_by=timedelta(hours=30), write_through=True)
+    assert answer.written and answer.session.expires_at > created.expires_at
+    assert w.store.calls["touch"] == 1
+    # Within the interval no write is due: answered from the cache, written or not.
+    again = await w.svc.touch(token=token, extend_by=timedelta(hours=30), write_through=True)
+    assert not again.written and again.session.expires_at == answer.session.expires_at
+    assert w.store.calls["touch"] == 1

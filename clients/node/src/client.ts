@@ -112,8 +112,16 @@ export interface ListOptions {
   readonly pageSize?: number;
 }
 
-/** The session to touch, by token or id, and how far from now its expiry moves (seconds; default the server's SESSION_TTL_DEFAULT_SECONDS). */
-export type TouchTarget = InvalidateTarget & { readonly extendBy?: number };
+/**
+ * The session to touch, by token or id, and how far from now its expiry moves (seconds; default
+ * the server's SESSION_TTL_DEFAULT_SECONDS). `writeThrough`: answer after the write, with the new
+ * expiry; by default a session the server has cached is answered at once (`written: false`, the
+ * expiry as it stood) and written behind the answer.
+ */
+export type TouchTarget = InvalidateTarget & {
+  readonly extendBy?: number;
+  readonly writeThrough?: boolean;
+};
 
 export interface WatchOptions {
   /** Resume after this cursor (a `RevocationEvent.cursor` received before, on any replica); absent: from now. */
@@ -256,9 +264,10 @@ export class SessionAuthorityClient {
   async touch(target: TouchTarget, call: CallOptions = {}): Promise<Touch> {
     const byToken = "token" in target;
     const extendBy = target.extendBy === undefined ? undefined : seconds(target.extendBy, "extendBy");
+    const writeThrough = target.writeThrough === true;
     const request = byToken
-      ? { target: { case: "token" as const, value: target.token }, extendBy }
-      : { target: { case: "sessionId" as const, value: target.sessionId }, extendBy };
+      ? { target: { case: "token" as const, value: target.token }, extendBy, writeThrough }
+      : { target: { case: "sessionId" as const, value: target.sessionId }, extendBy, writeThrough };
     const reply = await this.guard("TouchSession", byToken ? [target.token] : [], () =>
       this.rpc.touchSession(request, this.options(call, this.timeouts.touch)),
     );

@@ -142,15 +142,24 @@ describe("invalidateUser with exceptSessionId", () => {
 describe("touch", () => {
   it("by token and by session id: the expiry moves forward", async () => {
     const { token, sessionId } = await created(unique("node-touch"), 60);
-    const before = await client.validate(token);
+    const before = await client.validate(token); // cached by the server from here
     assert.ok(before.valid);
-    const first = await client.touch({ token, extendBy: 3600 });
+    const first = await client.touch({ token, extendBy: 3600, writeThrough: true });
     assert.equal(first.session.sessionId, sessionId);
-    assert.equal(typeof first.written, "boolean");
+    assert.equal(first.written, true);
     assert.ok((first.session.expiresAt?.getTime() ?? 0) > (before.session.expiresAt?.getTime() ?? Infinity));
     const second = await client.touch({ sessionId });
     assert.equal(second.session.sessionId, sessionId);
     assert.ok((second.session.expiresAt?.getTime() ?? 0) >= (first.session.expiresAt?.getTime() ?? Infinity));
+  });
+
+  it("by default a cached session is answered at once, its write behind the answer", async () => {
+    const { token } = await created(unique("node-touch"), 60);
+    const before = await client.validate(token);
+    assert.ok(before.valid);
+    const answer = await client.touch({ token, extendBy: 3600 });
+    assert.equal(answer.written, false);
+    assert.equal(answer.session.expiresAt?.getTime(), before.session.expiresAt?.getTime());
   });
 
   it("unknown: NotFoundError; revoked: FailedPreconditionError, and it stays revoked", async () => {

@@ -112,8 +112,11 @@ class SessionAuthority:
         token: str | None = None,
         session_id: str | None = None,
         extend_by: timedelta | None = None,
+        write_through: bool = False,
     ) -> Touch:
-        return await self.toucher.touch(token=token, session_id=session_id, extend_by=extend_by)
+        return await self.toucher.touch(
+            token=token, session_id=session_id, extend_by=extend_by, write_through=write_through
+        )
 
     async def aclose(self) -> None:
         """Stop background work: refreshes, the breakers' timers and probes."""

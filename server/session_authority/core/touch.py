@@ -7,7 +7,7 @@ decides everything that matters, in one statement by its own clock
 never earlier than it was, never past ``created_at + session_max_lifetime``),
 and it skips a row another transaction holds instead of queueing for it.
 
-Coalescing, in three layers:
+Coalescing, in four layers:
 
 1. **In flight**: concurrent touches of one session in this process share one
    statement (a single-flight per session).
@@ -16,12 +16,18 @@ Coalescing, in three layers:
    any replica), this process answers touches of that session until then from
    what the cache holds (the L1 copy while trusted, else Redis), asking the
    store nothing. A tombstone, a verdict or a miss there sends the call to the
-   store instead, so a revoked session is never answered as touched. Once the
-   interval is over, a touch the cache can answer is answered so, and the next
-   write goes on behind it (one in flight per session): a hot session's
-   callers never wait for Postgres. Only a touch the cache cannot answer (the
-   first one in this process, or after a miss) waits for the statement.
-3. **Across replicas**: the statement's condition (``last_seen_at`` an
+   store instead, so a revoked session is never answered as touched.
+3. **Write behind**: when a write is due (the interval is over, or this
+   process has not written the session yet), a touch the cache can answer is
+   answered so (``written: false``, the expiry as it stood) and the write goes
+   on behind it, one in flight per session: no touch waits for Postgres while
+   the cache vouches for its session, so a hot session's callers are answered
+   at the cost of a cache hit (the bench's ``touch_max_ms``). A touch waits
+   for the statement when the cache cannot answer (a miss; a session named by
+   id that this process has not touched: the cache is keyed by token hash) or
+   when its caller asks for it (``write_through``: answered after the write
+   with the new expiry, for a one-off extension whose caller wants to see it).
+4. **Across replicas**: the statement's condition (``last_seen_at`` an
    interval old) and ``SKIP LOCKED``: one write per interval at most, and no
    lock waits however many replicas touch at once.
 
@@ -124,8 +130,11 @@ class Toucher:
         token: str | None = None,
         session_id: str | None = None,
         extend_by: timedelta | None = None,
+        write_through: bool = False,
     ) -> Touch:
         """Slide the session named by ``token`` or ``session_id`` (exactly one).
+        ``write_through``: when a write is due, answer after it (the new expiry,
+        ``written``) instead of from the cache with the write behind.
         Raises ``InvalidArgument`` for bad input, ``SessionNotFound``,
         ``SessionNotLive`` (revoked or expired: never revived), and
         ``StoreUnavailable`` when the store would have to be asked and cannot."""
@@ -143,14 +152,17 @@ class Toucher:
             session_id = check_session_id(session_id or "")
             key = "i:" + session_id
         quiet = self._quiet.get(key)
-        if quiet is not None:
-            answer = await self._from_cache(quiet[1])
+        known = token_hash if quiet is None else quiet[1]
+        due = quiet is None or self._monotonic() >= quiet[0]
+        if known is not None and not (due and write_through):
+            answer = await self._from_cache(known)
             if answer is not None:
-                if self._monotonic() >= quiet[0]:
-                    # The interval is over: the next write goes on behind this
-                    # answer (one at a time per session), so a hot session's
-                    # callers never wait for Postgres; its expiry moves once
-                    # the write lands, as every other answer then shows.
+                if due:
+                    # A write is due (the interval is over, or this process has not
+                    # written the session yet): it goes on behind this answer, one at a
+                    # time per session, so a touch never waits for Postgres while the
+                    # cache vouches for the session; the expiry moves once it lands, as
+                    # every later answer then shows.
                     self._write_behind(key, token_hash, session_id, extend)
                 return answer
             self._quiet.pop(key, None)  # the cache cannot vouch: the store decides now

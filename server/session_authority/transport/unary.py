@@ -131,9 +131,15 @@ class UnaryRPCs:
         )
         target = request.WhichOneof("target")
         if target == "token":
-            touch = await self._core.touch(token=request.token, extend_by=extend_by)
+            touch = await self._core.touch(
+                token=request.token, extend_by=extend_by, write_through=request.write_through
+            )
         elif target == "session_id":
-            touch = await self._core.touch(session_id=request.session_id, extend_by=extend_by)
+            touch = await self._core.touch(
+                session_id=request.session_id,
+                extend_by=extend_by,
+                write_through=request.write_through,
+            )
         else:
             raise InvalidArgument("target", "set one of token or session_id")
         return pb.TouchSessionResponse(session=session_to_pb(touch.session), written=touch.written)

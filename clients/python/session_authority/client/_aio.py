@@ -241,9 +241,10 @@ class AsyncSessionAuthorityClient:
         token: str | None = None,
         session_id: str | None = None,
         extend_by: float | datetime.timedelta | None = None,
+        write_through: bool = False,
         timeout: float | None = None,
     ) -> _results.Touch:
-        request = _requests.touch(token, session_id, extend_by)
+        request = _requests.touch(token, session_id, extend_by, write_through)
         seconds = timeout or self._deadlines.touch
         secrets = (token,) if token else ()
         reply = await self._call(self._stub.TouchSession, request, seconds, secrets)

@@ -82,15 +82,18 @@ def list_sessions(
 
 
 def touch(
-    token: str | None, session_id: str | None, extend_by: float | datetime.timedelta | None
+    token: str | None,
+    session_id: str | None,
+    extend_by: float | datetime.timedelta | None,
+    write_through: bool = False,
 ) -> pb.TouchSessionRequest:
     if (token is None) == (session_id is None):
         raise ValueError("touch takes exactly one of token= and session_id=")
     if token is not None:
-        request = pb.TouchSessionRequest(token=token)
+        request = pb.TouchSessionRequest(token=token, write_through=write_through)
     else:
         assert session_id is not None
-        request = pb.TouchSessionRequest(session_id=session_id)
+        request = pb.TouchSessionRequest(session_id=session_id, write_through=write_through)
     if extend_by is not None:
         request.extend_by.CopyFrom(_duration(extend_by, "extend_by"))
     return request

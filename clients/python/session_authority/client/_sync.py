@@ -253,12 +253,15 @@ class SessionAuthorityClient:
         token: str | None = None,
         session_id: str | None = None,
         extend_by: float | datetime.timedelta | None = None,
+        write_through: bool = False,
         timeout: float | None = None,
     ) -> _results.Touch:
         """Slide a live session's expiry to now + ``extend_by`` (seconds; None: the server's
-        default TTL). NOT_FOUND (unknown) and FAILED_PRECONDITION (revoked or expired) raise
-        ``ServerError``."""
-        request = _requests.touch(token, session_id, extend_by)
+        default TTL). By default a session the server holds in its cache is answered at
+        once (``written`` False, the expiry as it stood) and written behind the answer;
+        ``write_through``: answered after the write, with the new expiry. NOT_FOUND
+        (unknown) and FAILED_PRECONDITION (revoked or expired) raise ``ServerError``."""
+        request = _requests.touch(token, session_id, extend_by, write_through)
         seconds = timeout or self._deadlines.touch
         secrets = (token,) if token else ()
         return _results.touch(self._call(self._stub.TouchSession, request, seconds, secrets))

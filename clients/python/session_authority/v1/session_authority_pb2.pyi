@@ -1188,10 +1188,19 @@ class TouchSessionRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EXTEND_BY_FIELD_NUMBER: _builtins.int
+    WRITE_THROUGH_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The session's token."""
     session_id: _builtins.str
     """The session's id, as returned in Session.session_id."""
+    write_through: _builtins.bool
+    """Optional. When a write is due, answer only after it, with the new expiry
+    (written=true, or false when another caller's write got there first). By
+    default a touch the server's cache can answer is answered at once, with the
+    expiry as it stood, and the write goes on behind the answer: a touch on
+    every request never waits for Postgres. Set it for a one-off extension
+    whose caller wants to see the new expiry.
+    """
     @_builtins.property
     def extend_by(self) -> _duration_pb2.Duration:
         """Optional. How far from now the expiry moves: expires_at becomes
@@ -1206,10 +1215,11 @@ class TouchSessionRequest(_message.Message):
         token: _builtins.str = ...,
         session_id: _builtins.str = ...,
         extend_by: _duration_pb2.Duration | None = ...,
+        write_through: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by", "session_id", b"session_id", "target", b"target", "token", b"token", "write_through", b"write_through"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["token", "session_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -1228,9 +1238,9 @@ class TouchSessionResponse(_message.Message):
     written: _builtins.bool
     """True when this call wrote the new expiry to Postgres before answering;
     false when it was coalesced with a write made within TOUCH_INTERVAL (by any
-    caller, on any replica) or with one in flight. Once a hot session's
-    interval is over, the next write runs behind an answer from the cache
-    (written=false, the expiry as it stood); later answers show the new one.
+    caller, on any replica) or with one in flight, or when the write due runs
+    behind this answer (the default, unless write_through: the answer is the
+    session as the cache held it; later answers show the new expiry).
     """
     @_builtins.property
     def session(self) -> Global___Session:
