@@ -10,13 +10,13 @@ import asyncpg
 import pytest
 
 from session_authority.adapters.migrate import apply_migrations, available_migrations
-from session_authority.adapters.postgres_store import _WARM_UP, PostgresSessionStore
+from session_authority.adapters.postgres_store import PostgresSessionStore
 from session_authority.config import Settings
 from session_authority.core.breaker import Breaker
 from session_authority.core.breaker_policy import BreakerState
 from session_authority.core.domain import Session, TokenHash, new_token
 from session_authority.core.errors import StoreBusy, StoreTimeout, StoreUnavailable
-from session_authority.embedded import EmbeddedPostgres, find_free_port
+from session_authority.embedded import find_free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -106,85 +106,6 @@ async def test_health_and_pool_stats(store: PostgresSessionStore) -> None:
     health = await store.health()
     assert health.connected and health.version.startswith("16")
     assert health.pool.max_size == 10 and health.pool.size >= 1 and health.pool.pending == 0
-
-
-async def test_new_connections_are_warmed_up_and_the_warm_up_writes_nothing(pg_dsn: str) -> None:
-    """Every pooled connection has the request path's statements prepared before
-    its first caller (asyncpg's named statements, in ``pg_prepared_statements``),
-    and running them changed no row, wrote no revocation event and woke no
-    watcher (``_WARM_UP``: keys no row has)."""
-    watcher = await asyncpg.connect(pg_dsn)
-    woken: list[str] = []
-    await watcher.add_listener("session_authority_revocations", lambda *a: woken.append(a[3]))
-    _, kept = _session()
-    store = PostgresSessionStore(
-        pg_dsn, min_size=3, max_size=3, command_timeout=5.0, acquire_timeout=5.0
-    )
-    try:
-        await store.create(kept)  # a live session the warm-up's statements must not touch
-        before = await watcher.fetchrow(
-            "SELECT (SELECT count(*) FROM revocation_events) AS events,"
-            " (SELECT last_seen_at FROM sessions WHERE session_id = $1) AS seen,"
-            " (SELECT revoked_at FROM sessions WHERE session_id = $1) AS revoked",
-            kept.session_id,
-        )
-        assert store._pool is not None
-        held = [await store._pool.acquire() for _ in range(3)]
-        try:
-            prepared = [
-                {r[0] for r in await conn.fetch("SELECT statement FROM pg_prepared_statements")}
-                for conn in held
-            ]
-        finally:
-            for conn in held:
-                await store._pool.release(conn)
-        for statements in prepared:
-            for query, _ in _WARM_UP:
-                assert query in statements
-        after = await watcher.fetchrow(
-            "SELECT (SELECT count(*) FROM revocation_events) AS events,"
-            " (SELECT last_seen_at FROM sessions WHERE session_id = $1) AS seen,"
-            " (SELECT revoked_at FROM sessions WHERE session_id = $1) AS revoked",
-            kept.session_id,
-        )
-        assert before is not None and after is not None
-        assert dict(after) == dict(before) and before["revoked"] is None
-        await watcher.execute("SELECT 1")  # a round trip: a notification sent would be in
-        assert woken == []
-    finally:
-        await store.aclose()
-        await watcher.close()
-
-
-async def test_a_store_connects_to_a_database_not_yet_migrated(
-    postgres_server: EmbeddedPostgres,
-) -> None:
-    """The warm-up cannot run on an empty schema (this process may be the one
-    about to migrate it): the connection is made anyway, and once the schema
-    is there the statements work."""
-    admin = await asyncpg.connect(postgres_server.url)
-    name = f"empty_{uuid4().hex[:8]}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    dsn = postgres_server.url.rsplit("/", 1)[0] + "/" + name
-    store = PostgresSessionStore(
-        dsn, min_size=2, max_size=2, command_timeout=5.0, acquire_timeout=5.0
-    )
-    try:
-        await store.connect()
-        assert (await store.health()).connected
-        conn = await asyncpg.connect(dsn)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        token, session = _session()
-        await store.create(session)
-        found = await store.find(TokenHash.of(token))
-        assert found is not None and found.session_id == session.session_id
-    finally:
-        await store.aclose()
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def test_unreachable_database_raises_store_unavailable() -> None:

@@ -139,36 +139,6 @@ _TOUCH_BY_HASH = _TOUCH.format(column="token_hash")
 _TOUCH_BY_ID = _TOUCH.format(column="session_id")
 
 
-_FIND = """
-SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at, metadata
-FROM sessions WHERE token_hash = $1
-"""
-_FIND_MANY = """
-SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at, metadata
-FROM sessions WHERE token_hash = ANY($1::bytea[])
-"""
-
-# The request path's statements, run once on every new pool connection with a key
-# no row has (an empty token hash, the nil uuid: updating nothing, so writing nothing,
-# and no event). The first run of a statement on a connection costs several times the
-# next ones: asyncpg prepares it (a round trip) and the backend plans it, loading the
-# catalog entries of the table, its indexes and the functions it calls (the touch
-# statement: 3.5 ms on a new connection, 0.5 ms after, on this project's 2-core
-# machine). Without this, the first touch, miss or revocation on each connection paid
-# it while its callers waited. Through a transaction pooler (no statement cache) it
-# warms only the server connection it lands on: harmless, and not needed there.
-_NO_HASH, _NO_ID = b"", "00000000-0000-0000-0000-000000000000"
-_WARM_UP_LOCK_WAIT = "50ms"
-_DAY = 86_400.0
-_WARM_UP: tuple[tuple[str, tuple[object, ...]], ...] = (
-    (_FIND, (_NO_HASH,)),
-    (_FIND_MANY, ([_NO_HASH],)),
-    (_TOUCH_BY_HASH, (_NO_HASH, _DAY, _DAY, 1.0)),
-    (_TOUCH_BY_ID, (_NO_ID, _DAY, _DAY, 1.0)),
-    (_REVOKE_BY_HASH, (_NO_HASH,)),
-    (_REVOKE_BY_ID, (_NO_ID,)),
-)
-
 # One statement, so one snapshot: the events after the cursor below the horizon
 # (the snapshot's xmin: every older transaction has ended), the floor of what was
 # pruned, the snapshot's xmax, and whether committed events wait above the horizon.
@@ -325,7 +295,9 @@ class PostgresSessionStore:
     async def find(self, token_hash: TokenHash) -> Session | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                _FIND,
+                """SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at,
+                          metadata
+                   FROM sessions WHERE token_hash = $1""",
                 bytes.fromhex(token_hash.hex),
             )
         return None if row is None else _session(row)
@@ -519,7 +491,9 @@ class PostgresSessionStore:
         keys = list({bytes.fromhex(token_hash.hex) for token_hash in token_hashes})
         async with self._connection() as conn:
             rows = await conn.fetch(
-                _FIND_MANY,
+                """SELECT session_id, token_hash, user_id, created_at, expires_at, revoked_at,
+                          metadata
+                   FROM sessions WHERE token_hash = ANY($1::bytea[])""",
                 keys,
             )
         found = (_session(row) for row in rows)
@@ -609,26 +583,6 @@ def _retrieve(task: asyncio.Future[None]) -> None:
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await _warm_up(conn)
-
-
-async def _warm_up(conn: asyncpg.Connection) -> None:
-    """Run ``_WARM_UP`` once on a new connection, in one transaction that waits
-    at most ``_WARM_UP_LOCK_WAIT`` for a lock (``SET LOCAL``: nothing outlives it,
-    through a transaction pooler either). Skipped at the first statement that
-    fails or waits: a table locked (a migration, ``VACUUM FULL``) or not yet
-    there (this process may be the one about to migrate) must not hold up or
-    fail the connection. A skipped statement's first real run is cold, never
-    wrong."""
-    try:
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{_WARM_UP_LOCK_WAIT}'")
-            for query, args in _WARM_UP:
-                await conn.fetch(query, *args)
-    except asyncpg.PostgresConnectionError:
-        raise
-    except (asyncpg.PostgresError, TimeoutError) as exc:
-        _log.debug("postgres warm-up skipped: %s", _describe(exc))
 
 
 def _hash(row: Any) -> TokenHash:
