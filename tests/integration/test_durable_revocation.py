@@ -219,28 +219,9 @@ async def test_the_drain_ignores_how_far_the_revokers_clock_is_off(
 # --- 4. a mass logout --------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def patient_app(
-    own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
-) -> AsyncIterator[App]:
-    """As ``app``, with a 60 s statement bound: revoking 50,000 sessions is one statement (and
-    50,000 event rows by the trigger of migration 0006), which took more than the default
-    PG_COMMAND_TIMEOUT_MS (5 s) once with the suite's other process on the same 2 cores. That
-    is a limit of the service, documented with PG_COMMAND_TIMEOUT_MS; this test is about the
-    purge that follows the statement."""
-    started = await App.start(
-        app_settings(own_postgres.url, own_redis.url, pg_command_timeout_ms=60_000)
-    )
-    try:
-        yield started
-    finally:
-        await started.stop(0)
-
-
 async def test_invalidate_user_of_50000_sessions_confirms_its_purge(
-    patient_app: App, own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
+    app: App, own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis
 ) -> None:
-    app = patient_app
     user, count = f"user-{uuid4().hex[:8]}", 50_000
     channel, stub = _stub(app)
     conn = await asyncpg.connect(own_postgres.url)

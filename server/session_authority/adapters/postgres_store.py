@@ -87,6 +87,17 @@ SELECT EXISTS (SELECT 1 FROM kept) AS kept,
        COALESCE((SELECT array_agg(revoked_now) FROM upd), '{}') AS live
 """
 
+# The hashes joined as rows, not `token_hash = ANY($1) AND purge_pending`: once a pooled
+# connection has run this statement a few times with a few hashes, Postgres may keep a generic
+# plan that walks the pending rows and looks each one up in the array by a linear search; with
+# the 50,000 hashes of a mass revocation pending, that is 50,000 x 50,000 comparisons (minutes).
+# A join costs what the hashes and the pending rows cost, whichever plan is cached.
+_CONFIRM_PURGED = """
+UPDATE sessions s SET purge_pending = false
+FROM unnest($1::bytea[]) AS h(token_hash)
+WHERE s.token_hash = h.token_hash AND s.purge_pending
+"""
+
 # Keyset pages in (created_at, session_id) order; the partial index serves live listings, the
 # full one listings with revoked sessions (migration 0004). "Live" is judged by Postgres's clock.
 _LIST_USER = """
@@ -350,11 +361,7 @@ class PostgresSessionStore:
 
     async def confirm_purged(self, token_hashes: Sequence[TokenHash]) -> None:
         async with self._connection() as conn:
-            await conn.execute(
-                """UPDATE sessions SET purge_pending = false
-                   WHERE token_hash = ANY($1::bytea[]) AND purge_pending""",
-                [bytes.fromhex(h.hex) for h in token_hashes],
-            )
+            await conn.execute(_CONFIRM_PURGED, [bytes.fromhex(h.hex) for h in token_hashes])
 
     async def revocation_marks(self) -> RevocationMarks:
         async with self._connection() as conn:
