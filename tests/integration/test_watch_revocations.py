@@ -356,11 +356,16 @@ async def test_slow_watcher_cut_off_while_a_fast_one_gets_all_5000(
     tmp_path: Path,
 ) -> None:
     """A watcher process frozen (SIGSTOP: it never reads) is cut off with
-    RESOURCE_EXHAUSTED, and B's memory stays flat while an InvalidateUser of
-    5,000 sessions flows; a watcher that keeps up gets all 5,000 in order."""
+    RESOURCE_EXHAUSTED, and B's memory stays flat while InvalidateUser of 5,000
+    sessions at a time flows; a watcher that keeps up gets all of them in order.
+
+    The frozen process's transport takes what its HTTP/2 window allows: a few
+    hundred events with the small window asked for, but some runs (gRPC's
+    client grew the window before the freeze) took all 5,000 without the server
+    ever waiting. The server can only tell a reader stopped once its writes
+    wait; so 5,000 more are revoked while the watcher is frozen, up to 30,000
+    in all, until it is cut off."""
     one, other = stubs
-    users = ["watch-bulk"]
-    ids = {u: await _insert(replicas["dsn"], u, 5000) for u in users}
     out = tmp_path / "slow.txt"
     # Its HTTP/2 window is small, so that a few hundred events fill what the
     # frozen process's transport would take (the default takes megabytes).
@@ -370,20 +375,26 @@ async def test_slow_watcher_cut_off_while_a_fast_one_gets_all_5000(
     server = psutil.Process(replicas["b_pid"])
     fast = other.WatchRevocations(pb.WatchRevocationsRequest())
     await _read(fast)
+    got: list[pb.RevocationEvent] = []
+    ids: list[str] = []
+    growth = 0.0
     try:
-        rss_before = server.memory_info().rss
-        got: list[pb.RevocationEvent] = []
-        for user in users:
+        for wave in range(6):
+            user = f"watch-bulk-{wave}"
+            wave_ids = await _insert(replicas["dsn"], user, 5000)
+            rss_before = server.memory_info().rss
             reply = await one.InvalidateUser(pb.InvalidateUserRequest(user_id=user))
             assert reply.revoked_count == 5000
-            got += await _take(fast, 5000, within=30)
-        rss_after = server.memory_info().rss
+            taken = await _take(fast, 5000, within=30)
+            growth = max(growth, (server.memory_info().rss - rss_before) / 2**20)
+            assert sorted(e.session_id for e in taken) == sorted(wave_ids)
+            got += taken
+            ids += wave_ids
+            if _cut_off(replicas["logs"] / "b.log"):
+                break
     finally:
         os.kill(slow.pid, signal.SIGCONT)
     fast.cancel()
-    for user in users:
-        assert sorted(e.session_id for e in got if e.user_id == user) == sorted(ids[user])
-    assert len(got) == 5_000
     assert [e.cursor for e in got] == sorted(e.cursor for e in got)
     await asyncio.to_thread(slow.wait, 30)
     lines = _lines(out)
@@ -391,12 +402,19 @@ async def test_slow_watcher_cut_off_while_a_fast_one_gets_all_5000(
     assert status and status[0][1] == "RESOURCE_EXHAUSTED", lines[-3:]
     assert "watcher too slow" in " ".join(status[0])
     # What it took before the cut is a prefix of the stream: nothing out of order.
-    taken = [line[2].strip() for line in lines if line[0] == str(REVOKED)]
-    assert taken == [e.session_id for e in got[: len(taken)]]
-    assert len(taken) < 5_000
-    growth = (rss_after - rss_before) / 2**20
-    print(f"B's RSS grew {growth:.1f} MiB; the frozen watcher took {len(taken)} of 5,000")
+    taken_slow = [line[2].strip() for line in lines if line[0] == str(REVOKED)]
+    assert taken_slow == [e.session_id for e in got[: len(taken_slow)]]
+    assert len(taken_slow) < len(got)
+    print(
+        f"B's RSS grew at most {growth:.1f} MiB a wave; the frozen watcher took "
+        f"{len(taken_slow)} of {len(got)}"
+    )
     assert growth < 40, growth
+
+
+def _cut_off(log: Path) -> bool:
+    """Whether B has cut a watcher off (its log says so; no other test here does)."""
+    return "Watcher cut off" in log.read_text(errors="replace")
 
 
 async def test_resume_past_retention_or_from_elsewhere_is_refused(

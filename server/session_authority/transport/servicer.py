@@ -9,6 +9,7 @@ this worker) and WatchRevocations (a stream).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ from session_authority.transport.peers import peer_address
 from session_authority.transport.unary import UnaryRPCs
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+_log = logging.getLogger("session_authority.watch")
 
 __all__ = ["SessionAuthorityServicer", "caller_of"]
 
@@ -170,6 +173,12 @@ class SessionAuthorityServicer(UnaryRPCs, pb_grpc.SessionAuthorityServicer):
                     async with asyncio.timeout(self._watch_stall):
                         await context.write(message)
                 except TimeoutError:
+                    _log.warning(
+                        "Watcher cut off (%s): no message taken for %.0f ms; resume after %s",
+                        context.peer(),
+                        self._watch_stall * 1000,
+                        last or "its last cursor",
+                    )
                     await context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"watcher too slow: no message taken for {self._watch_stall * 1000:.0f} "
