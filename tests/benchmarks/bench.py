@@ -65,6 +65,8 @@ Report keys (stable; other tools read them):
                                                  run (the target: touch_max_ms <= 3 x
                                                  touch_hit_p99_ms; touch_max_vs_hit_p99 says it)
   touch_hit_max_ms                               those hits' slowest: the machine's own spread
+  touch_ceiling_p99_ms, touch_ceiling_max_ms     the ceiling (canned bytes) at the same rate and
+                                                 pacing, right after: the control of the maximum
   touch_server_slowest_le_ms,                    the server's histogram bound holding every
   touch_hit_server_slowest_le_ms                 touch (hit) as its handler timed it: what the
                                                  slowest calls spent in the service, not queued
@@ -796,6 +798,19 @@ class Bench:
                         method=TOUCH,
                     )
                 ).latencies_ms
+                # The control: canned bytes and nothing else, the same rate and pacing.
+                # Its slowest call is this machine's (scheduling, the load generator),
+                # none of the service's: a bound on the maximum below it is below what
+                # any server here can show.
+                ceiling_ms = (
+                    await run_h2load_paced(
+                        self.servers["ceiling"].target,
+                        hit_body,
+                        rate=TOUCH_RATE,
+                        seconds=seconds,
+                        log_file=self.base / "touch-ceiling.log",
+                    )
+                ).latencies_ms
             else:
                 validate = pb.ValidateSessionRequest(token=created.token)
                 hit_ms = await _paced_calls(
@@ -805,6 +820,7 @@ class Bench:
                 touch_ms = await _paced_calls(
                     server.target, "TouchSession", request, seconds, self.problems
                 )
+                ceiling_ms = []
             after = await scrape(server)
             writes = await conn.fetchval(
                 "SELECT n FROM bench_touch_writes WHERE session_id = $1",
@@ -830,6 +846,10 @@ class Bench:
         self.report["touch_max_ms"] = round(times[-1] if times else 0.0, 3)
         self.report["touch_hit_p99_ms"] = round(_pct(hits, 0.99), 3)
         self.report["touch_hit_max_ms"] = round(hits[-1] if hits else 0.0, 3)
+        if ceiling_ms:
+            ceiling = sorted(ceiling_ms)
+            self.report["touch_ceiling_p99_ms"] = round(_pct(ceiling, 0.99), 3)
+            self.report["touch_ceiling_max_ms"] = round(ceiling[-1], 3)
         self.report["touch_server_slowest_le_ms"] = _slowest_bound_ms(
             between, after, "TouchSession"
         )
