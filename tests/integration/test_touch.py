@@ -361,12 +361,15 @@ async def test_touches_from_many_connections_never_queue_on_the_row_lock(
     assert sampler.lock_waits == 0
 
 
-async def test_a_touch_racing_invalidate_never_resurrects_the_session(
-    pg: asyncpg.Connection, postgres_server: EmbeddedPostgres, redis_server: EmbeddedRedis
-) -> None:
-    """The touch's statement has written the new expiry; Invalidate commits and
-    tombstones before the touch reaches Redis: the touch's fill is refused, it
-    answers FAILED_PRECONDITION, and the cache still says revoked."""
+Gated: TypeAlias = tuple["_PausableTouchStore", Any, aioredis.Redis]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def gated(
+    postgres_server: EmbeddedPostgres, redis_server: EmbeddedRedis
+) -> AsyncIterator[Gated]:
+    """A core on the real store with a gate after each touch statement, the real
+    cache, and a Redis client to look at it."""
     store = _PausableTouchStore(postgres_server.url)
     cache = RedisSessionCache.from_url(
         redis_server.url, min_connections=1, max_connections=10, timeout=5, pool_timeout=5
@@ -374,28 +377,7 @@ async def test_a_touch_racing_invalidate_never_resurrects_the_session(
     core = assemble_core(store, cache, breaker=Breaker(BreakerPolicy(timeout=5.0)))
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        token, _ = await core.create(f"race-{uuid4().hex[:8]}", None, {})
-        assert (await core.validate(token)).valid  # cached, with the old expiry
-        store.gate.clear()
-        touch = asyncio.create_task(
-            core.touch(token=token, extend_by=timedelta(hours=1), write_through=True)
-        )
-        await store.written.wait()  # Postgres holds the new expiry; Redis not yet
-        revoked = await core.invalidate(token=token)
-        assert (revoked.revoked_count, revoked.cache_purged) == (1, True)
-        store.gate.set()
-        with pytest.raises(SessionNotLive, match="revoked"):
-            await touch
-        answer = await core.validate(token)
-        assert (answer.valid, answer.reason, answer.source) == (
-            False,
-            Reason.REVOKED,
-            Source.CACHE,
-        )
-        key = cache_key(TokenHash.of(token))
-        assert await client.hget(key, "state") == "revoked"
-        with pytest.raises(SessionNotLive):  # and a touch after it is refused too
-            await core.touch(token=token)
+        yield store, core, client
     finally:
         store.gate.set()
         await core.aclose()
@@ -404,42 +386,59 @@ async def test_a_touch_racing_invalidate_never_resurrects_the_session(
         await client.aclose()
 
 
+async def test_a_touch_racing_invalidate_never_resurrects_the_session(gated: Gated) -> None:
+    """The touch's statement has written the new expiry; Invalidate commits and
+    tombstones before the touch reaches Redis: the touch's fill is refused, it
+    answers FAILED_PRECONDITION, and the cache still says revoked."""
+    store, core, client = gated
+    token, _ = await core.create(f"race-{uuid4().hex[:8]}", None, {})
+    assert (await core.validate(token)).valid  # cached, with the old expiry
+    store.gate.clear()
+    touch = asyncio.create_task(
+        core.touch(token=token, extend_by=timedelta(hours=1), write_through=True)
+    )
+    await store.written.wait()  # Postgres holds the new expiry; Redis not yet
+    revoked = await core.invalidate(token=token)
+    assert (revoked.revoked_count, revoked.cache_purged) == (1, True)
+    store.gate.set()
+    with pytest.raises(SessionNotLive, match="revoked"):
+        await touch
+    answer = await core.validate(token)
+    assert (answer.valid, answer.reason, answer.source) == (
+        False,
+        Reason.REVOKED,
+        Source.CACHE,
+    )
+    key = cache_key(TokenHash.of(token))
+    assert await client.hget(key, "state") == "revoked"
+    with pytest.raises(SessionNotLive):  # and a touch after it is refused too
+        await core.touch(token=token)
+
+
 async def test_a_write_behind_racing_invalidate_never_resurrects_the_session(
-    postgres_server: EmbeddedPostgres, redis_server: EmbeddedRedis
+    gated: Gated,
 ) -> None:
     """The default touch of a cached session: answered from the cache at once,
     its write behind the answer. That write's statement has committed the new
     expiry when Invalidate commits and tombstones: its fill is refused, the
     cache still says revoked, and the next touch is refused."""
-    store = _PausableTouchStore(postgres_server.url)
-    cache = RedisSessionCache.from_url(
-        redis_server.url, min_connections=1, max_connections=10, timeout=5, pool_timeout=5
-    )
-    core = assemble_core(store, cache, breaker=Breaker(BreakerPolicy(timeout=5.0)))
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        token, session = await core.create(f"behind-{uuid4().hex[:8]}", None, {})
-        assert (await core.validate(token)).valid  # cached
-        store.gate.clear()
-        answer = await core.touch(token=token, extend_by=timedelta(hours=1))
-        assert not answer.written and answer.session.expires_at == session.expires_at
-        await store.written.wait()  # the write behind: in Postgres, not yet in Redis
-        revoked = await core.invalidate(token=token)
-        assert (revoked.revoked_count, revoked.cache_purged) == (1, True)
-        store.gate.set()
-        await _until(lambda: _behind(core), 0)
-        verdict = await core.validate(token)
-        assert (verdict.valid, verdict.reason) == (False, Reason.REVOKED)
-        key = cache_key(TokenHash.of(token))
-        assert await client.hget(key, "state") == "revoked"
-        with pytest.raises(SessionNotLive, match="revoked"):
-            await core.touch(token=token)
-    finally:
-        store.gate.set()
-        await core.aclose()
-        await cache.aclose()
-        await store.aclose()
-        await client.aclose()
+    store, core, client = gated
+    token, session = await core.create(f"behind-{uuid4().hex[:8]}", None, {})
+    assert (await core.validate(token)).valid  # cached
+    store.gate.clear()
+    answer = await core.touch(token=token, extend_by=timedelta(hours=1))
+    assert not answer.written and answer.session.expires_at == session.expires_at
+    await store.written.wait()  # the write behind: in Postgres, not yet in Redis
+    revoked = await core.invalidate(token=token)
+    assert (revoked.revoked_count, revoked.cache_purged) == (1, True)
+    store.gate.set()
+    await _until(lambda: _behind(core), 0)
+    verdict = await core.validate(token)
+    assert (verdict.valid, verdict.reason) == (False, Reason.REVOKED)
+    key = cache_key(TokenHash.of(token))
+    assert await client.hget(key, "state") == "revoked"
+    with pytest.raises(SessionNotLive, match="revoked"):
+        await core.touch(token=token)
 
 
 async def _behind(core: Any) -> int:
