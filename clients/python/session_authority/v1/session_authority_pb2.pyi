@@ -1244,9 +1244,9 @@ class TouchSessionResponse(_message.Message):
     """
     @_builtins.property
     def session(self) -> Global___Session:
-        """The session with its expiry after this call (and last_seen_at when the
-        server knows it). Within TOUCH_INTERVAL of the last write the expiry is the
-        one that write set, as the cache holds it.
+        """The session as it stands (and last_seen_at when the server knows it): with
+        the new expiry when this call waited for the write; else as the cache holds
+        it, with the expiry the last write set (a write due runs behind the answer).
         """
 
     def __init__(
