@@ -345,19 +345,34 @@ async def test_metrics_content_negotiation(server: Server) -> None:
         assert "session_cache_hits 0.0" in await response.text()  # decompressed by aiohttp
 
 
-async def test_status_codes_and_revocations_are_counted(server: Server) -> None:
+async def test_status_codes_revocations_and_touches_are_counted(server: Server) -> None:
     token = await server.create()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await server.validate("")
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    touched = await server.stub.TouchSession(pb.TouchSessionRequest(token=token))
+    assert touched.written  # not cached: answered after its statement
     await server.stub.Invalidate(pb.InvalidateRequest(token=token))
     await server.stub.Invalidate(pb.InvalidateRequest(token=token))  # repeat: 0 revoked
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.TouchSession(pb.TouchSessionRequest(token=token))
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     m = await server.samples()
     labels = 'grpc_code="INVALID_ARGUMENT",grpc_method="ValidateSession"'
     rpc = 'grpc_service="session_authority.v1.SessionAuthority"'
     assert m[f"grpc_server_handled_total{{{labels},{rpc}}}"] == 1
     assert m['session_revocations_total{cache_purged="true"}'] == 1
     assert m['session_revocations_total{cache_purged="false"}'] == 0
+    touches = {k: v for k, v in m.items() if k.startswith("session_touch")}
+    assert touches == {
+        'session_touches_total{answer="cache"}': 0,
+        'session_touches_total{answer="behind"}': 0,
+        'session_touches_total{answer="store"}': 2,
+        'session_touch_writes_total{outcome="written"}': 1,
+        'session_touch_writes_total{outcome="coalesced"}': 0,
+        'session_touch_writes_total{outcome="refused"}': 1,
+        'session_touch_writes_total{outcome="failed"}': 0,
+    }
 
 
 async def test_hit_rate_is_nan_before_the_first_lookup(server: Server) -> None:

@@ -32,6 +32,7 @@ from session_authority.core.ports import (
     StoreRevocation,
     Touched,
 )
+from session_authority.core.telemetry import NoMetrics
 from session_authority.core.watermark import NOTHING, RevocationMarks, horizon_below, mark_of
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "InMemoryRevocationHub",
     "InMemorySessionCache",
     "InMemorySessionStore",
+    "RecordingMetrics",
     "until",
 ]
 
@@ -92,6 +94,21 @@ def _canonical_id(session_id: str) -> str:
         return str(uuid.UUID(session_id))
     except ValueError:
         raise StoreUnavailable(f"invalid input for query argument: {session_id!r}") from None
+
+
+class RecordingMetrics(NoMetrics):
+    """``CoreMetrics`` that keeps what the core reported of its touches (the
+    rest, as ``NoMetrics``, is dropped)."""
+
+    def __init__(self) -> None:
+        self.touches: Counter[str] = Counter()
+        self.touch_writes: Counter[str] = Counter()
+
+    def touched(self, answer: str) -> None:
+        self.touches[answer] += 1
+
+    def touch_write(self, outcome: str) -> None:
+        self.touch_writes[outcome] += 1
 
 
 class InMemorySessionStore:

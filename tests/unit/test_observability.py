@@ -261,6 +261,26 @@ def test_an_l1_hit_counts_a_local_lookup_and_a_cache_validation(
     assert not untraced_span.attributes  # traced=False: no span is looked for
 
 
+def test_touches_and_their_writes_are_counted_from_zero() -> None:
+    registry = CollectorRegistry()
+    metrics: CoreMetrics = PrometheusMetrics(Instruments(registry), traced=False)
+    before = _lines(registry)
+    assert 'session_touches_total{answer="behind"} 0.0' in before  # every series from zero
+    assert 'session_touch_writes_total{outcome="failed"} 0.0' in before
+    for answer in ("cache", "cache", "behind", "store"):
+        metrics.touched(answer)
+    for outcome in ("written", "failed", "failed", "refused"):
+        metrics.touch_write(outcome)
+    lines = _lines(registry)
+    assert 'session_touches_total{answer="cache"} 2.0' in lines
+    assert 'session_touches_total{answer="behind"} 1.0' in lines
+    assert 'session_touches_total{answer="store"} 1.0' in lines
+    assert 'session_touch_writes_total{outcome="written"} 1.0' in lines
+    assert 'session_touch_writes_total{outcome="coalesced"} 0.0' in lines
+    assert 'session_touch_writes_total{outcome="refused"} 1.0' in lines
+    assert 'session_touch_writes_total{outcome="failed"} 2.0' in lines
+
+
 def test_validated_counts_and_annotates_the_current_span(
     spans: tuple[Tracer, InMemorySpanExporter],
 ) -> None:

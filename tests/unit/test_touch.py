@@ -19,7 +19,7 @@ from session_authority.core.errors import InvalidArgument, SessionNotFound, Sess
 from session_authority.core.policy import CorePolicy
 from session_authority.core.service import SessionAuthority
 
-from .fakes import FakeClock, InMemorySessionCache, InMemorySessionStore, until
+from .fakes import FakeClock, InMemorySessionCache, InMemorySessionStore, RecordingMetrics, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(5)]
 
@@ -31,6 +31,7 @@ class World:
         self.clock = FakeClock()
         self.store = InMemorySessionStore(self.clock.now)
         self.cache = InMemorySessionCache(self.clock.monotonic)
+        self.metrics = RecordingMetrics()
         self.svc: SessionAuthority = assemble_core(
             self.store,
             self.cache,
@@ -39,6 +40,7 @@ class World:
             clock=self.clock.now,
             rng=random.Random(7).random,
             monotonic=self.clock.monotonic,
+            metrics=self.metrics,
         )
 
     async def create(self) -> str:
@@ -144,3 +146,72 @@ async def test_write_through_answers_after_the_write_with_the_new_expiry(w: Worl
     again = await w.svc.touch(token=token, extend_by=timedelta(hours=30), write_through=True)
     assert not again.written and again.session.expires_at == answer.session.expires_at
     assert w.store.calls["touch"] == 1
+
+
+# --- metrics: each touch by where its answer came from, each statement by outcome ----------
+
+
+async def test_a_miss_then_quiet_touches_count_one_store_answer_and_cache_answers(
+    w: World,
+) -> None:
+    token = await w.create()  # not cached yet: the first touch waits for the statement
+    assert (await w.svc.touch(token=token)).written
+    for _ in range(5):
+        await w.svc.touch(token=token)
+    assert w.metrics.touches == {"store": 1, "cache": 5}
+    assert w.metrics.touch_writes == {"written": 1}
+
+
+async def test_a_cached_sessions_first_touch_counts_behind_and_its_write(w: World) -> None:
+    token = await w.create()
+    assert (await w.svc.validate(token)).valid  # now cached
+    assert not (await w.svc.touch(token=token)).written
+    await until(lambda: not w.svc.toucher._behind)
+    assert w.metrics.touches == {"behind": 1}
+    assert w.metrics.touch_writes == {"written": 1}
+    await w.svc.touch(token=token)  # within the interval now
+    assert w.metrics.touches == {"behind": 1, "cache": 1}
+    assert w.metrics.touch_writes == {"written": 1}
+
+
+async def test_writes_behind_that_fail_are_counted_and_the_touch_still_answered(
+    w: World,
+) -> None:
+    token = await w.create()
+    assert (await w.svc.validate(token)).valid
+    w.store.unavailable = True  # Postgres down: the cache still answers
+    for _ in range(3):
+        assert not (await w.svc.touch(token=token)).written
+        await until(lambda: not w.svc.toucher._behind)
+    assert w.metrics.touches == {"behind": 3}
+    assert w.metrics.touch_writes == {"failed": 3}  # the quiet period never began
+    w.store.unavailable = False
+    await w.svc.touch(token=token)
+    await until(lambda: not w.svc.toucher._behind)
+    await w.svc.touch(token=token)
+    assert w.metrics.touches == {"behind": 4, "cache": 1}
+    assert w.metrics.touch_writes == {"failed": 3, "written": 1}
+
+
+async def test_a_coalesced_statement_is_counted_coalesced(w: World) -> None:
+    token = await w.create()
+    assert (await w.svc.touch(token=token)).written
+    w.svc.toucher._quiet.clear()  # as if another replica wrote it: this one does not know
+    w.cache.flush()  # nor does the cache vouch: the store answers
+    assert not (await w.svc.touch(token=token)).written
+    assert w.metrics.touches == {"store": 2}
+    assert w.metrics.touch_writes == {"written": 1, "coalesced": 1}
+
+
+async def test_revoked_and_unknown_sessions_are_counted_refused(w: World) -> None:
+    token = await w.create()
+    assert (await w.svc.touch(token=token)).written
+    assert (await w.svc.invalidate(token=token)).revoked_count == 1
+    with pytest.raises(SessionNotLive):
+        await w.svc.touch(token=token)
+    with pytest.raises(SessionNotFound):
+        await w.svc.touch(session_id=str(uuid.uuid4()))
+    with pytest.raises(SessionNotFound):  # not one of our tokens: no statement, not counted
+        await w.svc.touch(token="sat_" + "A" * 48)
+    assert w.metrics.touches == {"store": 3}
+    assert w.metrics.touch_writes == {"written": 1, "refused": 2}

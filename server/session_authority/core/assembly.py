@@ -123,6 +123,7 @@ def assemble_core(
             monotonic=monotonic,
             local=local,
             feed=feed,
+            metrics=metrics,
         ),
         store_breaker=store_breaker,
         watch=watch,

@@ -18,6 +18,8 @@ from opentelemetry import trace
 __all__ = [
     "ATTR_CACHE_RESULT",
     "ATTR_TOKEN_PREFIX",
+    "TOUCH_ANSWERS",
+    "TOUCH_WRITES",
     "CoreMetrics",
     "NoMetrics",
     "recording",
@@ -63,6 +65,16 @@ ATTR_CACHE_RESULT = "session_authority.cache.result"
 ATTR_TOKEN_PREFIX = "session_authority.token_hash_prefix"
 
 
+#: Where a touch's answer came from (``CoreMetrics.touched``): ``cache`` (no
+#: write due), ``behind`` (the cache, a write started or already running behind
+#: it), ``store`` (after a store statement: its own or one it joined).
+TOUCH_ANSWERS = ("cache", "behind", "store")
+#: What one touch statement did (``CoreMetrics.touch_write``): ``written``,
+#: ``coalesced`` (wrote nothing: written within the interval, or the row
+#: locked), ``refused`` (not found, not live), ``failed`` (the store's error).
+TOUCH_WRITES = ("written", "coalesced", "refused", "failed")
+
+
 class CoreMetrics(Protocol):
     def cache_lookup(self, result: str) -> None:
         """One cache lookup with its result (see ``ATTR_CACHE_RESULT``)."""
@@ -83,6 +95,15 @@ class CoreMetrics(Protocol):
     def revoked(self, count: int, cache_purged: bool) -> None:
         """Sessions revoked by one Invalidate/InvalidateUser."""
 
+    def touched(self, answer: str) -> None:
+        """One TouchSession that passed its input checks, by where its answer
+        came from (one of ``TOUCH_ANSWERS``; ``store`` whatever the statement
+        answered, errors included)."""
+
+    def touch_write(self, outcome: str) -> None:
+        """One store statement run by a touch, written behind an answer or
+        waited for (one of ``TOUCH_WRITES``); callers joining it add none."""
+
 
 class NoMetrics:
     def cache_lookup(self, result: str) -> None:
@@ -98,4 +119,10 @@ class NoMetrics:
         pass
 
     def revoked(self, count: int, cache_purged: bool) -> None:
+        pass
+
+    def touched(self, answer: str) -> None:
+        pass
+
+    def touch_write(self, outcome: str) -> None:
         pass

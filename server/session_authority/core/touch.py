@@ -50,6 +50,10 @@ Freshness of other readers: this process's L1 copy is replaced at once (under
 the L1 version rule); every other process's copy lives at most
 ``L1_CACHE_TTL_MS`` and is replaced from Redis, which holds the new expiry
 once the fill landed.
+
+Reported through ``CoreMetrics``: each touch by where its answer came from
+(``touched``), each statement by what it did (``touch_write``), so writes
+behind that fail (their error is only logged at debug) can be seen.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ from session_authority.core.local import LocalCache, RevocationFeed
 from session_authority.core.policy import CorePolicy
 from session_authority.core.ports import SessionCache, SessionStore
 from session_authority.core.singleflight import Flight, SingleFlight
+from session_authority.core.telemetry import CoreMetrics, NoMetrics
 
 __all__ = ["Touch", "Toucher"]
 
@@ -110,6 +115,7 @@ class Toucher:
         monotonic: Callable[[], float],
         local: LocalCache | None = None,
         feed: RevocationFeed | None = None,
+        metrics: CoreMetrics | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -119,6 +125,7 @@ class Toucher:
         self._monotonic = monotonic
         self._local = local if feed is not None else None
         self._feed = feed
+        self._metrics = metrics or NoMetrics()
         self._flights: SingleFlight[str, Touch] = SingleFlight(clock=monotonic)
         # target key -> (monotonic time until which no write is due, its token hash)
         self._quiet: OrderedDict[str, tuple[float, TokenHash]] = OrderedDict()
@@ -164,8 +171,12 @@ class Toucher:
                     # cache vouches for the session; the expiry moves once it lands, as
                     # every later answer then shows.
                     self._write_behind(key, token_hash, session_id, extend)
+                    self._metrics.touched("behind")
+                else:
+                    self._metrics.touched("cache")
                 return answer
             self._quiet.pop(key, None)  # the cache cannot vouch: the store decides now
+        self._metrics.touched("store")
         joining = key in self._flights
         answer, late = await self._flights.do(
             key, lambda flight: self._write(key, flight, token_hash, session_id, extend)
@@ -219,29 +230,37 @@ class Toucher:
         session_id: str | None,
         extend: timedelta,
     ) -> Touch:
-        """One store statement, then (when it wrote) the cache and this
-        process's L1 copy."""
+        """One store statement (counted by its outcome), then (when it wrote)
+        the cache and this process's L1 copy."""
         local = self._trusted_local()
         version = 0 if local is None else local.version
         flight.begin()
         started = self._monotonic()
-        touched = await self._store.touch(
-            token_hash=token_hash,
-            session_id=session_id,
-            extend_by=extend,
-            max_lifetime=self._policy.session_max_lifetime,
-            interval=self._policy.touch_interval,
-        )
+        try:
+            touched = await self._store.touch(
+                token_hash=token_hash,
+                session_id=session_id,
+                extend_by=extend,
+                max_lifetime=self._policy.session_max_lifetime,
+                interval=self._policy.touch_interval,
+            )
+        except Exception:  # a cancellation is no outcome: not counted
+            self._metrics.touch_write("failed")
+            raise
         if touched is None:
+            self._metrics.touch_write("refused")
             raise SessionNotFound("session: no such session")
         session = touched.session
         if not touched.live:
+            self._metrics.touch_write("refused")
             self._quiet.pop(key, None)
             raise SessionNotLive(
                 "session: "
                 + ("revoked" if session.revoked_at is not None else "expired")
                 + "; a touch never revives a session"
             )
+        # A row written is counted so even if a tombstone then refuses its fill.
+        self._metrics.touch_write("written" if touched.written else "coalesced")
         if touched.written and not await self._publish(session, started, version):
             self._quiet.pop(key, None)
             raise SessionNotLive("session: revoked; a touch never revives a session")

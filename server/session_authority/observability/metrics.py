@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.utils import floatToGoString
 
 from session_authority.core.breaker import BreakerState
+from session_authority.core.telemetry import TOUCH_ANSWERS, TOUCH_WRITES
 from session_authority.observability.tracing import (
     ATTR_VALID,
     ATTR_VALIDATION_REASON,
@@ -229,6 +230,20 @@ class Instruments:
             ["cache_purged"],
             registry=registry,
         )
+        self.touches = LoopCounter(
+            "session_touches",
+            "TouchSession answers by where they came from (cache: no write due; behind: the "
+            "cache, with a write behind it; store: after a store statement).",
+            ["answer"],
+            registry,
+        )
+        self.touch_writes = LoopCounter(
+            "session_touch_writes",
+            "Store statements run by touches, behind an answer or waited for, by outcome "
+            "(written, coalesced, refused: not found or not live, failed: store error).",
+            ["outcome"],
+            registry,
+        )
         self.breaker_transitions = Counter(
             "circuit_breaker_transitions",
             "Circuit breaker state changes.",
@@ -286,6 +301,10 @@ class Instruments:
             self.cache_operation_errors.labels(operation)
         for purged in ("true", "false"):
             self.revocations.labels(purged)
+        for answer in TOUCH_ANSWERS:
+            self.touches.labels(answer)
+        for outcome in TOUCH_WRITES:
+            self.touch_writes.labels(outcome)
         for name in ("redis", "postgres"):
             for old, new in _BREAKER_STEPS:
                 self.breaker_transitions.labels(name, old, new)
@@ -306,6 +325,9 @@ class PrometheusMetrics:
         self._traced = traced
         self._lookups: dict[str, Cell] = {}
         self._validations: dict[tuple[bool, str, str], Cell] = {}
+        # Fixed label sets: every cell made now, so a touch costs one subscript.
+        self._touches = {a: instruments.touches.labels(a) for a in TOUCH_ANSWERS}
+        self._touch_writes = {o: instruments.touch_writes.labels(o) for o in TOUCH_WRITES}
 
     def cache_lookup(self, result: str) -> None:
         child = self._lookups.get(result) or self._lookup_cell(result)
@@ -356,6 +378,12 @@ class PrometheusMetrics:
 
     def revoked(self, count: int, cache_purged: bool) -> None:
         self._i.revocations.labels("true" if cache_purged else "false").inc(count)
+
+    def touched(self, answer: str) -> None:
+        self._touches[answer].value += 1
+
+    def touch_write(self, outcome: str) -> None:
+        self._touch_writes[outcome].value += 1
 
 
 def breaker_listener(
