@@ -51,12 +51,15 @@ def app_settings(database_url: str, redis_url: str | None, **overrides: object) 
 def spawn_serve(port: int, log: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
     """``session-authority serve --port port *args`` as a process of its own
     (so a test can SIGKILL or SIGSTOP it), its output in ``log``, with
-    ``server_env(**env)`` on loopback, no admin port, no authentication."""
+    ``server_env(**env)`` on loopback, no admin port, no authentication
+    (unless ``env`` says otherwise)."""
     argv = [str(Path(sys.executable).parent / "session-authority"), "serve", "--port", str(port)]
     with log.open("wb") as out:
         return subprocess.Popen(
             [*argv, *args],
-            env=server_env(HOST="127.0.0.1", ADMIN_PORT="0", ALLOW_UNAUTHENTICATED="true", **env),
+            env=server_env(
+                **{"HOST": "127.0.0.1", "ADMIN_PORT": "0", "ALLOW_UNAUTHENTICATED": "true", **env}
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
