@@ -44,8 +44,13 @@ class World:
 
 
 @pytest_asyncio.fixture
-async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> AsyncIterator[World]:
+async def world(
+    own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis, request: pytest.FixtureRequest
+) -> AsyncIterator[World]:
+    """A server on private stores; a test may override settings by indirect
+    parametrization (``request.param``: a dict of ``Settings`` fields)."""
     postgres, redis = own_postgres, own_redis
+    overrides: dict[str, object] = getattr(request, "param", {})
     settings = app_settings(
         postgres.url,
         redis.url,
@@ -57,6 +62,7 @@ async def world(own_postgres: EmbeddedPostgres, own_redis: EmbeddedRedis) -> Asy
         pg_pool_timeout_ms=1000,
         redis_pool_timeout_ms=200,
         pg_breaker_reset_timeout_ms=1000,
+        **overrides,
     )
     app = await App.start(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=NO_PROXY)
@@ -87,6 +93,7 @@ class Tally:
     codes: Counter[str] = field(default_factory=Counter)
     wrong: list[str] = field(default_factory=list)
     sources: Counter[str] = field(default_factory=Counter)
+    local: int = 0  # OK answers from this process's L1 copy (``from_local_cache``)
 
 
 async def drive(
@@ -118,6 +125,7 @@ async def drive(
                 continue
             tally.codes["OK"] += 1
             tally.sources[pb.Source.Name(reply.source)] += 1
+            tally.local += reply.from_local_cache
             if reply.valid != should_be_valid:
                 tally.wrong.append(
                     f"valid={reply.valid} for {'live' if should_be_valid else 'dead'}"
@@ -288,6 +296,9 @@ async def _until_postgres_answers(w: World) -> None:
         await asyncio.sleep(0.1)
 
 
+# L1 copies kept for a minute: only the feed's silence and the Redis breaker, not
+# the copies' age, can stop them answering while the replica is cut off.
+@pytest.mark.parametrize("world", [{"l1_cache_ttl_ms": 60_000}], indirect=True, ids=["l1-60s"])
 async def test_partition_from_both_stores_fails_closed_and_recovers(world: World) -> None:
     """Redis and Postgres frozen at the same moment (a network partition of this
     replica) under a steady stream of validations, then both back, with no
@@ -307,6 +318,7 @@ async def test_partition_from_both_stores_fails_closed_and_recovers(world: World
     before = await drive(w, 1.0)
     assert before.codes["OK"] == before.calls and before.wrong == [], before
     assert before.sources["SOURCE_CACHE"] > 0
+    assert before.local > 0  # L1 answers: what it does once cut off is under test
 
     cut = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -349,7 +361,8 @@ async def test_partition_from_both_stores_fails_closed_and_recovers(world: World
     assert (await health(w)).status == "unhealthy"
 
     # Cut off for longer than L1's liveness and with the Redis breaker open: no
-    # copy is trusted any more, so nothing at all answers OK, live tokens included.
+    # copy is trusted any more (though none has aged out), so nothing at all
+    # answers OK, live tokens included.
     assert w.app.core.breaker.state is not BreakerState.CLOSED
     cut_off = await drive(w, 2.0)
     assert cut_off.codes["OK"] == 0, cut_off.codes
