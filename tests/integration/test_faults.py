@@ -306,11 +306,10 @@ async def test_partition_from_both_stores_fails_closed_and_recovers(world: World
     trusted OK, UNAVAILABLE or DEADLINE_EXCEEDED; NOT_SERVING while cut off;
     a revocation attempted meanwhile answers UNAVAILABLE or DEADLINE_EXCEEDED.
 
-    Not asserted: what became of that revocation. Its statement can already be
+    That answer is ambiguous, as the runbook says: the statement can already be
     in the frozen Postgres's socket and commit the moment Postgres resumes (seen
-    on every run so far, though the caller was told UNAVAILABLE), which the
-    runbook's "no revocation is possible" while Postgres is down does not allow
-    for; which of the two the docs should promise is still open."""
+    on every run so far). What is asserted is the runbook's remedy: retried once
+    the replica serves again, it answers OK and the session is revoked."""
     w = world
     target = (await w.stub.CreateSession(pb.CreateSessionRequest(user_id="partition"))).token
     reply = await w.stub.ValidateSession(pb.ValidateSessionRequest(token=target))
@@ -382,3 +381,12 @@ async def test_partition_from_both_stores_fails_closed_and_recovers(world: World
     created = await w.stub.CreateSession(pb.CreateSessionRequest(user_id="partition"))
     reply = await w.stub.ValidateSession(pb.ValidateSessionRequest(token=created.token))
     assert reply.valid
+    retried = await w.stub.Invalidate(pb.InvalidateRequest(token=target), timeout=CALL_TIMEOUT)
+    verdict = await w.stub.ValidateSession(pb.ValidateSessionRequest(token=target))
+    assert (verdict.valid, verdict.reason) == (False, pb.REASON_REVOKED)
+    print(
+        "the revocation answered",
+        invalidate[0],
+        "during the partition had",
+        "not committed" if retried.revoked else "committed once Postgres was back",
+    )
