@@ -147,10 +147,15 @@ async def test_a_pool_queue_does_not_open_the_postgres_breaker(pg_dsn: str) -> N
     outcomes: list[object] = []
     try:
         missing = TokenHash.of(new_token())
-        # Waves until both kinds are plenty, however fast this machine is.
-        for _ in range(20):
+        # Waves until both kinds are plenty, however fast this machine is: each wave
+        # larger than the last until some wait the pool out (3,000 finds once all
+        # fitted in 500 ms: none waited, and there was nothing to show).
+        for wave in range(20):
             outcomes += await asyncio.gather(
-                *(breaker.call(lambda: store.find(missing)) for _ in range(3000)),
+                *(
+                    breaker.call(lambda: store.find(missing))
+                    for _ in range(3000 * 2 ** min(wave, 4))
+                ),
                 return_exceptions=True,
             )
             if sum(isinstance(o, StoreBusy) for o in outcomes) >= 20 and outcomes.count(None) >= 20:
