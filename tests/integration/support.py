@@ -7,14 +7,29 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from session_authority.config import Settings
 from session_authority.embedded import find_free_port
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+
+def metric_total(admin_port: int, name: str, **labels: str) -> float:
+    """The sum of a server's ``name`` samples whose labels include ``labels``, read from
+    its admin port's /metrics (blocking: call it in a thread from async code)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import subprocess
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ import grpc
 import pytest
 import trustme
 from grpc_health.v1 import health_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 from session_authority.embedded import find_free_port
 from session_authority.transport.auth import hash_api_key
@@ -34,7 +32,7 @@ from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 from tests.pki import issue_server
 from tests.third_party import aio_health_stub
 
-from .support import NO_PROXY, spawn_serve, stop_serve
+from .support import NO_PROXY, metric_total, spawn_serve, stop_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -243,19 +241,7 @@ async def test_unauthenticated_floods_do_not_starve_authenticated_callers(
 
 
 async def _counted(admin_port: int, name: str, **labels: str) -> int:
-    """The sum of the server's ``name`` samples whose labels include ``labels``,
-    from its /metrics."""
-
-    def scrape() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
-            return str(r.read().decode())
-
-    total = 0.0
-    for family in text_string_to_metric_families(await asyncio.to_thread(scrape)):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return int(total)
+    return int(await asyncio.to_thread(metric_total, admin_port, name, **labels))
 
 
 async def test_authenticated_calls_without_a_message_are_ended(serve: Serve) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ from session_authority.embedded import find_free_port
 from tests.pki import issue_client, issue_server, write_atomically
 from tests.third_party import aio_health_stub
 
-from .support import NO_PROXY, server_env, stop_serve
+from .support import NO_PROXY, metric_total, server_env, stop_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -51,13 +50,6 @@ async def _check(channel: grpc.aio.Channel) -> grpc.StatusCode:
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _metric(admin_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    lines = [line for line in text.splitlines() if line.startswith(FAILURES + " ")]
-    return float(lines[0].split()[1]) if lines else -1.0
 
 
 async def test_grpc_core_lines_are_json_and_handshake_failures_counted(
@@ -95,7 +87,7 @@ async def test_grpc_core_lines_are_json_and_handshake_failures_counted(
                 assert await _check(stranger) == grpc.StatusCode.UNAVAILABLE
         counted = -1.0
         for _ in range(100):  # the lines pass through a thread: a backstop of 10 s
-            counted = await asyncio.to_thread(_metric, admin_port)
+            counted = await asyncio.to_thread(metric_total, admin_port, FAILURES)
             if counted >= ATTEMPTS:
                 break
             await asyncio.sleep(0.1)
