@@ -247,15 +247,7 @@ async def test_the_revocation_push_reaches_another_instance(
             bus = served.app.bus
             assert bus is not None and bus.names is CLUSTER_NAMES
             await _until(functools.partial(getattr, bus, "live"), "bus not live")
-        tokens = await a.sessions(6)
-        for token in tokens:
-            for _ in range(3):  # Postgres, Redis, then the L1 copy
-                assert (await b.validate(token)).valid
-        for token in tokens:
-            reply = await a.stub.Invalidate(pb.InvalidateRequest(token=token))
-            assert (reply.cache_purged, reply.propagated) == (True, True)
-            answer = await b.validate(token)
-            assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
+        await _revoked_across(a, b, 6)
         assert a.app.bus is not None and a.app.bus.incomplete == 0
 
 
@@ -549,15 +541,21 @@ async def test_the_push_follows_its_slot_through_a_coordinated_failover(
         assert cluster.master_for(CLUSTER_NAMES.channel) is heir
         for served in (a, b):
             await _until(functools.partial(_closed, served), "the promoted master was not adopted")
-        tokens = await a.sessions(4)
-        for token in tokens:
-            for _ in range(3):  # Postgres, Redis, then the L1 copy
-                assert (await b.validate(token)).valid
-        for token in tokens:
-            reply = await a.stub.Invalidate(pb.InvalidateRequest(token=token))
-            assert (reply.cache_purged, reply.propagated) == (True, True)
-            answer = await b.validate(token)
-            assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
+        await _revoked_across(a, b, 4)
+
+
+async def _revoked_across(a: Served, b: Served, count: int) -> None:
+    """``count`` sessions made on A and held by B down to its L1 copy; each revoked on A,
+    acknowledged by every process, and refused by B at once."""
+    tokens = await a.sessions(count)
+    for token in tokens:
+        for _ in range(3):  # Postgres, Redis, then the L1 copy
+            assert (await b.validate(token)).valid
+    for token in tokens:
+        reply = await a.stub.Invalidate(pb.InvalidateRequest(token=token))
+        assert (reply.cache_purged, reply.propagated) == (True, True)
+        answer = await b.validate(token)
+        assert (answer.valid, answer.reason) == (False, pb.REASON_REVOKED)
 
 
 async def _plain_command(node: EmbeddedRedis, *command: str) -> str:
